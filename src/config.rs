@@ -1,0 +1,176 @@
+//! Model hyper-parameters: one validated [`Config`], resolved from a Hugging Face
+//! `config.json` (through the serde mirror [`HfConfig`]) or from GGUF metadata
+//! (in [`crate::weights`]). Nothing downstream reads raw config files.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+/// Validated hyper-parameters of a Llama-family decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Config {
+    /// Checks the relations the forward pass relies on; `path` names the source in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} is 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+            return bad(format!(
+                "rms_norm_eps ({}) and rope_theta ({}) must be positive",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of query heads served by each KV head.
+    pub fn n_rep(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+}
+
+/// `eos_token_id` is an int or a list of ints in `config.json`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(x) => vec![*x],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// transformers 5 writes RoPE settings as `rope_parameters`; older files use
+/// `rope_theta` + `rope_scaling`. Both are read.
+#[derive(Debug, Deserialize, Clone, Default)]
+pub struct RopeParameters {
+    pub rope_theta: Option<f64>,
+    pub rope_type: Option<String>,
+}
+
+/// Serde mirror of a Hugging Face Llama `config.json`: required fields are plain,
+/// optional ones carry the defaults of transformers' `LlamaConfig`.
+#[derive(Debug, Deserialize, Clone)]
+pub struct HfConfig {
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<serde_json::Value>,
+    pub rope_parameters: Option<RopeParameters>,
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    pub hidden_act: Option<String>,
+}
+
+impl HfConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    pub fn resolve(&self, path: &Path) -> Result<Config> {
+        let unsupported = |message: String| {
+            Err(EngineError::Unsupported { path: path.to_path_buf(), message })
+        };
+        if let Some(mt) = &self.model_type {
+            if mt != "llama" {
+                return unsupported(format!(
+                    "model_type `{mt}` is not supported (this engine runs model_type `llama`)"
+                ));
+            }
+        }
+        if self.attention_bias || self.mlp_bias {
+            return unsupported("attention_bias/mlp_bias = true is not supported".into());
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return unsupported(format!("hidden_act `{act}` is not supported (only silu)"));
+            }
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return unsupported("rope_scaling is not supported yet".into());
+        }
+        let rope_params = self.rope_parameters.clone().unwrap_or_default();
+        if let Some(t) = &rope_params.rope_type {
+            if t != "default" {
+                return unsupported(format!("rope_type `{t}` is not supported (only default)"));
+            }
+        }
+        let cfg = Config {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta.or(rope_params.rope_theta).unwrap_or(10_000.0),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: self.tie_word_embeddings,
+            bos_token_id: self.bos_token_id,
+            eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}

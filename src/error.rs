@@ -1,0 +1,51 @@
+//! Engine errors. Each variant carries what a user needs to act: the file, the tensor,
+//! the shapes, the key. Loading never panics on bad input; it returns one of these.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("{path}: cannot find {key} in metadata")]
+    MissingMetadata { path: PathBuf, key: String },
+
+    #[error("{path}: missing tensor `{tensor}`")]
+    MissingTensor { path: PathBuf, tensor: String },
+
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch { path: PathBuf, tensor: String, got: Vec<usize>, expected: Vec<usize> },
+
+    #[error("{path}: unexpected tensor `{tensor}` ({count} unused in all; not part of a {arch} model): refusing to ignore it")]
+    UnexpectedTensor { path: PathBuf, tensor: String, count: usize, arch: String },
+
+    #[error("{path}: {message}")]
+    Unsupported { path: PathBuf, message: String },
+
+    #[error("{path}: malformed GGUF: {message}")]
+    Gguf { path: PathBuf, message: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("input: {0}")]
+    Input(String),
+
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub(crate) fn io(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+        EngineError::Io { path: path.into(), message: e.to_string() }
+    }
+}

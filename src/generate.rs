@@ -1,0 +1,37 @@
+//! Greedy generation on the engine alone: prefill the prompt, then feed one token per
+//! step through the same [`Llama::forward`], carrying the [`KvCache`].
+
+use candle_core::{DType, IndexOp, Tensor};
+
+use crate::error::Result;
+use crate::llama::Llama;
+
+/// Index of the largest value of a 1-D tensor (first one on ties).
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    let v: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+    let mut best = 0usize;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    Ok(best as u32)
+}
+
+/// Generates up to `max_new` tokens greedily after `prompt`; stops after an id in `stop`.
+pub fn generate_greedy(model: &Llama, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(max_new);
+    let mut feed = prompt.to_vec();
+    for _ in 0..max_new {
+        let logits = model.forward(&feed, &mut cache, None)?;
+        let last = logits.i(logits.dim(0)? - 1)?;
+        let next = argmax(&last)?;
+        out.push(next);
+        if stop.contains(&next) {
+            break;
+        }
+        feed = vec![next];
+    }
+    Ok(out)
+}

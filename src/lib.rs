@@ -1,0 +1,29 @@
+//! The lockstep engine: a native Llama-family decoder on `candle-core`.
+//!
+//! This crate owns everything needed to run a model without Python: configuration
+//! ([`config`]), weights from Hugging Face directories and GGUF files ([`weights`]),
+//! the explicit KV cache ([`cache`]), the forward pass with its observation taps
+//! ([`llama`], [`taps`]), the Q/K layout transforms ([`layout`]), the tokenizer and chat
+//! template ([`tokenizer`]), greedy generation ([`generate`]) and model loading as one
+//! call ([`loader`]). It never imports the harness: the harness drives it through this
+//! public API.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod layout;
+pub mod llama;
+pub mod loader;
+pub mod taps;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::Config;
+pub use error::{EngineError, Result};
+pub use layout::QkLayout;
+pub use llama::Llama;
+pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};
+pub use taps::Capture;
+pub use tokenizer::{ChatMessage, Tokenizer};

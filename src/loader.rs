@@ -1,0 +1,101 @@
+//! One call from a path to a runnable model: detects the format (Hugging Face
+//! directory or GGUF file), resolves the config, loads and checks the weights, builds
+//! the tokenizer, and picks the Q/K layout that matches the weights' origin.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use crate::config::HfConfig;
+use crate::error::{EngineError, Result};
+use crate::layout::QkLayout;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{self, GgufFile};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsOrigin {
+    HfSafetensors,
+    Gguf,
+}
+
+impl WeightsOrigin {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WeightsOrigin::HfSafetensors => "hf-safetensors",
+            WeightsOrigin::Gguf => "gguf",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype; weights are converted (GGUF: dequantized) to it. F32 or F64.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32 }
+    }
+}
+
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub origin: WeightsOrigin,
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    /// Ids that end a generation: the config's EOS ids, else the tokenizer's EOS token.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.model.cfg.eos_token_ids.clone();
+        if let Some(id) = self.tokenizer.eos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t)) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}
+
+/// Loads a model from a Hugging Face directory or a `.gguf` file.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    if !matches!(opts.dtype, DType::F32 | DType::F64) {
+        return Err(EngineError::Input(format!("dtype {:?} is not supported (f32 or f64)", opts.dtype)));
+    }
+    if !path.exists() {
+        return Err(EngineError::io(path, "no such file or directory"));
+    }
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(EngineError::io(&cfg_path, "missing (a Hugging Face model directory needs config.json)"));
+        }
+        let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
+        let weights = weights::load_hf(path, &cfg, opts.dtype)?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        let model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
+        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, path: path.into() });
+    }
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let n = f.read(&mut magic).map_err(|e| EngineError::io(path, e))?;
+        if n < 4 || &magic != b"GGUF" {
+            return Err(EngineError::Unsupported {
+                path: path.into(),
+                message: "not a GGUF file (no GGUF magic) and not a model directory".into(),
+            });
+        }
+    }
+    let mut g = GgufFile::open(path)?;
+    let cfg = g.config()?;
+    let weights = weights::load_gguf(&mut g, &cfg, opts.dtype)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    // GGUF Q/K rows are stored for interleaved RoPE (see crate::layout).
+    let model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
+    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, path: path.into() })
+}

@@ -1,0 +1,234 @@
+//! Text to token ids and back: the `tokenizers` crate for BPE, `minijinja` for chat
+//! templates, configured like transformers' `apply_chat_template` (trim_blocks,
+//! lstrip_blocks, Python string/dict methods, `raise_exception`, `bos_token` and
+//! `eos_token` in the context).
+//!
+//! A Hugging Face directory provides `tokenizer.json` + `tokenizer_config.json` (or
+//! `chat_template.jinja`); a GGUF file provides `tokenizer.ggml.*` metadata, from which
+//! an equivalent `tokenizer.json` is built (see [`Tokenizer::from_gguf`]).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::{EngineError, Result};
+use crate::weights::GgufFile;
+
+/// One message of a chat.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: "user".into(), content: content.into() }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Where the tokenizer came from, for messages.
+    pub source: String,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+/// `bos_token` in tokenizer_config.json is a string or an AddedToken dict.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (if any)
+    /// from a Hugging Face directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(EngineError::io(&tj, "missing (the model directory needs a tokenizer.json)"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?;
+        let mut chat_template = None;
+        let (mut bos_token, mut eos_token) = (None, None);
+        let tc = dir.join("tokenizer_config.json");
+        if tc.is_file() {
+            let text = std::fs::read_to_string(&tc).map_err(|e| EngineError::io(&tc, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::Config { path: tc.clone(), message: e.to_string() })?;
+            bos_token = token_str(v.get("bos_token"));
+            eos_token = token_str(v.get("eos_token"));
+            chat_template = match v.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(|x| x.as_str()))
+                    .map(String::from),
+                _ => None,
+            };
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+        }
+        Ok(Self { inner, chat_template, bos_token, eos_token, source: dir.display().to_string() })
+    }
+
+    /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
+    /// BPE). The pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre`: `smollm` (and the
+    /// other llama.cpp types that split digits one by one first) gets `Digits` before
+    /// `ByteLevel`; everything else the plain GPT-2 `ByteLevel` split.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let model = g.md_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(EngineError::Unsupported {
+                path: g.path.clone(),
+                message: format!("tokenizer.ggml.model `{model}` is not supported yet (only gpt2 byte-level BPE)"),
+            });
+        }
+        let tokens = g.md_str_array("tokenizer.ggml.tokens")?;
+        let merges = g.md_str_array("tokenizer.ggml.merges")?;
+        let types = if g.has("tokenizer.ggml.token_type") {
+            g.md_i32_array("tokenizer.ggml.token_type")?
+        } else {
+            vec![1; tokens.len()]
+        };
+        let pre = if g.has("tokenizer.ggml.pre") { g.md_str("tokenizer.ggml.pre")?.to_string() } else { "default".into() };
+        let opt_id = |k: &str| -> Result<Option<u32>> { if g.has(k) { g.md_u32(k).map(Some) } else { Ok(None) } };
+        let bos_id = opt_id("tokenizer.ggml.bos_token_id")?;
+        let eos_id = opt_id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = match g.content.metadata.get("tokenizer.ggml.add_bos_token") {
+            Some(v) => v.to_bool().unwrap_or(false),
+            None => false,
+        };
+        let chat_template = if g.has("tokenizer.chat_template") {
+            Some(g.md_str("tokenizer.chat_template")?.to_string())
+        } else {
+            None
+        };
+
+        let vocab: serde_json::Map<String, Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        let added: Vec<Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": types[i] == 3})
+            })
+            .collect();
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre_tokenizer = match pre.as_str() {
+            // llama.cpp splits `\p{N}` one by one before the GPT-2 regex for these.
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => json!({
+                "type": "Sequence",
+                "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]
+            }),
+            _ => byte_level.clone(),
+        };
+        let post_processor = match (add_bos, bos_id) {
+            (true, Some(b)) => {
+                let bos = tokens.get(b as usize).cloned().unwrap_or_default();
+                json!({"type": "TemplateProcessing",
+                       "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                       "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                {"Sequence": {"id": "B", "type_id": 1}}],
+                       "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
+            }
+            _ => Value::Null,
+        };
+        let tj = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges}
+        });
+        let inner: tokenizers::Tokenizer = tj
+            .to_string()
+            .parse()
+            .map_err(|e| EngineError::Gguf { path: g.path.clone(), message: format!("tokenizer metadata: {e}") })?;
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token: name(bos_id),
+            eos_token: name(eos_id),
+            source: g.path.display().to_string(),
+        })
+    }
+
+    /// Encodes `text`; `add_special_tokens` as in transformers (`tokenizer(text)` adds them,
+    /// `apply_chat_template` does not).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    /// The text of one token id (its piece), for tables.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders the chat template like `apply_chat_template(messages, tokenize=False,
+    /// add_generation_prompt=...)`.
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let src = self.chat_template.as_deref().ok_or_else(|| {
+            EngineError::Template(format!("{} has no chat template; use a plain prompt instead", self.source))
+        })?;
+        let mut env = minijinja::Environment::new();
+        let mut syntax = minijinja::syntax::SyntaxConfig::builder();
+        syntax.trim_blocks(true).lstrip_blocks(true);
+        env.set_syntax(syntax.build().map_err(|e| EngineError::Template(e.to_string()))?);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let tmpl = env.template_from_str(src).map_err(|e| EngineError::Template(format!("{e:#}")))?;
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+    }
+
+    /// Token ids of a one-turn chat, rendered then encoded without extra special tokens
+    /// (what transformers' `apply_chat_template(..., tokenize=True)` returns).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, true)?;
+        self.encode(&text, false)
+    }
+}

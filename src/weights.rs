@@ -1,0 +1,388 @@
+//! Weights of a Llama model from a Hugging Face directory (`*.safetensors`) or a GGUF
+//! file. Every tensor the architecture needs is looked up by its checkpoint name
+//! (`model.layers.{i}.self_attn.q_proj.weight` / `blk.{i}.attn_q.weight`), its shape is
+//! checked against the [`Config`], and any tensor the architecture does not use is an
+//! error: a silently ignored tensor is how an unattached adapter goes unnoticed.
+//!
+//! GGUF tensors are dequantized to the requested dtype at load. GGUF stores Q/K rows in
+//! the interleaved-RoPE order; they are kept that way (see [`crate::layout`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::error::{EngineError, Result};
+
+/// Weights of one decoder block; matrices are `[out, in]` as in the checkpoint.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor, // (hidden)
+    pub wq: Tensor,        // (heads*head_dim, hidden)
+    pub wk: Tensor,        // (kv_heads*head_dim, hidden)
+    pub wv: Tensor,        // (kv_heads*head_dim, hidden)
+    pub wo: Tensor,        // (hidden, heads*head_dim)
+    pub mlp_norm: Tensor,  // (hidden)
+    pub w_gate: Tensor,    // (intermediate, hidden)
+    pub w_up: Tensor,      // (intermediate, hidden)
+    pub w_down: Tensor,    // (hidden, intermediate)
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaWeights {
+    pub embed: Tensor, // (vocab, hidden)
+    pub layers: Vec<LayerWeights>,
+    pub norm: Tensor,    // (hidden)
+    pub lm_head: Tensor, // (vocab, hidden); the embedding itself when tied
+}
+
+/// Names of one checkpoint format.
+struct Naming {
+    embed: &'static str,
+    norm: &'static str,
+    lm_head: &'static str,
+    layer: fn(usize, Part) -> String,
+    /// Tensors that may be present and are legitimately unused.
+    ignorable: fn(&str) -> bool,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+const HF: Naming = Naming {
+    embed: "model.embed_tokens.weight",
+    norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    layer: |i, p| {
+        let s = match p {
+            Part::AttnNorm => "input_layernorm",
+            Part::Q => "self_attn.q_proj",
+            Part::K => "self_attn.k_proj",
+            Part::V => "self_attn.v_proj",
+            Part::O => "self_attn.o_proj",
+            Part::MlpNorm => "post_attention_layernorm",
+            Part::Gate => "mlp.gate_proj",
+            Part::Up => "mlp.up_proj",
+            Part::Down => "mlp.down_proj",
+        };
+        format!("model.layers.{i}.{s}.weight")
+    },
+    ignorable: |n| n.ends_with("rotary_emb.inv_freq"),
+};
+
+const GGUF: Naming = Naming {
+    embed: "token_embd.weight",
+    norm: "output_norm.weight",
+    lm_head: "output.weight",
+    layer: |i, p| {
+        let s = match p {
+            Part::AttnNorm => "attn_norm",
+            Part::Q => "attn_q",
+            Part::K => "attn_k",
+            Part::V => "attn_v",
+            Part::O => "attn_output",
+            Part::MlpNorm => "ffn_norm",
+            Part::Gate => "ffn_gate",
+            Part::Up => "ffn_up",
+            Part::Down => "ffn_down",
+        };
+        format!("blk.{i}.{s}.weight")
+    },
+    ignorable: |_| false,
+};
+
+/// A checkpoint opened for reading tensors by name.
+trait TensorSource {
+    fn path(&self) -> &Path;
+    fn names(&self) -> Vec<String>;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor>;
+}
+
+struct SafetensorsSource {
+    dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl TensorSource for SafetensorsSource {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
+            path: self.dir.clone(),
+            tensor: name.to_string(),
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// An opened GGUF file: its parsed header and a reader for tensor data.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Gguf {
+            path: path.to_path_buf(),
+            message: format!("{e} (is the file complete? a truncated download fails here)"),
+        })?;
+        Ok(Self { path: path.to_path_buf(), content, reader })
+    }
+
+    pub fn metadata(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content.metadata.get(key).ok_or_else(|| EngineError::MissingMetadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+        })
+    }
+
+    fn bad_value(&self, key: &str, e: impl std::fmt::Display) -> EngineError {
+        EngineError::Gguf { path: self.path.clone(), message: format!("metadata {key}: {e}") }
+    }
+
+    pub fn md_u32(&self, key: &str) -> Result<u32> {
+        let v = self.metadata(key)?;
+        v.to_u32()
+            .or_else(|_| v.to_u64().map(|x| x as u32))
+            .or_else(|_| v.to_i32().map(|x| x as u32))
+            .map_err(|e| self.bad_value(key, e))
+    }
+
+    pub fn md_f32(&self, key: &str) -> Result<f32> {
+        let v = self.metadata(key)?;
+        v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)).map_err(|e| self.bad_value(key, e))
+    }
+
+    pub fn md_str(&self, key: &str) -> Result<&str> {
+        let v = self.metadata(key)?;
+        v.to_string().map(|s| s.as_str()).map_err(|e| self.bad_value(key, e))
+    }
+
+    pub fn md_str_array(&self, key: &str) -> Result<Vec<String>> {
+        let v = self.metadata(key)?.to_vec().map_err(|e| self.bad_value(key, e))?;
+        v.iter()
+            .map(|x| x.to_string().cloned().map_err(|e| self.bad_value(key, e)))
+            .collect()
+    }
+
+    pub fn md_i32_array(&self, key: &str) -> Result<Vec<i32>> {
+        let v = self.metadata(key)?.to_vec().map_err(|e| self.bad_value(key, e))?;
+        v.iter()
+            .map(|x| x.to_i32().or_else(|_| x.to_u32().map(|u| u as i32)).map_err(|e| self.bad_value(key, e)))
+            .collect()
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.content.metadata.contains_key(key)
+    }
+
+    /// Resolves hyper-parameters from `llama.*` metadata.
+    pub fn config(&self) -> Result<Config> {
+        let arch = self.md_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(EngineError::Unsupported {
+                path: self.path.clone(),
+                message: format!("general.architecture `{arch}` is not supported (only llama)"),
+            });
+        }
+        let hidden = self.md_u32("llama.embedding_length")? as usize;
+        let heads = self.md_u32("llama.attention.head_count")? as usize;
+        let kv_heads = if self.has("llama.attention.head_count_kv") {
+            self.md_u32("llama.attention.head_count_kv")? as usize
+        } else {
+            heads
+        };
+        let head_dim = if self.has("llama.attention.key_length") {
+            self.md_u32("llama.attention.key_length")? as usize
+        } else {
+            hidden / heads.max(1)
+        };
+        if self.has("llama.rope.dimension_count") {
+            let rd = self.md_u32("llama.rope.dimension_count")? as usize;
+            if rd != head_dim {
+                return Err(EngineError::Unsupported {
+                    path: self.path.clone(),
+                    message: format!("partial RoPE (rope.dimension_count {rd} != head_dim {head_dim})"),
+                });
+            }
+        }
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(EngineError::Unsupported {
+                path: self.path.clone(),
+                message: "rope_freqs.weight (Llama 3 RoPE scaling) is not supported yet".into(),
+            });
+        }
+        let vocab = match self.content.tensor_infos.get(GGUF.embed) {
+            Some(info) => info.shape.dims()[0],
+            None => {
+                return Err(EngineError::MissingTensor {
+                    path: self.path.clone(),
+                    tensor: GGUF.embed.into(),
+                })
+            }
+        };
+        let opt_u32 = |k: &str| -> Result<Option<u32>> {
+            if self.has(k) { self.md_u32(k).map(Some) } else { Ok(None) }
+        };
+        let cfg = Config {
+            hidden_size: hidden,
+            intermediate_size: self.md_u32("llama.feed_forward_length")? as usize,
+            num_layers: self.md_u32("llama.block_count")? as usize,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            vocab_size: vocab,
+            rms_norm_eps: self.md_f32("llama.attention.layer_norm_rms_epsilon")? as f64,
+            rope_theta: if self.has("llama.rope.freq_base") {
+                self.md_f32("llama.rope.freq_base")? as f64
+            } else {
+                10_000.0
+            },
+            max_position_embeddings: opt_u32("llama.context_length")?.unwrap_or(2048) as usize,
+            tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
+            bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+}
+
+impl TensorSource for GgufFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn names(&self) -> Vec<String> {
+        self.content.tensor_infos.keys().cloned().collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
+    }
+    fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
+        let q = self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| {
+            EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") }
+        })?;
+        let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
+            path: self.path.clone(),
+            message: format!("dequantizing `{name}` ({:?}): {e}", q.dtype()),
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Loads and checks all weights of a Hugging Face directory.
+pub fn load_hf(dir: &Path, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::io(dir, "no *.safetensors file in the model directory"));
+    }
+    let mut tensors = HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, &Device::Cpu)
+            .map_err(|e| EngineError::io(f, format!("cannot read safetensors: {e}")))?;
+        tensors.extend(part);
+    }
+    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors };
+    build(&mut src, &HF, cfg, dtype)
+}
+
+/// Loads and checks all weights of a GGUF file, dequantized to `dtype`.
+pub fn load_gguf(file: &mut GgufFile, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
+    build(file, &GGUF, cfg, dtype)
+}
+
+fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let mut used = BTreeSet::new();
+    let mut take = |src: &mut dyn TensorSource, name: String, shape: Vec<usize>| -> Result<Tensor> {
+        match src.shape(&name) {
+            None => {
+                return Err(EngineError::MissingTensor { path: src.path().into(), tensor: name })
+            }
+            Some(got) if got != shape => {
+                return Err(EngineError::ShapeMismatch {
+                    path: src.path().into(),
+                    tensor: name,
+                    got,
+                    expected: shape,
+                })
+            }
+            Some(_) => {}
+        }
+        let t = src.load(&name, dtype)?;
+        used.insert(name);
+        Ok(t)
+    };
+    let embed = take(src, n.embed.into(), vec![cfg.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let l = |p| (n.layer)(i, p);
+        layers.push(LayerWeights {
+            attn_norm: take(src, l(Part::AttnNorm), vec![h])?,
+            wq: take(src, l(Part::Q), vec![cfg.num_heads * hd, h])?,
+            wk: take(src, l(Part::K), vec![cfg.num_kv_heads * hd, h])?,
+            wv: take(src, l(Part::V), vec![cfg.num_kv_heads * hd, h])?,
+            wo: take(src, l(Part::O), vec![h, cfg.num_heads * hd])?,
+            mlp_norm: take(src, l(Part::MlpNorm), vec![h])?,
+            w_gate: take(src, l(Part::Gate), vec![cfg.intermediate_size, h])?,
+            w_up: take(src, l(Part::Up), vec![cfg.intermediate_size, h])?,
+            w_down: take(src, l(Part::Down), vec![h, cfg.intermediate_size])?,
+        });
+    }
+    let norm = take(src, n.norm.into(), vec![h])?;
+    let lm_head = if cfg.tie_word_embeddings {
+        // A checkpoint may still carry a copy of the tied head; it must equal the embedding.
+        if src.shape(n.lm_head).is_some() {
+            take(src, n.lm_head.into(), vec![cfg.vocab_size, h])?;
+        }
+        embed.clone()
+    } else {
+        take(src, n.lm_head.into(), vec![cfg.vocab_size, h])?
+    };
+    let mut extra: Vec<String> = src
+        .names()
+        .into_iter()
+        .filter(|x| !used.contains(x) && !(n.ignorable)(x))
+        .collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(EngineError::UnexpectedTensor {
+            path: src.path().into(),
+            tensor: first.clone(),
+            count: extra.len(),
+            arch: "llama".into(),
+        });
+    }
+    Ok(LlamaWeights { embed, layers, norm, lm_head })
+}
