@@ -1,0 +1,179 @@
+"""Hugging Face transformers (PyTorch) as a lockstep reference.
+
+Loads a Hugging Face directory, or a GGUF file through ``gguf_file=`` (transformers
+dequantizes it to float32 and undoes GGUF's Q/K row permutation, so everything here is
+in the Hugging Face layout). Sites are captured with forward hooks on the modules; the
+post-RoPE q/k, which no module outputs, by wrapping ``apply_rotary_pos_emb`` of the
+Llama modeling module; cache contents are read from the ``DynamicCache`` after each step.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.models.llama import modeling_llama
+
+from protocol import contiguous_f32
+
+LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
+               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    # .numpy() shares the tensor's buffer: the harness reads torch's own memory.
+    return contiguous_f32(t.detach().to(torch.float32).contiguous().numpy())
+
+
+class TransformersReference:
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
+                 attn_implementation: str = "eager"):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model_path = model
+        self.dtype_name = dtype
+        torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+        p = Path(model)
+        kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+        if p.is_file():
+            src, extra = str(p.parent), dict(gguf_file=p.name)
+        else:
+            src, extra = str(p), {}
+        self.tok = AutoTokenizer.from_pretrained(src, **extra)
+        self.model = AutoModelForCausalLM.from_pretrained(src, **kwargs, **extra).eval()
+        self.attn_implementation = attn_implementation
+        cfg = self.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self._capturing = False
+        self._current_layer = None
+        self._out: dict[str, torch.Tensor] = {}
+        self._install_hooks()
+        self.reset()
+
+    # -- capture ---------------------------------------------------------------------------
+    def _put(self, name, t):
+        if self._capturing:
+            self._out[name] = t[0] if t.dim() >= 3 and t.shape[0] == 1 else t
+
+    def _install_hooks(self):
+        m = self.model.model
+        hook = lambda name: (lambda mod, inp, out: self._put(name, out[0] if isinstance(out, tuple) else out))
+        pre = lambda name: (lambda mod, args: self._put(name, args[0]))
+        m.embed_tokens.register_forward_hook(hook("embed"))
+        for i, layer in enumerate(m.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            layer.input_layernorm.register_forward_hook(hook(f"layers.{i}.attn_norm"))
+            a.q_proj.register_forward_hook(hook(f"layers.{i}.q"))
+            a.k_proj.register_forward_hook(hook(f"layers.{i}.k"))
+            a.v_proj.register_forward_hook(hook(f"layers.{i}.v"))
+            a.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self._set_layer(i), with_kwargs=True)
+            a.o_proj.register_forward_pre_hook(pre(f"layers.{i}.attn"))
+            a.o_proj.register_forward_hook(hook(f"layers.{i}.attn_out"))
+            layer.post_attention_layernorm.register_forward_hook(hook(f"layers.{i}.mlp_norm"))
+            mlp.gate_proj.register_forward_hook(hook(f"layers.{i}.mlp_gate"))
+            mlp.up_proj.register_forward_hook(hook(f"layers.{i}.mlp_up"))
+            mlp.down_proj.register_forward_pre_hook(pre(f"layers.{i}.mlp_act"))
+            mlp.down_proj.register_forward_hook(hook(f"layers.{i}.mlp_out"))
+            layer.register_forward_hook(hook(f"layers.{i}.out"))
+        m.norm.register_forward_hook(hook("final_norm"))
+        self.model.lm_head.register_forward_hook(hook("logits"))
+
+        # Post-RoPE q/k: no module returns them; wrap the function the attention calls.
+        original = modeling_llama.apply_rotary_pos_emb
+        if getattr(original, "_lockstep_wrapped", False):
+            original = original._lockstep_original
+
+        def wrapped(q, k, *args, **kwargs):
+            q2, k2 = original(q, k, *args, **kwargs)
+            if self._capturing and self._current_layer is not None:
+                i = self._current_layer
+                self._put(f"layers.{i}.q_rope", q2)
+                self._put(f"layers.{i}.k_rope", k2)
+            return q2, k2
+
+        wrapped._lockstep_wrapped = True
+        wrapped._lockstep_original = original
+        modeling_llama.apply_rotary_pos_emb = wrapped
+
+    def _set_layer(self, i):
+        self._current_layer = i
+
+    # -- protocol --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        versions = {}
+        for pkg in ["torch", "transformers", "accelerate", "gguf", "numpy", "tokenizers"]:
+            try:
+                versions[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                pass
+        return {
+            "name": "transformers",
+            "versions": versions,
+            "model": self.model_path,
+            "dtype": self.dtype_name,
+            "attn_implementation": self.attn_implementation,
+            "num_layers": self.num_layers,
+            "layer_sites": LAYER_SITES,
+            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
+                     + ["final_norm", "logits"],
+            "threads": torch.get_num_threads(),
+            "notes": [],
+        }
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.model.config)
+        self.pos = 0
+
+    def step(self, token_ids: list[int]) -> dict[str, np.ndarray]:
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        n = len(token_ids)
+        self._out = {}
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                           position_ids=torch.arange(self.pos, self.pos + n).unsqueeze(0),
+                           cache_position=torch.arange(self.pos, self.pos + n))
+        finally:
+            self._capturing = False
+            self._current_layer = None
+        self.pos += n
+        out = {k: _np(v) for k, v in self._out.items()}
+        for i in range(self.num_layers):
+            k, v = self._cache_layer(i)
+            out[f"layers.{i}.cache_k"] = _np(k[0])
+            out[f"layers.{i}.cache_v"] = _np(v[0])
+        return out
+
+    def _cache_layer(self, i):
+        c = self.cache
+        if hasattr(c, "layers"):
+            return c.layers[i].keys, c.layers[i].values
+        return c.key_cache[i], c.value_cache[i]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(x) for x in out]
+
+    def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      eos_token_id=list(stop_ids) or None,
+                                      pad_token_id=(stop_ids[0] if stop_ids else 0),
+                                      temperature=None, top_p=None, top_k=None)
+        return [int(x) for x in out[0, len(token_ids):]]
+
+
+def load(model: str, **options) -> TransformersReference:
+    return TransformersReference(model, **options)
