@@ -12,6 +12,8 @@ import importlib.metadata as md
 import os
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader uses tqdm directly
+
 import numpy as np
 import torch
 import transformers
@@ -19,6 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama import modeling_llama
 
 from protocol import contiguous_f32
+
+# Progress bars and load-time advice go to a terminal the harness owns; keep them out.
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
 
 LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
                "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]

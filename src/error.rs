@@ -40,8 +40,17 @@ pub enum EngineError {
     #[error("input: {0}")]
     Input(String),
 
-    #[error("tensor op: {0}")]
+    #[error("tensor op: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE`
+/// is set: users get what went wrong and where in their file, not our stack.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
 }
 
 impl EngineError {

@@ -16,7 +16,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
-use crate::error::{EngineError, Result};
+use crate::error::{candle_message, EngineError, Result};
 
 /// Weights of one decoder block; matrices are `[out, in]` as in the checkpoint.
 #[derive(Debug, Clone)]
@@ -150,7 +150,7 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Gguf {
             path: path.to_path_buf(),
-            message: format!("{e} (is the file complete? a truncated download fails here)"),
+            message: format!("{} (is the file complete? a truncated download fails here)", candle_message(&e)),
         })?;
         Ok(Self { path: path.to_path_buf(), content, reader })
     }
@@ -286,11 +286,11 @@ impl TensorSource for GgufFile {
     }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let q = self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| {
-            EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") }
+            EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {}", candle_message(&e)) }
         })?;
         let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
             path: self.path.clone(),
-            message: format!("dequantizing `{name}` ({:?}): {e}", q.dtype()),
+            message: format!("dequantizing `{name}` ({:?}): {}", q.dtype(), candle_message(&e)),
         })?;
         Ok(t.to_dtype(dtype)?)
     }
