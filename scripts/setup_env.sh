@@ -19,14 +19,20 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/python" ]]; t
   exit 0
 fi
 
+# A Python 3.11 with a shared libpython. pyenv's comes first: CI shells may not have the
+# pyenv shims on PATH, and Debian's python3.11 lacks the venv module on some machines.
 py="${LOCKSTEP_PYTHON:-}"
 if [[ -z "$py" ]]; then
-  for cand in python3.11 "$HOME/.pyenv/versions/3.11.7/bin/python3.11" python3; do
-    if command -v "$cand" >/dev/null 2>&1; then py="$(command -v "$cand")"; break; fi
+  for cand in "$HOME"/.pyenv/versions/3.11*/bin/python3.11 python3.11 python3; do
+    exe="$(command -v "$cand" 2>/dev/null || true)"
+    [[ -n "$exe" ]] || continue
+    ok="$("$exe" -c 'import sys, sysconfig; print(int(sys.version_info[:2] == (3, 11) and sysconfig.get_config_var("Py_ENABLE_SHARED") == 1))' 2>/dev/null || echo 0)"
+    if [[ "$ok" == "1" ]]; then py="$("$exe" -c 'import sys; print(sys.executable)')"; break; fi
   done
 fi
 if [[ -z "$py" ]]; then
-  echo "setup_env: no Python 3.11 found; set LOCKSTEP_PYTHON to a python3.11 built with --enable-shared" >&2
+  echo "setup_env: no Python 3.11 with a shared libpython found (pyo3 embeds it); install one" \
+       "(e.g. pyenv: env PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install 3.11) or set LOCKSTEP_PYTHON" >&2
   exit 2
 fi
 shared="$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')"

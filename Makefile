@@ -1,0 +1,40 @@
+# lockstep entry points. `make demo` and `make test` do all the set-up they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := demo
+
+# The reference environment (a Python venv); scripts/setup_env.sh creates it.
+LOCKSTEP_VENV ?= $(CURDIR)/.venv
+export LOCKSTEP_VENV
+# pyo3 links the venv's libpython: build and test with the same interpreter so cargo
+# does not rebuild pyo3 between them.
+export PYO3_PYTHON := $(LOCKSTEP_VENV)/bin/python
+# Debug-built dependencies are ~60x slower (GOTCHAS.md): everything runs in release.
+CARGO ?= cargo
+LOCKSTEP := target/release/lockstep
+
+DEMO_ARGS := run --model smollm2 --reference transformers --chat "What is the capital of France?" --steps 32
+
+.PHONY: setup env build demo test fixtures help
+
+help:
+	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
+	@echo "make test   - set up (if needed) and run the whole test suite"
+	@echo "make setup  - create the reference environment ($(LOCKSTEP_VENV)) and build $(LOCKSTEP)"
+
+env:
+	@bash scripts/setup_env.sh
+
+build: env
+	$(CARGO) build --release --locked
+
+setup: build
+
+demo: setup
+	$(LOCKSTEP) $(DEMO_ARGS)
+
+test: setup
+	$(CARGO) test --release --locked --workspace
+
+# Regenerates the committed tiny fixtures (deterministic; the self-check runs transformers).
+fixtures: env
+	$(LOCKSTEP_VENV)/bin/python scripts/make_fixtures.py
