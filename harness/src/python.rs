@@ -85,7 +85,8 @@ fn start() -> Result<(), String> {
 pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
     let formatted = (|| -> PyResult<String> {
         let tb = py.import("traceback")?;
-        let lines = tb.call_method1("format_exception", (e.value(py),))?;
+        let value = e.value(py);
+        let lines = tb.call_method1("format_exception", (value.get_type(), value, e.traceback(py)))?;
         let lines: Vec<String> = lines.extract()?;
         Ok(lines.concat())
     })();

@@ -1,0 +1,315 @@
+//! End-to-end tests of the `lockstep` binary against the real transformers reference.
+//!
+//! They need the reference environment. `make test` creates it; run directly with
+//! `cargo test` they use `$LOCKSTEP_VENV` or the repository's `.venv`, and fail (never
+//! skip) when it is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn venv() -> PathBuf {
+    let v = std::env::var_os("LOCKSTEP_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"));
+    assert!(
+        v.join("bin/python").exists(),
+        "the reference environment is missing at {}: run `make setup` (or `make test`, which does it)",
+        v.display()
+    );
+    v
+}
+
+fn lockstep() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    c.env("LOCKSTEP_VENV", venv()).env_remove("LOCKSTEP_REFERENCES").env_remove("RUST_BACKTRACE");
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().expect("lockstep runs");
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lockstep-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `lockstep run` with a JSON report and returns (exit code, stdout, report).
+fn run_json(model: &str, prompt_flag: &str, prompt: &str, steps: usize, extra_env: &[(&str, &str)]) -> (i32, String, String, Value) {
+    let dir = tmp(&format!("json-{}-{steps}", model.replace('/', "_")));
+    let json = dir.join("report.json");
+    let mut cmd = lockstep();
+    cmd.args(["run", "--model", model, "--reference", "transformers", prompt_flag, prompt, "--steps"])
+        .arg(steps.to_string())
+        .arg("--json")
+        .arg(&json);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let (code, out, err) = run(&mut cmd);
+    let report = match std::fs::read_to_string(&json) {
+        Ok(t) => serde_json::from_str(&t).expect("report is JSON"),
+        Err(_) => Value::Null,
+    };
+    (code, out, err, report)
+}
+
+/// Everything a passing run must show: every site of every layer, both caches and the
+/// logits compared on every step, with pass/drift verdicts, and reference generate equal.
+fn assert_full_pass(report: &Value, num_layers: usize, out: &str) {
+    assert_eq!(report["verdict"], "pass", "{out}");
+    assert!(report["first_divergence"].is_null());
+    let steps = report["steps"].as_array().unwrap();
+    assert!(!steps.is_empty());
+    for (n, st) in steps.iter().enumerate() {
+        assert_eq!(st["step"], n);
+        let fed = st["fed"].as_array().unwrap().len();
+        if n > 0 {
+            assert_eq!(fed, 1, "step {n} must feed exactly one token");
+        }
+        let sites: Vec<&str> = st["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+        assert_eq!(sites.len(), 1 + 16 * num_layers + 2, "step {n}: {} sites", sites.len());
+        for l in 0..num_layers {
+            for leaf in ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out",
+                         "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"] {
+                let name = format!("layers.{l}.{leaf}");
+                assert!(sites.contains(&name.as_str()), "step {n}: {name} not compared");
+            }
+        }
+        for s in st["sites"].as_array().unwrap() {
+            let v = s["verdict"].as_str().unwrap();
+            assert!(v == "pass" || v == "drift", "step {n} {}: {v}", s["site"]);
+            assert!(s["metrics"]["rel_l2"].as_f64().unwrap() < 1e-2);
+        }
+        // The cache holds everything fed so far.
+        let cache = st["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.0.cache_k").unwrap();
+        let fed_so_far: usize = steps[..=n].iter().map(|s| s["fed"].as_array().unwrap().len()).sum();
+        assert_eq!(cache["engine_shape"][1], fed_so_far);
+        assert_eq!(cache["reference_shape"][1], fed_so_far);
+        assert!(st["logits"]["top1_agree"].as_bool().unwrap());
+    }
+    assert_eq!(report["generate"]["matches"], true, "engine tokens != transformers generate:\n{out}");
+    assert_eq!(report["tokens"]["prompt"]["ids_match"], true);
+    assert_eq!(report["reference"]["name"], "transformers");
+    assert_eq!(report["reference"]["version"], "5.23.0");
+    assert_eq!(report["model"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(out.contains("verdict: PASS"), "{out}");
+}
+
+#[test]
+fn tiny_hf_dir_runs_in_lockstep_and_passes() {
+    let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 12, &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_full_pass(&report, 3, &out);
+    assert_eq!(report["engine"]["weights"], "hf-safetensors");
+    assert_eq!(report["engine"]["transforms"].as_array().unwrap().len(), 0);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
+    let (code, out, err, report) = run_json("tiny-gguf", "--chat", "What is the capital of France?", 12, &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_full_pass(&report, 3, &out);
+    assert_eq!(report["engine"]["weights"], "gguf");
+    assert_eq!(report["engine"]["transforms"][0], "gguf-qk-deinterleave");
+    let q = &report["steps"][0]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.q_rope").unwrap();
+    assert_eq!(q["transform"], "gguf-qk-deinterleave");
+    assert!(out.contains("compared through gguf-qk-deinterleave"));
+}
+
+#[test]
+fn smollm2_demo_passes_on_all_30_layers_and_matches_generate() {
+    let (code, out, err, report) = run_json("smollm2", "--chat", "What is the capital of France?", 32, &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_full_pass(&report, 30, &out);
+    let text = report["generate"]["engine_text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "SmolLM2 should answer Paris: {text:?}");
+    assert!(out.contains("transformers generate (greedy): identical tokens"));
+}
+
+#[test]
+fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
+    let (code, out, _, report) = run_json("tiny", "--prompt", "def add(a, b):", 6, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["tokens"]["prompt"]["mode"], "prompt");
+    let (code, gen, err) = run(lockstep().args(["generate", "--model", "tiny", "--prompt", "def add(a, b):", "-n", "6"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(gen.strip_suffix('\n').unwrap(), report["generate"]["engine_text"].as_str().unwrap());
+}
+
+// --- the harness catches what a reference (or engine) gets wrong --------------------------
+
+/// A reference module wrapping the real transformers reference, with a sabotage chosen by
+/// `LOCKSTEP_TEST_SABOTAGE`: proves the comparison can fail and names the right place.
+fn sabotaged_references() -> PathBuf {
+    let dir = tmp("sabotaged-refs");
+    let real = repo().join("references");
+    let shim = format!(
+        r#"
+import importlib.util, os, sys
+sys.path.append({real:?})
+_spec = importlib.util.spec_from_file_location("_real_transformers_ref", {real_ref:?})
+_real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_real)
+MODE = os.environ.get("LOCKSTEP_TEST_SABOTAGE", "")
+
+class Sabotaged(_real.TransformersReference):
+    n = 0
+    def step(self, ids):
+        out = super().step(ids)
+        n, self.n = self.n, self.n + 1
+        if MODE == "perturb" and n == 2:
+            out["layers.1.mlp_up"] = (out["layers.1.mlp_up"] * 1.5).copy()
+        if MODE == "raise" and n == 1:
+            raise RuntimeError("sabotage: the reference failed at step 1")
+        return out
+
+def load(model, **kw):
+    if MODE == "load-raise":
+        raise ValueError("sabotage: cannot load " + model)
+    return Sabotaged(model, **kw)
+"#,
+        real = real.display().to_string(),
+        real_ref = real.join("transformers_ref.py").display().to_string(),
+    );
+    std::fs::write(dir.join("transformers_ref.py"), shim).unwrap();
+    dir
+}
+
+#[test]
+fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
+    let refs = sabotaged_references();
+    let refs = refs.to_str().unwrap();
+    let (code, out, err, report) =
+        run_json("tiny", "--chat", "hello", 5, &[("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb")]);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(report["verdict"], "diverged");
+    let fd = &report["first_divergence"];
+    assert_eq!(fd["step"], 2);
+    assert_eq!(fd["layer"], 1);
+    assert_eq!(fd["site"], "layers.1.mlp_up");
+    assert!(out.contains("verdict: DIVERGED at step 2, layer 1, site `layers.1.mlp_up`"), "{out}");
+    // Steps 0 and 1 pass; the failure is reported where it is, not before.
+    assert_eq!(report["steps"][1]["verdict"], "pass");
+    assert_eq!(report["steps"][2]["verdict"], "fail");
+}
+
+#[test]
+fn an_exception_in_the_reference_is_exit_2_with_its_traceback() {
+    let refs = sabotaged_references();
+    let refs = refs.to_str().unwrap();
+    for (mode, what) in [("raise", "RuntimeError: sabotage: the reference failed at step 1"), ("load-raise", "ValueError: sabotage: cannot load")] {
+        let (code, out, err) = run(
+            lockstep()
+                .args(["run", "--model", "tiny", "--chat", "hello", "--steps", "4"])
+                .env("LOCKSTEP_REFERENCES", refs)
+                .env("LOCKSTEP_TEST_SABOTAGE", mode),
+        );
+        assert_eq!(code, 2, "{mode}: stdout:\n{out}\nstderr:\n{err}");
+        assert!(err.contains("Traceback (most recent call last)"), "{mode}: {err}");
+        assert!(err.contains(what), "{mode}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+// --- bad input: exit 2 and a message that says what and where -------------------------------
+
+fn assert_exit_2(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let mut cmd = lockstep();
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, 2, "{args:?}: stdout:\n{out}\nstderr:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks {n:?}:\n{err}");
+    }
+}
+
+#[test]
+fn nonexistent_model_path() {
+    assert_exit_2(&["run", "--model", "/no/such/model.gguf", "--chat", "hi"], &[], &["/no/such/model.gguf", "no such file"]);
+    assert_exit_2(&["generate", "--model", "./nope", "--prompt", "hi"], &[], &["./nope", "no such file"]);
+}
+
+#[test]
+fn unknown_model_alias() {
+    assert_exit_2(&["run", "--model", "llama-70b", "--chat", "hi"], &[], &["llama-70b", "smollm2, tiny, tiny-gguf"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tmp("trunc");
+    let bytes = std::fs::read(repo().join("snapshots/models/tiny-llama.gguf")).unwrap();
+    for cut in [200usize, bytes.len() * 2 / 3] {
+        let p = dir.join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        let ps = p.to_str().unwrap();
+        assert_exit_2(&["run", "--model", ps, "--chat", "hi"], &[], &[ps, "GGUF"]);
+        assert_exit_2(&["generate", "--model", ps, "--chat", "hi"], &[], &[ps]);
+    }
+}
+
+#[test]
+fn config_with_a_missing_field() {
+    let dir = tmp("badcfg");
+    for e in std::fs::read_dir(repo().join("snapshots/models/tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg_path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let d = dir.to_str().unwrap();
+    assert_exit_2(&["run", "--model", d, "--chat", "hi"], &[], &["config.json", "num_hidden_layers"]);
+}
+
+#[test]
+fn unknown_reference_name() {
+    assert_exit_2(&["run", "--model", "tiny", "--reference", "vllm", "--chat", "hi"], &[], &["unknown reference `vllm`", "transformers"]);
+}
+
+#[test]
+fn missing_reference_environment() {
+    let missing = tmp("no-venv").join("venv");
+    let m = missing.to_str().unwrap();
+    assert_exit_2(&["run", "--model", "tiny", "--chat", "hi"], &[("LOCKSTEP_VENV", m)], &[m, "make setup"]);
+    assert_exit_2(&["run", "--model", "smollm2", "--chat", "hi"], &[("LOCKSTEP_VENV", m)], &["smollm2", "make setup"]);
+}
+
+#[test]
+fn missing_python_package_names_the_fix() {
+    // A venv-shaped directory whose Python lacks torch/transformers.
+    let dir = tmp("bare-venv");
+    let bare = dir.join("venv");
+    let base = Command::new(venv().join("bin/python"))
+        .args(["-c", "import sys; print(sys.base_prefix)"])
+        .output()
+        .unwrap();
+    let base = String::from_utf8(base.stdout).unwrap().trim().to_string();
+    let status = Command::new(Path::new(&base).join("bin/python3.11"))
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&bare)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let v = bare.to_str().unwrap();
+    assert_exit_2(&["run", "--model", "tiny", "--chat", "hi"], &[("LOCKSTEP_VENV", v)], &["No module named", "make setup"]);
+}
+
+#[test]
+fn zero_steps_and_missing_prompt_are_usage_errors() {
+    assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--steps", "0"], &[], &["--steps"]);
+    assert_exit_2(&["run", "--model", "tiny"], &[], &["--prompt", "--chat"]);
+}
