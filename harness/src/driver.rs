@@ -108,6 +108,9 @@ pub struct GenerateCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     pub steps: usize,
+    pub steps_requested: usize,
+    /// The engine chose an end-of-sequence token before `steps_requested`.
+    pub stopped_at_eos: bool,
     pub sites_compared_per_step: usize,
     pub sites_not_compared: Vec<String>,
     pub mean_kl: f64,
@@ -359,7 +362,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, reference: &Reference) -> Re
     };
 
     let first_divergence = find_first_divergence(&prompt, &steps, &generate, cfg.num_layers);
-    let summary = summarize(&steps, sites_not_compared);
+    let mut summary = summarize(&steps, sites_not_compared);
+    summary.steps_requested = opts.steps.max(1);
+    summary.stopped_at_eos = steps.last().is_some_and(|s| stop.contains(&s.engine_token));
     Ok(RunResult {
         verdict_pass: first_divergence.is_none(),
         first_divergence,
@@ -515,6 +520,8 @@ fn summarize(steps: &[StepRecord], sites_not_compared: Vec<String>) -> RunSummar
     }
     RunSummary {
         steps: steps.len(),
+        steps_requested: steps.len(),
+        stopped_at_eos: false,
         sites_compared_per_step: steps.first().map(|s| s.sites.len()).unwrap_or(0),
         sites_not_compared,
         mean_kl,

@@ -213,6 +213,9 @@ pub fn render_table(r: &RunResult, reference: &Reference, model: &Path, sha: &st
             if st.verdict == Verdict::Pass { String::new() } else { format!("  [{}]", st.verdict.as_str()) }
         );
     }
+    if s.stopped_at_eos && s.steps < s.steps_requested {
+        let _ = writeln!(o, "(the engine chose an end-of-sequence token: stopped after {} of {} steps)", s.steps, s.steps_requested);
+    }
     let _ = writeln!(
         o,
         "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail. \
