@@ -3,7 +3,8 @@
 The harness (Rust, embedding CPython through pyo3) creates one object per reference with
 ``load(model_path, **options)`` from the reference's module and then only calls the
 methods below. Every tensor crosses to Rust as a C-contiguous float32 numpy array
-(zero-copy where the framework allows), in the Hugging Face layout of DESIGN.md:
+(float64 from a reference loaded with dtype="float64"; zero-copy where the framework
+allows), in the Hugging Face layout of DESIGN.md:
 
     embed, layers.{i}.attn_norm/attn_out/mlp_norm/mlp_out/out, final_norm  (seq, hidden)
     layers.{i}.q/k/v          (seq, heads*head_dim)   projections before RoPE
@@ -49,4 +50,12 @@ def contiguous_f32(a: np.ndarray) -> np.ndarray:
     """The form the harness reads without copying."""
     if a.dtype != np.float32 or not a.flags["C_CONTIGUOUS"]:
         a = np.ascontiguousarray(a, dtype=np.float32)
+    return a
+
+
+def contiguous(a: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """C-contiguous float32, or float64 for a reference running in float64 (an oracle whose
+    extra digits must survive the crossing)."""
+    if a.dtype != dtype or not a.flags["C_CONTIGUOUS"]:
+        a = np.ascontiguousarray(a, dtype=dtype)
     return a

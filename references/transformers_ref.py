@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama import modeling_llama
 
-from protocol import contiguous_f32
+from protocol import contiguous
 
 # Progress bars and load-time advice go to a terminal the harness owns; keep them out.
 transformers.utils.logging.disable_progress_bar()
@@ -30,9 +30,40 @@ LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache
                "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
 
 
+# Post-RoPE q/k: no module returns them, so the function the attention calls is wrapped,
+# once per process; it records into the reference that is stepping (several instances, e.g.
+# float32 and float64, can live in one process).
+_ACTIVE = None
+
+
+def _install_rope_wrapper():
+    original = modeling_llama.apply_rotary_pos_emb
+    if getattr(original, "_lockstep_wrapped", False):
+        return
+
+    def wrapped(q, k, *args, **kwargs):
+        q2, k2 = original(q, k, *args, **kwargs)
+        ref = _ACTIVE
+        if ref is not None and ref._capturing and ref._current_layer is not None:
+            i = ref._current_layer
+            ref._put(f"layers.{i}.q_rope", q2)
+            ref._put(f"layers.{i}.k_rope", k2)
+        return q2, k2
+
+    wrapped._lockstep_wrapped = True
+    modeling_llama.apply_rotary_pos_emb = wrapped
+
+
+_install_rope_wrapper()
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
-    # .numpy() shares the tensor's buffer: the harness reads torch's own memory.
-    return contiguous_f32(t.detach().to(torch.float32).contiguous().numpy())
+    # .numpy() shares the tensor's buffer: the harness reads torch's own memory. float64
+    # stays float64 (the oracle's extra digits must reach the comparison).
+    t = t.detach()
+    if t.dtype != torch.float64:
+        t = t.to(torch.float32)
+    return contiguous(t.contiguous().numpy(), np.float64 if t.dtype == torch.float64 else np.float32)
 
 
 class TransformersReference:
@@ -88,23 +119,6 @@ class TransformersReference:
         m.norm.register_forward_hook(hook("final_norm"))
         self.model.lm_head.register_forward_hook(hook("logits"))
 
-        # Post-RoPE q/k: no module returns them; wrap the function the attention calls.
-        original = modeling_llama.apply_rotary_pos_emb
-        if getattr(original, "_lockstep_wrapped", False):
-            original = original._lockstep_original
-
-        def wrapped(q, k, *args, **kwargs):
-            q2, k2 = original(q, k, *args, **kwargs)
-            if self._capturing and self._current_layer is not None:
-                i = self._current_layer
-                self._put(f"layers.{i}.q_rope", q2)
-                self._put(f"layers.{i}.k_rope", k2)
-            return q2, k2
-
-        wrapped._lockstep_wrapped = True
-        wrapped._lockstep_original = original
-        modeling_llama.apply_rotary_pos_emb = wrapped
-
     def _set_layer(self, i):
         self._current_layer = i
 
@@ -137,8 +151,10 @@ class TransformersReference:
     def step(self, token_ids: list[int]) -> dict[str, np.ndarray]:
         ids = torch.tensor([token_ids], dtype=torch.long)
         n = len(token_ids)
+        global _ACTIVE
         self._out = {}
         self._capturing = True
+        _ACTIVE = self
         try:
             with torch.no_grad():
                 self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
@@ -147,6 +163,7 @@ class TransformersReference:
         finally:
             self._capturing = False
             self._current_layer = None
+            _ACTIVE = None
         self.pos += n
         out = {k: _np(v) for k, v in self._out.items()}
         for i in range(self.num_layers):

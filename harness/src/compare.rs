@@ -56,6 +56,28 @@ pub fn tensor_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]
     TensorMetrics { max_abs, max_abs_index, rel_l2, cosine, nonfinite_engine: nf_a, nonfinite_reference: nf_b }
 }
 
+/// [`tensor_metrics`] of engine data (f64) or reference data against reference data.
+pub fn metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>) -> TensorMetrics {
+    use crate::python::Data::*;
+    match (a, b) {
+        (F32(a), F32(b)) => tensor_metrics(a, b),
+        (F32(a), F64(b)) => tensor_metrics(a, b),
+        (F64(a), F32(b)) => tensor_metrics(a, b),
+        (F64(a), F64(b)) => tensor_metrics(a, b),
+    }
+}
+
+/// [`logit_metrics`] on borrowed data.
+pub fn logit_metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>) -> LogitMetrics {
+    use crate::python::Data::*;
+    match (a, b) {
+        (F32(a), F32(b)) => logit_metrics(a, b),
+        (F32(a), F64(b)) => logit_metrics(a, b),
+        (F64(a), F32(b)) => logit_metrics(a, b),
+        (F64(a), F64(b)) => logit_metrics(a, b),
+    }
+}
+
 /// Log-softmax in f64.
 pub fn log_softmax<T: Copy + Into<f64>>(x: &[T]) -> Vec<f64> {
     let m = x.iter().map(|&v| v.into()).fold(f64::NEG_INFINITY, f64::max);

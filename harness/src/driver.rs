@@ -1,22 +1,27 @@
 //! The lockstep driver (DESIGN.md, "The lockstep protocol").
 //!
-//! Step 0 feeds the whole prompt to both sides; each later step feeds exactly one token,
-//! the engine's greedy choice of the previous step (teacher forcing), to both. Each side
-//! keeps its own cache. After every step each engine site is mapped to the Hugging Face
-//! layout and compared with the reference's array of the same name, in forward order.
+//! Step 0 feeds the whole prompt to the engine and to every reference; each later step
+//! feeds exactly one token, the engine's greedy choice of the previous step (teacher
+//! forcing), to all of them. Each side keeps its own cache. After every step each engine
+//! site is mapped to the Hugging Face layout and compared with every reference's array of
+//! the same name, and every pair of references is compared with each other: that
+//! disagreement is the measured noise floor the engine is judged against.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
 use lockstep_engine::{Capture, ChatMessage, LoadOptions, LoadedModel, QkLayout};
+use pyo3::Python;
 use serde::Serialize;
 
-use crate::compare::{logit_metrics, tensor_metrics, LogitMetrics, TensorMetrics};
+use crate::compare::{logit_metrics_data, metrics_data, LogitMetrics, TensorMetrics};
 use crate::error::HarnessError;
-use crate::python::Reference;
+use crate::python::{Data, RefSpec, Reference, StepOutput};
 use crate::tolerance::{
-    logit_tolerance, logit_verdict, tensor_verdict, tolerance, Precision, SiteKind, Verdict, WeightsMode,
+    logit_tolerance, logit_verdict_with_floor, tensor_verdict_with_floor, tolerance, Precision, SiteKind, Verdict,
+    WeightsMode,
 };
 
 #[derive(Debug, Clone)]
@@ -30,13 +35,13 @@ pub enum Prompt {
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub model: PathBuf,
-    pub reference: String,
+    pub references: Vec<RefSpec>,
     pub prompt: Prompt,
     pub steps: usize,
     pub precision: Precision,
 }
 
-/// One site of one step.
+/// One site of one step, engine vs one reference.
 #[derive(Debug, Clone, Serialize)]
 pub struct SiteRecord {
     pub site: String,
@@ -47,6 +52,13 @@ pub struct SiteRecord {
     /// `None` when the shapes differ (nothing to compare element-wise).
     pub metrics: Option<TensorMetrics>,
     pub verdict: Verdict,
+    /// The noise floor used: the smallest rel-L2 between this reference and another one at
+    /// this site and step (absent with a single reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<f64>,
+    /// With an f64 oracle in the run: rel-L2 of the engine and of this reference to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle: Option<OracleDistance>,
     /// Transform applied to the engine tensor before comparing (e.g. gguf-qk-deinterleave).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transform: Option<&'static str>,
@@ -54,23 +66,50 @@ pub struct SiteRecord {
     pub note: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OracleDistance {
+    pub engine_rel_l2: f64,
+    pub reference_rel_l2: f64,
+}
+
+/// Engine vs one reference at one step.
 #[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    pub step: usize,
-    /// Tokens fed to both sides at this step.
-    pub fed: Vec<u32>,
+pub struct RefStep {
+    pub reference: String,
     pub sites: Vec<SiteRecord>,
     /// Next-token distribution at the last position fed.
     pub logits: LogitMetrics,
     pub logits_verdict: Verdict,
     /// Largest KL over all positions fed in this step (the prompt positions at step 0).
     pub kl_max_positions: f64,
+    pub verdict: Verdict,
+    pub seconds: f64,
+}
+
+/// One reference vs another at one step: the measured noise floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairStep {
+    pub a: String,
+    pub b: String,
+    /// (site, metrics of a vs b) for every site both provide.
+    pub sites: Vec<(String, TensorMetrics)>,
+    /// KL(b || a) etc. at the last position.
+    pub logits: LogitMetrics,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: usize,
+    /// Tokens fed to every side at this step.
+    pub fed: Vec<u32>,
     /// The engine's choice, fed at the next step.
     pub engine_token: u32,
     pub engine_token_text: String,
+    /// Worst verdict over all references.
     pub verdict: Verdict,
     pub engine_seconds: f64,
-    pub reference_seconds: f64,
+    pub references: Vec<RefStep>,
+    pub pairs: Vec<PairStep>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +117,7 @@ pub struct Divergence {
     pub step: usize,
     pub layer: Option<usize>,
     pub site: String,
+    pub reference: String,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub likely_cause: Option<String>,
@@ -88,37 +128,46 @@ pub struct PromptCheck {
     pub mode: &'static str,
     pub text: String,
     pub engine_ids: Vec<u32>,
-    pub reference_ids: Vec<u32>,
+    /// Each reference's own encoding of the prompt.
+    pub reference_ids: Vec<(String, Vec<u32>)>,
     pub ids_match: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateCheck {
-    /// The engine's tokens in the lockstep run.
-    pub engine_tokens: Vec<u32>,
-    /// The reference's own greedy `generate` on the same prompt.
+    pub reference: String,
+    /// The reference's own greedy `generate` on the engine's prompt ids.
     pub reference_tokens: Vec<u32>,
-    pub engine_text: String,
     pub reference_text: String,
     pub matches: bool,
     pub first_mismatch: Option<usize>,
     pub verdict: Verdict,
 }
 
+/// Per reference, over the run.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    pub steps: usize,
-    pub steps_requested: usize,
-    /// The engine chose an end-of-sequence token before `steps_requested`.
-    pub stopped_at_eos: bool,
+pub struct RefSummary {
+    pub reference: String,
     pub sites_compared_per_step: usize,
     pub sites_not_compared: Vec<String>,
     pub mean_kl: f64,
     pub max_kl: f64,
     pub same_top1_share: f64,
     pub worst_rel_l2: Vec<WorstSite>,
-    pub engine_seconds: f64,
-    pub reference_seconds: f64,
+    pub seconds: f64,
+    pub verdict: Verdict,
+}
+
+/// Per pair of references, over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairSummary {
+    pub a: String,
+    pub b: String,
+    pub sites_compared_per_step: usize,
+    pub mean_kl: f64,
+    pub max_kl: f64,
+    pub same_top1_share: f64,
+    pub worst_rel_l2: Vec<WorstSite>,
 }
 
 /// Worst relative L2 error of one site kind over the run.
@@ -131,12 +180,41 @@ pub struct WorstSite {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub steps_requested: usize,
+    /// The engine chose an end-of-sequence token before `steps_requested`.
+    pub stopped_at_eos: bool,
+    pub engine_seconds: f64,
+    pub references: Vec<RefSummary>,
+    pub pairs: Vec<PairSummary>,
+    /// With an f64 oracle: per f32 reference, at how many (step, site) the engine is
+    /// closer to the oracle than that reference is.
+    pub oracle: Vec<OracleSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OracleSummary {
+    pub oracle: String,
+    pub reference: String,
+    pub engine_closer: usize,
+    pub reference_closer: usize,
+    /// Comparisons where both are exactly as far (e.g. embeddings, identical on both).
+    pub ties: usize,
+    /// Per site leaf name (attn_norm, q, ..., logits): median over layers and steps of
+    /// rel-L2(engine, oracle) and rel-L2(reference, oracle).
+    pub per_site: Vec<(String, f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
     pub verdict_pass: bool,
     pub first_divergence: Option<Divergence>,
     pub prompt: PromptCheck,
     pub steps: Vec<StepRecord>,
-    pub generate: GenerateCheck,
+    pub engine_tokens: Vec<u32>,
+    pub engine_text: String,
+    pub generate: Vec<GenerateCheck>,
     pub summary: RunSummary,
     pub engine: EngineInfo,
     pub num_layers: usize,
@@ -150,8 +228,13 @@ pub struct EngineInfo {
     pub transforms: Vec<&'static str>,
 }
 
-fn layer_of(site: &str) -> Option<usize> {
+pub fn layer_of(site: &str) -> Option<usize> {
     site.strip_prefix("layers.")?.split('.').next()?.parse().ok()
+}
+
+/// `layers.3.q_rope` -> `q_rope`.
+pub fn leaf_of(site: &str) -> &str {
+    site.rsplit('.').next().unwrap_or(site)
 }
 
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>, HarnessError> {
@@ -174,38 +257,62 @@ pub fn engine_prompt_ids(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>, H
     })
 }
 
-/// Runs the engine and the reference in lockstep.
-pub fn run(opts: &RunOptions, engine: &LoadedModel, reference: &Reference) -> Result<RunResult, HarnessError> {
+struct EngineSite {
+    site: String,
+    shape: Vec<usize>,
+    data: Vec<f64>,
+    transform: Option<&'static str>,
+}
+
+/// Runs the engine and the references in lockstep.
+pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<RunResult, HarnessError> {
+    assert!(!refs.is_empty(), "run() needs at least one reference");
     let model = &engine.model;
     let cfg = &model.cfg;
     let mode = WeightsMode::SameWeights;
     let ltol = logit_tolerance(mode, opts.precision);
 
-    // --- the prompt, on both sides ---
+    // --- the prompt, on every side ---
     let engine_ids = engine_prompt_ids(engine, &opts.prompt)?;
-    let (mode_name, text, reference_ids) = match &opts.prompt {
-        Prompt::Text(t) => ("prompt", t.clone(), reference.encode_prompt(t)?),
-        Prompt::Chat(t) => ("chat", t.clone(), reference.encode_chat(t)?),
-    };
     if engine_ids.is_empty() {
         return Err(HarnessError::Usage("the prompt encodes to no tokens".into()));
     }
-    let prompt = PromptCheck { mode: mode_name, text, ids_match: engine_ids == reference_ids, engine_ids, reference_ids };
-
-    // --- which sites both sides have ---
-    let ref_sites: std::collections::HashSet<&str> = reference.description.sites.iter().map(|s| s.as_str()).collect();
-    let engine_sites = model.site_names();
-    let sites_not_compared: Vec<String> =
-        engine_sites.iter().filter(|s| !ref_sites.contains(s.as_str())).cloned().collect();
-    let ref_layers = reference.description.sites.iter().filter_map(|s| layer_of(s)).max().map(|l| l + 1).unwrap_or(0);
-    if ref_layers != 0 && ref_layers != cfg.num_layers {
-        return Err(HarnessError::Mismatch(format!(
-            "the engine's model has {} layers, the {} reference's has {}: they did not load the same model",
-            cfg.num_layers, reference.name, ref_layers
-        )));
+    let (mode_name, text) = match &opts.prompt {
+        Prompt::Text(t) => ("prompt", t.clone()),
+        Prompt::Chat(t) => ("chat", t.clone()),
+    };
+    let mut reference_ids = vec![];
+    for r in refs {
+        let ids = match &opts.prompt {
+            Prompt::Text(t) => r.encode_prompt(t)?,
+            Prompt::Chat(t) => r.encode_chat(t)?,
+        };
+        reference_ids.push((r.name.clone(), ids));
     }
+    let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
+    let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match };
 
-    reference.reset()?;
+    // --- which sites each reference has ---
+    let engine_sites = model.site_names();
+    let ref_sites: Vec<HashSet<String>> = refs.iter().map(|r| r.description.sites.iter().cloned().collect()).collect();
+    for (r, sites) in refs.iter().zip(&ref_sites) {
+        let ref_layers = sites.iter().filter_map(|s| layer_of(s)).max().map(|l| l + 1).unwrap_or(0);
+        if ref_layers != 0 && ref_layers != cfg.num_layers {
+            return Err(HarnessError::Mismatch(format!(
+                "the engine's model has {} layers, the {} reference's has {}: they did not load the same model",
+                cfg.num_layers, r.name, ref_layers
+            )));
+        }
+        if !sites.contains("logits") {
+            return Err(HarnessError::Python(format!("the {} reference does not provide `logits`", r.name)));
+        }
+    }
+    let wanted: HashSet<&str> = ref_sites.iter().flat_map(|s| s.iter().map(|x| x.as_str())).collect();
+    let oracle_idx: Option<usize> = refs.iter().position(|r| r.spec.is_oracle());
+
+    for r in refs {
+        r.reset()?;
+    }
     let stop = engine.stop_ids();
     let mut cache = model.new_cache();
     let mut steps: Vec<StepRecord> = Vec::new();
@@ -214,162 +321,243 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, reference: &Reference) -> Re
     let layout = model.qk_layout;
 
     for step in 0..opts.steps.max(1) {
+        // --- engine ---
         let t0 = Instant::now();
         let mut cap = Capture::new();
         let logits = model.forward(&feed, &mut cache, Some(&mut cap))?;
-        // Map the engine's captures to the HF layout now (outside the timed reference call).
-        let mut engine_tensors: Vec<(String, Vec<usize>, Vec<f64>, Option<&'static str>)> = Vec::new();
+        let mut esites: Vec<EngineSite> = Vec::new();
         for (site, t) in &cap.entries {
-            if !ref_sites.contains(site.as_str()) {
+            if !wanted.contains(site.as_str()) {
                 continue;
             }
-            let (t, tr) = if QkLayout::affects_site(site) && layout != QkLayout::HalfSplit {
+            let (t, transform) = if QkLayout::affects_site(site) && layout != QkLayout::HalfSplit {
                 (layout.to_hf(t, cfg.head_dim)?, layout.transform_name())
             } else {
                 (t.clone(), None)
             };
-            engine_tensors.push((site.clone(), t.dims().to_vec(), to_f64_vec(&t)?, tr));
+            esites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data: to_f64_vec(&t)?, transform });
         }
         let engine_seconds = t0.elapsed().as_secs_f64();
         let n_pos = logits.dim(0)?;
         let vocab = logits.dim(1)?;
-        let all_engine_logits = to_f64_vec(&logits)?;
+        let engine_logits = to_f64_vec(&logits)?;
+        let engine_token = lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?;
 
-        let t1 = Instant::now();
-        let (sites, logit_m, kl_max) = reference.step(&feed, |arrays| {
-            let mut sites = Vec::with_capacity(engine_tensors.len());
-            for (site, eshape, edata, transform) in &engine_tensors {
-                let kind = SiteKind::of(site);
-                let tol = tolerance(mode, opts.precision, kind);
-                let rec = arrays.with_site(site, |rshape, rdata| {
-                    if rshape != eshape.as_slice() {
-                        let note = shape_note(site, eshape, rshape);
-                        SiteRecord {
-                            site: site.clone(),
-                            layer: layer_of(site),
+        // --- references ---
+        let mut outputs: Vec<(StepOutput, f64)> = Vec::with_capacity(refs.len());
+        for r in refs {
+            let t1 = Instant::now();
+            let out = r.step(&feed)?;
+            outputs.push((out, t1.elapsed().as_secs_f64()));
+        }
+
+        let (ref_steps, pairs) = Python::attach(|py| -> Result<(Vec<RefStep>, Vec<PairStep>), HarnessError> {
+            let views: Vec<_> = outputs.iter().map(|(o, _)| o.view(py)).collect();
+            // Every declared site must be there, with logits of the right shape.
+            for (i, v) in views.iter().enumerate() {
+                for s in &ref_sites[i] {
+                    if !v.has(s)? {
+                        return Err(HarnessError::Python(format!(
+                            "the {} reference lists site `{s}` in describe() but step() did not return it",
+                            refs[i].name
+                        )));
+                    }
+                }
+                let shape = v.with_site("logits", |sh, _| sh.to_vec())?.unwrap_or_default();
+                if shape != [n_pos, vocab] {
+                    return Err(HarnessError::Mismatch(format!(
+                        "logits: engine shape [{n_pos}, {vocab}], {} reference {shape:?}: vocabularies or positions differ",
+                        refs[i].name
+                    )));
+                }
+            }
+
+            // Reference vs reference (the noise floor).
+            let mut pairs = vec![];
+            for a in 0..refs.len() {
+                for b in a + 1..refs.len() {
+                    let mut sites = vec![];
+                    for es in &esites {
+                        if !(ref_sites[a].contains(&es.site) && ref_sites[b].contains(&es.site)) {
+                            continue;
+                        }
+                        let m = views[a].with_site(&es.site, |sa, da| {
+                            views[b].with_site(&es.site, |sb, db| (sa == sb).then(|| metrics_data(da, db)))
+                        })?;
+                        if let Some(inner) = m {
+                            if let Some(Some(m)) = inner? {
+                                sites.push((es.site.clone(), m));
+                            }
+                        }
+                    }
+                    let lm = views[a]
+                        .with_site("logits", |_, da| {
+                            views[b].with_site("logits", |_, db| {
+                                let last = (n_pos - 1) * vocab..n_pos * vocab;
+                                logit_metrics_data(da.slice(last.clone()), db.slice(last))
+                            })
+                        })?
+                        .transpose()?
+                        .flatten()
+                        .expect("logits checked above");
+                    pairs.push(PairStep { a: refs[a].name.clone(), b: refs[b].name.clone(), sites, logits: lm });
+                }
+            }
+            let pair_of = |i: usize, j: usize| {
+                let (a, b) = (i.min(j), i.max(j));
+                let idx = a * (2 * refs.len() - a - 1) / 2 + (b - a - 1);
+                &pairs[idx]
+            };
+
+            // Engine vs each reference.
+            let mut ref_steps = vec![];
+            for (i, r) in refs.iter().enumerate() {
+                let others: Vec<usize> = (0..refs.len()).filter(|&j| j != i).collect();
+                let mut sites = Vec::new();
+                for es in esites.iter().filter(|es| ref_sites[i].contains(&es.site)) {
+                    let kind = SiteKind::of(&es.site);
+                    let tol = tolerance(mode, opts.precision, kind);
+                    let floor = others
+                        .iter()
+                        .filter_map(|&j| pair_of(i, j).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2))
+                        .fold(None, |acc: Option<f64>, x| Some(acc.map_or(x, |a| a.min(x))));
+                    let oracle = match oracle_idx {
+                        Some(o) if o != i && ref_sites[o].contains(&es.site) => {
+                            let to_engine = views[o].with_site(&es.site, |so, dor| {
+                                (so == es.shape.as_slice()).then(|| metrics_data(Data::F64(&es.data), dor).rel_l2)
+                            })?;
+                            let to_ref = pair_of(i, o).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2);
+                            match (to_engine.flatten(), to_ref) {
+                                (Some(e), Some(rr)) => Some(OracleDistance { engine_rel_l2: e, reference_rel_l2: rr }),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    let rec = views[i].with_site(&es.site, |rshape, rdata| {
+                        let base = SiteRecord {
+                            site: es.site.clone(),
+                            layer: layer_of(&es.site),
                             kind,
-                            engine_shape: eshape.clone(),
+                            engine_shape: es.shape.clone(),
                             reference_shape: rshape.to_vec(),
                             metrics: None,
                             verdict: Verdict::Fail,
-                            transform: *transform,
-                            note: Some(note),
-                        }
-                    } else {
-                        let m = tensor_metrics(edata, rdata);
-                        SiteRecord {
-                            site: site.clone(),
-                            layer: layer_of(site),
-                            kind,
-                            engine_shape: eshape.clone(),
-                            reference_shape: rshape.to_vec(),
-                            verdict: tensor_verdict(&m, &tol),
-                            metrics: Some(m),
-                            transform: *transform,
+                            floor,
+                            oracle,
+                            transform: es.transform,
                             note: None,
+                        };
+                        if rshape != es.shape.as_slice() {
+                            SiteRecord { note: Some(shape_note(&es.site, &es.shape, rshape)), ..base }
+                        } else {
+                            let m = metrics_data(Data::F64(&es.data), rdata);
+                            SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), ..base }
                         }
-                    }
-                })?;
-                match rec {
-                    Some(r) => sites.push(r),
-                    None => {
-                        return Err(HarnessError::Python(format!(
-                            "the {} reference lists site `{site}` in describe() but step() did not return it",
-                            reference.name
-                        )))
-                    }
+                    })?;
+                    sites.push(rec.expect("declared sites checked above"));
                 }
+                let (lm, kl_max) = views[i]
+                    .with_site("logits", |_, rdata| {
+                        let mut kl_max = 0.0f64;
+                        let mut last = None;
+                        for p in 0..n_pos {
+                            let m = logit_metrics_data(
+                                Data::F64(&engine_logits[p * vocab..(p + 1) * vocab]),
+                                rdata.slice(p * vocab..(p + 1) * vocab),
+                            );
+                            kl_max = kl_max.max(m.kl);
+                            if p == n_pos - 1 {
+                                last = Some(m);
+                            }
+                        }
+                        (last.expect("n_pos >= 1"), kl_max)
+                    })?
+                    .expect("logits checked above");
+                let kl_floor = others.iter().map(|&j| pair_of(i, j).logits.kl).fold(None, |acc: Option<f64>, x| {
+                    Some(acc.map_or(x, |a| a.min(x)))
+                });
+                let refs_flip = others.iter().any(|&j| !pair_of(i, j).logits.top1_agree);
+                let logits_verdict = logit_verdict_with_floor(&lm, &ltol, kl_floor, refs_flip);
+                let verdict = sites.iter().map(|s| s.verdict).chain([logits_verdict]).max().unwrap_or(Verdict::Pass);
+                ref_steps.push(RefStep {
+                    reference: r.name.clone(),
+                    sites,
+                    logits: lm,
+                    logits_verdict,
+                    kl_max_positions: kl_max,
+                    verdict,
+                    seconds: outputs[i].1,
+                });
             }
-            // Next-token distributions, every position fed.
-            let lm = arrays.with_site("logits", |rshape, rdata| -> Result<(LogitMetrics, f64), HarnessError> {
-                if rshape != [n_pos, vocab] {
-                    return Err(HarnessError::Mismatch(format!(
-                        "logits: engine shape [{n_pos}, {vocab}], {} reference {:?}: vocabularies or positions differ",
-                        reference.name, rshape
-                    )));
-                }
-                let mut kl_max = 0.0f64;
-                let mut last = None;
-                for p in 0..n_pos {
-                    let e = &all_engine_logits[p * vocab..(p + 1) * vocab];
-                    let r = &rdata[p * vocab..(p + 1) * vocab];
-                    let m = logit_metrics(e, r);
-                    kl_max = kl_max.max(m.kl);
-                    if p == n_pos - 1 {
-                        last = Some(m);
-                    }
-                }
-                Ok((last.expect("n_pos >= 1"), kl_max))
-            })?;
-            let (lm, kl_max) = match lm {
-                Some(r) => r?,
-                None => {
-                    return Err(HarnessError::Python(format!("the {} reference returned no `logits`", reference.name)))
-                }
-            };
-            Ok((sites, lm, kl_max))
+            Ok((ref_steps, pairs))
         })?;
-        let reference_seconds = t1.elapsed().as_secs_f64();
-        debug_assert_eq!(logit_m.engine_top1, lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?);
+        drop(outputs);
 
-        let logits_verdict = logit_verdict(&logit_m, &ltol);
-        let verdict = sites.iter().map(|s| s.verdict).chain([logits_verdict]).max().unwrap_or(Verdict::Pass);
-        let token = logit_m.engine_top1;
-        let token_text = engine.tokenizer.decode(&[token], false).unwrap_or_default();
+        let verdict = ref_steps.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Pass);
         steps.push(StepRecord {
             step,
             fed: feed.clone(),
-            sites,
-            logits: logit_m,
-            logits_verdict,
-            kl_max_positions: kl_max,
-            engine_token: token,
-            engine_token_text: token_text,
+            engine_token,
+            engine_token_text: engine.tokenizer.decode(&[engine_token], false).unwrap_or_default(),
             verdict,
             engine_seconds,
-            reference_seconds,
+            references: ref_steps,
+            pairs,
         });
-        generated.push(token);
-        if stop.contains(&token) {
+        generated.push(engine_token);
+        if stop.contains(&engine_token) {
             break;
         }
-        feed = vec![token];
+        feed = vec![engine_token];
     }
 
-    // --- the reference's own greedy loop, on the engine's prompt ---
-    let reference_tokens = reference.generate_greedy(&prompt.engine_ids, opts.steps.max(1), &stop)?;
-    let first_mismatch = generated
-        .iter()
-        .zip(&reference_tokens)
-        .position(|(a, b)| a != b)
-        .or_else(|| (generated.len() != reference_tokens.len()).then(|| generated.len().min(reference_tokens.len())));
-    let gen_verdict = match first_mismatch {
-        None => Verdict::Pass,
-        // A flip at a near tie that the lockstep run already reported as drift.
-        Some(i) if steps.get(i).is_some_and(|s| !s.logits.top1_agree && s.logits_verdict == Verdict::Drift) => {
-            Verdict::Drift
-        }
-        Some(_) => Verdict::Fail,
-    };
-    let generate = GenerateCheck {
-        engine_text: engine.tokenizer.decode(&generated, true).unwrap_or_default(),
-        reference_text: engine.tokenizer.decode(&reference_tokens, true).unwrap_or_default(),
-        matches: first_mismatch.is_none(),
-        engine_tokens: generated,
-        reference_tokens,
-        first_mismatch,
-        verdict: gen_verdict,
-    };
+    // --- each reference's own greedy loop, on the engine's prompt ---
+    let mut generate = vec![];
+    for (i, r) in refs.iter().enumerate() {
+        let toks = r.generate_greedy(&prompt.engine_ids, opts.steps.max(1), &stop)?;
+        let first_mismatch = generated
+            .iter()
+            .zip(&toks)
+            .position(|(a, b)| a != b)
+            .or_else(|| (generated.len() != toks.len()).then(|| generated.len().min(toks.len())));
+        let verdict = match first_mismatch {
+            None => Verdict::Pass,
+            // A flip the lockstep run already judged (near tie, or within the floor): drift.
+            Some(k) if steps.get(k).is_some_and(|s| {
+                let rs = &s.references[i];
+                !rs.logits.top1_agree && rs.logits_verdict == Verdict::Drift
+            }) =>
+            {
+                Verdict::Drift
+            }
+            // Teacher forcing keeps the lockstep run on the engine's tokens; after a drift
+            // flip earlier in the lockstep run the free-running texts may part later.
+            Some(k) if steps[..k.min(steps.len())].iter().any(|s| s.references[i].logits_verdict == Verdict::Drift && !s.references[i].logits.top1_agree) => {
+                Verdict::Drift
+            }
+            Some(_) => Verdict::Fail,
+        };
+        generate.push(GenerateCheck {
+            reference: r.name.clone(),
+            reference_text: engine.tokenizer.decode(&toks, true).unwrap_or_default(),
+            matches: first_mismatch.is_none(),
+            reference_tokens: toks,
+            first_mismatch,
+            verdict,
+        });
+    }
 
-    let first_divergence = find_first_divergence(&prompt, &steps, &generate, cfg.num_layers);
-    let mut summary = summarize(&steps, sites_not_compared);
-    summary.steps_requested = opts.steps.max(1);
-    summary.stopped_at_eos = steps.last().is_some_and(|s| stop.contains(&s.engine_token));
+    let engine_text = engine.tokenizer.decode(&generated, true).unwrap_or_default();
+    let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated);
+    let summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
     Ok(RunResult {
         verdict_pass: first_divergence.is_none(),
         first_divergence,
         prompt,
         steps,
+        engine_tokens: generated,
+        engine_text,
         generate,
         summary,
         engine: EngineInfo {
@@ -396,20 +584,21 @@ fn shape_note(site: &str, e: &[usize], r: &[usize]) -> String {
 fn find_first_divergence(
     prompt: &PromptCheck,
     steps: &[StepRecord],
-    generate: &GenerateCheck,
-    _num_layers: usize,
+    generate: &[GenerateCheck],
+    generated: &[u32],
 ) -> Option<Divergence> {
-    if !prompt.ids_match {
-        let at = prompt.engine_ids.iter().zip(&prompt.reference_ids).position(|(a, b)| a != b);
+    if let Some((name, ids)) = prompt.reference_ids.iter().find(|(_, ids)| *ids != prompt.engine_ids) {
+        let at = prompt.engine_ids.iter().zip(ids).position(|(a, b)| a != b);
         return Some(Divergence {
             step: 0,
             layer: None,
             site: "tokens".into(),
+            reference: name.clone(),
             detail: format!(
-                "prompt token ids differ{}: engine {} tokens, reference {} tokens",
+                "prompt token ids differ{}: engine {} tokens, {name} {} tokens",
                 at.map(|i| format!(" from position {i}")).unwrap_or_default(),
                 prompt.engine_ids.len(),
-                prompt.reference_ids.len()
+                ids.len()
             ),
             likely_cause: Some(
                 "tokenizer, chat template or BOS handling differs between the engine and the reference".into(),
@@ -417,16 +606,28 @@ fn find_first_divergence(
         });
     }
     for s in steps {
-        if let Some(site) = s.sites.iter().find(|x| x.verdict == Verdict::Fail) {
+        // Forward order across references: the earliest failing site wins.
+        let mut best: Option<(usize, &RefStep, &SiteRecord)> = None;
+        for rs in &s.references {
+            if let Some((pos, site)) = rs.sites.iter().enumerate().find(|(_, x)| x.verdict == Verdict::Fail) {
+                if best.is_none_or(|(p, _, _)| pos < p) {
+                    best = Some((pos, rs, site));
+                }
+            }
+        }
+        if let Some((_, rs, site)) = best {
             let detail = match (&site.note, &site.metrics) {
                 (Some(n), _) => n.clone(),
-                (None, Some(m)) if m.nonfinite_engine || m.nonfinite_reference => format!(
-                    "NaN/Inf in the {}",
-                    if m.nonfinite_engine { "engine" } else { "reference" }
-                ),
+                (None, Some(m)) if m.nonfinite_engine || m.nonfinite_reference => {
+                    format!("NaN/Inf in the {}", if m.nonfinite_engine { "engine" } else { "reference" })
+                }
                 (None, Some(m)) => format!(
-                    "rel-L2 {:.3e}, max |Δ| {:.3e} at flat index {}, cosine {:.6}",
-                    m.rel_l2, m.max_abs, m.max_abs_index, m.cosine
+                    "rel-L2 {:.3e}, max |Δ| {:.3e} at flat index {}, cosine {:.6}{}",
+                    m.rel_l2,
+                    m.max_abs,
+                    m.max_abs_index,
+                    m.cosine,
+                    site.floor.map(|f| format!(" (noise floor {f:.1e})")).unwrap_or_default()
                 ),
                 _ => "differs".into(),
             };
@@ -434,34 +635,41 @@ fn find_first_divergence(
                 step: s.step,
                 layer: site.layer,
                 site: site.site.clone(),
-                likely_cause: likely_cause(s, site),
+                reference: rs.reference.clone(),
+                likely_cause: likely_cause(s.step, rs, site),
                 detail,
             });
         }
-        if s.logits_verdict == Verdict::Fail {
+        if let Some(rs) = s.references.iter().find(|r| r.logits_verdict == Verdict::Fail) {
             return Some(Divergence {
                 step: s.step,
                 layer: None,
                 site: "logits".into(),
+                reference: rs.reference.clone(),
                 detail: format!(
                     "KL {:.3e}; top-1 engine {} vs reference {} (margins {:.3} / {:.3})",
-                    s.logits.kl, s.logits.engine_top1, s.logits.reference_top1, s.logits.engine_margin,
-                    s.logits.reference_margin
+                    rs.logits.kl,
+                    rs.logits.engine_top1,
+                    rs.logits.reference_top1,
+                    rs.logits.engine_margin,
+                    rs.logits.reference_margin
                 ),
                 likely_cause: None,
             });
         }
     }
-    if generate.verdict == Verdict::Fail {
-        let i = generate.first_mismatch.unwrap_or(0);
+    if let Some(g) = generate.iter().find(|g| g.verdict == Verdict::Fail) {
+        let i = g.first_mismatch.unwrap_or(0);
         return Some(Divergence {
             step: i,
             layer: None,
             site: "generate".into(),
+            reference: g.reference.clone(),
             detail: format!(
-                "the reference's own greedy generate differs from the lockstep tokens at token {i}: engine {:?}, reference {:?}",
-                generate.engine_tokens.get(i),
-                generate.reference_tokens.get(i)
+                "the reference's own greedy generate differs from the lockstep tokens at token {i}: engine {:?}, {} {:?}",
+                generated.get(i),
+                g.reference,
+                g.reference_tokens.get(i)
             ),
             likely_cause: Some(
                 "the lockstep steps agree but the reference's generate loop does not: its generation settings \
@@ -474,20 +682,19 @@ fn find_first_divergence(
 }
 
 /// A first guess at the bug class from where the first failure is.
-fn likely_cause(step: &StepRecord, site: &SiteRecord) -> Option<String> {
-    let leaf = site.site.rsplit('.').next().unwrap_or(&site.site);
+fn likely_cause(step: usize, rs: &RefStep, site: &SiteRecord) -> Option<String> {
+    let leaf = leaf_of(&site.site);
     if site.kind == SiteKind::Cache && site.metrics.is_none() && site.engine_shape.len() == 3 {
         let (e, r) = (site.engine_shape[1], site.reference_shape.get(1).copied().unwrap_or(0));
-        if e < r && step.step > 0 {
+        if e < r && step > 0 {
             return Some("context is dropped after the prompt: the engine's KV cache does not keep earlier steps".into());
         }
         if e > r {
             return Some("history is fed again on top of the cache (re-feeding instead of caching)".into());
         }
     }
-    let same_layer = |name: &str| {
-        step.sites.iter().find(|x| x.layer == site.layer && x.site.ends_with(&format!(".{name}"))).map(|x| x.verdict)
-    };
+    let same_layer =
+        |name: &str| rs.sites.iter().find(|x| x.layer == site.layer && leaf_of(&x.site) == name).map(|x| x.verdict);
     match leaf {
         "q_rope" | "k_rope" if same_layer("q") == Some(Verdict::Pass) && same_layer("k") == Some(Verdict::Pass) => {
             Some("RoPE differs while q/k before RoPE agree: rotary convention, theta or positions".into())
@@ -500,35 +707,124 @@ fn likely_cause(step: &StepRecord, site: &SiteRecord) -> Option<String> {
     }
 }
 
-fn summarize(steps: &[StepRecord], sites_not_compared: Vec<String>) -> RunSummary {
-    let n = steps.len().max(1) as f64;
-    let mean_kl = steps.iter().map(|s| s.logits.kl).sum::<f64>() / n;
-    let max_kl = steps.iter().map(|s| s.kl_max_positions).fold(0.0, f64::max);
-    let same = steps.iter().filter(|s| s.logits.top1_agree).count() as f64 / n;
-    let mut worst: Vec<WorstSite> = Vec::new();
+fn worst_sites<'a>(items: impl Iterator<Item = (usize, &'a str, Option<f64>)> + Clone) -> Vec<WorstSite> {
+    let mut out = vec![];
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
         let mut best: Option<WorstSite> = None;
-        for s in steps {
-            for x in s.sites.iter().filter(|x| x.kind == kind) {
-                let r = x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
-                if best.as_ref().is_none_or(|b| r > b.rel_l2) {
-                    best = Some(WorstSite { kind, site: x.site.clone(), step: s.step, rel_l2: r });
-                }
+        for (step, site, rel) in items.clone().filter(|(_, s, _)| SiteKind::of(s) == kind) {
+            let r = rel.unwrap_or(f64::INFINITY);
+            if best.as_ref().is_none_or(|b| r > b.rel_l2) {
+                best = Some(WorstSite { kind, site: site.to_string(), step, rel_l2: r });
             }
         }
-        worst.extend(best);
+        out.extend(best);
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn summarize(
+    opts: &RunOptions,
+    refs: &[Reference],
+    ref_sites: &[HashSet<String>],
+    engine_sites: &[String],
+    steps: &[StepRecord],
+    stop: &[u32],
+    oracle_idx: Option<usize>,
+) -> RunSummary {
+    let n = steps.len().max(1) as f64;
+    let mut references = vec![];
+    for (i, r) in refs.iter().enumerate() {
+        let per = || steps.iter().map(move |s| &s.references[i]);
+        references.push(RefSummary {
+            reference: r.name.clone(),
+            sites_compared_per_step: steps.first().map(|s| s.references[i].sites.len()).unwrap_or(0),
+            sites_not_compared: engine_sites.iter().filter(|s| !ref_sites[i].contains(*s)).cloned().collect(),
+            mean_kl: per().map(|x| x.logits.kl).sum::<f64>() / n,
+            max_kl: per().map(|x| x.kl_max_positions).fold(0.0, f64::max),
+            same_top1_share: per().filter(|x| x.logits.top1_agree).count() as f64 / n,
+            worst_rel_l2: worst_sites(
+                steps.iter().flat_map(|s| {
+                    s.references[i].sites.iter().map(move |x| (s.step, x.site.as_str(), x.metrics.map(|m| m.rel_l2)))
+                }),
+            ),
+            seconds: per().map(|x| x.seconds).sum(),
+            verdict: per().map(|x| x.verdict).max().unwrap_or(Verdict::Pass),
+        });
+    }
+    let mut pairs = vec![];
+    if let Some(first) = steps.first() {
+        for (p, pair) in first.pairs.iter().enumerate() {
+            let per = || steps.iter().map(move |s| &s.pairs[p]);
+            pairs.push(PairSummary {
+                a: pair.a.clone(),
+                b: pair.b.clone(),
+                sites_compared_per_step: pair.sites.len(),
+                mean_kl: per().map(|x| x.logits.kl).sum::<f64>() / n,
+                max_kl: per().map(|x| x.logits.kl).fold(0.0, f64::max),
+                same_top1_share: per().filter(|x| x.logits.top1_agree).count() as f64 / n,
+                worst_rel_l2: worst_sites(
+                    steps.iter().flat_map(|s| s.pairs[p].sites.iter().map(move |(st, m)| (s.step, st.as_str(), Some(m.rel_l2)))),
+                ),
+            });
+        }
+    }
+    let mut oracle = vec![];
+    if let Some(o) = oracle_idx {
+        for (i, r) in refs.iter().enumerate().filter(|(i, _)| *i != o) {
+            let (mut ec, mut rc, mut total) = (0, 0, 0);
+            let mut by_leaf: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> = Default::default();
+            let mut order: Vec<String> = vec![];
+            for s in steps {
+                for x in &s.references[i].sites {
+                    if let Some(od) = x.oracle {
+                        total += 1;
+                        if od.engine_rel_l2 < od.reference_rel_l2 {
+                            ec += 1;
+                        } else if od.engine_rel_l2 > od.reference_rel_l2 {
+                            rc += 1;
+                        }
+                        let leaf = leaf_of(&x.site).to_string();
+                        if !order.contains(&leaf) {
+                            order.push(leaf.clone());
+                        }
+                        let e = by_leaf.entry(leaf).or_default();
+                        e.0.push(od.engine_rel_l2);
+                        e.1.push(od.reference_rel_l2);
+                    }
+                }
+            }
+            let per_site = order
+                .into_iter()
+                .map(|leaf| {
+                    let (e, rr) = by_leaf.remove(&leaf).unwrap_or_default();
+                    (leaf, median(e), median(rr))
+                })
+                .collect();
+            oracle.push(OracleSummary {
+                oracle: refs[o].name.clone(),
+                reference: r.name.clone(),
+                engine_closer: ec,
+                reference_closer: rc,
+                ties: total - ec - rc,
+                per_site,
+            });
+        }
     }
     RunSummary {
         steps: steps.len(),
-        steps_requested: steps.len(),
-        stopped_at_eos: false,
-        sites_compared_per_step: steps.first().map(|s| s.sites.len()).unwrap_or(0),
-        sites_not_compared,
-        mean_kl,
-        max_kl,
-        same_top1_share: same,
-        worst_rel_l2: worst,
+        steps_requested: opts.steps.max(1),
+        stopped_at_eos: steps.last().is_some_and(|s| stop.contains(&s.engine_token)),
         engine_seconds: steps.iter().map(|s| s.engine_seconds).sum(),
-        reference_seconds: steps.iter().map(|s| s.reference_seconds).sum(),
+        references,
+        pairs,
+        oracle,
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lockstep::driver::{self, Prompt, RunOptions};
 use lockstep::error::HarnessError;
-use lockstep::python::Reference;
+use lockstep::python::{RefSpec, Reference};
 use lockstep::tolerance::Precision;
 use lockstep::{models, report};
 
@@ -45,7 +45,8 @@ enum Cmd {
         /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
         #[arg(long)]
         model: String,
-        /// Reference implementation: transformers.
+        /// References, comma-separated: transformers, mlx, llamacpp; NAME:f64 runs one in
+        /// float64 as an oracle (e.g. transformers,mlx,transformers:f64).
         #[arg(long, default_value = "transformers")]
         reference: String,
         #[command(flatten)]
@@ -96,17 +97,17 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
             // Check the cheap things (reference name, model path) before loading anything.
-            lockstep::python::reference_module(&reference)?;
+            let specs = RefSpec::parse_list(&reference)?;
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
-            let opts = RunOptions { model: path.clone(), reference: reference.clone(), prompt: prompt.to_prompt(), steps, precision };
+            let opts = RunOptions { model: path.clone(), references: specs.clone(), prompt: prompt.to_prompt(), steps, precision };
             let engine = driver::load_engine(&opts)?;
-            let reference = Reference::load(&reference, &path, "float32")?;
-            let result = driver::run(&opts, &engine, &reference)?;
+            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let result = driver::run(&opts, &engine, &refs)?;
             let sha = report::model_sha256(&path)?;
-            print!("{}", report::render_table(&result, &reference, &path, &sha));
+            print!("{}", report::render_table(&result, &refs, &path, &sha));
             if let Some(j) = json {
-                report::write_json(&j, &result, &reference, &path, &sha)?;
+                report::write_json(&j, &result, &refs, &path, &sha)?;
                 println!("report: {}", j.display());
             }
             Ok(if result.verdict_pass { 0 } else { 1 })
@@ -114,7 +115,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
         Cmd::Generate { model, prompt, n, f64 } => {
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
-            let opts = RunOptions { model: path, reference: String::new(), prompt: prompt.to_prompt(), steps: n, precision };
+            let opts = RunOptions { model: path, references: vec![], prompt: prompt.to_prompt(), steps: n, precision };
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
             let out = lockstep_engine::generate::generate_greedy(&m.model, &ids, n, &m.stop_ids())?;

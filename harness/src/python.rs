@@ -102,13 +102,69 @@ pub fn py_err(py: Python<'_>, e: PyErr, doing: impl std::fmt::Display) -> Harnes
 }
 
 /// Known references: CLI name -> module in `references/`.
-pub const REFERENCES: &[(&str, &str)] = &[("transformers", "transformers_ref")];
+pub const REFERENCES: &[(&str, &str)] =
+    &[("transformers", "transformers_ref"), ("mlx", "mlx_ref"), ("llamacpp", "llamacpp_ref")];
 
 pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
     REFERENCES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
         let known: Vec<&str> = REFERENCES.iter().map(|(n, _)| *n).collect();
-        HarnessError::Usage(format!("unknown reference `{name}`; known references: {}", known.join(", ")))
+        HarnessError::Usage(format!(
+            "unknown reference `{name}`; known references: {} (append `:f64` to run one in float64, e.g. transformers:f64)",
+            known.join(", ")
+        ))
     })
+}
+
+/// One `--reference` entry: `NAME` or `NAME:f64`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefSpec {
+    pub name: String,
+    pub module: &'static str,
+    /// "float32" or "float64"
+    pub dtype: &'static str,
+}
+
+impl RefSpec {
+    pub fn parse(spec: &str) -> Result<RefSpec, HarnessError> {
+        let (name, dtype) = match spec.split_once(':') {
+            None => (spec, "float32"),
+            Some((n, "f64" | "float64")) => (n, "float64"),
+            Some((n, "f32" | "float32")) => (n, "float32"),
+            Some((_, d)) => {
+                return Err(HarnessError::Usage(format!("reference `{spec}`: unknown dtype `{d}` (use f32 or f64)")))
+            }
+        };
+        Ok(RefSpec { name: name.to_string(), module: reference_module(name)?, dtype })
+    }
+
+    /// Comma-separated list, no duplicates.
+    pub fn parse_list(list: &str) -> Result<Vec<RefSpec>, HarnessError> {
+        let mut out: Vec<RefSpec> = vec![];
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let r = RefSpec::parse(part)?;
+            if out.contains(&r) {
+                return Err(HarnessError::Usage(format!("reference `{part}` is given twice")));
+            }
+            out.push(r);
+        }
+        if out.is_empty() {
+            return Err(HarnessError::Usage("--reference needs at least one reference".into()));
+        }
+        Ok(out)
+    }
+
+    /// How the reference is named in reports: `transformers`, `transformers:f64`.
+    pub fn label(&self) -> String {
+        if self.dtype == "float64" {
+            format!("{}:f64", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    pub fn is_oracle(&self) -> bool {
+        self.dtype == "float64"
+    }
 }
 
 /// What a reference says about itself (`describe()`).
@@ -119,19 +175,25 @@ pub struct Description {
     pub dtype: String,
     pub sites: Vec<String>,
     pub notes: Vec<String>,
+    /// Named layout transforms the reference applied to reach the HF layout.
+    pub transforms: Vec<String>,
 }
 
 /// A loaded reference: a Python object implementing `references/protocol.py`.
 pub struct Reference {
+    /// Label in reports (`transformers`, `transformers:f64`).
     pub name: String,
+    pub spec: RefSpec,
     obj: Py<PyAny>,
     pub description: Description,
 }
 
 impl Reference {
     /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
-    pub fn load(name: &str, model: &Path, dtype: &str) -> Result<Reference, HarnessError> {
-        let module = reference_module(name)?;
+    pub fn load(spec: &RefSpec, model: &Path) -> Result<Reference, HarnessError> {
+        let (module, dtype) = (spec.module, spec.dtype);
+        let name = spec.label();
+        let name = name.as_str();
         ensure_python()?;
         Python::attach(|py| {
             let m = py.import(module).map_err(|e| py_err(py, e, format!("importing references/{module}.py")))?;
@@ -147,14 +209,17 @@ impl Reference {
                 dtype: get(py, &d, "dtype")?,
                 sites: get(py, &d, "sites")?,
                 notes: get(py, &d, "notes")?,
+                transforms: get_or_default(py, &d, "transforms")?,
             };
-            Ok(Reference { name: name.to_string(), obj: obj.unbind(), description })
+            Ok(Reference { name: name.to_string(), spec: spec.clone(), obj: obj.unbind(), description })
         })
     }
 
     /// The main package's version (e.g. transformers 5.23.0).
     pub fn version(&self) -> String {
-        self.description.versions.get(&self.name).cloned().unwrap_or_else(|| "?".into())
+        let v = &self.description.versions;
+        let keys = [self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"];
+        keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
     pub fn reset(&self) -> Result<(), HarnessError> {
@@ -191,21 +256,29 @@ impl Reference {
         })
     }
 
-    /// Feeds `ids` and hands the returned `{site: ndarray}` to `f` while the arrays are
-    /// alive, so `f` reads numpy's memory directly.
-    pub fn step<R>(
-        &self,
-        ids: &[u32],
-        f: impl FnOnce(&StepArrays<'_, '_>) -> Result<R, HarnessError>,
-    ) -> Result<R, HarnessError> {
+    /// Feeds `ids`; the returned `{site: ndarray}` stays in Python until read.
+    pub fn step(&self, ids: &[u32]) -> Result<StepOutput, HarnessError> {
         Python::attach(|py| {
             let out = self.obj.bind(py).call_method1("step", (ids.to_vec(),));
             let out = out.map_err(|e| py_err(py, e, format!("{}.step({} tokens)", self.name, ids.len())))?;
             let dict = out.cast::<PyDict>().map_err(|_| {
                 HarnessError::Python(format!("{}.step() returned {} instead of a dict", self.name, type_name(&out)))
             })?;
-            f(&StepArrays { py, dict, reference: &self.name })
+            Ok(StepOutput { dict: dict.clone().unbind(), reference: self.name.clone() })
         })
+    }
+}
+
+/// The `{site: ndarray}` of one reference step, owned by Python.
+pub struct StepOutput {
+    dict: Py<PyDict>,
+    reference: String,
+}
+
+impl StepOutput {
+    /// Borrows the arrays for reading (numpy memory, no copies).
+    pub fn view<'a, 'py>(&'a self, py: Python<'py>) -> StepArrays<'a, 'py> {
+        StepArrays { py, dict: self.dict.bind(py).clone(), reference: &self.reference, _a: std::marker::PhantomData }
     }
 }
 
@@ -221,35 +294,84 @@ where
     v.extract::<T>().map_err(|e| py_err(py, e.into(), format!("describe()[{key:?}]")))
 }
 
+fn get_or_default<'py, T>(py: Python<'py>, d: &Bound<'py, PyAny>, key: &str) -> Result<T, HarnessError>
+where
+    T: for<'a> FromPyObjectOwned<'py> + Default,
+{
+    let has = d.contains(key).map_err(|e| py_err(py, e, format!("describe()[{key:?}]")))?;
+    if has {
+        get(py, d, key)
+    } else {
+        Ok(T::default())
+    }
+}
+
+/// A reference tensor's data, borrowed from numpy: float32, or float64 from an f64 oracle.
+#[derive(Clone, Copy)]
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+impl Data<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(d) => d.len(),
+            Data::F64(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `range` of a flat buffer.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
+        match self {
+            Data::F32(d) => Data::F32(&d[range]),
+            Data::F64(d) => Data::F64(&d[range]),
+        }
+    }
+}
+
 /// The arrays of one reference step, borrowed from Python.
 pub struct StepArrays<'a, 'py> {
     py: Python<'py>,
-    dict: &'a Bound<'py, PyDict>,
+    dict: Bound<'py, PyDict>,
     reference: &'a str,
+    _a: std::marker::PhantomData<&'a ()>,
 }
 
 impl<'a, 'py> StepArrays<'a, 'py> {
     /// Calls `f(shape, data)` on the float32 array of `site`, without copying; `None`
     /// when the reference did not return that site.
-    pub fn with_site<R>(&self, site: &str, f: impl FnOnce(&[usize], &[f32]) -> R) -> Result<Option<R>, HarnessError> {
+    pub fn with_site<R>(&self, site: &str, f: impl FnOnce(&[usize], Data<'_>) -> R) -> Result<Option<R>, HarnessError> {
         let Some(obj) = self.dict.get_item(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))? else {
             return Ok(None);
         };
-        let arr = obj.cast::<numpy::PyArrayDyn<f32>>().map_err(|_| {
-            HarnessError::Python(format!(
-                "{}: site `{site}` is a {} , not a float32 numpy array (the protocol requires C-contiguous float32)",
-                self.reference,
-                type_name(&obj)
-            ))
-        })?;
-        let ro = arr.try_readonly().map_err(|e| {
-            HarnessError::Python(format!("{}: site `{site}` cannot be borrowed ({e})", self.reference))
-        })?;
-        let shape = ro.shape().to_vec();
-        let data = ro.as_slice().map_err(|e| {
-            HarnessError::Python(format!("{}: site `{site}` is not C-contiguous ({e})", self.reference))
-        })?;
-        Ok(Some(f(&shape, data)))
+        let borrow_err = |e: &dyn std::fmt::Display| {
+            HarnessError::Python(format!("{}: site `{site}` cannot be read without a copy ({e})", self.reference))
+        };
+        if let Ok(arr) = obj.cast::<numpy::PyArrayDyn<f32>>() {
+            let ro = arr.try_readonly().map_err(|e| borrow_err(&e))?;
+            let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
+            return Ok(Some(f(ro.shape(), Data::F32(data))));
+        }
+        if let Ok(arr) = obj.cast::<numpy::PyArrayDyn<f64>>() {
+            let ro = arr.try_readonly().map_err(|e| borrow_err(&e))?;
+            let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
+            return Ok(Some(f(ro.shape(), Data::F64(data))));
+        }
+        Err(HarnessError::Python(format!(
+            "{}: site `{site}` is a {}, not a float32/float64 numpy array (the protocol requires C-contiguous float32, \
+             or float64 from a float64 reference)",
+            self.reference,
+            type_name(&obj)
+        )))
+    }
+
+    pub fn has(&self, site: &str) -> Result<bool, HarnessError> {
+        self.dict.contains(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))
     }
 
     pub fn sites(&self) -> Vec<String> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::driver::{RunResult, StepRecord};
+use crate::driver::{RefStep, RunResult, StepRecord};
 use crate::error::HarnessError;
 use crate::python::Reference;
 use crate::tolerance::Verdict;
@@ -46,11 +46,13 @@ struct JsonReport<'a> {
     verdict: &'static str,
     first_divergence: &'a Option<crate::driver::Divergence>,
     steps: &'a [StepRecord],
+    /// The first reference (the one named first on the command line).
     reference: JsonReference<'a>,
+    references: Vec<JsonReference<'a>>,
     model: JsonModel<'a>,
     tokens: JsonTokens<'a>,
     engine: &'a crate::driver::EngineInfo,
-    generate: &'a crate::driver::GenerateCheck,
+    generate: &'a [crate::driver::GenerateCheck],
     summary: &'a crate::driver::RunSummary,
     tolerances: serde_json::Value,
 }
@@ -62,6 +64,7 @@ struct JsonReference<'a> {
     versions: &'a std::collections::BTreeMap<String, String>,
     dtype: &'a str,
     notes: &'a [String],
+    transforms: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -78,7 +81,18 @@ struct JsonTokens<'a> {
     generated_text: &'a str,
 }
 
-pub fn write_json(path: &Path, r: &RunResult, reference: &Reference, model: &Path, sha: &str) -> Result<(), HarnessError> {
+fn json_ref(r: &Reference) -> JsonReference<'_> {
+    JsonReference {
+        name: &r.name,
+        version: r.version(),
+        versions: &r.description.versions,
+        dtype: &r.description.dtype,
+        notes: &r.description.notes,
+        transforms: &r.description.transforms,
+    }
+}
+
+pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> Result<(), HarnessError> {
     use crate::tolerance::*;
     let mut tols = serde_json::Map::new();
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
@@ -86,23 +100,15 @@ pub fn write_json(path: &Path, r: &RunResult, reference: &Reference, model: &Pat
         tols.insert(format!("{kind:?}").to_lowercase(), serde_json::to_value(t).unwrap_or_default());
     }
     tols.insert("next_token".into(), serde_json::to_value(LOGITS_F32).unwrap_or_default());
+    tols.insert("floor_multiple".into(), serde_json::Value::from(FLOOR_MULTIPLE));
     let report = JsonReport {
         verdict: if r.verdict_pass { "pass" } else { "diverged" },
         first_divergence: &r.first_divergence,
         steps: &r.steps,
-        reference: JsonReference {
-            name: &reference.name,
-            version: reference.version(),
-            versions: &reference.description.versions,
-            dtype: &reference.description.dtype,
-            notes: &reference.description.notes,
-        },
+        reference: json_ref(&refs[0]),
+        references: refs.iter().map(json_ref).collect(),
         model: JsonModel { path: model.display().to_string(), sha256: sha, num_layers: r.num_layers },
-        tokens: JsonTokens {
-            prompt: &r.prompt,
-            generated: &r.generate.engine_tokens,
-            generated_text: &r.generate.engine_text,
-        },
+        tokens: JsonTokens { prompt: &r.prompt, generated: &r.engine_tokens, generated_text: &r.engine_text },
         engine: &r.engine,
         generate: &r.generate,
         summary: &r.summary,
@@ -115,37 +121,81 @@ pub fn write_json(path: &Path, r: &RunResult, reference: &Reference, model: &Pat
     std::fs::write(path, text).map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
 }
 
-/// One digit per layer: how many leading digits of agreement its worst site has,
-/// floor(-log10(rel-L2)) capped to 0..9; `!` marks a failed site, `~` drift.
-fn layer_strip(s: &StepRecord, num_layers: usize) -> String {
+/// One character per layer: how many leading digits of agreement its worst site has,
+/// floor(-log10(rel-L2)) capped to 0..9; `!` marks a failed site, `~` drift, `.` a layer
+/// with no compared site.
+fn layer_strip(rs: &RefStep, num_layers: usize) -> String {
     let mut out = String::with_capacity(num_layers);
     for l in 0..num_layers {
-        let sites: Vec<_> = s.sites.iter().filter(|x| x.layer == Some(l)).collect();
+        let sites: Vec<_> = rs.sites.iter().filter(|x| x.layer == Some(l)).collect();
         let verdict = sites.iter().map(|x| x.verdict).max().unwrap_or(Verdict::Pass);
         let worst = sites.iter().map(|x| x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
         out.push(match verdict {
             Verdict::Fail => '!',
             Verdict::Drift => '~',
-            Verdict::Pass if sites.is_empty() => ' ',
-            Verdict::Pass => {
-                let d = if worst <= 0.0 { 9.0 } else { (-worst.log10()).floor().clamp(0.0, 9.0) };
-                char::from_digit(d as u32, 10).unwrap_or('?')
-            }
+            Verdict::Pass if sites.is_empty() => '.',
+            Verdict::Pass => digit(worst),
         });
     }
     out
 }
 
+fn digit(rel: f64) -> char {
+    let d = if rel <= 0.0 { 9.0 } else { (-rel.log10()).floor().clamp(0.0, 9.0) };
+    char::from_digit(d as u32, 10).unwrap_or('?')
+}
+
 fn show_token(t: &str) -> String {
     let s: String = format!("{t:?}");
-    if s.chars().count() > 14 { format!("{}…\"", s.chars().take(12).collect::<String>()) } else { s }
+    if s.chars().count() > 14 {
+        format!("{}…\"", s.chars().take(12).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn worst_of(rs: &RefStep) -> (String, String, String) {
+    let worst = rs.sites.iter().max_by(|a, b| {
+        let ra = a.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+        let rb = b.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+        (a.verdict, ra).partial_cmp(&(b.verdict, rb)).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    match worst {
+        Some(w) => (
+            w.site.clone(),
+            w.metrics.map(|m| format!("{:.1e}", m.rel_l2)).unwrap_or_else(|| "shape".into()),
+            w.floor.map(|f| format!("{f:.1e}")).unwrap_or_else(|| "-".into()),
+        ),
+        None => ("-".into(), "-".into(), "-".into()),
+    }
+}
+
+/// Sites a reference does not provide, grouped by leaf name.
+fn not_compared(sites: &[String], num_layers: usize) -> String {
+    let mut leaves: Vec<(String, usize)> = vec![];
+    let mut other = vec![];
+    for s in sites {
+        if crate::driver::layer_of(s).is_some() {
+            let leaf = crate::driver::leaf_of(s).to_string();
+            match leaves.iter_mut().find(|(l, _)| *l == leaf) {
+                Some((_, n)) => *n += 1,
+                None => leaves.push((leaf, 1)),
+            }
+        } else {
+            other.push(s.clone());
+        }
+    }
+    let mut parts: Vec<String> = other;
+    for (leaf, n) in leaves {
+        parts.push(if n == num_layers { format!("{leaf} (all layers)") } else { format!("{leaf} ({n} layers)") });
+    }
+    parts.join(", ")
 }
 
 /// The human-readable report of a run.
-pub fn render_table(r: &RunResult, reference: &Reference, model: &Path, sha: &str) -> String {
+pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> String {
     let mut o = String::new();
-    let d = &reference.description;
-    let versions: Vec<String> = d.versions.iter().filter(|(k, _)| *k != &reference.name).map(|(k, v)| format!("{k} {v}")).collect();
+    let multi = refs.len() > 1;
     let _ = writeln!(o, "lockstep run");
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
@@ -155,107 +205,245 @@ pub fn render_table(r: &RunResult, reference: &Reference, model: &Path, sha: &st
         r.engine.weights,
         r.engine.dtype,
         r.engine.qk_layout,
-        if r.engine.transforms.is_empty() { String::new() } else { format!(" (compared through {})", r.engine.transforms.join(", ")) }
+        if r.engine.transforms.is_empty() {
+            String::new()
+        } else {
+            format!(" (compared through {})", r.engine.transforms.join(", "))
+        }
     );
-    let _ = writeln!(o, "  reference  {} {} ({}), {}", reference.name, reference.version(), versions.join(", "), d.dtype);
+    for rf in refs {
+        let d = &rf.description;
+        let main_key = [rf.spec.name.as_str(), "llama_cpp_python"];
+        let versions: Vec<String> =
+            d.versions.iter().filter(|(k, _)| !main_key.contains(&k.as_str())).map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(o, "  reference  {} {} ({}), {}", rf.name, rf.version(), versions.join(", "), d.dtype);
+        for note in &d.notes {
+            let _ = writeln!(o, "             - {note}");
+        }
+    }
     let p = &r.prompt;
-    let _ = writeln!(
-        o,
-        "  prompt     {} {:?}: {} tokens; engine and reference token ids {}",
-        p.mode,
-        p.text,
-        p.engine_ids.len(),
-        if p.ids_match { "agree".to_string() } else { format!("DIFFER (reference: {} tokens)", p.reference_ids.len()) }
-    );
-    let s = &r.summary;
-    let _ = writeln!(
-        o,
-        "  compared   {} sites per step: embed, {} layers x {} sites (incl. cache_k, cache_v), final_norm, logits{}",
-        s.sites_compared_per_step,
-        r.num_layers,
-        r.steps.first().map(|st| st.sites.iter().filter(|x| x.layer == Some(0)).count()).unwrap_or(0),
-        if s.sites_not_compared.is_empty() { "; nothing skipped".to_string() } else { format!("; NOT compared: {}", s.sites_not_compared.join(", ")) }
-    );
-    let _ = writeln!(o);
-    let lw = r.num_layers.max(6);
-    let _ = writeln!(
-        o,
-        "{:>4} {:>4}  {:<lw$}  {:<22} {:>8}  {:>8}  {:>4} {:>7}  {}",
-        "step", "fed", "layers", "worst site", "rel-L2", "KL", "top1", "margin", "token"
-    );
-    for st in &r.steps {
-        let worst = st
-            .sites
-            .iter()
-            .max_by(|a, b| {
-                let ra = a.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
-                let rb = b.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
-                (a.verdict, ra).partial_cmp(&(b.verdict, rb)).unwrap_or(std::cmp::Ordering::Equal)
-            });
-        let (wname, wrel) = match worst {
-            Some(w) => (w.site.clone(), w.metrics.map(|m| format!("{:.1e}", m.rel_l2)).unwrap_or_else(|| "shape".into())),
-            None => ("-".into(), "-".into()),
-        };
-        let lm = &st.logits;
-        let top1 = if lm.top1_agree { "=".to_string() } else { format!("≠{}", lm.reference_top1) };
+    let agree: Vec<String> = p
+        .reference_ids
+        .iter()
+        .map(|(n, ids)| {
+            if *ids == p.engine_ids {
+                format!("{n} agrees")
+            } else {
+                format!("{n} DIFFERS ({} tokens)", ids.len())
+            }
+        })
+        .collect();
+    let _ = writeln!(o, "  prompt     {} {:?}: {} tokens; token ids: {}", p.mode, p.text, p.engine_ids.len(), agree.join(", "));
+    for rs in &r.summary.references {
         let _ = writeln!(
             o,
-            "{:>4} {:>4}  {:<lw$}  {:<22} {:>8}  {:>8.1e}  {:>4} {:>7.3}  {}{}",
-            st.step,
-            st.fed.len(),
-            layer_strip(st, r.num_layers),
-            wname,
-            wrel,
-            st.kl_max_positions,
-            top1,
-            lm.engine_margin,
-            show_token(&st.engine_token_text),
-            if st.verdict == Verdict::Pass { String::new() } else { format!("  [{}]", st.verdict.as_str()) }
+            "  compared   {}: {} sites per step{}",
+            rs.reference,
+            rs.sites_compared_per_step,
+            if rs.sites_not_compared.is_empty() {
+                format!(" (embed, {} layers x 16 incl. cache_k/cache_v, final_norm, logits); nothing skipped", r.num_layers)
+            } else {
+                format!("; NOT compared: {}", not_compared(&rs.sites_not_compared, r.num_layers))
+            }
         );
     }
+    let _ = writeln!(o);
+    let lw = r.num_layers.max(6);
+    let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
+    let _ = writeln!(
+        o,
+        "{:>4} {:>4}  {:<14}  {:<rw$}  {:<lw$}  {:<22} {:>8} {:>8}  {:>8}  {:>5} {:>7}",
+        "step", "fed", "token", "reference", "layers", "worst site", "rel-L2", if multi { "floor" } else { "" }, "KL", "top1", "margin"
+    );
+    for st in &r.steps {
+        for (k, rs) in st.references.iter().enumerate() {
+            let (wname, wrel, wfloor) = worst_of(rs);
+            let lm = &rs.logits;
+            let top1 = if lm.top1_agree { "=".to_string() } else { format!("≠{}", lm.reference_top1) };
+            let (stepc, fedc, tokc) = if k == 0 {
+                (st.step.to_string(), st.fed.len().to_string(), show_token(&st.engine_token_text))
+            } else {
+                (String::new(), String::new(), String::new())
+            };
+            let _ = writeln!(
+                o,
+                "{:>4} {:>4}  {:<14}  {:<rw$}  {:<lw$}  {:<22} {:>8} {:>8}  {:>8.1e}  {:>5} {:>7.3}{}",
+                stepc,
+                fedc,
+                tokc,
+                rs.reference,
+                layer_strip(rs, r.num_layers),
+                wname,
+                wrel,
+                if multi { wfloor } else { String::new() },
+                rs.kl_max_positions,
+                top1,
+                lm.engine_margin,
+                if rs.verdict == Verdict::Pass { String::new() } else { format!("  [{}]", rs.verdict.as_str()) }
+            );
+        }
+    }
+    let s = &r.summary;
     if s.stopped_at_eos && s.steps < s.steps_requested {
         let _ = writeln!(o, "(the engine chose an end-of-sequence token: stopped after {} of {} steps)", s.steps, s.steps_requested);
     }
     let _ = writeln!(
         o,
-        "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail. \
-         KL(ref||engine) in nats, max over the positions fed; margin = engine top-1 minus top-2 log-prob."
+        "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared.\n\
+         KL(ref||engine) in nats, max over the positions fed; margin = engine top-1 minus top-2 log-prob.{}",
+        if multi { "\nfloor: rel-L2 between this reference and the nearest other one at the worst site (the noise floor)." } else { "" }
     );
-    let _ = writeln!(o);
+
+    let _ = writeln!(o, "\nengine vs reference, over {} steps:", s.steps);
     let _ = writeln!(
         o,
-        "logits over {} steps: mean KL {:.2e}, max KL {:.2e}, same top-1 {:.1}%",
-        s.steps,
-        s.mean_kl,
-        s.max_kl,
-        100.0 * s.same_top1_share
+        "  {:<rw$}  {:>8}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}",
+        "reference", "verdict", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
     );
-    for w in &s.worst_rel_l2 {
-        let _ = writeln!(o, "worst {:<10} rel-L2 {:.2e} at {} (step {})", format!("{:?}", w.kind).to_lowercase(), w.rel_l2, w.site, w.step);
+    for rs in &s.references {
+        let w = |k: &str| {
+            rs.worst_rel_l2
+                .iter()
+                .find(|x| format!("{:?}", x.kind).to_lowercase() == k)
+                .map(|x| format!("{:.1e}", x.rel_l2))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            o,
+            "  {:<rw$}  {:>8}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
+            rs.reference,
+            rs.verdict.as_str(),
+            w("activation"),
+            w("cache"),
+            w("logits"),
+            rs.mean_kl,
+            rs.max_kl,
+            100.0 * rs.same_top1_share
+        );
     }
-    let _ = writeln!(o, "time: engine {:.2} s, reference {:.2} s (capture and compare included)", s.engine_seconds, s.reference_seconds);
-    let g = &r.generate;
+    if !s.pairs.is_empty() {
+        let pw = s.pairs.iter().map(|p| p.a.len() + p.b.len() + 4).max().unwrap_or(10);
+        let _ = writeln!(o, "\nreference vs reference (the measured noise floor), over {} steps:", s.steps);
+        let _ = writeln!(
+            o,
+            "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}",
+            "pair", "sites", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
+        );
+        for p in &s.pairs {
+            let w = |k: &str| {
+                p.worst_rel_l2
+                    .iter()
+                    .find(|x| format!("{:?}", x.kind).to_lowercase() == k)
+                    .map(|x| format!("{:.1e}", x.rel_l2))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(
+                o,
+                "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
+                format!("{} vs {}", p.a, p.b),
+                p.sites_compared_per_step,
+                w("activation"),
+                w("cache"),
+                w("logits"),
+                p.mean_kl,
+                p.max_kl,
+                100.0 * p.same_top1_share
+            );
+        }
+        // Per site (leaf name), worst over layers and steps: engine error vs the floor.
+        let _ = writeln!(o, "\nper site, worst over layers and steps: engine rel-L2 / noise floor (nearest other reference)");
+        let mut header = format!("  {:<10}", "site");
+        for rf in refs {
+            header.push_str(&format!("  {:>21}", rf.name));
+        }
+        let _ = writeln!(o, "{header}");
+        let mut leaves: Vec<String> = vec![];
+        for x in r.steps.first().map(|s| s.references.iter().flat_map(|rs| rs.sites.iter()).collect::<Vec<_>>()).unwrap_or_default() {
+            let leaf = crate::driver::leaf_of(&x.site).to_string();
+            if !leaves.contains(&leaf) {
+                leaves.push(leaf);
+            }
+        }
+        for leaf in leaves {
+            let mut line = format!("  {leaf:<10}");
+            for i in 0..refs.len() {
+                let mut e = None::<f64>;
+                let mut f = None::<f64>;
+                for st in &r.steps {
+                    for x in st.references[i].sites.iter().filter(|x| crate::driver::leaf_of(&x.site) == leaf) {
+                        let v = x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+                        e = Some(e.map_or(v, |a| a.max(v)));
+                        if let Some(fl) = x.floor {
+                            f = Some(f.map_or(fl, |a| a.max(fl)));
+                        }
+                    }
+                }
+                let cell = match (e, f) {
+                    (Some(e), Some(f)) => format!("{e:.1e} / {f:.1e}"),
+                    (Some(e), None) => format!("{e:.1e} / -"),
+                    _ => "not compared".into(),
+                };
+                line.push_str(&format!("  {cell:>21}"));
+            }
+            let _ = writeln!(o, "{line}");
+        }
+    }
+    for orc in &s.oracle {
+        let total = orc.engine_closer + orc.reference_closer + orc.ties;
+        let _ = writeln!(
+            o,
+            "\nwhich is right? distance to the {} oracle (median over layers and steps):",
+            orc.oracle
+        );
+        let _ = writeln!(o, "  {:<10}  {:>10}  {:>12}  closer", "site", "engine", orc.reference);
+        for (leaf, e, rr) in &orc.per_site {
+            let _ = writeln!(
+                o,
+                "  {:<10}  {:>10.1e}  {:>12.1e}  {}",
+                leaf,
+                e,
+                rr,
+                if e < rr {
+                    "engine"
+                } else if e == rr {
+                    "tie"
+                } else {
+                    orc.reference.as_str()
+                }
+            );
+        }
+        let _ = writeln!(
+            o,
+            "  the engine is closer to {} than {} is at {} of {} (step, site) comparisons, {} at {}, {} ties",
+            orc.oracle, orc.reference, orc.engine_closer, total, orc.reference, orc.reference_closer, orc.ties
+        );
+    }
+    let _ = writeln!(o, "\ntime: engine {:.2} s{} (capture and compare included)", s.engine_seconds,
+        s.references.iter().map(|x| format!(", {} {:.2} s", x.reference, x.seconds)).collect::<String>());
     let _ = writeln!(o);
-    let _ = writeln!(o, "engine text ({} tokens):      {:?}", g.engine_tokens.len(), g.engine_text);
-    if g.matches {
-        let _ = writeln!(o, "{} generate (greedy): identical tokens", reference.name);
-    } else {
-        let _ = writeln!(o, "{} generate (greedy): {:?}", reference.name, g.reference_text);
-        let _ = writeln!(o, "  first different token at {} [{}]", g.first_mismatch.unwrap_or(0), g.verdict.as_str());
+    let _ = writeln!(o, "engine text ({} tokens): {:?}", r.engine_tokens.len(), r.engine_text);
+    for g in &r.generate {
+        if g.matches {
+            let _ = writeln!(o, "{} generate (greedy): identical tokens", g.reference);
+        } else {
+            let _ = writeln!(o, "{} generate (greedy): {:?}", g.reference, g.reference_text);
+            let _ = writeln!(o, "  first different token at {} [{}]", g.first_mismatch.unwrap_or(0), g.verdict.as_str());
+        }
     }
     let _ = writeln!(o);
     match &r.first_divergence {
         None => {
-            let drift = r.steps.iter().any(|s| s.verdict == Verdict::Drift) || g.verdict == Verdict::Drift;
+            let drift = r.steps.iter().any(|s| s.verdict == Verdict::Drift) || r.generate.iter().any(|g| g.verdict == Verdict::Drift);
             let _ = writeln!(o, "verdict: PASS{}", if drift { " (with drift)" } else { "" });
         }
         Some(dv) => {
             let _ = writeln!(
                 o,
-                "verdict: DIVERGED at step {}, {}site `{}`: {}",
+                "verdict: DIVERGED at step {}, {}site `{}`{}: {}",
                 dv.step,
                 dv.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
                 dv.site,
+                if multi { format!(" (vs {})", dv.reference) } else { String::new() },
                 dv.detail
             );
             if let Some(c) = &dv.likely_cause {

@@ -132,6 +132,50 @@ pub fn logit_tolerance(_mode: WeightsMode, _precision: Precision) -> LogitTolera
     LOGITS_F32
 }
 
+/// The noise floor: when several references run, how far apart two of them already are
+/// at a site is measured at every step. An engine error that is over the fail bound but
+/// within `FLOOR_MULTIPLE` times that disagreement is `drift`, not `fail`: the engine is
+/// then about as far from the reference as another trusted implementation is.
+///
+/// Why 4: by the triangle inequality an engine that is as good as reference B differs from
+/// reference A by at most d(A,B) + d(engine,B), i.e. up to 2x the floor when it sits as far
+/// from B as A does; doubling that allows for the floor being measured on one pair at one
+/// step. Measured on SmolLM2 (see the closing note of issue 3): the engine's error against
+/// transformers is 0.9x..3x the transformers-vs-MLX disagreement per site kind.
+pub const FLOOR_MULTIPLE: f64 = 4.0;
+
+/// Verdict of one tensor comparison, judged against the noise floor when there is one
+/// (the smallest disagreement between this reference and another, same step and site).
+pub fn tensor_verdict_with_floor(m: &TensorMetrics, tol: &Tolerance, floor: Option<f64>) -> Verdict {
+    let v = tensor_verdict(m, tol);
+    match floor {
+        Some(f) if v == Verdict::Fail
+            && !(m.nonfinite_engine || m.nonfinite_reference)
+            && m.rel_l2 <= FLOOR_MULTIPLE * f =>
+        {
+            Verdict::Drift
+        }
+        _ => v,
+    }
+}
+
+/// Verdict of the next-token distribution against the floor: the KL between this reference
+/// and its nearest other reference, and whether the references themselves pick different
+/// top-1 tokens at this step.
+pub fn logit_verdict_with_floor(m: &LogitMetrics, tol: &LogitTolerance, kl_floor: Option<f64>, refs_flip: bool) -> Verdict {
+    let v = logit_verdict(m, tol);
+    if v != Verdict::Fail || m.kl.is_nan() {
+        return v;
+    }
+    let kl_ok = m.kl <= tol.fail_kl || kl_floor.is_some_and(|f| m.kl <= FLOOR_MULTIPLE * f);
+    let flip_ok = m.top1_agree || m.engine_margin.min(m.reference_margin) < tol.flip_margin || refs_flip;
+    if kl_ok && flip_ok {
+        Verdict::Drift
+    } else {
+        Verdict::Fail
+    }
+}
+
 /// Verdict of one tensor comparison.
 pub fn tensor_verdict(m: &TensorMetrics, tol: &Tolerance) -> Verdict {
     if m.nonfinite_engine || m.nonfinite_reference || m.rel_l2.is_nan() {
@@ -182,6 +226,20 @@ mod tests {
         let mut nan = b.clone();
         nan[3] = f32::NAN;
         assert_eq!(tensor_verdict(&tensor_metrics(&nan, &b), &tol), Verdict::Fail);
+    }
+
+    #[test]
+    fn a_failure_within_the_noise_floor_is_drift() {
+        let tol = tolerance(WeightsMode::SameWeights, Precision::F32, SiteKind::Activation);
+        let b = vec![1.0f32; 100];
+        let engine: Vec<f32> = b.iter().map(|x| x * 1.03).collect(); // rel-L2 0.03 > fail 1e-2
+        let m = tensor_metrics(&engine, &b);
+        assert_eq!(tensor_verdict(&m, &tol), Verdict::Fail);
+        // Two references disagree by 0.02 here: 0.03 is within 4x of that.
+        assert_eq!(tensor_verdict_with_floor(&m, &tol, Some(0.02)), Verdict::Drift);
+        // A floor of 1e-3 does not excuse 0.03.
+        assert_eq!(tensor_verdict_with_floor(&m, &tol, Some(1e-3)), Verdict::Fail);
+        assert_eq!(tensor_verdict_with_floor(&m, &tol, None), Verdict::Fail);
     }
 
     #[test]

@@ -61,9 +61,10 @@ fn run_json(model: &str, prompt_flag: &str, prompt: &str, steps: usize, extra_en
     (code, out, err, report)
 }
 
-/// Everything a passing run must show: every site of every layer, both caches and the
-/// logits compared on every step, with pass/drift verdicts, and reference generate equal.
-fn assert_full_pass(report: &Value, num_layers: usize, out: &str) {
+/// Everything a passing run must show, for every reference in `full` (which provide all
+/// sites): every site of every layer, both caches and the logits compared on every step,
+/// with pass/drift verdicts, and each reference's own generate equal to the engine's tokens.
+fn assert_full_pass(report: &Value, num_layers: usize, out: &str, full: &[&str]) {
     assert_eq!(report["verdict"], "pass", "{out}");
     assert!(report["first_divergence"].is_null());
     let steps = report["steps"].as_array().unwrap();
@@ -74,31 +75,42 @@ fn assert_full_pass(report: &Value, num_layers: usize, out: &str) {
         if n > 0 {
             assert_eq!(fed, 1, "step {n} must feed exactly one token");
         }
-        let sites: Vec<&str> = st["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
-        assert_eq!(sites.len(), 1 + 16 * num_layers + 2, "step {n}: {} sites", sites.len());
-        for l in 0..num_layers {
-            for leaf in ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out",
-                         "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"] {
-                let name = format!("layers.{l}.{leaf}");
-                assert!(sites.contains(&name.as_str()), "step {n}: {name} not compared");
-            }
-        }
-        for s in st["sites"].as_array().unwrap() {
-            let v = s["verdict"].as_str().unwrap();
-            assert!(v == "pass" || v == "drift", "step {n} {}: {v}", s["site"]);
-            assert!(s["metrics"]["rel_l2"].as_f64().unwrap() < 1e-2);
-        }
-        // The cache holds everything fed so far.
-        let cache = st["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.0.cache_k").unwrap();
         let fed_so_far: usize = steps[..=n].iter().map(|s| s["fed"].as_array().unwrap().len()).sum();
-        assert_eq!(cache["engine_shape"][1], fed_so_far);
-        assert_eq!(cache["reference_shape"][1], fed_so_far);
-        assert!(st["logits"]["top1_agree"].as_bool().unwrap());
+        for rs in st["references"].as_array().unwrap() {
+            let name = rs["reference"].as_str().unwrap();
+            for s in rs["sites"].as_array().unwrap() {
+                let v = s["verdict"].as_str().unwrap();
+                assert!(v == "pass" || v == "drift", "step {n} {name} {}: {v}", s["site"]);
+            }
+            assert!(rs["logits_verdict"] != "fail", "step {n} {name}: logits fail");
+            if !full.contains(&name) {
+                continue;
+            }
+            let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+            assert_eq!(sites.len(), 1 + 16 * num_layers + 2, "step {n} {name}: {} sites", sites.len());
+            for l in 0..num_layers {
+                for leaf in ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out",
+                             "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"] {
+                    let site = format!("layers.{l}.{leaf}");
+                    assert!(sites.contains(&site.as_str()), "step {n} {name}: {site} not compared");
+                }
+            }
+            for s in rs["sites"].as_array().unwrap() {
+                assert!(s["metrics"]["rel_l2"].as_f64().unwrap() < 1e-2, "step {n} {name} {}", s["site"]);
+            }
+            // The cache holds everything fed so far, on both sides.
+            let cache = rs["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.0.cache_k").unwrap();
+            assert_eq!(cache["engine_shape"][1], fed_so_far);
+            assert_eq!(cache["reference_shape"][1], fed_so_far);
+            assert!(rs["logits"]["top1_agree"].as_bool().unwrap(), "step {n} {name}: top-1 differs");
+        }
     }
-    assert_eq!(report["generate"]["matches"], true, "engine tokens != transformers generate:\n{out}");
+    for g in report["generate"].as_array().unwrap() {
+        if full.contains(&g["reference"].as_str().unwrap()) {
+            assert_eq!(g["matches"], true, "engine tokens != {} generate:\n{out}", g["reference"]);
+        }
+    }
     assert_eq!(report["tokens"]["prompt"]["ids_match"], true);
-    assert_eq!(report["reference"]["name"], "transformers");
-    assert_eq!(report["reference"]["version"], "5.23.0");
     assert_eq!(report["model"]["sha256"].as_str().unwrap().len(), 64);
     assert!(out.contains("verdict: PASS"), "{out}");
 }
@@ -107,7 +119,9 @@ fn assert_full_pass(report: &Value, num_layers: usize, out: &str) {
 fn tiny_hf_dir_runs_in_lockstep_and_passes() {
     let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 12, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 3, &out);
+    assert_full_pass(&report, 3, &out, &["transformers"]);
+    assert_eq!(report["reference"]["name"], "transformers");
+    assert_eq!(report["reference"]["version"], "5.23.0");
     assert_eq!(report["engine"]["weights"], "hf-safetensors");
     assert_eq!(report["engine"]["transforms"].as_array().unwrap().len(), 0);
     assert_eq!(report["steps"].as_array().unwrap().len(), 12);
@@ -117,10 +131,10 @@ fn tiny_hf_dir_runs_in_lockstep_and_passes() {
 fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
     let (code, out, err, report) = run_json("tiny-gguf", "--chat", "What is the capital of France?", 12, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 3, &out);
+    assert_full_pass(&report, 3, &out, &["transformers"]);
     assert_eq!(report["engine"]["weights"], "gguf");
     assert_eq!(report["engine"]["transforms"][0], "gguf-qk-deinterleave");
-    let q = &report["steps"][0]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.q_rope").unwrap();
+    let q = &report["steps"][0]["references"][0]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.q_rope").unwrap();
     assert_eq!(q["transform"], "gguf-qk-deinterleave");
     assert!(out.contains("compared through gguf-qk-deinterleave"));
 }
@@ -129,8 +143,8 @@ fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
 fn smollm2_demo_passes_on_all_30_layers_and_matches_generate() {
     let (code, out, err, report) = run_json("smollm2", "--chat", "What is the capital of France?", 32, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 30, &out);
-    let text = report["generate"]["engine_text"].as_str().unwrap();
+    assert_full_pass(&report, 30, &out, &["transformers"]);
+    let text = report["tokens"]["generated_text"].as_str().unwrap();
     assert!(text.contains("Paris"), "SmolLM2 should answer Paris: {text:?}");
     assert!(out.contains("transformers generate (greedy): identical tokens"));
 }
@@ -142,7 +156,7 @@ fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
     assert_eq!(report["tokens"]["prompt"]["mode"], "prompt");
     let (code, gen, err) = run(lockstep().args(["generate", "--model", "tiny", "--prompt", "def add(a, b):", "-n", "6"]));
     assert_eq!(code, 0, "{err}");
-    assert_eq!(gen.strip_suffix('\n').unwrap(), report["generate"]["engine_text"].as_str().unwrap());
+    assert_eq!(gen.strip_suffix('\n').unwrap(), report["tokens"]["generated_text"].as_str().unwrap());
 }
 
 // --- the harness catches what a reference (or engine) gets wrong --------------------------
@@ -168,6 +182,8 @@ class Sabotaged(_real.TransformersReference):
         n, self.n = self.n, self.n + 1
         if MODE == "perturb" and n == 2:
             out["layers.1.mlp_up"] = (out["layers.1.mlp_up"] * 1.5).copy()
+        if MODE == "perturb-f32" and n == 2 and self.dtype_name == "float32":
+            out["layers.1.mlp_up"] = (out["layers.1.mlp_up"] * 1.03).copy()
         if MODE == "raise" and n == 1:
             raise RuntimeError("sabotage: the reference failed at step 1")
         return out
@@ -200,6 +216,47 @@ fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
     // Steps 0 and 1 pass; the failure is reported where it is, not before.
     assert_eq!(report["steps"][1]["verdict"], "pass");
     assert_eq!(report["steps"][2]["verdict"], "fail");
+    assert_eq!(fd["reference"], "transformers");
+}
+
+#[test]
+fn the_noise_floor_turns_a_failure_within_reference_disagreement_into_drift() {
+    let refs = sabotaged_references();
+    let refs = refs.to_str().unwrap();
+    let env = [("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb-f32")];
+    // Against the (perturbed, 3%) f32 reference alone: over the fail bound.
+    let (code, out, _, report) = run_json("tiny", "--chat", "hello", 4, &env);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(report["first_divergence"]["site"], "layers.1.mlp_up");
+    // With an f64 reference in the run, the two references disagree by the same 3% at that
+    // site: the engine's error is within the measured floor, so it is drift, not failure.
+    let dir = tmp("floor");
+    let json = dir.join("r.json");
+    let (code, out, err) = run(
+        lockstep()
+            .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hello", "--steps", "4", "--json"])
+            .arg(&json)
+            .envs(env),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let site = report["steps"][2]["references"][0]["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site"] == "layers.1.mlp_up")
+        .unwrap()
+        .clone();
+    assert_eq!(site["verdict"], "drift", "{site}");
+    let rel = site["metrics"]["rel_l2"].as_f64().unwrap();
+    let floor = site["floor"].as_f64().unwrap();
+    assert!(rel > 1e-2 && (rel - 0.03).abs() < 1e-3 && (floor - 0.03).abs() < 1e-3, "rel {rel} floor {floor}");
+    // Against the f64 reference the same site passes, and the engine is the closer one.
+    let f64site = report["steps"][2]["references"][1]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.mlp_up").unwrap().clone();
+    assert_eq!(f64site["verdict"], "pass");
+    assert!(out.contains("verdict: PASS (with drift)"), "{out}");
+    assert!(out.contains("reference vs reference (the measured noise floor)"), "{out}");
+    assert!(out.contains("which is right?"), "{out}");
 }
 
 #[test]

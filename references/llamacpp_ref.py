@@ -1,0 +1,506 @@
+"""llama.cpp (through llama-cpp-python) as a lockstep reference.
+
+Loads a GGUF file and computes with llama.cpp's own CPU kernels on the GGUF's own weight
+types (quantized matmuls included: llama.cpp quantizes the activations to Q8 for those).
+
+Two llama.cpp contexts share one loaded model:
+
+* the lockstep context, created with the low-level API so that ``cb_eval`` (the graph
+  evaluation callback that ``llama-eval-callback`` uses) is set. ``step()`` feeds tokens
+  with ``llama_decode`` (all positions as outputs) after everything fed since ``reset()``;
+  llama.cpp keeps its KV cache. The callback asks the scheduler for the named graph
+  tensors of DESIGN.md's sites and copies them out while they are alive (the graph
+  allocator reuses their memory later in the same evaluation);
+* the context of a high-level ``llama_cpp.Llama``, used only by ``generate_greedy`` (its
+  own ``Llama.generate`` loop), so that generating never touches the lockstep cache.
+
+Layouts. ggml lists dimensions innermost first (``ne = [head_dim, heads, seq]`` is numpy
+``(seq, heads, head_dim)``). For rope type NORM (the ``llama`` architecture) the GGUF
+converter permuted the rows of Q and K inside each head so that llama.cpp's interleaved
+RoPE equals Hugging Face's rotate-half RoPE; q, k, q_rope, k_rope and cache_k are in that
+GGUF order and are mapped back with the transform ``gguf-qk-deinterleave``: per head,
+GGUF index ``2*i + j`` is HF index ``j*head_dim/2 + i`` (``(hd/2, 2) -> (2, hd/2)``).
+V, the attention output and everything else are unaffected by the permutation.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata as md
+import re
+import weakref
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp import llama_cpp as C
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from protocol import contiguous_f32
+
+LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
+               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
+
+TRANSFORM_QK = "gguf-qk-deinterleave"
+
+# llama.cpp logs through one process-wide callback. Keep it quiet, but remember the last
+# messages so that a load failure can say what llama.cpp said. The ctypes callback object
+# must stay referenced as long as llama.cpp may call it: module lifetime.
+_LOG_TAIL: deque[str] = deque(maxlen=40)
+
+
+@C.llama_log_callback
+def _quiet_log(level, text, user_data):
+    try:
+        if level == 4 and text:  # GGML_LOG_LEVEL_ERROR (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3)
+            _LOG_TAIL.append(text.decode("utf-8", "replace").rstrip())
+    except Exception:
+        pass
+
+
+C.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+
+
+# -- struct ggml_tensor (ggml.h of the llama.cpp vendored by llama-cpp-python 0.3.x) ---------
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
+class _GgmlTensor(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def _load_ggml():
+    """libggml-base (where ggml_get_name & co. live), for op names and a layout check."""
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ["libggml-base.so", "libggml.so", "libggml-base.dylib", "libggml.dylib"]:
+        p = lib_dir / name
+        if p.exists():
+            lib = ctypes.CDLL(str(p))
+            try:
+                lib.ggml_op_desc.argtypes = [ctypes.c_void_p]
+                lib.ggml_op_desc.restype = ctypes.c_char_p
+                lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+                lib.ggml_get_name.restype = ctypes.c_void_p
+                lib.ggml_get_data.argtypes = [ctypes.c_void_p]
+                lib.ggml_get_data.restype = ctypes.c_void_p
+                lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+                lib.ggml_nelements.restype = ctypes.c_int64
+                lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+                lib.ggml_nbytes.restype = ctypes.c_size_t
+                return lib
+            except AttributeError:
+                continue
+    raise ImportError(f"llamacpp_ref: no libggml with ggml_op_desc under {lib_dir}")
+
+
+_GGML = _load_ggml()
+
+# Which graph tensors are which site. Names are set by llama.cpp's graph builder
+# (``cb(cur, name, il)`` -> "name-il"); several nodes can carry one name (Qcur-N is the
+# projection, its reshape and the RoPE output): the site is chosen by name and op, and for
+# a site met several times the last node wins (a reshape view holds the same data as the
+# matmul it views; a bias add comes after the matmul).
+_LAYER_NAME = re.compile(r"^(?P<base>[A-Za-z_]+)-(?P<il>\d+)$")
+_CACHE_NAME = re.compile(r"^cache_(?P<kv>[kv])_l(?P<il>\d+) \(view\)$")
+_BY_NAME = {
+    "attn_norm": "attn_norm",
+    "Vcur": "v",
+    "kqv_out": "attn",
+    "attn_out": "attn_out",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "mlp_gate",
+    "ffn_up": "mlp_up",
+    "ffn_swiglu": "mlp_act",
+    "ffn_gate_par": "mlp_act",
+    "ffn_out": "mlp_out",
+    "l_out": "out",
+}
+_GLOBAL = {"embd": "embed", "result_norm": "final_norm"}
+
+
+def _site_of(name: str, op: str) -> str | None:
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = _LAYER_NAME.match(name)
+    if m:
+        base, il = m["base"], m["il"]
+        if base in ("Qcur", "Kcur"):
+            s = base[0].lower()
+            return f"layers.{il}.{s}_rope" if op == "ROPE" else f"layers.{il}.{s}"
+        site = _BY_NAME.get(base)
+        return f"layers.{il}.{site}" if site else None
+    m = _CACHE_NAME.match(name)
+    if m and op == "VIEW":  # the SET_ROWS writing the cache carries the same name
+        return f"layers.{m['il']}.cache_{m['kv']}"
+    return None
+
+
+def _read_tensor(t: _GgmlTensor) -> np.ndarray:
+    """A float32 copy of a host tensor, numpy order (ne reversed), strides honoured."""
+    if t.type == GGML_TYPE_F32:
+        dt = np.dtype(np.float32)
+    elif t.type == GGML_TYPE_F16:
+        dt = np.dtype(np.float16)
+    else:
+        raise RuntimeError(f"tensor {t.name!r}: ggml type {t.type} is not F32/F16")
+    if not t.data:
+        raise RuntimeError(f"tensor {t.name!r} has no host data")
+    ne = [int(t.ne[i]) for i in range(GGML_MAX_DIMS)]
+    nb = [int(t.nb[i]) for i in range(GGML_MAX_DIMS)]
+    extent = sum((n - 1) * s for n, s in zip(ne, nb)) + dt.itemsize
+    buf = (ctypes.c_char * extent).from_address(t.data)
+    a = np.ndarray(shape=tuple(reversed(ne)), dtype=dt, buffer=buf, strides=tuple(reversed(nb)))
+    return np.array(a, dtype=np.float32, copy=True)
+
+
+def _deinterleave(a: np.ndarray, head_dim: int) -> np.ndarray:
+    """gguf-qk-deinterleave on the last axis, which holds whole heads of ``head_dim``."""
+    shp = a.shape
+    x = a.reshape(shp[:-1] + (shp[-1] // head_dim, head_dim // 2, 2))
+    return np.ascontiguousarray(np.swapaxes(x, -1, -2)).reshape(shp)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+class LlamaCppReference:
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
+                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f32"):
+        p = Path(model)
+        if p.is_dir():
+            raise ValueError(f"llama.cpp needs a .gguf file, got a directory: {model}")
+        if not p.is_file():
+            raise ValueError(f"llama.cpp: model file not found: {model}")
+        if dtype != "float32":
+            raise ValueError(f"llama.cpp reference: dtype {dtype!r} is not supported (only "
+                             "'float32': llama.cpp computes with the GGUF's own weight types)")
+        kv_types = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
+        if kv_type not in kv_types:
+            raise ValueError(f"llama.cpp reference: kv_type must be one of {sorted(kv_types)}")
+        self.model_path = str(model)
+        self.dtype_name = dtype
+        self.threads = int(threads or 2)
+        self.n_ctx = int(n_ctx)
+        self.n_batch = int(min(n_batch, self.n_ctx))
+        self.kv_type = kv_type
+
+        _LOG_TAIL.clear()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=self.model_path, n_gpu_layers=0, n_ctx=self.n_ctx,
+                n_batch=self.n_batch, n_ubatch=self.n_batch,
+                n_threads=self.threads, n_threads_batch=self.threads,
+                flash_attn=False, logits_all=False,
+                type_k=kv_types[kv_type], type_v=kv_types[kv_type], verbose=False)
+        except Exception as e:
+            said = "; ".join(m for m in _LOG_TAIL if m)
+            raise ValueError(f"llama.cpp could not load {self.model_path}: {e}"
+                             + (f" (llama.cpp: {said})" if said else "")) from e
+
+        self._model = self.llm._model.model
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self.num_layers = int(C.llama_model_n_layer(self._model))
+        self.n_vocab = int(C.llama_vocab_n_tokens(self._vocab))
+        self.rope_type = int(C.llama_model_rope_type(self._model))
+        # NORM (interleaved) RoPE: the converter permuted Q/K rows; NEOX: HF layout already.
+        self.qk_permuted = self.rope_type == C.LLAMA_ROPE_TYPE_NORM
+        buf = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self._model, buf, 256)
+        self.model_desc = buf.value.decode("utf-8", "replace")
+        self.metadata = dict(self.llm.metadata)
+
+        # The lockstep context: same model, the eval callback set, flash attention off (its
+        # fused kernel never materializes the merged-head attention), no other user.
+        params = C.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = 1
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.type_k = kv_types[kv_type]
+        params.type_v = kv_types[kv_type]
+        params.embeddings = False
+        params.no_perf = True
+        # The ctypes callback must stay referenced while the context lives; it reaches this
+        # object through a weak reference so that no cycle delays close() (the contexts must
+        # be freed before the model they share).
+        me = weakref.ref(self)
+
+        def _callback(ptr, ask, user_data):
+            obj = me()
+            return obj._eval_callback(ptr, ask, user_data) if obj is not None else not ask
+
+        self._cb = C.ggml_backend_sched_eval_callback(_callback)
+        params.cb_eval = self._cb
+        params.cb_eval_user_data = None
+        self._ctx_params = params
+        try:
+            self._lctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        except Exception as e:
+            said = "; ".join(m for m in _LOG_TAIL if m)
+            raise ValueError(f"llama.cpp could not create a context for {self.model_path}: {e}"
+                             + (f" (llama.cpp: {said})" if said else "")) from e
+        self._ctx = self._lctx.ctx
+        self.n_ctx = int(C.llama_n_ctx(self._ctx))
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+        self._capturing = False
+        self._cap: dict[str, np.ndarray] = {}
+        self._cap_meta: dict[str, tuple[str, str, bool]] = {}
+        self._cb_error: BaseException | None = None
+        self._layout_checked = False
+        self.reset()
+
+    # -- capture ---------------------------------------------------------------------------
+    def _check_layout(self, ptr: int, t: _GgmlTensor) -> None:
+        # The struct above must match the built ggml: compare with ggml's own accessors.
+        name_ok = _GGML.ggml_get_name(ptr) == ptr + _GgmlTensor.name.offset
+        data_ok = (_GGML.ggml_get_data(ptr) or 0) == (t.data or 0)
+        n = 1
+        for i in range(GGML_MAX_DIMS):
+            n *= int(t.ne[i])
+        if not (name_ok and data_ok and n == _GGML.ggml_nelements(ptr)):
+            raise RuntimeError("llamacpp_ref: struct ggml_tensor layout does not match this "
+                               f"llama-cpp-python build ({_version('llama_cpp_python')})")
+        self._layout_checked = True
+
+    def _eval_callback(self, ptr, ask, user_data):
+        # Called by ggml's scheduler for every graph node: ask=True "do you want it?",
+        # ask=False "here it is, computed" (returning False there aborts the computation).
+        try:
+            if not self._capturing or self._cb_error is not None:
+                return False if ask else True
+            t = _GgmlTensor.from_address(ptr)
+            if not self._layout_checked:
+                self._check_layout(ptr, t)
+            name = t.name.decode("utf-8", "replace")
+            op = (_GGML.ggml_op_desc(ptr) or b"").decode()
+            site = _site_of(name, op)
+            if ask:
+                return site is not None
+            if site is not None:
+                self._cap[site] = _read_tensor(t)
+                # a V cache view is transposed (cells innermost) when nb[1] > nb[2]
+                self._cap_meta[site] = (name, op, int(t.nb[1]) > int(t.nb[2]))
+            return True
+        except BaseException as e:  # noqa: BLE001 - cannot raise through C
+            self._cb_error = e
+            return False if ask else True
+
+    # -- protocol --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        versions = {k: v for k, v in (("llama_cpp_python", _version("llama_cpp_python")),
+                                      ("numpy", _version("numpy")),
+                                      ("gguf", _version("gguf"))) if v}
+        notes = [
+            "llama.cpp computes with the GGUF's own weight types (quantized matmuls quantize "
+            "the activations to Q8 first); dtype 'float32' means float32 activations",
+            f"KV cache type {self.kv_type}; flash attention off; n_ctx {self.n_ctx}, "
+            f"n_batch/n_ubatch {self.n_batch}",
+            "sites are read with llama.cpp's graph evaluation callback (cb_eval); "
+            "cache_k/cache_v are read from the cache views the attention reads, cells "
+            "0..cached_len-1 (one sequence, cell = position; checked each step against "
+            "this step's k_rope and v)",
+            "logits from llama_get_logits with every fed position marked as output",
+            "generate_greedy runs Llama.generate (temp 0 = greedy sampler, repeat_penalty 1) "
+            "on a second context of the same model; the lockstep cache is not touched",
+        ]
+        if self.qk_permuted:
+            notes.append(f"q, k, q_rope, k_rope, cache_k mapped from GGUF order with "
+                         f"{TRANSFORM_QK}")
+        return {
+            "name": "llamacpp",
+            "versions": versions,
+            "model": self.model_path,
+            "model_desc": self.model_desc,
+            "dtype": self.dtype_name,
+            "num_layers": self.num_layers,
+            "layer_sites": LAYER_SITES,
+            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
+                     + ["final_norm", "logits"],
+            "transforms": [TRANSFORM_QK] if self.qk_permuted else [],
+            "threads": self.threads,
+            "kv_type": self.kv_type,
+            "n_ctx": self.n_ctx,
+            "notes": notes,
+        }
+
+    def reset(self) -> None:
+        mem = C.llama_get_memory(self._ctx)
+        if mem is not None:
+            C.llama_memory_clear(mem, True)
+        self.pos = 0
+
+    def _decode_chunk(self, ids: list[int]) -> dict[str, np.ndarray]:
+        n = len(ids)
+        self._cap, self._cap_meta, self._cb_error = {}, {}, None
+        self._batch.set_batch(batch=ids, n_past=self.pos, logits_all=True)
+        self._capturing = True
+        try:
+            rc = C.llama_decode(self._ctx, self._batch.batch)
+        finally:
+            self._capturing = False
+        if self._cb_error is not None:
+            raise RuntimeError(f"llamacpp_ref: eval callback failed: {self._cb_error!r}") from self._cb_error
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} (pos {self.pos}, {n} tokens, n_ctx {self.n_ctx})")
+        self.pos += n
+        cap = self._cap
+        missing = [s for s in self._expected_sites() if s not in cap]
+        if missing:
+            raise RuntimeError(f"llamacpp_ref: llama.cpp's graph did not give {len(missing)} declared "
+                               f"site(s) at pos {self.pos - n}: {missing[:8]}"
+                               f"{' ...' if len(missing) > 8 else ''}")
+        logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(n * self.n_vocab,))
+        out = {"logits": logits.reshape(n, self.n_vocab).copy()}
+
+        hd = int(cap["layers.0.q_rope"].shape[-1])
+        for site, a in cap.items():
+            kind = site.rsplit(".", 1)[-1]
+            if kind in ("q_rope", "k_rope"):
+                # ne [hd, heads, seq] -> (seq, heads, hd) -> (heads, seq, hd)
+                a = a.reshape(n, -1, hd).transpose(1, 0, 2)
+                if self.qk_permuted:
+                    a = _deinterleave(a, hd)
+            elif kind == "cache_k":
+                # ne [hd, kv_heads, n_kv, 1] -> (n_kv, kv_heads, hd) -> (kv_heads, cached, hd)
+                a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1])[: self.pos].transpose(1, 0, 2)
+                if self.qk_permuted:
+                    a = _deinterleave(a, hd)
+            elif kind == "cache_v":
+                if not self._cap_meta[site][2]:  # ne [hd, kv_heads, n_kv, 1]
+                    a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1])[: self.pos].transpose(1, 0, 2)
+                else:  # transposed (the layout without flash attention): ne [n_kv, kv_heads, hd, 1]
+                    a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1]).transpose(1, 2, 0)[:, : self.pos]
+            else:
+                a = a.reshape(n, -1)
+                if kind in ("q", "k") and self.qk_permuted:
+                    a = _deinterleave(a, hd)
+            out[site] = a
+        self._check_cache(out, n)
+        return out
+
+    def _expected_sites(self) -> list[str]:
+        return ["embed", "final_norm"] + [f"layers.{i}.{s}" for i in range(self.num_layers)
+                                          for s in LAYER_SITES]
+
+    def _check_cache(self, out: dict, n: int) -> None:
+        # The cache views are read as cells 0..pos-1 = positions 0..pos-1: the newest cells
+        # must hold exactly what this step computed (up to the cache type's rounding).
+        for i in range(self.num_layers):
+            for c, src in (("cache_k", "k_rope"), ("cache_v", "v")):
+                got = out[f"layers.{i}.{c}"][:, -n:]
+                want = out[f"layers.{i}.{src}"]
+                if src == "v":
+                    want = want.reshape(n, got.shape[0], got.shape[2]).transpose(1, 0, 2)
+                if self.kv_type == "f16":
+                    want = want.astype(np.float16).astype(np.float32)
+                if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-6):
+                    raise RuntimeError(f"llamacpp_ref: layers.{i}.{c}: the cache cells read do not "
+                                       f"hold this step's {src} (cell != position?)")
+
+    def step(self, token_ids: list[int]) -> dict[str, np.ndarray]:
+        ids = [int(x) for x in token_ids]
+        if not ids:
+            raise ValueError("step: no tokens")
+        if self.pos + len(ids) > self.n_ctx:
+            raise ValueError(f"step: {self.pos} + {len(ids)} tokens exceed llama.cpp's n_ctx "
+                             f"{self.n_ctx} (load with a larger n_ctx)")
+        parts = []
+        for s in range(0, len(ids), self.n_batch):
+            parts.append(self._decode_chunk(ids[s: s + self.n_batch]))
+        if len(parts) == 1:
+            out = parts[0]
+        else:
+            out = {}
+            for site in parts[0]:
+                kind = site.rsplit(".", 1)[-1]
+                if kind in ("cache_k", "cache_v"):
+                    out[site] = parts[-1][site]
+                elif kind in ("q_rope", "k_rope"):
+                    out[site] = np.concatenate([p[site] for p in parts], axis=1)
+                else:
+                    out[site] = np.concatenate([p[site] for p in parts], axis=0)
+        return {k: contiguous_f32(v) for k, v in out.items()}
+
+    def encode_prompt(self, text: str) -> list[int]:
+        # add_special: BOS/EOS as the GGUF says (tokenizer.ggml.add_bos_token / add_eos_token)
+        return [int(x) for x in self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.model_path}: the GGUF has no tokenizer.chat_template")
+        bos, eos = C.llama_vocab_bos(self._vocab), C.llama_vocab_eos(self._vocab)
+        fmt = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
+            add_generation_prompt=True)
+        prompt = fmt(messages=messages).prompt
+        # As transformers' apply_chat_template: the template writes any BOS itself.
+        return [int(x) for x in self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)]
+
+    def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        ids = [int(x) for x in token_ids]
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"generate_greedy: {len(ids)} + {max_new_tokens} tokens exceed "
+                             f"llama.cpp's n_ctx {self.n_ctx}")
+        stops = {int(s) for s in stop_ids}
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        self.llm.reset()  # no prefix reuse from an earlier call: every call from scratch
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0,
+                                     repeat_penalty=1.0, frequency_penalty=0.0,
+                                     presence_penalty=0.0, reset=True):
+            out.append(int(tok))
+            if int(tok) in stops or len(out) >= max_new_tokens:
+                break
+        self.llm.reset()
+        return out
+
+    def close(self) -> None:
+        for obj in ("_batch", "_lctx"):
+            o = getattr(self, obj, None)
+            if o is not None:
+                o.close()
+                setattr(self, obj, None)
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def load(model: str, **options) -> LlamaCppReference:
+    return LlamaCppReference(model, **options)

@@ -1,0 +1,514 @@
+"""MLX (mlx + mlx-lm, CPU backend) as a lockstep reference.
+
+Loads a Hugging Face directory through mlx-lm's own loader (``mlx_lm.utils.load_model``),
+or a GGUF file through ``mx.load(path, return_metadata=True)`` mapped onto mlx-lm's Llama
+``Model``: Q4_0/Q4_1/Q8_0 tensors stay quantized as MLX affine 4/8-bit weights with group
+size 32 (``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding``), their scales and biases
+converted to float32 (with MLX's float16 default the dequantized weights are off by up to
+2e-3 from the gguf dequantizer; in float32 they are equal); F32/F16 tensors are used as
+float32.
+
+GGUF stores the Q/K rows permuted for interleaved RoPE; the model keeps that order and
+runs mlx-lm's Llama with ``rope_traditional=True``. The q, k, q_rope, k_rope and cache_k
+sites of such a model are mapped back to the Hugging Face order by the transform
+``gguf-qk-deinterleave`` (see ``_gguf_qk_deinterleave``).
+
+MLX has no hooks: the modules whose inputs/outputs are sites get their class swapped for
+a subclass whose ``__call__`` records them (the parameter tree and every attribute stay
+as they were). The model is called directly, one lockstep step at a time, with its own
+``KVCache`` list (not ``generate_step``, whose chunked prefill changes the numerics);
+cache contents are read from the caches after each step. ``generate_greedy`` is mlx-lm's
+own loop (``generate_step`` with an argmax sampler) on a fresh cache.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import mmap
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF tokenizer loader uses tqdm
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import transformers
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
+from transformers import AutoTokenizer
+
+from protocol import contiguous_f32
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
+               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
+
+GGUF_QK_DEINTERLEAVE = "gguf-qk-deinterleave"
+# Sites whose last dimension holds Q/K head vectors (in GGUF order for a GGUF model).
+_QK_SITES = ("q", "k", "q_rope", "k_rope", "cache_k")
+
+
+def _np(a: mx.array) -> np.ndarray:
+    # np.asarray shares MLX's buffer when the (evaluated) array is row-contiguous float32.
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    return contiguous_f32(np.asarray(a))
+
+
+def _gguf_qk_deinterleave(a: np.ndarray, head_dim: int) -> np.ndarray:
+    """GGUF/interleaved Q/K order -> Hugging Face order, along the last axis.
+
+    The last axis is whole heads of ``head_dim``. GGUF's element ``2i + j`` of a head
+    (i < head_dim/2, j in {0, 1}: the RoPE pair i) is Hugging Face's ``j*head_dim/2 + i``
+    (rotate-half pairs i and i + head_dim/2): split the head into (head_dim/2, 2) and
+    transpose to (2, head_dim/2). A pure permutation, so it is exact.
+    """
+    n = a.shape[-1]
+    b = a.reshape(*a.shape[:-1], n // head_dim, head_dim // 2, 2).swapaxes(-1, -2)
+    return np.ascontiguousarray(b.reshape(a.shape), dtype=np.float32)
+
+
+# -- GGUF ------------------------------------------------------------------------------------
+
+# ggml tensor types this reference loads, and how.
+_F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
+_QUANT_BITS = {_Q4_0: 4, _Q4_1: 4, _Q8_0: 8}
+_PLAIN = {_F32, _F16, _BF16}
+_GGML_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+               9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+               15: "Q8_K", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 30: "BF16"}
+
+
+def _ggml_name(t: int) -> str:
+    if t in _GGML_NAMES:
+        return _GGML_NAMES[t]
+    try:
+        import gguf
+        return gguf.GGMLQuantizationType(t).name
+    except Exception:
+        return f"ggml type {t}"
+
+
+def _gguf_header(path: Path) -> tuple[str | None, dict[str, int]]:
+    """(general.architecture, {tensor name: ggml type}) from a GGUF header, read before
+    mx.load: mx.load does not say which types a file had, dequantizes some types it does
+    not keep quantized to float16 and fails on others with a message naming neither."""
+    # Value sizes of the GGUF metadata types; 8 = string, 9 = array.
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (magic {bytes(m[:4])!r})")
+        version, = struct.unpack_from("<I", m, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
+        pos = 24
+
+        def skip_string(pos):
+            n, = struct.unpack_from("<Q", m, pos)
+            return pos + 8 + n
+
+        def skip_value(pos, vt):
+            if vt in fixed:
+                return pos + fixed[vt]
+            if vt == 8:
+                return skip_string(pos)
+            if vt == 9:
+                et, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if et in fixed:
+                    return pos + fixed[et] * count
+                for _ in range(count):
+                    pos = skip_value(pos, et)
+                return pos
+            raise ValueError(f"{path}: unknown GGUF metadata value type {vt}")
+
+        arch = None
+        for _ in range(n_kv):
+            n, = struct.unpack_from("<Q", m, pos)
+            key = m[pos + 8:pos + 8 + n]
+            pos += 8 + n
+            vt, = struct.unpack_from("<I", m, pos)
+            if key == b"general.architecture" and vt == 8:
+                n, = struct.unpack_from("<Q", m, pos + 4)
+                arch = m[pos + 12:pos + 12 + n].decode("utf-8", "replace")
+            pos = skip_value(pos + 4, vt)
+        types = {}
+        for _ in range(n_tensors):
+            n, = struct.unpack_from("<Q", m, pos)
+            name = m[pos + 8:pos + 8 + n].decode("utf-8")
+            pos += 8 + n
+            nd, = struct.unpack_from("<I", m, pos)
+            pos += 4 + 8 * nd
+            t, = struct.unpack_from("<I", m, pos)
+            pos += 4 + 8  # type, offset
+            types[name] = t
+        return arch, types
+
+
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def _gguf_module(name: str) -> str | None:
+    """GGUF tensor base name (without .weight) -> mlx-lm Llama module path."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}"
+    return None
+
+
+def _meta(meta: dict, key: str, path: Path, default=None, required=True):
+    if key not in meta:
+        if required:
+            raise ValueError(f"{path}: GGUF metadata lacks {key!r}")
+        return default
+    v = meta[key]
+    return v.item() if isinstance(v, mx.array) else v
+
+
+def _load_gguf(path: Path):
+    """(model, notes) for a Llama GGUF file."""
+    try:
+        arch, types = _gguf_header(path)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: could not read its GGUF header: {e}") from e
+    if arch != "llama":
+        what = f"architecture {arch!r}" if arch else "no general.architecture"
+        raise ValueError(f"{path}: GGUF has {what}; the mlx reference supports only 'llama'")
+    bad = sorted({_ggml_name(t) for t in types.values() if t not in _PLAIN and t not in _QUANT_BITS})
+    if bad:
+        which = [n for n, t in types.items() if _ggml_name(t) in bad][:5]
+        raise ValueError(f"{path}: GGUF tensor type(s) {', '.join(bad)} not supported by the "
+                         f"mlx reference (it keeps only Q4_0, Q4_1, Q8_0 quantized and reads "
+                         f"F32/F16/BF16), e.g. {', '.join(which)}")
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:
+        raise ValueError(f"{path}: mx.load could not read it: {e}") from e
+    if "rope_freqs.weight" in types:
+        raise ValueError(f"{path}: GGUF has rope_freqs.weight (Llama 3 RoPE frequency factors), "
+                         "which the mlx reference does not support")
+    scaling = _meta(meta, "llama.rope.scaling.type", path, required=False)
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: GGUF RoPE scaling {scaling!r} is not supported by the mlx reference")
+
+    hidden = int(_meta(meta, "llama.embedding_length", path))
+    heads = int(_meta(meta, "llama.attention.head_count", path))
+    head_dim = int(_meta(meta, "llama.attention.key_length", path, hidden // heads, required=False))
+    rope_dims = int(_meta(meta, "llama.rope.dimension_count", path, head_dim, required=False))
+    if rope_dims != head_dim:
+        raise ValueError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported "
+                         "by the mlx reference")
+    if "token_embd.weight" not in arrays:
+        raise ValueError(f"{path}: GGUF lacks tensor 'token_embd.weight'")
+    weights: dict[str, mx.array] = {}
+    quant: dict[str, int] = {}  # module path -> bits
+    for name, t in types.items():
+        if not name.endswith(".weight"):
+            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a Llama model")
+        base = name[: -len(".weight")]
+        mod = _gguf_module(base)
+        if mod is None:
+            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a Llama model")
+        if t in _QUANT_BITS:
+            w = arrays.get(name)
+            s = arrays.get(f"{base}.scales")
+            b = arrays.get(f"{base}.biases")
+            if w is None or s is None or w.dtype != mx.uint32:
+                raise ValueError(f"{path}: mx.load did not return {_ggml_name(t)} tensor {name!r} "
+                                 "as MLX quantized weight + scales")
+            if b is None:
+                # Q4_0 / Q8_0 are symmetric: x = d * (q - 2^(bits-1)).
+                b = -float(2 ** (_QUANT_BITS[t] - 1)) * s.astype(mx.float32)
+            weights[f"{mod}.weight"] = w
+            weights[f"{mod}.scales"] = s.astype(mx.float32)
+            weights[f"{mod}.biases"] = b.astype(mx.float32)
+            quant[mod] = _QUANT_BITS[t]
+        else:
+            a = arrays.get(name)
+            if a is None:
+                raise ValueError(f"{path}: mx.load did not return tensor {name!r}")
+            if t == _F16 and a.dtype != mx.float16 or t == _BF16 and a.dtype != mx.bfloat16 \
+                    or t == _F32 and a.dtype != mx.float32:
+                raise ValueError(f"{path}: mx.load returned {name!r} ({_ggml_name(t)}) as {a.dtype}")
+            weights[f"{mod}.weight"] = a.astype(mx.float32)
+
+    vocab = int(arrays["token_embd.weight"].shape[0])
+    tie = "output.weight" not in types
+    args = LlamaArgs(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=int(_meta(meta, "llama.block_count", path)),
+        intermediate_size=int(_meta(meta, "llama.feed_forward_length", path)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_meta(meta, "llama.attention.head_count_kv", path, heads, required=False)),
+        head_dim=head_dim,
+        rms_norm_eps=float(_meta(meta, "llama.attention.layer_norm_rms_epsilon", path)),
+        vocab_size=vocab,
+        max_position_embeddings=int(_meta(meta, "llama.context_length", path, 4096, required=False)),
+        rope_theta=float(_meta(meta, "llama.rope.freq_base", path, 10000.0, required=False)),
+        rope_traditional=True,  # GGUF's Q/K rows are permuted for interleaved RoPE
+        tie_word_embeddings=tie,
+    )
+    model = LlamaModel(args)  # random init is lazy: never computed, replaced below
+
+    def predicate(p, m):
+        if p in quant:
+            return {"group_size": 32, "bits": quant[p], "mode": "affine"}
+        return False
+
+    nn.quantize(model, class_predicate=predicate)
+    expected = {k for k, _ in tree_flatten(model.parameters())}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(f"{path}: missing tensor(s) for a Llama model: "
+                         + ", ".join(_to_gguf_name(k) for k in missing[:8])
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: its tensors do not fit mlx-lm's Llama model: {e}") from e
+    model.eval()
+    mx.eval(model.parameters())
+
+    counts = Counter(_ggml_name(t) for t in types.values())
+    notes = []
+    for t in sorted({t for t in types.values()}):
+        n = _ggml_name(t)
+        if t in _QUANT_BITS:
+            notes.append(f"GGUF {n} weights kept quantized ({counts[n]} tensors: MLX affine "
+                         f"{_QUANT_BITS[t]}-bit, group 32, float32 scales and biases)")
+        else:
+            notes.append(f"GGUF {n} tensors used as float32 ({counts[n]} tensors)")
+    notes.append("Q/K kept in GGUF order with traditional (interleaved) RoPE; q, k, q_rope, "
+                 f"k_rope, cache_k mapped back to the Hugging Face order ({GGUF_QK_DEINTERLEAVE})")
+    return model, notes
+
+
+def _to_gguf_name(param: str) -> str:
+    """mlx-lm parameter path -> the GGUF tensor name it comes from (for error messages)."""
+    mod, _, leaf = param.rpartition(".")
+    for g, m in _GGUF_GLOBAL.items():
+        if mod == m:
+            return f"{g}.{leaf}"
+    parts = mod.split(".")
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
+        rest = ".".join(parts[3:])
+        for g, m in _GGUF_LAYER.items():
+            if rest == m:
+                return f"blk.{parts[2]}.{g}.{leaf}"
+    return param
+
+
+def _load_hf(path: Path):
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+    cfg = json.loads(cfg_path.read_text())
+    mt = cfg.get("model_type")
+    if mt != "llama":
+        raise ValueError(f"{path}: model_type {mt!r} is not supported by the mlx reference "
+                         "(only 'llama')")
+    from mlx_lm.utils import load_model
+    try:
+        model, _ = load_model(path, lazy=True)
+    except Exception as e:
+        raise ValueError(f"{path}: mlx-lm could not load it: {e}") from e
+    model.set_dtype(mx.float32)  # float weights (and any quantization scales) in float32
+    model.eval()
+    mx.eval(model.parameters())
+    return model, ["loaded with mlx_lm.utils.load_model; float parameters cast to float32"]
+
+
+# -- capture -----------------------------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.on = False
+        self.out: dict[str, mx.array] = {}
+
+    def put(self, name, a):
+        self.out[name] = a[0]  # batch of one
+
+
+_CAPTURE_CLASSES: dict[type, type] = {}
+
+
+def _capture_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` records its first input and/or output."""
+    sub = _CAPTURE_CLASSES.get(cls)
+    if sub is None:
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            rec = self._ls_rec
+            if rec.on:
+                if self._ls_in is not None:
+                    rec.put(self._ls_in, args[0])
+                if self._ls_out is not None:
+                    rec.put(self._ls_out, out)
+                if self._ls_alt is not None:  # RoPE: called on the queries, then the keys
+                    rec.put(self._ls_alt[self._ls_n % 2], out)
+                    object.__setattr__(self, "_ls_n", self._ls_n + 1)
+            return out
+
+        sub = type(f"Captured{cls.__name__}", (cls,), {"__call__": __call__})
+        _CAPTURE_CLASSES[cls] = sub
+    return sub
+
+
+def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
+    m.__class__ = _capture_class(type(m))
+    # object.__setattr__: plain attributes, never part of the module's parameter tree.
+    object.__setattr__(m, "_ls_rec", rec)
+    object.__setattr__(m, "_ls_out", out)
+    object.__setattr__(m, "_ls_in", inp)
+    object.__setattr__(m, "_ls_alt", alt)
+    object.__setattr__(m, "_ls_n", 0)
+
+
+# -- the reference -----------------------------------------------------------------------------
+
+class MlxReference:
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None):
+        if dtype != "float32":
+            raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
+                             f"not {dtype!r}")
+        self.model_path = model
+        self.dtype_name = dtype
+        p = Path(model)
+        if p.is_file():
+            self.model, notes = _load_gguf(p)
+            self.gguf = True
+            self.tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            notes.append("tokenizer: transformers AutoTokenizer built from the GGUF (gguf_file=)")
+        elif p.is_dir():
+            self.model, notes = _load_hf(p)
+            self.gguf = False
+            self.tok = AutoTokenizer.from_pretrained(str(p))
+            notes.append("tokenizer: transformers AutoTokenizer from the model directory")
+        else:
+            raise FileNotFoundError(f"{model}: no such model file or directory")
+        if threads:
+            notes.append(f"threads={threads} ignored: MLX's CPU backend chooses its own threading")
+        notes.append(f"device: {mx.default_device()}")
+        self.notes = notes
+        args = self.model.args
+        self.num_layers = args.num_hidden_layers
+        self.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        self.transforms = [GGUF_QK_DEINTERLEAVE] if self.gguf else []
+        self._rec = _Recorder()
+        self._ropes = []
+        self._install()
+        self.reset()
+
+    def _install(self):
+        rec, m = self._rec, self.model.model
+        _capture(m.embed_tokens, rec, out="embed")  # __call__ only; as_linear (tied head) is not
+        for i, layer in enumerate(m.layers):
+            a, mlp, s = layer.self_attn, layer.mlp, f"layers.{i}."
+            _capture(layer.input_layernorm, rec, out=s + "attn_norm")
+            _capture(a.q_proj, rec, out=s + "q")
+            _capture(a.k_proj, rec, out=s + "k")
+            _capture(a.v_proj, rec, out=s + "v")
+            _capture(a.rope, rec, alt=(s + "q_rope", s + "k_rope"))
+            self._ropes.append(a.rope)
+            _capture(a.o_proj, rec, inp=s + "attn", out=s + "attn_out")
+            _capture(layer.post_attention_layernorm, rec, out=s + "mlp_norm")
+            _capture(mlp.gate_proj, rec, out=s + "mlp_gate")
+            _capture(mlp.up_proj, rec, out=s + "mlp_up")
+            _capture(mlp.down_proj, rec, inp=s + "mlp_act", out=s + "mlp_out")
+            _capture(layer, rec, out=s + "out")
+        _capture(m.norm, rec, out="final_norm")
+
+    # -- protocol --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        versions = {}
+        for pkg in ["mlx", "mlx-lm", "mlx-metal", "mlx-cpu", "numpy", "transformers", "tokenizers"]:
+            try:
+                versions[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                pass
+        return {
+            "name": "mlx",
+            "versions": versions,
+            "model": self.model_path,
+            "dtype": self.dtype_name,
+            "num_layers": self.num_layers,
+            "layer_sites": LAYER_SITES,
+            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
+                     + ["final_norm", "logits"],
+            "transforms": list(self.transforms),
+            "notes": list(self.notes),
+        }
+
+    def reset(self) -> None:
+        self.cache = make_prompt_cache(self.model)
+        self.pos = 0
+
+    def step(self, token_ids: list[int]) -> dict[str, np.ndarray]:
+        if len(token_ids) == 0:
+            raise ValueError("step() needs at least one token")
+        ids = mx.array([[int(t) for t in token_ids]], dtype=mx.int32)
+        rec = self._rec
+        rec.out = {}
+        for r in self._ropes:
+            object.__setattr__(r, "_ls_n", 0)
+        rec.on = True
+        try:
+            logits = self.model(ids, cache=self.cache)
+        finally:
+            rec.on = False
+        self.pos += len(token_ids)
+        out = dict(rec.out)
+        rec.out = {}
+        out["logits"] = logits[0]
+        for i, c in enumerate(self.cache):
+            k, v = c.keys_and_values() if hasattr(c, "keys_and_values") else (c.keys, c.values)
+            out[f"layers.{i}.cache_k"] = k[0]
+            out[f"layers.{i}.cache_v"] = v[0]
+        mx.eval(list(out.values()))
+        res = {name: _np(a) for name, a in out.items()}
+        if self.gguf:
+            for name in res:
+                if name.rpartition(".")[2] in _QK_SITES:
+                    res[name] = _gguf_qk_deinterleave(res[name], self.head_dim)
+        return res
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(x) for x in out]
+
+    def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        if max_new_tokens <= 0:
+            return []
+        stop = {int(s) for s in stop_ids}
+        prompt = mx.array([int(t) for t in token_ids], dtype=mx.int32)
+        new: list[int] = []
+        for tok, _ in generate_step(prompt, self.model, max_tokens=max_new_tokens,
+                                    sampler=lambda x: mx.argmax(x, axis=-1)):
+            new.append(int(tok))
+            if new[-1] in stop:
+                break
+        return new
+
+
+def load(model: str, dtype: str = "float32", **options) -> MlxReference:
+    return MlxReference(model, dtype=dtype, **options)
