@@ -159,6 +159,122 @@ fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
     assert_eq!(gen.strip_suffix('\n').unwrap(), report["tokens"]["generated_text"].as_str().unwrap());
 }
 
+// --- several references: MLX, llama.cpp, the f64 oracle ---------------------------------------
+
+fn assert_pairs_printed(out: &str, pairs: &[&str]) {
+    assert!(out.contains("reference vs reference (the measured noise floor)"), "{out}");
+    for p in pairs {
+        assert!(out.contains(p), "pair {p:?} missing:\n{out}");
+    }
+}
+
+#[test]
+fn tiny_hf_dir_with_transformers_and_mlx() {
+    let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 8, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = tmp("tiny-mlx");
+    let json = dir.join("r.json");
+    let (code, out, err) = run(lockstep()
+        .args(["run", "--model", "tiny", "--reference", "transformers,mlx", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
+        .arg(&json));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_full_pass(&r, 3, &out, &["transformers", "mlx"]);
+    assert_eq!(r["references"][1]["name"], "mlx");
+    assert_eq!(r["references"][1]["version"], "0.32.4");
+    assert_pairs_printed(&out, &["transformers vs mlx"]);
+    // Same engine tokens as the single-reference run.
+    assert_eq!(r["tokens"]["generated"], report["tokens"]["generated"]);
+    // Every engine site carries the floor measured between the two references.
+    let s = &r["steps"][3]["references"][0]["sites"][10];
+    assert!(s["floor"].as_f64().unwrap() < 1e-4, "{s}");
+}
+
+#[test]
+fn tiny_gguf_with_transformers_mlx_and_llamacpp() {
+    let dir = tmp("tiny-gguf-3");
+    let json = dir.join("r.json");
+    let (code, out, err) = run(lockstep()
+        .args(["run", "--model", "tiny-gguf", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
+        .arg(&json));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The tiny GGUF is F32: llama.cpp computes in f32 too, so it is held to the full set.
+    assert_full_pass(&r, 3, &out, &["transformers", "mlx", "llamacpp"]);
+    assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
+    for rf in r["references"].as_array().unwrap().iter().skip(1) {
+        assert_eq!(rf["transforms"][0], "gguf-qk-deinterleave", "{rf}");
+    }
+}
+
+#[test]
+fn smollm2_against_transformers_mlx_and_llamacpp() {
+    let dir = tmp("smollm2-3");
+    let json = dir.join("r.json");
+    let (code, out, err) = run(lockstep()
+        .args(["run", "--model", "smollm2", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "16", "--json"])
+        .arg(&json));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // transformers and MLX: every site, pass. llama.cpp quantizes activations for its Q4_1
+    // matmuls: far from the f32 engine, but no farther than from the other references.
+    assert_full_pass(&r, 30, &out, &["transformers", "mlx"]);
+    for st in r["steps"].as_array().unwrap() {
+        let l = &st["references"][2];
+        assert_eq!(l["reference"], "llamacpp");
+        assert_eq!(l["sites"].as_array().unwrap().len(), 1 + 16 * 30 + 2, "llama.cpp provides every site");
+    }
+    let summary = r["summary"]["references"].as_array().unwrap();
+    assert_eq!(summary[0]["verdict"], "pass");
+    assert_eq!(summary[1]["verdict"], "pass");
+    assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
+    let pairs = r["summary"]["pairs"].as_array().unwrap();
+    let tm = pairs.iter().find(|p| p["a"] == "transformers" && p["b"] == "mlx").unwrap();
+    assert!(tm["worst_rel_l2"][0]["rel_l2"].as_f64().unwrap() < 1e-4, "{tm}");
+    assert!(r["tokens"]["generated_text"].as_str().unwrap().contains("Paris"));
+}
+
+#[test]
+fn f64_oracle_says_which_side_is_closer() {
+    let dir = tmp("oracle");
+    let json = dir.join("r.json");
+    let (code, out, err) = run(lockstep()
+        .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hi", "--steps", "4", "--json"])
+        .arg(&json));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let o = &r["summary"]["oracle"][0];
+    assert_eq!(o["oracle"], "transformers:f64");
+    assert_eq!(o["reference"], "transformers");
+    let total = o["engine_closer"].as_u64().unwrap() + o["reference_closer"].as_u64().unwrap() + o["ties"].as_u64().unwrap();
+    assert_eq!(total as usize, 4 * 51);
+    let site = &r["steps"][1]["references"][0]["sites"][5]["oracle"];
+    assert!(site["engine_rel_l2"].as_f64().unwrap() > 0.0 && site["reference_rel_l2"].as_f64().unwrap() > 0.0, "{site}");
+    assert!(out.contains("which is right? distance to the transformers:f64 oracle"));
+}
+
+#[test]
+fn a_model_a_reference_cannot_load_names_the_reference() {
+    assert_exit_2(
+        &["run", "--model", "tiny", "--reference", "transformers,llamacpp", "--chat", "hi"],
+        &[],
+        &["llamacpp", "needs a .gguf file"],
+    );
+}
+
+#[test]
+fn a_missing_reference_package_names_the_reference_and_the_fix() {
+    // A references/ directory whose mlx module needs a package the environment lacks.
+    let dir = tmp("refs-missing-pkg");
+    std::fs::write(dir.join("mlx_ref.py"), "import mlx_package_that_is_not_installed\n").unwrap();
+    let d = dir.to_str().unwrap();
+    assert_exit_2(
+        &["run", "--model", "tiny", "--reference", "mlx", "--chat", "hi"],
+        &[("LOCKSTEP_REFERENCES", d)],
+        &["references/mlx_ref.py", "No module named 'mlx_package_that_is_not_installed'", "make setup"],
+    );
+}
+
 // --- the harness catches what a reference (or engine) gets wrong --------------------------
 
 /// A reference module wrapping the real transformers reference, with a sabotage chosen by
