@@ -196,7 +196,7 @@ impl Reference {
         let name = name.as_str();
         ensure_python()?;
         Python::attach(|py| {
-            let m = py.import(module).map_err(|e| py_err(py, e, format!("importing references/{module}.py")))?;
+            let m = py.import(module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
             let obj = m

@@ -271,7 +271,7 @@ fn a_missing_reference_package_names_the_reference_and_the_fix() {
     assert_exit_2(
         &["run", "--model", "tiny", "--reference", "mlx", "--chat", "hi"],
         &[("LOCKSTEP_REFERENCES", d)],
-        &["references/mlx_ref.py", "No module named 'mlx_package_that_is_not_installed'", "make setup"],
+        &["the mlx reference", "references/mlx_ref.py", "No module named 'mlx_package_that_is_not_installed'", "make setup"],
     );
 }
 
