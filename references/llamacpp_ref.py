@@ -38,12 +38,9 @@ from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from protocol import contiguous_f32
+from protocol import LAYER_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, site_names
 
-LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
-               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
 
-TRANSFORM_QK = "gguf-qk-deinterleave"
 
 # llama.cpp logs through one process-wide callback. Keep it quiet, but remember the last
 # messages so that a load failure can say what llama.cpp said. The ctypes callback object
@@ -169,13 +166,6 @@ def _read_tensor(t: _GgmlTensor) -> np.ndarray:
     buf = (ctypes.c_char * extent).from_address(t.data)
     a = np.ndarray(shape=tuple(reversed(ne)), dtype=dt, buffer=buf, strides=tuple(reversed(nb)))
     return np.array(a, dtype=np.float32, copy=True)
-
-
-def _deinterleave(a: np.ndarray, head_dim: int) -> np.ndarray:
-    """gguf-qk-deinterleave on the last axis, which holds whole heads of ``head_dim``."""
-    shp = a.shape
-    x = a.reshape(shp[:-1] + (shp[-1] // head_dim, head_dim // 2, 2))
-    return np.ascontiguousarray(np.swapaxes(x, -1, -2)).reshape(shp)
 
 
 def _version(pkg: str) -> str | None:
@@ -340,8 +330,7 @@ class LlamaCppReference:
             "dtype": self.dtype_name,
             "num_layers": self.num_layers,
             "layer_sites": LAYER_SITES,
-            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
-                     + ["final_norm", "logits"],
+            "sites": site_names(self.num_layers),
             "transforms": [TRANSFORM_QK] if self.qk_permuted else [],
             "threads": self.threads,
             "kv_type": self.kv_type,
@@ -385,12 +374,12 @@ class LlamaCppReference:
                 # ne [hd, heads, seq] -> (seq, heads, hd) -> (heads, seq, hd)
                 a = a.reshape(n, -1, hd).transpose(1, 0, 2)
                 if self.qk_permuted:
-                    a = _deinterleave(a, hd)
+                    a = gguf_qk_deinterleave(a, hd)
             elif kind == "cache_k":
                 # ne [hd, kv_heads, n_kv, 1] -> (n_kv, kv_heads, hd) -> (kv_heads, cached, hd)
                 a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1])[: self.pos].transpose(1, 0, 2)
                 if self.qk_permuted:
-                    a = _deinterleave(a, hd)
+                    a = gguf_qk_deinterleave(a, hd)
             elif kind == "cache_v":
                 if not self._cap_meta[site][2]:  # ne [hd, kv_heads, n_kv, 1]
                     a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1])[: self.pos].transpose(1, 0, 2)
@@ -399,14 +388,13 @@ class LlamaCppReference:
             else:
                 a = a.reshape(n, -1)
                 if kind in ("q", "k") and self.qk_permuted:
-                    a = _deinterleave(a, hd)
+                    a = gguf_qk_deinterleave(a, hd)
             out[site] = a
         self._check_cache(out, n)
         return out
 
     def _expected_sites(self) -> list[str]:
-        return ["embed", "final_norm"] + [f"layers.{i}.{s}" for i in range(self.num_layers)
-                                          for s in LAYER_SITES]
+        return [s for s in site_names(self.num_layers) if s != "logits"]
 
     def _check_cache(self, out: dict, n: int) -> None:
         # The cache views are read as cells 0..pos-1 = positions 0..pos-1: the newest cells

@@ -11,7 +11,7 @@ float32.
 GGUF stores the Q/K rows permuted for interleaved RoPE; the model keeps that order and
 runs mlx-lm's Llama with ``rope_traditional=True``. The q, k, q_rope, k_rope and cache_k
 sites of such a model are mapped back to the Hugging Face order by the transform
-``gguf-qk-deinterleave`` (see ``_gguf_qk_deinterleave``).
+``gguf-qk-deinterleave`` (see ``protocol.gguf_qk_deinterleave``).
 
 MLX has no hooks: the modules whose inputs/outputs are sites get their class swapped for
 a subclass whose ``__call__`` records them (the parameter tree and every attribute stay
@@ -42,17 +42,14 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from transformers import AutoTokenizer
 
-from protocol import contiguous_f32
+from protocol import (LAYER_SITES, QK_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, hf_encode_chat,
+                      hf_encode_prompt, site_names)
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
-               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
 
-GGUF_QK_DEINTERLEAVE = "gguf-qk-deinterleave"
 # Sites whose last dimension holds Q/K head vectors (in GGUF order for a GGUF model).
-_QK_SITES = ("q", "k", "q_rope", "k_rope", "cache_k")
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -60,19 +57,6 @@ def _np(a: mx.array) -> np.ndarray:
     if a.dtype != mx.float32:
         a = a.astype(mx.float32)
     return contiguous_f32(np.asarray(a))
-
-
-def _gguf_qk_deinterleave(a: np.ndarray, head_dim: int) -> np.ndarray:
-    """GGUF/interleaved Q/K order -> Hugging Face order, along the last axis.
-
-    The last axis is whole heads of ``head_dim``. GGUF's element ``2i + j`` of a head
-    (i < head_dim/2, j in {0, 1}: the RoPE pair i) is Hugging Face's ``j*head_dim/2 + i``
-    (rotate-half pairs i and i + head_dim/2): split the head into (head_dim/2, 2) and
-    transpose to (2, head_dim/2). A pure permutation, so it is exact.
-    """
-    n = a.shape[-1]
-    b = a.reshape(*a.shape[:-1], n // head_dim, head_dim // 2, 2).swapaxes(-1, -2)
-    return np.ascontiguousarray(b.reshape(a.shape), dtype=np.float32)
 
 
 # -- GGUF ------------------------------------------------------------------------------------
@@ -294,7 +278,7 @@ def _load_gguf(path: Path):
         else:
             notes.append(f"GGUF {n} tensors used as float32 ({counts[n]} tensors)")
     notes.append("Q/K kept in GGUF order with traditional (interleaved) RoPE; q, k, q_rope, "
-                 f"k_rope, cache_k mapped back to the Hugging Face order ({GGUF_QK_DEINTERLEAVE})")
+                 f"k_rope, cache_k mapped back to the Hugging Face order ({TRANSFORM_QK})")
     return model, notes
 
 
@@ -408,7 +392,7 @@ class MlxReference:
         args = self.model.args
         self.num_layers = args.num_hidden_layers
         self.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        self.transforms = [GGUF_QK_DEINTERLEAVE] if self.gguf else []
+        self.transforms = [TRANSFORM_QK] if self.gguf else []
         self._rec = _Recorder()
         self._ropes = []
         self._install()
@@ -448,8 +432,7 @@ class MlxReference:
             "dtype": self.dtype_name,
             "num_layers": self.num_layers,
             "layer_sites": LAYER_SITES,
-            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
-                     + ["final_norm", "logits"],
+            "sites": site_names(self.num_layers),
             "transforms": list(self.transforms),
             "notes": list(self.notes),
         }
@@ -483,18 +466,15 @@ class MlxReference:
         res = {name: _np(a) for name, a in out.items()}
         if self.gguf:
             for name in res:
-                if name.rpartition(".")[2] in _QK_SITES:
-                    res[name] = _gguf_qk_deinterleave(res[name], self.head_dim)
+                if name.rpartition(".")[2] in QK_SITES:
+                    res[name] = gguf_qk_deinterleave(res[name], self.head_dim)
         return res
 
     def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tok(text)["input_ids"])
+        return hf_encode_prompt(self.tok, text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys"):
-            out = out["input_ids"]
-        return [int(x) for x in out]
+        return hf_encode_chat(self.tok, messages)
 
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         if max_new_tokens <= 0:

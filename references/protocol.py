@@ -59,3 +59,44 @@ def contiguous(a: np.ndarray, dtype=np.float32) -> np.ndarray:
     if a.dtype != dtype or not a.flags["C_CONTIGUOUS"]:
         a = np.ascontiguousarray(a, dtype=dtype)
     return a
+
+
+# Per-layer sites in forward order (DESIGN.md), shared by every reference.
+LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
+               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
+
+
+def site_names(num_layers: int, layer_sites=LAYER_SITES) -> list[str]:
+    """All site names of a model, in forward order."""
+    return ["embed"] + [f"layers.{i}.{s}" for i in range(num_layers) for s in layer_sites] + ["final_norm", "logits"]
+
+
+# GGUF stores Q/K rows permuted for interleaved RoPE; these sites are in that order.
+TRANSFORM_QK = "gguf-qk-deinterleave"
+QK_SITES = ("q", "k", "q_rope", "k_rope", "cache_k")
+
+
+def gguf_qk_deinterleave(a: np.ndarray, head_dim: int) -> np.ndarray:
+    """GGUF/interleaved Q/K order -> Hugging Face order, along the last axis.
+
+    The last axis is whole heads of ``head_dim``. GGUF's element ``2i + j`` of a head
+    (i < head_dim/2, j in {0, 1}: the RoPE pair i) is Hugging Face's ``j*head_dim/2 + i``
+    (rotate-half pairs i and i + head_dim/2): split the head into (head_dim/2, 2) and
+    transpose to (2, head_dim/2). A pure permutation, so it is exact.
+    """
+    n = a.shape[-1]
+    b = a.reshape(*a.shape[:-1], n // head_dim, head_dim // 2, 2).swapaxes(-1, -2)
+    return np.ascontiguousarray(b).reshape(a.shape)
+
+
+def hf_encode_prompt(tok, text: str) -> list[int]:
+    """A plain prompt through a transformers tokenizer (its special tokens, e.g. BOS)."""
+    return [int(x) for x in tok(text)["input_ids"]]
+
+
+def hf_encode_chat(tok, messages: list[dict]) -> list[int]:
+    """A chat through a transformers tokenizer's chat template, with the generation prompt."""
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(x) for x in out]

@@ -20,14 +20,12 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama import modeling_llama
 
-from protocol import contiguous
+from protocol import LAYER_SITES, contiguous, hf_encode_chat, hf_encode_prompt, site_names
 
 # Progress bars and load-time advice go to a terminal the harness owns; keep them out.
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-LAYER_SITES = ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn",
-               "attn_out", "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"]
 
 
 # Post-RoPE q/k: no module returns them, so the function the attention calls is wrapped,
@@ -138,8 +136,7 @@ class TransformersReference:
             "attn_implementation": self.attn_implementation,
             "num_layers": self.num_layers,
             "layer_sites": LAYER_SITES,
-            "sites": ["embed"] + [f"layers.{i}.{s}" for i in range(self.num_layers) for s in LAYER_SITES]
-                     + ["final_norm", "logits"],
+            "sites": site_names(self.num_layers),
             "threads": torch.get_num_threads(),
             "notes": [],
         }
@@ -179,13 +176,10 @@ class TransformersReference:
         return c.key_cache[i], c.value_cache[i]
 
     def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tok(text)["input_ids"])
+        return hf_encode_prompt(self.tok, text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys"):
-            out = out["input_ids"]
-        return [int(x) for x in out]
+        return hf_encode_chat(self.tok, messages)
 
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         ids = torch.tensor([token_ids], dtype=torch.long)

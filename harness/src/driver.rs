@@ -340,7 +340,12 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         let engine_seconds = t0.elapsed().as_secs_f64();
         let n_pos = logits.dim(0)?;
         let vocab = logits.dim(1)?;
-        let engine_logits = to_f64_vec(&logits)?;
+        // Converted once with the other sites (every reference provides logits, checked above).
+        let engine_logits: &[f64] = &esites
+            .iter()
+            .find(|e| e.site == "logits")
+            .ok_or_else(|| HarnessError::Mismatch("the engine captured no logits".into()))?
+            .data;
         let engine_token = lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?;
 
         // --- references ---
@@ -521,19 +526,17 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             .zip(&toks)
             .position(|(a, b)| a != b)
             .or_else(|| (generated.len() != toks.len()).then(|| generated.len().min(toks.len())));
+        // Teacher forcing keeps the lockstep run on the engine's tokens. If the lockstep run
+        // already judged a top-1 flip at or before the first mismatch as drift (a near tie,
+        // or within the noise floor), the free-running texts may part there: drift too.
         let verdict = match first_mismatch {
             None => Verdict::Pass,
-            // A flip the lockstep run already judged (near tie, or within the floor): drift.
-            Some(k) if steps.get(k).is_some_and(|s| {
-                let rs = &s.references[i];
-                !rs.logits.top1_agree && rs.logits_verdict == Verdict::Drift
-            }) =>
+            Some(k)
+                if steps.iter().take(k + 1).any(|s| {
+                    let rs = &s.references[i];
+                    !rs.logits.top1_agree && rs.logits_verdict == Verdict::Drift
+                }) =>
             {
-                Verdict::Drift
-            }
-            // Teacher forcing keeps the lockstep run on the engine's tokens; after a drift
-            // flip earlier in the lockstep run the free-running texts may part later.
-            Some(k) if steps[..k.min(steps.len())].iter().any(|s| s.references[i].logits_verdict == Verdict::Drift && !s.references[i].logits.top1_agree) => {
                 Verdict::Drift
             }
             Some(_) => Verdict::Fail,

@@ -314,17 +314,6 @@ pub enum Data<'a> {
 }
 
 impl Data<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Data::F32(d) => d.len(),
-            Data::F64(d) => d.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Rows `range` of a flat buffer.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
         match self {
@@ -372,9 +361,5 @@ impl<'a, 'py> StepArrays<'a, 'py> {
 
     pub fn has(&self, site: &str) -> Result<bool, HarnessError> {
         self.dict.contains(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))
-    }
-
-    pub fn sites(&self) -> Vec<String> {
-        self.dict.keys().iter().filter_map(|k| k.extract::<String>().ok()).collect()
     }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::driver::{RefStep, RunResult, StepRecord};
+use crate::driver::{RefStep, RunResult, StepRecord, WorstSite};
+use crate::tolerance::SiteKind;
 use crate::error::HarnessError;
 use crate::python::Reference;
 use crate::tolerance::Verdict;
@@ -143,6 +144,11 @@ fn layer_strip(rs: &RefStep, num_layers: usize) -> String {
 fn digit(rel: f64) -> char {
     let d = if rel <= 0.0 { 9.0 } else { (-rel.log10()).floor().clamp(0.0, 9.0) };
     char::from_digit(d as u32, 10).unwrap_or('?')
+}
+
+/// The worst rel-L2 of one site kind, for a table cell.
+fn worst_cell(worst: &[WorstSite], kind: SiteKind) -> String {
+    worst.iter().find(|x| x.kind == kind).map(|x| format!("{:.1e}", x.rel_l2)).unwrap_or_else(|| "-".into())
 }
 
 fn show_token(t: &str) -> String {
@@ -301,21 +307,15 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
         "reference", "verdict", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
     );
     for rs in &s.references {
-        let w = |k: &str| {
-            rs.worst_rel_l2
-                .iter()
-                .find(|x| format!("{:?}", x.kind).to_lowercase() == k)
-                .map(|x| format!("{:.1e}", x.rel_l2))
-                .unwrap_or_else(|| "-".into())
-        };
+        let w = |k: SiteKind| worst_cell(&rs.worst_rel_l2, k);
         let _ = writeln!(
             o,
             "  {:<rw$}  {:>8}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
             rs.reference,
             rs.verdict.as_str(),
-            w("activation"),
-            w("cache"),
-            w("logits"),
+            w(SiteKind::Activation),
+            w(SiteKind::Cache),
+            w(SiteKind::Logits),
             rs.mean_kl,
             rs.max_kl,
             100.0 * rs.same_top1_share
@@ -330,21 +330,15 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             "pair", "sites", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
         );
         for p in &s.pairs {
-            let w = |k: &str| {
-                p.worst_rel_l2
-                    .iter()
-                    .find(|x| format!("{:?}", x.kind).to_lowercase() == k)
-                    .map(|x| format!("{:.1e}", x.rel_l2))
-                    .unwrap_or_else(|| "-".into())
-            };
+            let w = |k: SiteKind| worst_cell(&p.worst_rel_l2, k);
             let _ = writeln!(
                 o,
                 "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
                 format!("{} vs {}", p.a, p.b),
                 p.sites_compared_per_step,
-                w("activation"),
-                w("cache"),
-                w("logits"),
+                w(SiteKind::Activation),
+                w(SiteKind::Cache),
+                w(SiteKind::Logits),
                 p.mean_kl,
                 p.max_kl,
                 100.0 * p.same_top1_share
