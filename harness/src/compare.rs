@@ -21,6 +21,10 @@ pub struct TensorMetrics {
     pub nonfinite_engine: bool,
     /// NaN or Inf in the reference tensor
     pub nonfinite_reference: bool,
+    /// Compared through sketches (a trace keeps some sites as statistics, `sketch.rs`):
+    /// rel_l2 and cosine are estimates, max_abs a lower bound, max_abs_index meaningless.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 /// Compares two equally long slices. Panics only on a length mismatch, which callers
@@ -53,7 +57,7 @@ pub fn tensor_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]
     } else {
         ab / (aa.sqrt() * bb.sqrt())
     };
-    TensorMetrics { max_abs, max_abs_index, rel_l2, cosine, nonfinite_engine: nf_a, nonfinite_reference: nf_b }
+    TensorMetrics { max_abs, max_abs_index, rel_l2, cosine, nonfinite_engine: nf_a, nonfinite_reference: nf_b, estimated: false }
 }
 
 /// [`tensor_metrics`] of engine data (f64) or reference data against reference data.
@@ -64,6 +68,8 @@ pub fn metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>) -> T
         (F32(a), F64(b)) => tensor_metrics(a, b),
         (F64(a), F32(b)) => tensor_metrics(a, b),
         (F64(a), F64(b)) => tensor_metrics(a, b),
+        // A site a trace keeps as a sketch: compare sketches.
+        (a, b) => crate::sketch::metrics(&crate::sketch::Sketch::of_data(a), &crate::sketch::Sketch::of_data(b)),
     }
 }
 
@@ -75,6 +81,7 @@ pub fn logit_metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>
         (F32(a), F64(b)) => logit_metrics(a, b),
         (F64(a), F32(b)) => logit_metrics(a, b),
         (F64(a), F64(b)) => logit_metrics(a, b),
+        (Sketch(_), _) | (_, Sketch(_)) => unreachable!("traces keep logits in full (checked when a trace is loaded)"),
     }
 }
 

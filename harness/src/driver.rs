@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
 use lockstep_engine::{Capture, ChatMessage, LoadOptions, LoadedModel, QkLayout};
-use pyo3::Python;
 use serde::Serialize;
 
 use crate::compare::{logit_metrics_data, metrics_data, LogitMetrics, TensorMetrics};
@@ -356,8 +355,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             outputs.push((out, t1.elapsed().as_secs_f64()));
         }
 
-        let (ref_steps, pairs) = Python::attach(|py| -> Result<(Vec<RefStep>, Vec<PairStep>), HarnessError> {
-            let views: Vec<_> = outputs.iter().map(|(o, _)| o.view(py)).collect();
+        let (ref_steps, pairs) = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<(Vec<RefStep>, Vec<PairStep>), HarnessError> {
             // Every declared site must be there, with logits of the right shape.
             for (i, v) in views.iter().enumerate() {
                 for s in &ref_sites[i] {
@@ -624,6 +622,12 @@ fn find_first_divergence(
                 (None, Some(m)) if m.nonfinite_engine || m.nonfinite_reference => {
                     format!("NaN/Inf in the {}", if m.nonfinite_engine { "engine" } else { "reference" })
                 }
+                (None, Some(m)) if m.estimated => format!(
+                    "rel-L2 ~{:.1e}, cosine ~{:.6} (estimated: the trace keeps this site as a sketch){}",
+                    m.rel_l2,
+                    m.cosine,
+                    site.floor.map(|f| format!(" (noise floor {f:.1e})")).unwrap_or_default()
+                ),
                 (None, Some(m)) => format!(
                     "rel-L2 {:.3e}, max |Δ| {:.3e} at flat index {}, cosine {:.6}{}",
                     m.rel_l2,

@@ -7,13 +7,23 @@
 //! - [`tolerance`]: the one table of tolerances, with sources
 //! - [`report`]: the printed table and the JSON report
 //! - [`models`]: model aliases
+//! - [`trace`], [`record`], [`sketch`]: golden traces (recorded reference answers replayed
+//!   without Python as `--reference trace:NAME`), recording them, and the sketches that
+//!   summarize the sites a trace does not keep in full
+//! - [`manifest`], [`parity`]: the golden cases of `snapshots/traces/manifest.toml`, their
+//!   replay and the parity summary that `cargo test` snapshots with insta
 
 pub mod compare;
 pub mod driver;
 pub mod error;
+pub mod manifest;
 pub mod models;
+pub mod parity;
 pub mod python;
+pub mod record;
 pub mod report;
+pub mod sketch;
 pub mod tolerance;
+pub mod trace;
 
 pub use error::HarnessError;

@@ -1,5 +1,7 @@
 //! The bridge to the Python references: finding the reference environment, starting the
-//! embedded interpreter in it, and calling a reference object of `references/`.
+//! embedded interpreter in it, and calling a reference object of `references/`. Also the
+//! [`Reference`] the driver talks to, which is either such a live object or a recorded trace
+//! replayed without Python (`trace.rs`), and the step data both hand to the comparators.
 //!
 //! The interpreter is the venv's (see GOTCHAS.md): `PYTHONEXECUTABLE` and `PATH` are set
 //! before the first `Python::attach`, so `sys.prefix` is the venv and its site-packages,
@@ -115,17 +117,24 @@ pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
     })
 }
 
-/// One `--reference` entry: `NAME` or `NAME:f64`.
+/// One `--reference` entry: `NAME`, `NAME:f64`, or `trace:CASE` (a recorded trace).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefSpec {
+    /// The reference's name (`transformers`); for a trace, the name of the reference it was
+    /// recorded from.
     pub name: String,
     pub module: &'static str,
     /// "float32" or "float64"
     pub dtype: &'static str,
+    /// `trace:CASE`: the trace to replay instead of running Python (`trace.rs`).
+    pub trace: Option<String>,
 }
 
 impl RefSpec {
     pub fn parse(spec: &str) -> Result<RefSpec, HarnessError> {
+        if let Some(case) = spec.strip_prefix("trace:") {
+            return crate::trace::parse_spec(case);
+        }
         let (name, dtype) = match spec.split_once(':') {
             None => (spec, "float32"),
             Some((n, "f64" | "float64")) => (n, "float64"),
@@ -134,7 +143,7 @@ impl RefSpec {
                 return Err(HarnessError::Usage(format!("reference `{spec}`: unknown dtype `{d}` (use f32 or f64)")))
             }
         };
-        Ok(RefSpec { name: name.to_string(), module: reference_module(name)?, dtype })
+        Ok(RefSpec { name: name.to_string(), module: reference_module(name)?, dtype, trace: None })
     }
 
     /// Comma-separated list, no duplicates.
@@ -153,9 +162,12 @@ impl RefSpec {
         Ok(out)
     }
 
-    /// How the reference is named in reports: `transformers`, `transformers:f64`.
+    /// How the reference is named in reports: `transformers`, `transformers:f64`,
+    /// `trace:CASE`.
     pub fn label(&self) -> String {
-        if self.dtype == "float64" {
+        if let Some(t) = &self.trace {
+            format!("trace:{t}")
+        } else if self.dtype == "float64" {
             format!("{}:f64", self.name)
         } else {
             self.name.clone()
@@ -179,18 +191,110 @@ pub struct Description {
     pub transforms: Vec<String>,
 }
 
-/// A loaded reference: a Python object implementing `references/protocol.py`.
+/// A loaded reference: a live Python object implementing `references/protocol.py`, or a
+/// recorded trace replayed without Python. Both answer the same protocol, so the driver,
+/// the comparators and the reports do not know which one they talk to.
 pub struct Reference {
-    /// Label in reports (`transformers`, `transformers:f64`).
+    /// Label in reports (`transformers`, `transformers:f64`, `trace:CASE`).
     pub name: String,
     pub spec: RefSpec,
-    obj: Py<PyAny>,
+    pub(crate) backend: Backend,
     pub description: Description,
 }
 
+/// Where a reference's answers come from.
+pub(crate) enum Backend {
+    /// A live Python reference.
+    Python(PyReference),
+    /// A live Python reference whose answers are also recorded (`lockstep record`).
+    Record(Box<crate::record::Recorder>),
+    /// A recorded trace (`--reference trace:CASE`): no Python.
+    Trace(crate::trace::Replay),
+}
+
 impl Reference {
-    /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
+    /// A live reference: imports `references/<module>.py` and calls its
+    /// `load(model, dtype=...)`; a trace: reads it and checks it was recorded from `model`.
     pub fn load(spec: &RefSpec, model: &Path) -> Result<Reference, HarnessError> {
+        if spec.trace.is_some() {
+            return crate::trace::load_reference(spec, model);
+        }
+        let (obj, description) = PyReference::load(spec, model)?;
+        Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Backend::Python(obj), description })
+    }
+
+    /// The main package's version (e.g. transformers 5.23.0).
+    pub fn version(&self) -> String {
+        let v = &self.description.versions;
+        let keys = [self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"];
+        keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
+    }
+
+    /// The replay behind a `trace:NAME` reference.
+    pub fn replay(&self) -> Option<&crate::trace::Replay> {
+        match &self.backend {
+            Backend::Trace(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The trace this reference replays, if it is one.
+    pub fn trace(&self) -> Option<&crate::trace::Trace> {
+        self.replay().map(|r| r.trace())
+    }
+
+    pub fn reset(&self) -> Result<(), HarnessError> {
+        match &self.backend {
+            Backend::Python(p) => p.reset(),
+            Backend::Record(r) => r.reset(),
+            Backend::Trace(t) => t.reset(),
+        }
+    }
+
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, HarnessError> {
+        match &self.backend {
+            Backend::Python(p) => p.encode_prompt(text),
+            Backend::Record(r) => r.encode("prompt", text),
+            Backend::Trace(t) => t.encode("prompt", text),
+        }
+    }
+
+    pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>, HarnessError> {
+        match &self.backend {
+            Backend::Python(p) => p.encode_chat(user),
+            Backend::Record(r) => r.encode("chat", user),
+            Backend::Trace(t) => t.encode("chat", user),
+        }
+    }
+
+    pub fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
+        match &self.backend {
+            Backend::Python(p) => p.generate_greedy(ids, n, stop),
+            Backend::Record(r) => r.generate_greedy(ids, n, stop),
+            Backend::Trace(t) => t.generate_greedy(ids, n, stop),
+        }
+    }
+
+    /// Feeds `ids`; a live reference's `{site: ndarray}` stays in Python until read.
+    pub fn step(&self, ids: &[u32]) -> Result<StepOutput, HarnessError> {
+        match &self.backend {
+            Backend::Python(p) => Ok(StepOutput::python(p.step(ids)?, &self.name)),
+            Backend::Record(r) => r.step(ids, &self.name),
+            Backend::Trace(t) => Ok(StepOutput { inner: StepInner::Trace(t.step(ids)?), reference: self.name.clone() }),
+        }
+    }
+}
+
+/// A Python object of `references/`.
+pub struct PyReference {
+    /// Label in messages.
+    name: String,
+    obj: Py<PyAny>,
+}
+
+impl PyReference {
+    /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
+    pub fn load(spec: &RefSpec, model: &Path) -> Result<(PyReference, Description), HarnessError> {
         let (module, dtype) = (spec.module, spec.dtype);
         let name = spec.label();
         let name = name.as_str();
@@ -211,15 +315,8 @@ impl Reference {
                 notes: get(py, &d, "notes")?,
                 transforms: get_or_default(py, &d, "transforms")?,
             };
-            Ok(Reference { name: name.to_string(), spec: spec.clone(), obj: obj.unbind(), description })
+            Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })
-    }
-
-    /// The main package's version (e.g. transformers 5.23.0).
-    pub fn version(&self) -> String {
-        let v = &self.description.versions;
-        let keys = [self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"];
-        keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
     pub fn reset(&self) -> Result<(), HarnessError> {
@@ -257,28 +354,67 @@ impl Reference {
     }
 
     /// Feeds `ids`; the returned `{site: ndarray}` stays in Python until read.
-    pub fn step(&self, ids: &[u32]) -> Result<StepOutput, HarnessError> {
+    pub fn step(&self, ids: &[u32]) -> Result<Py<PyDict>, HarnessError> {
         Python::attach(|py| {
             let out = self.obj.bind(py).call_method1("step", (ids.to_vec(),));
             let out = out.map_err(|e| py_err(py, e, format!("{}.step({} tokens)", self.name, ids.len())))?;
             let dict = out.cast::<PyDict>().map_err(|_| {
                 HarnessError::Python(format!("{}.step() returned {} instead of a dict", self.name, type_name(&out)))
             })?;
-            Ok(StepOutput { dict: dict.clone().unbind(), reference: self.name.clone() })
+            Ok(dict.clone().unbind())
         })
     }
 }
 
-/// The `{site: ndarray}` of one reference step, owned by Python.
+/// The `{site: array}` of one reference step: owned by Python for a live reference, by the
+/// trace for a replayed one.
 pub struct StepOutput {
-    dict: Py<PyDict>,
+    inner: StepInner,
     reference: String,
 }
 
+enum StepInner {
+    Python(Py<PyDict>),
+    Trace(std::sync::Arc<crate::trace::TraceStep>),
+}
+
 impl StepOutput {
-    /// Borrows the arrays for reading (numpy memory, no copies).
+    pub(crate) fn python(dict: Py<PyDict>, reference: &str) -> StepOutput {
+        StepOutput { inner: StepInner::Python(dict), reference: reference.to_string() }
+    }
+
+    /// Borrows the arrays for reading (numpy or trace memory, no copies).
     pub fn view<'a, 'py>(&'a self, py: Python<'py>) -> StepArrays<'a, 'py> {
-        StepArrays { py, dict: self.dict.bind(py).clone(), reference: &self.reference, _a: std::marker::PhantomData }
+        match &self.inner {
+            StepInner::Python(d) => {
+                StepArrays { inner: ArraysInner::Python { py, dict: d.bind(py).clone(), reference: &self.reference } }
+            }
+            StepInner::Trace(t) => StepArrays { inner: ArraysInner::Trace(t, std::marker::PhantomData) },
+        }
+    }
+
+    /// Calls `f` with views of all `outputs`, attaching to Python only when one of them
+    /// lives there: a run against traces alone never starts the interpreter.
+    pub fn with_views<'a, R>(
+        outputs: impl IntoIterator<Item = &'a StepOutput>,
+        f: impl for<'py> FnOnce(&[StepArrays<'a, 'py>]) -> R,
+    ) -> R {
+        let outputs: Vec<&'a StepOutput> = outputs.into_iter().collect();
+        if outputs.iter().any(|o| matches!(o.inner, StepInner::Python(_))) {
+            Python::attach(|py| {
+                let views: Vec<StepArrays<'a, '_>> = outputs.iter().map(|o| o.view(py)).collect();
+                f(&views)
+            })
+        } else {
+            let views: Vec<StepArrays<'a, '_>> = outputs
+                .iter()
+                .map(|o| match &o.inner {
+                    StepInner::Trace(t) => StepArrays { inner: ArraysInner::Trace(t, std::marker::PhantomData) },
+                    StepInner::Python(_) => unreachable!("checked above"),
+                })
+                .collect();
+            f(&views)
+        }
     }
 }
 
@@ -306,40 +442,50 @@ where
     }
 }
 
-/// A reference tensor's data, borrowed from numpy: float32, or float64 from an f64 oracle.
+/// A reference tensor's data, borrowed from numpy or a trace: float32, float64 from an f64
+/// oracle, or the sketch a trace keeps for a site it does not store in full (`sketch.rs`).
 #[derive(Clone, Copy)]
 pub enum Data<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
+    Sketch(&'a crate::sketch::Sketch),
 }
 
 impl Data<'_> {
-    /// Rows `range` of a flat buffer.
+    /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
+    /// the one sliced site, in full).
     pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
         match self {
             Data::F32(d) => Data::F32(&d[range]),
             Data::F64(d) => Data::F64(&d[range]),
+            Data::Sketch(_) => unreachable!("a sketch cannot be sliced; traces keep logits in full"),
         }
     }
 }
 
-/// The arrays of one reference step, borrowed from Python.
+/// The arrays of one reference step, borrowed from Python or from a trace.
 pub struct StepArrays<'a, 'py> {
-    py: Python<'py>,
-    dict: Bound<'py, PyDict>,
-    reference: &'a str,
-    _a: std::marker::PhantomData<&'a ()>,
+    inner: ArraysInner<'a, 'py>,
+}
+
+enum ArraysInner<'a, 'py> {
+    Python { py: Python<'py>, dict: Bound<'py, PyDict>, reference: &'a str },
+    Trace(&'a crate::trace::TraceStep, std::marker::PhantomData<Python<'py>>),
 }
 
 impl<'a, 'py> StepArrays<'a, 'py> {
-    /// Calls `f(shape, data)` on the float32 array of `site`, without copying; `None`
-    /// when the reference did not return that site.
+    /// Calls `f(shape, data)` on the array of `site`, without copying; `None` when the
+    /// reference did not return that site.
     pub fn with_site<R>(&self, site: &str, f: impl FnOnce(&[usize], Data<'_>) -> R) -> Result<Option<R>, HarnessError> {
-        let Some(obj) = self.dict.get_item(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))? else {
+        let (py, dict, reference) = match &self.inner {
+            ArraysInner::Trace(t, _) => return Ok(t.with_site(site, f)),
+            ArraysInner::Python { py, dict, reference } => (*py, dict, *reference),
+        };
+        let Some(obj) = dict.get_item(site).map_err(|e| py_err(py, e, "reading the step's dict"))? else {
             return Ok(None);
         };
         let borrow_err = |e: &dyn std::fmt::Display| {
-            HarnessError::Python(format!("{}: site `{site}` cannot be read without a copy ({e})", self.reference))
+            HarnessError::Python(format!("{reference}: site `{site}` cannot be read without a copy ({e})"))
         };
         if let Ok(arr) = obj.cast::<numpy::PyArrayDyn<f32>>() {
             let ro = arr.try_readonly().map_err(|e| borrow_err(&e))?;
@@ -352,14 +498,16 @@ impl<'a, 'py> StepArrays<'a, 'py> {
             return Ok(Some(f(ro.shape(), Data::F64(data))));
         }
         Err(HarnessError::Python(format!(
-            "{}: site `{site}` is a {}, not a float32/float64 numpy array (the protocol requires C-contiguous float32, \
+            "{reference}: site `{site}` is a {}, not a float32/float64 numpy array (the protocol requires C-contiguous float32, \
              or float64 from a float64 reference)",
-            self.reference,
             type_name(&obj)
         )))
     }
 
     pub fn has(&self, site: &str) -> Result<bool, HarnessError> {
-        self.dict.contains(site).map_err(|e| py_err(self.py, e, "reading the step's dict"))
+        match &self.inner {
+            ArraysInner::Trace(t, _) => Ok(t.has(site)),
+            ArraysInner::Python { py, dict, .. } => dict.contains(site).map_err(|e| py_err(*py, e, "reading the step's dict")),
+        }
     }
 }
