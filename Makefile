@@ -14,12 +14,14 @@ LOCKSTEP := target/release/lockstep
 
 DEMO_ARGS := run --model smollm2 --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env build demo test fixtures help
+.PHONY: setup env build demo test fixtures snapshots models help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
 	@echo "make test   - set up (if needed) and run the whole test suite"
 	@echo "make setup  - create the reference environment ($(LOCKSTEP_VENV)) and build $(LOCKSTEP)"
+	@echo "make snapshots - re-record every golden trace of snapshots/traces/manifest.toml"
+	@echo "make models - put the weights that golden traces need but are not committed into the model store"
 
 env:
 	@bash scripts/setup_env.sh
@@ -32,9 +34,22 @@ setup: build
 demo: setup
 	$(LOCKSTEP) $(DEMO_ARGS)
 
+# LOCKSTEP_REQUIRE_LIVE: the live-reference tests must run here, never be ignored.
 test: setup
-	$(CARGO) test --release --locked --workspace
+	LOCKSTEP_REQUIRE_LIVE=1 $(CARGO) test --release --locked --workspace
 
 # Regenerates the committed tiny fixtures (deterministic; the self-check runs transformers).
 fixtures: env
 	$(LOCKSTEP_VENV)/bin/python scripts/make_fixtures.py
+
+# Re-records every case of snapshots/traces/manifest.toml with the live references
+# (deterministic: a second run leaves `git status` clean). Then `cargo test` replays them;
+# if a parity summary changed, review it with `cargo insta review` (see README).
+snapshots: setup models
+	$(LOCKSTEP) snapshots
+
+# The model store ($LOCKSTEP_MODELS, else ~/.cache/lockstep/models): weights that traces were
+# recorded from but that are too large to commit (SmolLM2), for replays on machines without
+# the reference environment.
+models:
+	@bash scripts/fetch_models.sh

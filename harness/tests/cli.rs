@@ -1,8 +1,10 @@
 //! End-to-end tests of the `lockstep` binary against the real transformers reference.
 //!
-//! They need the reference environment. `make test` creates it; run directly with
-//! `cargo test` they use `$LOCKSTEP_VENV` or the repository's `.venv`, and fail (never
-//! skip) when it is missing.
+//! Most need the reference environment. `make test` creates it; run directly with
+//! `cargo test` they use `$LOCKSTEP_VENV` or the repository's `.venv`. Where it did not
+//! exist when the harness was built (build.rs), they are listed as ignored with the command
+//! that enables them, never passed silently; the tests of bad input need no Python and
+//! always run. Golden replays that need no Python at all are in tests/replay.rs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,8 +15,12 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+fn venv_path() -> PathBuf {
+    std::env::var_os("LOCKSTEP_VENV").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"))
+}
+
 fn venv() -> PathBuf {
-    let v = std::env::var_os("LOCKSTEP_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"));
+    let v = venv_path();
     assert!(
         v.join("bin/python").exists(),
         "the reference environment is missing at {}: run `make setup` (or `make test`, which does it)",
@@ -25,7 +31,9 @@ fn venv() -> PathBuf {
 
 fn lockstep() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
-    c.env("LOCKSTEP_VENV", venv()).env_remove("LOCKSTEP_REFERENCES").env_remove("RUST_BACKTRACE");
+    // Not asserted here: the tests of bad input need no Python. A live test without the
+    // environment fails with the binary's own message (`make setup`).
+    c.env("LOCKSTEP_VENV", venv_path()).env_remove("LOCKSTEP_REFERENCES").env_remove("RUST_BACKTRACE");
     c
 }
 
@@ -116,6 +124,7 @@ fn assert_full_pass(report: &Value, num_layers: usize, out: &str, full: &[&str])
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tiny_hf_dir_runs_in_lockstep_and_passes() {
     let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 12, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -128,6 +137,7 @@ fn tiny_hf_dir_runs_in_lockstep_and_passes() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
     let (code, out, err, report) = run_json("tiny-gguf", "--chat", "What is the capital of France?", 12, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -140,6 +150,7 @@ fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn smollm2_demo_passes_on_all_30_layers_and_matches_generate() {
     let (code, out, err, report) = run_json("smollm2", "--chat", "What is the capital of France?", 32, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -150,6 +161,7 @@ fn smollm2_demo_passes_on_all_30_layers_and_matches_generate() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
     let (code, out, _, report) = run_json("tiny", "--prompt", "def add(a, b):", 6, &[]);
     assert_eq!(code, 0, "{out}");
@@ -169,6 +181,7 @@ fn assert_pairs_printed(out: &str, pairs: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tiny_hf_dir_with_transformers_and_mlx() {
     let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 8, &[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -191,6 +204,7 @@ fn tiny_hf_dir_with_transformers_and_mlx() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tiny_gguf_with_transformers_mlx_and_llamacpp() {
     let dir = tmp("tiny-gguf-3");
     let json = dir.join("r.json");
@@ -208,6 +222,7 @@ fn tiny_gguf_with_transformers_mlx_and_llamacpp() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn smollm2_against_transformers_mlx_and_llamacpp() {
     let dir = tmp("smollm2-3");
     let json = dir.join("r.json");
@@ -235,6 +250,7 @@ fn smollm2_against_transformers_mlx_and_llamacpp() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn f64_oracle_says_which_side_is_closer() {
     let dir = tmp("oracle");
     let json = dir.join("r.json");
@@ -254,6 +270,7 @@ fn f64_oracle_says_which_side_is_closer() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn a_model_a_reference_cannot_load_names_the_reference() {
     assert_exit_2(
         &["run", "--model", "tiny", "--reference", "transformers,llamacpp", "--chat", "hi"],
@@ -263,6 +280,7 @@ fn a_model_a_reference_cannot_load_names_the_reference() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn a_missing_reference_package_names_the_reference_and_the_fix() {
     // A references/ directory whose mlx module needs a package the environment lacks.
     let dir = tmp("refs-missing-pkg");
@@ -317,6 +335,7 @@ def load(model, **kw):
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
     let refs = sabotaged_references();
     let refs = refs.to_str().unwrap();
@@ -336,6 +355,7 @@ fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn the_noise_floor_turns_a_failure_within_reference_disagreement_into_drift() {
     let refs = sabotaged_references();
     let refs = refs.to_str().unwrap();
@@ -376,6 +396,7 @@ fn the_noise_floor_turns_a_failure_within_reference_disagreement_into_drift() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn an_exception_in_the_reference_is_exit_2_with_its_traceback() {
     let refs = sabotaged_references();
     let refs = refs.to_str().unwrap();
@@ -462,6 +483,7 @@ fn missing_reference_environment() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn missing_python_package_names_the_fix() {
     // A venv-shaped directory whose Python lacks torch/transformers.
     let dir = tmp("bare-venv");
@@ -485,4 +507,18 @@ fn missing_python_package_names_the_fix() {
 fn zero_steps_and_missing_prompt_are_usage_errors() {
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--steps", "0"], &[], &["--steps"]);
     assert_exit_2(&["run", "--model", "tiny"], &[], &["--prompt", "--chat"]);
+}
+
+/// `make test` sets LOCKSTEP_REQUIRE_LIVE=1 after creating the reference environment: there
+/// the live tests above must have been built to run, not as ignored.
+#[test]
+fn live_tests_run_where_make_test_requires_them() {
+    if std::env::var("LOCKSTEP_REQUIRE_LIVE").as_deref() == Ok("1") {
+        assert!(
+            cfg!(lockstep_live),
+            "LOCKSTEP_REQUIRE_LIVE=1 but the live-reference tests were built as ignored: no reference environment at {} \
+             when the harness was built (build.rs); run `make setup`",
+            venv_path().display()
+        );
+    }
 }
