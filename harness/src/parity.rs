@@ -382,6 +382,28 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
             }
         }
     }
+    // Where each reference first leaves the pass band, drift included: a change of the
+    // engine's math shows here at the site where it enters, even when it stays under the
+    // fail bound (or first fails further on).
+    let _ = writeln!(o, "first non-pass site (forward order, drift included):");
+    for (i, x) in refs.iter().enumerate() {
+        let first = r.steps.iter().find_map(|st| {
+            let rs = &st.references[i];
+            if let Some(s) = rs.sites.iter().find(|s| s.verdict != Verdict::Pass) {
+                let rel = s.metrics.map(|m| format!("rel-L2 decade {}", decade(m.rel_l2))).unwrap_or_else(|| "shape".into());
+                return Some(format!(
+                    "step {}, {}site `{}`: {}, {rel}",
+                    st.step,
+                    s.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+                    s.site,
+                    s.verdict.as_str()
+                ));
+            }
+            (rs.logits_verdict != Verdict::Pass)
+                .then(|| format!("step {}, next-token distribution: {}, KL {}", st.step, rs.logits_verdict.as_str(), pow10(rs.logits.kl)))
+        });
+        let _ = writeln!(o, "  {:<width$}  {}", x.name, first.unwrap_or_else(|| "none".into()));
+    }
     let _ = writeln!(o, "verdict: {}", if r.verdict_pass { "PASS" } else { "DIVERGED" });
     // Sites that were never compared are listed, never silently skipped.
     for rs in &s.references {
