@@ -12,6 +12,7 @@ use crate::cache::KvCache;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
+use crate::quant::Linear;
 use crate::taps::{tap, Capture};
 use crate::weights::{LayerWeights, LlamaWeights};
 
@@ -23,9 +24,9 @@ pub struct Llama {
     device: Device,
 }
 
-/// `x @ w.T` for `x (seq, in)`, `w (out, in)`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+/// `x @ w.T` for `x (seq, in)`, `w (out, in)`, dense or quantized.
+fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
+    w.forward(x)
 }
 
 /// RMSNorm as in transformers' `LlamaRMSNorm`: `w * x / sqrt(mean(x^2) + eps)`.

@@ -149,7 +149,7 @@ fn greedy_generate_is_the_stepwise_argmax() {
 #[test]
 fn f64_runs_and_agrees_with_f32() {
     let m32 = tiny_hf();
-    let m64 = load(&fixture("tiny-llama"), &LoadOptions { dtype: DType::F64 }).unwrap();
+    let m64 = load(&fixture("tiny-llama"), &LoadOptions { dtype: DType::F64, ..Default::default() }).unwrap();
     let ids = prompt_ids(&m32);
     let a = m32.model.forward(&ids, &mut m32.model.new_cache(), None).unwrap();
     let b = m64.model.forward(&ids, &mut m64.model.new_cache(), None).unwrap();

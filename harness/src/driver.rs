@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub prompt: Prompt,
     pub steps: usize,
     pub precision: Precision,
+    /// How the engine holds GGUF weights (`None`: quantized for GGUF in f32, else dense).
+    pub weights: Option<lockstep_engine::WeightsMode>,
 }
 
 /// One site of one step, engine vs one reference.
@@ -222,7 +224,12 @@ pub struct RunResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineInfo {
+    /// Where the weights came from (hf-safetensors, gguf).
     pub weights: &'static str,
+    /// quantized or dequant.
+    pub weights_mode: &'static str,
+    /// Storage types of the matrices, e.g. ["Q4_1", "Q8_0"] (["f32"] when dense).
+    pub matrix_types: Vec<String>,
     pub dtype: Precision,
     pub qk_layout: &'static str,
     pub transforms: Vec<&'static str>,
@@ -246,7 +253,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype })?)
+    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights })?)
 }
 
 /// Encodes the prompt on the engine side.
@@ -565,6 +572,8 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         summary,
         engine: EngineInfo {
             weights: engine.origin.name(),
+            weights_mode: engine.weights.name(),
+            matrix_types: engine.model.weights.matrix_types(),
             dtype: opts.precision,
             qk_layout: match layout {
                 QkLayout::HalfSplit => "half-split",

@@ -8,11 +8,13 @@
 //! - [`report`]: the printed table and the JSON report
 //! - [`models`]: model aliases
 
+pub mod bench;
 pub mod compare;
 pub mod driver;
 pub mod error;
 pub mod models;
 pub mod python;
+pub mod quantcheck;
 pub mod report;
 pub mod tolerance;
 

@@ -1,0 +1,526 @@
+//! Quantized weight matrices and the matmul kernels that use them.
+//!
+//! A [`Linear`] is one weight matrix `(out, in)` applied as `x @ W^T`. It is either dense
+//! (an f32/f64 [`Tensor`], `--weights dequant`) or kept in its GGUF block format
+//! (`--weights quantized`, the default for GGUF files).
+//!
+//! Quantized matmuls follow ggml's CPU scheme, so that the engine and llama.cpp compute
+//! the same numbers from the same file: the activations of each row are quantized to
+//! 8 bits per 32-value block (Q8_0, or Q8_1 which also stores `d * sum(q)` for formats
+//! with a block minimum), then every output is a sum over blocks of
+//! `d_w * d_x * Σ q_w q_x` (+ `m_w * s_x` for Q4_1). Q4_0, Q4_1 and Q8_0 use this
+//! crate's own AVX2 kernels (candle's Q4_1 dot product is scalar on x86, see GOTCHAS.md);
+//! every other GGUF type goes through candle's `QMatMul`, which implements the same
+//! scheme with its own kernels (Q8_K activations for the K-quants).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// How GGUF weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightsMode {
+    /// Kept in their block format, multiplied with quantized kernels (what llama.cpp does).
+    #[default]
+    Quantized,
+    /// Dequantized to the compute dtype at load (f32 or f64), multiplied densely.
+    Dequant,
+}
+
+impl WeightsMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WeightsMode::Quantized => "quantized",
+            WeightsMode::Dequant => "dequant",
+        }
+    }
+}
+
+const QK: usize = 32;
+
+/// A weight matrix `(out, in)`, applied as `x @ W^T`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense(Tensor),
+    /// Q4_0, Q4_1, Q8_0 with this crate's kernels.
+    Blocks(Arc<BlockMatrix>),
+    /// Any other GGUF type, through candle (`QMatMul`), with its GGUF type kept for reports.
+    Candle(Arc<QMatMul>, GgmlDType),
+}
+
+impl Linear {
+    /// Wraps a GGUF tensor `(out, in)` for quantized matmuls.
+    pub fn from_qtensor(q: QTensor) -> Result<Self> {
+        let dtype = q.dtype();
+        let (out, inp) = q.shape().dims2()?;
+        let kind = match dtype {
+            GgmlDType::Q4_0 => Some(BlockKind::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
+            _ => None,
+        };
+        match kind {
+            Some(kind) if inp % QK == 0 => {
+                Ok(Linear::Blocks(Arc::new(BlockMatrix::new(kind, out, inp, &q.data()?))))
+            }
+            _ => Ok(Linear::Candle(Arc::new(QMatMul::from_qtensor(q)?), dtype)),
+        }
+    }
+
+    /// `x (seq, in)` -> `(seq, out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(w) => Ok(x.matmul(&w.t()?)?),
+            Linear::Blocks(m) => {
+                let (seq, inp) = x.dims2()?;
+                if inp != m.inp {
+                    return Err(crate::EngineError::Input(format!(
+                        "quantized matmul: input has {inp} columns, weight has {}",
+                        m.inp
+                    )));
+                }
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let out = m.matmul(&xs, seq);
+                Ok(Tensor::from_vec(out, (seq, m.out), x.device())?)
+            }
+            Linear::Candle(q, _) => Ok(q.forward(x)?),
+        }
+    }
+
+    /// The first block whose scale (or minimum) is not finite, with that value: a corrupted
+    /// file. Dense weights are checked element by element (block = element index).
+    pub fn first_nonfinite(&self) -> Result<Option<(usize, f32)>> {
+        match self {
+            Linear::Blocks(m) => Ok(m.first_nonfinite_scale()),
+            Linear::Dense(t) => first_nonfinite(t, 1),
+            Linear::Candle(_, d) => first_nonfinite(&self.dequantize()?, d.block_size()),
+        }
+    }
+
+    /// The storage type: "f32" for dense, else the GGUF type name.
+    pub fn type_name(&self) -> String {
+        match self {
+            Linear::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Linear::Blocks(m) => m.kind.name().into(),
+            Linear::Candle(_, d) => format!("{d:?}"),
+        }
+    }
+
+    /// The weight as a dense f32 tensor (for inspection and tests).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        match self {
+            Linear::Dense(t) => Ok(t.clone()),
+            Linear::Blocks(m) => Ok(Tensor::from_vec(m.dequantize(), (m.out, m.inp), &Device::Cpu)?),
+            Linear::Candle(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl BlockKind {
+    fn name(&self) -> &'static str {
+        match self {
+            BlockKind::Q4_0 => "Q4_0",
+            BlockKind::Q4_1 => "Q4_1",
+            BlockKind::Q8_0 => "Q8_0",
+        }
+    }
+    /// Bytes per 32-value weight block.
+    fn block_bytes(&self) -> usize {
+        match self {
+            BlockKind::Q4_0 => 18,
+            BlockKind::Q4_1 => 20,
+            BlockKind::Q8_0 => 34,
+        }
+    }
+}
+
+/// A row-major matrix of GGUF blocks, repacked for the kernels: the 4/8-bit values of
+/// every block stay as stored, the f16 scale (and Q4_1 minimum) of every block are
+/// widened to f32 once at load (exact: every f16 is an f32).
+#[derive(Debug, Clone)]
+pub struct BlockMatrix {
+    pub kind: BlockKind,
+    pub out: usize,
+    pub inp: usize,
+    /// Quant values, `qbytes()` per block, row-major.
+    qs: Vec<u8>,
+    /// Block scales, `out * inp/32`.
+    d: Vec<f32>,
+    /// Block minimums (Q4_1), else empty.
+    m: Vec<f32>,
+}
+
+fn rd_f16(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Output rows per parallel task: two tasks per pool thread (so a thread that another
+/// process slows down leaves work to steal), at least 16 rows to amortize a task.
+fn rows_per_task(out: usize) -> usize {
+    let tasks = 2 * rayon::current_num_threads().max(1);
+    out.div_ceil(tasks).max(16)
+}
+
+impl BlockKind {
+    /// Bytes of quant values per block (after the f16 header).
+    fn qbytes(&self) -> usize {
+        match self {
+            BlockKind::Q4_0 | BlockKind::Q4_1 => 16,
+            BlockKind::Q8_0 => 32,
+        }
+    }
+    fn header(&self) -> usize {
+        self.block_bytes() - self.qbytes()
+    }
+}
+
+/// Activations quantized per 32-value block: i8 values, f32 scales `d` and (Q8_1) `s = d·Σq`.
+pub struct QuantizedRows {
+    pub k: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+}
+
+impl BlockMatrix {
+    pub fn new(kind: BlockKind, out: usize, inp: usize, raw: &[u8]) -> Self {
+        let nb = out * inp / QK;
+        let (h, qb) = (kind.header(), kind.qbytes());
+        let mut qs = Vec::with_capacity(nb * qb);
+        let mut d = Vec::with_capacity(nb);
+        let mut m = Vec::new();
+        for blk in raw.chunks_exact(kind.block_bytes()).take(nb) {
+            d.push(rd_f16(blk, 0));
+            if kind == BlockKind::Q4_1 {
+                m.push(rd_f16(blk, 2));
+            }
+            qs.extend_from_slice(&blk[h..h + qb]);
+        }
+        Self { kind, out, inp, qs, d, m }
+    }
+
+    fn first_nonfinite_scale(&self) -> Option<(usize, f32)> {
+        let d = self.d.iter().position(|x| !x.is_finite()).map(|i| (i, self.d[i]));
+        d.or_else(|| self.m.iter().position(|x| !x.is_finite()).map(|i| (i, self.m[i])))
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let qb = self.kind.qbytes();
+        let mut out = Vec::with_capacity(self.out * self.inp);
+        for (b, q) in self.qs.chunks_exact(qb).enumerate() {
+            let d = self.d[b];
+            match self.kind {
+                BlockKind::Q4_0 => {
+                    out.extend(q.iter().map(|&v| ((v & 0xF) as i32 - 8) as f32 * d));
+                    out.extend(q.iter().map(|&v| ((v >> 4) as i32 - 8) as f32 * d));
+                }
+                BlockKind::Q4_1 => {
+                    let m = self.m[b];
+                    out.extend(q.iter().map(|&v| (v & 0xF) as f32 * d + m));
+                    out.extend(q.iter().map(|&v| (v >> 4) as f32 * d + m));
+                }
+                BlockKind::Q8_0 => out.extend(q.iter().map(|&v| v as i8 as f32 * d)),
+            }
+        }
+        out
+    }
+
+    /// `x (seq, in)` row-major -> `(seq, out)` row-major.
+    pub fn matmul(&self, x: &[f32], seq: usize) -> Vec<f32> {
+        let xq = quantize_rows(x, seq, self.inp, self.kind == BlockKind::Q4_1);
+        let mut out = vec![0f32; seq * self.out];
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let rows = rows_per_task(self.out);
+        let n_tasks = self.out.div_ceil(rows);
+        let task = |t: usize| {
+            let o0 = t * rows;
+            let o1 = (o0 + rows).min(self.out);
+            for o in o0..o1 {
+                let mut s = 0;
+                while s < seq {
+                    let n = (seq - s).min(4);
+                    let r = dot_n(self, o, &xq, s, n);
+                    for (j, v) in r.into_iter().take(n).enumerate() {
+                        // SAFETY: each task writes only the columns o0..o1 of every row.
+                        unsafe { *out_ptr.get().add((s + j) * self.out + o) = v };
+                    }
+                    s += n;
+                }
+            }
+        };
+        if n_tasks > 1 && self.out * self.inp * seq >= 1 << 14 {
+            (0..n_tasks).into_par_iter().for_each(task);
+        } else {
+            (0..n_tasks).for_each(task);
+        }
+        out
+    }
+}
+
+/// The first non-finite element of `t` as (block index, value), blocks of `block` elements.
+pub fn first_nonfinite(t: &Tensor, block: usize) -> Result<Option<(usize, f32)>> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().position(|x| !x.is_finite()).map(|i| (i / block.max(1), v[i])))
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only for disjoint writes from parallel tasks, joined before the Vec is read.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// --- activation quantization ----------------------------------------------------------------
+
+/// Quantizes each row of `x (seq, k)` to 8-bit blocks as ggml's `quantize_row_q8_0` /
+/// `quantize_row_q8_1` do: `d = amax/127`, `q = round(x · 127/amax)` (nearest, ties to
+/// even as in ggml's AVX2 path), and for Q8_1 `s = d · Σq`. `d` and `s` are rounded to
+/// f16 as ggml stores them, so both sides multiply with the same scales.
+pub fn quantize_rows(x: &[f32], seq: usize, k: usize, with_sum: bool) -> QuantizedRows {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 (checked); the body is plain Rust compiled with it, so
+        // rounding is one instruction instead of a libm call.
+        return unsafe { quantize_rows_avx2(x, seq, k, with_sum) };
+    }
+    quantize_rows_impl(x, seq, k, with_sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_rows_avx2(x: &[f32], seq: usize, k: usize, with_sum: bool) -> QuantizedRows {
+    quantize_rows_impl(x, seq, k, with_sum)
+}
+
+#[inline(always)]
+fn quantize_rows_impl(x: &[f32], seq: usize, k: usize, with_sum: bool) -> QuantizedRows {
+    let nb = seq * k / QK;
+    let mut qs = vec![0i8; nb * QK];
+    let mut d = Vec::with_capacity(nb);
+    let mut s = Vec::with_capacity(if with_sum { nb } else { 0 });
+    for (blk, dst) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
+        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let dd = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in dst.iter_mut().zip(blk) {
+            let r = (v * id).round_ties_even() as i32;
+            sum += r;
+            *q = r as i8;
+        }
+        d.push(f16::from_f32(dd).to_f32());
+        if with_sum {
+            s.push(f16::from_f32(dd * sum as f32).to_f32());
+        }
+    }
+    QuantizedRows { k, qs, d, s }
+}
+
+// --- dot products ---------------------------------------------------------------------------
+
+/// Dot products of weight row `o` with activation rows `s..s+n` (n <= 4).
+fn dot_n(w: &BlockMatrix, o: usize, x: &QuantizedRows, s: usize, n: usize) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked); indices are in range by construction.
+        return unsafe { x86::dot_n(w, o, x, s, n) };
+    }
+    let mut r = [0f32; 4];
+    for (j, v) in r.iter_mut().enumerate().take(n) {
+        *v = dot_scalar(w, o, x, s + j);
+    }
+    r
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// The same sums in plain Rust (other CPUs, and the oracle of the SIMD kernels' tests).
+pub fn dot_scalar(w: &BlockMatrix, o: usize, x: &QuantizedRows, s: usize) -> f32 {
+    let nb = w.inp / QK;
+    let qb = w.kind.qbytes();
+    let mut sum = 0f32;
+    for i in 0..nb {
+        let wb = o * nb + i;
+        let xb = s * nb + i;
+        let q = &w.qs[wb * qb..(wb + 1) * qb];
+        let y = &x.qs[xb * QK..(xb + 1) * QK];
+        let dot: i32 = match w.kind {
+            BlockKind::Q4_0 => (0..16)
+                .map(|j| ((q[j] & 0xF) as i32 - 8) * y[j] as i32 + ((q[j] >> 4) as i32 - 8) * y[j + 16] as i32)
+                .sum(),
+            BlockKind::Q4_1 => {
+                (0..16).map(|j| (q[j] & 0xF) as i32 * y[j] as i32 + (q[j] >> 4) as i32 * y[j + 16] as i32).sum()
+            }
+            BlockKind::Q8_0 => (0..32).map(|j| q[j] as i8 as i32 * y[j] as i32).sum(),
+        };
+        sum += dot as f32 * (w.d[wb] * x.d[xb]);
+        if w.kind == BlockKind::Q4_1 {
+            sum += w.m[wb] * x.s[xb];
+        }
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BlockKind, BlockMatrix, QuantizedRows, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// 32 nibbles -> 32 bytes: low nibbles (values 0..16) then high nibbles (16..32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let t = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let b = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4));
+        _mm256_and_si256(b, _mm256_set1_epi8(0xF))
+    }
+
+    /// Σ over 32 lanes of unsigned x · signed y, as 8 f32 partial sums (ggml's
+    /// `mul_sum_us8_pairs_float`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256 {
+        let dot = _mm256_maddubs_epi16(ax, sy);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
+    }
+
+    /// Dot products of weight row `o` with activation rows `s..s+n` (n <= 4), sharing each
+    /// unpacked weight block between them. Same per-block arithmetic and accumulation
+    /// order as ggml's AVX2 `vec_dot_q4_0_q8_0` / `q4_1_q8_1` / `q8_0_q8_0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_n(w: &BlockMatrix, o: usize, x: &QuantizedRows, s: usize, n: usize) -> [f32; 4] {
+        let nb = w.inp / QK;
+        let qb = w.kind.qbytes();
+        let wq = unsafe { w.qs.as_ptr().add(o * nb * qb) };
+        let wd = &w.d[o * nb..(o + 1) * nb];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for i in 0..nb {
+            let qw = match w.kind {
+                BlockKind::Q4_0 => _mm256_sub_epi8(unsafe { nibbles(wq.add(i * 16)) }, _mm256_set1_epi8(8)),
+                BlockKind::Q4_1 => unsafe { nibbles(wq.add(i * 16)) },
+                BlockKind::Q8_0 => unsafe { _mm256_loadu_si256(wq.add(i * 32) as *const __m256i) },
+            };
+            let signed = w.kind != BlockKind::Q4_1;
+            let ax = if signed { _mm256_sign_epi8(qw, qw) } else { qw };
+            for j in 0..n {
+                let xb = (s + j) * nb + i;
+                let qy = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(xb * QK) as *const __m256i) };
+                let sy = if signed { _mm256_sign_epi8(qy, qw) } else { qy };
+                let p = mul_sum_us8(ax, sy);
+                let d = _mm256_set1_ps(wd[i] * x.d[xb]);
+                acc[j] = _mm256_fmadd_ps(d, p, acc[j]);
+                if !signed {
+                    mins[j] += w.m[o * nb + i] * x.s[xb];
+                }
+            }
+        }
+        let mut r = [0f32; 4];
+        for j in 0..n {
+            r[j] = hsum(acc[j]) + mins[j];
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        }
+    }
+
+    #[test]
+    fn simd_kernels_equal_the_scalar_sums() {
+        let (out, inp, seq) = (37, 96, 6);
+        let mut r = lcg(7);
+        let w: Vec<f32> = (0..out * inp).map(|_| r()).collect();
+        let x: Vec<f32> = (0..seq * inp).map(|_| r()).collect();
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let t = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, dt).unwrap();
+            let Linear::Blocks(m) = Linear::from_qtensor(q).unwrap() else { panic!("{dt:?} not on own kernels") };
+            let got = m.matmul(&x, seq);
+            let xq = quantize_rows(&x, seq, inp, m.kind == BlockKind::Q4_1);
+            for s in 0..seq {
+                for o in 0..out {
+                    let want = dot_scalar(&m, o, &xq, s);
+                    let g = got[s * out + o];
+                    assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{dt:?} s{s} o{o}: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn own_dequantizer_equals_candles() {
+        let mut r = lcg(3);
+        let w: Vec<f32> = (0..8 * 64).map(|_| r()).collect();
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let t = Tensor::from_vec(w.clone(), (8, 64), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, dt).unwrap();
+            let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let Linear::Blocks(m) = Linear::from_qtensor(q).unwrap() else { panic!() };
+            assert_eq!(m.dequantize(), want, "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_is_close_to_the_dense_one() {
+        // Activation quantization to 8 bits costs ~1e-2 relative (GOTCHAS.md), not more.
+        let (out, inp, seq) = (64, 128, 5);
+        let mut r = lcg(11);
+        let w: Vec<f32> = (0..out * inp).map(|_| r()).collect();
+        let x: Vec<f32> = (0..seq * inp).map(|_| r()).collect();
+        let xt = Tensor::from_vec(x, (seq, inp), &Device::Cpu).unwrap();
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let t = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
+            let lin = Linear::from_qtensor(QTensor::quantize(&t, dt).unwrap()).unwrap();
+            let dense = Linear::Dense(lin.dequantize().unwrap());
+            let a: Vec<f32> = lin.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = dense.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let num: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+            let den: f32 = b.iter().map(|y| y * y).sum();
+            let rel = (num / den).sqrt();
+            assert!(rel < 1.5e-2 && rel > 0.0, "{dt:?}: rel {rel}");
+        }
+    }
+}
