@@ -14,12 +14,13 @@ LOCKSTEP := target/release/lockstep
 
 DEMO_ARGS := run --model smollm2 --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env build demo test fixtures help
+.PHONY: setup env build demo test fixtures bench help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
 	@echo "make test   - set up (if needed) and run the whole test suite"
 	@echo "make setup  - create the reference environment ($(LOCKSTEP_VENV)) and build $(LOCKSTEP)"
+	@echo "make bench  - prefill/decode speed of the engine, llama.cpp and transformers (SmolLM2 Q4_1, 2 threads)"
 
 env:
 	@bash scripts/setup_env.sh
@@ -38,3 +39,8 @@ test: setup
 # Regenerates the committed tiny fixtures (deterministic; the self-check runs transformers).
 fixtures: env
 	$(LOCKSTEP_VENV)/bin/python scripts/make_fixtures.py
+
+# Speed, side by side in one run: engine (quantized and dequantized), llama.cpp, transformers.
+BENCH_ARGS ?= --model smollm2 --threads 2 --prefill 128 --decode 64
+bench: setup
+	$(LOCKSTEP) bench $(BENCH_ARGS)

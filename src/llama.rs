@@ -188,12 +188,11 @@ impl Llama {
         // --- attention ---
         let h = rms_norm(x, &lw.attn_norm, cfg.rms_norm_eps)?;
         tap(cap, || format!("layers.{i}.attn_norm"), &h);
-        let q = linear(&h, &lw.wq)?; // (seq, nh*hd)
-        let k = linear(&h, &lw.wk)?; // (seq, nkv*hd)
-        let v = linear(&h, &lw.wv)?;
-        tap(cap, || format!("layers.{i}.q"), &q);
-        tap(cap, || format!("layers.{i}.k"), &k);
-        tap(cap, || format!("layers.{i}.v"), &v);
+        let qkv = Linear::forward_group(&[&lw.wq, &lw.wk, &lw.wv], &h)?;
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]); // (seq, nh*hd), (seq, nkv*hd) x2
+        tap(cap, || format!("layers.{i}.q"), q);
+        tap(cap, || format!("layers.{i}.k"), k);
+        tap(cap, || format!("layers.{i}.v"), v);
         let q = q.reshape((seq, nh, hd))?.transpose(0, 1)?.contiguous()?; // (nh, seq, hd)
         let k = k.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?; // (nkv, seq, hd)
         let v = v.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
@@ -225,10 +224,10 @@ impl Llama {
         // --- MLP ---
         let h = rms_norm(&x, &lw.mlp_norm, cfg.rms_norm_eps)?;
         tap(cap, || format!("layers.{i}.mlp_norm"), &h);
-        let gate = linear(&h, &lw.w_gate)?;
-        let up = linear(&h, &lw.w_up)?;
-        tap(cap, || format!("layers.{i}.mlp_gate"), &gate);
-        tap(cap, || format!("layers.{i}.mlp_up"), &up);
+        let gu = Linear::forward_group(&[&lw.w_gate, &lw.w_up], &h)?;
+        let (gate, up) = (&gu[0], &gu[1]);
+        tap(cap, || format!("layers.{i}.mlp_gate"), gate);
+        tap(cap, || format!("layers.{i}.mlp_up"), up);
         let act = (gate.silu()? * up)?;
         tap(cap, || format!("layers.{i}.mlp_act"), &act);
         let mlp_out = linear(&act, &lw.w_down)?;

@@ -39,6 +39,9 @@ pub struct LlamaWeights {
     pub layers: Vec<LayerWeights>,
     pub norm: Tensor,    // (hidden)
     pub lm_head: Linear, // (vocab, hidden); the embedding itself when tied
+    /// How many of the matrices are stored in each type in the file ("F32", "Q4_1", ...),
+    /// whatever mode they were loaded in.
+    pub stored_types: std::collections::BTreeMap<String, usize>,
 }
 
 impl LlamaWeights {
@@ -66,6 +69,16 @@ impl LlamaWeights {
     pub fn matrix_types(&self) -> Vec<String> {
         let set: BTreeSet<String> = self.matrices().iter().map(|(_, m)| m.type_name()).collect();
         set.into_iter().collect()
+    }
+
+    /// The file's quantization: its most common block-quantized matrix type (None when
+    /// every matrix is stored as F32/F16/BF16).
+    pub fn quant_type(&self) -> Option<String> {
+        self.stored_types
+            .iter()
+            .filter(|(t, _)| !matches!(t.as_str(), "F32" | "F16" | "BF16"))
+            .max_by_key(|(_, n)| **n)
+            .map(|(t, _)| t.clone())
     }
 
     /// True when any matrix is multiplied with quantized kernels.
@@ -145,6 +158,8 @@ trait TensorSource {
     fn names(&self) -> Vec<String>;
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor>;
+    /// The stored type of a tensor: "F32", "F16", "BF16", "Q4_1", ...
+    fn stored_type(&self, name: &str) -> String;
     /// A matrix kept in its stored (quantized) format; dense when the source has none.
     fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
         let _ = mode;
@@ -166,6 +181,9 @@ impl TensorSource for SafetensorsSource {
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn stored_type(&self, name: &str) -> String {
+        self.tensors.get(name).map(|t| format!("{:?}", t.dtype()).to_uppercase()).unwrap_or_default()
     }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
@@ -323,6 +341,9 @@ impl TensorSource for GgufFile {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
     }
+    fn stored_type(&self, name: &str) -> String {
+        self.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)).unwrap_or_default()
+    }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let q = self.qtensor(name)?;
         let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
@@ -423,8 +444,10 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
         check_shape(src, used, &name, &shape)?;
         src.load(&name, dtype)
     };
-    let mat = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
+    let mut stored_types = std::collections::BTreeMap::new();
+    let mut mat = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
         check_shape(src, used, &name, &shape)?;
+        *stored_types.entry(src.stored_type(&name)).or_insert(0usize) += 1;
         src.load_linear(&name, dtype, mode)
     };
     let u = &mut used;
@@ -472,5 +495,5 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
             arch: "llama".into(),
         });
     }
-    Ok(LlamaWeights { embed, layers, norm, lm_head })
+    Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })
 }

@@ -58,7 +58,7 @@ impl WeightsArg {
 enum Cmd {
     /// Run the engine and a reference in lockstep and compare every site at every step.
     Run {
-        /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
+        /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
         #[arg(long)]
         model: String,
         /// References, comma-separated: transformers, mlx, llamacpp; NAME:f64 runs one in
@@ -83,7 +83,7 @@ enum Cmd {
     },
     /// Generate greedily with the engine alone and print the text.
     Generate {
-        /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
+        /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
         #[arg(long)]
         model: String,
         #[command(flatten)]

@@ -97,6 +97,30 @@ pub fn run(path: &Path) -> Result<QuantCheck, HarnessError> {
         .collect();
     infos.sort_by_key(|x| x.3);
 
+    // Truncated tensor data stops every reader (the gguf package's too): name the tensors
+    // that do not fit in the file before going further.
+    let file_len = std::fs::metadata(path).map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })?.len();
+    let short: Vec<String> = infos
+        .iter()
+        .filter_map(|(name, dt, dims, off)| {
+            let elems: usize = dims.iter().product();
+            let bytes = (elems / dt.block_size() * dt.type_size()) as u64;
+            let start = g.content.tensor_data_offset + off;
+            (start + bytes > file_len).then(|| {
+                format!("`{name}` needs {bytes} bytes at offset {start}, only {} left", file_len.saturating_sub(start))
+            })
+        })
+        .collect();
+    if !short.is_empty() {
+        return Err(HarnessError::Io {
+            path: path.display().to_string(),
+            message: format!(
+                "tensor data truncated: {} (a truncated download or copy; re-download the file)",
+                short.join("; ")
+            ),
+        });
+    }
+
     ensure_python()?;
     Python::attach(|py| {
         let m = py.import("quant_check").map_err(|e| py_err(py, e, "importing references/quant_check.py"))?;
