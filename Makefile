@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(LOCKSTEP_VENV)/bin/python
 CARGO ?= cargo
 LOCKSTEP := target/release/lockstep
 
-DEMO_ARGS := run --model smollm2 --reference transformers --chat "What is the capital of France?" --steps 32
+DEMO_ARGS := run --model smollm2 --weights dequant --reference transformers --chat "What is the capital of France?" --steps 32
 
 .PHONY: setup env build demo test fixtures bench help
 

@@ -308,18 +308,9 @@ fn matmul_group(ms: &[&BlockMatrix], x: &[f32], seq: usize) -> Vec<Vec<f32>> {
     let task = |&(mi, o0, o1): &(usize, usize, usize)| {
         let m = ms[mi];
         let out = ptrs[mi];
-        for o in o0..o1 {
-            let mut s = 0;
-            while s < seq {
-                let n = (seq - s).min(4);
-                let r = dot_n(m, o, &xq, s, n);
-                for (j, v) in r.into_iter().take(n).enumerate() {
-                    // SAFETY: each task writes only the columns o0..o1 of its matrix's rows.
-                    unsafe { *out.get().add((s + j) * m.out + o) = v };
-                }
-                s += n;
-            }
-        }
+        // SAFETY: each task writes only the columns o0..o1 of its matrix's output rows.
+        let mut put = |o: usize, s: usize, v: f32| unsafe { *out.get().add(s * m.out + o) = v };
+        rows_times_cols(m, o0, o1, &xq, seq, &mut put);
     };
     if tasks.len() > 1 && total * ms[0].inp * seq >= 1 << 14 {
         tasks.par_iter().for_each(task);
@@ -394,18 +385,22 @@ fn quantize_rows_impl(x: &[f32], seq: usize, k: usize, with_sum: bool) -> Quanti
 
 // --- dot products ---------------------------------------------------------------------------
 
-/// Dot products of weight row `o` with activation rows `s..s+n` (n <= 4).
-fn dot_n(w: &BlockMatrix, o: usize, x: &QuantizedRows, s: usize, n: usize) -> [f32; 4] {
+/// Output rows `o0..o1` of `m` for all `seq` activation rows, through `put(o, s, value)`.
+/// Tiles: a decode step (fewer than 4 activation rows) takes 4 weight rows at a time (one
+/// activation load serves 4 rows); a prefill takes 2 weight rows x 4 activation rows (each
+/// unpacked weight block serves 4 rows).
+fn rows_times_cols(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked); indices are in range by construction.
-        return unsafe { x86::dot_n(w, o, x, s, n) };
+        // SAFETY: the CPU has AVX2 and FMA (checked); tiles stay inside o0..o1 and 0..seq.
+        unsafe { x86::rows_times_cols(m, o0, o1, x, seq, put) };
+        return;
     }
-    let mut r = [0f32; 4];
-    for (j, v) in r.iter_mut().enumerate().take(n) {
-        *v = dot_scalar(w, o, x, s + j);
+    for o in o0..o1 {
+        for s in 0..seq {
+            put(o, s, dot_scalar(m, o, x, s));
+        }
     }
-    r
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -474,42 +469,124 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
     }
 
-    /// Dot products of weight row `o` with activation rows `s..s+n` (n <= 4), sharing each
-    /// unpacked weight block between them. Same per-block arithmetic and accumulation
-    /// order as ggml's AVX2 `vec_dot_q4_0_q8_0` / `q4_1_q8_1` / `q8_0_q8_0`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_n(w: &BlockMatrix, o: usize, x: &QuantizedRows, s: usize, n: usize) -> [f32; 4] {
+    /// The weight block `i` of row `o` as 32 bytes: unsigned 0..16 for Q4_1, signed otherwise.
+    #[inline(always)]
+    unsafe fn weight_block<const K: u8>(wq: *const u8, i: usize) -> __m256i {
+        unsafe {
+            match K {
+                Q4_0 => _mm256_sub_epi8(nibbles(wq.add(i * 16)), _mm256_set1_epi8(8)),
+                Q4_1 => nibbles(wq.add(i * 16)),
+                _ => _mm256_loadu_si256(wq.add(i * 32) as *const __m256i),
+            }
+        }
+    }
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    /// An R x C tile: weight rows o..o+R times activation rows s..s+C. Per block the same
+    /// arithmetic and accumulation order as ggml's AVX2 `vec_dot_q4_0_q8_0` /
+    /// `vec_dot_q4_1_q8_1` / `vec_dot_q8_0_q8_0` (8-lane f32 accumulator, fmadd of
+    /// d_w*d_x times the integer block sum; Q4_1's m_w*s_x summed in block order after).
+    #[inline(always)]
+    unsafe fn tile<const K: u8, const R: usize, const C: usize>(
+        w: &BlockMatrix,
+        o: usize,
+        x: &QuantizedRows,
+        s: usize,
+    ) -> [[f32; C]; R] {
         let nb = w.inp / QK;
-        let qb = w.kind.qbytes();
-        let wq = unsafe { w.qs.as_ptr().add(o * nb * qb) };
-        let wd = &w.d[o * nb..(o + 1) * nb];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut mins = [0f32; 4];
-        for i in 0..nb {
-            let qw = match w.kind {
-                BlockKind::Q4_0 => _mm256_sub_epi8(unsafe { nibbles(wq.add(i * 16)) }, _mm256_set1_epi8(8)),
-                BlockKind::Q4_1 => unsafe { nibbles(wq.add(i * 16)) },
-                BlockKind::Q8_0 => unsafe { _mm256_loadu_si256(wq.add(i * 32) as *const __m256i) },
-            };
-            let signed = w.kind != BlockKind::Q4_1;
-            let ax = if signed { _mm256_sign_epi8(qw, qw) } else { qw };
-            for j in 0..n {
-                let xb = (s + j) * nb + i;
-                let qy = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(xb * QK) as *const __m256i) };
-                let sy = if signed { _mm256_sign_epi8(qy, qw) } else { qy };
-                let p = mul_sum_us8(ax, sy);
-                let d = _mm256_set1_ps(wd[i] * x.d[xb]);
-                acc[j] = _mm256_fmadd_ps(d, p, acc[j]);
-                if !signed {
-                    mins[j] += w.m[o * nb + i] * x.s[xb];
+        let qb = if K == Q8_0 { 32 } else { 16 };
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        unsafe {
+            let wq: [*const u8; R] = std::array::from_fn(|r| w.qs.as_ptr().add((o + r) * nb * qb));
+            let wd: [*const f32; R] = std::array::from_fn(|r| w.d.as_ptr().add((o + r) * nb));
+            let xq: [*const i8; C] = std::array::from_fn(|c| x.qs.as_ptr().add((s + c) * nb * QK));
+            let xd: [*const f32; C] = std::array::from_fn(|c| x.d.as_ptr().add((s + c) * nb));
+            for i in 0..nb {
+                let ys: [__m256i; C] = std::array::from_fn(|c| _mm256_loadu_si256(xq[c].add(i * QK) as *const __m256i));
+                for r in 0..R {
+                    let qw = weight_block::<K>(wq[r], i);
+                    let dw = *wd[r].add(i);
+                    let ax = if K == Q4_1 { qw } else { _mm256_sign_epi8(qw, qw) };
+                    for c in 0..C {
+                        let sy = if K == Q4_1 { ys[c] } else { _mm256_sign_epi8(ys[c], qw) };
+                        let p = mul_sum_us8(ax, sy);
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd[c].add(i)), p, acc[r][c]);
+                    }
                 }
             }
         }
-        let mut r = [0f32; 4];
-        for j in 0..n {
-            r[j] = hsum(acc[j]) + mins[j];
+        let mut out = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                out[r][c] = hsum(acc[r][c]);
+                if K == Q4_1 {
+                    let (m, sx) = (&w.m[(o + r) * nb..(o + r + 1) * nb], &x.s[(s + c) * nb..(s + c + 1) * nb]);
+                    let mut mins = 0f32;
+                    for i in 0..nb {
+                        mins += m[i] * sx[i];
+                    }
+                    out[r][c] += mins;
+                }
+            }
         }
-        r
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn tiles<const K: u8>(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
+        unsafe {
+            if seq < 4 {
+                let mut o = o0;
+                while o + 4 <= o1 {
+                    for s in 0..seq {
+                        let t = tile::<K, 4, 1>(m, o, x, s);
+                        (0..4).for_each(|r| put(o + r, s, t[r][0]));
+                    }
+                    o += 4;
+                }
+                for o in o..o1 {
+                    for s in 0..seq {
+                        put(o, s, tile::<K, 1, 1>(m, o, x, s)[0][0]);
+                    }
+                }
+                return;
+            }
+            let mut o = o0;
+            while o < o1 {
+                let two = o + 2 <= o1;
+                let mut s = 0;
+                while s + 4 <= seq {
+                    if two {
+                        let t = tile::<K, 2, 4>(m, o, x, s);
+                        (0..2).for_each(|r| (0..4).for_each(|c| put(o + r, s + c, t[r][c])));
+                    } else {
+                        let t = tile::<K, 1, 4>(m, o, x, s);
+                        (0..4).for_each(|c| put(o, s + c, t[0][c]));
+                    }
+                    s += 4;
+                }
+                for s in s..seq {
+                    for r in 0..if two { 2 } else { 1 } {
+                        put(o + r, s, tile::<K, 1, 1>(m, o + r, x, s)[0][0]);
+                    }
+                }
+                o += if two { 2 } else { 1 };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_times_cols(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
+        unsafe {
+            match m.kind {
+                BlockKind::Q4_0 => tiles::<Q4_0>(m, o0, o1, x, seq, put),
+                BlockKind::Q4_1 => tiles::<Q4_1>(m, o0, o1, x, seq, put),
+                BlockKind::Q8_0 => tiles::<Q8_0>(m, o0, o1, x, seq, put),
+            }
+        }
     }
 }
 
@@ -527,23 +604,50 @@ mod tests {
 
     #[test]
     fn simd_kernels_equal_the_scalar_sums() {
-        let (out, inp, seq) = (37, 96, 6);
+        // Every tile shape: decode (seq < 4: 4-row tiles and leftover rows), prefill (2x4
+        // tiles, an odd last row, leftover columns).
+        let (out, inp) = (37, 96);
         let mut r = lcg(7);
         let w: Vec<f32> = (0..out * inp).map(|_| r()).collect();
-        let x: Vec<f32> = (0..seq * inp).map(|_| r()).collect();
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let t = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&t, dt).unwrap();
-            let Linear::Blocks(m) = Linear::from_qtensor(q).unwrap() else { panic!("{dt:?} not on own kernels") };
-            let got = m.matmul(&x, seq);
-            let xq = quantize_rows(&x, seq, inp, m.kind == BlockKind::Q4_1);
-            for s in 0..seq {
-                for o in 0..out {
-                    let want = dot_scalar(&m, o, &xq, s);
-                    let g = got[s * out + o];
-                    assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{dt:?} s{s} o{o}: {g} vs {want}");
+        for seq in [1, 3, 6, 9] {
+            let x: Vec<f32> = (0..seq * inp).map(|_| r()).collect();
+            for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let t = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&t, dt).unwrap();
+                let Linear::Blocks(m) = Linear::from_qtensor(q).unwrap() else { panic!("{dt:?} not on own kernels") };
+                let got = m.matmul(&x, seq);
+                let xq = quantize_rows(&x, seq, inp, m.kind == BlockKind::Q4_1);
+                for s in 0..seq {
+                    for o in 0..out {
+                        let want = dot_scalar(&m, o, &xq, s);
+                        let g = got[s * out + o];
+                        assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{dt:?} seq{seq} s{s} o{o}: {g} vs {want}");
+                    }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_gguf_matrix_type_multiplies_close_to_its_dequantized_weight() {
+        // The types the engine takes from GGUF files: own kernels, candle's QMatMul, or
+        // dense (F16/BF16). Activation rounding (8 bits per block, Q8_K for the K-quants)
+        // is the only difference allowed.
+        let (out, inp, seq) = (64, 512, 3);
+        let mut r = lcg(5);
+        let w: Vec<f32> = (0..out * inp).map(|_| r()).collect();
+        let x = Tensor::from_vec((0..seq * inp).map(|_| r()).collect::<Vec<f32>>(), (seq, inp), &Device::Cpu).unwrap();
+        use GgmlDType::*;
+        for dt in [F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let t = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
+            let lin = Linear::from_qtensor(QTensor::quantize(&t, dt).unwrap()).unwrap();
+            let dense = Linear::Dense(lin.dequantize().unwrap());
+            let a: Vec<f32> = lin.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = dense.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let num: f32 = a.iter().zip(&b).map(|(p, q)| (p - q).powi(2)).sum();
+            let den: f32 = b.iter().map(|q| q * q).sum();
+            let rel = (num / den).sqrt();
+            assert!(rel < 2e-2, "{dt:?} ({}): rel {rel}", lin.type_name());
         }
     }
 

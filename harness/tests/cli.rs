@@ -4,7 +4,8 @@
 //! `cargo test` they use `$LOCKSTEP_VENV` or the repository's `.venv`, and fail (never
 //! skip) when it is missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_json::Value;
 
