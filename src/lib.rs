@@ -17,6 +17,7 @@ pub mod llama;
 pub mod loader;
 pub mod quant;
 pub mod taps;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 

@@ -127,7 +127,13 @@ impl Llama {
 
     /// Runs `tokens` at positions `cache.offset()..`, appends their K/V to `cache`, and
     /// returns the logits of every position fed, `(seq, vocab)`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mut cap: Option<&mut Capture>) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, cap: Option<&mut Capture>) -> Result<Tensor> {
+        // The whole step runs on a worker of the engine's pool: the serial parts then do not
+        // compete for the cores with idle workers spinning for the next parallel matmul.
+        crate::threads::pool().install(|| self.forward_on_pool(tokens, cache, cap))
+    }
+
+    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache, mut cap: Option<&mut Capture>) -> Result<Tensor> {
         let cfg = &self.cfg;
         if tokens.is_empty() {
             return Err(EngineError::Input("forward called with no tokens".into()));

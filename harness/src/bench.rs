@@ -33,7 +33,7 @@ impl Speed {
     }
 }
 
-/// Sets the engine's thread count (rayon pool for quantized matmuls, candle's gemm).
+/// Sets the engine's thread count (its pool for quantized matmuls and candle's gemm).
 /// Must run before the first parallel operation of the process.
 pub fn set_engine_threads(threads: usize) -> Result<(), HarnessError> {
     // SAFETY: called at start-up, before any other thread of this process reads the environment.
@@ -41,10 +41,11 @@ pub fn set_engine_threads(threads: usize) -> Result<(), HarnessError> {
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .map_err(|e| HarnessError::Usage(format!("cannot size the thread pool: {e}")))
+    if lockstep_engine::threads::set_threads(threads) {
+        Ok(())
+    } else {
+        Err(HarnessError::Usage("the engine's thread pool was already started with another size".into()))
+    }
 }
 
 /// Prompt ids of exactly `n` tokens: the text's ids, repeated as needed.

@@ -330,8 +330,8 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     if let Some(b) = s.references.iter().find_map(|rs| rs.quant_bounds) {
         let _ = writeln!(
             o,
-            "  quantized modes are judged on the next token ({} bounds; {}): per step KL <= {:.0e} pass, > {:.0e} fail, \
-             |Δp| <= {}; over the run mean KL <= {:.0e}, same top-1 >= {:.0}%; per site only rel-L2 > {} fails \
+            "  quantized modes are judged on the next token ({} bounds; {}): per step KL <= {} pass, > {} fail, \
+             |Δp| <= {}; over the run mean KL <= {}, same top-1 >= {:.0}%; per site only rel-L2 > {} fails \
              (8-bit activation rounding flips make deeper layers differ by up to ~0.2)",
             b.quant_type,
             b.source,
