@@ -12,9 +12,9 @@ export PYO3_PYTHON := $(LOCKSTEP_VENV)/bin/python
 CARGO ?= cargo
 LOCKSTEP := target/release/lockstep
 
-DEMO_ARGS := run --model smollm2 --reference transformers --chat "What is the capital of France?" --steps 32
+DEMO_ARGS := run --model smollm2 --weights dequant --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env build demo test fixtures snapshots models help
+.PHONY: setup env build demo test fixtures snapshots models bench help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - create the reference environment ($(LOCKSTEP_VENV)) and build $(LOCKSTEP)"
 	@echo "make snapshots - re-record every golden trace of snapshots/traces/manifest.toml"
 	@echo "make models - put the weights that golden traces need but are not committed into the model store"
+	@echo "make bench  - prefill/decode speed of the engine, llama.cpp and transformers (SmolLM2 Q4_1, 2 threads)"
 
 env:
 	@bash scripts/setup_env.sh
@@ -53,3 +54,8 @@ snapshots: setup models
 # the reference environment.
 models:
 	@bash scripts/fetch_models.sh
+
+# Speed, side by side in one run: engine (quantized and dequantized), llama.cpp, transformers.
+BENCH_ARGS ?= --model smollm2 --threads 2 --prefill 128 --decode 64
+bench: setup
+	$(LOCKSTEP) bench $(BENCH_ARGS)

@@ -216,6 +216,14 @@ class LlamaCppReference:
         self.rope_type = int(C.llama_model_rope_type(self._model))
         # NORM (interleaved) RoPE: the converter permuted Q/K rows; NEOX: HF layout already.
         self.qk_permuted = self.rope_type == C.LLAMA_ROPE_TYPE_NORM
+        # ggml multiplies a block-quantized matrix with activations quantized to 8 bits
+        # (vec_dot_type Q8_0/Q8_1/Q8_K); F32/F16/BF16 matrices see float activations.
+        import gguf
+        float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                       gguf.GGMLQuantizationType.BF16}
+        self.quantized_activations = any(
+            len(t.shape) == 2 and t.tensor_type not in float_types
+            for t in gguf.GGUFReader(self.model_path).tensors)
         buf = ctypes.create_string_buffer(256)
         C.llama_model_desc(self._model, buf, 256)
         self.model_desc = buf.value.decode("utf-8", "replace")
@@ -332,6 +340,7 @@ class LlamaCppReference:
             "layer_sites": LAYER_SITES,
             "sites": site_names(self.num_layers),
             "transforms": [TRANSFORM_QK] if self.qk_permuted else [],
+            "quantized_activations": self.quantized_activations,
             "threads": self.threads,
             "kv_type": self.kv_type,
             "n_ctx": self.n_ctx,

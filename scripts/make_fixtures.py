@@ -8,6 +8,16 @@ What it makes (under snapshots/models/):
                          special_tokens_map.json, generation_config.json
   tiny-llama.gguf        the same model and tokenizer as llama.cpp's convert_hf_to_gguf.py would
                          write them: all tensors F32, Q/K rows permuted to GGUF's RoPE layout
+  tiny-llama.Q4_0.gguf   the same GGUF quantized with the gguf package's quantizers, laid out byte
+  tiny-llama.Q4_1.gguf   for byte as `llama-quantize --pure` lays it out: every 2-D matrix (token_embd
+  tiny-llama.Q8_0.gguf   and output included) in the quant type, the 1-D norm weights F32
+  tiny-llama-k.Q4_K_M.gguf  a second tiny Llama, wide enough for llama.cpp's K-quants (their rows are
+  tiny-llama-k.Q6_K.gguf    multiples of 256; hidden 64 is not, and llama.cpp would silently fall back
+                         to other types): hidden 256, 2 layers, 8 query / 4 KV heads, the same
+                         tokenizer. Its F32 GGUF is written to a temporary directory only and then
+                         quantized by llama.cpp itself (llama-cpp-python's llama_model_quantize,
+                         one thread), with llama.cpp's default recipe for the file type (Q4_K_M
+                         mixes Q4_K and Q6_K)
 
 Why: the engine's and the harness's tests need a model that loads in a second, runs on any
 machine, and still exercises everything a real Llama does (grouped-query attention, RoPE,
@@ -23,9 +33,18 @@ The weights are random, but scaled so that the model is not degenerate: greedy c
 clear top-1/top-2 margins, a greedy continuation does not repeat one token forever, and the
 RMSNorm weights are not all 1 (a bug that ignores them changes the output).
 
+The K-quant files are byte-reproducible for a given llama.cpp build (the one
+scripts/setup_env.sh builds into the reference environment); another llama.cpp version may
+quantize differently.
+
 At the end it checks itself and exits non-zero if anything is off: transformers loads the
 HF directory and the GGUF, both tokenizers must give the same ids on a chat prompt and on
-awkward text, and both models must give the same logits (max abs difference < 1e-4).
+awkward text, and both models must give the same logits (max abs difference < 1e-4). Every
+quantized GGUF must keep the F32 file's metadata (general.file_type aside), the Q4_0/Q4_1/Q8_0
+files must equal llama.cpp's own `--pure` quantization of tiny-llama.gguf byte for byte, and
+transformers (which dequantizes with the gguf package) must load each quantized file and give
+finite logits; Q8_0's must be close to F32's. It prints each quant type's max |logit
+difference| from its F32 model and how often their greedy top-1 agrees.
 
 Run with the reference environment's Python:
     /root/.cache/lockstep/venv/bin/python scripts/make_fixtures.py [--no-check]
@@ -34,10 +53,16 @@ Run with the reference environment's Python:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
+import os
 import random
+import re
 import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +72,6 @@ OUT_DIR = REPO / "snapshots" / "models"
 HF_DIR = OUT_DIR / "tiny-llama"
 GGUF_NAME = "tiny-llama.gguf"
 GGUF_PATH = OUT_DIR / GGUF_NAME
-MODEL_NAME = "tiny-llama"
 
 # --- tokenizer -------------------------------------------------------------------------------
 CORPUS_SEED = 20261123
@@ -70,24 +94,52 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# --- model -----------------------------------------------------------------------------------
-HIDDEN_SIZE = 64
-INTERMEDIATE_SIZE = 160
-NUM_LAYERS = 3
-NUM_HEADS = 4
-NUM_KV_HEADS = 2
-HEAD_DIM = 16
+# --- models ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dimensions and weight seed of one tiny Llama (everything else is shared)."""
+
+    name: str  # general.name, and the stem of its file names
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    weight_seed: int
+
+
+# The fixture of the HF directory, tiny-llama.gguf and its Q4_0/Q4_1/Q8_0 files.
+TINY = ModelSpec("tiny-llama", hidden_size=64, intermediate_size=160, num_layers=3,
+                 num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=7)
+# Wide enough for K-quants: every matrix row (hidden, intermediate, heads * head_dim) is a
+# multiple of 256, llama.cpp's K-quant super-block. Seeds 8 and 9 give a near-tie greedy choice
+# (margin 0.013 < MIN_MARGIN) on the check prompt; 10 is the first that does not.
+TINY_K = ModelSpec("tiny-llama-k", hidden_size=256, intermediate_size=512, num_layers=2,
+                   num_heads=8, num_kv_heads=4, head_dim=32, weight_seed=10)
+
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
 MAX_POSITIONS = 256
 
-WEIGHT_SEED = 7
 # Standard deviations. Projections get 1/sqrt(fan_in) so activations keep unit scale; the LM
 # head gets LOGIT_SCALE/sqrt(hidden), so the logits have a std of about LOGIT_SCALE, which
 # gives top-1/top-2 margins of tenths of a nat rather than millionths.
 EMBED_STD = 1.0
 LOGIT_SCALE = 4.0
 NORM_NOISE = 0.1  # norm weights are 1 + NORM_NOISE * N(0, 1)
+
+# --- quantized files -------------------------------------------------------------------------
+# TINY in these types, quantized by the gguf package (file name tiny-llama.<TYPE>.gguf).
+GGUF_QUANTS = ("Q4_0", "Q4_1", "Q8_0")
+# TINY_K quantized by llama.cpp: file type suffix -> (llama_cpp's ftype constant, the exact set
+# of quantized tensor types llama.cpp must have produced; anything else means it fell back).
+K_QUANTS = {
+    "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", frozenset({"Q4_K", "Q6_K"})),
+    "Q6_K": ("LLAMA_FTYPE_MOSTLY_Q6_K", frozenset({"Q6_K"})),
+}
 
 # --- self-check ------------------------------------------------------------------------------
 CHECK_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -103,6 +155,10 @@ CHECK_NEW_TOKENS = 20
 MAX_LOGITS_DIFF = 1e-4
 MIN_DISTINCT = 5
 MIN_MARGIN = 0.02
+# Q8_0 vs F32, max abs over the prompt and the continuation. Measured 0.33 (logit std 4; relative
+# RMS 1.5%), all of it quantization error: the F32 model with gguf-dequantized Q8_0 weights gives
+# the Q8_0 file's logits exactly. Q8_0 must also agree with F32 on top-1 at every position.
+MAX_Q8_0_LOGITS_DIFF = 1.0
 
 
 # =============================================================================================
@@ -204,25 +260,26 @@ def train_tokenizer():
 # =============================================================================================
 
 
-def make_weights(vocab_size: int) -> dict[str, np.ndarray]:
+def make_weights(spec: ModelSpec, vocab_size: int) -> dict[str, np.ndarray]:
     """HF-named float32 tensors, drawn in a fixed order from one seeded generator."""
-    rng = np.random.Generator(np.random.PCG64(WEIGHT_SEED))
+    rng = np.random.Generator(np.random.PCG64(spec.weight_seed))
 
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     def norm_weight():
-        return (1.0 + NORM_NOISE * rng.standard_normal(HIDDEN_SIZE)).astype(np.float32)
+        return (1.0 + NORM_NOISE * rng.standard_normal(h)).astype(np.float32)
 
-    h, f, hd = HIDDEN_SIZE, INTERMEDIATE_SIZE, HEAD_DIM
+    h, f, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    nh, nkv = spec.num_heads, spec.num_kv_heads
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, h), EMBED_STD)}
-    for i in range(NUM_LAYERS):
+    for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm_weight()
-        w[p + "self_attn.q_proj.weight"] = normal((NUM_HEADS * hd, h), h**-0.5)
-        w[p + "self_attn.k_proj.weight"] = normal((NUM_KV_HEADS * hd, h), h**-0.5)
-        w[p + "self_attn.v_proj.weight"] = normal((NUM_KV_HEADS * hd, h), h**-0.5)
-        w[p + "self_attn.o_proj.weight"] = normal((h, NUM_HEADS * hd), (NUM_HEADS * hd) ** -0.5)
+        w[p + "self_attn.q_proj.weight"] = normal((nh * hd, h), h**-0.5)
+        w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, h), h**-0.5)
+        w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, h), h**-0.5)
+        w[p + "self_attn.o_proj.weight"] = normal((h, nh * hd), (nh * hd) ** -0.5)
         w[p + "post_attention_layernorm.weight"] = norm_weight()
         w[p + "mlp.gate_proj.weight"] = normal((f, h), h**-0.5)
         w[p + "mlp.up_proj.weight"] = normal((f, h), h**-0.5)
@@ -261,16 +318,16 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": pad,
-        "head_dim": HEAD_DIM,
+        "head_dim": TINY.head_dim,
         "hidden_act": "silu",
-        "hidden_size": HIDDEN_SIZE,
+        "hidden_size": TINY.hidden_size,
         "initializer_range": 0.02,
-        "intermediate_size": INTERMEDIATE_SIZE,
+        "intermediate_size": TINY.intermediate_size,
         "max_position_embeddings": MAX_POSITIONS,
         "mlp_bias": False,
-        "num_attention_heads": NUM_HEADS,
-        "num_hidden_layers": NUM_LAYERS,
-        "num_key_value_heads": NUM_KV_HEADS,
+        "num_attention_heads": TINY.num_heads,
+        "num_hidden_layers": TINY.num_layers,
+        "num_key_value_heads": TINY.num_kv_heads,
         "pretraining_tp": 1,
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": ROPE_THETA,
@@ -344,23 +401,50 @@ HF_TO_GGUF_LAYER = {
 }
 
 
-def gguf_tensors(weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+def gguf_tensors(spec: ModelSpec, weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """GGUF-named tensors in convert_hf_to_gguf.py's order, Q/K rows permuted."""
     out = [("token_embd.weight", weights["model.embed_tokens.weight"])]
-    for i in range(NUM_LAYERS):
+    for i in range(spec.num_layers):
         for hf, gg in HF_TO_GGUF_LAYER.items():
             w = weights[f"model.layers.{i}.{hf}"]
             if gg == "attn_q.weight":
-                w = permute(w, NUM_HEADS, NUM_HEADS)
+                w = permute(w, spec.num_heads, spec.num_heads)
             elif gg == "attn_k.weight":
-                w = permute(w, NUM_HEADS, NUM_KV_HEADS)
+                w = permute(w, spec.num_heads, spec.num_kv_heads)
             out.append((f"blk.{i}.{gg}", np.ascontiguousarray(w, dtype=np.float32)))
     out.append(("output_norm.weight", weights["model.norm.weight"]))
     out.append(("output.weight", weights["lm_head.weight"]))
     return out
 
 
-def write_gguf(tok, weights: dict[str, np.ndarray]) -> Path:
+def llama_quantize_order(tensors: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """The order llama-quantize writes tensors in: those outside the blocks first, then block by
+    block; by name within each group."""
+
+    def key(item):
+        m = re.match(r"blk\.(\d+)\.", item[0])
+        return (int(m.group(1)) if m else -1, item[0])
+
+    return sorted(tensors, key=key)
+
+
+def quant_path(spec: ModelSpec, qtype: str) -> Path:
+    return OUT_DIR / f"{spec.name}.{qtype}.gguf"
+
+
+def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray], qtype: str = "F32") -> Path:
+    """Writes `spec`'s model and the tokenizer `tok` as a GGUF file.
+
+    qtype "F32": as convert_hf_to_gguf.py writes it (--outtype f32). Any other gguf quant type
+    name ("Q4_0", ...): every 2-D matrix quantized to it by the gguf package (which equals
+    llama.cpp's reference quantizers), the 1-D norm weights F32, and the file laid out as
+    `llama-quantize --pure` lays out its quantization of the F32 file: the same metadata with
+    general.file_type re-set (which moves the key last), tensors in llama_quantize_order."""
     import gguf
+
+    quantized = qtype != "F32"
+    qt = gguf.GGMLQuantizationType[qtype]
+    file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}"] if quantized else gguf.LlamaFileType.ALL_F32
 
     model = json.loads(tok.to_str())["model"]
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -372,22 +456,23 @@ def write_gguf(tok, weights: dict[str, np.ndarray]) -> Path:
     token_types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
-    w = gguf.GGUFWriter(str(GGUF_PATH), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     # general.*  (general.architecture is added by the constructor)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(MODEL_NAME)
+    w.add_name(spec.name)
     # llama.*, as LlamaModel.set_gguf_parameters writes them
     w.add_vocab_size(len(tokens))
     w.add_context_length(MAX_POSITIONS)
-    w.add_embedding_length(HIDDEN_SIZE)
-    w.add_block_count(NUM_LAYERS)
-    w.add_feed_forward_length(INTERMEDIATE_SIZE)
-    w.add_rope_dimension_count(HEAD_DIM)
-    w.add_head_count(NUM_HEADS)
-    w.add_head_count_kv(NUM_KV_HEADS)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_block_count(spec.num_layers)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_head_count(spec.num_heads)
+    w.add_head_count_kv(spec.num_kv_heads)
     w.add_rope_freq_base(ROPE_THETA)
     w.add_layer_norm_rms_eps(RMS_NORM_EPS)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if not quantized:
+        w.add_file_type(file_type)
     # tokenizer.*, as _set_vocab_gpt2 + SpecialVocab write them. "gpt-2" is llama.cpp's name for
     # the plain GPT-2 split regex, the one tokenizers' ByteLevel(use_regex=True) uses.
     w.add_tokenizer_model("gpt2")
@@ -401,13 +486,97 @@ def write_gguf(tok, weights: dict[str, np.ndarray]) -> Path:
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, t in gguf_tensors(weights):
-        w.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F32)
+    if quantized:
+        w.add_file_type(file_type)  # where llama-quantize puts it
+    tensors = gguf_tensors(spec, weights)
+    for name, t in llama_quantize_order(tensors) if quantized else tensors:
+        if quantized and t.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(t, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return GGUF_PATH
+    return path
+
+
+# llama.cpp logs through one process-wide callback; keep it quiet but remember its errors. The
+# ctypes callback object must stay referenced as long as llama.cpp may call it (module lifetime).
+_LLAMA_LOG_CALLBACK = None
+_LLAMA_LOG_ERRORS: list[str] = []
+
+
+def import_llama_cpp():
+    """llama_cpp, with llama.cpp's log silenced (as references/llamacpp_ref.py does)."""
+    global _LLAMA_LOG_CALLBACK
+    import llama_cpp
+
+    if _LLAMA_LOG_CALLBACK is None:
+        C = llama_cpp.llama_cpp
+
+        @C.llama_log_callback
+        def quiet_log(level, text, user_data):
+            try:
+                if level == 4 and text:  # GGML_LOG_LEVEL_ERROR
+                    _LLAMA_LOG_ERRORS.append(text.decode("utf-8", "replace").rstrip())
+            except Exception:
+                pass
+
+        C.llama_log_set(quiet_log, ctypes.c_void_p(0))
+        _LLAMA_LOG_CALLBACK = quiet_log
+    return llama_cpp
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool = False) -> Path:
+    """Quantizes the GGUF file `src` into `dst` with llama.cpp's own quantizer (what llama-quantize
+    runs), on one thread. ftype: the name of a llama_cpp LLAMA_FTYPE_* constant. pure: every
+    matrix in the file type's base type (llama-quantize --pure), no per-tensor recipe."""
+    llama_cpp = import_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = 1
+    params.pure = pure
+    _LLAMA_LOG_ERRORS.clear()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (status {rc}): "
+                           + "; ".join(_LLAMA_LOG_ERRORS))
+    return dst
+
+
+def tensor_type_counts(path: Path) -> tuple[Counter, set[str], set[str]]:
+    """(count of each tensor type, the types of the 2-D tensors, the types of the others)."""
+    from gguf import GGUFReader
+
+    counts, matrix_types, other_types = Counter(), set(), set()
+    for t in GGUFReader(str(path)).tensors:
+        name = t.tensor_type.name
+        counts[name] += 1
+        (matrix_types if len(t.shape) == 2 else other_types).add(name)
+    return counts, matrix_types, other_types
+
+
+def check_tensor_types(path: Path, matrix_types: set[str]) -> Counter:
+    """Counts `path`'s tensor types; raises unless its 2-D tensors are exactly in `matrix_types`
+    (all of them present) and its 1-D tensors F32."""
+    counts, matrices, others = tensor_type_counts(path)
+    if matrices != set(matrix_types) or others != {"F32"}:
+        raise RuntimeError(f"{path.name}: tensor types {dict(counts)}: matrices in {sorted(matrices)}, "
+                           f"1-D tensors in {sorted(others)}; expected matrices in {sorted(matrix_types)}, "
+                           "1-D tensors in F32 (did llama.cpp fall back to other types?)")
+    return counts
+
+
+def gguf_metadata(path: Path) -> dict[str, tuple]:
+    """Every key-value field of a GGUF file (header fields aside), as comparable raw bytes."""
+    from gguf import GGUFReader
+
+    return {
+        k: (tuple(f.types), b"".join(p.tobytes() for p in f.parts))
+        for k, f in GGUFReader(str(path)).fields.items()
+        if not k.startswith("GGUF.")
+    }
 
 
 # =============================================================================================
@@ -415,9 +584,31 @@ def write_gguf(tok, weights: dict[str, np.ndarray]) -> Path:
 # =============================================================================================
 
 
-def self_check() -> bool:
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """n greedy tokens after `ids` (a full forward per step: simple, no cache), and the top-1 /
+    top-2 log-prob margin of each choice."""
+    import torch
+
+    seq, gen, margins = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0, -1], dim=-1)
+            top = torch.topk(lp, 2)
+            margins.append((top.values[0] - top.values[1]).item())
+            nxt = int(top.indices[0])
+            gen.append(nxt)
+            seq.append(nxt)
+    return gen, margins
+
+
+def self_check(k_f32: Path) -> bool:
+    """k_f32: TINY_K's F32 GGUF (in a temporary directory)."""
+    import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(0)
     ok = True
@@ -426,6 +617,9 @@ def self_check() -> bool:
         nonlocal ok
         ok = False
         print(f"CHECK FAILED: {msg}", file=sys.stderr)
+
+    def load_gguf(path: Path):
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
     tok_hf = AutoTokenizer.from_pretrained(str(HF_DIR))
     tok_gg = AutoTokenizer.from_pretrained(str(OUT_DIR), gguf_file=GGUF_NAME)
@@ -447,7 +641,7 @@ def self_check() -> bool:
             fail(f"{name}: hf {getattr(tok_hf, name)} gguf {getattr(tok_gg, name)}")
 
     m_hf = AutoModelForCausalLM.from_pretrained(str(HF_DIR), dtype=torch.float32).eval()
-    m_gg = AutoModelForCausalLM.from_pretrained(str(OUT_DIR), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    m_gg = load_gguf(GGUF_PATH)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
                 "max_position_embeddings", "bos_token_id", "eos_token_id"):
@@ -459,6 +653,18 @@ def self_check() -> bool:
     if theta_hf != ROPE_THETA or theta_gg != ROPE_THETA:
         fail(f"rope_theta: hf {theta_hf} gguf {theta_gg}")
 
+    def check_greedy(label: str, gen: list[int], margins: list[float]) -> None:
+        distinct = len(set(gen))
+        print(f"{label}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
+        print(f"  text: {tok_hf.decode(gen)!r}")
+        print(f"  distinct tokens: {distinct}")
+        print(f"  top1-top2 log-prob margins: min {min(margins):.4f}, median {float(np.median(margins)):.4f}")
+        print(f"  margins: {[round(m, 3) for m in margins]}")
+        if distinct < MIN_DISTINCT:
+            fail(f"{label}: only {distinct} distinct tokens in the greedy continuation")
+        if min(margins) < MIN_MARGIN:
+            fail(f"{label}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
+
     with torch.no_grad():
         x = torch.tensor([ids_hf])
         lh = m_hf(x).logits[0]
@@ -468,33 +674,78 @@ def self_check() -> bool:
         if not diff < MAX_LOGITS_DIFF:
             fail(f"logits differ by {diff}")
 
-        # Greedy continuation with the HF model (full re-forward each step: simple, no cache).
-        seq = list(ids_hf)
-        margins, gen = [], []
-        for _ in range(CHECK_NEW_TOKENS):
-            lp = torch.log_softmax(m_hf(torch.tensor([seq])).logits[0, -1], dim=-1)
-            top = torch.topk(lp, 2)
-            margins.append((top.values[0] - top.values[1]).item())
-            nxt = int(top.indices[0])
-            gen.append(nxt)
-            seq.append(nxt)
+        gen, margins = greedy(m_hf, ids_hf, CHECK_NEW_TOKENS)
+        seq = ids_hf + gen
         lg_all = m_gg(torch.tensor([seq])).logits[0]
         lh_all = m_hf(torch.tensor([seq])).logits[0]
         diff_all = (lh_all - lg_all).abs().max().item()
         print(f"full-sequence logits [{tuple(lh_all.shape)}]: max |hf - gguf| = {diff_all:.3e}")
         if not diff_all < MAX_LOGITS_DIFF:
             fail(f"logits over the continuation differ by {diff_all}")
+    check_greedy(TINY.name, gen, margins)
 
-    distinct = len(set(gen))
-    print(f"greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
-    print(f"  text: {tok_hf.decode(gen)!r}")
-    print(f"  distinct tokens: {distinct}")
-    print(f"  top1-top2 log-prob margins: min {min(margins):.4f}, median {float(np.median(margins)):.4f}")
-    print(f"  margins: {[round(m, 3) for m in margins]}")
-    if distinct < MIN_DISTINCT:
-        fail(f"only {distinct} distinct tokens in the greedy continuation")
-    if min(margins) < MIN_MARGIN:
-        fail(f"minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
+    # --- the quantized files -----------------------------------------------------------------
+    # Metadata: each quantized file keeps its F32 file's (general.file_type aside), and TINY_K's
+    # F32 file has TINY's tokenizer.
+    f32_meta = {TINY: gguf_metadata(GGUF_PATH), TINY_K: gguf_metadata(k_f32)}
+    tok_keys = sorted(k for k in f32_meta[TINY] if k.startswith("tokenizer."))
+    if [f32_meta[TINY][k] for k in tok_keys] != [f32_meta[TINY_K].get(k) for k in tok_keys]:
+        fail(f"{k_f32.name}: tokenizer metadata differs from {GGUF_NAME}'s")
+    quant_files = [(TINY, q) for q in GGUF_QUANTS] + [(TINY_K, q) for q in K_QUANTS]
+    for spec, q in quant_files:
+        meta = gguf_metadata(quant_path(spec, q))
+        ref = f32_meta[spec]
+        ft = meta.pop("general.file_type", None)
+        if meta != {k: v for k, v in ref.items() if k != "general.file_type"}:
+            changed = sorted(k for k in set(meta) | set(ref) if k != "general.file_type" and meta.get(k) != ref.get(k))
+            fail(f"{quant_path(spec, q).name}: metadata differs from the F32 file's: {changed}")
+        want = gguf.LlamaFileType[f"MOSTLY_{q}"]
+        got = int.from_bytes(ft[1][-4:], "little") if ft and ft[0] == (gguf.GGUFValueType.UINT32,) else None
+        if got != want:
+            fail(f"{quant_path(spec, q).name}: general.file_type {got}, expected {want.value} ({want.name})")
+
+    # The gguf-package files equal llama.cpp's own quantization of tiny-llama.gguf, byte for byte.
+    with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-check-") as tmp:
+        for q in GGUF_QUANTS:
+            theirs = llama_quantize(GGUF_PATH, Path(tmp) / f"{q}.gguf", f"LLAMA_FTYPE_MOSTLY_{q}", pure=True)
+            same = sha256(theirs) == sha256(quant_path(TINY, q))
+            print(f"{quant_path(TINY, q).name} == llama.cpp's --pure {q} quantization of {GGUF_NAME}: {same}")
+            if not same:
+                fail(f"{quant_path(TINY, q).name} differs from llama.cpp's --pure {q} quantization")
+
+    # Logits: each quantized model against its F32 model, on the chat prompt plus the F32 model's
+    # greedy continuation (teacher-forced), and greedy generation from the quantized model itself.
+    m_k = load_gguf(k_f32)
+    with torch.no_grad():
+        gen_k, margins_k = greedy(m_k, ids_hf, CHECK_NEW_TOKENS)
+        seq_k = ids_hf + gen_k
+        ref = {TINY: (lh_all, seq, gen), TINY_K: (m_k(torch.tensor([seq_k])).logits[0], seq_k, gen_k)}
+    check_greedy(TINY_K.name, gen_k, margins_k)
+
+    print(f"\nquantized vs F32 logits, over the chat prompt + the F32 model's {CHECK_NEW_TOKENS}-token greedy "
+          f"continuation ({len(seq)} positions; F32 logit std {lh_all.std().item():.2f} tiny, "
+          f"{ref[TINY_K][0].std().item():.2f} tiny-k):")
+    print(f"  {'file':<26} {'max|diff|':>10} {'mean|diff|':>11} {'rel rms':>8} {'top-1 agree':>12} "
+          f"{'own greedy = F32 greedy':>24}")
+    for spec, q in quant_files:
+        path = quant_path(spec, q)
+        lf, sq, gen_f = ref[spec]
+        m_q = load_gguf(path)
+        with torch.no_grad():
+            lq = m_q(torch.tensor([sq])).logits[0]
+        gen_q, _ = greedy(m_q, ids_hf, CHECK_NEW_TOKENS)
+        if not torch.isfinite(lq).all():
+            fail(f"{path.name}: non-finite logits")
+        d = (lq - lf).abs()
+        rel_rms = (d.pow(2).mean().sqrt() / lf.pow(2).mean().sqrt()).item()
+        agree = int((lq.argmax(-1) == lf.argmax(-1)).sum())
+        prefix = next((i for i, (a, b) in enumerate(zip(gen_q, gen_f)) if a != b), len(gen_f))
+        print(f"  {path.name:<26} {d.max().item():>10.4f} {d.mean().item():>11.4f} {rel_rms:>8.2%} "
+              f"{agree:>7}/{len(sq):<4} {f'first {prefix}/{len(gen_f)} tokens':>24}")
+        if q == "Q8_0" and not d.max().item() < MAX_Q8_0_LOGITS_DIFF:
+            fail(f"{path.name}: logits differ from F32 by {d.max().item():.4f} >= {MAX_Q8_0_LOGITS_DIFF}")
+        if q == "Q8_0" and agree != len(sq):
+            fail(f"{path.name}: top-1 differs from F32 at {len(sq) - agree} of {len(sq)} positions")
     return ok
 
 
@@ -505,20 +756,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-check", action="store_true", help="write the files, skip the transformers self-check")
     args = ap.parse_args()
+    # No progress bar from transformers' GGUF loader in the self-check; tqdm reads this when
+    # it is first imported (by torch, in write_hf_dir).
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
-    weights = make_weights(tok.get_vocab_size())
-    paths = write_hf_dir(tok, weights) + [write_gguf(tok, weights)]
-    for p in paths:
-        print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
-    print(f"vocab size {tok.get_vocab_size()}; specials " + ", ".join(f"{s}={tok.token_to_id(s)}" for s in SPECIAL_TOKENS))
+    vocab_size = tok.get_vocab_size()
+    weights = make_weights(TINY, vocab_size)
+    paths = write_hf_dir(tok, weights) + [write_gguf(GGUF_PATH, TINY, tok, weights)]
+    paths += [write_gguf(quant_path(TINY, q), TINY, tok, weights, q) for q in GGUF_QUANTS]
+    with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
+        k_f32 = write_gguf(Path(tmp) / f"{TINY_K.name}.gguf", TINY_K, tok, make_weights(TINY_K, vocab_size))
+        paths += [llama_quantize(k_f32, quant_path(TINY_K, q), ftype) for q, (ftype, _) in K_QUANTS.items()]
+        for p in paths:
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        print(f"vocab size {vocab_size}; specials " + ", ".join(f"{s}={tok.token_to_id(s)}" for s in SPECIAL_TOKENS))
 
-    if args.no_check:
-        return 0
-    if not self_check():
-        print("self-check FAILED", file=sys.stderr)
-        return 1
+        expected = {GGUF_PATH: {"F32"}, k_f32: {"F32"}}
+        expected.update({quant_path(TINY, q): {q} for q in GGUF_QUANTS})
+        expected.update({quant_path(TINY_K, q): types for q, (_, types) in K_QUANTS.items()})
+        print("tensor types:")
+        for path, types in expected.items():
+            counts = check_tensor_types(path, types)
+            where = "(temporary) " if path == k_f32 else ""
+            print(f"  {where}{path.name}: " + ", ".join(f"{n} {c}" for n, c in sorted(counts.items())))
+
+        if args.no_check:
+            return 0
+        if not self_check(k_f32):
+            print("self-check FAILED", file=sys.stderr)
+            return 1
     print("self-check passed")
     return 0
 

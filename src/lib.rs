@@ -15,7 +15,9 @@ pub mod generate;
 pub mod layout;
 pub mod llama;
 pub mod loader;
+pub mod quant;
 pub mod taps;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
@@ -25,5 +27,6 @@ pub use error::{EngineError, Result};
 pub use layout::QkLayout;
 pub use llama::Llama;
 pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};
+pub use quant::{Linear, WeightsMode};
 pub use taps::Capture;
 pub use tokenizer::{ChatMessage, Tokenizer};

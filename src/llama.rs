@@ -12,6 +12,7 @@ use crate::cache::KvCache;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
+use crate::quant::Linear;
 use crate::taps::{tap, Capture};
 use crate::weights::{LayerWeights, LlamaWeights};
 
@@ -23,9 +24,9 @@ pub struct Llama {
     device: Device,
 }
 
-/// `x @ w.T` for `x (seq, in)`, `w (out, in)`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+/// `x @ w.T` for `x (seq, in)`, `w (out, in)`, dense or quantized.
+fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
+    w.forward(x)
 }
 
 /// RMSNorm as in transformers' `LlamaRMSNorm`: `w * x / sqrt(mean(x^2) + eps)`.
@@ -126,7 +127,13 @@ impl Llama {
 
     /// Runs `tokens` at positions `cache.offset()..`, appends their K/V to `cache`, and
     /// returns the logits of every position fed, `(seq, vocab)`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mut cap: Option<&mut Capture>) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, cap: Option<&mut Capture>) -> Result<Tensor> {
+        // The whole step runs on a worker of the engine's pool: the serial parts then do not
+        // compete for the cores with idle workers spinning for the next parallel matmul.
+        crate::threads::pool().install(|| self.forward_on_pool(tokens, cache, cap))
+    }
+
+    fn forward_on_pool(&self, tokens: &[u32], cache: &mut KvCache, mut cap: Option<&mut Capture>) -> Result<Tensor> {
         let cfg = &self.cfg;
         if tokens.is_empty() {
             return Err(EngineError::Input("forward called with no tokens".into()));
@@ -187,12 +194,11 @@ impl Llama {
         // --- attention ---
         let h = rms_norm(x, &lw.attn_norm, cfg.rms_norm_eps)?;
         tap(cap, || format!("layers.{i}.attn_norm"), &h);
-        let q = linear(&h, &lw.wq)?; // (seq, nh*hd)
-        let k = linear(&h, &lw.wk)?; // (seq, nkv*hd)
-        let v = linear(&h, &lw.wv)?;
-        tap(cap, || format!("layers.{i}.q"), &q);
-        tap(cap, || format!("layers.{i}.k"), &k);
-        tap(cap, || format!("layers.{i}.v"), &v);
+        let qkv = Linear::forward_group(&[&lw.wq, &lw.wk, &lw.wv], &h)?;
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]); // (seq, nh*hd), (seq, nkv*hd) x2
+        tap(cap, || format!("layers.{i}.q"), q);
+        tap(cap, || format!("layers.{i}.k"), k);
+        tap(cap, || format!("layers.{i}.v"), v);
         let q = q.reshape((seq, nh, hd))?.transpose(0, 1)?.contiguous()?; // (nh, seq, hd)
         let k = k.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?; // (nkv, seq, hd)
         let v = v.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
@@ -224,10 +230,10 @@ impl Llama {
         // --- MLP ---
         let h = rms_norm(&x, &lw.mlp_norm, cfg.rms_norm_eps)?;
         tap(cap, || format!("layers.{i}.mlp_norm"), &h);
-        let gate = linear(&h, &lw.w_gate)?;
-        let up = linear(&h, &lw.w_up)?;
-        tap(cap, || format!("layers.{i}.mlp_gate"), &gate);
-        tap(cap, || format!("layers.{i}.mlp_up"), &up);
+        let gu = Linear::forward_group(&[&lw.w_gate, &lw.w_up], &h)?;
+        let (gate, up) = (&gu[0], &gu[1]);
+        tap(cap, || format!("layers.{i}.mlp_gate"), gate);
+        tap(cap, || format!("layers.{i}.mlp_up"), up);
         let act = (gate.silu()? * up)?;
         tap(cap, || format!("layers.{i}.mlp_act"), &act);
         let mlp_out = linear(&act, &lw.w_down)?;

@@ -10,6 +10,7 @@ use crate::config::HfConfig;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
 use crate::llama::Llama;
+use crate::quant::WeightsMode;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, GgufFile};
 
@@ -30,13 +31,16 @@ impl WeightsOrigin {
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype; weights are converted (GGUF: dequantized) to it. F32 or F64.
+    /// Compute dtype; dense weights are converted (GGUF: dequantized) to it. F32 or F64.
     pub dtype: DType,
+    /// How GGUF matrices are held; `None` picks quantized for a GGUF file in f32 and dense
+    /// otherwise (Hugging Face weights are dense, and quantized kernels compute in f32).
+    pub weights: Option<WeightsMode>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self { dtype: DType::F32, weights: None }
     }
 }
 
@@ -44,6 +48,8 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: Tokenizer,
     pub origin: WeightsOrigin,
+    /// The mode the weights were loaded in (dense for Hugging Face weights).
+    pub weights: WeightsMode,
     pub path: PathBuf,
 }
 
@@ -73,11 +79,17 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         if !cfg_path.is_file() {
             return Err(EngineError::io(&cfg_path, "missing (a Hugging Face model directory needs config.json)"));
         }
+        if opts.weights == Some(WeightsMode::Quantized) {
+            return Err(EngineError::Input(format!(
+                "{} holds dense weights: --weights quantized needs a GGUF file (use --weights dequant or leave it out)",
+                path.display()
+            )));
+        }
         let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
         let weights = weights::load_hf(path, &cfg, opts.dtype)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         let model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
-        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, path: path.into() });
+        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, weights: WeightsMode::Dequant, path: path.into() });
     }
     let mut magic = [0u8; 4];
     {
@@ -91,11 +103,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             });
         }
     }
+    let mode = match (opts.weights, opts.dtype) {
+        (Some(WeightsMode::Quantized), DType::F64) => {
+            return Err(EngineError::Input(
+                "--weights quantized computes in f32; use --weights dequant for an f64 run".into(),
+            ))
+        }
+        (Some(m), _) => m,
+        (None, DType::F64) => WeightsMode::Dequant,
+        (None, _) => WeightsMode::Quantized,
+    };
     let mut g = GgufFile::open(path)?;
     let cfg = g.config()?;
-    let weights = weights::load_gguf(&mut g, &cfg, opts.dtype)?;
+    let weights = weights::load_gguf(&mut g, &cfg, opts.dtype, mode)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     // GGUF Q/K rows are stored for interleaved RoPE (see crate::layout).
     let model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
-    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, path: path.into() })
+    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into() })
 }

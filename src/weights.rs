@@ -12,32 +12,79 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
 use crate::error::{candle_message, EngineError, Result};
+use crate::quant::{Linear, WeightsMode};
 
 /// Weights of one decoder block; matrices are `[out, in]` as in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub attn_norm: Tensor, // (hidden)
-    pub wq: Tensor,        // (heads*head_dim, hidden)
-    pub wk: Tensor,        // (kv_heads*head_dim, hidden)
-    pub wv: Tensor,        // (kv_heads*head_dim, hidden)
-    pub wo: Tensor,        // (hidden, heads*head_dim)
+    pub wq: Linear,        // (heads*head_dim, hidden)
+    pub wk: Linear,        // (kv_heads*head_dim, hidden)
+    pub wv: Linear,        // (kv_heads*head_dim, hidden)
+    pub wo: Linear,        // (hidden, heads*head_dim)
     pub mlp_norm: Tensor,  // (hidden)
-    pub w_gate: Tensor,    // (intermediate, hidden)
-    pub w_up: Tensor,      // (intermediate, hidden)
-    pub w_down: Tensor,    // (hidden, intermediate)
+    pub w_gate: Linear,    // (intermediate, hidden)
+    pub w_up: Linear,      // (intermediate, hidden)
+    pub w_down: Linear,    // (hidden, intermediate)
 }
 
 #[derive(Debug, Clone)]
 pub struct LlamaWeights {
-    pub embed: Tensor, // (vocab, hidden)
+    pub embed: Tensor, // (vocab, hidden), dense in every mode (a row lookup)
     pub layers: Vec<LayerWeights>,
     pub norm: Tensor,    // (hidden)
-    pub lm_head: Tensor, // (vocab, hidden); the embedding itself when tied
+    pub lm_head: Linear, // (vocab, hidden); the embedding itself when tied
+    /// How many of the matrices are stored in each type in the file ("F32", "Q4_1", ...),
+    /// whatever mode they were loaded in.
+    pub stored_types: std::collections::BTreeMap<String, usize>,
+}
+
+impl LlamaWeights {
+    /// Every matrix, in forward order, with its role name.
+    pub fn matrices(&self) -> Vec<(String, &Linear)> {
+        let mut v = vec![];
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, m) in [
+                ("q", &l.wq),
+                ("k", &l.wk),
+                ("v", &l.wv),
+                ("o", &l.wo),
+                ("gate", &l.w_gate),
+                ("up", &l.w_up),
+                ("down", &l.w_down),
+            ] {
+                v.push((format!("layers.{i}.{n}"), m));
+            }
+        }
+        v.push(("lm_head".into(), &self.lm_head));
+        v
+    }
+
+    /// The distinct storage types of the matrices, sorted (e.g. `["Q4_1", "Q8_0"]`).
+    pub fn matrix_types(&self) -> Vec<String> {
+        let set: BTreeSet<String> = self.matrices().iter().map(|(_, m)| m.type_name()).collect();
+        set.into_iter().collect()
+    }
+
+    /// The file's quantization: its most common block-quantized matrix type (None when
+    /// every matrix is stored as F32/F16/BF16).
+    pub fn quant_type(&self) -> Option<String> {
+        self.stored_types
+            .iter()
+            .filter(|(t, _)| !matches!(t.as_str(), "F32" | "F16" | "BF16"))
+            .max_by_key(|(_, n)| **n)
+            .map(|(t, _)| t.clone())
+    }
+
+    /// True when any matrix is multiplied with quantized kernels.
+    pub fn any_quantized(&self) -> bool {
+        self.matrices().iter().any(|(_, m)| !matches!(m, Linear::Dense(_)))
+    }
 }
 
 /// Names of one checkpoint format.
@@ -111,6 +158,13 @@ trait TensorSource {
     fn names(&self) -> Vec<String>;
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor>;
+    /// The stored type of a tensor: "F32", "F16", "BF16", "Q4_1", ...
+    fn stored_type(&self, name: &str) -> String;
+    /// A matrix kept in its stored (quantized) format; dense when the source has none.
+    fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
+        let _ = mode;
+        Ok(Linear::Dense(self.load(name, dtype)?))
+    }
 }
 
 struct SafetensorsSource {
@@ -127,6 +181,9 @@ impl TensorSource for SafetensorsSource {
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn stored_type(&self, name: &str) -> String {
+        self.tensors.get(name).map(|t| format!("{:?}", t.dtype()).to_uppercase()).unwrap_or_default()
     }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
@@ -284,15 +341,72 @@ impl TensorSource for GgufFile {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec())
     }
+    fn stored_type(&self, name: &str) -> String {
+        self.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)).unwrap_or_default()
+    }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
-        let q = self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| {
-            EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {}", candle_message(&e)) }
-        })?;
+        let q = self.qtensor(name)?;
         let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
             path: self.path.clone(),
             message: format!("dequantizing `{name}` ({:?}): {}", q.dtype(), candle_message(&e)),
         })?;
+        self.report_nonfinite(name, crate::quant::first_nonfinite(&t, q.dtype().block_size())?, q.dtype())?;
         Ok(t.to_dtype(dtype)?)
+    }
+    fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
+        if mode == WeightsMode::Dequant {
+            return Ok(Linear::Dense(self.load(name, dtype)?));
+        }
+        let q = self.qtensor(name)?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(Linear::Dense(self.load(name, dtype)?));
+        }
+        let dt = q.dtype();
+        let lin = Linear::from_qtensor(q)
+            .map_err(|e| EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") })?;
+        self.report_nonfinite(name, lin.first_nonfinite()?, dt)?;
+        Ok(lin)
+    }
+}
+
+impl GgufFile {
+    /// A weight with a NaN/Inf scale is a corrupted file, not a model to run.
+    fn report_nonfinite(&self, name: &str, found: Option<(usize, f32)>, dt: GgmlDType) -> Result<()> {
+        match found {
+            None => Ok(()),
+            Some((block, v)) => Err(EngineError::Gguf {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{name}` ({dt:?}): block {block} holds a non-finite value ({v}): the tensor data is \
+                     corrupted (re-download or re-convert the file; `lockstep quant-check` lists every bad tensor)"
+                ),
+            }),
+        }
+    }
+
+    /// Reads one tensor in its stored format.
+    pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| EngineError::Gguf {
+            path: self.path.clone(),
+            message: format!("tensor `{name}`: {}", candle_message(&e)),
+        })
+    }
+}
+
+/// Checks that `name` exists with `shape` and records it as used.
+fn check_shape(src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: &str, shape: &[usize]) -> Result<()> {
+    match src.shape(name) {
+        None => Err(EngineError::MissingTensor { path: src.path().into(), tensor: name.into() }),
+        Some(got) if got != shape => Err(EngineError::ShapeMismatch {
+            path: src.path().into(),
+            tensor: name.into(),
+            got,
+            expected: shape.to_vec(),
+        }),
+        Some(_) => {
+            used.insert(name.to_string());
+            Ok(())
+        }
     }
 }
 
@@ -314,61 +428,58 @@ pub fn load_hf(dir: &Path, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
         tensors.extend(part);
     }
     let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors };
-    build(&mut src, &HF, cfg, dtype)
+    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant)
 }
 
-/// Loads and checks all weights of a GGUF file, dequantized to `dtype`.
-pub fn load_gguf(file: &mut GgufFile, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
-    build(file, &GGUF, cfg, dtype)
+/// Loads and checks all weights of a GGUF file: matrices kept quantized or dequantized
+/// to `dtype` (`mode`), vectors and the embedding dequantized.
+pub fn load_gguf(file: &mut GgufFile, cfg: &Config, dtype: DType, mode: WeightsMode) -> Result<LlamaWeights> {
+    build(file, &GGUF, cfg, dtype, mode)
 }
 
-fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
+fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mode: WeightsMode) -> Result<LlamaWeights> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let mut used = BTreeSet::new();
-    let mut take = |src: &mut dyn TensorSource, name: String, shape: Vec<usize>| -> Result<Tensor> {
-        match src.shape(&name) {
-            None => {
-                return Err(EngineError::MissingTensor { path: src.path().into(), tensor: name })
-            }
-            Some(got) if got != shape => {
-                return Err(EngineError::ShapeMismatch {
-                    path: src.path().into(),
-                    tensor: name,
-                    got,
-                    expected: shape,
-                })
-            }
-            Some(_) => {}
-        }
-        let t = src.load(&name, dtype)?;
-        used.insert(name);
-        Ok(t)
+    let take = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
+        check_shape(src, used, &name, &shape)?;
+        src.load(&name, dtype)
     };
-    let embed = take(src, n.embed.into(), vec![cfg.vocab_size, h])?;
+    let mut stored_types = std::collections::BTreeMap::new();
+    let mut mat = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
+        check_shape(src, used, &name, &shape)?;
+        *stored_types.entry(src.stored_type(&name)).or_insert(0usize) += 1;
+        src.load_linear(&name, dtype, mode)
+    };
+    let u = &mut used;
+    let embed = take(src, u, n.embed.into(), vec![cfg.vocab_size, h])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let l = |p| (n.layer)(i, p);
         layers.push(LayerWeights {
-            attn_norm: take(src, l(Part::AttnNorm), vec![h])?,
-            wq: take(src, l(Part::Q), vec![cfg.num_heads * hd, h])?,
-            wk: take(src, l(Part::K), vec![cfg.num_kv_heads * hd, h])?,
-            wv: take(src, l(Part::V), vec![cfg.num_kv_heads * hd, h])?,
-            wo: take(src, l(Part::O), vec![h, cfg.num_heads * hd])?,
-            mlp_norm: take(src, l(Part::MlpNorm), vec![h])?,
-            w_gate: take(src, l(Part::Gate), vec![cfg.intermediate_size, h])?,
-            w_up: take(src, l(Part::Up), vec![cfg.intermediate_size, h])?,
-            w_down: take(src, l(Part::Down), vec![h, cfg.intermediate_size])?,
+            attn_norm: take(src, u, l(Part::AttnNorm), vec![h])?,
+            wq: mat(src, u, l(Part::Q), vec![cfg.num_heads * hd, h])?,
+            wk: mat(src, u, l(Part::K), vec![cfg.num_kv_heads * hd, h])?,
+            wv: mat(src, u, l(Part::V), vec![cfg.num_kv_heads * hd, h])?,
+            wo: mat(src, u, l(Part::O), vec![h, cfg.num_heads * hd])?,
+            mlp_norm: take(src, u, l(Part::MlpNorm), vec![h])?,
+            w_gate: mat(src, u, l(Part::Gate), vec![cfg.intermediate_size, h])?,
+            w_up: mat(src, u, l(Part::Up), vec![cfg.intermediate_size, h])?,
+            w_down: mat(src, u, l(Part::Down), vec![h, cfg.intermediate_size])?,
         });
     }
-    let norm = take(src, n.norm.into(), vec![h])?;
+    let norm = take(src, u, n.norm.into(), vec![h])?;
     let lm_head = if cfg.tie_word_embeddings {
-        // A checkpoint may still carry a copy of the tied head; it must equal the embedding.
+        // A checkpoint may still carry a copy of the tied head; it is checked, then unused.
         if src.shape(n.lm_head).is_some() {
-            take(src, n.lm_head.into(), vec![cfg.vocab_size, h])?;
+            take(src, u, n.lm_head.into(), vec![cfg.vocab_size, h])?;
         }
-        embed.clone()
+        match mode {
+            WeightsMode::Dequant => Linear::Dense(embed.clone()),
+            // The tied head multiplies with the embedding in its stored format, as llama.cpp does.
+            WeightsMode::Quantized => mat(src, u, n.embed.into(), vec![cfg.vocab_size, h])?,
+        }
     } else {
-        take(src, n.lm_head.into(), vec![cfg.vocab_size, h])?
+        mat(src, u, n.lm_head.into(), vec![cfg.vocab_size, h])?
     };
     let mut extra: Vec<String> = src
         .names()
@@ -384,5 +495,5 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType) -> 
             arch: "llama".into(),
         });
     }
-    Ok(LlamaWeights { embed, layers, norm, lm_head })
+    Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })
 }

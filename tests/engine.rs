@@ -149,7 +149,7 @@ fn greedy_generate_is_the_stepwise_argmax() {
 #[test]
 fn f64_runs_and_agrees_with_f32() {
     let m32 = tiny_hf();
-    let m64 = load(&fixture("tiny-llama"), &LoadOptions { dtype: DType::F64 }).unwrap();
+    let m64 = load(&fixture("tiny-llama"), &LoadOptions { dtype: DType::F64, ..Default::default() }).unwrap();
     let ids = prompt_ids(&m32);
     let a = m32.model.forward(&ids, &mut m32.model.new_cache(), None).unwrap();
     let b = m64.model.forward(&ids, &mut m64.model.new_cache(), None).unwrap();
@@ -222,5 +222,41 @@ fn truncated_gguf_is_an_error_not_a_panic() {
         assert!(msg.contains(&p.display().to_string()), "error does not name the file: {msg}");
         assert!(!msg.contains("backtrace") && !msg.contains("   0: "), "backtrace in message: {msg}");
         std::fs::remove_file(p).unwrap();
+    }
+}
+
+// --- quantized weights -------------------------------------------------------------------------
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn quantized_and_dequantized_modes_agree_on_every_quant_fixture() {
+    use lockstep_engine::quant::MODES_AGREE_LOGITS_REL_L2;
+    use lockstep_engine::WeightsMode;
+    for (file, types) in [
+        ("tiny-llama.Q4_0.gguf", "Q4_0"),
+        ("tiny-llama.Q4_1.gguf", "Q4_1"),
+        ("tiny-llama.Q8_0.gguf", "Q8_0"),
+        ("tiny-llama-k.Q4_K_M.gguf", "Q4K"),
+        ("tiny-llama-k.Q6_K.gguf", "Q6K"),
+    ] {
+        let q = load(&fixture(file), &LoadOptions { weights: Some(WeightsMode::Quantized), ..Default::default() }).unwrap();
+        let d = load(&fixture(file), &LoadOptions { weights: Some(WeightsMode::Dequant), ..Default::default() }).unwrap();
+        assert!(q.model.weights.any_quantized() && !d.model.weights.any_quantized(), "{file}");
+        assert!(q.model.weights.matrix_types().iter().any(|t| t == types), "{file}: {:?}", q.model.weights.matrix_types());
+        assert_eq!(d.model.weights.matrix_types(), vec!["f32".to_string()]);
+        let ids = prompt_ids(&q);
+        let (lq, _) = forward_chunked(&q, &ids, &[ids.len() - 3, 1, 1, 1]);
+        let (ld, _) = forward_chunked(&d, &ids, &[ids.len()]);
+        let r = rel_l2(&lq, &ld);
+        eprintln!("{file}: quantized vs dequant logits rel-L2 {r:.3e}");
+        assert!(r > 0.0, "{file}: quantized kernels must not be the dense path");
+        assert!(r < MODES_AGREE_LOGITS_REL_L2, "{file}: rel-L2 {r} >= {MODES_AGREE_LOGITS_REL_L2}");
     }
 }

@@ -121,6 +121,9 @@ pub struct LogitMetrics {
     pub engine_margin: f64,
     /// The same on the reference side.
     pub reference_margin: f64,
+    /// p_engine(t) - p_reference(t) for the reference's top token t: llama.cpp's
+    /// `perplexity --kl-divergence` "Δp" statistic.
+    pub delta_p: f64,
 }
 
 pub const TOP_K: usize = 10;
@@ -149,6 +152,7 @@ pub fn logit_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(engine: &[A], ref
         top1_agree: te[0] == tr[0],
         engine_margin: margin(&le, &te),
         reference_margin: margin(&lr, &tr),
+        delta_p: le[tr[0]].exp() - lr[tr[0]].exp(),
     }
 }
 

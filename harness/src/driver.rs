@@ -19,8 +19,8 @@ use crate::compare::{logit_metrics_data, metrics_data, LogitMetrics, TensorMetri
 use crate::error::HarnessError;
 use crate::python::{Data, RefSpec, Reference, StepOutput};
 use crate::tolerance::{
-    logit_tolerance, logit_verdict_with_floor, tensor_verdict_with_floor, tolerance, Precision, SiteKind, Verdict,
-    WeightsMode,
+    logit_tolerance, logit_verdict_with_floor, quant_bounds, quant_logit_verdict, tensor_verdict_with_floor,
+    tolerance, Precision, QuantBounds, SiteKind, Verdict, WeightsMode, FLOOR_MULTIPLE,
 };
 
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub prompt: Prompt,
     pub steps: usize,
     pub precision: Precision,
+    /// How the engine holds GGUF weights (`None`: quantized for GGUF in f32, else dense).
+    pub weights: Option<lockstep_engine::WeightsMode>,
 }
 
 /// One site of one step, engine vs one reference.
@@ -147,11 +149,18 @@ pub struct GenerateCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct RefSummary {
     pub reference: String,
+    /// How the engine's arithmetic relates to this reference's (decides the tolerances).
+    pub mode: WeightsMode,
+    /// The next-token bounds used in the quantized modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quant_bounds: Option<QuantBounds>,
     pub sites_compared_per_step: usize,
     pub sites_not_compared: Vec<String>,
     pub mean_kl: f64,
     pub max_kl: f64,
     pub same_top1_share: f64,
+    /// Largest |Δp| of the reference's top token over the steps.
+    pub max_abs_delta_p: f64,
     pub worst_rel_l2: Vec<WorstSite>,
     pub seconds: f64,
     pub verdict: Verdict,
@@ -221,7 +230,12 @@ pub struct RunResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineInfo {
+    /// Where the weights came from (hf-safetensors, gguf).
     pub weights: &'static str,
+    /// quantized or dequant.
+    pub weights_mode: &'static str,
+    /// Storage types of the matrices, e.g. ["Q4_1", "Q8_0"] (["f32"] when dense).
+    pub matrix_types: Vec<String>,
     pub dtype: Precision,
     pub qk_layout: &'static str,
     pub transforms: Vec<&'static str>,
@@ -245,7 +259,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype })?)
+    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights })?)
 }
 
 /// Encodes the prompt on the engine side.
@@ -268,8 +282,12 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     assert!(!refs.is_empty(), "run() needs at least one reference");
     let model = &engine.model;
     let cfg = &model.cfg;
-    let mode = WeightsMode::SameWeights;
-    let ltol = logit_tolerance(mode, opts.precision);
+    // Which arithmetic each pair shares decides the tolerances (tolerance.rs).
+    let engine_quantized = model.weights.any_quantized();
+    let modes: Vec<WeightsMode> =
+        refs.iter().map(|r| WeightsMode::of(engine_quantized, r.description.quantized_activations)).collect();
+    let qbounds = quant_bounds(model.weights.quant_type().as_deref());
+    let ltol = logit_tolerance(WeightsMode::SameWeights, opts.precision);
 
     // --- the prompt, on every side ---
     let engine_ids = engine_prompt_ids(engine, &opts.prompt)?;
@@ -419,7 +437,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                 let mut sites = Vec::new();
                 for es in esites.iter().filter(|es| ref_sites[i].contains(&es.site)) {
                     let kind = SiteKind::of(&es.site);
-                    let tol = tolerance(mode, opts.precision, kind);
+                    let tol = tolerance(modes[i], opts.precision, kind, layer_of(&es.site));
                     let floor = others
                         .iter()
                         .filter_map(|&j| pair_of(i, j).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2))
@@ -481,7 +499,19 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                     Some(acc.map_or(x, |a| a.min(x)))
                 });
                 let refs_flip = others.iter().any(|&j| !pair_of(i, j).logits.top1_agree);
-                let logits_verdict = logit_verdict_with_floor(&lm, &ltol, kl_floor, refs_flip);
+                let logits_verdict = match modes[i] {
+                    WeightsMode::SameWeights => logit_verdict_with_floor(&lm, &ltol, kl_floor, refs_flip),
+                    _ => match quant_logit_verdict(&lm, &qbounds) {
+                        // As far from this reference as another reference is: drift.
+                        Verdict::Fail
+                            if kl_floor.is_some_and(|f| lm.kl <= FLOOR_MULTIPLE * f)
+                                && lm.delta_p.abs() <= qbounds.fail_delta_p =>
+                        {
+                            Verdict::Drift
+                        }
+                        v => v,
+                    },
+                };
                 let verdict = sites.iter().map(|s| s.verdict).chain([logits_verdict]).max().unwrap_or(Verdict::Pass);
                 ref_steps.push(RefStep {
                     reference: r.name.clone(),
@@ -550,8 +580,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
 
     let engine_text = engine.tokenizer.decode(&generated, true).unwrap_or_default();
-    let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated);
-    let summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
+    let mut summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
+    let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
+    let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
     Ok(RunResult {
         verdict_pass: first_divergence.is_none(),
         first_divergence,
@@ -563,6 +594,8 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         summary,
         engine: EngineInfo {
             weights: engine.origin.name(),
+            weights_mode: engine.weights.name(),
+            matrix_types: engine.model.weights.matrix_types(),
             dtype: opts.precision,
             qk_layout: match layout {
                 QkLayout::HalfSplit => "half-split",
@@ -688,6 +721,41 @@ fn find_first_divergence(
     None
 }
 
+/// Over-the-run bounds of the quantized modes (mean KL, same-top-1 share): records the
+/// mode and bounds on each reference's summary and returns a divergence when one fails.
+fn quant_run_checks(summary: &mut RunSummary, modes: &[WeightsMode], b: &QuantBounds, n_steps: usize) -> Option<Divergence> {
+    let mut found = None;
+    for (rs, &mode) in summary.references.iter_mut().zip(modes) {
+        rs.mode = mode;
+        if mode == WeightsMode::SameWeights {
+            continue;
+        }
+        rs.quant_bounds = Some(*b);
+        let mut why = vec![];
+        if !(rs.mean_kl <= b.fail_mean_kl) {
+            why.push(format!("mean KL {:.3e} > {:.1e}", rs.mean_kl, b.fail_mean_kl));
+        }
+        if rs.same_top1_share < b.min_top1_share {
+            why.push(format!("same top-1 at {:.1}% of steps < {:.0}%", 100.0 * rs.same_top1_share, 100.0 * b.min_top1_share));
+        }
+        if !why.is_empty() {
+            rs.verdict = Verdict::Fail;
+            found.get_or_insert(Divergence {
+                step: n_steps.saturating_sub(1),
+                layer: None,
+                site: "logits".into(),
+                reference: rs.reference.clone(),
+                detail: format!("over the run, {} ({} bounds, {} mode)", why.join(", "), b.quant_type, mode.name()),
+                likely_cause: Some(
+                    "more than quantization noise: a dequantization or kernel error, or a quant type the bounds do not cover"
+                        .into(),
+                ),
+            });
+        }
+    }
+    found
+}
+
 /// A first guess at the bug class from where the first failure is.
 fn likely_cause(step: usize, rs: &RefStep, site: &SiteRecord) -> Option<String> {
     let leaf = leaf_of(&site.site);
@@ -752,11 +820,14 @@ fn summarize(
         let per = || steps.iter().map(move |s| &s.references[i]);
         references.push(RefSummary {
             reference: r.name.clone(),
+            mode: WeightsMode::SameWeights,
+            quant_bounds: None,
             sites_compared_per_step: steps.first().map(|s| s.references[i].sites.len()).unwrap_or(0),
             sites_not_compared: engine_sites.iter().filter(|s| !ref_sites[i].contains(*s)).cloned().collect(),
             mean_kl: per().map(|x| x.logits.kl).sum::<f64>() / n,
             max_kl: per().map(|x| x.kl_max_positions).fold(0.0, f64::max),
             same_top1_share: per().filter(|x| x.logits.top1_agree).count() as f64 / n,
+            max_abs_delta_p: per().map(|x| x.logits.delta_p.abs()).fold(0.0, f64::max),
             worst_rel_l2: worst_sites(
                 steps.iter().flat_map(|s| {
                     s.references[i].sites.iter().map(move |x| (s.step, x.site.as_str(), x.metrics.map(|m| m.rel_l2)))

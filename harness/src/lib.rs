@@ -13,6 +13,7 @@
 //! - [`manifest`], [`parity`]: the golden cases of `snapshots/traces/manifest.toml`, their
 //!   replay and the parity summary that `cargo test` snapshots with insta
 
+pub mod bench;
 pub mod compare;
 pub mod driver;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod models;
 pub mod parity;
 pub mod python;
+pub mod quantcheck;
 pub mod record;
 pub mod report;
 pub mod sketch;

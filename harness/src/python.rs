@@ -189,6 +189,10 @@ pub struct Description {
     pub notes: Vec<String>,
     /// Named layout transforms the reference applied to reach the HF layout.
     pub transforms: Vec<String>,
+    /// True when the reference quantizes activations for quantized matmuls (llama.cpp on a
+    /// quantized file); false when it computes in its float dtype.
+    #[serde(default)]
+    pub quantized_activations: bool,
 }
 
 /// A loaded reference: a live Python object implementing `references/protocol.py`, or a
@@ -314,6 +318,7 @@ impl PyReference {
                 sites: get(py, &d, "sites")?,
                 notes: get(py, &d, "notes")?,
                 transforms: get_or_default(py, &d, "transforms")?,
+                quantized_activations: get_or_default(py, &d, "quantized_activations")?,
             };
             Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })

@@ -246,6 +246,7 @@ pub fn write_traces(result: &RunResult, refs: &[Reference], t: &RecordTarget<'_>
                 versions: d.versions.clone(),
                 notes: d.notes.clone(),
                 transforms: d.transforms.clone(),
+                quantized_activations: d.quantized_activations,
                 sites: d.sites.clone(),
             },
             model: trace::ModelMeta {
@@ -288,7 +289,8 @@ pub struct RecordRequest {
     /// Trace names, one per reference.
     pub names: Vec<String>,
     pub policy: KeepPolicy,
-    pub weights: String,
+    /// How the engine holds GGUF weights (`None`: its default for the file).
+    pub weights: Option<lockstep_engine::WeightsMode>,
     pub budget_bytes: Option<u64>,
     pub dir: std::path::PathBuf,
 }
@@ -321,6 +323,7 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         prompt: req.prompt.clone(),
         steps: req.steps,
         precision: Precision::F32,
+        weights: req.weights,
     };
     let engine = driver::load_engine(&opts)?;
     let refs = req
@@ -336,7 +339,7 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         model_arg: &req.model_arg,
         model_path: &path,
         model_sha256: &sha256,
-        weights: &req.weights,
+        weights: engine.weights.name(),
         steps_requested: req.steps,
         budget_bytes: req.budget_bytes,
     };

@@ -97,11 +97,13 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
     use crate::tolerance::*;
     let mut tols = serde_json::Map::new();
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
-        let t = tolerance(WeightsMode::SameWeights, r.engine.dtype, kind);
+        let t = tolerance(WeightsMode::SameWeights, r.engine.dtype, kind, None);
         tols.insert(format!("{kind:?}").to_lowercase(), serde_json::to_value(t).unwrap_or_default());
     }
     tols.insert("next_token".into(), serde_json::to_value(LOGITS_F32).unwrap_or_default());
     tols.insert("floor_multiple".into(), serde_json::Value::from(FLOOR_MULTIPLE));
+    tols.insert("quantized_sites".into(), serde_json::to_value(tolerance(WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None)).unwrap_or_default());
+    tols.insert("quantized_next_token".into(), serde_json::to_value(QUANT_BOUNDS).unwrap_or_default());
     let report = JsonReport {
         verdict: if r.verdict_pass { "pass" } else { "diverged" },
         first_divergence: &r.first_divergence,
@@ -206,9 +208,11 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
         o,
-        "  engine     lockstep-engine {}, weights {}, {:?}, Q/K {}{}",
+        "  engine     lockstep-engine {}, weights {} ({}: {}), {:?}, Q/K {}{}",
         env!("CARGO_PKG_VERSION"),
         r.engine.weights,
+        r.engine.weights_mode,
+        r.engine.matrix_types.join("+"),
         r.engine.dtype,
         r.engine.qk_layout,
         if r.engine.transforms.is_empty() {
@@ -303,22 +307,40 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     let _ = writeln!(o, "\nengine vs reference, over {} steps:", s.steps);
     let _ = writeln!(
         o,
-        "  {:<rw$}  {:>8}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}",
-        "reference", "verdict", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
+        "  {:<rw$}  {:>8}  {:<14}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}  {:>7}",
+        "reference", "verdict", "mode", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 =", "max|Δp|"
     );
     for rs in &s.references {
         let w = |k: SiteKind| worst_cell(&rs.worst_rel_l2, k);
         let _ = writeln!(
             o,
-            "  {:<rw$}  {:>8}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
+            "  {:<rw$}  {:>8}  {:<14}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%  {:>7.3}",
             rs.reference,
             rs.verdict.as_str(),
+            rs.mode.name(),
             w(SiteKind::Activation),
             w(SiteKind::Cache),
             w(SiteKind::Logits),
             rs.mean_kl,
             rs.max_kl,
-            100.0 * rs.same_top1_share
+            100.0 * rs.same_top1_share,
+            rs.max_abs_delta_p
+        );
+    }
+    if let Some(b) = s.references.iter().find_map(|rs| rs.quant_bounds) {
+        let _ = writeln!(
+            o,
+            "  quantized modes are judged on the next token ({} bounds; {}): per step KL <= {} pass, > {} fail, \
+             |Δp| <= {}; over the run mean KL <= {}, same top-1 >= {:.0}%; per site only rel-L2 > {} fails \
+             (8-bit activation rounding flips make deeper layers differ by up to ~0.2)",
+            b.quant_type,
+            b.source,
+            b.pass_kl,
+            b.fail_kl,
+            b.fail_delta_p,
+            b.fail_mean_kl,
+            100.0 * b.min_top1_share,
+            crate::tolerance::tolerance(crate::tolerance::WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None).fail_rel_l2
         );
     }
     if !s.pairs.is_empty() {

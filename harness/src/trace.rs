@@ -110,6 +110,10 @@ pub struct RefMeta {
     pub versions: BTreeMap<String, String>,
     pub notes: Vec<String>,
     pub transforms: Vec<String>,
+    /// The reference quantizes activations for quantized matmuls (llama.cpp on a quantized
+    /// file): decides which tolerances apply (tolerance.rs).
+    #[serde(default)]
+    pub quantized_activations: bool,
     /// Capture sites, in forward order: every one is in every step of the trace.
     pub sites: Vec<String>,
 }
@@ -126,7 +130,8 @@ pub struct ModelMeta {
     pub file: String,
     /// sha256 of the file, or of a directory's files (report::model_sha256).
     pub sha256: String,
-    /// How the engine loaded the weights (`native`: as stored in the file).
+    /// How the engine held the weights when recording (`quantized` or `dequant`); a replay
+    /// loads them the same way.
     pub weights: String,
 }
 
@@ -214,7 +219,24 @@ impl TraceMeta {
             sites: self.reference.sites.clone(),
             notes,
             transforms: self.reference.transforms.clone(),
+            quantized_activations: self.reference.quantized_activations,
         }
+    }
+
+    /// The engine weights mode the trace was recorded with.
+    pub fn weights_mode(&self) -> Result<Option<lockstep_engine::WeightsMode>, HarnessError> {
+        parse_weights(&self.model.weights).map_err(|m| HarnessError::Usage(format!("trace {}: {m}", self.name)))
+    }
+}
+
+/// `quantized` / `dequant` (how the engine holds GGUF weights); `default`: the engine's
+/// default for the file (quantized for a GGUF, dense otherwise).
+pub fn parse_weights(s: &str) -> Result<Option<lockstep_engine::WeightsMode>, String> {
+    match s {
+        "quantized" => Ok(Some(lockstep_engine::WeightsMode::Quantized)),
+        "dequant" => Ok(Some(lockstep_engine::WeightsMode::Dequant)),
+        "default" => Ok(None),
+        other => Err(format!("weights `{other}`: use quantized, dequant or default")),
     }
 }
 

@@ -7,54 +7,22 @@
 //! always run. Golden replays that need no Python at all are in tests/replay.rs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn venv_path() -> PathBuf {
-    std::env::var_os("LOCKSTEP_VENV").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"))
-}
-
-fn venv() -> PathBuf {
-    let v = venv_path();
-    assert!(
-        v.join("bin/python").exists(),
-        "the reference environment is missing at {}: run `make setup` (or `make test`, which does it)",
-        v.display()
-    );
-    v
-}
-
-fn lockstep() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
-    // Not asserted here: the tests of bad input need no Python. A live test without the
-    // environment fails with the binary's own message (`make setup`).
-    c.env("LOCKSTEP_VENV", venv_path()).env_remove("LOCKSTEP_REFERENCES").env_remove("RUST_BACKTRACE");
-    c
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output { status, stdout, stderr } = cmd.output().expect("lockstep runs");
-    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into(), String::from_utf8_lossy(&stderr).into())
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lockstep-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::*;
 
 /// Runs `lockstep run` with a JSON report and returns (exit code, stdout, report).
+/// `model` may carry more options after the model ("smollm2 --weights dequant").
 fn run_json(model: &str, prompt_flag: &str, prompt: &str, steps: usize, extra_env: &[(&str, &str)]) -> (i32, String, String, Value) {
-    let dir = tmp(&format!("json-{}-{steps}", model.replace('/', "_")));
+    let dir = tmp(&format!("json-{}-{steps}", model.replace(['/', ' '], "_")));
     let json = dir.join("report.json");
     let mut cmd = lockstep();
-    cmd.args(["run", "--model", model, "--reference", "transformers", prompt_flag, prompt, "--steps"])
+    cmd.args(["run", "--model"])
+        .args(model.split_whitespace())
+        .args(["--reference", "transformers", prompt_flag, prompt, "--steps"])
         .arg(steps.to_string())
         .arg("--json")
         .arg(&json);
@@ -151,8 +119,8 @@ fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
 
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn smollm2_demo_passes_on_all_30_layers_and_matches_generate() {
-    let (code, out, err, report) = run_json("smollm2", "--chat", "What is the capital of France?", 32, &[]);
+fn smollm2_dequantized_passes_on_all_30_layers_and_matches_generate() {
+    let (code, out, err, report) = run_json("smollm2 --weights dequant", "--chat", "What is the capital of France?", 32, &[]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert_full_pass(&report, 30, &out, &["transformers"]);
     let text = report["tokens"]["generated_text"].as_str().unwrap();
@@ -227,7 +195,7 @@ fn smollm2_against_transformers_mlx_and_llamacpp() {
     let dir = tmp("smollm2-3");
     let json = dir.join("r.json");
     let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "smollm2", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "16", "--json"])
+        .args(["run", "--model", "smollm2", "--weights", "dequant", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "16", "--json"])
         .arg(&json));
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -415,20 +383,6 @@ fn an_exception_in_the_reference_is_exit_2_with_its_traceback() {
 }
 
 // --- bad input: exit 2 and a message that says what and where -------------------------------
-
-fn assert_exit_2(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
-    let mut cmd = lockstep();
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let (code, out, err) = run(&mut cmd);
-    assert_eq!(code, 2, "{args:?}: stdout:\n{out}\nstderr:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr lacks {n:?}:\n{err}");
-    }
-}
 
 #[test]
 fn nonexistent_model_path() {
