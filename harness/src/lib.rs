@@ -9,6 +9,7 @@
 //! - [`models`]: model aliases
 
 pub mod bench;
+pub mod bisect;
 pub mod compare;
 pub mod driver;
 pub mod error;

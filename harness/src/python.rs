@@ -319,6 +319,14 @@ pub enum Data<'a> {
 }
 
 impl Data<'_> {
+    /// A copy as f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            Data::F32(d) => d.to_vec(),
+            Data::F64(d) => d.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
     /// Rows `range` of a flat buffer.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
         match self {
