@@ -282,18 +282,31 @@ impl Llama {
         };
         tap(cap, || format!("layers.{i}.cache_k"), &k_all);
         tap(cap, || format!("layers.{i}.cache_v"), &v_all);
-        let tiled = self.faults.has(Fault::GqaMapping);
-        let k_all = repeat_kv(&k_all, cfg.n_rep(), tiled)?; // (nh, total, hd)
-        let v_all = repeat_kv(&v_all, cfg.n_rep(), tiled)?;
-
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k_all.t()?)? * scale)?; // (nh, seq, total)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let n_rep = cfg.n_rep();
+        let total = k_all.dims()[1];
+        let attn = if self.faults.has(Fault::GqaMapping) {
+            // The fault's path: KV heads materialized per query head, in the wrong order.
+            let k_all = repeat_kv(&k_all, n_rep, true)?; // (nh, total, hd)
+            let v_all = repeat_kv(&v_all, n_rep, true)?;
+            let scores = (q.matmul(&k_all.t()?)? * scale)?; // (nh, seq, total)
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            softmax_last(&scores)?.matmul(&v_all)? // (nh, seq, hd)
+        } else {
+            // Grouped-query attention without copying K/V per query head: the n_rep query
+            // heads of KV head g are consecutive, so q regroups as (nkv, n_rep*seq, hd) and
+            // multiplies that KV head's cache directly (transformers' repeat_kv, unmaterialized).
+            let qg = q.reshape((nkv, n_rep * seq, hd))?;
+            let scores = (qg.matmul(&k_all.t()?)? * scale)?; // (nkv, n_rep*seq, total)
+            let scores = match mask {
+                Some(m) => scores.reshape((nkv, n_rep, seq, total))?.broadcast_add(m)?.reshape((nkv, n_rep * seq, total))?,
+                None => scores,
+            };
+            softmax_last(&scores)?.matmul(&v_all)?.reshape((nh, seq, hd))? // (nh, seq, hd)
         };
-        let probs = softmax_last(&scores)?;
-        let attn = probs.matmul(&v_all)?; // (nh, seq, hd)
         let attn = attn.transpose(0, 1)?.contiguous()?.reshape((seq, nh * hd))?;
         tap(cap, || format!("layers.{i}.attn"), &attn);
         let attn_out = linear(&attn, &lw.wo)?;
