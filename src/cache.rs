@@ -11,11 +11,23 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The token ids fed so far, in order.
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![None; num_layers], tokens: vec![] }
+    }
+
+    /// The token ids fed so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Records the ids of a forward step (called by `Llama::forward`).
+    pub fn push_tokens(&mut self, ids: &[u32]) {
+        self.tokens.extend_from_slice(ids);
     }
 
     /// Number of positions cached (the position of the next token fed).
@@ -52,13 +64,21 @@ impl KvCache {
         Ok((k, v))
     }
 
+    /// Sets one layer's cache `(k, v)`, `(kv_heads, len, head_dim)` each (bisect's isolation
+    /// runs a layer on a reference's cache).
+    pub fn set_layer(&mut self, layer: usize, k: Tensor, v: Tensor) {
+        self.layers[layer] = Some((k, v));
+    }
+
     /// Drops everything (a new sequence).
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.tokens.clear();
     }
 
     /// Keeps only the first `len` positions of every layer.
     pub fn trim(&mut self, len: usize) -> Result<()> {
+        self.tokens.truncate(len);
         for l in self.layers.iter_mut() {
             if let Some((k, v)) = l.take() {
                 if len > 0 {

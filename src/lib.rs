@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod generate;
 pub mod layout;
 pub mod llama;
@@ -24,6 +25,7 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::Config;
 pub use error::{EngineError, Result};
+pub use faults::{Fault, Faults};
 pub use layout::QkLayout;
 pub use llama::Llama;
 pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::cache::KvCache;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
+use crate::faults::{Fault, Faults};
 use crate::layout::QkLayout;
 use crate::quant::Linear;
 use crate::taps::{tap, Capture};
@@ -21,6 +22,8 @@ pub struct Llama {
     pub weights: LlamaWeights,
     pub qk_layout: QkLayout,
     pub dtype: DType,
+    /// Injected faults (`crate::faults`); empty in normal use.
+    pub faults: Faults,
     device: Device,
 }
 
@@ -47,14 +50,14 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// cos/sin tables `(seq, head_dim/2)` for positions `offset..offset+seq`, computed in the
 /// model dtype the way transformers' `LlamaRotaryEmbedding` does (inv_freq, then
 /// position * inv_freq, then cos/sin).
-fn rope_tables(cfg: &Config, offset: usize, seq: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &Config, theta: f64, offset: usize, seq: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let (cos, sin) = if dtype == DType::F64 {
         let mut c = Vec::with_capacity(seq * half);
         let mut s = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
             for i in 0..half {
-                let inv = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64);
+                let inv = 1.0 / theta.powf((2 * i) as f64 / cfg.head_dim as f64);
                 let f = p as f64 * inv;
                 c.push(f.cos());
                 s.push(f.sin());
@@ -62,7 +65,7 @@ fn rope_tables(cfg: &Config, offset: usize, seq: usize, dtype: DType, dev: &Devi
         }
         (Tensor::from_vec(c, (seq, half), dev)?, Tensor::from_vec(s, (seq, half), dev)?)
     } else {
-        let theta = cfg.rope_theta as f32;
+        let theta = theta as f32;
         let mut c = Vec::with_capacity(seq * half);
         let mut s = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
@@ -106,10 +109,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: QkLayout) -> Result<Tens
 }
 
 /// `(kv_heads, len, hd)` -> `(kv_heads * n_rep, len, hd)`, each KV head repeated for the
-/// `n_rep` consecutive query heads it serves (transformers' `repeat_kv`).
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+/// `n_rep` consecutive query heads it serves (transformers' `repeat_kv`). `tiled` is the
+/// `gqa-mapping` fault: the KV heads tiled, so query head h reads KV head h % kv_heads.
+fn repeat_kv(x: &Tensor, n_rep: usize, tiled: bool) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x.clone());
+    }
+    if tiled {
+        return Ok(x.repeat((n_rep, 1, 1))?);
     }
     let (kv, len, hd) = x.dims3()?;
     Ok(x.unsqueeze(1)?.broadcast_as((kv, n_rep, len, hd))?.reshape((kv * n_rep, len, hd))?)
@@ -117,7 +124,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 
 impl Llama {
     pub fn new(cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
-        Self { cfg, weights, qk_layout, dtype, device: Device::Cpu }
+        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu }
     }
 
     /// A fresh, empty cache for this model.
@@ -148,22 +155,77 @@ impl Llama {
                 cfg.num_layers
             )));
         }
+        // Faults of the generation loop (crate::faults): a decode step without the prompt's
+        // cache, or with the whole history re-fed instead of a cache.
+        let history: Vec<u32>;
+        let mut tokens = tokens;
+        if cache.offset() > 0 && self.faults.has(Fault::DropContext) {
+            cache.reset();
+        }
+        let n_new = tokens.len();
+        if cache.offset() > 0 && self.faults.has(Fault::RefeedHistory) {
+            history = cache.tokens().iter().chain(tokens).copied().collect();
+            cache.reset();
+            tokens = &history;
+        }
         let seq = tokens.len();
         let offset = cache.offset();
+        cache.push_tokens(tokens);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // (seq, hidden)
         tap(&mut cap, || "embed".into(), &x);
 
-        let (cos, sin) = rope_tables(cfg, offset, seq, self.dtype, &self.device)?;
-        let mask = if seq > 1 { Some(self.causal_mask(seq, offset)?) } else { None };
+        let (cos, sin) = rope_tables(cfg, self.theta(), offset, seq, self.dtype, &self.device)?;
+        let mask = if seq > 1 && !self.faults.has(Fault::CausalMask) { Some(self.causal_mask(seq, offset)?) } else { None };
         for (i, lw) in self.weights.layers.iter().enumerate() {
             x = self.block(i, lw, &x, &cos, &sin, mask.as_ref(), cache, &mut cap)?;
         }
-        let x = rms_norm(&x, &self.weights.norm, cfg.rms_norm_eps)?;
+        let x = rms_norm(&x, &self.weights.norm, self.eps())?;
         tap(&mut cap, || "final_norm".into(), &x);
         let logits = linear(&x, &self.weights.lm_head)?; // (seq, vocab)
         tap(&mut cap, || "logits".into(), &logits);
-        Ok(logits)
+        Ok(logits.narrow(0, seq - n_new, n_new)?)
+    }
+
+    /// Runs decoder layer `i` alone (bisect's isolation): `x (seq, hidden)` is the layer's
+    /// input, `kv` the layer's cache before this step, `(kv_heads, cached, head_dim)` each,
+    /// in this model's Q/K layout (`None`: an empty cache). Every site of the layer is
+    /// offered to `cap`; returns the layer's output.
+    pub fn isolate_layer(&self, i: usize, x: &Tensor, kv: Option<(Tensor, Tensor)>, cap: &mut Capture) -> Result<Tensor> {
+        let lw = self.weights.layers.get(i).ok_or_else(|| {
+            EngineError::Input(format!("layer {i} does not exist (the model has {})", self.cfg.num_layers))
+        })?;
+        crate::threads::pool().install(|| {
+            let mut cache = KvCache::new(self.cfg.num_layers);
+            let offset = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
+            if let Some((k, v)) = kv {
+                cache.set_layer(i, k, v);
+            }
+            let seq = x.dims2()?.0;
+            let (cos, sin) = rope_tables(&self.cfg, self.theta(), offset, seq, self.dtype, &self.device)?;
+            let mask = if seq > 1 && !self.faults.has(Fault::CausalMask) { Some(self.causal_mask(seq, offset)?) } else { None };
+            let x = x.to_dtype(self.dtype)?;
+            self.block(i, lw, &x, &cos, &sin, mask.as_ref(), &mut cache, &mut Some(cap))
+        })
+    }
+
+    /// The RoPE base in use (the `rope-theta` fault replaces it with the 10000 default, or
+    /// with 100000 when the config already says 10000).
+    fn theta(&self) -> f64 {
+        match self.faults.has(Fault::RopeTheta) {
+            false => self.cfg.rope_theta,
+            true if self.cfg.rope_theta == 10_000.0 => 100_000.0,
+            true => 10_000.0,
+        }
+    }
+
+    /// The RMSNorm epsilon in use (the `rms-eps` fault replaces it).
+    fn eps(&self) -> f64 {
+        if self.faults.has(Fault::RmsEps) {
+            1e-2
+        } else {
+            self.cfg.rms_norm_eps
+        }
     }
 
     /// `(seq, offset+seq)`: 0 where query `i` (position offset+i) may see key `j`, -inf after.
@@ -192,7 +254,7 @@ impl Llama {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
 
         // --- attention ---
-        let h = rms_norm(x, &lw.attn_norm, cfg.rms_norm_eps)?;
+        let h = rms_norm(x, &lw.attn_norm, self.eps())?;
         tap(cap, || format!("layers.{i}.attn_norm"), &h);
         let qkv = Linear::forward_group(&[&lw.wq, &lw.wk, &lw.wv], &h)?;
         let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]); // (seq, nh*hd), (seq, nkv*hd) x2
@@ -202,25 +264,49 @@ impl Llama {
         let q = q.reshape((seq, nh, hd))?.transpose(0, 1)?.contiguous()?; // (nh, seq, hd)
         let k = k.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?; // (nkv, seq, hd)
         let v = v.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
-        let q = rope(&q, cos, sin, self.qk_layout)?;
-        let k = rope(&k, cos, sin, self.qk_layout)?;
+        let layout = match (self.faults.has(Fault::RopeConvention), self.qk_layout) {
+            (false, l) => l,
+            (true, QkLayout::HalfSplit) => QkLayout::Interleaved,
+            (true, QkLayout::Interleaved) => QkLayout::HalfSplit,
+        };
+        let q = rope(&q, cos, sin, layout)?;
+        let k = rope(&k, cos, sin, layout)?;
         tap(cap, || format!("layers.{i}.q_rope"), &q);
         tap(cap, || format!("layers.{i}.k_rope"), &k);
 
-        let (k_all, v_all) = cache.update_and_fetch(i, &k, &v)?; // (nkv, total, hd)
+        let stale = self.faults.layer(Fault::StaleCache) == Some(i) && cache.layer_len(i) > 0;
+        let (k_all, v_all) = if stale {
+            cache.layer(i).cloned().expect("checked non-empty") // the fault: not updated
+        } else {
+            cache.update_and_fetch(i, &k, &v)? // (nkv, total, hd)
+        };
         tap(cap, || format!("layers.{i}.cache_k"), &k_all);
         tap(cap, || format!("layers.{i}.cache_v"), &v_all);
-        let k_all = repeat_kv(&k_all, cfg.n_rep())?; // (nh, total, hd)
-        let v_all = repeat_kv(&v_all, cfg.n_rep())?;
-
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k_all.t()?)? * scale)?; // (nh, seq, total)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let n_rep = cfg.n_rep();
+        let total = k_all.dims()[1];
+        let attn = if self.faults.has(Fault::GqaMapping) {
+            // The fault's path: KV heads materialized per query head, in the wrong order.
+            let k_all = repeat_kv(&k_all, n_rep, true)?; // (nh, total, hd)
+            let v_all = repeat_kv(&v_all, n_rep, true)?;
+            let scores = (q.matmul(&k_all.t()?)? * scale)?; // (nh, seq, total)
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            softmax_last(&scores)?.matmul(&v_all)? // (nh, seq, hd)
+        } else {
+            // Grouped-query attention without copying K/V per query head: the n_rep query
+            // heads of KV head g are consecutive, so q regroups as (nkv, n_rep*seq, hd) and
+            // multiplies that KV head's cache directly (transformers' repeat_kv, unmaterialized).
+            let qg = q.reshape((nkv, n_rep * seq, hd))?;
+            let scores = (qg.matmul(&k_all.t()?)? * scale)?; // (nkv, n_rep*seq, total)
+            let scores = match mask {
+                Some(m) => scores.reshape((nkv, n_rep, seq, total))?.broadcast_add(m)?.reshape((nkv, n_rep * seq, total))?,
+                None => scores,
+            };
+            softmax_last(&scores)?.matmul(&v_all)?.reshape((nh, seq, hd))? // (nh, seq, hd)
         };
-        let probs = softmax_last(&scores)?;
-        let attn = probs.matmul(&v_all)?; // (nh, seq, hd)
         let attn = attn.transpose(0, 1)?.contiguous()?.reshape((seq, nh * hd))?;
         tap(cap, || format!("layers.{i}.attn"), &attn);
         let attn_out = linear(&attn, &lw.wo)?;
@@ -228,7 +314,7 @@ impl Llama {
         let x = (x + attn_out)?;
 
         // --- MLP ---
-        let h = rms_norm(&x, &lw.mlp_norm, cfg.rms_norm_eps)?;
+        let h = rms_norm(&x, &lw.mlp_norm, self.eps())?;
         tap(cap, || format!("layers.{i}.mlp_norm"), &h);
         let gu = Linear::forward_group(&[&lw.w_gate, &lw.w_up], &h)?;
         let (gate, up) = (&gu[0], &gu[1]);

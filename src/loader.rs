@@ -10,7 +10,9 @@ use crate::config::HfConfig;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
 use crate::llama::Llama;
+use crate::faults::{Fault, Faults};
 use crate::quant::WeightsMode;
+use crate::tokenizer::ChatMessage;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, GgufFile};
 
@@ -36,11 +38,13 @@ pub struct LoadOptions {
     /// How GGUF matrices are held; `None` picks quantized for a GGUF file in f32 and dense
     /// otherwise (Hugging Face weights are dense, and quantized kernels compute in f32).
     pub weights: Option<WeightsMode>,
+    /// Injected faults (`crate::faults`), none in normal use.
+    pub faults: Faults,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, weights: None }
+        Self { dtype: DType::F32, weights: None, faults: Faults::none() }
     }
 }
 
@@ -54,6 +58,27 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The prompt's token ids: a chat prompt (one user message) through the chat template
+    /// with the generation prompt, plain text with the tokenizer's special tokens. The
+    /// `raw-prompt` and `missing-bos` faults live here.
+    pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        let f = &self.model.faults;
+        let mut ids = if chat && !f.has(Fault::RawPrompt) {
+            self.tokenizer.encode_chat(&[ChatMessage::user(text.to_string())])?
+        } else {
+            self.tokenizer.encode(text, true)?
+        };
+        if f.has(Fault::MissingBos) {
+            let bos = self.model.cfg.bos_token_id.or_else(|| {
+                self.tokenizer.bos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t))
+            });
+            if bos.is_some() && ids.first().copied() == bos {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Ids that end a generation: the config's EOS ids, else the tokenizer's EOS token.
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = self.model.cfg.eos_token_ids.clone();
@@ -88,7 +113,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
         let weights = weights::load_hf(path, &cfg, opts.dtype)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
-        let model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
+        let mut model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
+        model.faults = opts.faults.clone();
         return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, weights: WeightsMode::Dequant, path: path.into() });
     }
     let mut magic = [0u8; 4];
@@ -114,10 +140,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         (None, _) => WeightsMode::Quantized,
     };
     let mut g = GgufFile::open(path)?;
+    g.drop_q41_min = opts.faults.has(Fault::Q41Min);
     let cfg = g.config()?;
     let weights = weights::load_gguf(&mut g, &cfg, opts.dtype, mode)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     // GGUF Q/K rows are stored for interleaved RoPE (see crate::layout).
-    let model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
+    let mut model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
+    model.faults = opts.faults.clone();
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into() })
 }

@@ -66,6 +66,11 @@ pub enum Linear {
 impl Linear {
     /// Wraps a GGUF tensor `(out, in)` for quantized matmuls.
     pub fn from_qtensor(q: QTensor) -> Result<Self> {
+        Self::from_qtensor_opts(q, false)
+    }
+
+    /// As [`Linear::from_qtensor`]; `drop_q41_min` is the `q4_1-min` fault.
+    pub fn from_qtensor_opts(q: QTensor, drop_q41_min: bool) -> Result<Self> {
         let dtype = q.dtype();
         let (out, inp) = q.shape().dims2()?;
         let kind = match dtype {
@@ -76,7 +81,11 @@ impl Linear {
         };
         match kind {
             Some(kind) if inp % QK == 0 => {
-                Ok(Linear::Blocks(Arc::new(BlockMatrix::new(kind, out, inp, &q.data()?))))
+                let mut m = BlockMatrix::new(kind, out, inp, &q.data()?);
+                if drop_q41_min && kind == BlockKind::Q4_1 {
+                    m.m.iter_mut().for_each(|x| *x = 0.0); // the fault: d*q without the minimum
+                }
+                Ok(Linear::Blocks(Arc::new(m)))
             }
             _ => Ok(Linear::Candle(Arc::new(QMatMul::from_qtensor(q)?), dtype)),
         }

@@ -199,6 +199,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
     reader: BufReader<File>,
+    /// The `q4_1-min` fault: Q4_1 blocks lose their minimum (both weight modes).
+    pub drop_q41_min: bool,
 }
 
 impl GgufFile {
@@ -209,7 +211,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             message: format!("{} (is the file complete? a truncated download fails here)", candle_message(&e)),
         })?;
-        Ok(Self { path: path.to_path_buf(), content, reader })
+        Ok(Self { path: path.to_path_buf(), content, reader, drop_q41_min: false })
     }
 
     pub fn metadata(&self, key: &str) -> Result<&gguf_file::Value> {
@@ -346,11 +348,16 @@ impl TensorSource for GgufFile {
     }
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let q = self.qtensor(name)?;
-        let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
-            path: self.path.clone(),
-            message: format!("dequantizing `{name}` ({:?}): {}", q.dtype(), candle_message(&e)),
-        })?;
-        self.report_nonfinite(name, crate::quant::first_nonfinite(&t, q.dtype().block_size())?, q.dtype())?;
+        let dt = q.dtype();
+        let t = if self.drop_q41_min && dt == GgmlDType::Q4_1 && q.shape().rank() == 2 {
+            Linear::from_qtensor_opts(q, true)?.dequantize()?
+        } else {
+            q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
+                path: self.path.clone(),
+                message: format!("dequantizing `{name}` ({dt:?}): {}", candle_message(&e)),
+            })?
+        };
+        self.report_nonfinite(name, crate::quant::first_nonfinite(&t, dt.block_size())?, dt)?;
         Ok(t.to_dtype(dtype)?)
     }
     fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
@@ -362,7 +369,7 @@ impl TensorSource for GgufFile {
             return Ok(Linear::Dense(self.load(name, dtype)?));
         }
         let dt = q.dtype();
-        let lin = Linear::from_qtensor(q)
+        let lin = Linear::from_qtensor_opts(q, self.drop_q41_min)
             .map_err(|e| EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") })?;
         self.report_nonfinite(name, lin.first_nonfinite()?, dt)?;
         Ok(lin)

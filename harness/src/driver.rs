@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
-use lockstep_engine::{Capture, ChatMessage, LoadOptions, LoadedModel, QkLayout};
+use lockstep_engine::{Capture, LoadOptions, LoadedModel, QkLayout};
 use serde::Serialize;
 
 use crate::compare::{logit_metrics_data, metrics_data, LogitMetrics, TensorMetrics};
@@ -40,6 +40,23 @@ pub struct RunOptions {
     pub precision: Precision,
     /// How the engine holds GGUF weights (`None`: quantized for GGUF in f32, else dense).
     pub weights: Option<lockstep_engine::WeightsMode>,
+    /// Faults injected into the engine (`--inject`).
+    pub faults: lockstep_engine::Faults,
+    /// Bisect mode: stop at the first failing step and keep the reference's tensors of the
+    /// suspect layer at that step (`crate::bisect`); no free-running generate check.
+    pub bisect: bool,
+}
+
+/// The reference tensors bisect keeps from the first failing step: the localized site's
+/// layer, all its sites, and its input (`layers.{L-1}.out` or `embed`).
+#[derive(Debug, Clone, Default)]
+pub struct KeptStep {
+    pub reference: usize,
+    pub step: usize,
+    /// Index of the localized site in that reference's `sites` of this step.
+    pub site_index: usize,
+    /// site -> (shape, values), HF layout.
+    pub arrays: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
 /// One site of one step, engine vs one reference.
@@ -216,6 +233,9 @@ pub struct OracleSummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
+    /// Bisect's kept reference tensors (not serialized).
+    #[serde(skip)]
+    pub kept: Option<KeptStep>,
     pub verdict_pass: bool,
     pub first_divergence: Option<Divergence>,
     pub prompt: PromptCheck,
@@ -236,6 +256,8 @@ pub struct EngineInfo {
     pub weights_mode: &'static str,
     /// Storage types of the matrices, e.g. ["Q4_1", "Q8_0"] (["f32"] when dense).
     pub matrix_types: Vec<String>,
+    /// Faults injected with `--inject` (empty in normal use).
+    pub faults: Vec<String>,
     pub dtype: Precision,
     pub qk_layout: &'static str,
     pub transforms: Vec<&'static str>,
@@ -259,14 +281,14 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights })?)
+    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone() })?)
 }
 
 /// Encodes the prompt on the engine side.
 pub fn engine_prompt_ids(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>, HarnessError> {
     Ok(match prompt {
-        Prompt::Text(t) => m.tokenizer.encode(t, true)?,
-        Prompt::Chat(t) => m.tokenizer.encode_chat(&[ChatMessage::user(t.clone())])?,
+        Prompt::Text(t) => m.encode_prompt(t, false)?,
+        Prompt::Chat(t) => m.encode_prompt(t, true)?,
     })
 }
 
@@ -307,6 +329,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         reference_ids.push((r.name.clone(), ids));
     }
     let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
+    let mut kept: Option<KeptStep> = None;
     let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match };
 
     // --- which sites each reference has ---
@@ -337,7 +360,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let mut generated: Vec<u32> = Vec::new();
     let layout = model.qk_layout;
 
-    for step in 0..opts.steps.max(1) {
+    // Bisect stops at a token mismatch: nothing after it is comparable.
+    let n_steps = if opts.bisect && !ids_match { 0 } else { opts.steps.max(1) };
+    for step in 0..n_steps {
         // --- engine ---
         let t0 = Instant::now();
         let mut cap = Capture::new();
@@ -373,7 +398,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             outputs.push((out, t1.elapsed().as_secs_f64()));
         }
 
-        let (ref_steps, pairs) = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<(Vec<RefStep>, Vec<PairStep>), HarnessError> {
+        let (ref_steps, pairs, kept_now) = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<(Vec<RefStep>, Vec<PairStep>, Option<KeptStep>), HarnessError> {
             // Every declared site must be there, with logits of the right shape.
             for (i, v) in views.iter().enumerate() {
                 for s in &ref_sites[i] {
@@ -523,7 +548,24 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                     seconds: outputs[i].1,
                 });
             }
-            Ok((ref_steps, pairs))
+            // Bisect: keep the suspect layer's reference tensors of the first failing step.
+            let mut kept_now = None;
+            if opts.bisect {
+                if let Some((ri, si)) = crate::bisect::localize(&ref_steps) {
+                    let mut k = KeptStep { reference: ri, step, site_index: si, ..Default::default() };
+                    if let Some(l) = ref_steps[ri].sites[si].layer {
+                        let input = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+                        let prefix = format!("layers.{l}.");
+                        for name in ref_sites[ri].iter().filter(|n| **n == input || n.starts_with(&prefix)) {
+                            if let Some(Some(a)) = views[ri].with_site(name, |sh, d| d.to_f32_vec().map(|v| (sh.to_vec(), v)))? {
+                                k.arrays.insert(name.clone(), a);
+                            }
+                        }
+                    }
+                    kept_now = Some(k);
+                }
+            }
+            Ok((ref_steps, pairs, kept_now))
         })?;
         drop(outputs);
 
@@ -539,6 +581,10 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             pairs,
         });
         generated.push(engine_token);
+        if kept_now.is_some() {
+            kept = kept_now;
+            break;
+        }
         if stop.contains(&engine_token) {
             break;
         }
@@ -547,7 +593,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
 
     // --- each reference's own greedy loop, on the engine's prompt ---
     let mut generate = vec![];
-    for (i, r) in refs.iter().enumerate() {
+    for (i, r) in refs.iter().enumerate().filter(|_| !opts.bisect) {
         let toks = r.generate_greedy(&prompt.engine_ids, opts.steps.max(1), &stop)?;
         let first_mismatch = generated
             .iter()
@@ -584,6 +630,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
     let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
     Ok(RunResult {
+        kept,
         verdict_pass: first_divergence.is_none(),
         first_divergence,
         prompt,
@@ -596,6 +643,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             weights: engine.origin.name(),
             weights_mode: engine.weights.name(),
             matrix_types: engine.model.weights.matrix_types(),
+            faults: engine.model.faults.describe(),
             dtype: opts.precision,
             qk_layout: match layout {
                 QkLayout::HalfSplit => "half-split",

@@ -14,6 +14,7 @@
 //!   replay and the parity summary that `cargo test` snapshots with insta
 
 pub mod bench;
+pub mod bisect;
 pub mod compare;
 pub mod driver;
 pub mod error;

@@ -11,7 +11,7 @@ use lockstep::python::{RefSpec, Reference};
 use lockstep::record::{KeepPolicy, RecordRequest};
 use lockstep::tolerance::Precision;
 use lockstep::{models, parity, record, report, trace};
-use lockstep_engine::WeightsMode;
+use lockstep_engine::{Faults, WeightsMode};
 
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.")]
@@ -83,6 +83,51 @@ enum Cmd {
         /// default for GGUF) or `dequant` (f32).
         #[arg(long, value_enum)]
         weights: Option<WeightsArg>,
+        /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+        #[arg(long)]
+        inject: Option<String>,
+    },
+    /// Find where the engine first leaves the reference: step, layer, site, whether the
+    /// layer is wrong by itself, and the most likely cause with its evidence.
+    Bisect {
+        /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
+        #[arg(long)]
+        model: String,
+        /// The reference to bisect against (the first one is used for isolation).
+        #[arg(long, default_value = "transformers")]
+        reference: String,
+        #[command(flatten)]
+        prompt: PromptArgs,
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        /// Write the bisect report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
+        /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+        #[arg(long)]
+        inject: Option<String>,
+        /// Reference tensors kept for isolation beyond this size are dropped (statistics stay).
+        #[arg(long, default_value_t = 256)]
+        max_capture_mb: usize,
+    },
+    /// List the fault catalog; with --check, inject each fault and bisect it.
+    Faults {
+        /// Inject every applicable fault in turn and check that bisect localizes it.
+        #[arg(long)]
+        check: bool,
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        #[arg(long, default_value = "transformers")]
+        reference: String,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Run in lockstep with live references and record their answers as golden traces
     /// (snapshots/traces/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*).
@@ -153,6 +198,9 @@ enum Cmd {
         /// GGUF weights: quantized (default for GGUF) or dequant (f32).
         #[arg(long, value_enum)]
         weights: Option<WeightsArg>,
+        /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+        #[arg(long)]
+        inject: Option<String>,
     },
     /// Prefill and decode speed of the engine, llama.cpp and transformers, side by side.
     Bench {
@@ -219,7 +267,7 @@ fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessErr
 
 fn real_main(cli: Cli) -> Result<u8, HarnessError> {
     match cli.cmd {
-        Cmd::Run { model, reference, prompt, steps, json, f64, weights } => {
+        Cmd::Run { model, reference, prompt, steps, json, f64, weights, inject } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -234,6 +282,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 steps,
                 precision,
                 weights: weights.map(WeightsArg::mode),
+                faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
+                bisect: false,
             };
             let mut opts = opts;
             let engine = driver::load_engine(&opts)?;
@@ -351,7 +401,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if r.result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Generate { model, prompt, n, f64, weights } => {
+        Cmd::Generate { model, prompt, n, f64, weights, inject } => {
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
             let opts = RunOptions {
@@ -361,6 +411,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 steps: n,
                 precision,
                 weights: weights.map(WeightsArg::mode),
+                faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
+                bisect: false,
             };
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
@@ -422,6 +474,61 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 });
             }
             Ok(if c.count(|s| matches!(s, Status::Differs { .. })) > 0 { 1 } else { 0 })
+        }
+        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb } => {
+            if steps == 0 {
+                return Err(HarnessError::Usage("--steps must be at least 1".into()));
+            }
+            let specs = RefSpec::parse_list(&reference)?;
+            let path = models::resolve(&model)?;
+            let opts = RunOptions {
+                model: path.clone(),
+                references: specs.clone(),
+                prompt: prompt.to_prompt(),
+                steps,
+                precision: Precision::F32,
+                weights: weights.map(WeightsArg::mode),
+                faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
+                bisect: true,
+            };
+            let engine = driver::load_engine(&opts)?;
+            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let (mut rep, _run) = lockstep::bisect::bisect(&opts, &engine, &refs, max_capture_mb)?;
+            rep.steps_requested = steps;
+            print!("{}", lockstep::bisect::render(&rep, &path.display().to_string(), &reference));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&rep).map_err(|e| HarnessError::Usage(e.to_string()))?;
+                std::fs::write(&j, text + "\n")
+                    .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
+            }
+            Ok(if rep.found { 1 } else { 0 })
+        }
+        Cmd::Faults { check, model, reference, steps, weights, json } => {
+            use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
+            if !check {
+                println!("{:<16} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
+                for f in CATALOG {
+                    let layer = match f.layer {
+                        Layer::None => "-".to_string(),
+                        Layer::First => "0".to_string(),
+                        Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
+                    };
+                    println!("{:<16} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+                    println!("{:<60} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
+                }
+                return Ok(0);
+            }
+            let path = models::resolve(&model)?;
+            let specs = RefSpec::parse_list(&reference)?;
+            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let results = lockstep::bisect::check_catalog(&path, &specs, &refs, steps, weights.map(WeightsArg::mode))?;
+            print!("{}", lockstep::bisect::render_check(&results, &path.display().to_string(), &reference));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&results).map_err(|e| HarnessError::Usage(e.to_string()))?;
+                std::fs::write(&j, text + "\n")
+                    .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
+            }
+            Ok(if results.iter().all(|r| r.ok) { 0 } else { 1 })
         }
         Cmd::Models => {
             for (a, what) in models::ALIASES {

@@ -114,6 +114,8 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         steps: first.steps,
         precision: Precision::F32,
         weights: first.weights_mode()?,
+        bisect: false,
+        faults: Default::default(),
     };
     let engine = driver::load_engine(&opts)?;
     let refs = specs.iter().map(|s| Reference::load(s, &model)).collect::<Result<Vec<_>, _>>()?;

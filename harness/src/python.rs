@@ -457,6 +457,15 @@ pub enum Data<'a> {
 }
 
 impl Data<'_> {
+    /// A copy as f32; `None` for a sketch (a trace keeps no values for that site).
+    pub fn to_f32_vec(&self) -> Option<Vec<f32>> {
+        match self {
+            Data::F32(d) => Some(d.to_vec()),
+            Data::F64(d) => Some(d.iter().map(|&x| x as f32).collect()),
+            Data::Sketch(_) => None,
+        }
+    }
+
     /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
     /// the one sliced site, in full).
     pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {

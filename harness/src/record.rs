@@ -324,6 +324,8 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         steps: req.steps,
         precision: Precision::F32,
         weights: req.weights,
+        bisect: false,
+        faults: Default::default(),
     };
     let engine = driver::load_engine(&opts)?;
     let refs = req

@@ -221,6 +221,9 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             format!(" (compared through {})", r.engine.transforms.join(", "))
         }
     );
+    if !r.engine.faults.is_empty() {
+        let _ = writeln!(o, "  FAULTS     injected into the engine: {}", r.engine.faults.join(", "));
+    }
     for rf in refs {
         let d = &rf.description;
         let main_key = [rf.spec.name.as_str(), "llama_cpp_python"];

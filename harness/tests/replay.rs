@@ -308,3 +308,24 @@ fn a_trace_whose_files_do_not_match_is_refused() {
     let err = parity::replay_traces("bad", &[t]).err().expect("refused").to_string();
     assert!(err.contains("do not belong together"), "{err}");
 }
+
+/// The engine's fault catalog (`lockstep faults`), each fault injected into the engine and
+/// bisected against the tiny traces, without Python: every applicable fault is found at the
+/// catalog's step, layer and site with its diagnosis, and the clean engine raises nothing.
+#[test]
+fn every_fault_is_found_by_bisecting_against_the_traces() {
+    for (model, traces) in [("tiny", "trace:tiny-hf.transformers"), ("tiny-gguf", "trace:tiny-gguf.mlx")] {
+        let json = tmp(&format!("faults-{model}")).join("f.json");
+        std::fs::create_dir_all(json.parent().unwrap()).unwrap();
+        let (code, out, err) =
+            run(lockstep_without_python().args(["faults", "--check", "--model", model, "--reference", traces, "--json"]).arg(&json));
+        assert_eq!(code, 0, "{model}: stdout:\n{out}\nstderr:\n{err}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let rows = v.as_array().unwrap();
+        assert_eq!(rows[0]["found"], "nothing", "false alarm on the clean engine: {}", rows[0]);
+        assert!(rows.iter().all(|r| r["ok"] == true), "{out}");
+        let n = rows.iter().filter(|r| r["applicable"] == true).count();
+        assert!(n >= 10, "{model}: {n} applicable faults:\n{out}");
+        assert!(out.contains(&format!("{n} of {n} applicable checks as the catalog says")), "{out}");
+    }
+}

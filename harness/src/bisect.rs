@@ -1,0 +1,757 @@
+//! `lockstep bisect`: where the engine first leaves the reference, whether that layer is
+//! wrong by itself or inherits an earlier error, and the most likely cause, with evidence.
+//!
+//! 1. The lockstep driver runs in bisect mode: every step compares logits, caches and all
+//!    sites, and the run stops at the first failing step (so a bisect costs at most one
+//!    plain run; a found fault usually much less).
+//! 2. At that step the suspect site is chosen ([`localize`]): a cache whose length differs
+//!    first (the most specific evidence), then an activation whose shape differs, then the
+//!    first site in forward order over its pass bound.
+//! 3. Isolation: the engine runs the suspect layer again on the reference's own input
+//!    (`layers.{L-1}.out`) and the reference's cache of that layer before the step. If the
+//!    isolated layer still fails, the cause is inside the layer; if it passes, the layer
+//!    inherited the error (through its cache: the cache handling between steps is wrong).
+//! 4. Diagnosis: a rule table maps the evidence to a named cause ([`diagnose`]).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use lockstep_engine::{Capture, LoadedModel, QkLayout};
+use serde::Serialize;
+
+use crate::compare::tensor_metrics;
+use crate::driver::{self, layer_of, leaf_of, KeptStep, RefStep, RunOptions, RunResult, SiteRecord};
+use crate::error::HarnessError;
+use crate::python::Reference;
+use crate::tolerance::{tensor_verdict, tolerance, SiteKind, Verdict, WeightsMode};
+
+/// Picks the site to blame in the first failing step: (reference index, site index), or
+/// None when nothing failed at this step.
+pub fn localize(refs: &[RefStep]) -> Option<(usize, usize)> {
+    let failed = refs.iter().any(|r| r.verdict == Verdict::Fail);
+    if !failed {
+        return None;
+    }
+    // (priority, position): lower wins.
+    let mut best: Option<((u8, usize), usize, usize)> = None;
+    for (ri, rs) in refs.iter().enumerate() {
+        for (si, s) in rs.sites.iter().enumerate() {
+            let prio = match (s.metrics.is_none(), s.kind, s.verdict) {
+                (true, SiteKind::Cache, _) => 0,
+                (true, _, _) => 1,
+                (false, _, Verdict::Fail | Verdict::Drift) => 2,
+                _ => continue,
+            };
+            let key = (prio, si);
+            if best.is_none_or(|(b, _, _)| key < b) {
+                best = Some((key, ri, si));
+            }
+        }
+    }
+    best.map(|(_, ri, si)| (ri, si)).or_else(|| {
+        // Only the next-token distribution failed: blame the logits site.
+        refs.iter().enumerate().find_map(|(ri, rs)| {
+            (rs.logits_verdict == Verdict::Fail)
+                .then(|| rs.sites.iter().position(|s| s.site == "logits").map(|si| (ri, si)))
+                .flatten()
+        })
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IsolatedSite {
+    pub site: String,
+    pub rel_l2: f64,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Isolation {
+    pub layer: usize,
+    /// `local`: the layer fails on the reference's own input and cache; `inherited`: it
+    /// passes there, so the error came in through its input or cache.
+    pub verdict: &'static str,
+    pub first_failing_site: Option<String>,
+    pub sites: Vec<IsolatedSite>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Diagnosis {
+    /// Stable name (the fault catalog's `diagnosis`).
+    pub name: &'static str,
+    pub title: String,
+    pub evidence: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BisectReport {
+    pub found: bool,
+    pub step: Option<usize>,
+    pub layer: Option<usize>,
+    pub site: Option<String>,
+    pub reference: Option<String>,
+    pub detail: Option<String>,
+    pub isolation: Option<Isolation>,
+    pub diagnosis: Option<Diagnosis>,
+    pub steps_run: usize,
+    pub steps_requested: usize,
+    pub seconds: f64,
+    pub faults_injected: Vec<String>,
+}
+
+pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_capture_mb: usize) -> Result<(BisectReport, RunResult), HarnessError> {
+    let t0 = Instant::now();
+    let mut o = opts.clone();
+    o.bisect = true;
+    let mut run = driver::run(&o, engine, refs)?;
+    // Tensors over the capture budget are not kept: the report then rests on statistics.
+    let mut dropped = None;
+    if let Some(k) = &run.kept {
+        let bytes: usize = k.arrays.values().map(|(_, v)| v.len() * 4).sum();
+        if bytes > max_capture_mb << 20 {
+            dropped = Some(bytes);
+            if let Some(k) = run.kept.as_mut() {
+                k.arrays.clear();
+            }
+        }
+    }
+    let mut rep = BisectReport {
+        found: false,
+        step: None,
+        layer: None,
+        site: None,
+        reference: None,
+        detail: None,
+        isolation: None,
+        diagnosis: None,
+        steps_run: run.steps.len(),
+        steps_requested: opts.steps,
+        seconds: 0.0,
+        faults_injected: engine.model.faults.describe(),
+    };
+    if let Some(d) = &run.first_divergence {
+        rep.found = true;
+        rep.step = Some(d.step);
+        rep.layer = d.layer;
+        rep.site = Some(d.site.clone());
+        rep.reference = Some(d.reference.clone());
+        rep.detail = Some(d.detail.clone());
+    }
+    if d_is_tokens(&run) {
+        rep.diagnosis = Some(diagnose_tokens(&run, engine));
+    } else if let Some(k) = &run.kept {
+        let st = run.steps.last().expect("a kept step was run");
+        let rs = &st.references[k.reference];
+        let site = &rs.sites[k.site_index];
+        rep.found = true;
+        rep.step = Some(k.step);
+        rep.layer = site.layer;
+        rep.site = Some(site.site.clone());
+        rep.reference = Some(rs.reference.clone());
+        rep.detail = Some(site_detail(site));
+        let mode = run.summary.references.get(k.reference).map(|r| r.mode).unwrap_or(WeightsMode::SameWeights);
+        let iso = match site.layer {
+            Some(l) => Some(isolate(engine, k, l, st.fed.len(), mode)?),
+            None => None,
+        };
+        rep.diagnosis = Some(diagnose(engine, k, rs, site, iso.as_ref(), st.fed.len()));
+        rep.isolation = iso;
+    } else if rep.found {
+        rep.diagnosis = Some(Diagnosis {
+            name: "unclassified",
+            title: "a divergence outside the per-step comparison (see the run report)".into(),
+            evidence: vec![rep.detail.clone().unwrap_or_default()],
+        });
+    }
+    if let (Some(bytes), Some(d)) = (dropped, rep.diagnosis.as_mut()) {
+        d.evidence.push(format!(
+            "the layer's reference tensors ({:.0} MB) exceed --max-capture-mb {max_capture_mb}: kept as statistics, no isolation",
+            bytes as f64 / 1048576.0
+        ));
+    }
+    rep.seconds = t0.elapsed().as_secs_f64();
+    Ok((rep, run))
+}
+
+/// One row of `lockstep faults --check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub fault: String,
+    pub applicable: bool,
+    pub note: String,
+    pub expected: String,
+    pub found: String,
+    pub ok: bool,
+    pub seconds: f64,
+}
+
+/// Injects every catalog fault that applies to the model (and none, first: no false
+/// alarm), bisects each against the loaded references and compares with the catalog.
+pub fn check_catalog(
+    path: &std::path::Path,
+    specs: &[crate::python::RefSpec],
+    refs: &[Reference],
+    steps: usize,
+    weights: Option<lockstep_engine::WeightsMode>,
+) -> Result<Vec<CheckResult>, HarnessError> {
+    use lockstep_engine::faults::{Fault, Faults, Layer, CATALOG, DEFAULT_FAULT_LAYER};
+    let base = RunOptions {
+        model: path.to_path_buf(),
+        references: specs.to_vec(),
+        prompt: driver::Prompt::Chat("What is the capital of France?".into()),
+        steps: steps.max(2),
+        precision: crate::tolerance::Precision::F32,
+        weights,
+        faults: Faults::none(),
+        bisect: true,
+    };
+    let show = |r: &BisectReport| match &r.diagnosis {
+        Some(d) => format!(
+            "step {}, {}{} [{}]",
+            r.step.map(|s| s.to_string()).unwrap_or("-".into()),
+            r.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+            r.site.as_deref().map(leaf_of).unwrap_or("-"),
+            d.name
+        ),
+        None if r.found => format!("step {:?}, site {:?} (no diagnosis)", r.step, r.site),
+        None => "nothing".into(),
+    };
+    let mut out = vec![];
+    // No false alarm first.
+    let engine = driver::load_engine(&base)?;
+    let (rep, _) = bisect(&base, &engine, refs, 256)?;
+    out.push(CheckResult {
+        fault: "(none)".into(),
+        applicable: true,
+        note: "the clean engine".into(),
+        expected: "nothing".into(),
+        found: show(&rep),
+        ok: !rep.found,
+        seconds: rep.seconds,
+    });
+    let g = lockstep_engine::weights::GgufFile::open(path).ok();
+    let ttype = |name: &str| g.as_ref().and_then(|g| g.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)));
+    let has_q41 = g.as_ref().is_some_and(|g| g.content.tensor_infos.values().any(|i| format!("{:?}", i.ggml_dtype) == "Q4_1"));
+    let quant_embed = ttype("token_embd.weight").as_deref() == Some("Q4_1");
+    for info in CATALOG {
+        let why_not = match info.fault {
+            Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
+            Fault::GqaMapping if engine.model.cfg.num_kv_heads == engine.model.cfg.num_heads => Some("no grouped-query attention"),
+            _ => None,
+        };
+        let expected = format!(
+            "step {}, {}{} [{}]",
+            info.step,
+            match info.layer {
+                Layer::None => String::new(),
+                Layer::First => "layer 0, ".into(),
+                Layer::Injected => format!("layer {DEFAULT_FAULT_LAYER}, "),
+            },
+            if quant_embed && info.fault == Fault::Q41Min { "embed" } else { info.site },
+            info.diagnosis
+        );
+        let expected = if quant_embed && info.fault == Fault::Q41Min { expected.replace("layer 0, ", "") } else { expected };
+        if let Some(w) = why_not {
+            out.push(CheckResult { fault: info.name.into(), applicable: false, note: w.into(), expected, found: "-".into(), ok: true, seconds: 0.0 });
+            continue;
+        }
+        let mut o = base.clone();
+        o.faults = Faults::parse(info.name)?;
+        let eng = driver::load_engine(&o)?;
+        let (rep, _) = bisect(&o, &eng, refs, 256)?;
+        let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, quant_embed);
+        out.push(CheckResult {
+            fault: info.name.into(),
+            applicable: true,
+            note: rep.diagnosis.as_ref().map(|d| d.title.clone()).unwrap_or_default(),
+            expected,
+            found: show(&rep),
+            ok,
+            seconds: rep.seconds,
+        });
+    }
+    Ok(out)
+}
+
+pub fn render_check(rows: &[CheckResult], model: &str, reference: &str) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "lockstep faults --check: {model} vs {reference}\n");
+    let _ = writeln!(o, "{:<16} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
+    for r in rows {
+        let mark = if !r.applicable { "n/a" } else if r.ok { "ok" } else { "MISS" };
+        let _ = writeln!(o, "{:<16} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark, r.expected, r.found, r.seconds, r.note);
+    }
+    let applicable = rows.iter().filter(|r| r.applicable).count();
+    let ok = rows.iter().filter(|r| r.applicable && r.ok).count();
+    let _ = writeln!(o, "\n{ok} of {applicable} applicable checks as the catalog says");
+    o
+}
+
+fn d_is_tokens(run: &RunResult) -> bool {
+    run.first_divergence.as_ref().is_some_and(|d| d.site == "tokens")
+}
+
+fn site_detail(s: &SiteRecord) -> String {
+    match (&s.note, &s.metrics) {
+        (Some(n), _) => n.clone(),
+        (None, Some(m)) => format!("rel-L2 {:.3e}, cosine {:.6}, verdict {}", m.rel_l2, m.cosine, s.verdict.as_str()),
+        _ => "differs".into(),
+    }
+}
+
+/// Runs layer `l` of the engine on the reference's input and cache; compares every site.
+fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
+    let model = &engine.model;
+    let hd = model.cfg.head_dim;
+    let input_name = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+    let tensor = |name: &str| -> Option<Tensor> {
+        k.arrays.get(name).and_then(|(shape, v)| Tensor::from_vec(v.clone(), shape.as_slice(), &Device::Cpu).ok())
+    };
+    let missing = |what: &str| HarnessError::Mismatch(format!("bisect isolation: the reference did not provide `{what}`"));
+    let x = tensor(&input_name).ok_or_else(|| missing(&input_name))?;
+    // The reference's cache of this layer before the step: its cache after the step minus
+    // the positions fed at this step; in the engine's Q/K layout.
+    let kv = match (tensor(&format!("layers.{l}.cache_k")), tensor(&format!("layers.{l}.cache_v"))) {
+        (Some(ck), Some(cv)) => {
+            let len = ck.dims()[1];
+            let before = len.saturating_sub(fed);
+            if before == 0 {
+                None
+            } else {
+                let ck = ck.narrow(1, 0, before)?;
+                let cv = cv.narrow(1, 0, before)?.contiguous()?;
+                // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
+                let ck = model.qk_layout.from_hf(&ck.contiguous()?, hd)?;
+                Some((ck, cv))
+            }
+        }
+        _ => None,
+    };
+    let mut cap = Capture::new();
+    model.isolate_layer(l, &x, kv, &mut cap)?;
+    let mut sites = vec![];
+    for (name, t) in &cap.entries {
+        let Some((rshape, rv)) = k.arrays.get(name) else { continue };
+        let t = if QkLayout::affects_site(name) { model.qk_layout.to_hf(t, hd)? } else { t.clone() };
+        if t.dims() != rshape.as_slice() {
+            sites.push(IsolatedSite { site: name.clone(), rel_l2: f64::INFINITY, verdict: Verdict::Fail });
+            continue;
+        }
+        let e: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let m = tensor_metrics(&e, rv);
+        // The same bounds as the run used for this reference.
+        let tol = tolerance(mode, crate::tolerance::Precision::F32, SiteKind::of(name), layer_of(name));
+        sites.push(IsolatedSite { site: name.clone(), rel_l2: m.rel_l2, verdict: tensor_verdict(&m, &tol) });
+    }
+    let first = sites.iter().find(|s| s.verdict == Verdict::Fail).map(|s| s.site.clone());
+    Ok(Isolation { layer: l, verdict: if first.is_some() { "local" } else { "inherited" }, first_failing_site: first, sites })
+}
+
+fn diag(name: &'static str, title: impl Into<String>, evidence: Vec<String>) -> Diagnosis {
+    Diagnosis { name, title: title.into(), evidence }
+}
+
+fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
+    let p = &run.prompt;
+    let e = &p.engine_ids;
+    let Some((rname, r)) = p.reference_ids.iter().find(|(_, ids)| ids != e) else {
+        return diag("token-mismatch", "prompt tokens differ", vec![]);
+    };
+    let show = |ids: &[u32]| {
+        let n = ids.len().min(8);
+        let pieces: Vec<String> = ids[..n]
+            .iter()
+            .map(|&i| format!("{i}:{:?}", engine.tokenizer.id_to_token(i).unwrap_or_default()))
+            .collect();
+        format!("[{}{}] ({} tokens)", pieces.join(", "), if ids.len() > n { ", …" } else { "" }, ids.len())
+    };
+    let mut ev = vec![format!("engine    {}", show(e)), format!("{rname:<9} {}", show(r))];
+    let bos = engine.model.cfg.bos_token_id.or_else(|| {
+        engine.tokenizer.bos_token.as_deref().and_then(|t| engine.tokenizer.token_to_id(t))
+    });
+    if r.len() == e.len() + 1 && r[1..] == e[..] && bos == Some(r[0]) {
+        ev.push(format!("the reference starts with BOS {} and is otherwise identical", r[0]));
+        return diag("missing-bos", "the engine's prompt lacks the BOS token", ev);
+    }
+    if p.mode == "chat" {
+        let raw = engine.tokenizer.encode(&p.text, true).unwrap_or_default();
+        if *e == raw {
+            ev.push(format!("the engine's ids are the plain encoding of {:?}: no chat template applied", p.text));
+            return diag("template-skipped", "the chat template was skipped: the raw prompt was fed", ev);
+        }
+        if let (Ok(rendered), true) = (engine.tokenizer.render_chat(&[lockstep_engine::ChatMessage::user(p.text.clone())], true), e.len() < r.len()) {
+            ev.push(format!("the reference's ids are {} tokens of the rendered template ({} chars)", r.len(), rendered.len()));
+        }
+    }
+    let at = e.iter().zip(r).position(|(a, b)| a != b).unwrap_or(e.len().min(r.len()));
+    ev.push(format!("first difference at position {at}"));
+    diag("token-mismatch", "tokenizer or chat template differs (see tokcheck)", ev)
+}
+
+/// Per-row relative L2 of two `(rows, cols)` arrays.
+fn row_errors(e: &[f32], r: &[f32], cols: usize) -> Vec<f64> {
+    e.chunks(cols).zip(r.chunks(cols)).map(|(a, b)| tensor_metrics(a, b).rel_l2).collect()
+}
+
+fn fmt_list(v: &[usize]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn diagnose(
+    engine: &LoadedModel,
+    k: &KeptStep,
+    rs: &RefStep,
+    site: &SiteRecord,
+    iso: Option<&Isolation>,
+    fed: usize,
+) -> Diagnosis {
+    let leaf = leaf_of(&site.site);
+    let step = k.step;
+    let where_ = format!("step {step}, {}{}", site.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(), leaf);
+    let mut ev = vec![format!("{where_}: {}", site_detail(site))];
+    if let Some(i) = iso {
+        ev.push(match i.verdict {
+            "local" => format!(
+                "isolation: layer {} fails on the reference's own input and cache (first at {}): the cause is inside the layer",
+                i.layer,
+                i.first_failing_site.as_deref().unwrap_or("?")
+            ),
+            _ => format!(
+                "isolation: layer {} passes on the reference's own input and cache (worst rel-L2 {:.1e}): the error is inherited",
+                i.layer,
+                i.sites.iter().map(|s| s.rel_l2).fold(0.0, f64::max)
+            ),
+        });
+    }
+    let metric = |name: &str| rs.sites.iter().find(|s| s.site == name);
+    let passes = |name: &str| metric(name).is_some_and(|s| s.verdict == Verdict::Pass);
+
+    // Cache length: the most specific evidence.
+    if site.kind == SiteKind::Cache && site.metrics.is_none() && site.engine_shape.len() == 3 {
+        let (el, rl) = (site.engine_shape[1], site.reference_shape.get(1).copied().unwrap_or(0));
+        let other_layers_ok = rs
+            .sites
+            .iter()
+            .filter(|s| s.kind == SiteKind::Cache && s.layer != site.layer)
+            .all(|s| s.metrics.is_some());
+        if step >= 1 && el == fed && rl > fed {
+            ev.push(format!("the cache holds {el} position(s), the reference holds {rl}: only this step's tokens"));
+            return diag("context-dropped", "context is dropped after the prompt: decode steps run without the prompt's cache", ev);
+        }
+        if el + fed == rl && other_layers_ok {
+            ev.push(format!(
+                "layer {} holds {el} positions, every other layer {rl}: this layer's cache was not updated at step {step}",
+                site.layer.unwrap_or(0)
+            ));
+            return diag("stale-cache", format!("stale cache: layer {}'s cache is not updated", site.layer.unwrap_or(0)), ev);
+        }
+        return diag("cache-length", format!("cache length differs: engine {el}, reference {rl}"), ev);
+    }
+    // More positions than fed: the history is re-fed.
+    if site.metrics.is_none() && site.engine_shape.first().copied().unwrap_or(0) > fed && step >= 1 {
+        let n = site.engine_shape[0];
+        ev.push(format!(
+            "step {step} feeds {fed} token(s) but the engine computed {n} positions: the whole history re-fed, \
+             O(n^2) work over a generation"
+        ));
+        return diag("history-refed", "history re-fed each step instead of using the cache (quadratic cost)", ev);
+    }
+    let iso_site = |name: &str| iso.and_then(|i| i.sites.iter().find(|s| s.site == name));
+    let l = site.layer.unwrap_or(0);
+    let at = |leaf: &str| format!("layers.{l}.{leaf}");
+    match leaf {
+        "q_rope" | "k_rope" if passes(&at("q")) && passes(&at("k")) => {
+            ev.push("q and k before RoPE pass, after RoPE fail".into());
+            if let Some(which) = rope_evidence(engine, k, l, &mut ev) {
+                return which;
+            }
+            diag("rope", "RoPE (convention, base or positions) differs", ev)
+        }
+        "attn" if ["q_rope", "k_rope", "cache_k", "cache_v", "v"].iter().all(|x| passes(&at(x))) => {
+            ev.push("q_rope, k_rope, v and both caches pass; the attention output fails".into());
+            attention_evidence(engine, k, l, fed, &mut ev)
+        }
+        "attn_norm" | "mlp_norm" | "final_norm" => norm_evidence(engine, k, l, leaf, &mut ev),
+        "mlp_act" if passes(&at("mlp_gate")) && passes(&at("mlp_up")) => {
+            diag("activation", "the MLP activation (SiLU x up) differs", ev)
+        }
+        "embed" | "q" | "k" | "v" | "attn_out" | "mlp_gate" | "mlp_up" | "mlp_out" | "logits" => {
+            let input_ok = match leaf {
+                "embed" => true,
+                "q" | "k" | "v" => passes(&at("attn_norm")),
+                "attn_out" => passes(&at("attn")),
+                "mlp_gate" | "mlp_up" => passes(&at("mlp_norm")),
+                "mlp_out" => passes(&at("mlp_act")),
+                _ => passes("final_norm"),
+            };
+            if !input_ok && !iso_site(&site.site).is_some_and(|s| s.verdict == Verdict::Fail) {
+                return diag("unclassified", format!("{} fails but its input does too", site.site), ev);
+            }
+            let types = engine.model.weights.quant_type();
+            ev.push(format!("{} is a pure function of its input (which passes) and a weight matrix", site.site));
+            match types {
+                Some(t) => {
+                    ev.push(format!(
+                        "the weights are {t}: the matrix dequantizes differently; `lockstep quant-check {}` checks the dequantizer",
+                        engine.path.display()
+                    ));
+                    diag("dequantization", format!("the {t} weights of `{}` are read wrong (dequantization)", site.site), ev)
+                }
+                None => diag("weights", format!("the weights of `{}` differ (loading or layout)", site.site), ev),
+            }
+        }
+        _ => diag("unclassified", format!("first failure at {}", site.site), ev),
+    }
+}
+
+fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
+    k.arrays.get(name)
+}
+
+/// RoPE in the HF convention (rotate-half) or the interleaved one, on `(rows, heads*hd)`
+/// rows at positions `offset..`.
+fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, interleaved: bool) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for (row, chunk) in x.chunks(cols).enumerate() {
+        let pos = (offset + row) as f64;
+        for h in 0..cols / hd {
+            for i in 0..hd / 2 {
+                let f = pos / theta.powf((2 * i) as f64 / hd as f64);
+                let (c, s) = (f.cos(), f.sin());
+                let (a, b) = if interleaved { (h * hd + 2 * i, h * hd + 2 * i + 1) } else { (h * hd + i, h * hd + i + hd / 2) };
+                let (xa, xb) = (chunk[a] as f64, chunk[b] as f64);
+                out[row * cols + a] = (xa * c - xb * s) as f32;
+                out[row * cols + b] = (xa * s + xb * c) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Which RoPE reproduces the engine's q_rope from the reference's q: the other convention,
+/// or another base.
+fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Diagnosis> {
+    let cfg = &engine.model.cfg;
+    let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
+    let cols = *qs.last()?;
+    // The engine's own q_rope, recomputed from the reference's q by isolation.
+    let mut cap = Capture::new();
+    let x = arr(k, &if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) })?;
+    let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
+    engine.model.isolate_layer(l, &xt, None, &mut cap).ok()?;
+    let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
+    let eq = engine.model.qk_layout.to_hf(&eq, cfg.head_dim).ok()?;
+    // q_rope is (heads, seq, hd); q is (seq, heads*hd).
+    let (nh, seq, hd) = eq.dims3().ok()?;
+    let eq: Vec<f32> = eq.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+    // isolate_layer with no cache runs at positions 0..seq.
+    let close = |cand: &[f32]| tensor_metrics(&eq, cand).rel_l2 < 1e-4;
+    let right = apply_rope(q, cols, cfg.head_dim, 0, cfg.rope_theta, false);
+    let rel_right = tensor_metrics(&eq, &right).rel_l2;
+    // The other convention, applied in the engine's own row order (GGUF Q/K rows are
+    // stored for interleaved RoPE; HF rows for rotate-half).
+    let layout = engine.model.qk_layout;
+    let other = (|| -> Option<Vec<f32>> {
+        let qt = Tensor::from_vec(q.clone(), qs.as_slice(), &Device::Cpu).ok()?;
+        let own: Vec<f32> = layout.from_hf(&qt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+        let rot = apply_rope(&own, cols, cfg.head_dim, 0, cfg.rope_theta, layout == QkLayout::HalfSplit);
+        let rt = Tensor::from_vec(rot, qs.as_slice(), &Device::Cpu).ok()?;
+        layout.to_hf(&rt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()
+    })()?;
+    if close(&other) {
+        let (used, want) = match layout {
+            QkLayout::HalfSplit => ("interleaved pairs (2i, 2i+1)", "rotate-half pairs (i, i+hd/2)"),
+            QkLayout::Interleaved => ("rotate-half pairs (i, i+hd/2)", "interleaved pairs (2i, 2i+1)"),
+        };
+        ev.push(format!(
+            "the engine's q_rope equals the reference's q rotated with {used} where the weights' row order needs {want} \
+             (rel-L2 to the right rotation {rel_right:.2e}); position 0 is unrotated in both"
+        ));
+        return Some(diag("rope-convention", "RoPE convention: interleaved vs half-split pairs", std::mem::take(ev)));
+    }
+    for theta in [10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0] {
+        if theta != cfg.rope_theta && close(&apply_rope(q, cols, cfg.head_dim, 0, theta, false)) {
+            ev.push(format!(
+                "the engine's q_rope equals the reference's q rotated with base theta = {theta} (the config says {})",
+                cfg.rope_theta
+            ));
+            return Some(diag("rope-base", format!("RoPE base: theta {theta} instead of {}", cfg.rope_theta), std::mem::take(ev)));
+        }
+    }
+    ev.push(format!("neither the other convention nor a common base reproduces it (rel-L2 to the right rotation {rel_right:.2e})"));
+    None
+}
+
+fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, ev: &mut Vec<String>) -> Diagnosis {
+    let cfg = &engine.model.cfg;
+    let name = format!("layers.{l}.attn");
+    let reference = arr(k, &name);
+    // The engine's attention on the reference's input and cache (isolation).
+    let mut cap = Capture::new();
+    let input = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+    let (Some((rs, r)), Some(x)) = (reference, arr(k, &input)) else {
+        return diag("attention", "the attention output differs", std::mem::take(ev));
+    };
+    let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
+    let kv = match (arr(k, &format!("layers.{l}.cache_k")), arr(k, &format!("layers.{l}.cache_v"))) {
+        (Some((ks, kvv)), Some((vs, vv))) if ks[1] > fed => {
+            let before = ks[1] - fed;
+            let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
+            let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
+            match (kt, vt) {
+                (Ok(kt), Ok(vt)) => engine.model.qk_layout.from_hf(&kt, cfg.head_dim).ok().map(|kt| (kt, vt)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let ok = engine.model.isolate_layer(l, &xt, kv, &mut cap).is_ok();
+    let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
+    let (Some(e), true) = (e, ok) else {
+        return diag("attention", "the attention output differs", std::mem::take(ev));
+    };
+    let cols = *rs.last().unwrap_or(&1);
+    let rows = row_errors(&e, r, cols);
+    let n = rows.len();
+    if n > 1 && rows[n - 1] < 1e-4 && rows[..n - 1].iter().any(|&x| x > 1e-2) {
+        let bad: Vec<usize> = (0..n - 1).filter(|&i| rows[i] > 1e-2).collect();
+        ev.push(format!(
+            "the last position matches (rel-L2 {:.1e}) and {} earlier positions differ: earlier positions see later ones",
+            rows[n - 1],
+            bad.len()
+        ));
+        return diag("attention-mask", "attention mask: the prefill is not causal", std::mem::take(ev));
+    }
+    // Per query head.
+    let hd = cfg.head_dim;
+    let heads = cols / hd;
+    let per_head: Vec<f64> = (0..heads)
+        .map(|h| {
+            let a: Vec<f32> = e.chunks(cols).flat_map(|row| row[h * hd..(h + 1) * hd].to_vec()).collect();
+            let b: Vec<f32> = r.chunks(cols).flat_map(|row| row[h * hd..(h + 1) * hd].to_vec()).collect();
+            tensor_metrics(&a, &b).rel_l2
+        })
+        .collect();
+    let good: Vec<usize> = (0..heads).filter(|&h| per_head[h] < 1e-4).collect();
+    let bad: Vec<usize> = (0..heads).filter(|&h| per_head[h] >= 1e-2).collect();
+    if !good.is_empty() && !bad.is_empty() && cfg.num_kv_heads < cfg.num_heads {
+        ev.push(format!(
+            "query heads {} match and heads {} differ ({} query heads share {} KV heads): a query head reads the wrong KV head",
+            fmt_list(&good),
+            fmt_list(&bad),
+            cfg.num_heads,
+            cfg.num_kv_heads
+        ));
+        return diag("gqa-mapping", "GQA head mapping: query heads are served by the wrong KV heads", std::mem::take(ev));
+    }
+    ev.push(format!("per-head rel-L2: {}", per_head.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ")));
+    diag("attention", "the attention (scores, softmax or mask) differs", std::mem::take(ev))
+}
+
+fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Diagnosis {
+    // The engine's norm on the reference's input: a per-row scale-only error is epsilon.
+    let name = if leaf == "final_norm" { "final_norm".to_string() } else { format!("layers.{l}.{leaf}") };
+    let input = if leaf == "attn_norm" {
+        if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) }
+    } else {
+        String::new()
+    };
+    let mut ratio = None;
+    if let (Some((rs, r)), Some(x)) = (arr(k, &name), arr(k, &input)) {
+        let mut cap = Capture::new();
+        let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
+        if engine.model.isolate_layer(l, &xt, None, &mut cap).is_ok() {
+            if let Some(e) = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok()) {
+                let cols = *rs.last().unwrap_or(&1);
+                let (mut lo, mut hi, mut cos_min) = (f64::INFINITY, 0f64, 1f64);
+                for (a, b) in e.chunks(cols).zip(r.chunks(cols)) {
+                    let m = tensor_metrics(a, b);
+                    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                    let q = na / nb.max(1e-30);
+                    lo = lo.min(q);
+                    hi = hi.max(q);
+                    cos_min = cos_min.min(m.cosine);
+                }
+                ratio = Some((lo, hi, cos_min));
+            }
+        }
+    }
+    match ratio {
+        Some((lo, hi, c)) if c > 0.99999 && (hi - 1.0).abs().max((1.0 - lo).abs()) > 1e-5 => {
+            ev.push(format!(
+                "every position differs by a scale factor only (engine/reference norm ratio {lo:.6}..{hi:.6}, cosine >= {c:.7}): \
+                 the normalisation's epsilon differs"
+            ));
+            diag("norm-epsilon", "RMSNorm epsilon differs", std::mem::take(ev))
+        }
+        Some((_, _, c)) => {
+            ev.push(format!("per-position cosine down to {c:.5}: not a scale-only difference"));
+            diag("norm", "the normalisation (weights or formula) differs", std::mem::take(ev))
+        }
+        None => diag("norm", "the normalisation differs", std::mem::take(ev)),
+    }
+}
+
+/// One screen for a person.
+pub fn render(rep: &BisectReport, model: &str, references: &str) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "lockstep bisect: {model} vs {references}");
+    if !rep.faults_injected.is_empty() {
+        let _ = writeln!(o, "  FAULTS injected into the engine: {}", rep.faults_injected.join(", "));
+    }
+    let _ = writeln!(o, "  {} of {} steps run in {:.1} s", rep.steps_run, rep.steps_requested, rep.seconds);
+    if !rep.found {
+        let _ = writeln!(o, "\nnothing found: every step, layer and site within its bounds");
+        return o;
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "  first divergent step  {}", rep.step.map(|s| s.to_string()).unwrap_or("-".into()));
+    let _ = writeln!(
+        o,
+        "  first failing site    {}{} (vs {})",
+        rep.site.as_deref().unwrap_or("-"),
+        rep.layer.map(|l| format!(", layer {l}")).unwrap_or_default(),
+        rep.reference.as_deref().unwrap_or("-")
+    );
+    if let Some(d) = &rep.detail {
+        let _ = writeln!(o, "                        {d}");
+    }
+    if let Some(i) = &rep.isolation {
+        let worst = i.sites.iter().filter(|s| s.rel_l2.is_finite()).map(|s| s.rel_l2).fold(0.0, f64::max);
+        let _ = writeln!(
+            o,
+            "  isolation             layer {} on the reference's input and cache: {}{}",
+            i.layer,
+            if i.verdict == "local" { "FAILS -> the cause is in this layer" } else { "passes -> the error is inherited" },
+            match &i.first_failing_site {
+                Some(s) => format!(" (first at {s})"),
+                None => format!(" (worst rel-L2 {worst:.1e})"),
+            }
+        );
+    }
+    if let Some(d) = &rep.diagnosis {
+        let _ = writeln!(o, "\n  diagnosis: {} [{}]", d.title, d.name);
+        for e in &d.evidence {
+            let _ = writeln!(o, "    - {e}");
+        }
+    }
+    o
+}
+
+/// For `lockstep faults --check`: does a bisect report match a catalog entry?
+pub fn matches_catalog(rep: &BisectReport, info: &lockstep_engine::faults::FaultInfo, injected_layer: usize, quant_embed: bool) -> bool {
+    use lockstep_engine::faults::Layer;
+    let Some(d) = &rep.diagnosis else { return false };
+    let want_layer = match info.layer {
+        Layer::None => None,
+        Layer::First => Some(0),
+        Layer::Injected => Some(injected_layer),
+    };
+    let site_leaf = rep.site.as_deref().map(leaf_of).unwrap_or("");
+    // q4_1-min enters at the first Q4_1 matrix: the embedding itself when it is Q4_1.
+    let (want_site, want_layer) = if quant_embed && info.site == "q" { ("embed", None) } else { (info.site, want_layer) };
+    rep.step == Some(info.step) && rep.layer == want_layer && site_leaf == want_site && d.name == info.diagnosis
+}

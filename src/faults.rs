@@ -1,0 +1,252 @@
+//! The fault catalog: named reproductions of real bug classes, injected as options of the
+//! engine's own code paths (never a second copy of the model code), so that the harness
+//! can prove it catches and names each of them (`--inject NAME[:LAYER]`, `lockstep faults`).
+
+use std::fmt;
+
+use crate::error::{EngineError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    DropContext,
+    RefeedHistory,
+    RopeConvention,
+    RopeTheta,
+    RmsEps,
+    GqaMapping,
+    CausalMask,
+    StaleCache,
+    MissingBos,
+    RawPrompt,
+    Q41Min,
+}
+
+/// One catalog entry: what the fault reproduces and where it must be localized.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultInfo {
+    pub fault: Fault,
+    pub name: &'static str,
+    /// The real bug it reproduces.
+    pub bug: &'static str,
+    /// Where the engine's code is changed.
+    pub code_path: &'static str,
+    /// Where bisect must find it: step, layer (None: outside the layers or every layer
+    /// from the first), site leaf, diagnosis name.
+    pub step: usize,
+    pub layer: Layer,
+    pub site: &'static str,
+    pub diagnosis: &'static str,
+    /// What the fault needs to show at all.
+    pub needs: &'static str,
+}
+
+/// Where a fault enters, in layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// Not in a layer (tokens, embed).
+    None,
+    /// The first layer (every layer is affected; layer 0 is where it enters).
+    First,
+    /// The injected layer (`NAME:LAYER`, default [`DEFAULT_FAULT_LAYER`]).
+    Injected,
+}
+
+/// The layer of the one-layer faults when none is given.
+pub const DEFAULT_FAULT_LAYER: usize = 1;
+
+pub const CATALOG: &[FaultInfo] = &[
+    FaultInfo {
+        fault: Fault::DropContext,
+        name: "drop-context",
+        bug: "the generation loop drops the KV cache after the prompt: every decode step sees only itself",
+        code_path: "Llama::forward: a decode step (cache offset > 0) starts from an empty cache",
+        step: 1,
+        layer: Layer::First,
+        site: "cache_k",
+        diagnosis: "context-dropped",
+        needs: "2 steps",
+    },
+    FaultInfo {
+        fault: Fault::RefeedHistory,
+        name: "refeed-history",
+        bug: "no cache: each step re-feeds the whole sequence (right numbers, O(n^2) cost)",
+        code_path: "Llama::forward: a decode step resets the cache and runs prompt + history + token",
+        step: 1,
+        layer: Layer::None,
+        site: "embed",
+        diagnosis: "history-refed",
+        needs: "2 steps",
+    },
+    FaultInfo {
+        fault: Fault::RopeConvention,
+        name: "rope-convention",
+        bug: "Q/K rotated with the other RoPE convention (interleaved vs half-split) than the weights' layout",
+        code_path: "Llama::block: rope() with the other QkLayout",
+        step: 0,
+        layer: Layer::First,
+        site: "q_rope",
+        diagnosis: "rope-convention",
+        needs: "a prompt of 2+ tokens",
+    },
+    FaultInfo {
+        fault: Fault::RopeTheta,
+        name: "rope-theta",
+        bug: "RoPE base (theta) not read from the config: the 10000 default used instead",
+        code_path: "rope_tables: theta = 10000 (x10 when the config already says 10000)",
+        step: 0,
+        layer: Layer::First,
+        site: "q_rope",
+        diagnosis: "rope-base",
+        needs: "a prompt of 2+ tokens",
+    },
+    FaultInfo {
+        fault: Fault::RmsEps,
+        name: "rms-eps",
+        bug: "RMSNorm epsilon wrong (1e-2 instead of the config's)",
+        code_path: "rms_norm: eps = 1e-2",
+        step: 0,
+        layer: Layer::First,
+        site: "attn_norm",
+        diagnosis: "norm-epsilon",
+        needs: "",
+    },
+    FaultInfo {
+        fault: Fault::GqaMapping,
+        name: "gqa-mapping",
+        bug: "grouped-query attention maps query head h to KV head h % n_kv instead of h / n_rep",
+        code_path: "repeat_kv: KV heads tiled instead of repeated",
+        step: 0,
+        layer: Layer::First,
+        site: "attn",
+        diagnosis: "gqa-mapping",
+        needs: "a model with num_kv_heads < num_heads",
+    },
+    FaultInfo {
+        fault: Fault::CausalMask,
+        name: "causal-mask",
+        bug: "no causal mask in the prefill: prompt positions attend to later ones",
+        code_path: "Llama::forward: the prefill runs without its mask",
+        step: 0,
+        layer: Layer::First,
+        site: "attn",
+        diagnosis: "attention-mask",
+        needs: "a prompt of 2+ tokens",
+    },
+    FaultInfo {
+        fault: Fault::StaleCache,
+        name: "stale-cache",
+        bug: "one layer's cache is not updated after the prompt",
+        code_path: "KvCache::update_and_fetch: the injected layer keeps its old cache on decode steps",
+        step: 1,
+        layer: Layer::Injected,
+        site: "cache_k",
+        diagnosis: "stale-cache",
+        needs: "2 steps",
+    },
+    FaultInfo {
+        fault: Fault::MissingBos,
+        name: "missing-bos",
+        bug: "the prompt loses its BOS token (a loop that strips or never adds it)",
+        code_path: "LoadedModel::encode_prompt: a leading BOS id is dropped",
+        step: 0,
+        layer: Layer::None,
+        site: "tokens",
+        diagnosis: "missing-bos",
+        needs: "a prompt that starts with the BOS id (the chat prompts of the fixtures and SmolLM2 do)",
+    },
+    FaultInfo {
+        fault: Fault::RawPrompt,
+        name: "raw-prompt",
+        bug: "the chat template is skipped: the raw user text is fed",
+        code_path: "LoadedModel::encode_prompt: a chat prompt is encoded as plain text",
+        step: 0,
+        layer: Layer::None,
+        site: "tokens",
+        diagnosis: "template-skipped",
+        needs: "--chat",
+    },
+    FaultInfo {
+        fault: Fault::Q41Min,
+        name: "q4_1-min",
+        bug: "Q4_1 dequantization without the block minimum (d*q instead of d*q + m)",
+        code_path: "quant::BlockMatrix::new: the Q4_1 minimums are dropped (both weight modes)",
+        step: 0,
+        layer: Layer::First,
+        site: "q",
+        diagnosis: "dequantization",
+        needs: "a Q4_1 file",
+    },
+];
+
+impl Fault {
+    pub fn info(&self) -> &'static FaultInfo {
+        CATALOG.iter().find(|i| i.fault == *self).expect("every fault is in the catalog")
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.info().name)
+    }
+}
+
+/// The faults injected into one engine instance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    active: Vec<(Fault, usize)>,
+}
+
+impl Faults {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Parses `NAME[:LAYER]`, comma-separated.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut active = vec![];
+        for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, layer) = match part.split_once(':') {
+                Some((n, l)) => {
+                    let l: usize = l.parse().map_err(|_| {
+                        EngineError::Input(format!("--inject {part}: `{l}` is not a layer number"))
+                    })?;
+                    (n, l)
+                }
+                None => (part, DEFAULT_FAULT_LAYER),
+            };
+            let info = CATALOG.iter().find(|i| i.name == name).ok_or_else(|| {
+                EngineError::Input(format!(
+                    "unknown fault `{name}`; `lockstep faults` lists them: {}",
+                    CATALOG.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            active.push((info.fault, layer));
+        }
+        Ok(Self { active })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    pub fn has(&self, f: Fault) -> bool {
+        self.active.iter().any(|(x, _)| *x == f)
+    }
+
+    /// The layer a one-layer fault is injected at.
+    pub fn layer(&self, f: Fault) -> Option<usize> {
+        self.active.iter().find(|(x, _)| *x == f).map(|(_, l)| *l)
+    }
+
+    pub fn list(&self) -> Vec<(Fault, usize)> {
+        self.active.clone()
+    }
+
+    /// `name[:layer]` for reports.
+    pub fn describe(&self) -> Vec<String> {
+        self.active
+            .iter()
+            .map(|(f, l)| if f.info().layer == Layer::Injected { format!("{f}:{l}") } else { f.to_string() })
+            .collect()
+    }
+}
