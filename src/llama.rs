@@ -34,6 +34,9 @@ fn linear(x: &Tensor, w: &Linear) -> Result<Tensor> {
 
 /// RMSNorm as in transformers' `LlamaRMSNorm`: `w * x / sqrt(mean(x^2) + eps)`.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return fast::rms_norm(x, w, eps);
+    }
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
@@ -41,6 +44,9 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Numerically stable softmax over the last dimension.
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return fast::softmax_last(x);
+    }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
@@ -83,6 +89,9 @@ fn rope_tables(cfg: &Config, theta: f64, offset: usize, seq: usize, dtype: DType
 
 /// Applies RoPE to `x (heads, seq, head_dim)` with tables `(seq, head_dim/2)`.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: QkLayout) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return fast::rope(x, cos, sin, layout);
+    }
     let (h, seq, hd) = x.dims3()?;
     match layout {
         QkLayout::HalfSplit => {
@@ -295,6 +304,9 @@ impl Llama {
                 None => scores,
             };
             softmax_last(&scores)?.matmul(&v_all)? // (nh, seq, hd)
+        } else if seq == 1 && mask.is_none() && q.dtype() == DType::F32 {
+            // A decode step: one query row per head, in one pass (no gemm dispatch).
+            fast::attention_one_row(&q, &k_all, &v_all, n_rep, scale)?
         } else {
             // Grouped-query attention without copying K/V per query head: the n_rep query
             // heads of KV head g are consecutive, so q regroups as (nkv, n_rep*seq, hd) and
@@ -320,7 +332,7 @@ impl Llama {
         let (gate, up) = (&gu[0], &gu[1]);
         tap(cap, || format!("layers.{i}.mlp_gate"), gate);
         tap(cap, || format!("layers.{i}.mlp_up"), up);
-        let act = (gate.silu()? * up)?;
+        let act = if gate.dtype() == DType::F32 { fast::silu_mul(gate, up)? } else { (gate.silu()? * up)? };
         tap(cap, || format!("layers.{i}.mlp_act"), &act);
         let mlp_out = linear(&act, &lw.w_down)?;
         tap(cap, || format!("layers.{i}.mlp_out"), &mlp_out);
@@ -348,3 +360,109 @@ pub const LAYER_SITES: [&str; 16] = [
     "attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out", "mlp_norm",
     "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out",
 ];
+
+/// One-pass f32 versions of the small ops above (each replaces a chain of candle ops and
+/// their allocations, which dominate a decode step's serial time). Same formulas; the f64
+/// path keeps the candle chains.
+mod fast {
+    use candle_core::{Tensor, D};
+
+    use crate::error::Result;
+    use crate::layout::QkLayout;
+
+    fn data(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)?;
+        let (xs, ws) = (data(x)?, data(w)?);
+        let mut out = Vec::with_capacity(xs.len());
+        for row in xs.chunks(n) {
+            let ms = row.iter().map(|&v| v * v).sum::<f32>() / n as f32;
+            let inv = 1.0 / (ms + eps as f32).sqrt();
+            out.extend(row.iter().zip(&ws).map(|(&v, &g)| v * inv * g));
+        }
+        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+    }
+
+    pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)?;
+        let mut v = data(x)?;
+        for row in v.chunks_mut(n) {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for e in row.iter_mut() {
+                *e = (*e - m).exp();
+                sum += *e;
+            }
+            row.iter_mut().for_each(|e| *e /= sum);
+        }
+        Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+    }
+
+    pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (g, u) = (data(gate)?, data(up)?);
+        let out: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b).collect();
+        Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
+    }
+
+    /// Attention of one query position: `q (nh, 1, hd)`, `k`, `v (nkv, total, hd)`; query
+    /// head h reads KV head h / n_rep. Scores, softmax and the weighted sum of V per head.
+    pub fn attention_one_row(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64) -> Result<Tensor> {
+        let (nh, _, hd) = q.dims3()?;
+        let (_, total, _) = k.dims3()?;
+        let (qs, ks, vs) = (data(q)?, data(k)?, data(v)?);
+        let scale = scale as f32;
+        let mut out = vec![0f32; nh * hd];
+        let mut p = vec![0f32; total];
+        for h in 0..nh {
+            let g = h / n_rep;
+            let qh = &qs[h * hd..(h + 1) * hd];
+            let kg = &ks[g * total * hd..(g + 1) * total * hd];
+            let vg = &vs[g * total * hd..(g + 1) * total * hd];
+            for (t, pt) in p.iter_mut().enumerate() {
+                let kt = &kg[t * hd..(t + 1) * hd];
+                *pt = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
+            }
+            let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for e in p.iter_mut() {
+                *e = (*e - m).exp();
+                sum += *e;
+            }
+            let o = &mut out[h * hd..(h + 1) * hd];
+            for (t, &pt) in p.iter().enumerate() {
+                let w = pt / sum;
+                for (od, &vd) in o.iter_mut().zip(&vg[t * hd..(t + 1) * hd]) {
+                    *od += w * vd;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (nh, 1, hd), q.device())?)
+    }
+
+    /// `x (heads, seq, hd)`, tables `(seq, hd/2)`.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: QkLayout) -> Result<Tensor> {
+        let (h, seq, hd) = x.dims3()?;
+        let half = hd / 2;
+        let (xs, c, s) = (data(x)?, data(cos)?, data(sin)?);
+        let mut out = vec![0f32; xs.len()];
+        for head in 0..h {
+            for p in 0..seq {
+                let base = (head * seq + p) * hd;
+                let (row, dst) = (&xs[base..base + hd], &mut out[base..base + hd]);
+                for i in 0..half {
+                    let (cc, ss) = (c[p * half + i], s[p * half + i]);
+                    let (a, b) = match layout {
+                        QkLayout::HalfSplit => (i, i + half),
+                        QkLayout::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    dst[a] = row[a] * cc - row[b] * ss;
+                    dst[b] = row[b] * cc + row[a] * ss;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (h, seq, hd), x.device())?)
+    }
+}

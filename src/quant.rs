@@ -401,8 +401,15 @@ fn quantize_rows_impl(x: &[f32], seq: usize, k: usize, with_sum: bool) -> Quanti
 fn rows_times_cols(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked); tiles stay inside o0..o1 and 0..seq.
-        unsafe { x86::rows_times_cols(m, o0, o1, x, seq, put) };
+        // SAFETY: the CPU has AVX2 and FMA (checked; VNNI too for the second); tiles stay
+        // inside o0..o1 and 0..seq.
+        unsafe {
+            if vnni() {
+                x86::rows_times_cols_vnni(m, o0, o1, x, seq, put)
+            } else {
+                x86::rows_times_cols(m, o0, o1, x, seq, put)
+            }
+        };
         return;
     }
     for o in o0..o1 {
@@ -410,6 +417,17 @@ fn rows_times_cols(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq
             put(o, s, dot_scalar(m, o, x, s));
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("LOCKSTEP_NO_VNNI").is_none()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -478,6 +496,15 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
     }
 
+    /// The same sums with AVX-512 VNNI (`vpdpbusd`, one instruction; what ggml uses when
+    /// built with VNNI). Equal to `mul_sum_us8`: its i16 pair sums cannot saturate here
+    /// (at most 2 * 128 * 127).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn mul_sum_us8_vnni(ax: __m256i, sy: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy))
+    }
+
     /// The weight block `i` of row `o` as 32 bytes: unsigned 0..16 for Q4_1, signed otherwise.
     #[inline(always)]
     unsafe fn weight_block<const K: u8>(wq: *const u8, i: usize) -> __m256i {
@@ -499,7 +526,7 @@ mod x86 {
     /// `vec_dot_q4_1_q8_1` / `vec_dot_q8_0_q8_0` (8-lane f32 accumulator, fmadd of
     /// d_w*d_x times the integer block sum; Q4_1's m_w*s_x summed in block order after).
     #[inline(always)]
-    unsafe fn tile<const K: u8, const R: usize, const C: usize>(
+    unsafe fn tile<const K: u8, const R: usize, const C: usize, const V: bool>(
         w: &BlockMatrix,
         o: usize,
         x: &QuantizedRows,
@@ -521,7 +548,7 @@ mod x86 {
                     let ax = if K == Q4_1 { qw } else { _mm256_sign_epi8(qw, qw) };
                     for c in 0..C {
                         let sy = if K == Q4_1 { ys[c] } else { _mm256_sign_epi8(ys[c], qw) };
-                        let p = mul_sum_us8(ax, sy);
+                        let p = if V { mul_sum_us8_vnni(ax, sy) } else { mul_sum_us8(ax, sy) };
                         acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *xd[c].add(i)), p, acc[r][c]);
                     }
                 }
@@ -545,20 +572,20 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn tiles<const K: u8>(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
+    unsafe fn tiles<const K: u8, const V: bool>(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
         unsafe {
             if seq < 4 {
                 let mut o = o0;
                 while o + 4 <= o1 {
                     for s in 0..seq {
-                        let t = tile::<K, 4, 1>(m, o, x, s);
+                        let t = tile::<K, 4, 1, V>(m, o, x, s);
                         (0..4).for_each(|r| put(o + r, s, t[r][0]));
                     }
                     o += 4;
                 }
                 for o in o..o1 {
                     for s in 0..seq {
-                        put(o, s, tile::<K, 1, 1>(m, o, x, s)[0][0]);
+                        put(o, s, tile::<K, 1, 1, V>(m, o, x, s)[0][0]);
                     }
                 }
                 return;
@@ -569,17 +596,17 @@ mod x86 {
                 let mut s = 0;
                 while s + 4 <= seq {
                     if two {
-                        let t = tile::<K, 2, 4>(m, o, x, s);
+                        let t = tile::<K, 2, 4, V>(m, o, x, s);
                         (0..2).for_each(|r| (0..4).for_each(|c| put(o + r, s + c, t[r][c])));
                     } else {
-                        let t = tile::<K, 1, 4>(m, o, x, s);
+                        let t = tile::<K, 1, 4, V>(m, o, x, s);
                         (0..4).for_each(|c| put(o, s + c, t[0][c]));
                     }
                     s += 4;
                 }
                 for s in s..seq {
                     for r in 0..if two { 2 } else { 1 } {
-                        put(o + r, s, tile::<K, 1, 1>(m, o + r, x, s)[0][0]);
+                        put(o + r, s, tile::<K, 1, 1, V>(m, o + r, x, s)[0][0]);
                     }
                 }
                 o += if two { 2 } else { 1 };
@@ -591,9 +618,20 @@ mod x86 {
     pub unsafe fn rows_times_cols(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
         unsafe {
             match m.kind {
-                BlockKind::Q4_0 => tiles::<Q4_0>(m, o0, o1, x, seq, put),
-                BlockKind::Q4_1 => tiles::<Q4_1>(m, o0, o1, x, seq, put),
-                BlockKind::Q8_0 => tiles::<Q8_0>(m, o0, o1, x, seq, put),
+                BlockKind::Q4_0 => tiles::<Q4_0, false>(m, o0, o1, x, seq, put),
+                BlockKind::Q4_1 => tiles::<Q4_1, false>(m, o0, o1, x, seq, put),
+                BlockKind::Q8_0 => tiles::<Q8_0, false>(m, o0, o1, x, seq, put),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn rows_times_cols_vnni(m: &BlockMatrix, o0: usize, o1: usize, x: &QuantizedRows, seq: usize, put: &mut impl FnMut(usize, usize, f32)) {
+        unsafe {
+            match m.kind {
+                BlockKind::Q4_0 => tiles::<Q4_0, true>(m, o0, o1, x, seq, put),
+                BlockKind::Q4_1 => tiles::<Q4_1, true>(m, o0, o1, x, seq, put),
+                BlockKind::Q8_0 => tiles::<Q8_0, true>(m, o0, o1, x, seq, put),
             }
         }
     }
