@@ -379,7 +379,9 @@ mod fast {
         let (xs, ws) = (data(x)?, data(w)?);
         let mut out = Vec::with_capacity(xs.len());
         for row in xs.chunks(n) {
-            let ms = row.iter().map(|&v| v * v).sum::<f32>() / n as f32;
+            // As ggml_compute_forward_rms_norm_f32: f32 squares summed in f64, the mean
+            // rounded to f32, scale = 1/sqrtf(mean + eps).
+            let ms = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / n as f64) as f32;
             let inv = 1.0 / (ms + eps as f32).sqrt();
             out.extend(row.iter().zip(&ws).map(|(&v, &g)| v * inv * g));
         }
@@ -390,15 +392,22 @@ mod fast {
         let n = x.dim(D::Minus1)?;
         let mut v = data(x)?;
         for row in v.chunks_mut(n) {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for e in row.iter_mut() {
-                *e = (*e - m).exp();
-                sum += *e;
-            }
-            row.iter_mut().for_each(|e| *e /= sum);
+            softmax_row(row);
         }
         Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+    }
+
+    /// As ggml's `ggml_vec_soft_max_f32`: exp(x - max) summed in f64, then scaled by the
+    /// reciprocal of the sum.
+    fn softmax_row(row: &mut [f32]) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f64;
+        for e in row.iter_mut() {
+            *e = (*e - m).exp();
+            sum += *e as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|e| *e *= inv);
     }
 
     pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -425,15 +434,9 @@ mod fast {
                 let kt = &kg[t * hd..(t + 1) * hd];
                 *pt = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
             }
-            let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for e in p.iter_mut() {
-                *e = (*e - m).exp();
-                sum += *e;
-            }
+            softmax_row(&mut p);
             let o = &mut out[h * hd..(h + 1) * hd];
-            for (t, &pt) in p.iter().enumerate() {
-                let w = pt / sum;
+            for (t, &w) in p.iter().enumerate() {
                 for (od, &vd) in o.iter_mut().zip(&vg[t * hd..(t + 1) * hd]) {
                     *od += w * vd;
                 }
