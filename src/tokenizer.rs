@@ -26,6 +26,10 @@ impl ChatMessage {
     pub fn user(content: impl Into<String>) -> Self {
         Self { role: "user".into(), content: content.into() }
     }
+
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
 }
 
 pub struct Tokenizer {
@@ -223,6 +227,33 @@ impl Tokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Whether `encode(text, true)` puts a BOS in front (`add_bos_token`), probed on "a".
+    pub fn adds_bos(&self) -> Result<bool> {
+        let (with, bare) = (self.encode("a", true)?, self.encode("a", false)?);
+        Ok(with.len() > bare.len() && self.bos_id().is_some_and(|b| with.first() == Some(&b)))
+    }
+
+    /// Whether `encode(text, true)` appends an EOS (`add_eos_token`), probed on "a".
+    pub fn adds_eos(&self) -> Result<bool> {
+        let (with, bare) = (self.encode("a", true)?, self.encode("a", false)?);
+        Ok(with.len() > bare.len() && self.eos_id().is_some_and(|e| with.last() == Some(&e)))
+    }
+
+    /// Token ids of a conversation rendered by the chat template, encoded without extra
+    /// special tokens.
+    pub fn encode_messages(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode(&text, false)
     }
 
     /// Token ids of a one-turn chat, rendered then encoded without extra special tokens
