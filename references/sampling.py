@@ -254,6 +254,12 @@ class MlxSampling:
 
 # -- tokenizer side (transformers tokenizers; also what the mlx reference uses) ----------------
 
+def _pre_tokenizer(t) -> str:
+    bt = getattr(t, "backend_tokenizer", None)
+    pre = getattr(bt, "pre_tokenizer", None) if bt is not None else None
+    return str(pre).split("(")[0] if pre is not None else "none"
+
+
 class HfTokenizerSide:
     """Tokenizer, chat template and special-token facts of a transformers tokenizer, for
     ``lockstep tokcheck`` and the generation-config table."""
@@ -291,6 +297,44 @@ class HfTokenizerSide:
             "eos_id": t.eos_token_id, "eos_token": t.eos_token,
             "add_bos": bool(add_bos), "add_eos": bool(add_eos),
             "chat_template": tmpl,
-            "tokenizer": f"{type(t).__name__} ({self.source})",
+            "tokenizer": f"{type(t).__name__} ({self.source}), pre-tokenizer {_pre_tokenizer(t)}",
             "vocab_size": len(t),
         })
+
+
+class HfSideMixin:
+    """Protocol methods for a reference whose tokenizer is a transformers tokenizer
+    (``self.tokside``) and whose sampler is ``self.sampling``. Dict-shaped results cross as
+    JSON text."""
+
+    tokside: HfTokenizerSide
+    sampling: object
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> str:
+        return self.tokside.tokenize(texts, add_special_tokens)
+
+    def pieces(self, ids: list[int]) -> str:
+        return self.tokside.pieces(ids)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokside.render_chat(messages, add_generation_prompt)
+
+    def encode_chat_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokside.encode_chat_messages(messages, add_generation_prompt)
+
+    def token_info(self) -> str:
+        return self.tokside.token_info()
+
+    def sample_distribution(self, logits: np.ndarray, prev: list[int], params: dict) -> np.ndarray:
+        return np.ascontiguousarray(self.sampling.distribution(logits, prev, params), dtype=np.float64)
+
+    def generation_config(self, params: dict, max_new_tokens: int | None) -> str:
+        info = json.loads(self.tokside.token_info())
+        cfg = self.sampling.config(params, max_new_tokens)
+        stop = cfg.pop("stop_ids", None)
+        if not stop:
+            stop = sorted(self.stop_ids()) if hasattr(self, "stop_ids") else ([info["eos_id"]] if info["eos_id"] is not None else [])
+        info.update(cfg)
+        info["stop_ids"] = [int(x) for x in stop]
+        info["seed"] = normalize(params).get("seed")
+        return json.dumps(info)

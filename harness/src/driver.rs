@@ -41,6 +41,10 @@ pub struct RunOptions {
     pub precision: Precision,
     /// How the engine holds GGUF weights (`None`: quantized for GGUF in f32, else dense).
     pub weights: Option<lockstep_engine::WeightsMode>,
+    /// The engine's sampler (`--sampler`); `None`: greedy, without sampler parity.
+    pub sampler: Option<lockstep_engine::SamplerConfig>,
+    /// Any difference in the generation-config table stops the run before step 0.
+    pub strict_config: bool,
 }
 
 /// One site of one step, engine vs one reference.
@@ -112,6 +116,9 @@ pub struct StepRecord {
     pub engine_seconds: f64,
     pub references: Vec<RefStep>,
     pub pairs: Vec<PairStep>,
+    /// Sampler parity per reference that has a sampler (with `--sampler`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sampler: Vec<crate::sampler_parity::SamplerCheck>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,6 +140,12 @@ pub struct PromptCheck {
     /// Each reference's own encoding of the prompt.
     pub reference_ids: Vec<(String, Vec<u32>)>,
     pub ids_match: bool,
+    /// Chat prompts: the engine's rendered template text, and per reference where its
+    /// rendering differs (None: identical).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_rendered: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rendered_diff: Vec<(String, Option<crate::tokcheck::TextDiff>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -227,6 +240,22 @@ pub struct RunResult {
     pub summary: RunSummary,
     pub engine: EngineInfo,
     pub num_layers: usize,
+    /// The generation-config table (computed before step 0).
+    pub config: crate::genconfig::GenConfig,
+    /// The run stopped before step 0 (prompt tokens or, with --strict-config, the config differ).
+    pub stopped_before_step0: Option<String>,
+    /// The engine's sampler, and the references without sampler parity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SamplerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplerInfo {
+    pub engine: String,
+    pub compared: Vec<String>,
+    pub not_compared: Vec<String>,
+    /// Over the run, per compared reference: (name, max TV, steps with equal kept sets, steps).
+    pub summary: Vec<(String, f64, usize, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -308,7 +337,30 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         reference_ids.push((r.name.clone(), ids));
     }
     let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
-    let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match };
+    let (engine_rendered, rendered_diff) = crate::sampler_parity::rendered_prompts(engine, refs, &opts.prompt)?;
+    let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match, engine_rendered, rendered_diff };
+
+    // --- the generation config of every side; stop before step 0 on a prompt mismatch ---
+    let sampler_cfg = opts.sampler.clone().unwrap_or_default();
+    let config = crate::genconfig::collect(engine, refs, matches!(opts.prompt, Prompt::Chat(_)), opts.steps.max(1), &sampler_cfg)?;
+    let stop_reason = if !prompt.ids_match {
+        Some("the prompt's token ids differ between the engine and a reference".to_string())
+    } else if opts.strict_config && !config.differences().is_empty() {
+        Some(format!(
+            "--strict-config: the generation config differs ({})",
+            config.differences().iter().map(|r| r.name).collect::<Vec<_>>().join(", ")
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = stop_reason {
+        return Ok(stopped_before_step0(opts, engine, prompt, config, reason));
+    }
+    let mut sampler = opts.sampler.clone().map(lockstep_engine::Sampler::new);
+    let (ref_samplers, no_sampler) = match &opts.sampler {
+        Some(c) => crate::sampler_parity::setup(refs, c, &config.declared)?,
+        None => (vec![], vec![]),
+    };
 
     // --- which sites each reference has ---
     let engine_sites = model.site_names();
@@ -364,7 +416,18 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             .find(|e| e.site == "logits")
             .ok_or_else(|| HarnessError::Mismatch("the engine captured no logits".into()))?
             .data;
-        let engine_token = lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?;
+        // The engine's choice: greedy, or its sampler; with a sampler, every reference's own
+        // sampling code runs on the same logits (sampler parity).
+        let (engine_token, sampler_checks) = match sampler.as_mut() {
+            None => (lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?, vec![]),
+            Some(smp) => {
+                let last: Vec<f32> = logits.i(n_pos - 1)?.to_dtype(DType::F32)?.to_vec1()?;
+                let mut seq = prompt.engine_ids.clone();
+                seq.extend(&generated);
+                let (tok, _) = smp.next(&last, &seq)?;
+                (tok, crate::sampler_parity::check_step(refs, &ref_samplers, &last, &seq)?)
+            }
+        };
 
         // --- references ---
         let mut outputs: Vec<(StepOutput, f64)> = Vec::with_capacity(refs.len());
@@ -539,6 +602,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             engine_seconds,
             references: ref_steps,
             pairs,
+            sampler: sampler_checks,
         });
         generated.push(engine_token);
         if stop.contains(&engine_token) {
@@ -549,7 +613,10 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
 
     // --- each reference's own greedy loop, on the engine's prompt ---
     let mut generate = vec![];
-    for (i, r) in refs.iter().enumerate() {
+    // A sampled run cannot be compared token by token with a reference's own loop (another
+    // generator); its sampler was compared step by step instead.
+    let plain_greedy = opts.sampler.as_ref().is_none_or(|c| c.greedy() && c.rep_penalty == 1.0);
+    for (i, r) in refs.iter().enumerate().filter(|_| plain_greedy) {
         let toks = r.generate_greedy(&prompt.engine_ids, opts.steps.max(1), &stop)?;
         let first_mismatch = generated
             .iter()
@@ -585,6 +652,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let mut summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
     let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
     let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
+    let sampler_info = opts.sampler.as_ref().map(|c| crate::sampler_parity::info(c, refs, &ref_samplers, &no_sampler, &steps));
     Ok(RunResult {
         verdict_pass: first_divergence.is_none(),
         first_divergence,
@@ -606,6 +674,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             transforms: layout.transform_name().into_iter().collect(),
         },
         num_layers: cfg.num_layers,
+        sampler: sampler_info,
+        config,
+        stopped_before_step0: None,
     })
 }
 
@@ -691,6 +762,23 @@ fn find_first_divergence(
                     rs.logits.reference_margin
                 ),
                 likely_cause: None,
+            });
+        }
+        if let Some(c) = s.sampler.iter().find(|c| c.verdict == Verdict::Fail) {
+            return Some(Divergence {
+                step: s.step,
+                layer: None,
+                site: "sampler".into(),
+                reference: c.reference.clone(),
+                detail: format!(
+                    "TV {:.3e}, kept {} vs {} tokens ({}){}",
+                    c.tv,
+                    c.kept_engine,
+                    c.kept_reference,
+                    c.order,
+                    c.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default()
+                ),
+                likely_cause: Some("the sampler differs: a filter's threshold or order, the temperature, or the penalty".into()),
             });
         }
     }
@@ -900,5 +988,66 @@ fn summarize(
         references,
         pairs,
         oracle,
+    }
+}
+
+/// The result of a run stopped before step 0: nothing was fed to any model.
+fn stopped_before_step0(
+    opts: &RunOptions,
+    engine: &LoadedModel,
+    prompt: PromptCheck,
+    config: crate::genconfig::GenConfig,
+    reason: String,
+) -> RunResult {
+    let first_divergence = find_first_divergence(&prompt, &[], &[], &[]).or_else(|| {
+        let d = config.differences();
+        Some(Divergence {
+            step: 0,
+            layer: None,
+            site: "config".into(),
+            reference: String::new(),
+            detail: format!(
+                "the generation config differs: {}",
+                d.iter()
+                    .map(|r| format!("{} (engine {}, references {})", r.name, r.engine, r.references.join(" / ")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            likely_cause: Some("the sides were not set up alike (--strict-config)".into()),
+        })
+    });
+    let model = &engine.model;
+    RunResult {
+        verdict_pass: false,
+        first_divergence,
+        prompt,
+        steps: vec![],
+        engine_tokens: vec![],
+        engine_text: String::new(),
+        generate: vec![],
+        summary: RunSummary {
+            steps: 0,
+            steps_requested: opts.steps.max(1),
+            stopped_at_eos: false,
+            engine_seconds: 0.0,
+            references: vec![],
+            pairs: vec![],
+            oracle: vec![],
+        },
+        engine: EngineInfo {
+            weights: engine.origin.name(),
+            weights_mode: engine.weights.name(),
+            matrix_types: model.weights.matrix_types(),
+            dtype: opts.precision,
+            qk_layout: match model.qk_layout {
+                QkLayout::HalfSplit => "half-split",
+                QkLayout::Interleaved => "interleaved",
+            },
+            transforms: model.qk_layout.transform_name().into_iter().collect(),
+        },
+        num_layers: model.cfg.num_layers,
+        config,
+        stopped_before_step0: Some(reason),
+        sampler: None,
     }
 }

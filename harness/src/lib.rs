@@ -7,15 +7,21 @@
 //! - [`tolerance`]: the one table of tolerances, with sources
 //! - [`report`]: the printed table and the JSON report
 //! - [`models`]: model aliases
+//! - [`sampler_parity`], [`genconfig`], [`tokcheck`]: the sampler, the generation config
+//!   and the tokenizer/chat template of each side
 
 pub mod bench;
 pub mod compare;
 pub mod driver;
 pub mod error;
+pub mod genconfig;
 pub mod models;
+pub mod pycall;
 pub mod python;
 pub mod quantcheck;
 pub mod report;
+pub mod sampler_parity;
+pub mod tokcheck;
 pub mod tolerance;
 
 pub use error::HarnessError;

@@ -227,6 +227,11 @@ impl Reference {
         keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
+    /// The Python object, for the calls of other modules (tokcheck, sampler parity).
+    pub fn object(&self) -> &Py<PyAny> {
+        &self.obj
+    }
+
     pub fn reset(&self) -> Result<(), HarnessError> {
         Python::attach(|py| {
             self.obj.bind(py).call_method0("reset").map_err(|e| py_err(py, e, format!("{}.reset()", self.name)))?;

@@ -403,3 +403,17 @@ mod tests {
         assert_eq!(SiteKind::of("embed"), SiteKind::Activation);
     }
 }
+
+// --- sampler parity (sampler_parity.rs) ------------------------------------------------------
+
+/// Largest total-variation distance between the engine's processed distribution (f64 from
+/// the f32 logits) and a reference's (its own float32 code on the same logits) that passes
+/// when both keep the same tokens. The references' float32 softmax alone puts them ~1e-7
+/// apart (measured on SmolLM2: see README, "Sampling"); 1e-5 leaves two orders of margin and
+/// still fails any real change (temperature 0.8 vs 0.7 moves TV by ~1e-2).
+pub const SAMPLER_TV_PASS: f64 = 1e-5;
+
+/// A kept-set difference is `drift`, not `fail`, when the closest keep/drop decision of a
+/// filter was this close to its threshold (top-p: probability mass; min-p: log-probability;
+/// top-k: score gap): float32 rounding in the reference decides such a token either way.
+pub const SAMPLER_BOUNDARY_SLACK: f64 = 1e-5;
