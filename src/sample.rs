@@ -326,20 +326,56 @@ fn sorted_desc(scores: &[f64]) -> Vec<usize> {
     idx
 }
 
-/// Top-k; returns the slack: the gap between the k-th and the (k+1)-th score.
-pub fn top_k(scores: &mut [f64], k: usize) -> f64 {
+/// float32 unit roundoff (2^-24): the references filter in float32.
+pub const F32_ROUNDOFF: f64 = 5.960_464_477_539_063e-8;
+
+/// Decisions of the score- and log-probability-based filters (top-k, min-p) closer than this
+/// to their threshold can go either way in a float32 implementation: scores of magnitude
+/// ~20 carry ~1e-6 of rounding after a temperature division or a log-softmax.
+pub const F32_SCORE_BOUND: f64 = 1e-5;
+
+/// How far a float32 implementation's probability mass can be from the exact one: any
+/// float32 sum of `n` terms (a softmax normalizer or logsumexp over the vocabulary, a
+/// cumulative sum) is within `(n - 1)` roundoffs of the running sum (Higham, recursive
+/// summation), plus ~1e-6 of relative error in the probabilities themselves. Measured:
+/// mlx's float32 `logsumexp` over SmolLM2's 49152 logits is off by 0.8e-4..2e-4 (tail terms
+/// below half an ulp of the running sum are lost), which moves mlx-lm's top-p decisions
+/// by that much mass; the bound for n = 49152 is 2.9e-3.
+pub fn f32_mass_bound(n: usize) -> f64 {
+    n as f64 * F32_ROUNDOFF + 1e-6
+}
+
+/// A token whose keep/drop decision was within float32 rounding of the filter's threshold.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Boundary {
+    pub stage: Stage,
+    pub token: u32,
+    /// Distance of its decision from the threshold (top-p: mass; min-p: log-probability;
+    /// top-k: score).
+    pub slack: f64,
+    /// The float32 rounding bound it is within.
+    pub bound: f64,
+}
+
+/// Top-k; returns the slack (the gap between the k-th and the (k+1)-th score) and the
+/// tokens on the boundary (scores within [`F32_SCORE_BOUND`] of the k-th).
+pub fn top_k(scores: &mut [f64], k: usize) -> (f64, Vec<Boundary>) {
     if k == 0 || k >= scores.len() {
-        return f64::INFINITY;
+        return (f64::INFINITY, vec![]);
     }
     let idx = sorted_desc(scores);
     let kth = scores[idx[k - 1]];
     let slack = kth - scores[idx[k]];
-    for s in scores.iter_mut() {
+    let mut boundary = vec![];
+    for (i, s) in scores.iter_mut().enumerate() {
+        if s.is_finite() && (*s - kth).abs() <= F32_SCORE_BOUND {
+            boundary.push(Boundary { stage: Stage::TopK, token: i as u32, slack: (*s - kth).abs(), bound: F32_SCORE_BOUND });
+        }
         if *s < kth {
             *s = f64::NEG_INFINITY;
         }
     }
-    slack
+    (slack, boundary)
 }
 
 /// Softmax of finite-or-(-inf) scores.
@@ -353,25 +389,35 @@ pub fn softmax(scores: &[f64]) -> Vec<f64> {
     out
 }
 
-/// Top-p (nucleus); returns the slack: the smallest |mass before a token - p| over the
-/// tokens, i.e. how far the closest keep/drop decision was from flipping.
-pub fn top_p(scores: &mut [f64], p: f64) -> f64 {
+/// Top-p (nucleus); returns the slack (the smallest |mass before a token - p|: how far the
+/// closest keep/drop decision was from flipping) and the tokens whose decision was within
+/// [`f32_mass_bound`] of flipping.
+pub fn top_p(scores: &mut [f64], p: f64) -> (f64, Vec<Boundary>) {
     if p >= 1.0 {
-        return f64::INFINITY;
+        return (f64::INFINITY, vec![]);
     }
     let probs = softmax(scores);
     let idx = sorted_desc(scores);
+    let bound = f32_mass_bound(scores.len());
     let mut before = 0.0;
     let mut slack = f64::INFINITY;
+    let mut boundary = vec![];
     let mut cut = None; // first sorted position dropped
     for (pos, &i) in idx.iter().enumerate() {
         if probs[i] == 0.0 {
             cut.get_or_insert(pos);
             break;
         }
-        slack = slack.min((before - p).abs());
+        let d = (before - p).abs();
+        slack = slack.min(d);
+        if pos > 0 && d <= bound {
+            boundary.push(Boundary { stage: Stage::TopP, token: i as u32, slack: d, bound });
+        }
         if cut.is_none() && pos > 0 && before >= p {
             cut = Some(pos);
+        }
+        if before > p + bound && cut.is_some() {
+            break; // every later decision is a clear drop
         }
         before += probs[i];
     }
@@ -384,27 +430,33 @@ pub fn top_p(scores: &mut [f64], p: f64) -> f64 {
             }
         }
     }
-    slack
+    (slack, boundary)
 }
 
-/// Min-p; returns the slack in log space: min |ln p_i - ln(m * p_max)| over the finite tokens.
-pub fn min_p(scores: &mut [f64], m: f64) -> f64 {
+/// Min-p; returns the slack in log space (min |ln p_i - ln(m * p_max)| over the finite
+/// tokens) and the tokens within [`F32_SCORE_BOUND`] of the threshold.
+pub fn min_p(scores: &mut [f64], m: f64) -> (f64, Vec<Boundary>) {
     if m <= 0.0 {
-        return f64::INFINITY;
+        return (f64::INFINITY, vec![]);
     }
     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let threshold = max + m.ln(); // ln p_i - ln p_max = s_i - max
     let mut slack = f64::INFINITY;
-    for s in scores.iter_mut() {
+    let mut boundary = vec![];
+    for (i, s) in scores.iter_mut().enumerate() {
         if *s == f64::NEG_INFINITY {
             continue;
         }
-        slack = slack.min((*s - threshold).abs());
+        let d = (*s - threshold).abs();
+        slack = slack.min(d);
+        if d <= F32_SCORE_BOUND {
+            boundary.push(Boundary { stage: Stage::MinP, token: i as u32, slack: d, bound: F32_SCORE_BOUND });
+        }
         if *s < threshold {
             *s = f64::NEG_INFINITY;
         }
     }
-    slack
+    (slack, boundary)
 }
 
 /// Index of the first largest score.
@@ -432,6 +484,9 @@ pub struct Processed {
     /// Per filter that ran: how close its closest keep/drop decision was to the threshold
     /// (top-k: score gap; top-p: probability mass; min-p: log-probability).
     pub slack: Vec<(Stage, f64)>,
+    /// Tokens whose decision was within float32 rounding of a filter's threshold: a float32
+    /// implementation may keep or drop them either way.
+    pub boundary: Vec<Boundary>,
 }
 
 /// Runs the pipeline of `cfg` on one position's logits, with `prev` the tokens so far
@@ -446,14 +501,23 @@ pub fn process(logits: &[f32], prev: &[u32], cfg: &SamplerConfig) -> Result<Proc
     let mut s: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
     let stages = cfg.order.active(cfg);
     let mut slack = vec![];
+    let mut boundary = vec![];
     for &st in &stages {
-        match st {
-            Stage::RepPenalty => repetition_penalty(&mut s, prev, cfg.rep_penalty, cfg.order.rep_window),
-            Stage::Temperature => temperature(&mut s, cfg.temperature),
-            Stage::TopK => slack.push((st, top_k(&mut s, cfg.top_k))),
-            Stage::TopP => slack.push((st, top_p(&mut s, cfg.top_p))),
-            Stage::MinP => slack.push((st, min_p(&mut s, cfg.min_p))),
-        }
+        let (sl, b) = match st {
+            Stage::RepPenalty => {
+                repetition_penalty(&mut s, prev, cfg.rep_penalty, cfg.order.rep_window);
+                continue;
+            }
+            Stage::Temperature => {
+                temperature(&mut s, cfg.temperature);
+                continue;
+            }
+            Stage::TopK => top_k(&mut s, cfg.top_k),
+            Stage::TopP => top_p(&mut s, cfg.top_p),
+            Stage::MinP => min_p(&mut s, cfg.min_p),
+        };
+        slack.push((st, sl));
+        boundary.extend(b);
     }
     let probs = if cfg.greedy() {
         let mut p = vec![0.0; s.len()];
@@ -463,7 +527,7 @@ pub fn process(logits: &[f32], prev: &[u32], cfg: &SamplerConfig) -> Result<Proc
         softmax(&s)
     };
     let kept = probs.iter().enumerate().filter(|(_, &p)| p > 0.0).map(|(i, _)| i as u32).collect();
-    Ok(Processed { scores: s, probs, kept, stages, slack })
+    Ok(Processed { scores: s, probs, kept, stages, slack, boundary })
 }
 
 /// Inverse-CDF draw: the first token whose cumulative probability exceeds `u` in [0, 1).

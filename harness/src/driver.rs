@@ -146,6 +146,9 @@ pub struct PromptCheck {
     pub engine_rendered: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rendered_diff: Vec<(String, Option<crate::tokcheck::TextDiff>)>,
+    /// When the ids differ: the pieces of every side's ids (engine first), for the report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -338,7 +341,16 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
     let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
     let (engine_rendered, rendered_diff) = crate::sampler_parity::rendered_prompts(engine, refs, &opts.prompt)?;
-    let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match, engine_rendered, rendered_diff };
+    let piece = |ids: &[u32]| ids.iter().map(|&i| engine.tokenizer.id_to_token(i).unwrap_or_else(|| "?".into())).collect();
+    let pieces = if ids_match {
+        vec![]
+    } else {
+        std::iter::once(("engine".to_string(), piece(&engine_ids)))
+            .chain(reference_ids.iter().map(|(n, ids)| (n.clone(), piece(ids))))
+            .collect()
+    };
+    let prompt =
+        PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match, engine_rendered, rendered_diff, pieces };
 
     // --- the generation config of every side; stop before step 0 on a prompt mismatch ---
     let sampler_cfg = opts.sampler.clone().unwrap_or_default();
@@ -592,7 +604,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         })?;
         drop(outputs);
 
-        let verdict = ref_steps.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Pass);
+        let verdict = ref_steps.iter().map(|r| r.verdict).chain(sampler_checks.iter().map(|c| c.verdict)).max().unwrap_or(Verdict::Pass);
         steps.push(StepRecord {
             step,
             fed: feed.clone(),

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::error::HarnessError;
 use crate::python::{py_err, Reference};
-use crate::tolerance::{Verdict, SAMPLER_BOUNDARY_SLACK, SAMPLER_TV_PASS};
+use crate::tolerance::{Verdict, SAMPLER_TV_BOUNDARY, SAMPLER_TV_PASS};
 
 /// Engine vs one reference's sampler at one step.
 #[derive(Debug, Clone, Serialize)]
@@ -121,6 +121,14 @@ pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> S
     } else {
         engine.stages.iter().map(|s| s.name()).collect::<Vec<_>>().join(" > ")
     };
+    // Every token kept by one side only, against the engine's boundary tokens.
+    let differing: Vec<u32> = engine
+        .kept
+        .iter()
+        .filter(|x| kept_ref.binary_search(x).is_err())
+        .chain(kept_ref.iter().filter(|x| engine.kept.binary_search(x).is_err()))
+        .copied()
+        .collect();
     let (verdict, note) = if kept_equal && tv <= SAMPLER_TV_PASS {
         (Verdict::Pass, None)
     } else if kept_equal {
@@ -133,11 +141,22 @@ pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> S
             only_engine,
             only_reference
         );
-        match tightest {
-            Some((st, s)) if s < SAMPLER_BOUNDARY_SLACK => {
-                (Verdict::Drift, Some(format!("{what}; {} decided a token {s:.1e} from its threshold (float32 rounding)", st.name())))
-            }
-            _ => (Verdict::Fail, Some(what)),
+        let on_boundary: Vec<&sample::Boundary> =
+            differing.iter().filter_map(|t| engine.boundary.iter().find(|b| b.token == *t)).collect();
+        if on_boundary.len() == differing.len() && tv <= SAMPLER_TV_BOUNDARY {
+            let worst = on_boundary.iter().map(|b| b.slack / b.bound).fold(0.0, f64::max);
+            let stages: Vec<&str> = on_boundary.iter().map(|b| b.stage.name()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            (
+                Verdict::Drift,
+                Some(format!(
+                    "{what}: all {} on the {} boundary within float32 rounding (slack <= {:.0}% of the bound)",
+                    differing.len(),
+                    stages.join("/"),
+                    100.0 * worst
+                )),
+            )
+        } else {
+            (Verdict::Fail, Some(what))
         }
     };
     SamplerCheck {
@@ -239,4 +258,151 @@ pub fn info(
         not_compared: without.to_vec(),
         summary,
     }
+}
+
+// --- report sections (called from report.rs) ----------------------------------------------------
+
+use std::fmt::Write as _;
+
+/// Before the step table: the generation-config table and any chat-template text difference.
+pub fn render_prelude(r: &crate::driver::RunResult) -> String {
+    let mut o = String::new();
+    if let Some(s) = &r.sampler {
+        let _ = writeln!(o, "  sampler    engine {}", s.engine);
+    }
+    for (name, d) in &r.prompt.rendered_diff {
+        match d {
+            None => {
+                let _ = writeln!(o, "  template   {name} renders the same chat text");
+            }
+            Some(d) => {
+                let _ = writeln!(
+                    o,
+                    "  template   {name} renders OTHER chat text, from char {}: engine {:?} vs {name} {:?}",
+                    d.char_index, d.engine, d.theirs
+                );
+            }
+        }
+    }
+    let _ = writeln!(o);
+    o.push_str(&crate::genconfig::render(&r.config));
+    o
+}
+
+fn show_ids(ids: &[u32], pieces: Option<&Vec<String>>) -> String {
+    ids.iter()
+        .enumerate()
+        .map(|(k, id)| match pieces.and_then(|p| p.get(k)) {
+            Some(p) => format!("{id} {p:?}"),
+            None => id.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A run stopped before step 0: why, both token sequences, the verdict.
+pub fn render_stopped(r: &crate::driver::RunResult) -> String {
+    let mut o = String::new();
+    let reason = r.stopped_before_step0.as_deref().unwrap_or("");
+    let _ = writeln!(o, "\nstopped before step 0: {reason}; nothing was fed to any model.");
+    let p = &r.prompt;
+    if !p.ids_match {
+        let pieces = |name: &str| p.pieces.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let _ = writeln!(o, "  engine ({} tokens): {}", p.engine_ids.len(), show_ids(&p.engine_ids, pieces("engine")));
+        for (name, ids) in &p.reference_ids {
+            let same = *ids == p.engine_ids;
+            let _ = writeln!(
+                o,
+                "  {name} ({} tokens{}): {}",
+                ids.len(),
+                if same { ", same" } else { "" },
+                if same { "=".to_string() } else { show_ids(ids, pieces(name)) }
+            );
+            if let Some(i) = crate::tokcheck::first_difference(&p.engine_ids, ids) {
+                let _ = writeln!(
+                    o,
+                    "    first difference at token {i}: engine {:?}, {name} {:?}",
+                    p.engine_ids.get(i),
+                    ids.get(i)
+                );
+            }
+        }
+    }
+    if let Some(dv) = &r.first_divergence {
+        let _ = writeln!(
+            o,
+            "\nverdict: DIVERGED at step 0, site `{}`{}: {}",
+            dv.site,
+            if dv.reference.is_empty() { String::new() } else { format!(" (vs {})", dv.reference) },
+            dv.detail
+        );
+        if let Some(c) = &dv.likely_cause {
+            let _ = writeln!(o, "  likely cause: {c}");
+        }
+    }
+    o
+}
+
+/// After the step table: sampler parity per step and over the run.
+pub fn render_steps(r: &crate::driver::RunResult) -> String {
+    let mut o = String::new();
+    let Some(info) = &r.sampler else { return o };
+    if info.compared.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nsampler parity: no reference can run its sampler on given logits ({}): not compared",
+            info.not_compared.join(", ")
+        );
+        return o;
+    }
+    let orders: Vec<String> = (0..info.compared.len())
+        .map(|k| r.steps.iter().find_map(|s| s.sampler.get(k)).map(|c| c.order.clone()).unwrap_or_default())
+        .collect();
+    let _ = writeln!(
+        o,
+        "\nsampler parity: the engine's processed distribution vs each reference's own sampling code on the engine's logits"
+    );
+    let cw: Vec<usize> = info.compared.iter().zip(&orders).map(|(n, ord)| (n.len() + ord.len() + 3).max(30)).collect();
+    let mut h = format!("{:>4}  {:<14}", "step", "token");
+    for (k, n) in info.compared.iter().enumerate() {
+        h.push_str(&format!("  {:<w$}", format!("{n} ({})", orders[k]), w = cw[k]));
+    }
+    let _ = writeln!(o, "{}", h.trim_end());
+    for st in &r.steps {
+        let tok = format!("{:?}", st.engine_token_text);
+        let tok = if tok.chars().count() > 14 { format!("{}…\"", tok.chars().take(12).collect::<String>()) } else { tok };
+        let mut line = format!("{:>4}  {:<14}", st.step, tok);
+        for (k, c) in st.sampler.iter().enumerate() {
+            let cell = format!(
+                "TV {:.1e}  kept {}{}{}",
+                c.tv,
+                c.kept_engine,
+                if c.kept_equal { " =" } else { &"≠" },
+                if c.kept_equal { String::new() } else { format!("{}", c.kept_reference) }
+            );
+            let v = if c.verdict == Verdict::Pass { String::new() } else { format!(" [{}]", c.verdict.as_str()) };
+            line.push_str(&format!("  {:<w$}", cell + &v, w = cw.get(k).copied().unwrap_or(30)));
+        }
+        let _ = writeln!(o, "{}", line.trim_end());
+    }
+    for (k, (name, max_tv, equal, n)) in info.summary.iter().enumerate() {
+        let drift = r.steps.iter().filter_map(|s| s.sampler.get(k)).filter(|c| c.verdict == Verdict::Drift).count();
+        let _ = writeln!(
+            o,
+            "  {name}: max TV {max_tv:.1e} (pass <= {SAMPLER_TV_PASS:.0e}), same kept tokens at {equal} of {n} steps{}",
+            if drift > 0 {
+                format!("; {drift} drift: the kept sets differ only by tokens within float32 rounding of a filter's threshold")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "  the references' own generate loops were not compared: the engine's draws come from its own generator"
+    );
+    if !info.not_compared.is_empty() {
+        let _ = writeln!(o, "  not compared: {} (no sampler that runs on given logits)", info.not_compared.join(", "));
+    }
+    o
 }
