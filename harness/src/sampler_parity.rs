@@ -110,7 +110,12 @@ pub fn reference_distribution(r: &Reference, logits: &[f32], prev: &[u32], cfg: 
 /// Compares two processed distributions; `engine` carries the engine's decision slack.
 pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> SamplerCheck {
     let tv = 0.5 * engine.probs.iter().zip(theirs).map(|(a, b)| (a - b).abs()).sum::<f64>();
-    let kept_ref: Vec<u32> = theirs.iter().enumerate().filter(|(_, &p)| p > 0.0).map(|(i, _)| i as u32).collect();
+    // Kept: a probability above KEPT_MIN on both sides. A float32 softmax underflows to 0
+    // below ~1e-38 (e.g. at temperature 0.1) without any filter having dropped the token.
+    let kept_of = |p: &[f64]| -> Vec<u32> { p.iter().enumerate().filter(|(_, &x)| x > KEPT_MIN).map(|(i, _)| i as u32).collect() };
+    let kept_ref = kept_of(theirs);
+    let kept_eng = kept_of(&engine.probs);
+    let engine = &sample::Processed { kept: kept_eng, ..engine.clone() };
     let only = |a: &[u32], b: &[u32]| -> Vec<u32> { a.iter().filter(|x| b.binary_search(x).is_err()).take(8).copied().collect() };
     let only_engine = only(&engine.kept, &kept_ref);
     let only_reference = only(&kept_ref, &engine.kept);
@@ -143,17 +148,24 @@ pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> S
         );
         let on_boundary: Vec<&sample::Boundary> =
             differing.iter().filter_map(|t| engine.boundary.iter().find(|b| b.token == *t)).collect();
-        if on_boundary.len() == differing.len() && tv <= SAMPLER_TV_BOUNDARY {
+        // Exact ties with the k-th score: transformers (and the engine) keep every tie,
+        // mlx-lm's argpartition keeps exactly k of them, whichever it lands on.
+        let ties_only = on_boundary.iter().all(|b| b.stage == Stage::TopK && b.slack == 0.0);
+        if on_boundary.len() == differing.len() && (tv <= SAMPLER_TV_BOUNDARY || ties_only) {
             let worst = on_boundary.iter().map(|b| b.slack / b.bound).fold(0.0, f64::max);
             let stages: Vec<&str> = on_boundary.iter().map(|b| b.stage.name()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
             (
                 Verdict::Drift,
-                Some(format!(
-                    "{what}: all {} on the {} boundary within float32 rounding (slack <= {:.0}% of the bound)",
-                    differing.len(),
-                    stages.join("/"),
-                    100.0 * worst
-                )),
+                Some(if ties_only {
+                    format!("{what}: all {} tied with the k-th score (top-k keeps every tie here, exactly k there)", differing.len())
+                } else {
+                    format!(
+                        "{what}: all {} on the {} boundary within float32 rounding (slack <= {:.0}% of the bound)",
+                        differing.len(),
+                        stages.join("/"),
+                        100.0 * worst
+                    )
+                }),
             )
         } else {
             (Verdict::Fail, Some(what))
@@ -173,6 +185,10 @@ pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> S
         note,
     }
 }
+
+/// A token counts as kept when its probability is above this (far below anything that
+/// matters for sampling, far above float32's underflow at ~1e-38..1e-45).
+pub const KEPT_MIN: f64 = 1e-30;
 
 /// One reference's sampler, set up for a run.
 pub struct RefSampler {
