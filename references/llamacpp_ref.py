@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata as md
+import json
 import re
 import weakref
 from collections import deque
@@ -175,6 +176,65 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+class LlamaCppTokenizerSide:
+    """llama.cpp's own tokenizer (the GGUF's ``tokenizer.ggml.*``, with its ``pre`` type) and
+    llama-cpp-python's chat formatter (``Jinja2ChatFormatter``), for tokcheck and the
+    generation-config table. Dict-shaped results cross as JSON text."""
+
+    def __init__(self, llm, metadata: dict, source: str):
+        self.llm = llm
+        self.metadata = metadata
+        self.source = source
+        self._vocab = C.llama_model_get_vocab(llm._model.model)
+
+    def _encode(self, text: str, add_special: bool) -> list[int]:
+        # add_bos=add_special: BOS/EOS as the GGUF says (tokenizer.ggml.add_bos_token);
+        # special=True: special tokens written as text are matched, as transformers does.
+        if text == "" and not add_special:
+            return []
+        return [int(x) for x in self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)]
+
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> str:
+        return json.dumps([self._encode(t, add_special_tokens) for t in texts])
+
+    def pieces(self, ids: list[int]) -> str:
+        return json.dumps([self.llm._model.token_get_text(int(i)) for i in ids])
+
+    def _token_text(self, t: int) -> str:
+        return self.llm._model.token_get_text(t) if t != -1 else ""
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.source}: the GGUF has no tokenizer.chat_template")
+        fmt = Jinja2ChatFormatter(template=template,
+                                  eos_token=self._token_text(C.llama_vocab_eos(self._vocab)),
+                                  bos_token=self._token_text(C.llama_vocab_bos(self._vocab)),
+                                  add_generation_prompt=add_generation_prompt)
+        return fmt(messages=messages).prompt
+
+    def encode_chat_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        # As transformers' apply_chat_template: the template writes any BOS itself.
+        return json.dumps(self._encode(self.render_chat(messages, add_generation_prompt), False))
+
+    def stop_ids(self) -> list[int]:
+        """End-of-generation tokens (llama_vocab_is_eog), where llama.cpp's loops stop."""
+        n = int(C.llama_vocab_n_tokens(self._vocab))
+        return [t for t in range(n) if C.llama_vocab_is_eog(self._vocab, t)]
+
+    def token_info(self) -> str:
+        bos, eos = int(C.llama_vocab_bos(self._vocab)), int(C.llama_vocab_eos(self._vocab))
+        return json.dumps({
+            "bos_id": None if bos == -1 else bos, "bos_token": self._token_text(bos) or None,
+            "eos_id": None if eos == -1 else eos, "eos_token": self._token_text(eos) or None,
+            "add_bos": bool(C.llama_vocab_get_add_bos(self._vocab)),
+            "add_eos": bool(C.llama_vocab_get_add_eos(self._vocab)),
+            "chat_template": self.metadata.get("tokenizer.chat_template"),
+            "tokenizer": f"llama.cpp vocab (pre={self.metadata.get('tokenizer.ggml.pre', '?')}) ({self.source})",
+            "vocab_size": int(C.llama_vocab_n_tokens(self._vocab)),
+        })
+
+
 class LlamaCppReference:
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
                  n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f32"):
@@ -228,6 +288,7 @@ class LlamaCppReference:
         C.llama_model_desc(self._model, buf, 256)
         self.model_desc = buf.value.decode("utf-8", "replace")
         self.metadata = dict(self.llm.metadata)
+        self.tokside = LlamaCppTokenizerSide(self.llm, self.metadata, self.model_path)
 
         # The lockstep context: same model, the eval callback set, flash attention off (its
         # fused kernel never materializes the merged-head attention), no other user.
@@ -462,6 +523,30 @@ class LlamaCppReference:
         # As transformers' apply_chat_template: the template writes any BOS itself.
         return [int(x) for x in self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)]
 
+    # -- tokenizer, template, generation config (no sampler parity: llama.cpp's samplers are
+    # not driven on given logits here, and the report says so) -----------------------------
+    def tokenize(self, texts: list[str], add_special_tokens: bool) -> str:
+        return self.tokside.tokenize(texts, add_special_tokens)
+
+    def pieces(self, ids: list[int]) -> str:
+        return self.tokside.pieces(ids)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokside.render_chat(messages, add_generation_prompt)
+
+    def encode_chat_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokside.encode_chat_messages(messages, add_generation_prompt)
+
+    def token_info(self) -> str:
+        return self.tokside.token_info()
+
+    def generation_config(self, params: dict, max_new_tokens: int | None) -> str:
+        info = json.loads(self.tokside.token_info())
+        info.update({"stop_ids": self.tokside.stop_ids(), "max_new_tokens": max_new_tokens,
+                     "sampler": None,
+                     "generator": "llama.cpp llama_sampler_init_dist(seed) (not driven in lockstep)"})
+        return json.dumps(info)
+
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         ids = [int(x) for x in token_ids]
         if len(ids) + max_new_tokens > self.n_ctx:
@@ -501,3 +586,12 @@ class LlamaCppReference:
 
 def load(model: str, **options) -> LlamaCppReference:
     return LlamaCppReference(model, **options)
+
+
+def load_tokenizer(model: str, **options) -> LlamaCppTokenizerSide:
+    """Only llama.cpp's vocabulary (vocab_only=True: no weights), for tokcheck."""
+    p = Path(model)
+    if not p.is_file():
+        raise ValueError(f"llama.cpp needs a .gguf file, got: {model}")
+    llm = llama_cpp.Llama(model_path=str(p), vocab_only=True, verbose=False)
+    return LlamaCppTokenizerSide(llm, dict(llm.metadata), str(p))

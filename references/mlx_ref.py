@@ -44,6 +44,7 @@ from transformers import AutoTokenizer
 
 from protocol import (LAYER_SITES, QK_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, hf_encode_chat,
                       hf_encode_prompt, site_names)
+from sampling import HfSideMixin, HfTokenizerSide, MlxSampling
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -365,7 +366,7 @@ def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
 
 # -- the reference -----------------------------------------------------------------------------
 
-class MlxReference:
+class MlxReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None):
         if dtype != "float32":
             raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
@@ -385,6 +386,8 @@ class MlxReference:
             notes.append("tokenizer: transformers AutoTokenizer from the model directory")
         else:
             raise FileNotFoundError(f"{model}: no such model file or directory")
+        self.tokside = HfTokenizerSide(self.tok, "transformers AutoTokenizer" + (" from the GGUF" if self.gguf else ""))
+        self.sampling = MlxSampling()
         if threads:
             notes.append(f"threads={threads} ignored: MLX's CPU backend chooses its own threading")
         notes.append(f"device: {mx.default_device()}")
@@ -490,5 +493,31 @@ class MlxReference:
         return new
 
 
+    def stop_ids(self) -> list[int]:
+        """mlx-lm's stop set: its TokenizerWrapper's eos_token_ids (config.json's eos_token_id
+        plus the tokenizer's EOS, as mlx_lm.utils.load builds it)."""
+        return sorted(_mlx_stop_ids(self.tok, Path(self.model_path)))
+
+
+def _mlx_stop_ids(tok, p: Path) -> set[int]:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    eos = None
+    if p.is_dir() and (p / "config.json").is_file():
+        eos = json.loads((p / "config.json").read_text()).get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else eos
+    return {int(x) for x in TokenizerWrapper(tok, eos_token_ids=eos).eos_token_ids}
+
+
 def load(model: str, dtype: str = "float32", **options) -> MlxReference:
     return MlxReference(model, dtype=dtype, **options)
+
+
+def load_tokenizer(model: str, **options) -> HfTokenizerSide:
+    """Only the tokenizer and chat template, as this reference loads them (for tokcheck):
+    transformers' AutoTokenizer (mlx-lm wraps the same one; for a GGUF it has none)."""
+    p = Path(model)
+    if p.is_file():
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    return HfTokenizerSide(tok, "transformers AutoTokenizer" + (" from the GGUF" if p.is_file() else ""))

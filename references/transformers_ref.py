@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama import modeling_llama
 
 from protocol import LAYER_SITES, contiguous, hf_encode_chat, hf_encode_prompt, site_names
+from sampling import HfSideMixin, HfTokenizerSide, TransformersSampling
 
 # Progress bars and load-time advice go to a terminal the harness owns; keep them out.
 transformers.utils.logging.disable_progress_bar()
@@ -64,7 +65,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return contiguous(t.contiguous().numpy(), np.float64 if t.dtype == torch.float64 else np.float32)
 
 
-class TransformersReference:
+class TransformersReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
                  attn_implementation: str = "eager"):
         if threads:
@@ -80,6 +81,9 @@ class TransformersReference:
             src, extra = str(p), {}
         self.tok = AutoTokenizer.from_pretrained(src, **extra)
         self.model = AutoModelForCausalLM.from_pretrained(src, **kwargs, **extra).eval()
+        # Sampling and generation config as this model's generate() resolves them.
+        self.tokside = HfTokenizerSide(self.tok, "AutoTokenizer" + (" from the GGUF" if extra else ""))
+        self.sampling = TransformersSampling(self.model)
         self.attn_implementation = attn_implementation
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
@@ -194,3 +198,12 @@ class TransformersReference:
 
 def load(model: str, **options) -> TransformersReference:
     return TransformersReference(model, **options)
+
+
+def load_tokenizer(model: str, **options) -> HfTokenizerSide:
+    """Only the tokenizer and chat template, as this reference loads them (for tokcheck)."""
+    p = Path(model)
+    src, extra = (str(p.parent), dict(gguf_file=p.name)) if p.is_file() else (str(p), {})
+    side = HfTokenizerSide(AutoTokenizer.from_pretrained(src, **extra),
+                           "AutoTokenizer" + (" from the GGUF" if extra else ""))
+    return side

@@ -1,4 +1,4 @@
-//! Greedy generation on the engine alone: prefill the prompt, then feed one token per
+//! Generation on the engine alone (greedy, or with a [`crate::sample::Sampler`]): prefill the prompt, then feed one token per
 //! step through the same [`Llama::forward`], carrying the [`KvCache`].
 
 use candle_core::{DType, IndexOp, Tensor};
@@ -28,6 +28,34 @@ pub fn generate_greedy(model: &Llama, prompt: &[u32], max_new: usize, stop: &[u3
         let last = logits.i(logits.dim(0)? - 1)?;
         let next = argmax(&last)?;
         out.push(next);
+        if stop.contains(&next) {
+            break;
+        }
+        feed = vec![next];
+    }
+    Ok(out)
+}
+
+/// Generates up to `max_new` tokens after `prompt` with `sampler` (greedy or seeded
+/// sampling, see [`crate::sample`]); stops after an id in `stop`. The repetition penalty
+/// sees the prompt and everything generated, as transformers' and mlx-lm's do.
+pub fn generate_sampled(
+    model: &Llama,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampler: &mut crate::sample::Sampler,
+) -> Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut out = Vec::with_capacity(max_new);
+    let mut seq = prompt.to_vec();
+    let mut feed = prompt.to_vec();
+    for _ in 0..max_new {
+        let logits = model.forward(&feed, &mut cache, None)?;
+        let last: Vec<f32> = logits.i(logits.dim(0)? - 1)?.to_dtype(DType::F32)?.to_vec1()?;
+        let (next, _) = sampler.next(&last, &seq)?;
+        out.push(next);
+        seq.push(next);
         if stop.contains(&next) {
             break;
         }

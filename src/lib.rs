@@ -4,7 +4,7 @@
 //! ([`config`]), weights from Hugging Face directories and GGUF files ([`weights`]),
 //! the explicit KV cache ([`cache`]), the forward pass with its observation taps
 //! ([`llama`], [`taps`]), the Q/K layout transforms ([`layout`]), the tokenizer and chat
-//! template ([`tokenizer`]), greedy generation ([`generate`]) and model loading as one
+//! template ([`tokenizer`]), samplers ([`sample`]), generation ([`generate`]) and model loading as one
 //! call ([`loader`]). It never imports the harness: the harness drives it through this
 //! public API.
 
@@ -17,6 +17,7 @@ pub mod layout;
 pub mod llama;
 pub mod loader;
 pub mod quant;
+pub mod sample;
 pub mod taps;
 pub mod threads;
 pub mod tokenizer;
@@ -30,5 +31,6 @@ pub use layout::QkLayout;
 pub use llama::Llama;
 pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};
 pub use quant::{Linear, WeightsMode};
+pub use sample::{Order, SamplerConfig, Sampler};
 pub use taps::Capture;
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -26,6 +26,10 @@ impl ChatMessage {
     pub fn user(content: impl Into<String>) -> Self {
         Self { role: "user".into(), content: content.into() }
     }
+
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
 }
 
 pub struct Tokenizer {
@@ -35,6 +39,9 @@ pub struct Tokenizer {
     pub eos_token: Option<String>,
     /// Where the tokenizer came from, for messages.
     pub source: String,
+    /// How it was built (tokenizer.json, or the GGUF's `tokenizer.ggml.pre` and the
+    /// pre-tokenizer chosen for it), for reports.
+    pub description: String,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> EngineError {
@@ -51,6 +58,17 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
+    /// The tokenizer of a model (a Hugging Face directory or a GGUF file) without its weights.
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
+        if !path.exists() {
+            return Err(EngineError::io(path, "no such file or directory"));
+        }
+        Self::from_gguf(&GgufFile::open(path)?)
+    }
+
     /// Loads `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (if any)
     /// from a Hugging Face directory.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
@@ -84,7 +102,14 @@ impl Tokenizer {
         if jinja.is_file() {
             chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
         }
-        Ok(Self { inner, chat_template, bos_token, eos_token, source: dir.display().to_string() })
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            source: dir.display().to_string(),
+            description: "tokenizer.json".into(),
+        })
     }
 
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
@@ -141,6 +166,10 @@ impl Tokenizer {
             }),
             _ => byte_level.clone(),
         };
+        let description = format!(
+            "GGUF tokenizer.ggml.pre={pre}: {} pre-tokenizer",
+            if pre_tokenizer.get("type") == Some(&json!("Sequence")) { "Digits(individual) + ByteLevel" } else { "ByteLevel" }
+        );
         let post_processor = match (add_bos, bos_id) {
             (true, Some(b)) => {
                 let bos = tokens.get(b as usize).cloned().unwrap_or_default();
@@ -174,6 +203,7 @@ impl Tokenizer {
             bos_token: name(bos_id),
             eos_token: name(eos_id),
             source: g.path.display().to_string(),
+            description,
         })
     }
 
@@ -223,6 +253,33 @@ impl Tokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Whether `encode(text, true)` puts a BOS in front (`add_bos_token`), probed on "a".
+    pub fn adds_bos(&self) -> Result<bool> {
+        let (with, bare) = (self.encode("a", true)?, self.encode("a", false)?);
+        Ok(with.len() > bare.len() && self.bos_id().is_some_and(|b| with.first() == Some(&b)))
+    }
+
+    /// Whether `encode(text, true)` appends an EOS (`add_eos_token`), probed on "a".
+    pub fn adds_eos(&self) -> Result<bool> {
+        let (with, bare) = (self.encode("a", true)?, self.encode("a", false)?);
+        Ok(with.len() > bare.len() && self.eos_id().is_some_and(|e| with.last() == Some(&e)))
+    }
+
+    /// Token ids of a conversation rendered by the chat template, encoded without extra
+    /// special tokens.
+    pub fn encode_messages(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode(&text, false)
     }
 
     /// Token ids of a one-turn chat, rendered then encoded without extra special tokens

@@ -204,6 +204,8 @@ pub fn check_catalog(
         weights,
         faults: Faults::none(),
         bisect: true,
+        sampler: None,
+        strict_config: false,
     };
     let show = |r: &BisectReport| match &r.diagnosis {
         Some(d) => format!(

@@ -45,6 +45,10 @@ pub struct RunOptions {
     /// Bisect mode: stop at the first failing step and keep the reference's tensors of the
     /// suspect layer at that step (`crate::bisect`); no free-running generate check.
     pub bisect: bool,
+    /// The engine's sampler (`--sampler`); `None`: greedy, without sampler parity.
+    pub sampler: Option<lockstep_engine::SamplerConfig>,
+    /// Any difference in the generation-config table stops the run before step 0.
+    pub strict_config: bool,
 }
 
 /// The reference tensors bisect keeps from the first failing step: the localized site's
@@ -128,6 +132,9 @@ pub struct StepRecord {
     pub engine_seconds: f64,
     pub references: Vec<RefStep>,
     pub pairs: Vec<PairStep>,
+    /// Sampler parity per reference that has a sampler (with `--sampler`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sampler: Vec<crate::sampler_parity::SamplerCheck>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -149,6 +156,15 @@ pub struct PromptCheck {
     /// Each reference's own encoding of the prompt.
     pub reference_ids: Vec<(String, Vec<u32>)>,
     pub ids_match: bool,
+    /// Chat prompts: the engine's rendered template text, and per reference where its
+    /// rendering differs (None: identical).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_rendered: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rendered_diff: Vec<(String, Option<crate::tokcheck::TextDiff>)>,
+    /// When the ids differ: the pieces of every side's ids (engine first), for the report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,6 +262,22 @@ pub struct RunResult {
     pub summary: RunSummary,
     pub engine: EngineInfo,
     pub num_layers: usize,
+    /// The generation-config table (computed before step 0).
+    pub config: crate::genconfig::GenConfig,
+    /// The run stopped before step 0 (prompt tokens or, with --strict-config, the config differ).
+    pub stopped_before_step0: Option<String>,
+    /// The engine's sampler, and the references without sampler parity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SamplerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplerInfo {
+    pub engine: String,
+    pub compared: Vec<String>,
+    pub not_compared: Vec<String>,
+    /// Over the run, per compared reference: (name, max TV, steps with equal kept sets, steps).
+    pub summary: Vec<(String, f64, usize, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -330,7 +362,39 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
     let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
     let mut kept: Option<KeptStep> = None;
-    let prompt = PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match };
+    let (engine_rendered, rendered_diff) = crate::sampler_parity::rendered_prompts(engine, refs, &opts.prompt)?;
+    let piece = |ids: &[u32]| ids.iter().map(|&i| engine.tokenizer.id_to_token(i).unwrap_or_else(|| "?".into())).collect();
+    let pieces = if ids_match {
+        vec![]
+    } else {
+        std::iter::once(("engine".to_string(), piece(&engine_ids)))
+            .chain(reference_ids.iter().map(|(n, ids)| (n.clone(), piece(ids))))
+            .collect()
+    };
+    let prompt =
+        PromptCheck { mode: mode_name, text, engine_ids, reference_ids, ids_match, engine_rendered, rendered_diff, pieces };
+
+    // --- the generation config of every side; stop before step 0 on a prompt mismatch ---
+    let sampler_cfg = opts.sampler.clone().unwrap_or_default();
+    let config = crate::genconfig::collect(engine, refs, matches!(opts.prompt, Prompt::Chat(_)), opts.steps.max(1), &sampler_cfg)?;
+    let stop_reason = if !prompt.ids_match {
+        Some("the prompt's token ids differ between the engine and a reference".to_string())
+    } else if opts.strict_config && !config.differences().is_empty() {
+        Some(format!(
+            "--strict-config: the generation config differs ({})",
+            config.differences().iter().map(|r| r.name).collect::<Vec<_>>().join(", ")
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = stop_reason {
+        return Ok(stopped_before_step0(opts, engine, prompt, config, reason));
+    }
+    let mut sampler = opts.sampler.clone().map(lockstep_engine::Sampler::new);
+    let (ref_samplers, no_sampler) = match &opts.sampler {
+        Some(c) => crate::sampler_parity::setup(refs, c, &config.declared)?,
+        None => (vec![], vec![]),
+    };
 
     // --- which sites each reference has ---
     let engine_sites = model.site_names();
@@ -388,7 +452,18 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             .find(|e| e.site == "logits")
             .ok_or_else(|| HarnessError::Mismatch("the engine captured no logits".into()))?
             .data;
-        let engine_token = lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?;
+        // The engine's choice: greedy, or its sampler; with a sampler, every reference's own
+        // sampling code runs on the same logits (sampler parity).
+        let (engine_token, sampler_checks) = match sampler.as_mut() {
+            None => (lockstep_engine::generate::argmax(&logits.i(n_pos - 1)?)?, vec![]),
+            Some(smp) => {
+                let last: Vec<f32> = logits.i(n_pos - 1)?.to_dtype(DType::F32)?.to_vec1()?;
+                let mut seq = prompt.engine_ids.clone();
+                seq.extend(&generated);
+                let (tok, _) = smp.next(&last, &seq)?;
+                (tok, crate::sampler_parity::check_step(refs, &ref_samplers, &last, &seq)?)
+            }
+        };
 
         // --- references ---
         let mut outputs: Vec<(StepOutput, f64)> = Vec::with_capacity(refs.len());
@@ -569,7 +644,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         })?;
         drop(outputs);
 
-        let verdict = ref_steps.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Pass);
+        let verdict = ref_steps.iter().map(|r| r.verdict).chain(sampler_checks.iter().map(|c| c.verdict)).max().unwrap_or(Verdict::Pass);
         steps.push(StepRecord {
             step,
             fed: feed.clone(),
@@ -579,6 +654,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             engine_seconds,
             references: ref_steps,
             pairs,
+            sampler: sampler_checks,
         });
         generated.push(engine_token);
         if kept_now.is_some() {
@@ -593,7 +669,10 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
 
     // --- each reference's own greedy loop, on the engine's prompt ---
     let mut generate = vec![];
-    for (i, r) in refs.iter().enumerate().filter(|_| !opts.bisect) {
+    // A sampled run cannot be compared token by token with a reference's own loop (another
+    // generator); its sampler was compared step by step instead.
+    let plain_greedy = opts.sampler.as_ref().is_none_or(|c| c.greedy() && c.rep_penalty == 1.0);
+    for (i, r) in refs.iter().enumerate().filter(|_| plain_greedy && !opts.bisect) {
         let toks = r.generate_greedy(&prompt.engine_ids, opts.steps.max(1), &stop)?;
         let first_mismatch = generated
             .iter()
@@ -629,6 +708,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let mut summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
     let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
     let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
+    let sampler_info = opts.sampler.as_ref().map(|c| crate::sampler_parity::info(c, refs, &ref_samplers, &no_sampler, &steps));
     Ok(RunResult {
         kept,
         verdict_pass: first_divergence.is_none(),
@@ -652,6 +732,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             transforms: layout.transform_name().into_iter().collect(),
         },
         num_layers: cfg.num_layers,
+        sampler: sampler_info,
+        config,
+        stopped_before_step0: None,
     })
 }
 
@@ -743,6 +826,23 @@ fn find_first_divergence(
                     rs.logits.reference_margin
                 ),
                 likely_cause: None,
+            });
+        }
+        if let Some(c) = s.sampler.iter().find(|c| c.verdict == Verdict::Fail) {
+            return Some(Divergence {
+                step: s.step,
+                layer: None,
+                site: "sampler".into(),
+                reference: c.reference.clone(),
+                detail: format!(
+                    "TV {:.3e}, kept {} vs {} tokens ({}){}",
+                    c.tv,
+                    c.kept_engine,
+                    c.kept_reference,
+                    c.order,
+                    c.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default()
+                ),
+                likely_cause: Some("the sampler differs: a filter's threshold or order, the temperature, or the penalty".into()),
             });
         }
     }
@@ -952,5 +1052,68 @@ fn summarize(
         references,
         pairs,
         oracle,
+    }
+}
+
+/// The result of a run stopped before step 0: nothing was fed to any model.
+fn stopped_before_step0(
+    opts: &RunOptions,
+    engine: &LoadedModel,
+    prompt: PromptCheck,
+    config: crate::genconfig::GenConfig,
+    reason: String,
+) -> RunResult {
+    let first_divergence = find_first_divergence(&prompt, &[], &[], &[]).or_else(|| {
+        let d = config.differences();
+        Some(Divergence {
+            step: 0,
+            layer: None,
+            site: "config".into(),
+            reference: String::new(),
+            detail: format!(
+                "the generation config differs: {}",
+                d.iter()
+                    .map(|r| format!("{} (engine {}, references {})", r.name, r.engine, r.references.join(" / ")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            likely_cause: Some("the sides were not set up alike (--strict-config)".into()),
+        })
+    });
+    let model = &engine.model;
+    RunResult {
+        kept: None,
+        verdict_pass: false,
+        first_divergence,
+        prompt,
+        steps: vec![],
+        engine_tokens: vec![],
+        engine_text: String::new(),
+        generate: vec![],
+        summary: RunSummary {
+            steps: 0,
+            steps_requested: opts.steps.max(1),
+            stopped_at_eos: false,
+            engine_seconds: 0.0,
+            references: vec![],
+            pairs: vec![],
+            oracle: vec![],
+        },
+        engine: EngineInfo {
+            weights: engine.origin.name(),
+            weights_mode: engine.weights.name(),
+            matrix_types: model.weights.matrix_types(),
+            faults: model.faults.describe(),
+            dtype: opts.precision,
+            qk_layout: match model.qk_layout {
+                QkLayout::HalfSplit => "half-split",
+                QkLayout::Interleaved => "interleaved",
+            },
+            transforms: model.qk_layout.transform_name().into_iter().collect(),
+        },
+        num_layers: model.cfg.num_layers,
+        config,
+        stopped_before_step0: Some(reason),
+        sampler: None,
     }
 }

@@ -12,20 +12,26 @@
 //!   summarize the sites a trace does not keep in full
 //! - [`manifest`], [`parity`]: the golden cases of `snapshots/traces/manifest.toml`, their
 //!   replay and the parity summary that `cargo test` snapshots with insta
+//! - [`sampler_parity`], [`genconfig`], [`tokcheck`]: the sampler, the generation config
+//!   and the tokenizer/chat template of each side
 
 pub mod bench;
 pub mod bisect;
 pub mod compare;
 pub mod driver;
 pub mod error;
+pub mod genconfig;
 pub mod manifest;
 pub mod models;
 pub mod parity;
+pub mod pycall;
 pub mod python;
 pub mod quantcheck;
 pub mod record;
 pub mod report;
+pub mod sampler_parity;
 pub mod sketch;
+pub mod tokcheck;
 pub mod tolerance;
 pub mod trace;
 

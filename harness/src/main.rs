@@ -83,6 +83,14 @@ enum Cmd {
         /// default for GGUF) or `dequant` (f32).
         #[arg(long, value_enum)]
         weights: Option<WeightsArg>,
+        /// Sample instead of greedy, e.g. temp=0.8,top_p=0.95,top_k=40,min_p=0.05,rep_penalty=1.1,seed=0
+        /// (also order=transformers|mlx|STAGE>STAGE..., rep_window=N|all). Each reference's own
+        /// sampler is compared with the engine's at every step.
+        #[arg(long)]
+        sampler: Option<String>,
+        /// Fail (exit 1, before step 0) when any setting of the generation-config table differs.
+        #[arg(long)]
+        strict_config: bool,
         /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
         #[arg(long)]
         inject: Option<String>,
@@ -201,6 +209,25 @@ enum Cmd {
         /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
         #[arg(long)]
         inject: Option<String>,
+        /// Sample instead of greedy (same syntax as `run --sampler`); seeded, reproducible.
+        #[arg(long)]
+        sampler: Option<String>,
+    },
+    /// Compare the engine's tokenizer, special tokens and chat template with the references'
+    /// on a built-in corpus of hard strings (and --corpus FILE); exit 1 on a mismatch.
+    Tokcheck {
+        /// Model: a Hugging Face directory, a .gguf file, or an alias.
+        #[arg(long)]
+        model: String,
+        /// References, comma-separated: transformers, mlx, llamacpp.
+        #[arg(long, default_value = "transformers")]
+        reference: String,
+        /// More strings: a .json array of strings, or one string per line (\\n, \\t escapes).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// Write the result as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Prefill and decode speed of the engine, llama.cpp and transformers, side by side.
     Bench {
@@ -267,10 +294,11 @@ fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessErr
 
 fn real_main(cli: Cli) -> Result<u8, HarnessError> {
     match cli.cmd {
-        Cmd::Run { model, reference, prompt, steps, json, f64, weights, inject } => {
+        Cmd::Run { model, reference, prompt, steps, json, f64, weights, inject, sampler, strict_config } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
+            let sampler = parse_sampler(sampler.as_deref())?;
             // Check the cheap things (reference name, model path) before loading anything.
             let specs = RefSpec::parse_list(&reference)?;
             let path = models::resolve(&model)?;
@@ -284,6 +312,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 weights: weights.map(WeightsArg::mode),
                 faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
                 bisect: false,
+                sampler,
+                strict_config,
             };
             let mut opts = opts;
             let engine = driver::load_engine(&opts)?;
@@ -401,7 +431,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if r.result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Generate { model, prompt, n, f64, weights, inject } => {
+        Cmd::Generate { model, prompt, n, f64, weights, inject, sampler } => {
+            let sampler = parse_sampler(sampler.as_deref())?;
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
             let opts = RunOptions {
@@ -413,10 +444,18 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 weights: weights.map(WeightsArg::mode),
                 faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
                 bisect: false,
+                sampler: sampler.clone(),
+                strict_config: false,
             };
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
-            let out = lockstep_engine::generate::generate_greedy(&m.model, &ids, n, &m.stop_ids())?;
+            let out = match sampler {
+                None => lockstep_engine::generate::generate_greedy(&m.model, &ids, n, &m.stop_ids())?,
+                Some(c) => {
+                    let mut s = lockstep_engine::Sampler::new(c);
+                    lockstep_engine::generate::generate_sampled(&m.model, &ids, n, &m.stop_ids(), &mut s)?
+                }
+            };
             let text = m.tokenizer.decode(&out, true)?;
             println!("{text}");
             Ok(0)
@@ -490,6 +529,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 weights: weights.map(WeightsArg::mode),
                 faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
                 bisect: true,
+                sampler: None,
+                strict_config: false,
             };
             let engine = driver::load_engine(&opts)?;
             let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
@@ -530,6 +571,25 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if results.iter().all(|r| r.ok) { 0 } else { 1 })
         }
+        Cmd::Tokcheck { model, reference, corpus, json } => {
+            use lockstep::tokcheck;
+            let specs = RefSpec::parse_list(&reference)?;
+            let path = models::resolve(&model)?;
+            let mut strings: Vec<(String, String)> = tokcheck::CORPUS.iter().map(|(l, t)| (l.to_string(), t.to_string())).collect();
+            if let Some(f) = &corpus {
+                strings.extend(tokcheck::read_corpus(f)?);
+            }
+            let tok = lockstep_engine::Tokenizer::load(&path)?;
+            let (sides, notes) = tokcheck::load_sides(&specs, &path)?;
+            let r = tokcheck::run(&path, &tok, &sides, notes, &strings)?;
+            print!("{}", tokcheck::render(&r));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&r).map_err(|e| HarnessError::Usage(e.to_string()))?;
+                std::fs::write(&j, text + "\n")
+                    .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
+            }
+            Ok(if r.pass { 0 } else { 1 })
+        }
         Cmd::Models => {
             for (a, what) in models::ALIASES {
                 println!("{a:<10} {what}");
@@ -537,4 +597,9 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             Ok(0)
         }
     }
+}
+
+fn parse_sampler(spec: Option<&str>) -> Result<Option<lockstep_engine::SamplerConfig>, HarnessError> {
+    spec.map(|s| lockstep_engine::SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string().trim_start_matches("input: ").to_string())))
+        .transpose()
 }

@@ -116,6 +116,8 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         weights: first.weights_mode()?,
         bisect: false,
         faults: Default::default(),
+        sampler: None,
+        strict_config: false,
     };
     let engine = driver::load_engine(&opts)?;
     let refs = specs.iter().map(|s| Reference::load(s, &model)).collect::<Result<Vec<_>, _>>()?;

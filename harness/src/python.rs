@@ -234,6 +234,21 @@ impl Reference {
         keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
+    /// The Python object of a live reference (`None` for a trace), for the optional
+    /// methods other modules call (generation config, sampler parity, chat rendering).
+    pub fn object(&self) -> Option<&Py<PyAny>> {
+        match &self.backend {
+            Backend::Python(p) => Some(p.object()),
+            Backend::Record(r) => Some(r.live().object()),
+            Backend::Trace(_) => None,
+        }
+    }
+
+    /// Whether a live reference has the optional method `name` (a trace has none).
+    pub fn has_method(&self, name: &str) -> bool {
+        self.object().is_some_and(|o| crate::pycall::has_method(o, name))
+    }
+
     /// The replay behind a `trace:NAME` reference.
     pub fn replay(&self) -> Option<&crate::trace::Replay> {
         match &self.backend {
@@ -322,6 +337,11 @@ impl PyReference {
             };
             Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })
+    }
+
+    /// The Python object, for the calls of other modules (tokcheck, sampler parity).
+    pub fn object(&self) -> &Py<PyAny> {
+        &self.obj
     }
 
     pub fn reset(&self) -> Result<(), HarnessError> {

@@ -125,6 +125,11 @@ fn new_rows(before: &(Vec<usize>, Stored), now_shape: &[usize], now: &Stored) ->
 }
 
 impl Recorder {
+    /// The live reference being recorded.
+    pub fn live(&self) -> &PyReference {
+        &self.live
+    }
+
     pub fn reset(&self) -> Result<(), HarnessError> {
         self.live.reset()?;
         let mut st = self.state.borrow_mut();
@@ -326,6 +331,8 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         weights: req.weights,
         bisect: false,
         faults: Default::default(),
+        sampler: None,
+        strict_config: false,
     };
     let engine = driver::load_engine(&opts)?;
     let refs = req

@@ -260,6 +260,11 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             }
         );
     }
+    o.push_str(&crate::sampler_parity::render_prelude(r));
+    if r.stopped_before_step0.is_some() {
+        o.push_str(&crate::sampler_parity::render_stopped(r));
+        return o;
+    }
     let _ = writeln!(o);
     let lw = r.num_layers.max(6);
     let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
@@ -300,6 +305,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     if s.stopped_at_eos && s.steps < s.steps_requested {
         let _ = writeln!(o, "(the engine chose an end-of-sequence token: stopped after {} of {} steps)", s.steps, s.steps_requested);
     }
+    o.push_str(&crate::sampler_parity::render_steps(r));
     let _ = writeln!(
         o,
         "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared.\n\

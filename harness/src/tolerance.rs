@@ -403,3 +403,21 @@ mod tests {
         assert_eq!(SiteKind::of("embed"), SiteKind::Activation);
     }
 }
+
+// --- sampler parity (sampler_parity.rs) ------------------------------------------------------
+
+/// Largest total-variation distance between the engine's processed distribution (f64 from
+/// the f32 logits) and a reference's (its own float32 code on the same logits) that passes
+/// when both keep the same tokens. The references' float32 softmax alone puts them ~1e-7
+/// apart (measured on SmolLM2: see README, "Sampling"); 1e-5 leaves two orders of margin and
+/// still fails any real change (temperature 0.8 vs 0.7 moves TV by ~1e-2).
+pub const SAMPLER_TV_PASS: f64 = 1e-5;
+
+/// A kept-set difference is `drift`, not `fail`, when every token kept by one side only
+/// was within float32 rounding of its filter's threshold on the engine side
+/// (`lockstep_engine::sample::Boundary`: top-p decisions within the float32 summation bound
+/// of the mass before the token, top-k/min-p within 1e-5 of the threshold) and the mass
+/// they carry is small. Measured: mlx-lm's `apply_top_p` sums the nucleus in float32 and
+/// drops the last 1-5 boundary tokens of large nuclei (SmolLM2, temp 0.8, top_p 0.95: TV up
+/// to 4e-5); a real threshold error moves whole tokens of mass 1e-3 and more.
+pub const SAMPLER_TV_BOUNDARY: f64 = 1e-3;
