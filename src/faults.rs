@@ -19,6 +19,7 @@ pub enum Fault {
     MissingBos,
     RawPrompt,
     Q41Min,
+    SamplerTemperature,
 }
 
 /// One catalog entry: what the fault reproduces and where it must be localized.
@@ -175,6 +176,17 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "q",
         diagnosis: "dequantization",
         needs: "a Q4_1 file",
+    },
+    FaultInfo {
+        fault: Fault::SamplerTemperature,
+        name: "sampler-temperature",
+        bug: "the sampler applies the temperature inverted: logits x t instead of / t (t=0.8 samples as if at 1.25)",
+        code_path: "sample::process: the temperature stage multiplies by the temperature",
+        step: 0,
+        layer: Layer::None,
+        site: "sampler",
+        diagnosis: "sampler-mismatch",
+        needs: "--sampler with a temperature other than 0 and 1 (faults --check uses temp=0.8,top_p=0.95,seed=0)",
     },
 ];
 

@@ -166,6 +166,11 @@ pub struct SamplerConfig {
     /// Whether a seed was given (for the generation-config table).
     pub seed_given: bool,
     pub order: Order,
+    /// The `sampler-temperature` fault (`crate::faults`): the logits are multiplied by the
+    /// temperature instead of divided. Never set by parsing; not part of any reference's
+    /// configuration.
+    #[serde(skip)]
+    pub invert_temperature: bool,
 }
 
 impl Default for SamplerConfig {
@@ -179,6 +184,7 @@ impl Default for SamplerConfig {
             seed: 0,
             seed_given: false,
             order: Order::transformers(),
+            invert_temperature: false,
         }
     }
 }
@@ -509,7 +515,8 @@ pub fn process(logits: &[f32], prev: &[u32], cfg: &SamplerConfig) -> Result<Proc
                 continue;
             }
             Stage::Temperature => {
-                temperature(&mut s, cfg.temperature);
+                let t = if cfg.invert_temperature { 1.0 / cfg.temperature } else { cfg.temperature };
+                temperature(&mut s, t);
                 continue;
             }
             Stage::TopK => top_k(&mut s, cfg.top_k),

@@ -139,6 +139,8 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
     }
     if d_is_tokens(&run) {
         rep.diagnosis = Some(diagnose_tokens(&run, engine));
+    } else if run.first_divergence.as_ref().is_some_and(|d| d.site == "sampler") {
+        rep.diagnosis = Some(diagnose_sampler(&run));
     } else if let Some(k) = &run.kept {
         let st = run.steps.last().expect("a kept step was run");
         let rs = &st.references[k.reference];
@@ -172,6 +174,10 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
     rep.seconds = t0.elapsed().as_secs_f64();
     Ok((rep, run))
 }
+
+/// The sampler `faults --check` runs the sampler faults with (the fault needs a
+/// temperature other than 0 and 1).
+pub const CHECK_SAMPLER: &str = "temp=0.8,top_p=0.95,seed=0";
 
 /// One row of `lockstep faults --check`.
 #[derive(Debug, Clone, Serialize)]
@@ -239,6 +245,9 @@ pub fn check_catalog(
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
             Fault::GqaMapping if engine.model.cfg.num_kv_heads == engine.model.cfg.num_heads => Some("no grouped-query attention"),
+            Fault::SamplerTemperature if !refs.iter().any(crate::sampler_parity::supports) => {
+                Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
+            }
             _ => None,
         };
         let expected = format!(
@@ -259,6 +268,9 @@ pub fn check_catalog(
         }
         let mut o = base.clone();
         o.faults = Faults::parse(info.name)?;
+        if info.fault == Fault::SamplerTemperature {
+            o.sampler = Some(lockstep_engine::SamplerConfig::parse(CHECK_SAMPLER)?);
+        }
         let eng = driver::load_engine(&o)?;
         let (rep, _) = bisect(&o, &eng, refs, 256)?;
         let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, quant_embed);
@@ -389,6 +401,36 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
     let at = e.iter().zip(r).position(|(a, b)| a != b).unwrap_or(e.len().min(r.len()));
     ev.push(format!("first difference at position {at}"));
     diag("token-mismatch", "tokenizer or chat template differs (see tokcheck)", ev)
+}
+
+/// The forward pass matched and a reference's own sampler, on the engine's logits, kept
+/// other tokens or other weights: the sampler's configuration or code differs.
+fn diagnose_sampler(run: &RunResult) -> Diagnosis {
+    let Some(st) = run.first_divergence.as_ref().and_then(|d| run.steps.iter().find(|s| s.step == d.step)) else {
+        return diag("sampler-mismatch", "the sampler differs", vec![]);
+    };
+    let mut ev = vec![format!("step {}: every compared site within its band; the processed distributions differ", st.step)];
+    for c in &st.sampler {
+        ev.push(format!(
+            "{}: TV {:.3e}, kept {} (engine) vs {} ({}), {} [{}]",
+            c.reference,
+            c.tv,
+            c.kept_engine,
+            c.kept_reference,
+            c.reference,
+            c.order,
+            c.verdict.as_str()
+        ));
+    }
+    let explained = st.sampler.iter().find_map(|c| c.explained.clone());
+    let title = match &explained {
+        Some(e) => format!("sampler mismatch: {}", e.split(" (reproduces").next().unwrap_or(e)),
+        None => "sampler mismatch: a filter's threshold or order, the temperature or the penalty differs".into(),
+    };
+    if let Some(e) = explained {
+        ev.push(e);
+    }
+    diag("sampler-mismatch", title, ev)
 }
 
 /// Per-row relative L2 of two `(rows, cols)` arrays.

@@ -390,8 +390,14 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     if let Some(reason) = stop_reason {
         return Ok(stopped_before_step0(opts, engine, prompt, config, reason));
     }
-    let mut sampler = opts.sampler.clone().map(lockstep_engine::Sampler::new);
-    let (ref_samplers, no_sampler) = match &opts.sampler {
+    // The engine's sampler; the sampler-temperature fault lives in its configuration only
+    // (each reference's sampler gets the parameters as given).
+    let engine_sampler_cfg = opts.sampler.clone().map(|mut c| {
+        c.invert_temperature = opts.faults.has(lockstep_engine::faults::Fault::SamplerTemperature);
+        c
+    });
+    let mut sampler = engine_sampler_cfg.clone().map(lockstep_engine::Sampler::new);
+    let (ref_samplers, no_sampler) = match &engine_sampler_cfg {
         Some(c) => crate::sampler_parity::setup(refs, c, &config.declared)?,
         None => (vec![], vec![]),
     };
@@ -657,7 +663,9 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             sampler: sampler_checks,
         });
         generated.push(engine_token);
-        if kept_now.is_some() {
+        // Bisect: a failing sampler step is the divergence (the forward pass passed).
+        let sampler_failed = sampler_checks_failed(&steps);
+        if kept_now.is_some() || (opts.bisect && sampler_failed) {
             kept = kept_now;
             break;
         }
@@ -736,6 +744,10 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         config,
         stopped_before_step0: None,
     })
+}
+
+fn sampler_checks_failed(steps: &[StepRecord]) -> bool {
+    steps.last().is_some_and(|s| s.sampler.iter().any(|c| c.verdict == Verdict::Fail))
 }
 
 fn shape_note(site: &str, e: &[usize], r: &[usize]) -> String {
@@ -842,7 +854,9 @@ fn find_first_divergence(
                     c.order,
                     c.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default()
                 ),
-                likely_cause: Some("the sampler differs: a filter's threshold or order, the temperature, or the penalty".into()),
+                likely_cause: Some(c.explained.clone().unwrap_or_else(|| {
+                    "the sampler differs: a filter's threshold or order, the temperature, or the penalty".into()
+                })),
             });
         }
     }

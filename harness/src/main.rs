@@ -119,6 +119,9 @@ enum Cmd {
         /// Reference tensors kept for isolation beyond this size are dropped (statistics stay).
         #[arg(long, default_value_t = 256)]
         max_capture_mb: usize,
+        /// Sample as `run --sampler` does; each reference's own sampler is compared at every step.
+        #[arg(long)]
+        sampler: Option<String>,
     },
     /// List the fault catalog; with --check, inject each fault and bisect it.
     Faults {
@@ -514,7 +517,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if c.count(|s| matches!(s, Status::Differs { .. })) > 0 { 1 } else { 0 })
         }
-        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb } => {
+        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb, sampler } => {
+            let sampler = parse_sampler(sampler.as_deref())?;
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -529,7 +533,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 weights: weights.map(WeightsArg::mode),
                 faults: Faults::parse(inject.as_deref().unwrap_or(""))?,
                 bisect: true,
-                sampler: None,
+                sampler,
                 strict_config: false,
             };
             let engine = driver::load_engine(&opts)?;

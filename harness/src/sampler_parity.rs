@@ -41,6 +41,10 @@ pub struct SamplerCheck {
     pub verdict: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// On a failure: a simple misconfiguration of the engine's sampler that reproduces the
+    /// engine's distribution exactly ([`explain`]), the evidence of bisect's diagnosis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explained: Option<String>,
 }
 
 /// The engine order that reproduces a reference's declared stage list (the stages it runs,
@@ -183,6 +187,7 @@ pub fn compare(reference: &str, engine: &sample::Processed, theirs: &[f64]) -> S
         tightest,
         verdict,
         note,
+        explained: None,
     }
 }
 
@@ -215,6 +220,35 @@ pub fn setup(refs: &[Reference], cfg: &SamplerConfig, declared: &[Option<(Vec<St
     Ok((out, without))
 }
 
+/// Which simple slip of the sampler's configuration reproduces the engine's processed
+/// distribution (TV <= [`SAMPLER_TV_PASS`], same kept set) from the same logits, when the
+/// references' own samplers disagree with it: the temperature inverted, not applied or
+/// applied twice, or the stages in another library's order. `None`: no hypothesis fits.
+pub fn explain(logits: &[f32], prev: &[u32], cfg: &SamplerConfig, engine: &sample::Processed) -> Result<Option<String>, HarnessError> {
+    let nominal = SamplerConfig { invert_temperature: false, ..cfg.clone() };
+    let t = nominal.temperature;
+    let mut hyps: Vec<(SamplerConfig, String)> = vec![];
+    if t > 0.0 && t != 1.0 {
+        let at = |x: f64| SamplerConfig { temperature: x, ..nominal.clone() };
+        hyps.push((at(1.0 / t), format!("the temperature is applied inverted: the engine samples as at temperature {:.4} = 1/{t} (logits x t instead of / t)", 1.0 / t)));
+        hyps.push((at(1.0), format!("the temperature is not applied: the engine samples as at temperature 1, not {t}")));
+        hyps.push((at(t * t), format!("the temperature is applied twice: the engine samples as at temperature {:.4} = {t}^2", t * t)));
+    }
+    for (name, order) in [("transformers", sample::Order::transformers()), ("mlx", sample::Order::mlx())] {
+        if order.stages != nominal.order.stages {
+            hyps.push((nominal.with_order(order), format!("the filters run in {name}'s order, not the reference's")));
+        }
+    }
+    for (h, why) in hyps {
+        let p = sample::process(logits, prev, &h)?;
+        let tv = 0.5 * p.probs.iter().zip(&engine.probs).map(|(a, b)| (a - b).abs()).sum::<f64>();
+        if tv <= SAMPLER_TV_PASS && p.kept == engine.kept {
+            return Ok(Some(format!("{why} (reproduces the engine's distribution: TV {tv:.1e})")));
+        }
+    }
+    Ok(None)
+}
+
 /// All checks of one step.
 pub fn check_step(
     refs: &[Reference],
@@ -227,7 +261,11 @@ pub fn check_step(
         let r = &refs[s.index];
         let engine = sample::process(logits, prev, &s.engine_cfg)?;
         let theirs = reference_distribution(r, logits, prev, &s.engine_cfg)?;
-        out.push(compare(&r.name, &engine, &theirs));
+        let mut c = compare(&r.name, &engine, &theirs);
+        if c.verdict == Verdict::Fail {
+            c.explained = explain(logits, prev, &s.engine_cfg, &engine)?;
+        }
+        out.push(c);
     }
     Ok(out)
 }

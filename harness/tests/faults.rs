@@ -12,9 +12,9 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 11] = [
+const ALL_FAULTS: [&str; 12] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
-    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min",
+    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "sampler-temperature",
 ];
 
 #[test]
@@ -25,7 +25,7 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
         assert!(out.lines().any(|l| l.starts_with(f)), "{f} missing:\n{out}");
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
-                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization"] {
+                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "sampler-mismatch"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);
@@ -59,22 +59,25 @@ fn check(model_args: &[&str], reference: &str, applicable: usize) -> Value {
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_the_tiny_fixture_against_transformers() {
-    check(&["tiny"], "transformers", 11); // q4_1-min needs a Q4_1 file
+    check(&["tiny"], "transformers", 12); // q4_1-min needs a Q4_1 file
 }
 
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_the_tiny_fixture_against_mlx() {
-    check(&["tiny"], "mlx", 11);
+    let v = check(&["tiny"], "mlx", 12);
+    let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "sampler-temperature").unwrap();
+    assert_eq!(t["found"], "step 0, sampler [sampler-mismatch]");
+    assert!(t["note"].as_str().unwrap().contains("temperature is applied inverted"), "{t}");
 }
 
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_the_tiny_gguf_and_q4_1_fixtures() {
     // Interleaved Q/K rows (GGUF order): the RoPE-convention evidence works in that layout.
-    check(&["tiny-gguf"], "transformers", 11);
+    check(&["tiny-gguf"], "transformers", 12);
     // Q4_1: the dequantization fault enters at the embedding (which is Q4_1 here).
-    let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 12);
+    let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 13);
     let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
     assert_eq!(q["found"], "step 0, embed [dequantization]");
 }
@@ -82,7 +85,7 @@ fn every_fault_on_the_tiny_gguf_and_q4_1_fixtures() {
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_smollm2_against_transformers() {
-    let v = check(&["smollm2", "--weights", "dequant"], "transformers", 12);
+    let v = check(&["smollm2", "--weights", "dequant"], "transformers", 13);
     let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
     assert_eq!(q["found"], "step 0, layer 0, q [dequantization]", "SmolLM2's embedding is Q8_0: Q4_1 starts at q");
 }
@@ -90,7 +93,7 @@ fn every_fault_on_smollm2_against_transformers() {
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_smollm2_against_mlx() {
-    check(&["smollm2", "--weights", "dequant"], "mlx", 12);
+    check(&["smollm2", "--weights", "dequant"], "mlx", 13);
 }
 
 /// `lockstep bisect` on a clean engine: nothing found, exit 0.
@@ -111,6 +114,8 @@ fn bisect_clean(model_args: &[&str], references: &str) {
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn no_false_alarm_on_any_fixture_or_reference() {
     bisect_clean(&["tiny"], "transformers,mlx");
+    // Sampled: each reference's own sampler on the engine's logits, at every step.
+    bisect_clean(&["tiny", "--sampler", "temp=0.8,top_p=0.95,seed=0"], "transformers,mlx");
     bisect_clean(&["tiny-gguf"], "transformers,mlx,llamacpp");
     for m in ["tiny-q4_0", "tiny-q4_1", "tiny-q8_0"] {
         bisect_clean(&[m], "transformers,mlx,llamacpp");
