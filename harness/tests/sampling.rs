@@ -112,30 +112,35 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn temperature_matches_transformers_and_mlx(l in logits_strategy(), t in 0.05f64..4.0) {
         check(Side::Transformers, &l, &[], &format!("temp={t}"))?;
         check(Side::Mlx, &l, &[], &format!("temp={t}"))?;
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn top_k_matches_transformers_and_mlx(l in logits_strategy(), k in prop::sample::select(vec![1usize, 5, 40]), t in 0.3f64..2.0) {
         check(Side::Transformers, &l, &[], &format!("temp={t},top_k={k}"))?;
         check(Side::Mlx, &l, &[], &format!("temp={t},top_k={k}"))?;
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn top_p_matches_transformers_and_mlx(l in logits_strategy(), p in one_of(&[0.1, 0.5, 0.9, 0.99]), t in 0.3f64..2.0) {
         check(Side::Transformers, &l, &[], &format!("temp={t},top_p={p}"))?;
         check(Side::Mlx, &l, &[], &format!("temp={t},top_p={p}"))?;
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn min_p_matches_transformers_and_mlx(l in logits_strategy(), m in one_of(&[0.001, 0.05, 0.3, 0.9]), t in 0.3f64..2.0) {
         check(Side::Transformers, &l, &[], &format!("temp={t},min_p={m}"))?;
         check(Side::Mlx, &l, &[], &format!("temp={t},min_p={m}"))?;
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn repetition_penalty_matches_transformers_and_mlx(
         (l, prev) in logits_strategy().prop_flat_map(|l| { let n = l.len(); (Just(l), prev_strategy(n)) }),
         r in 0.5f64..2.0, greedy in any::<bool>(),
@@ -146,6 +151,7 @@ proptest! {
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn the_whole_chain_matches_transformers_and_mlx(
         (l, prev) in logits_strategy().prop_flat_map(|l| { let n = l.len(); (Just(l), prev_strategy(n)) }),
         t in 0.3f64..2.0, r in 0.8f64..1.5,
@@ -157,6 +163,7 @@ proptest! {
     }
 
     #[test]
+    #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
     fn greedy_matches_transformers_and_mlx(l in logits_strategy()) {
         check(Side::Transformers, &l, &[], "")?;
         check(Side::Mlx, &l, &[], "")?;
@@ -166,6 +173,7 @@ proptest! {
 /// The comparison can fail: temperature before top-p (transformers) is another sampler than
 /// top-p before temperature (mlx-lm), and 0.7 is not 0.8 (incident 3).
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn another_order_or_temperature_is_a_sampler_failure() {
     let logits: Vec<f32> = (0..200).map(|i| ((i * 7919) % 97) as f32 / 12.0).collect();
     let cfg = SamplerConfig::parse("temp=0.5,top_p=0.9").unwrap();
@@ -211,6 +219,7 @@ fn assert_sampler_parity(report: &Value, refs: &[&str], out: &str) {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn smollm2_sampler_parity_passes_at_every_step_against_transformers_and_mlx() {
     let (code, out, err, report) = run_json(
         &["run", "--model", "smollm2", "--reference", "transformers,mlx", "--chat", "Write a haiku about rust.",
@@ -231,6 +240,7 @@ fn smollm2_sampler_parity_passes_at_every_step_against_transformers_and_mlx() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tiny_sampler_parity_with_every_filter_and_the_mlx_order() {
     for order in ["transformers", "mlx"] {
         let spec = format!("temp=0.7,top_k=40,top_p=0.9,min_p=0.02,rep_penalty=1.2,seed=5,order={order}");
@@ -250,6 +260,7 @@ fn tiny_sampler_parity_with_every_filter_and_the_mlx_order() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn seeded_sampling_is_reproducible() {
     let gen = |seed: &str| {
         let (code, out, err) = run(lockstep().args(["generate", "--model", "tiny", "--chat", "hello", "-n", "24", "--sampler"]).arg(format!("temp=1.0,top_k=50,seed={seed}")));
@@ -266,6 +277,7 @@ fn seeded_sampling_is_reproducible() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn strict_config_fails_before_step_0_on_any_difference() {
     let base = ["run", "--model", "tiny", "--chat", "hello", "--sampler", "temp=0.8,top_p=0.9,seed=0", "--steps", "3", "--strict-config"];
     // transformers' order is the engine's default: nothing differs.
@@ -316,6 +328,7 @@ def load_tokenizer(model, **kw):
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn a_reference_sampling_at_another_temperature_is_caught_at_step_0() {
     let refs = sabotaged(
         "temperature",
@@ -339,6 +352,7 @@ fn a_reference_sampling_at_another_temperature_is_caught_at_step_0() {
 // --- template and tokens before step 0 --------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn a_chat_template_changed_on_one_side_is_caught_before_step_0() {
     let refs = sabotaged(
         "template",
@@ -390,6 +404,7 @@ fn tokcheck(args: &[&str], env: &[(&str, &str)]) -> (i32, String, Value) {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tokcheck_tiny_agrees_with_transformers_and_mlx() {
     let corpus = tmp("corpus").join("extra.txt");
     std::fs::write(&corpus, "first line\nsecond\\twith a tab\\n\n\n").unwrap();
@@ -413,6 +428,7 @@ fn tokcheck_tiny_agrees_with_transformers_and_mlx() {
 /// and llama.cpp follow it; transformers' GGUF tokenizer (which mlx uses too) does not. That
 /// is reported as the references disagreeing, with the engine on llama.cpp's side.
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tokcheck_smollm2_reports_the_reference_side_digit_split_disagreement() {
     let (code, out, v) = tokcheck(&["--model", "smollm2", "--reference", "transformers,mlx"], &[]);
     assert_eq!(code, 0, "{out}");
@@ -432,6 +448,7 @@ fn tokcheck_smollm2_reports_the_reference_side_digit_split_disagreement() {
 }
 
 #[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn tokcheck_catches_a_tokenizer_that_differs() {
     let refs = sabotaged("tokenizer", "transformers_ref", "TransformersReference", "    pass");
     let (code, out, v) = tokcheck(
