@@ -291,10 +291,10 @@ pub fn render_check(rows: &[CheckResult], model: &str, reference: &str) -> Strin
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(o, "lockstep faults --check: {model} vs {reference}\n");
-    let _ = writeln!(o, "{:<16} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
+    let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
     for r in rows {
         let mark = if !r.applicable { "n/a" } else if r.ok { "ok" } else { "MISS" };
-        let _ = writeln!(o, "{:<16} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark, r.expected, r.found, r.seconds, r.note);
+        let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark, r.expected, r.found, r.seconds, r.note);
     }
     let applicable = rows.iter().filter(|r| r.applicable).count();
     let ok = rows.iter().filter(|r| r.applicable && r.ok).count();

@@ -551,15 +551,15 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
         Cmd::Faults { check, model, reference, steps, weights, json } => {
             use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
             if !check {
-                println!("{:<16} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
+                println!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
                 for f in CATALOG {
                     let layer = match f.layer {
                         Layer::None => "-".to_string(),
                         Layer::First => "0".to_string(),
                         Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
                     };
-                    println!("{:<16} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
-                    println!("{:<60} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
+                    println!("{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+                    println!("{:<64} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
                 }
                 return Ok(0);
             }
