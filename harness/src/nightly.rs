@@ -996,3 +996,57 @@ pub fn merge(dirs: &[PathBuf], out: &Path, history: Option<&Path>) -> Result<(Re
     let code = exit_code(&rep, history.is_some());
     Ok((rep, code))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(name: &str, verdict: &str, mean_kl: Option<f64>) -> CaseResult {
+        let def: CaseDef = toml::from_str(&format!(
+            "name = '{name}'\nmodel = 'tiny'\nreferences = ['transformers']\nprompt = 'x'\nsteps = 2\n"
+        ))
+        .unwrap();
+        let mut c = CaseResult::error(&def, String::new(), 0.0);
+        c.verdict = verdict.into();
+        c.as_expected = verdict == "pass";
+        c.mean_kl = mean_kl;
+        c
+    }
+
+    fn prev(c: &CaseResult) -> (String, HistoryLine) {
+        (c.name.clone(), history_line("s", "2026-11-20T02:00:00Z", c))
+    }
+
+    #[test]
+    fn regressions_are_new_failures_and_kl_growth_past_the_threshold() {
+        let last: HashMap<String, HistoryLine> = [
+            prev(&case("was-pass", "pass", Some(1e-3))),
+            prev(&case("was-fail", "diverged", Some(1e-1))),
+            prev(&case("kl-10x", "pass", Some(1e-3))),
+            prev(&case("kl-noise", "pass", Some(1e-12))),
+            prev(&case("kl-5x", "pass", Some(1e-3))),
+        ]
+        .into_iter()
+        .collect();
+        let now = [
+            case("was-pass", "error", None),
+            case("was-fail", "diverged", Some(2e-1)),
+            case("kl-10x", "pass", Some(1.1e-2)),
+            case("kl-noise", "pass", Some(1e-9)),
+            case("kl-5x", "pass", Some(5e-3)),
+            case("new-fail", "diverged", Some(1.0)),
+            case("new-pass", "pass", Some(1e-12)),
+        ];
+        let r = regressions(&now, &last);
+        let names: Vec<&str> = r.iter().map(|r| r.case.as_str()).collect();
+        assert_eq!(names, ["was-pass", "kl-10x", "new-fail"], "{r:?}");
+        assert!(r[1].reason.contains("mean KL grew"), "{}", r[1].reason);
+    }
+
+    #[test]
+    fn dates_are_utc_iso() {
+        let d = now_utc();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20") && d.ends_with('Z') && &d[10..11] == "T", "{d}");
+    }
+}
