@@ -286,6 +286,9 @@ struct ReportArgs {
     /// flags regressions against the previous line of each case.
     #[arg(long)]
     history: Option<PathBuf>,
+    /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Subcommand)]
@@ -641,6 +644,29 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 None => {
                     let (suite, out) = (a.suite.expect("clap requires --suite"), a.out.expect("clap requires --out"));
                     let shard = a.shard.as_deref().map(lockstep::suite::Shard::parse).transpose()?;
+                    if a.list {
+                        let s = lockstep::suite::Suite::load(&suite)?;
+                        for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
+                            let what = match (&c.chat, &c.prompt) {
+                                (Some(ch), _) => format!("chat {ch:?}"),
+                                (None, Some(p)) => format!("prompt {p:?}"),
+                                _ => String::new(),
+                            };
+                            println!(
+                                "{k:>3} {:<44} {} weights={} vs {} {what} steps={} sampler={} tolerance={}{}{}",
+                                c.name,
+                                c.model,
+                                c.weights,
+                                c.references.join(","),
+                                c.steps,
+                                c.sampler.as_deref().unwrap_or("greedy"),
+                                c.tolerance,
+                                c.inject.as_deref().map(|f| format!(" inject={f}")).unwrap_or_default(),
+                                c.lora.as_deref().map(|l| format!(" lora={l}")).unwrap_or_default(),
+                            );
+                        }
+                        return Ok(0);
+                    }
                     let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history };
                     let (rep, code) = nightly::run_report(&o)?;
                     (rep, code, out)

@@ -22,7 +22,8 @@
 //! expect = "pass"          # pass (default) | diverged: what the case is meant to show
 //!
 //! [[matrix]]               # the cross product of its lists, one case per combination
-//! name = "smollm2"         # case names: NAME-MODEL-WEIGHTS-PROMPT-SAMPLER
+//! name = "smollm2"         # case names: NAME-MODEL-WEIGHTS-ADAPTER-PROMPT-SAMPLER, each
+//!                          # part only where its list has more than one entry
 //! models = ["smollm2"]
 //! references = ["transformers", "llamacpp"]   # not expanded: every case runs all of them
 //! weights = ["quantized", "dequant"]
@@ -230,11 +231,19 @@ impl MatrixDef {
                 for adapter in &self.adapters {
                     for p in &self.prompts {
                         for s in &self.samplers {
-                            let mut name = format!("{}-{}-{}", self.name, slug(model), weights);
-                            if adapter.lora.is_some() || self.adapters.len() > 1 {
-                                name += &format!("-{}", adapter.name);
+                            // One part per dimension with more than one value.
+                            let mut name = self.name.clone();
+                            for (many, part) in [
+                                (self.models.len() > 1, slug(model)),
+                                (self.weights.len() > 1, weights.clone()),
+                                (self.adapters.len() > 1, adapter.name.clone()),
+                                (self.prompts.len() > 1, p.name.clone()),
+                                (self.samplers.len() > 1, s.name.clone()),
+                            ] {
+                                if many {
+                                    name = format!("{name}-{part}");
+                                }
                             }
-                            name += &format!("-{}-{}", p.name, s.name);
                             out.push(CaseDef {
                                 name,
                                 model: model.clone(),
@@ -340,8 +349,8 @@ steps = 4
         .unwrap();
         let names: Vec<&str> = s.cases.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names.len(), 8);
-        assert_eq!(names[0], "m-tiny-quantized-p-greedy");
-        assert_eq!(names[7], "m-tiny-llama.q4_1-dequant-p-t08");
+        assert_eq!(names[0], "m-tiny-quantized-greedy");
+        assert_eq!(names[7], "m-tiny-llama.q4_1-dequant-t08");
     }
 
     #[test]

@@ -359,6 +359,25 @@ fn a_case_that_passed_last_night_and_fails_now_exits_1() {
     assert_eq!(code, 0, "{out}\n{err}");
 }
 
+/// The committed suites parse; the nightly matrix expands to named cases (no Python needed).
+#[test]
+fn committed_suites_parse_and_the_nightly_matrix_expands() {
+    let list = |suite: &str, extra: &[&str]| {
+        let (code, out, err) = run(lockstep().current_dir(repo()).args(["report", "--suite", suite, "--out", "/nonexistent", "--list"]).args(extra));
+        assert_eq!(code, 0, "{out}\n{err}");
+        out
+    };
+    let ci = list("scripts/suites/ci.toml", &[]);
+    assert_eq!(ci.lines().count(), 5, "{ci}");
+    let nightly = list("scripts/suites/nightly.toml", &[]);
+    for name in ["smollm2-llamacpp-capital-greedy", "smollm2-llamacpp-count-t08", "smollm2-f32-count", "fixture-tiny-gguf-t08", "quant-tiny-k-q6_k", "canary-rope-theta"] {
+        assert!(nightly.contains(name), "{name} not in\n{nightly}");
+    }
+    let n = nightly.lines().count();
+    let (a, b) = (list("scripts/suites/nightly.toml", &["--shard", "1/2"]), list("scripts/suites/nightly.toml", &["--shard", "2/2"]));
+    assert_eq!(a.lines().count() + b.lines().count(), n);
+}
+
 /// Usage errors exit 2 and name the file and the problem (no Python needed).
 #[test]
 fn bad_suites_exit_2() {
