@@ -365,10 +365,10 @@ tr.unexpected td:first-child{border-left:4px solid #d62728}
 .ok{background:#eaf6ea;border-left:4px solid #2ca02c;padding:8px 12px;margin:10px 0}
 details.case{background:#fff;border:1px solid #ddd;border-radius:6px;margin:12px 0;padding:4px 12px}
 details.case>summary{cursor:pointer;font-weight:600;padding:6px 0}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:12px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr));gap:14px}
 figure{margin:0;background:#fff}figcaption{font-size:.85rem;color:#333;margin:4px 0}
 svg.chart{width:100%;height:auto;display:block;background:#fff}
-svg .tick{font-size:10px;fill:#555}svg .axis{font-size:11px;fill:#333}
+svg .tick{font-size:12px;fill:#555}svg .axis{font-size:13px;fill:#333}
 .legend{font-size:.8rem;color:#444}.legend span{margin-right:10px;white-space:nowrap}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:8px;border-radius:4px;font-size:.85rem}
@@ -442,7 +442,27 @@ fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
         let _ = write!(o, "<p><b>Stopped before step 0</b>: {}</p>", esc(s));
     }
     if let Some(t) = trend.filter(|t| !t.is_empty()) {
-        let _ = write!(o, r#"<p>Trend over the last {} report(s), mean KL: {}</p>"#, t.len(), sparkline(t));
+        let _ = write!(
+            o,
+            r#"<details><summary>Trend over the last {} report(s), mean KL: {}</summary><div class="scroll"><table class="trend"><thead><tr><th>date</th><th>verdict</th><th>first divergence</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th></tr></thead><tbody>"#,
+            t.len(),
+            sparkline(t)
+        );
+        for l in t.iter().rev() {
+            let _ = write!(
+                o,
+                r#"<tr><td>{}</td><td>{}{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{:.1} s</td></tr>"#,
+                esc(&l.date),
+                esc(&l.verdict),
+                if l.as_expected { "" } else { " (not as expected)" },
+                esc(l.first_divergence.as_deref().unwrap_or("–")),
+                sci(l.mean_kl),
+                sci(l.max_kl),
+                pct(l.top1),
+                l.seconds
+            );
+        }
+        o.push_str("</tbody></table></div></details>");
     }
     // Per-reference numbers, and the noise floor between references.
     if !c.references.is_empty() {

@@ -227,6 +227,14 @@ lora = "adapters/none"
 
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
     assert!(html.contains("broken.gguf") && html.contains("panicked:") && html.contains("rope-base"));
+    // The page with failures renders too: the bisect diagnosis, the errors, every chart drawn.
+    let (code, dom, err) = headless(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &out.join("index.html"));
+    assert_eq!(code, 0, "chromium --dump-dom failed:\n{err}");
+    assert_eq!(attr(&dom, "data-render"), "ok", "the page's self-check failed");
+    assert_eq!(attr(&dom, "data-summary-rows"), "5");
+    assert_eq!(attr(&dom, "data-charts"), "8", "four charts for each case that ran steps (the fault and tiny-ok)");
+    assert_eq!(attr(&dom, "data-charts-drawn"), "8");
+    assert!(dom.contains("<b>diagnosis</b>") && dom.contains("panicked:"));
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(md.contains("**error**") && md.contains("**diverged**"), "{md}");
 
