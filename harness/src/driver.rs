@@ -341,6 +341,11 @@ pub fn set_step_hook(hook: Option<Box<dyn FnMut(usize, usize)>>) {
     STEP_HOOK.with(|h| *h.borrow_mut() = hook);
 }
 
+/// Calls this thread's step hook, if any (for callers that report phases of their own).
+pub fn call_step_hook(done: usize, planned: usize) {
+    notify_step(done, planned)
+}
+
 fn notify_step(done: usize, planned: usize) {
     STEP_HOOK.with(|h| {
         if let Some(f) = h.borrow_mut().as_mut() {

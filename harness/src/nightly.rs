@@ -163,7 +163,12 @@ pub struct Timing {
 pub struct CaseResult {
     pub schema_version: u32,
     pub name: String,
+    /// The case's definition and the lockstep version (`CaseDef::fingerprint`): shards merge
+    /// only when these agree.
     pub fingerprint: String,
+    /// The lockstep binary that ran the case ([`build_id`]): a resumed run reuses a finished
+    /// case only from the same build, so a rebuilt engine never reports stale numbers.
+    pub build: String,
     pub def: CaseDef,
     /// `pass`, `diverged` or `error`.
     pub verdict: String,
@@ -200,6 +205,7 @@ impl CaseResult {
             schema_version: SCHEMA_VERSION,
             name: def.name.clone(),
             fingerprint: def.fingerprint(),
+            build: build_id(),
             def: def.clone(),
             verdict: "error".into(),
             drift: false,
@@ -488,7 +494,8 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache) -> Result<CaseResult, Har
     let mut c = summarize(def, &run, &refs, &path);
     if c.verdict == "diverged" {
         let t1 = Instant::now();
-        driver::set_step_hook(None);
+        // The progress bar says "bisect" while it runs (planned 0: see run_report's hook).
+        notify_bisect();
         c.bisect = Some(match crate::bisect::bisect(&opts, &engine, &refs, BISECT_CAPTURE_MB) {
             Ok((rep, _)) => BisectNumbers {
                 found: rep.found,
@@ -529,6 +536,10 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache) -> Result<CaseResult, Har
     cache.put_back(refs);
     c.timing.run_s = run_s;
     Ok(c)
+}
+
+fn notify_bisect() {
+    driver::call_step_hook(0, 0);
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -597,6 +608,14 @@ impl Progress {
             self.case,
             self.eta()
         );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn draw_phase(&self, phase: &str, step: usize) {
+        if !self.tty {
+            return;
+        }
+        eprint!("\r\x1b[2K case {}/{} {} {phase} step {step} ETA {}", self.done_cases + 1, self.total_cases, self.case, self.eta());
         let _ = std::io::stderr().flush();
     }
 
@@ -721,11 +740,31 @@ fn case_path(dir: &Path, name: &str) -> PathBuf {
     dir.join("cases").join(format!("{name}.json"))
 }
 
-/// A finished case of an earlier run into `dir`, if it is for this definition.
-fn finished(dir: &Path, def: &CaseDef) -> Option<CaseResult> {
+/// Identifies the running lockstep binary: the size and modification time of the
+/// executable (cheap, and it changes with every rebuild).
+pub fn build_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let meta = std::env::current_exe().and_then(std::fs::metadata);
+        let stamp = match meta {
+            Ok(m) => {
+                let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+                format!("{} {t}", m.len())
+            }
+            Err(_) => "unknown".into(),
+        };
+        crate::genconfig::sha12(&stamp)
+    })
+    .clone()
+}
+
+/// A finished case in `dir`, if it is for this definition (and, with `same_build`, was run
+/// by this very binary: what resume requires; merge accepts any build).
+fn finished(dir: &Path, def: &CaseDef, same_build: bool) -> Option<CaseResult> {
     let text = std::fs::read_to_string(case_path(dir, &def.name)).ok()?;
     let c: CaseResult = serde_json::from_str(&text).ok()?;
-    (c.schema_version == SCHEMA_VERSION && c.fingerprint == def.fingerprint()).then_some(c)
+    let ok = c.schema_version == SCHEMA_VERSION && c.fingerprint == def.fingerprint() && (!same_build || c.build == build_id());
+    ok.then_some(c)
 }
 
 pub struct RunReportOptions {
@@ -757,7 +796,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
     write_file(&o.out.join("suite.json"), &to_json(&record))?;
     let mine: Vec<&CaseDef> =
         suite.cases.iter().enumerate().filter(|(k, _)| o.shard.is_none_or(|s| s.has(*k))).map(|(_, c)| c).collect();
-    let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| finished(&o.out, c).is_none()).collect();
+    let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| finished(&o.out, c, true).is_none()).collect();
     let tty = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false");
     let progress = std::rc::Rc::new(std::cell::RefCell::new(Progress {
         tty,
@@ -790,10 +829,19 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
             p.draw(0, def.steps);
         }
         let hook_p = progress.clone();
+        let mut bisecting = false;
         driver::set_step_hook(Some(Box::new(move |done, planned| {
             let mut p = hook_p.borrow_mut();
-            p.case_steps_done = done.min(planned);
-            p.draw(done, planned);
+            if planned == 0 {
+                bisecting = true;
+            }
+            if bisecting {
+                // Bisect re-runs the case: show it, without moving the ETA.
+                p.draw_phase("bisect", done);
+            } else {
+                p.case_steps_done = done.min(planned);
+                p.draw(done, planned);
+            }
         })));
         let c = run_case(def, &mut cache);
         driver::set_step_hook(None);
@@ -807,7 +855,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
     drop(cache);
     let cases: Vec<CaseResult> = mine
         .iter()
-        .map(|d| finished(&o.out, d).unwrap_or_else(|| CaseResult::error(d, "no result was written for this case".into(), 0.0)))
+        .map(|d| finished(&o.out, d, true).unwrap_or_else(|| CaseResult::error(d, "no result was written for this case".into(), 0.0)))
         .collect();
     let rep = assemble(&record.suite, record.shard.clone(), cases, o.history.as_deref())?;
     write_outputs(&o.out, &rep)?;
@@ -983,7 +1031,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path, history: Option<&Path>) -> Result<(Re
     write_file(&out.join("suite.json"), &to_json(&record))?;
     let mut cases = vec![];
     for def in &record.defs {
-        let found = dirs.iter().find_map(|d| finished(d, def));
+        let found = dirs.iter().find_map(|d| finished(d, def, false));
         let c = found.unwrap_or_else(|| CaseResult::error(def, "missing: no shard directory holds a result for this case".into(), 0.0));
         write_file(&case_path(out, &def.name), &to_json(&c))?;
         cases.push(c);
