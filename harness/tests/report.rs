@@ -243,6 +243,15 @@ lora = "adapters/none"
     assert_eq!(code, 1);
     assert!(stderr.contains("5 already finished") && !stderr.contains("running"), "{stderr}");
     assert_eq!(without_timings(read_json(&out.join("report.json"))), without_timings(rep));
+
+    // A case finished by another build of lockstep is run again.
+    let f = out.join("cases/tiny-ok.json");
+    let mut c = read_json(&f);
+    c["build"] = Value::from("another-build");
+    std::fs::write(&f, c.to_string()).unwrap();
+    let (code, _, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("4 already finished") && stderr.contains("[1/1] tiny-ok: pass"), "{stderr}");
 }
 
 fn shard_suite(dir: &Path) -> PathBuf {
