@@ -286,6 +286,10 @@ struct ReportArgs {
     /// flags regressions against the previous line of each case.
     #[arg(long)]
     history: Option<PathBuf>,
+    /// Also write each case's complete run report (as `lockstep run --json`: every site of
+    /// every step) to DIR/runs/NAME.json; the page links it.
+    #[arg(long)]
+    full_json: bool,
     /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
     #[arg(long)]
     list: bool,
@@ -667,7 +671,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                         }
                         return Ok(0);
                     }
-                    let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history };
+                    let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json };
                     let (rep, code) = nightly::run_report(&o)?;
                     (rep, code, out)
                 }

@@ -196,6 +196,10 @@ pub struct CaseResult {
     pub generate: Vec<GenerateNumbers>,
     pub config: Vec<ConfigRow>,
     pub bisect: Option<BisectNumbers>,
+    /// With `--full-json`: the case's complete run report (`lockstep run --json`: every site
+    /// of every step), relative to the report directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_json: Option<String>,
     pub timing: Timing,
 }
 
@@ -229,6 +233,7 @@ impl CaseResult {
             generate: vec![],
             config: vec![],
             bisect: None,
+            run_json: None,
             timing: Timing { run_s: seconds, bisect_s: 0.0, total_s: seconds },
         }
     }
@@ -455,7 +460,7 @@ impl RefCache {
 }
 
 /// Runs one case (and bisects it when it diverged). Errors are the caller's to record.
-fn run_case_inner(def: &CaseDef, cache: &mut RefCache) -> Result<CaseResult, HarnessError> {
+fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> Result<CaseResult, HarnessError> {
     if let Some(l) = &def.lora {
         return Err(HarnessError::Usage(format!(
             "lora = \"{l}\": LoRA adapters are not supported by this engine yet; the case runs once the engine loads adapters"
@@ -492,6 +497,14 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache) -> Result<CaseResult, Har
     let run = driver::run(&opts, &engine, &refs)?;
     let run_s = t0.elapsed().as_secs_f64();
     let mut c = summarize(def, &run, &refs, &path);
+    if let Some(dir) = full_json {
+        let rel = run_json_rel(&def.name);
+        let p = dir.join(&rel);
+        std::fs::create_dir_all(p.parent().expect("runs/")).map_err(|e| io_err(dir, e))?;
+        let sha = crate::trace::model_sha256_cached(&path)?;
+        crate::report::write_json(&p, &run, &refs, &path, &sha)?;
+        c.run_json = Some(rel);
+    }
     if c.verdict == "diverged" {
         let t1 = Instant::now();
         // The progress bar says "bisect" while it runs (planned 0: see run_report's hook).
@@ -542,6 +555,11 @@ fn notify_bisect() {
     driver::call_step_hook(0, 0);
 }
 
+/// Where `--full-json` puts a case's run report, relative to the report directory.
+fn run_json_rel(name: &str) -> String {
+    format!("runs/{name}.json")
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -550,9 +568,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs one case; an error or a panic becomes an `error` result.
-pub fn run_case(def: &CaseDef, cache: &mut RefCache) -> CaseResult {
+pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> CaseResult {
     let t0 = Instant::now();
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case_inner(def, cache)));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case_inner(def, cache, full_json)));
     let secs = t0.elapsed().as_secs_f64();
     let mut c = match out {
         Ok(Ok(c)) => c,
@@ -772,6 +790,8 @@ pub struct RunReportOptions {
     pub out: PathBuf,
     pub shard: Option<Shard>,
     pub history: Option<PathBuf>,
+    /// Also write each case's complete run report to `DIR/runs/NAME.json`.
+    pub full_json: bool,
 }
 
 /// The exit code of a report (see README, "Nightly reports"): 1 when a regression against
@@ -843,7 +863,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
                 p.draw(done, planned);
             }
         })));
-        let c = run_case(def, &mut cache);
+        let c = run_case(def, &mut cache, o.full_json.then_some(o.out.as_path()));
         driver::set_step_hook(None);
         write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
         let mut p = progress.borrow_mut();
@@ -1031,8 +1051,18 @@ pub fn merge(dirs: &[PathBuf], out: &Path, history: Option<&Path>) -> Result<(Re
     write_file(&out.join("suite.json"), &to_json(&record))?;
     let mut cases = vec![];
     for def in &record.defs {
-        let found = dirs.iter().find_map(|d| finished(d, def, false));
-        let c = found.unwrap_or_else(|| CaseResult::error(def, "missing: no shard directory holds a result for this case".into(), 0.0));
+        let found = dirs.iter().find_map(|d| finished(d, def, false).map(|c| (d, c)));
+        // The full run report travels with its case.
+        if let Some((d, c)) = &found {
+            if let Some(rel) = &c.run_json {
+                let (from, to) = (d.join(rel), out.join(rel));
+                std::fs::create_dir_all(to.parent().expect("runs/")).map_err(|e| io_err(out, e))?;
+                std::fs::copy(&from, &to).map_err(|e| io_err(&from, e))?;
+            }
+        }
+        let c = found
+            .map(|(_, c)| c)
+            .unwrap_or_else(|| CaseResult::error(def, "missing: no shard directory holds a result for this case".into(), 0.0));
         write_file(&case_path(out, &def.name), &to_json(&c))?;
         cases.push(c);
     }

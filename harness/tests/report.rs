@@ -299,9 +299,9 @@ fn shards_merged_equal_an_unsharded_run() {
         assert!(code == 0 || code == 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
         code
     };
-    let full = go(&[], &dir.join("full"));
-    let s1 = go(&["--shard", "1/2"], &dir.join("s1"));
-    let s2 = go(&["--shard", "2/2"], &dir.join("s2"));
+    let full = go(&["--full-json"], &dir.join("full"));
+    let s1 = go(&["--shard", "1/2", "--full-json"], &dir.join("s1"));
+    let s2 = go(&["--shard", "2/2", "--full-json"], &dir.join("s2"));
     assert_eq!(full, 1, "the fault case diverges");
     // Case k goes to shard k % 2 + 1: cases 0 and 2 (the fault) in shard 1, 1 and 3 in shard 2.
     assert_eq!((s1, s2), (1, 0));
@@ -324,6 +324,11 @@ fn shards_merged_equal_an_unsharded_run() {
         panic!("merged report differs from the unsharded one; first differing line: {first:?}");
     }
     assert!(dir.join("merged/index.html").is_file() && dir.join("merged/summary.md").is_file());
+    // --full-json: each case's complete run report (DESIGN.md's keys), copied by merge.
+    let run = read_json(&dir.join("merged/runs/fault-drop-context.json"));
+    assert_eq!(run["verdict"], "diverged");
+    assert!(run["steps"][0]["references"][0]["sites"].as_array().unwrap().len() > 10);
+    assert!(run["model"]["sha256"].as_str().unwrap().len() == 64);
     // Merging directories of another suite is refused.
     let other = dir.join("other");
     std::fs::create_dir_all(&other).unwrap();
