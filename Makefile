@@ -14,7 +14,7 @@ LOCKSTEP := target/release/lockstep
 
 DEMO_ARGS := run --model smollm2 --weights dequant --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env build demo test fixtures snapshots models bench help
+.PHONY: setup env browser build demo test report-ci nightly fixtures snapshots models bench help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
@@ -23,6 +23,7 @@ help:
 	@echo "make snapshots - re-record every golden trace of snapshots/traces/manifest.toml"
 	@echo "make models - put the weights that golden traces need but are not committed into the model store"
 	@echo "make bench  - prefill/decode speed of the engine, llama.cpp and transformers (SmolLM2 Q4_1, 2 threads)"
+	@echo "make nightly - the nightly parity report (scripts/suites/nightly.toml) into reports/nightly, with history"
 
 env:
 	@bash scripts/setup_env.sh
@@ -30,14 +31,29 @@ env:
 build: env
 	$(CARGO) build --release --locked
 
-setup: build
+# Headless Chromium (Debian's package) for the test that opens the report page.
+browser:
+	@bash scripts/setup_browser.sh
+
+setup: build browser
 
 demo: setup
 	$(LOCKSTEP) $(DEMO_ARGS)
 
+# The CI report suite, from scratch (about a minute); the test suite then checks its page in
+# headless Chromium (harness/tests/report.rs reuses the finished cases: resume).
+report-ci: setup
+	rm -rf reports/ci
+	$(LOCKSTEP) report --suite scripts/suites/ci.toml --out reports/ci
+
 # LOCKSTEP_REQUIRE_LIVE: the live-reference tests must run here, never be ignored.
-test: setup
+test: setup report-ci
 	LOCKSTEP_REQUIRE_LIVE=1 $(CARGO) test --release --locked --workspace
+
+# The nightly matrix with its history (exit 1 on a regression since the last night).
+NIGHTLY_ARGS ?= --history reports/history.jsonl
+nightly: setup
+	$(LOCKSTEP) report --suite scripts/suites/nightly.toml --out reports/nightly-$$(date -u +%F) $(NIGHTLY_ARGS)
 
 # Regenerates the committed tiny fixtures (deterministic; the self-check runs transformers).
 fixtures: env

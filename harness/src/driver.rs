@@ -331,6 +331,29 @@ struct EngineSite {
     transform: Option<&'static str>,
 }
 
+thread_local! {
+    /// Called after every step with (steps done, steps planned): `lockstep report`'s progress.
+    static STEP_HOOK: std::cell::RefCell<Option<Box<dyn FnMut(usize, usize)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Sets (or clears) this thread's step hook (see `STEP_HOOK`).
+pub fn set_step_hook(hook: Option<Box<dyn FnMut(usize, usize)>>) {
+    STEP_HOOK.with(|h| *h.borrow_mut() = hook);
+}
+
+/// Calls this thread's step hook, if any (for callers that report phases of their own).
+pub fn call_step_hook(done: usize, planned: usize) {
+    notify_step(done, planned)
+}
+
+fn notify_step(done: usize, planned: usize) {
+    STEP_HOOK.with(|h| {
+        if let Some(f) = h.borrow_mut().as_mut() {
+            f(done, planned)
+        }
+    });
+}
+
 /// Runs the engine and the references in lockstep.
 pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<RunResult, HarnessError> {
     assert!(!refs.is_empty(), "run() needs at least one reference");
@@ -663,6 +686,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             sampler: sampler_checks,
         });
         generated.push(engine_token);
+        notify_step(step + 1, n_steps);
         // Bisect: a failing sampler step is the divergence (the forward pass passed).
         let sampler_failed = sampler_checks_failed(&steps);
         if kept_now.is_some() || (opts.bisect && sampler_failed) {

@@ -14,6 +14,8 @@
 //!   replay and the parity summary that `cargo test` snapshots with insta
 //! - [`sampler_parity`], [`genconfig`], [`tokcheck`]: the sampler, the generation config
 //!   and the tokenizer/chat template of each side
+//! - [`suite`], [`nightly`], [`html`]: `lockstep report`: suites of cases, running them with
+//!   resume, shards and history, and the report pages
 
 pub mod bench;
 pub mod bisect;
@@ -21,8 +23,10 @@ pub mod compare;
 pub mod driver;
 pub mod error;
 pub mod genconfig;
+pub mod html;
 pub mod manifest;
 pub mod models;
+pub mod nightly;
 pub mod parity;
 pub mod pycall;
 pub mod python;
@@ -31,6 +35,7 @@ pub mod record;
 pub mod report;
 pub mod sampler_parity;
 pub mod sketch;
+pub mod suite;
 pub mod tokcheck;
 pub mod tolerance;
 pub mod trace;

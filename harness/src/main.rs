@@ -262,8 +262,56 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Run a suite of cases (scripts/suites/*.toml) and write a report: DIR/index.html,
+    /// DIR/report.json, DIR/summary.md, DIR/cases/*.json. Re-running with the same --out
+    /// resumes. Exit 1 on a regression against --history (without it: on any case not as
+    /// expected), 2 on a usage or input error.
+    Report(ReportArgs),
     /// List the model aliases.
     Models,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ReportArgs {
+    #[command(subcommand)]
+    cmd: Option<ReportCmd>,
+    /// The suite file (e.g. scripts/suites/ci.toml).
+    #[arg(long, required = true)]
+    suite: Option<PathBuf>,
+    /// The report directory (finished cases in it are not run again).
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
+    /// Run only shard I of N (1-based; case k goes to shard k % N + 1); join with `report merge`.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Append one JSON line per case to this file; the page shows the trend and the exit code
+    /// flags regressions against the previous line of each case.
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Also write each case's complete run report (as `lockstep run --json`: every site of
+    /// every step) to DIR/runs/NAME.json; the page links it.
+    #[arg(long)]
+    full_json: bool,
+    /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
+    #[arg(long)]
+    list: bool,
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Merge shard directories into one report.
+    Merge {
+        /// The shards' --out directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The merged report's directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// As for `report`: append the merged cases and check for regressions.
+        #[arg(long)]
+        history: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -593,6 +641,48 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                     .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
             }
             Ok(if r.pass { 0 } else { 1 })
+        }
+        Cmd::Report(a) => {
+            use lockstep::nightly;
+            let (rep, code, out) = match a.cmd {
+                Some(ReportCmd::Merge { dirs, out, history }) => {
+                    let (rep, code) = nightly::merge(&dirs, &out, history.as_deref())?;
+                    (rep, code, out)
+                }
+                None => {
+                    let (suite, out) = (a.suite.expect("clap requires --suite"), a.out.expect("clap requires --out"));
+                    let shard = a.shard.as_deref().map(lockstep::suite::Shard::parse).transpose()?;
+                    if a.list {
+                        let s = lockstep::suite::Suite::load(&suite)?;
+                        for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
+                            let what = match (&c.chat, &c.prompt) {
+                                (Some(ch), _) => format!("chat {ch:?}"),
+                                (None, Some(p)) => format!("prompt {p:?}"),
+                                _ => String::new(),
+                            };
+                            println!(
+                                "{k:>3} {:<44} {} weights={} vs {} {what} steps={} sampler={} tolerance={}{}{}",
+                                c.name,
+                                c.model,
+                                c.weights,
+                                c.references.join(","),
+                                c.steps,
+                                c.sampler.as_deref().unwrap_or("greedy"),
+                                c.tolerance,
+                                c.inject.as_deref().map(|f| format!(" inject={f}")).unwrap_or_default(),
+                                c.lora.as_deref().map(|l| format!(" lora={l}")).unwrap_or_default(),
+                            );
+                        }
+                        return Ok(0);
+                    }
+                    let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json };
+                    let (rep, code) = nightly::run_report(&o)?;
+                    (rep, code, out)
+                }
+            };
+            print!("{}", lockstep::html::summary_md(&rep));
+            println!("\nreport: {}", out.join("index.html").display());
+            Ok(code)
         }
         Cmd::Models => {
             for (a, what) in models::ALIASES {

@@ -1,0 +1,1130 @@
+//! `lockstep report`: runs every case of a suite (`crate::suite`) in this process, bisects
+//! each diverged case, and writes the report: `DIR/cases/NAME.json` per case as it
+//! finishes (a re-run with the same `--out` skips them: resume), then `DIR/report.json`,
+//! `DIR/summary.md` and `DIR/index.html` (`crate::html`). Shards (`--shard I/N`) write the
+//! same files for their cases; [`merge`] joins shard directories into one report.
+//!
+//! A case that fails, errors or panics is a result like any other: its error is in the
+//! report and the next case runs. History (`--history FILE`): one JSON line per case per
+//! report; the page shows each case's trend and the exit code flags regressions
+//! ([`regressions`]).
+//!
+//! This module owns the per-case numbers kept for the report ([`CaseResult`], a summary of
+//! `driver::RunResult` and `bisect::BisectReport`, deserializable for resume and merge);
+//! it does not compare anything itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{self, RunOptions, RunResult};
+use crate::error::HarnessError;
+use crate::python::{RefSpec, Reference};
+use crate::suite::{CaseDef, Shard, Suite, SuiteHeader};
+use crate::tolerance::{Precision, Verdict};
+
+/// Version of `report.json` and `cases/*.json`. Bump it when a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A case's mean KL "grew past the threshold" when it is more than this many times last
+/// night's: KL of one f32 implementation against another moves by a few percent between
+/// runs on other prompts or threads (and the quantized bounds of tolerance.rs are per
+/// step, not per run), while every bug class of the fault catalog moves it by orders of
+/// magnitude; ×10 is one decade, clear of the first and far below the second.
+pub const KL_GROWTH_FACTOR: f64 = 10.0;
+/// ... and only when it is above this many nats: same-weights f32 runs sit at 1e-12..1e-8
+/// nats (rounding noise), where a ×10 step means nothing for the tokens.
+pub const KL_NOISE_NATS: f64 = 1e-6;
+/// Nights shown in each case's trend.
+pub const TREND_NIGHTS: usize = 14;
+/// Reference tensors bisect keeps for isolation (`bisect --max-capture-mb`).
+const BISECT_CAPTURE_MB: usize = 256;
+
+fn fin(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstDivergence {
+    pub step: usize,
+    pub layer: Option<usize>,
+    pub site: String,
+    pub reference: String,
+    pub detail: String,
+}
+
+/// Engine vs one reference over the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefNumbers {
+    pub reference: String,
+    pub version: String,
+    /// How the engine's arithmetic relates to this reference's (same-weights, quant-vs-dense, ...).
+    pub mode: String,
+    pub mean_kl: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub top1: Option<f64>,
+    pub verdict: String,
+    pub sites_not_compared: Vec<String>,
+}
+
+/// One reference against another: the noise floor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairNumbers {
+    pub a: String,
+    pub b: String,
+    pub mean_kl: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub top1: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRef {
+    pub reference: String,
+    pub kl: Option<f64>,
+    pub top1_agree: bool,
+    pub engine_top1: u32,
+    pub reference_top1: u32,
+    /// Top-1 minus top-2 log-probability on each side: how close the choice was to a flip.
+    pub engine_margin: Option<f64>,
+    pub reference_margin: Option<f64>,
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepNumbers {
+    pub step: usize,
+    pub fed: usize,
+    pub engine_token: u32,
+    pub engine_token_text: String,
+    pub verdict: String,
+    pub references: Vec<StepRef>,
+}
+
+/// Per reference: `[step][layer]` the largest rel-L2 error over the layer's sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerError {
+    pub reference: String,
+    pub steps: Vec<Vec<Option<f64>>>,
+}
+
+/// `[step][layer]` rel-L2 of the site kind (leaf name, e.g. `mlp_out`) that is worst over
+/// the run, against the first reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heatmap {
+    pub reference: String,
+    pub site: String,
+    pub cells: Vec<Vec<Option<f64>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BisectNumbers {
+    pub found: bool,
+    pub step: Option<usize>,
+    pub layer: Option<usize>,
+    pub site: Option<String>,
+    pub reference: Option<String>,
+    pub detail: Option<String>,
+    pub isolation: Option<String>,
+    pub diagnosis: Option<String>,
+    pub diagnosis_title: Option<String>,
+    pub evidence: Vec<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRow {
+    pub name: String,
+    pub engine: String,
+    pub references: Vec<String>,
+    pub differs: bool,
+    pub info: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateNumbers {
+    pub reference: String,
+    pub matches: bool,
+    pub first_mismatch: Option<usize>,
+}
+
+/// Seconds: the only fields that differ between two runs of the same case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Timing {
+    pub run_s: f64,
+    pub bisect_s: f64,
+    pub total_s: f64,
+}
+
+/// Everything the report shows about one case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub schema_version: u32,
+    pub name: String,
+    /// The case's definition and the lockstep version (`CaseDef::fingerprint`): shards merge
+    /// only when these agree.
+    pub fingerprint: String,
+    /// The lockstep binary that ran the case ([`build_id`]): a resumed run reuses a finished
+    /// case only from the same build, so a rebuilt engine never reports stale numbers.
+    pub build: String,
+    pub def: CaseDef,
+    /// `pass`, `diverged` or `error`.
+    pub verdict: String,
+    /// Some site or step drifted (over the noise floor, under the failure bound).
+    pub drift: bool,
+    /// The verdict is the one the case expects (`expect`, default `pass`).
+    pub as_expected: bool,
+    pub error: Option<String>,
+    pub model_path: Option<String>,
+    pub first_divergence: Option<FirstDivergence>,
+    /// Worst over the references: largest mean and max KL, smallest top-1 agreement.
+    pub mean_kl: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub top1: Option<f64>,
+    pub references: Vec<RefNumbers>,
+    pub pairs: Vec<PairNumbers>,
+    pub num_layers: usize,
+    pub engine_weights: Option<String>,
+    pub faults: Vec<String>,
+    pub engine_text: String,
+    pub stopped_before_step0: Option<String>,
+    pub steps: Vec<StepNumbers>,
+    pub layer_error: Vec<LayerError>,
+    pub heatmap: Option<Heatmap>,
+    pub generate: Vec<GenerateNumbers>,
+    pub config: Vec<ConfigRow>,
+    pub bisect: Option<BisectNumbers>,
+    /// With `--full-json`: the case's complete run report (`lockstep run --json`: every site
+    /// of every step), relative to the report directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_json: Option<String>,
+    pub timing: Timing,
+}
+
+impl CaseResult {
+    fn error(def: &CaseDef, message: String, seconds: f64) -> CaseResult {
+        CaseResult {
+            schema_version: SCHEMA_VERSION,
+            name: def.name.clone(),
+            fingerprint: def.fingerprint(),
+            build: build_id(),
+            def: def.clone(),
+            verdict: "error".into(),
+            drift: false,
+            as_expected: false,
+            error: Some(message),
+            model_path: None,
+            first_divergence: None,
+            mean_kl: None,
+            max_kl: None,
+            top1: None,
+            references: vec![],
+            pairs: vec![],
+            num_layers: 0,
+            engine_weights: None,
+            faults: vec![],
+            engine_text: String::new(),
+            stopped_before_step0: None,
+            steps: vec![],
+            layer_error: vec![],
+            heatmap: None,
+            generate: vec![],
+            config: vec![],
+            bisect: None,
+            run_json: None,
+            timing: Timing { run_s: seconds, bisect_s: 0.0, total_s: seconds },
+        }
+    }
+
+    /// `step/layer/site` of the first divergence, for one-line summaries.
+    pub fn where_short(&self) -> String {
+        match &self.first_divergence {
+            None => "-".into(),
+            Some(d) => format!("step {} {}{}", d.step, d.layer.map(|l| format!("layer {l} ")).unwrap_or_default(), d.site),
+        }
+    }
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn min_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// The case's numbers from a run (and its bisect when it diverged).
+fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> CaseResult {
+    let v = |v: Verdict| v.as_str().to_string();
+    let mut c = CaseResult::error(def, String::new(), 0.0);
+    c.error = None;
+    c.model_path = Some(model.display().to_string());
+    c.num_layers = r.num_layers;
+    c.engine_weights = Some(format!("{} ({}, {})", r.engine.weights, r.engine.weights_mode, r.engine.matrix_types.join("+")));
+    c.faults = r.engine.faults.clone();
+    c.engine_text = r.engine_text.clone();
+    c.stopped_before_step0 = r.stopped_before_step0.clone();
+    c.first_divergence = r.first_divergence.as_ref().map(|d| FirstDivergence {
+        step: d.step,
+        layer: d.layer,
+        site: d.site.clone(),
+        reference: d.reference.clone(),
+        detail: d.detail.clone(),
+    });
+    for (i, s) in r.summary.references.iter().enumerate() {
+        c.references.push(RefNumbers {
+            reference: s.reference.clone(),
+            version: refs.get(i).map(|r| r.version()).unwrap_or_default(),
+            mode: s.mode.name().to_string(),
+            mean_kl: fin(s.mean_kl),
+            max_kl: fin(s.max_kl),
+            top1: fin(s.same_top1_share),
+            verdict: v(s.verdict),
+            sites_not_compared: s.sites_not_compared.clone(),
+        });
+        c.mean_kl = max_opt(c.mean_kl, fin(s.mean_kl));
+        c.max_kl = max_opt(c.max_kl, fin(s.max_kl));
+        c.top1 = min_opt(c.top1, fin(s.same_top1_share));
+    }
+    c.pairs = r
+        .summary
+        .pairs
+        .iter()
+        .map(|p| PairNumbers { a: p.a.clone(), b: p.b.clone(), mean_kl: fin(p.mean_kl), max_kl: fin(p.max_kl), top1: fin(p.same_top1_share) })
+        .collect();
+    c.drift = r.steps.iter().any(|s| s.verdict == Verdict::Drift) || r.summary.references.iter().any(|s| s.verdict == Verdict::Drift);
+    for st in &r.steps {
+        c.steps.push(StepNumbers {
+            step: st.step,
+            fed: st.fed.len(),
+            engine_token: st.engine_token,
+            engine_token_text: st.engine_token_text.clone(),
+            verdict: v(st.verdict),
+            references: st
+                .references
+                .iter()
+                .map(|rs| StepRef {
+                    reference: rs.reference.clone(),
+                    kl: fin(rs.logits.kl),
+                    top1_agree: rs.logits.top1_agree,
+                    engine_top1: rs.logits.engine_top1,
+                    reference_top1: rs.logits.reference_top1,
+                    engine_margin: fin(rs.logits.engine_margin),
+                    reference_margin: fin(rs.logits.reference_margin),
+                    verdict: v(rs.verdict),
+                })
+                .collect(),
+        });
+    }
+    // Error per layer: per reference, [step][layer] the worst rel-L2 over the layer's sites.
+    let n_refs = r.steps.first().map(|s| s.references.len()).unwrap_or(0);
+    for ri in 0..n_refs {
+        let mut grid = vec![];
+        for st in &r.steps {
+            let mut row: Vec<Option<f64>> = vec![None; r.num_layers];
+            for s in &st.references[ri].sites {
+                if let (Some(l), Some(m)) = (s.layer, s.metrics.as_ref()) {
+                    if l < row.len() {
+                        row[l] = max_opt(row[l], fin(m.rel_l2));
+                    }
+                }
+            }
+            grid.push(row);
+        }
+        c.layer_error.push(LayerError { reference: r.steps[0].references[ri].reference.clone(), steps: grid });
+    }
+    // Heatmap: the per-layer site kind with the largest rel-L2 anywhere, vs the first reference.
+    if n_refs > 0 {
+        let mut worst: Option<(f64, String)> = None;
+        for st in &r.steps {
+            for s in st.references[0].sites.iter().filter(|s| s.layer.is_some()) {
+                if let Some(e) = s.metrics.as_ref().and_then(|m| fin(m.rel_l2)) {
+                    if worst.as_ref().is_none_or(|(w, _)| e > *w) {
+                        worst = Some((e, driver::leaf_of(&s.site).to_string()));
+                    }
+                }
+            }
+        }
+        if let Some((_, leaf)) = worst {
+            let cells = r
+                .steps
+                .iter()
+                .map(|st| {
+                    let mut row = vec![None; r.num_layers];
+                    for s in st.references[0].sites.iter().filter(|s| driver::leaf_of(&s.site) == leaf) {
+                        if let (Some(l), Some(m)) = (s.layer, s.metrics.as_ref()) {
+                            if l < row.len() {
+                                row[l] = fin(m.rel_l2);
+                            }
+                        }
+                    }
+                    row
+                })
+                .collect();
+            c.heatmap = Some(Heatmap { reference: r.steps[0].references[0].reference.clone(), site: leaf, cells });
+        }
+    }
+    c.generate = r
+        .generate
+        .iter()
+        .map(|g| GenerateNumbers { reference: g.reference.clone(), matches: g.matches, first_mismatch: g.first_mismatch })
+        .collect();
+    c.config = r
+        .config
+        .rows
+        .iter()
+        .map(|row| ConfigRow {
+            name: row.name.to_string(),
+            engine: row.engine.clone(),
+            references: row.references.clone(),
+            differs: row.differs,
+            info: row.info,
+        })
+        .collect();
+    c.verdict = if r.verdict_pass { "pass" } else { "diverged" }.into();
+    // The strict profile: a drift is a divergence too.
+    if def.tolerance == "strict" && r.verdict_pass && c.drift {
+        c.verdict = "diverged".into();
+        c.first_divergence = first_drift(r);
+    }
+    c.as_expected = c.verdict == def.expect;
+    c
+}
+
+/// The first drifting site or next-token distribution (for the strict profile).
+fn first_drift(r: &RunResult) -> Option<FirstDivergence> {
+    for st in &r.steps {
+        for rs in &st.references {
+            if let Some(s) = rs.sites.iter().find(|s| s.verdict == Verdict::Drift) {
+                let e = s.metrics.map(|m| format!("rel-L2 {:.2e}", m.rel_l2)).unwrap_or_default();
+                return Some(FirstDivergence {
+                    step: st.step,
+                    layer: s.layer,
+                    site: s.site.clone(),
+                    reference: rs.reference.clone(),
+                    detail: format!("drift ({e}) under the strict tolerance profile"),
+                });
+            }
+            if rs.logits_verdict == Verdict::Drift {
+                return Some(FirstDivergence {
+                    step: st.step,
+                    layer: None,
+                    site: "logits".into(),
+                    reference: rs.reference.clone(),
+                    detail: format!("next-token drift (KL {:.2e}) under the strict tolerance profile", rs.logits.kl),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// References kept loaded between cases of the same model (loading SmolLM2 in transformers
+/// alone takes ~18 s). Keyed by reference label; cleared when the model changes.
+#[derive(Default)]
+pub struct RefCache {
+    model: Option<PathBuf>,
+    refs: HashMap<String, Reference>,
+}
+
+impl RefCache {
+    fn take(&mut self, specs: &[RefSpec], model: &Path) -> Result<Vec<Reference>, HarnessError> {
+        if self.model.as_deref() != Some(model) {
+            self.refs.clear();
+            self.model = Some(model.to_path_buf());
+        }
+        specs
+            .iter()
+            .map(|s| match self.refs.remove(&s.label()) {
+                Some(r) => Ok(r),
+                None => Reference::load(s, model),
+            })
+            .collect()
+    }
+
+    fn put_back(&mut self, refs: Vec<Reference>) {
+        for r in refs {
+            self.refs.insert(r.spec.label(), r);
+        }
+    }
+}
+
+/// Runs one case (and bisects it when it diverged). Errors are the caller's to record.
+fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> Result<CaseResult, HarnessError> {
+    if let Some(l) = &def.lora {
+        return Err(HarnessError::Usage(format!(
+            "lora = \"{l}\": LoRA adapters are not supported by this engine yet; the case runs once the engine loads adapters"
+        )));
+    }
+    if std::env::var("LOCKSTEP_REPORT_TEST_PANIC").is_ok_and(|n| n == def.name) {
+        // A test hook: proves that a panicking case is caught and reported (tests/report.rs).
+        panic!("LOCKSTEP_REPORT_TEST_PANIC asked case `{}` to panic", def.name);
+    }
+    let t0 = Instant::now();
+    let specs = def.references.iter().map(|r| RefSpec::parse(r)).collect::<Result<Vec<_>, _>>()?;
+    let path = crate::models::resolve(&def.model)?;
+    let sampler = match &def.sampler {
+        Some(s) => Some(lockstep_engine::SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string()))?),
+        None => None,
+    };
+    let mut opts = RunOptions {
+        model: path.clone(),
+        references: specs.clone(),
+        prompt: def.prompt_value(),
+        steps: def.steps,
+        precision: Precision::F32,
+        weights: def.weights_mode(),
+        faults: lockstep_engine::Faults::parse(def.inject.as_deref().unwrap_or(""))?,
+        bisect: false,
+        sampler,
+        strict_config: false,
+    };
+    let engine = driver::load_engine(&opts)?;
+    let refs = cache.take(&specs, &path)?;
+    if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
+        opts.steps = opts.steps.min(held);
+    }
+    let run = driver::run(&opts, &engine, &refs)?;
+    let run_s = t0.elapsed().as_secs_f64();
+    let mut c = summarize(def, &run, &refs, &path);
+    if let Some(dir) = full_json {
+        let rel = run_json_rel(&def.name);
+        let p = dir.join(&rel);
+        std::fs::create_dir_all(p.parent().expect("runs/")).map_err(|e| io_err(dir, e))?;
+        let sha = crate::trace::model_sha256_cached(&path)?;
+        crate::report::write_json(&p, &run, &refs, &path, &sha)?;
+        c.run_json = Some(rel);
+    }
+    if c.verdict == "diverged" {
+        let t1 = Instant::now();
+        // The progress bar says "bisect" while it runs (planned 0: see run_report's hook).
+        notify_bisect();
+        c.bisect = Some(match crate::bisect::bisect(&opts, &engine, &refs, BISECT_CAPTURE_MB) {
+            Ok((rep, _)) => BisectNumbers {
+                found: rep.found,
+                step: rep.step,
+                layer: rep.layer,
+                site: rep.site.clone(),
+                reference: rep.reference.clone(),
+                detail: rep.detail.clone(),
+                isolation: rep.isolation.as_ref().map(|i| {
+                    format!(
+                        "layer {} on the reference's input and cache: {}{}",
+                        i.layer,
+                        if i.verdict == "local" { "fails, the cause is in this layer" } else { "passes, the error is inherited" },
+                        i.first_failing_site.as_ref().map(|s| format!(" (first at {s})")).unwrap_or_default()
+                    )
+                }),
+                diagnosis: rep.diagnosis.as_ref().map(|d| d.name.to_string()),
+                diagnosis_title: rep.diagnosis.as_ref().map(|d| d.title.clone()),
+                evidence: rep.diagnosis.as_ref().map(|d| d.evidence.clone()).unwrap_or_default(),
+                error: None,
+            },
+            Err(e) => BisectNumbers {
+                found: false,
+                step: None,
+                layer: None,
+                site: None,
+                reference: None,
+                detail: None,
+                isolation: None,
+                diagnosis: None,
+                diagnosis_title: None,
+                evidence: vec![],
+                error: Some(e.to_string()),
+            },
+        });
+        c.timing.bisect_s = t1.elapsed().as_secs_f64();
+    }
+    cache.put_back(refs);
+    c.timing.run_s = run_s;
+    Ok(c)
+}
+
+fn notify_bisect() {
+    driver::call_step_hook(0, 0);
+}
+
+/// Where `--full-json` puts a case's run report, relative to the report directory.
+fn run_json_rel(name: &str) -> String {
+    format!("runs/{name}.json")
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs one case; an error or a panic becomes an `error` result.
+pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> CaseResult {
+    let t0 = Instant::now();
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case_inner(def, cache, full_json)));
+    let secs = t0.elapsed().as_secs_f64();
+    let mut c = match out {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => CaseResult::error(def, e.to_string(), secs),
+        Err(p) => {
+            // The references of a panicked case may be mid-step: load them afresh.
+            *cache = RefCache::default();
+            CaseResult::error(def, format!("panicked: {}", panic_message(&*p)), secs)
+        }
+    };
+    c.timing.total_s = secs;
+    c
+}
+
+// ---------------------------------------------------------------- progress
+
+/// A progress bar on a terminal, plain log lines otherwise (CI, pipes).
+struct Progress {
+    tty: bool,
+    total_cases: usize,
+    done_cases: usize,
+    planned_steps: usize,
+    done_steps: usize,
+    case_steps_done: usize,
+    case: String,
+    started: Instant,
+}
+
+impl Progress {
+    fn eta(&self) -> String {
+        let done = self.done_steps + self.case_steps_done;
+        if done == 0 {
+            return "--:--".into();
+        }
+        let per = self.started.elapsed().as_secs_f64() / done as f64;
+        let left = (self.planned_steps.saturating_sub(done)) as f64 * per;
+        format!("{}:{:02}", (left / 60.0) as u64, left as u64 % 60)
+    }
+
+    fn draw(&self, step: usize, planned: usize) {
+        if !self.tty {
+            return;
+        }
+        let frac = (self.done_steps + self.case_steps_done) as f64 / self.planned_steps.max(1) as f64;
+        let w = 24usize;
+        let fill = ((frac.min(1.0)) * w as f64) as usize;
+        eprint!(
+            "\r\x1b[2K[{}{}] case {}/{} {} step {step}/{planned} ETA {}",
+            "#".repeat(fill),
+            "-".repeat(w - fill),
+            self.done_cases + 1,
+            self.total_cases,
+            self.case,
+            self.eta()
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn draw_phase(&self, phase: &str, step: usize) {
+        if !self.tty {
+            return;
+        }
+        eprint!("\r\x1b[2K case {}/{} {} {phase} step {step} ETA {}", self.done_cases + 1, self.total_cases, self.case, self.eta());
+        let _ = std::io::stderr().flush();
+    }
+
+    fn line(&self, text: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!("{text}");
+    }
+}
+
+// ---------------------------------------------------------------- outputs
+
+/// What a report directory holds about its suite (`DIR/suite.json`), for resume and merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteRecord {
+    pub schema_version: u32,
+    pub suite: SuiteHeader,
+    pub suite_path: String,
+    /// Every case of the suite, in order, with its fingerprint.
+    pub cases: Vec<(String, String)>,
+    pub shard: Option<String>,
+    pub defs: Vec<CaseDef>,
+}
+
+/// One night's line of the history file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryLine {
+    pub date: String,
+    pub suite: String,
+    pub case: String,
+    pub verdict: String,
+    pub as_expected: bool,
+    pub mean_kl: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub top1: Option<f64>,
+    pub first_divergence: Option<String>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Regression {
+    pub case: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub cases: usize,
+    pub pass: usize,
+    pub diverged: usize,
+    pub error: usize,
+    pub not_as_expected: usize,
+}
+
+/// `DIR/report.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub suite: SuiteHeader,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shard: Option<String>,
+    pub totals: Totals,
+    pub cases: Vec<CaseResult>,
+    /// Regressions against the history's previous line of each case (with --history).
+    pub regressions: Vec<Regression>,
+    /// Per case: the last nights of the history, oldest first, this report included.
+    pub trend: BTreeMap<String, Vec<HistoryLine>>,
+    pub thresholds: Thresholds,
+    /// When the report was written (UTC): a timing field, like every `timing`.
+    pub generated_at: String,
+    pub lockstep_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub kl_growth_factor: f64,
+    pub kl_noise_nats: f64,
+}
+
+fn io_err(p: &Path, e: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Io { path: p.display().to_string(), message: e.to_string() }
+}
+
+fn write_file(p: &Path, text: &str) -> Result<(), HarnessError> {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+    }
+    // Written to a temporary name and renamed: a killed run never leaves half a case file
+    // that a resume would trust.
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, p).map_err(|e| io_err(p, e))
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("report values serialize") + "\n"
+}
+
+/// The time now (UTC) as `YYYY-MM-DDTHH:MM:SSZ`; `LOCKSTEP_REPORT_DATE` overrides it (tests
+/// simulate nights with it).
+pub fn now_utc() -> String {
+    if let Ok(d) = std::env::var("LOCKSTEP_REPORT_DATE") {
+        return d;
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn case_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("cases").join(format!("{name}.json"))
+}
+
+/// Identifies the running lockstep binary: the size and modification time of the
+/// executable (cheap, and it changes with every rebuild).
+pub fn build_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let meta = std::env::current_exe().and_then(std::fs::metadata);
+        let stamp = match meta {
+            Ok(m) => {
+                let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+                format!("{} {t}", m.len())
+            }
+            Err(_) => "unknown".into(),
+        };
+        crate::genconfig::sha12(&stamp)
+    })
+    .clone()
+}
+
+/// A finished case in `dir`, if it is for this definition (and, with `same_build`, was run
+/// by this very binary: what resume requires; merge accepts any build).
+fn finished(dir: &Path, def: &CaseDef, same_build: bool) -> Option<CaseResult> {
+    let text = std::fs::read_to_string(case_path(dir, &def.name)).ok()?;
+    let c: CaseResult = serde_json::from_str(&text).ok()?;
+    let ok = c.schema_version == SCHEMA_VERSION && c.fingerprint == def.fingerprint() && (!same_build || c.build == build_id());
+    ok.then_some(c)
+}
+
+pub struct RunReportOptions {
+    pub suite: PathBuf,
+    pub out: PathBuf,
+    pub shard: Option<Shard>,
+    pub history: Option<PathBuf>,
+    /// Also write each case's complete run report to `DIR/runs/NAME.json`.
+    pub full_json: bool,
+}
+
+/// The exit code of a report (see README, "Nightly reports"): 1 when a regression against
+/// the history was found, or — without history — when any case is not as expected; else 0.
+pub fn exit_code(rep: &Report, with_history: bool) -> u8 {
+    let bad = if with_history { !rep.regressions.is_empty() } else { rep.totals.not_as_expected > 0 };
+    u8::from(bad)
+}
+
+/// `lockstep report --suite FILE --out DIR`.
+pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
+    let suite = Suite::load(&o.suite)?;
+    std::fs::create_dir_all(o.out.join("cases")).map_err(|e| io_err(&o.out, e))?;
+    let record = SuiteRecord {
+        schema_version: SCHEMA_VERSION,
+        suite: suite.header.clone(),
+        suite_path: o.suite.display().to_string(),
+        cases: suite.cases.iter().map(|c| (c.name.clone(), c.fingerprint())).collect(),
+        shard: o.shard.map(|s| format!("{}/{}", s.index, s.count)),
+        defs: suite.cases.clone(),
+    };
+    write_file(&o.out.join("suite.json"), &to_json(&record))?;
+    let mine: Vec<&CaseDef> =
+        suite.cases.iter().enumerate().filter(|(k, _)| o.shard.is_none_or(|s| s.has(*k))).map(|(_, c)| c).collect();
+    let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| finished(&o.out, c, true).is_none()).collect();
+    let tty = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false");
+    let progress = std::rc::Rc::new(std::cell::RefCell::new(Progress {
+        tty,
+        total_cases: todo.len(),
+        done_cases: 0,
+        planned_steps: todo.iter().map(|c| c.steps).sum(),
+        done_steps: 0,
+        case_steps_done: 0,
+        case: String::new(),
+        started: Instant::now(),
+    }));
+    let skipped = mine.len() - todo.len();
+    progress.borrow().line(&format!(
+        "lockstep report: suite {} ({}), {} case(s){}{}",
+        suite.header.name,
+        o.suite.display(),
+        mine.len(),
+        o.shard.map(|s| format!(" in shard {}/{}", s.index, s.count)).unwrap_or_default(),
+        if skipped > 0 { format!(", {skipped} already finished in {} (resumed)", o.out.display()) } else { String::new() }
+    ));
+    let mut cache = RefCache::default();
+    for (k, def) in todo.iter().enumerate() {
+        {
+            let mut p = progress.borrow_mut();
+            p.case = def.name.clone();
+            p.case_steps_done = 0;
+            if !p.tty {
+                p.line(&format!("[{}/{}] {}: running ({} steps vs {})", k + 1, todo.len(), def.name, def.steps, def.references.join(",")));
+            }
+            p.draw(0, def.steps);
+        }
+        let hook_p = progress.clone();
+        let mut bisecting = false;
+        driver::set_step_hook(Some(Box::new(move |done, planned| {
+            let mut p = hook_p.borrow_mut();
+            if planned == 0 {
+                bisecting = true;
+            }
+            if bisecting {
+                // Bisect re-runs the case: show it, without moving the ETA.
+                p.draw_phase("bisect", done);
+            } else {
+                p.case_steps_done = done.min(planned);
+                p.draw(done, planned);
+            }
+        })));
+        let c = run_case(def, &mut cache, o.full_json.then_some(o.out.as_path()));
+        driver::set_step_hook(None);
+        write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
+        let mut p = progress.borrow_mut();
+        p.done_cases += 1;
+        p.done_steps += def.steps;
+        p.case_steps_done = 0;
+        p.line(&format!("[{}/{}] {}: {} ({:.1} s){}", k + 1, todo.len(), def.name, case_line(&c), c.timing.total_s, if c.as_expected { "" } else { "  <- not as expected" }));
+    }
+    drop(cache);
+    let cases: Vec<CaseResult> = mine
+        .iter()
+        .map(|d| finished(&o.out, d, true).unwrap_or_else(|| CaseResult::error(d, "no result was written for this case".into(), 0.0)))
+        .collect();
+    let rep = assemble(&record.suite, record.shard.clone(), cases, o.history.as_deref())?;
+    write_outputs(&o.out, &rep)?;
+    if let Some(h) = &o.history {
+        append_history(h, &rep)?;
+    }
+    let code = exit_code(&rep, o.history.is_some());
+    Ok((rep, code))
+}
+
+/// The one-line verdict of a case: `pass`, `diverged at step 1 layer 0 q_rope (KL ...)`, `error: ...`.
+pub fn case_line(c: &CaseResult) -> String {
+    match c.verdict.as_str() {
+        "error" => format!("error: {}", c.error.as_deref().unwrap_or("").lines().next().unwrap_or("")),
+        v => format!(
+            "{v}{} mean KL {} top-1 {}{}",
+            if c.drift && v == "pass" { " (drift)" } else { "" },
+            c.mean_kl.map(|x| format!("{x:.2e}")).unwrap_or("-".into()),
+            c.top1.map(|x| format!("{:.0}%", x * 100.0)).unwrap_or("-".into()),
+            if c.first_divergence.is_some() { format!(", first divergence {}", c.where_short()) } else { String::new() }
+        ),
+    }
+}
+
+fn read_history(path: &Path) -> Result<Vec<HistoryLine>, HarnessError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| io_err(path, format!("line {}: {e}", i + 1))))
+        .collect()
+}
+
+fn history_line(suite: &str, date: &str, c: &CaseResult) -> HistoryLine {
+    HistoryLine {
+        date: date.to_string(),
+        suite: suite.to_string(),
+        case: c.name.clone(),
+        verdict: c.verdict.clone(),
+        as_expected: c.as_expected,
+        mean_kl: c.mean_kl,
+        max_kl: c.max_kl,
+        top1: c.top1,
+        first_divergence: c.first_divergence.as_ref().map(|_| c.where_short()),
+        seconds: c.timing.total_s,
+    }
+}
+
+/// Regressions of this report against each case's previous history line: a case that was
+/// as expected (passed) and now is not; a new case that is not as expected; a mean KL more
+/// than [`KL_GROWTH_FACTOR`] times the previous one and above [`KL_NOISE_NATS`].
+pub fn regressions(cases: &[CaseResult], prev: &HashMap<String, HistoryLine>) -> Vec<Regression> {
+    let mut out = vec![];
+    for c in cases {
+        let reason = match prev.get(&c.name) {
+            None if !c.as_expected => Some(format!("new case, {} (expected {})", c.verdict, c.def.expect)),
+            None => None,
+            Some(p) if p.as_expected && !c.as_expected => {
+                Some(format!("was {} on {}, now {} ({})", p.verdict, p.date, c.verdict, case_line(c)))
+            }
+            Some(p) => match (p.mean_kl, c.mean_kl) {
+                (Some(a), Some(b)) if c.as_expected && b > KL_GROWTH_FACTOR * a && b > KL_NOISE_NATS => Some(format!(
+                    "mean KL grew from {a:.2e} ({}) to {b:.2e} nats: more than x{KL_GROWTH_FACTOR} and above {KL_NOISE_NATS:e}",
+                    p.date
+                )),
+                _ => None,
+            },
+        };
+        if let Some(reason) = reason {
+            out.push(Regression { case: c.name.clone(), reason });
+        }
+    }
+    out
+}
+
+fn assemble(suite: &SuiteHeader, shard: Option<String>, cases: Vec<CaseResult>, history: Option<&Path>) -> Result<Report, HarnessError> {
+    let date = now_utc();
+    let past = match history {
+        Some(h) => read_history(h)?,
+        None => vec![],
+    };
+    let mut prev: HashMap<String, HistoryLine> = HashMap::new();
+    let mut trend: BTreeMap<String, Vec<HistoryLine>> = BTreeMap::new();
+    for l in past.iter().filter(|l| l.suite == suite.name) {
+        prev.insert(l.case.clone(), l.clone());
+        trend.entry(l.case.clone()).or_default().push(l.clone());
+    }
+    let regs = if history.is_some() { regressions(&cases, &prev) } else { vec![] };
+    if history.is_some() {
+        for c in &cases {
+            let t = trend.entry(c.name.clone()).or_default();
+            t.push(history_line(&suite.name, &date, c));
+            let n = t.len();
+            t.drain(..n.saturating_sub(TREND_NIGHTS));
+        }
+        trend.retain(|k, _| cases.iter().any(|c| &c.name == k));
+    }
+    let count = |v: &str| cases.iter().filter(|c| c.verdict == v).count();
+    let totals = Totals {
+        cases: cases.len(),
+        pass: count("pass"),
+        diverged: count("diverged"),
+        error: count("error"),
+        not_as_expected: cases.iter().filter(|c| !c.as_expected).count(),
+    };
+    Ok(Report {
+        schema_version: SCHEMA_VERSION,
+        suite: suite.clone(),
+        shard,
+        totals,
+        cases,
+        regressions: regs,
+        trend,
+        thresholds: Thresholds { kl_growth_factor: KL_GROWTH_FACTOR, kl_noise_nats: KL_NOISE_NATS },
+        generated_at: date,
+        lockstep_version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+fn append_history(path: &Path, rep: &Report) -> Result<(), HarnessError> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| io_err(d, e))?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| io_err(path, e))?;
+    for c in &rep.cases {
+        let line = serde_json::to_string(&history_line(&rep.suite.name, &rep.generated_at, c)).expect("serializes");
+        writeln!(f, "{line}").map_err(|e| io_err(path, e))?;
+    }
+    Ok(())
+}
+
+fn write_outputs(dir: &Path, rep: &Report) -> Result<(), HarnessError> {
+    write_file(&dir.join("report.json"), &to_json(rep))?;
+    write_file(&dir.join("summary.md"), &crate::html::summary_md(rep))?;
+    write_file(&dir.join("index.html"), &crate::html::page(rep))?;
+    Ok(())
+}
+
+/// `lockstep report merge DIR... --out DIR`: one report from the shards' directories. Every
+/// directory must come from the same suite (same cases, same fingerprints); a case no shard
+/// finished is an error of the merged report.
+pub fn merge(dirs: &[PathBuf], out: &Path, history: Option<&Path>) -> Result<(Report, u8), HarnessError> {
+    if dirs.is_empty() {
+        return Err(HarnessError::Usage("report merge: give at least one shard directory".into()));
+    }
+    let mut record: Option<SuiteRecord> = None;
+    for d in dirs {
+        let p = d.join("suite.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, format!("{e} (not a `lockstep report --out` directory?)")))?;
+        let r: SuiteRecord = serde_json::from_str(&text).map_err(|e| io_err(&p, e))?;
+        if r.schema_version != SCHEMA_VERSION {
+            return Err(io_err(&p, format!("schema_version {} (this lockstep writes {SCHEMA_VERSION})", r.schema_version)));
+        }
+        match &record {
+            None => record = Some(r),
+            Some(first) if first.suite != r.suite || first.cases != r.cases => {
+                return Err(HarnessError::Usage(format!(
+                    "report merge: {} is from another suite or another version of it than {} (cases or their definitions differ)",
+                    d.display(),
+                    dirs[0].display()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut record = record.expect("at least one directory");
+    record.shard = None;
+    std::fs::create_dir_all(out.join("cases")).map_err(|e| io_err(out, e))?;
+    write_file(&out.join("suite.json"), &to_json(&record))?;
+    let mut cases = vec![];
+    for def in &record.defs {
+        let found = dirs.iter().find_map(|d| finished(d, def, false).map(|c| (d, c)));
+        // The full run report travels with its case.
+        if let Some((d, c)) = &found {
+            if let Some(rel) = &c.run_json {
+                let (from, to) = (d.join(rel), out.join(rel));
+                std::fs::create_dir_all(to.parent().expect("runs/")).map_err(|e| io_err(out, e))?;
+                std::fs::copy(&from, &to).map_err(|e| io_err(&from, e))?;
+            }
+        }
+        let c = found
+            .map(|(_, c)| c)
+            .unwrap_or_else(|| CaseResult::error(def, "missing: no shard directory holds a result for this case".into(), 0.0));
+        write_file(&case_path(out, &def.name), &to_json(&c))?;
+        cases.push(c);
+    }
+    let rep = assemble(&record.suite, None, cases, history)?;
+    write_outputs(out, &rep)?;
+    if let Some(h) = history {
+        append_history(h, &rep)?;
+    }
+    let code = exit_code(&rep, history.is_some());
+    Ok((rep, code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(name: &str, verdict: &str, mean_kl: Option<f64>) -> CaseResult {
+        let def: CaseDef = toml::from_str(&format!(
+            "name = '{name}'\nmodel = 'tiny'\nreferences = ['transformers']\nprompt = 'x'\nsteps = 2\n"
+        ))
+        .unwrap();
+        let mut c = CaseResult::error(&def, String::new(), 0.0);
+        c.verdict = verdict.into();
+        c.as_expected = verdict == "pass";
+        c.mean_kl = mean_kl;
+        c
+    }
+
+    fn prev(c: &CaseResult) -> (String, HistoryLine) {
+        (c.name.clone(), history_line("s", "2026-11-20T02:00:00Z", c))
+    }
+
+    #[test]
+    fn regressions_are_new_failures_and_kl_growth_past_the_threshold() {
+        let last: HashMap<String, HistoryLine> = [
+            prev(&case("was-pass", "pass", Some(1e-3))),
+            prev(&case("was-fail", "diverged", Some(1e-1))),
+            prev(&case("kl-10x", "pass", Some(1e-3))),
+            prev(&case("kl-noise", "pass", Some(1e-12))),
+            prev(&case("kl-5x", "pass", Some(1e-3))),
+        ]
+        .into_iter()
+        .collect();
+        let now = [
+            case("was-pass", "error", None),
+            case("was-fail", "diverged", Some(2e-1)),
+            case("kl-10x", "pass", Some(1.1e-2)),
+            case("kl-noise", "pass", Some(1e-9)),
+            case("kl-5x", "pass", Some(5e-3)),
+            case("new-fail", "diverged", Some(1.0)),
+            case("new-pass", "pass", Some(1e-12)),
+        ];
+        let r = regressions(&now, &last);
+        let names: Vec<&str> = r.iter().map(|r| r.case.as_str()).collect();
+        assert_eq!(names, ["was-pass", "kl-10x", "new-fail"], "{r:?}");
+        assert!(r[1].reason.contains("mean KL grew"), "{}", r[1].reason);
+    }
+
+    #[test]
+    fn dates_are_utc_iso() {
+        let d = now_utc();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20") && d.ends_with('Z') && &d[10..11] == "T", "{d}");
+    }
+}

@@ -1,0 +1,375 @@
+//! Report suites: `scripts/suites/*.toml`, the matrix of cases `lockstep report` runs.
+//!
+//! This module owns the file format and its validation (names, weights modes, samplers,
+//! tolerance profiles, the matrix expansion); running the cases is `crate::nightly`.
+//!
+//! ```toml
+//! [suite]
+//! name = "nightly"
+//! about = "free text"
+//!
+//! [[case]]                 # one case, spelled out
+//! name = "tiny-hf-chat"    # lowercase letters, digits, `-`, `_`, `.`
+//! model = "tiny"           # a --model argument: alias or path
+//! references = ["transformers", "mlx"]
+//! weights = "default"      # default | quantized | dequant
+//! chat = "What is the capital of France?"   # or prompt = "..."
+//! sampler = "temp=0.8,top_p=0.95,seed=0"     # omitted: greedy
+//! steps = 12
+//! tolerance = "default"    # default | strict (a drift counts as a divergence)
+//! inject = "rope-theta"    # optional: engine faults (`lockstep faults`)
+//! lora = "path/to/adapter" # reserved: an error of the case until the engine has LoRA
+//! expect = "pass"          # pass (default) | diverged: what the case is meant to show
+//!
+//! [[matrix]]               # the cross product of its lists, one case per combination
+//! name = "smollm2"         # case names: NAME-MODEL-WEIGHTS-ADAPTER-PROMPT-SAMPLER, each
+//!                          # part only where its list has more than one entry
+//! models = ["smollm2"]
+//! references = ["transformers", "llamacpp"]   # not expanded: every case runs all of them
+//! weights = ["quantized", "dequant"]
+//! prompts = [{ name = "capital", chat = "What is the capital of France?" }]
+//! samplers = [{ name = "greedy" }, { name = "t08", spec = "temp=0.8,top_p=0.95,seed=0" }]
+//! adapters = [{ name = "none" }]               # reserved for LoRA: { name, lora = PATH }
+//! steps = 16
+//! tolerance = "default"
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::Prompt;
+use crate::error::HarnessError;
+
+/// Tolerance profiles a case may name.
+pub const PROFILES: &[&str] = &["default", "strict"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    suite: SuiteHeader,
+    #[serde(rename = "case", default)]
+    cases: Vec<CaseDef>,
+    #[serde(default)]
+    matrix: Vec<MatrixDef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteHeader {
+    pub name: String,
+    #[serde(default)]
+    pub about: String,
+}
+
+/// One case of a suite: everything `lockstep run` needs, plus how to judge it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaseDef {
+    pub name: String,
+    pub model: String,
+    pub references: Vec<String>,
+    #[serde(default = "default_str")]
+    pub weights: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    pub steps: usize,
+    #[serde(default = "default_str")]
+    pub tolerance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
+    #[serde(default = "default_expect")]
+    pub expect: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub about: String,
+}
+
+fn default_str() -> String {
+    "default".into()
+}
+
+fn default_expect() -> String {
+    "pass".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixDef {
+    name: String,
+    models: Vec<String>,
+    references: Vec<String>,
+    #[serde(default = "default_weights_list")]
+    weights: Vec<String>,
+    prompts: Vec<MatrixPrompt>,
+    #[serde(default = "default_samplers")]
+    samplers: Vec<MatrixSampler>,
+    #[serde(default = "default_adapters")]
+    adapters: Vec<MatrixAdapter>,
+    steps: usize,
+    #[serde(default = "default_str")]
+    tolerance: String,
+    #[serde(default)]
+    about: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixPrompt {
+    name: String,
+    prompt: Option<String>,
+    chat: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixSampler {
+    name: String,
+    spec: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixAdapter {
+    name: String,
+    lora: Option<String>,
+}
+
+fn default_weights_list() -> Vec<String> {
+    vec!["default".into()]
+}
+
+fn default_samplers() -> Vec<MatrixSampler> {
+    vec![MatrixSampler { name: "greedy".into(), spec: None }]
+}
+
+fn default_adapters() -> Vec<MatrixAdapter> {
+    vec![MatrixAdapter { name: "none".into(), lora: None }]
+}
+
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub header: SuiteHeader,
+    /// In file order: explicit cases first, then each matrix expanded in order.
+    pub cases: Vec<CaseDef>,
+    pub path: PathBuf,
+}
+
+impl CaseDef {
+    pub fn prompt_value(&self) -> Prompt {
+        match (&self.prompt, &self.chat) {
+            (Some(p), _) => Prompt::Text(p.clone()),
+            (None, Some(c)) => Prompt::Chat(c.clone()),
+            (None, None) => unreachable!("validated: one of prompt/chat"),
+        }
+    }
+
+    pub fn weights_mode(&self) -> Option<lockstep_engine::WeightsMode> {
+        match self.weights.as_str() {
+            "quantized" => Some(lockstep_engine::WeightsMode::Quantized),
+            "dequant" => Some(lockstep_engine::WeightsMode::Dequant),
+            _ => None,
+        }
+    }
+
+    /// Identifies what the case computes: a finished case is reused by a resumed run only
+    /// when its fingerprint is unchanged (same definition, same lockstep version).
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        crate::genconfig::sha12(&format!("{}\n{text}", env!("CARGO_PKG_VERSION")))
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), HarnessError> {
+        let bad = |msg: String| HarnessError::Usage(format!("{}: case `{}`: {msg}", file.display(), self.name));
+        let name_ok = !self.name.is_empty()
+            && self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+        if !name_ok {
+            return Err(bad("names are lowercase letters, digits, `-`, `_` and `.` (they name files)".into()));
+        }
+        if self.prompt.is_some() == self.chat.is_some() {
+            return Err(bad("give exactly one of `prompt` and `chat`".into()));
+        }
+        if self.steps == 0 {
+            return Err(bad("`steps` must be at least 1".into()));
+        }
+        if self.references.is_empty() {
+            return Err(bad("`references` is empty".into()));
+        }
+        for r in &self.references {
+            crate::python::RefSpec::parse(r).map_err(|e| bad(e.to_string()))?;
+        }
+        if !["default", "quantized", "dequant"].contains(&self.weights.as_str()) {
+            return Err(bad(format!("weights `{}`: expected default, quantized or dequant", self.weights)));
+        }
+        if !PROFILES.contains(&self.tolerance.as_str()) {
+            return Err(bad(format!("tolerance `{}`: expected one of {}", self.tolerance, PROFILES.join(", "))));
+        }
+        if !["pass", "diverged"].contains(&self.expect.as_str()) {
+            return Err(bad(format!("expect `{}`: expected pass or diverged", self.expect)));
+        }
+        if let Some(s) = &self.sampler {
+            lockstep_engine::SamplerConfig::parse(s).map_err(|e| bad(format!("sampler: {e}")))?;
+        }
+        if let Some(f) = &self.inject {
+            lockstep_engine::Faults::parse(f).map_err(|e| bad(format!("inject: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl MatrixDef {
+    fn expand(&self) -> Vec<CaseDef> {
+        let mut out = vec![];
+        for model in &self.models {
+            for weights in &self.weights {
+                for adapter in &self.adapters {
+                    for p in &self.prompts {
+                        for s in &self.samplers {
+                            // One part per dimension with more than one value.
+                            let mut name = self.name.clone();
+                            for (many, part) in [
+                                (self.models.len() > 1, slug(model)),
+                                (self.weights.len() > 1, weights.clone()),
+                                (self.adapters.len() > 1, adapter.name.clone()),
+                                (self.prompts.len() > 1, p.name.clone()),
+                                (self.samplers.len() > 1, s.name.clone()),
+                            ] {
+                                if many {
+                                    name = format!("{name}-{part}");
+                                }
+                            }
+                            out.push(CaseDef {
+                                name,
+                                model: model.clone(),
+                                references: self.references.clone(),
+                                weights: weights.clone(),
+                                prompt: p.prompt.clone(),
+                                chat: p.chat.clone(),
+                                sampler: s.spec.clone(),
+                                steps: self.steps,
+                                tolerance: self.tolerance.clone(),
+                                inject: None,
+                                lora: adapter.lora.clone(),
+                                expect: default_expect(),
+                                about: self.about.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A model argument as part of a case name: its file stem, lowercase.
+fn slug(model: &str) -> String {
+    let stem = Path::new(model).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    stem.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' }).collect()
+}
+
+impl Suite {
+    pub fn load(path: &Path) -> Result<Suite, HarnessError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })?;
+        Suite::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Suite, HarnessError> {
+        let f: SuiteFile =
+            toml::from_str(text).map_err(|e| HarnessError::Usage(format!("{}: {}", path.display(), e.to_string().trim())))?;
+        let mut cases = f.cases;
+        for m in &f.matrix {
+            cases.extend(m.expand());
+        }
+        if cases.is_empty() {
+            return Err(HarnessError::Usage(format!("{}: the suite has no cases", path.display())));
+        }
+        let mut seen = BTreeSet::new();
+        for c in &cases {
+            c.validate(path)?;
+            if !seen.insert(c.name.clone()) {
+                return Err(HarnessError::Usage(format!("{}: two cases are named `{}`", path.display(), c.name)));
+            }
+        }
+        Ok(Suite { header: f.suite, cases, path: path.to_path_buf() })
+    }
+}
+
+/// `--shard I/N` (1-based): case k (0-based, suite order) belongs to shard k % N + 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub fn parse(s: &str) -> Result<Shard, HarnessError> {
+        let bad = || HarnessError::Usage(format!("--shard `{s}`: expected I/N with 1 <= I <= N, e.g. 1/2"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (i.trim().parse::<usize>().map_err(|_| bad())?, n.trim().parse::<usize>().map_err(|_| bad())?);
+        if count == 0 || index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn has(&self, k: usize) -> bool {
+        k % self.count + 1 == self.index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrix_expands_and_names_cases() {
+        let s = Suite::parse(
+            r#"
+[suite]
+name = "t"
+[[matrix]]
+name = "m"
+models = ["tiny", "snapshots/models/tiny-llama.Q4_1.gguf"]
+references = ["transformers"]
+weights = ["quantized", "dequant"]
+prompts = [{ name = "p", prompt = "Hi" }]
+samplers = [{ name = "greedy" }, { name = "t08", spec = "temp=0.8,seed=0" }]
+steps = 4
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let names: Vec<&str> = s.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names.len(), 8);
+        assert_eq!(names[0], "m-tiny-quantized-greedy");
+        assert_eq!(names[7], "m-tiny-llama.q4_1-dequant-t08");
+    }
+
+    #[test]
+    fn bad_cases_name_the_file_and_case() {
+        let e = Suite::parse("[suite]\nname='t'\n[[case]]\nname='a'\nmodel='tiny'\nreferences=['transformers']\nsteps=2\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml") && e.contains("`a`") && e.contains("prompt"), "{e}");
+        let e = Suite::parse("[suite]\nname='t'\n[[case]]\nname='a'\nmodel='tiny'\nchat='x'\nreferences=['transformers']\nsteps=2\ntolerance='loose'\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tolerance"), "{e}");
+    }
+
+    #[test]
+    fn shards_partition() {
+        let a = Shard::parse("1/2").unwrap();
+        let b = Shard::parse("2/2").unwrap();
+        assert!((0..7).all(|k| a.has(k) != b.has(k)));
+        assert!(Shard::parse("3/2").is_err() && Shard::parse("0/1").is_err() && Shard::parse("x").is_err());
+    }
+}
