@@ -355,7 +355,9 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
         let e: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         let m = tensor_metrics(&e, rv);
         // The same bounds as the run used for this reference.
-        let tol = tolerance(mode, crate::tolerance::Precision::F32, SiteKind::of(name), layer_of(name));
+        let exact = crate::tolerance::same_quant_layer0_exact(&model.weights.matrix_types());
+        let layer = crate::tolerance::tolerance_layer(mode, layer_of(name), exact);
+        let tol = tolerance(mode, crate::tolerance::Precision::F32, SiteKind::of(name), layer);
         sites.push(IsolatedSite { site: name.clone(), rel_l2: m.rel_l2, verdict: tensor_verdict(&m, &tol) });
     }
     let first = sites.iter().find(|s| s.verdict == Verdict::Fail).map(|s| s.site.clone());

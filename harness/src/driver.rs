@@ -20,7 +20,7 @@ use crate::error::HarnessError;
 use crate::python::{Data, RefSpec, Reference, StepOutput};
 use crate::tolerance::{
     logit_tolerance, logit_verdict_with_floor, quant_bounds, quant_logit_verdict, tensor_verdict_with_floor,
-    tolerance, Precision, QuantBounds, SiteKind, Verdict, WeightsMode, FLOOR_MULTIPLE,
+    tolerance, tolerance_layer, Precision, QuantBounds, SiteKind, Verdict, WeightsMode, FLOOR_MULTIPLE,
 };
 
 #[derive(Debug, Clone)]
@@ -364,6 +364,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let modes: Vec<WeightsMode> =
         refs.iter().map(|r| WeightsMode::of(engine_quantized, r.description.quantized_activations)).collect();
     let qbounds = quant_bounds(model.weights.quant_type().as_deref());
+    let layer0_exact = crate::tolerance::same_quant_layer0_exact(&model.weights.matrix_types());
     let ltol = logit_tolerance(WeightsMode::SameWeights, opts.precision);
 
     // --- the prompt, on every side ---
@@ -566,7 +567,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                 let mut sites = Vec::new();
                 for es in esites.iter().filter(|es| ref_sites[i].contains(&es.site)) {
                     let kind = SiteKind::of(&es.site);
-                    let tol = tolerance(modes[i], opts.precision, kind, layer_of(&es.site));
+                    let tol = tolerance(modes[i], opts.precision, kind, tolerance_layer(modes[i], layer_of(&es.site), layer0_exact));
                     let floor = others
                         .iter()
                         .filter_map(|&j| pair_of(i, j).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2))
