@@ -17,6 +17,7 @@ import importlib.metadata as md
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader uses tqdm directly
@@ -107,6 +108,8 @@ class TransformersReference(HfSideMixin):
 
     def _attach_lora(self, path: str, torch_dtype):
         from peft import PeftModel
+        # peft 0.21 calls a transformers method that transformers 5.23 marks as deprecated.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         fmt = lora_adapter.adapter_format(path)
         src, how = path, "peft.PeftModel.from_pretrained"
         if fmt == "mlx":

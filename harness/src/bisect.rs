@@ -206,6 +206,7 @@ pub fn check_catalog(
         bisect: true,
         sampler: None,
         strict_config: false,
+        lora: None,
     };
     let show = |r: &BisectReport| match &r.diagnosis {
         Some(d) => format!(
