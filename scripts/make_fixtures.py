@@ -56,8 +56,11 @@ LoRA adapters (under snapshots/adapters/), each drawn from its own seeded genera
   smollm2-mlx/     mlx-lm format for SmolLM2-135M: rank 8, scale 20, q_proj/v_proj, the last
                    16 of 30 layers (mlx-lm's defaults), float16 tensors (~0.5 MB). A is drawn
                    as mlx-lm initializes it (uniform +-1/sqrt(in)), B normal with std
-                   SMOLLM2_B_STD, chosen so the adapter changes the logits visibly while the
-                   model still answers sensibly.
+                   SMOLLM2_B_STD = 0.006, chosen so the adapter changes the logits visibly
+                   (transformers' greedy answer to "What is the capital of France?" becomes
+                   "L'Étoile (The City of Lights) is the capital of France" instead of "The
+                   capital of France is Paris."; logits rel-L2 8e-2) while the model still
+                   answers sensibly (0.01 gave rel-L2 1.3e-1 and flatter distributions).
 
 Adapters are written with --adapters-only too (without rewriting the models).
 
@@ -778,7 +781,7 @@ PROJ_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_pro
 # SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, intermediate 1536, 30 layers.
 SMOLLM2_DIMS = dict(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                     num_layers=30)
-SMOLLM2_B_STD = 0.01
+SMOLLM2_B_STD = 0.006
 
 
 def proj_dims(d: dict, proj: str) -> tuple[int, int]:
