@@ -162,6 +162,6 @@ fn attach_lora(model: &mut Llama, opts: &LoadOptions) -> Result<Option<(LoraAdap
     let Some(l) = &opts.lora else { return Ok(None) };
     let adapter = LoraAdapter::load(&l.dir, &model.cfg)?;
     let (cfg, layout, dtype) = (model.cfg.clone(), model.qk_layout, model.dtype);
-    adapter.attach(&mut model.weights.layers, &cfg, layout, dtype, l.mode)?;
+    adapter.attach(&mut model.weights.layers, &cfg, layout, dtype, l.mode, &opts.faults)?;
     Ok(Some((adapter, l.mode)))
 }

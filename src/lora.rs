@@ -318,9 +318,23 @@ impl LoraAdapter {
     }
 
     /// Attaches every pair to `layers`, in `mode`; `layout` is the model's Q/K layout and
-    /// `dtype` its compute dtype.
-    pub fn attach(&self, layers: &mut [LayerWeights], cfg: &Config, layout: QkLayout, dtype: DType, mode: LoraMode) -> Result<()> {
+    /// `dtype` its compute dtype. `faults`: `lora-not-attached` attaches nothing,
+    /// `lora-scale` multiplies by the scale twice.
+    pub fn attach(
+        &self,
+        layers: &mut [LayerWeights],
+        cfg: &Config,
+        layout: QkLayout,
+        dtype: DType,
+        mode: LoraMode,
+        faults: &crate::faults::Faults,
+    ) -> Result<()> {
+        if faults.has(crate::faults::Fault::LoraNotAttached) {
+            return Ok(()); // the fault: loaded, never attached
+        }
+        let double = faults.has(crate::faults::Fault::LoraScale);
         for p in &self.pairs {
+            let scale = if double { p.scale * p.scale } else { p.scale };
             let lw = layers.get_mut(p.layer).ok_or_else(|| EngineError::Input(format!("no layer {}", p.layer)))?;
             let slot = module_slot(lw, p.module);
             let mut b = p.b.clone();
@@ -330,10 +344,10 @@ impl LoraAdapter {
             }
             let (a, b) = (p.a.to_dtype(dtype)?, b.to_dtype(dtype)?);
             *slot = match mode {
-                LoraMode::Unmerged => Linear::Lora(Arc::new(LoraLinear { base: slot.clone(), a, b, scale: p.scale })),
+                LoraMode::Unmerged => Linear::Lora(Arc::new(LoraLinear { base: slot.clone(), a, b, scale })),
                 LoraMode::Merged => {
                     let w = slot.dequantize()?.to_dtype(dtype)?;
-                    let delta = (b.matmul(&a)? * p.scale)?; // (out, in)
+                    let delta = (b.matmul(&a)? * scale)?; // (out, in)
                     Linear::Dense((w + delta)?)
                 }
             };

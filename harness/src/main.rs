@@ -169,6 +169,8 @@ enum Cmd {
         /// Reference tensors kept for isolation beyond this size are dropped (statistics stay).
         #[arg(long, default_value_t = 256)]
         max_capture_mb: usize,
+        #[command(flatten)]
+        lora: LoraArgs,
     },
     /// List the fault catalog; with --check, inject each fault and bisect it.
     Faults {
@@ -571,7 +573,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if c.count(|s| matches!(s, Status::Differs { .. })) > 0 { 1 } else { 0 })
         }
-        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb } => {
+        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb, lora } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -588,10 +590,13 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 bisect: true,
                 sampler: None,
                 strict_config: false,
-                lora: None,
+                lora: lora.options(),
             };
             let engine = driver::load_engine(&opts)?;
-            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let refs = specs
+                .iter()
+                .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
             let (mut rep, _run) = lockstep::bisect::bisect(&opts, &engine, &refs, max_capture_mb)?;
             rep.steps_requested = steps;
             print!("{}", lockstep::bisect::render(&rep, &path.display().to_string(), &reference));

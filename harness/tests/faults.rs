@@ -12,9 +12,9 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 11] = [
+const ALL_FAULTS: [&str; 13] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
-    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min",
+    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale",
 ];
 
 #[test]
@@ -25,7 +25,8 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
         assert!(out.lines().any(|l| l.starts_with(f)), "{f} missing:\n{out}");
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
-                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization"] {
+                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached",
+                   "adapter-scale"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);

@@ -246,3 +246,39 @@ fn smollm2_with_its_mlx_adapter_passes_with_a_real_effect() {
     assert!(per[..14].iter().all(|l| l["rel_l2"].as_f64() == Some(0.0)));
     assert!(per[14..].iter().all(|l| l["rel_l2"].as_f64().unwrap() > 0.0));
 }
+
+#[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+fn the_lora_faults_are_caught_by_run_and_diagnosed_by_bisect() {
+    let lora = adapter("tiny-peft");
+    for mode in ["unmerged", "merged"] {
+        // A stub adapter manager: the run's effect check says so, whatever else diverges.
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
+            .args(["--inject", "lora-not-attached", "--lora"])
+            .arg(&lora));
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("ADAPTER HAS NO EFFECT"), "{out}");
+        assert!(out.contains("verdict: DIVERGED at step 0, site `lora`: adapter has no effect"), "{out}");
+        // The scale applied twice: the adapter has an effect, the wrong one, from layer 0's q.
+        let (code, out, _) = run(lockstep()
+            .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
+            .args(["--inject", "lora-scale", "--lora"])
+            .arg(&lora));
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("verdict: DIVERGED at step 0, layer 0, site `layers.0.q`"), "{out}");
+        assert!(out.contains("effect     the adapter has an effect"), "{out}");
+    }
+    for (fault, diagnosis, says) in [
+        ("lora-not-attached", "[adapter-not-attached]", "the engine applies scale 0.0000 where the reference applies 2: no adapter at all"),
+        ("lora-scale", "[adapter-scale]", "the engine applies scale 4.0000 where the reference applies 2"),
+    ] {
+        let (code, out, err) = run(lockstep()
+            .args(["bisect", "--model", "tiny", "--reference", "transformers", "--chat", "What is the capital of France?"])
+            .args(["--steps", "3", "--inject", fault, "--lora"])
+            .arg(&lora));
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("first failing site    layers.0.q, layer 0"), "{fault}:\n{out}");
+        assert!(out.contains(diagnosis) && out.contains(says), "{fault}:\n{out}");
+    }
+}
