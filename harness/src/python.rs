@@ -235,6 +235,13 @@ impl Reference {
             }
             return crate::trace::load_reference(spec, model);
         }
+        if lora.is_some() && spec.name == "llamacpp" {
+            return Err(HarnessError::Usage(
+                "--lora: the llamacpp reference cannot load PEFT or mlx-lm adapters (llama.cpp takes GGUF LoRA files); \
+                 use --reference transformers,mlx"
+                    .into(),
+            ));
+        }
         let (obj, description) = PyReference::load(spec, model, lora)?;
         Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Backend::Python(obj), description })
     }

@@ -124,6 +124,12 @@ fn bad_adapters_are_exit_2_with_the_file_and_the_problem() {
     let d = tmp("lora-no-weights");
     std::fs::copy(adapter("tiny-peft").join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
     assert_exit_2(&["generate", "--model", "tiny", "--chat", "hi", "--lora", d.to_str().unwrap()], &[], &["no adapter weights", "adapters.safetensors"]);
+    // A reference that cannot take the adapter.
+    assert_exit_2(
+        &["run", "--model", "tiny", "--chat", "hi", "--reference", "llamacpp", "--lora", adapter("tiny-peft").to_str().unwrap()],
+        &[],
+        &["--lora: the llamacpp reference cannot load"],
+    );
     // The tiny adapter (hidden 64) on the 256-wide, 2-layer tiny-k model: mlx-lm shapes
     // (in, r) in the message, as the file holds them.
     assert_exit_2(
