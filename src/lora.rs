@@ -191,6 +191,9 @@ pub struct InventoryEntry {
     pub b_norm: f64,
 }
 
+/// The tensor names of one module's A and B, as found in the file.
+type KeyPair = (Option<String>, Option<String>);
+
 fn sum_norm(t: &Tensor) -> Result<(f64, f64)> {
     let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     Ok((v.iter().sum(), v.iter().map(|x| x * x).sum::<f64>().sqrt()))
@@ -232,8 +235,8 @@ impl LoraAdapter {
         let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
             .map_err(|e| EngineError::io(&wpath, format!("cannot read safetensors: {e}")))?;
 
-        // name -> (layer, module, is_b)
-        let mut found: BTreeMap<(usize, &'static str), (Option<String>, Option<String>)> = BTreeMap::new();
+        // (layer, module) -> (key of A, key of B)
+        let mut found: BTreeMap<(usize, &'static str), KeyPair> = BTreeMap::new();
         let mut unattached = vec![];
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -548,4 +551,64 @@ fn mlx_config(j: &serde_json::Value, path: &Path, cfg: &Config) -> Result<LoraCo
         layers: (first..total).collect(),
         file_dtype: String::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_cfg() -> Config {
+        Config {
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 512,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn keys_of_both_formats_name_layer_module_and_matrix() {
+        assert_eq!(parse_key("base_model.model.model.layers.2.mlp.down_proj.lora_B.weight", LoraFormat::Peft), Some((2, "down_proj", true)));
+        assert_eq!(parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", LoraFormat::Peft), Some((0, "q_proj", false)));
+        assert_eq!(parse_key("model.layers.11.self_attn.v_proj.lora_a", LoraFormat::Mlx), Some((11, "v_proj", false)));
+        assert_eq!(parse_key("model.layers.1.self_attn.q_proj.lora_A.weight", LoraFormat::Mlx), None);
+        assert_eq!(parse_key("lm_head.lora_a", LoraFormat::Mlx), None);
+        assert_eq!(parse_key("model.layers.1.block_sparse_moe.gate.lora_a", LoraFormat::Mlx), None);
+    }
+
+    #[test]
+    fn mlx_num_layers_counts_from_the_end_and_zero_or_less_means_all() {
+        let cfg = tiny_cfg();
+        let layers = |n: i64| {
+            let j = serde_json::json!({"num_layers": n, "lora_parameters": {"rank": 8, "scale": 20.0, "keys": ["self_attn.q_proj"]}});
+            mlx_config(&j, Path::new("c.json"), &cfg).unwrap().layers
+        };
+        assert_eq!(layers(1), vec![2]);
+        assert_eq!(layers(2), vec![1, 2]);
+        assert_eq!(layers(16), vec![0, 1, 2]);
+        assert_eq!(layers(0), vec![0, 1, 2]);
+        assert_eq!(layers(-1), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn peft_scale_is_alpha_over_r_or_over_sqrt_r() {
+        let cfg = tiny_cfg();
+        let j = serde_json::json!({"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "self_attn.v_proj"]});
+        let c = peft_config(&j, Path::new("c.json"), &cfg).unwrap();
+        assert_eq!((c.scale, c.targets.clone(), c.layers.clone()), (2.0, vec!["q_proj".to_string(), "v_proj".to_string()], vec![0, 1, 2]));
+        let j = serde_json::json!({"r": 16, "lora_alpha": 32, "use_rslora": true, "target_modules": ["q_proj"], "layers_to_transform": 1});
+        let c = peft_config(&j, Path::new("c.json"), &cfg).unwrap();
+        assert_eq!((c.scale, c.layers), (8.0, vec![1]));
+        let j = serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "q_proj|v_proj"});
+        assert!(peft_config(&j, Path::new("c.json"), &cfg).unwrap_err().to_string().contains("regular expression"));
+    }
 }
