@@ -19,6 +19,13 @@ as they were). The model is called directly, one lockstep step at a time, with i
 ``KVCache`` list (not ``generate_step``, whose chunked prefill changes the numerics);
 cache contents are read from the caches after each step. ``generate_greedy`` is mlx-lm's
 own loop (``generate_step`` with an argmax sampler) on a fresh cache.
+
+A LoRA adapter (``lora=DIR``) uses mlx-lm's own LoRA layers: an mlx-lm adapter is loaded with
+``mlx_lm.tuner.utils.load_adapters``; a PEFT adapter is attached module by module with
+``mlx_lm.tuner.lora.LoRALinear.from_base`` (``lora_a = A^T``, ``lora_b = B^T``, scale
+``lora_alpha / r``), since mlx-lm's config can only name the last N layers. Adapter matrices
+are held in float32. On a GGUF model (Q/K rows in GGUF order) ``lora_b``'s columns of q_proj
+and k_proj are permuted into that order (the inverse of ``gguf-qk-deinterleave``).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from transformers import AutoTokenizer
 
+import lora_adapter
 from protocol import (LAYER_SITES, QK_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, hf_encode_chat,
                       hf_encode_prompt, site_names)
 from sampling import HfSideMixin, HfTokenizerSide, MlxSampling
@@ -367,7 +375,7 @@ def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
 # -- the reference -----------------------------------------------------------------------------
 
 class MlxReference(HfSideMixin):
-    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None):
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, lora: str | None = None):
         if dtype != "float32":
             raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
                              f"not {dtype!r}")
@@ -396,10 +404,71 @@ class MlxReference(HfSideMixin):
         self.num_layers = args.num_hidden_layers
         self.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         self.transforms = [TRANSFORM_QK] if self.gguf else []
+        self.lora_path = lora
+        self.lora_how = None
+        if lora:
+            self._attach_lora(lora)
+            self.notes.append(f"LoRA adapter {lora}: {self.lora_how}, unmerged")
         self._rec = _Recorder()
         self._ropes = []
         self._install()
         self.reset()
+
+    def _attach_lora(self, path: str):
+        from mlx_lm.tuner.lora import LoRALinear
+        fmt = lora_adapter.adapter_format(path)
+        layers = self.model.model.layers
+        if fmt == "mlx":
+            from mlx_lm.tuner.utils import load_adapters
+            load_adapters(self.model, path)
+            self.lora_how = "mlx_lm.tuner.utils.load_adapters"
+        else:
+            ad = lora_adapter.read(path, self.num_layers)
+            for (i, m), (a, b) in sorted(ad["pairs"].items()):
+                parent_name, leaf = lora_adapter.PROJ_PATHS[m].split(".")
+                parent = getattr(layers[i], parent_name)
+                ll = LoRALinear.from_base(getattr(parent, leaf), r=ad["rank"], dropout=0.0, scale=ad["scale"])
+                ll.lora_a = mx.array(np.ascontiguousarray(a.T))
+                ll.lora_b = mx.array(np.ascontiguousarray(b.T))
+                setattr(parent, leaf, ll)
+            self.lora_how = ("PEFT adapter attached with mlx_lm.tuner.lora.LoRALinear.from_base "
+                             f"(scale lora_alpha / r = {ad['scale']:g})")
+        for i, layer in enumerate(layers):
+            for m, p in lora_adapter.PROJ_PATHS.items():
+                parent_name, leaf = p.split(".")
+                mod = getattr(getattr(layer, parent_name), leaf)
+                if not isinstance(mod, LoRALinear):
+                    continue
+                mod.lora_a = mod.lora_a.astype(mx.float32)
+                mod.lora_b = mod.lora_b.astype(mx.float32)
+                if self.gguf and m in ("q_proj", "k_proj"):
+                    mod.lora_b = mx.array(_qk_interleave(np.array(mod.lora_b), self.head_dim))
+        self.model.eval()
+        mx.eval(self.model.parameters())
+
+    def lora_inventory(self) -> str:
+        """JSON list of the LoRA modules this side holds (PEFT convention, HF Q/K order)."""
+        from mlx_lm.tuner.lora import LoRALinear
+        out = []
+        for i, layer in enumerate(self.model.model.layers):
+            for m, p in lora_adapter.PROJ_PATHS.items():
+                parent_name, leaf = p.split(".")
+                mod = getattr(getattr(layer, parent_name), leaf)
+                if not isinstance(mod, LoRALinear):
+                    continue
+                a = np.array(mod.lora_a.astype(mx.float32)).T
+                b = np.array(mod.lora_b.astype(mx.float32))
+                if self.gguf and m in ("q_proj", "k_proj"):
+                    b = gguf_qk_deinterleave(b, self.head_dim)
+                dt = str(mod.lora_a.dtype).removeprefix("mlx.core.")
+                out.append(lora_adapter.entry(f"layers.{i}.{m}", a, b.T, dt, float(mod.scale)))
+        return json.dumps(out)
+
+    def lora_config(self) -> str:
+        if not self.lora_path:
+            return json.dumps(None)
+        cfg = json.loads((Path(self.lora_path) / "adapter_config.json").read_text())
+        return json.dumps({"loader": self.lora_how, "mlx-lm": md.version("mlx-lm"), "adapter_config": cfg})
 
     def _install(self):
         rec, m = self._rec, self.model.model
@@ -497,6 +566,14 @@ class MlxReference(HfSideMixin):
         """mlx-lm's stop set: its TokenizerWrapper's eos_token_ids (config.json's eos_token_id
         plus the tokenizer's EOS, as mlx_lm.utils.load builds it)."""
         return sorted(_mlx_stop_ids(self.tok, Path(self.model_path)))
+
+
+def _qk_interleave(a: np.ndarray, head_dim: int) -> np.ndarray:
+    """Hugging Face Q/K order -> GGUF order along the last axis (inverse of
+    ``gguf_qk_deinterleave``)."""
+    n = a.shape[-1]
+    b = a.reshape(*a.shape[:-1], n // head_dim, 2, head_dim // 2).swapaxes(-1, -2)
+    return np.ascontiguousarray(b).reshape(a.shape)
 
 
 def _mlx_stop_ids(tok, p: Path) -> set[int]:

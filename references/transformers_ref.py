@@ -5,11 +5,19 @@ dequantizes it to float32 and undoes GGUF's Q/K row permutation, so everything h
 in the Hugging Face layout). Sites are captured with forward hooks on the modules; the
 post-RoPE q/k, which no module outputs, by wrapping ``apply_rotary_pos_emb`` of the
 Llama modeling module; cache contents are read from the ``DynamicCache`` after each step.
+
+A LoRA adapter (``lora=DIR``) is attached with ``peft.PeftModel.from_pretrained`` (unmerged
+``peft`` LoRA layers, injected into the model in place, so hooks and ``generate`` see them);
+an mlx-lm adapter is first converted to a PEFT directory (``lora_adapter.to_peft_dir``:
+transposed matrices, ``lora_alpha = scale * r``, ``layers_to_transform`` = its last layers).
 """
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader uses tqdm directly
@@ -20,6 +28,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama import modeling_llama
 
+import lora_adapter
 from protocol import LAYER_SITES, contiguous, hf_encode_chat, hf_encode_prompt, site_names
 from sampling import HfSideMixin, HfTokenizerSide, TransformersSampling
 
@@ -67,7 +76,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class TransformersReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
-                 attn_implementation: str = "eager"):
+                 attn_implementation: str = "eager", lora: str | None = None):
         if threads:
             torch.set_num_threads(int(threads))
         self.model_path = model
@@ -87,11 +96,56 @@ class TransformersReference(HfSideMixin):
         self.attn_implementation = attn_implementation
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
+        self.lora_path = lora
+        self.lora_how = None
+        if lora:
+            self._attach_lora(lora, torch_dtype)
         self._capturing = False
         self._current_layer = None
         self._out: dict[str, torch.Tensor] = {}
         self._install_hooks()
         self.reset()
+
+    def _attach_lora(self, path: str, torch_dtype):
+        from peft import PeftModel
+        # peft 0.21 calls a transformers method that transformers 5.23 marks as deprecated.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        fmt = lora_adapter.adapter_format(path)
+        src, how = path, "peft.PeftModel.from_pretrained"
+        if fmt == "mlx":
+            self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-peft-")
+            ad = lora_adapter.read(path, self.model.config.num_hidden_layers)
+            src = str(lora_adapter.to_peft_dir(ad, Path(self._tmp.name)))
+            how += " (mlx-lm adapter converted to PEFT form: transposed, lora_alpha = scale * r)"
+        self.peft = PeftModel.from_pretrained(self.model, src, is_trainable=False)
+        # peft keeps float32 adapter weights; an f64 oracle computes them in float64 too.
+        self.model.to(torch_dtype)
+        self.model.eval()
+        self.lora_how = how
+
+    def lora_inventory(self) -> str:
+        """JSON list of the LoRA modules this side holds (PEFT convention)."""
+        out = []
+        for i, layer in enumerate(self.model.model.layers):
+            for m, path in lora_adapter.PROJ_PATHS.items():
+                mod = layer.get_submodule(path)
+                la, lb = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
+                if la is None or "default" not in la:
+                    continue
+                a = la["default"].weight.detach().to(torch.float64).numpy()
+                b = lb["default"].weight.detach().to(torch.float64).numpy()
+                dt = str(la["default"].weight.dtype).removeprefix("torch.")
+                out.append(lora_adapter.entry(f"layers.{i}.{m}", a, b, dt, float(mod.scaling["default"])))
+        return json.dumps(out)
+
+    def lora_config(self) -> str:
+        """JSON: how the adapter was loaded and its effective configuration."""
+        if not self.lora_path:
+            return json.dumps(None)
+        c = self.peft.peft_config["default"]
+        return json.dumps({"loader": self.lora_how, "peft": md.version("peft"), "r": c.r, "lora_alpha": c.lora_alpha,
+                           "use_rslora": c.use_rslora, "target_modules": sorted(c.target_modules),
+                           "layers_to_transform": c.layers_to_transform})
 
     # -- capture ---------------------------------------------------------------------------
     def _put(self, name, t):
@@ -127,7 +181,7 @@ class TransformersReference(HfSideMixin):
     # -- protocol --------------------------------------------------------------------------
     def describe(self) -> dict:
         versions = {}
-        for pkg in ["torch", "transformers", "accelerate", "gguf", "numpy", "tokenizers"]:
+        for pkg in ["torch", "transformers", "accelerate", "gguf", "numpy", "tokenizers"] + (["peft"] if self.lora_path else []):
             try:
                 versions[pkg] = md.version(pkg)
             except md.PackageNotFoundError:
@@ -142,7 +196,7 @@ class TransformersReference(HfSideMixin):
             "layer_sites": LAYER_SITES,
             "sites": site_names(self.num_layers),
             "threads": torch.get_num_threads(),
-            "notes": [],
+            "notes": [f"LoRA adapter {self.lora_path}: {self.lora_how}, unmerged"] if self.lora_path else [],
         }
 
     def reset(self) -> None:

@@ -46,8 +46,26 @@ transformers (which dequantizes with the gguf package) must load each quantized 
 finite logits; Q8_0's must be close to F32's. It prints each quant type's max |logit
 difference| from its F32 model and how often their greedy top-1 agrees.
 
+LoRA adapters (under snapshots/adapters/), each drawn from its own seeded generator:
+
+  tiny-peft/       PEFT format for the tiny Llama: r 4, lora_alpha 8 (scale 2), all seven
+                   projections, layers_to_transform [0, 2]
+  tiny-mlx/        mlx-lm format for the tiny Llama: rank 4, scale 2, q/k/v and down_proj,
+                   num_layers 2 (the last two layers)
+  tiny-zero-b/     PEFT, q_proj/v_proj, every B matrix zero: an adapter with no effect
+  smollm2-mlx/     mlx-lm format for SmolLM2-135M: rank 8, scale 20, q_proj/v_proj, the last
+                   16 of 30 layers (mlx-lm's defaults), float16 tensors (~0.5 MB). A is drawn
+                   as mlx-lm initializes it (uniform +-1/sqrt(in)), B normal with std
+                   SMOLLM2_B_STD = 0.006, chosen so the adapter changes the logits visibly
+                   (transformers' greedy answer to "What is the capital of France?" becomes
+                   "L'Étoile (The City of Lights) is the capital of France" instead of "The
+                   capital of France is Paris."; logits rel-L2 8e-2) while the model still
+                   answers sensibly (0.01 gave rel-L2 1.3e-1 and flatter distributions).
+
+Adapters are written with --adapters-only too (without rewriting the models).
+
 Run with the reference environment's Python:
-    /root/.cache/lockstep/venv/bin/python scripts/make_fixtures.py [--no-check]
+    /root/.cache/lockstep/venv/bin/python scripts/make_fixtures.py [--no-check] [--adapters-only]
 """
 
 from __future__ import annotations
@@ -752,10 +770,103 @@ def self_check(k_f32: Path) -> bool:
 # =============================================================================================
 
 
+# =============================================================================================
+# LoRA adapters
+# =============================================================================================
+
+ADAPTER_DIR = REPO / "snapshots" / "adapters"
+PROJ_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+              "down_proj": "mlp.down_proj"}
+# SmolLM2-135M: hidden 576, 9 query / 3 KV heads of 64, intermediate 1536, 30 layers.
+SMOLLM2_DIMS = dict(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                    num_layers=30)
+SMOLLM2_B_STD = 0.006
+
+
+def proj_dims(d: dict, proj: str) -> tuple[int, int]:
+    """(out, in) of a projection."""
+    h, hd, f = d["hidden_size"], d["head_dim"], d["intermediate_size"]
+    return {"q_proj": (d["num_heads"] * hd, h), "k_proj": (d["num_kv_heads"] * hd, h),
+            "v_proj": (d["num_kv_heads"] * hd, h), "o_proj": (h, d["num_heads"] * hd),
+            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}[proj]
+
+
+def lora_pairs(d: dict, seed: int, rank: int, projs: list[str], layers: list[int], b_std: float,
+               zero_b: bool = False) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """(layer, proj) -> (A (r, in), B (out, r)) float32, PEFT convention, drawn in order."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    out = {}
+    for i in layers:
+        for p in projs:
+            o, n = proj_dims(d, p)
+            a = rng.uniform(-n ** -0.5, n ** -0.5, (rank, n)).astype(np.float32)
+            b = (rng.standard_normal((o, rank)) * b_std).astype(np.float32)
+            out[(i, p)] = (a, np.zeros_like(b) if zero_b else b)
+    return out
+
+
+def write_peft(path: Path, pairs, rank: int, alpha: float, projs: list[str], layers: list[int] | None) -> list[Path]:
+    from safetensors.numpy import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": rank,
+           "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+           "target_modules": projs, "layers_to_transform": layers, "fan_in_fan_out": False,
+           "init_lora_weights": True, "inference_mode": True}
+    write_json(path / "adapter_config.json", cfg)
+    t = {}
+    for (i, p), (a, b) in sorted(pairs.items()):
+        k = f"base_model.model.model.layers.{i}.{PROJ_PATHS[p]}"
+        t[f"{k}.lora_A.weight"] = np.ascontiguousarray(a)
+        t[f"{k}.lora_B.weight"] = np.ascontiguousarray(b)
+    save_file(t, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return [path / "adapter_config.json", path / "adapter_model.safetensors"]
+
+
+def write_mlx(path: Path, pairs, rank: int, scale: float, projs: list[str], num_layers: int,
+              dtype=np.float32) -> list[Path]:
+    from safetensors.numpy import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"fine_tune_type": "lora", "num_layers": num_layers,
+           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0,
+                               "keys": [PROJ_PATHS[p] for p in projs]}}
+    write_json(path / "adapter_config.json", cfg)
+    t = {}
+    for (i, p), (a, b) in sorted(pairs.items()):
+        k = f"model.layers.{i}.{PROJ_PATHS[p]}"
+        t[f"{k}.lora_a"] = np.ascontiguousarray(a.T.astype(dtype))  # (in, r)
+        t[f"{k}.lora_b"] = np.ascontiguousarray(b.T.astype(dtype))  # (r, out)
+    save_file(t, str(path / "adapters.safetensors"), metadata={"format": "mlx"})
+    return [path / "adapter_config.json", path / "adapters.safetensors"]
+
+
+def write_adapters() -> list[Path]:
+    d = dict(hidden_size=TINY.hidden_size, intermediate_size=TINY.intermediate_size, num_heads=TINY.num_heads,
+             num_kv_heads=TINY.num_kv_heads, head_dim=TINY.head_dim, num_layers=TINY.num_layers)
+    allp = list(PROJ_PATHS)
+    paths = write_peft(ADAPTER_DIR / "tiny-peft", lora_pairs(d, 21, 4, allp, [0, 2], 0.05), 4, 8.0, allp, [0, 2])
+    mlxp = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    last2 = list(range(TINY.num_layers - 2, TINY.num_layers))
+    paths += write_mlx(ADAPTER_DIR / "tiny-mlx", lora_pairs(d, 22, 4, mlxp, last2, 0.05), 4, 2.0, mlxp, 2)
+    qv = ["q_proj", "v_proj"]
+    paths += write_peft(ADAPTER_DIR / "tiny-zero-b",
+                        lora_pairs(d, 23, 4, qv, list(range(TINY.num_layers)), 0.05, zero_b=True), 4, 8.0, qv, None)
+    s = SMOLLM2_DIMS
+    last16 = list(range(s["num_layers"] - 16, s["num_layers"]))
+    paths += write_mlx(ADAPTER_DIR / "smollm2-mlx", lora_pairs(s, 24, 8, qv, last16, SMOLLM2_B_STD), 8, 20.0, qv, 16,
+                       dtype=np.float16)
+    return paths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-check", action="store_true", help="write the files, skip the transformers self-check")
+    ap.add_argument("--adapters-only", action="store_true", help="write only the LoRA adapters")
     args = ap.parse_args()
+    if args.adapters_only:
+        for p in write_adapters():
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0
     # No progress bar from transformers' GGUF loader in the self-check; tqdm reads this when
     # it is first imported (by torch, in write_hf_dir).
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -766,6 +877,7 @@ def main() -> int:
     weights = make_weights(TINY, vocab_size)
     paths = write_hf_dir(tok, weights) + [write_gguf(GGUF_PATH, TINY, tok, weights)]
     paths += [write_gguf(quant_path(TINY, q), TINY, tok, weights, q) for q in GGUF_QUANTS]
+    paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
         k_f32 = write_gguf(Path(tmp) / f"{TINY_K.name}.gguf", TINY_K, tok, make_weights(TINY_K, vocab_size))
         paths += [llama_quantize(k_f32, quant_path(TINY_K, q), ftype) for q, (ftype, _) in K_QUANTS.items()]

@@ -19,6 +19,8 @@ pub enum Fault {
     MissingBos,
     RawPrompt,
     Q41Min,
+    LoraNotAttached,
+    LoraScale,
     SamplerTemperature,
 }
 
@@ -176,6 +178,28 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "q",
         diagnosis: "dequantization",
         needs: "a Q4_1 file",
+    },
+    FaultInfo {
+        fault: Fault::LoraNotAttached,
+        name: "lora-not-attached",
+        bug: "the LoRA adapter is loaded but never attached (a stub adapter manager): the base model runs",
+        code_path: "LoraAdapter::attach: the projections are left as they are",
+        step: 0,
+        layer: Layer::First,
+        site: "q",
+        diagnosis: "adapter-not-attached",
+        needs: "--lora with an adapter on layer 0's q_proj (run: the adapter-effect check says \"adapter has no effect\")",
+    },
+    FaultInfo {
+        fault: Fault::LoraScale,
+        name: "lora-scale",
+        bug: "the LoRA scale applied twice (s^2 instead of s = alpha/r)",
+        code_path: "LoraAdapter::attach: the delta is multiplied by s*s",
+        step: 0,
+        layer: Layer::First,
+        site: "q",
+        diagnosis: "adapter-scale",
+        needs: "--lora with an adapter on layer 0's q_proj and a scale other than 1",
     },
     FaultInfo {
         fault: Fault::SamplerTemperature,

@@ -4,7 +4,7 @@
 //! ([`config`]), weights from Hugging Face directories and GGUF files ([`weights`]),
 //! the explicit KV cache ([`cache`]), the forward pass with its observation taps
 //! ([`llama`], [`taps`]), the Q/K layout transforms ([`layout`]), the tokenizer and chat
-//! template ([`tokenizer`]), samplers ([`sample`]), generation ([`generate`]) and model loading as one
+//! template ([`tokenizer`]), samplers ([`sample`]), generation ([`generate`]), LoRA adapters ([`lora`]) and model loading as one
 //! call ([`loader`]). It never imports the harness: the harness drives it through this
 //! public API.
 
@@ -16,6 +16,7 @@ pub mod generate;
 pub mod layout;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod quant;
 pub mod sample;
 pub mod taps;
@@ -30,6 +31,7 @@ pub use faults::{Fault, Faults};
 pub use layout::QkLayout;
 pub use llama::Llama;
 pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};
+pub use lora::{LoraAdapter, LoraMode, LoraOptions};
 pub use quant::{Linear, WeightsMode};
 pub use sample::{Order, SamplerConfig, Sampler};
 pub use taps::Capture;

@@ -9,6 +9,7 @@ use candle_core::DType;
 use crate::config::HfConfig;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
+use crate::lora::{LoraAdapter, LoraMode, LoraOptions};
 use crate::llama::Llama;
 use crate::faults::{Fault, Faults};
 use crate::quant::WeightsMode;
@@ -40,11 +41,13 @@ pub struct LoadOptions {
     pub weights: Option<WeightsMode>,
     /// Injected faults (`crate::faults`), none in normal use.
     pub faults: Faults,
+    /// A LoRA adapter to attach (`--lora DIR`), and how.
+    pub lora: Option<LoraOptions>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, weights: None, faults: Faults::none() }
+        Self { dtype: DType::F32, weights: None, faults: Faults::none(), lora: None }
     }
 }
 
@@ -55,6 +58,8 @@ pub struct LoadedModel {
     /// The mode the weights were loaded in (dense for Hugging Face weights).
     pub weights: WeightsMode,
     pub path: PathBuf,
+    /// The attached adapter and its mode.
+    pub lora: Option<(LoraAdapter, LoraMode)>,
 }
 
 impl LoadedModel {
@@ -115,7 +120,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         let mut model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
         model.faults = opts.faults.clone();
-        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, weights: WeightsMode::Dequant, path: path.into() });
+        let lora = attach_lora(&mut model, opts)?;
+        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, weights: WeightsMode::Dequant, path: path.into(), lora });
     }
     let mut magic = [0u8; 4];
     {
@@ -147,5 +153,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     // GGUF Q/K rows are stored for interleaved RoPE (see crate::layout).
     let mut model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
     model.faults = opts.faults.clone();
-    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into() })
+    let lora = attach_lora(&mut model, opts)?;
+    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora })
+}
+
+/// Loads `opts.lora`'s adapter, checks it against the model and attaches it.
+fn attach_lora(model: &mut Llama, opts: &LoadOptions) -> Result<Option<(LoraAdapter, LoraMode)>> {
+    let Some(l) = &opts.lora else { return Ok(None) };
+    let adapter = LoraAdapter::load(&l.dir, &model.cfg)?;
+    let (cfg, layout, dtype) = (model.cfg.clone(), model.qk_layout, model.dtype);
+    adapter.attach(&mut model.weights.layers, &cfg, layout, dtype, l.mode, &opts.faults)?;
+    Ok(Some((adapter, l.mode)))
 }

@@ -61,6 +61,9 @@ pub enum Linear {
     Blocks(Arc<BlockMatrix>),
     /// Any other GGUF type, through candle (`QMatMul`), with its GGUF type kept for reports.
     Candle(Arc<QMatMul>, GgmlDType),
+    /// A base matrix with an unmerged LoRA adapter: `y = x W^T + s * (x A^T) B^T`
+    /// (`crate::lora`).
+    Lora(Arc<crate::lora::LoraLinear>),
 }
 
 impl Linear {
@@ -108,6 +111,18 @@ impl Linear {
                 Ok(Tensor::from_vec(out, (seq, m.out), x.device())?)
             }
             Linear::Candle(q, _) => Ok(q.forward(x)?),
+            Linear::Lora(l) => {
+                let y = l.base.forward(x)?;
+                Ok((y + l.delta(x)?)?)
+            }
+        }
+    }
+
+    /// The matrix without its adapter (itself when it has none).
+    pub fn base(&self) -> &Linear {
+        match self {
+            Linear::Lora(l) => l.base.base(),
+            other => other,
         }
     }
 
@@ -115,6 +130,19 @@ impl Linear {
     /// all use this crate's kernels with one block kind, `x` is quantized once and all
     /// rows run in one parallel pass.
     pub fn forward_group(ws: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        if ws.iter().any(|w| matches!(w, Linear::Lora(_))) {
+            // The bases as a group (one activation quantization), then each adapter's delta.
+            let bases: Vec<&Linear> = ws.iter().map(|w| w.base()).collect();
+            let ys = Self::forward_group(&bases, x)?;
+            return ys
+                .into_iter()
+                .zip(ws)
+                .map(|(y, w)| match w {
+                    Linear::Lora(l) => Ok((y + l.delta(x)?)?),
+                    _ => Ok(y),
+                })
+                .collect();
+        }
         let blocks: Vec<&BlockMatrix> = ws
             .iter()
             .filter_map(|w| match w {
@@ -149,6 +177,7 @@ impl Linear {
             Linear::Blocks(m) => Ok(m.first_nonfinite_scale()),
             Linear::Dense(t) => first_nonfinite(t, 1),
             Linear::Candle(_, d) => first_nonfinite(&self.dequantize()?, d.block_size()),
+            Linear::Lora(l) => l.base.first_nonfinite(),
         }
     }
 
@@ -158,12 +187,15 @@ impl Linear {
             Linear::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             Linear::Blocks(m) => m.kind.name().into(),
             Linear::Candle(_, d) => format!("{d:?}"),
+            Linear::Lora(l) => l.base.type_name(),
         }
     }
 
-    /// The weight as a dense f32 tensor (for inspection and tests).
+    /// The weight as a dense f32 tensor (for inspection and tests); the base weight of an
+    /// unmerged adapter.
     pub fn dequantize(&self) -> Result<Tensor> {
         match self {
+            Linear::Lora(l) => l.base.dequantize(),
             Linear::Dense(t) => Ok(t.clone()),
             Linear::Blocks(m) => Ok(Tensor::from_vec(m.dequantize(), (m.out, m.inp), &Device::Cpu)?),
             Linear::Candle(q, _) => match q.as_ref() {

@@ -83,7 +83,7 @@ impl LlamaWeights {
 
     /// True when any matrix is multiplied with quantized kernels.
     pub fn any_quantized(&self) -> bool {
-        self.matrices().iter().any(|(_, m)| !matches!(m, Linear::Dense(_)))
+        self.matrices().iter().any(|(_, m)| !matches!(m.base(), Linear::Dense(_)))
     }
 }
 

@@ -199,6 +199,7 @@ pub fn check_catalog(
     refs: &[Reference],
     steps: usize,
     weights: Option<lockstep_engine::WeightsMode>,
+    lora: Option<lockstep_engine::LoraOptions>,
 ) -> Result<Vec<CheckResult>, HarnessError> {
     use lockstep_engine::faults::{Fault, Faults, Layer, CATALOG, DEFAULT_FAULT_LAYER};
     let base = RunOptions {
@@ -212,6 +213,7 @@ pub fn check_catalog(
         bisect: true,
         sampler: None,
         strict_config: false,
+        lora,
     };
     let show = |r: &BisectReport| match &r.diagnosis {
         Some(d) => format!(
@@ -241,6 +243,18 @@ pub fn check_catalog(
     let ttype = |name: &str| g.as_ref().and_then(|g| g.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)));
     let has_q41 = g.as_ref().is_some_and(|g| g.content.tensor_infos.values().any(|i| format!("{:?}", i.ggml_dtype) == "Q4_1"));
     let quant_embed = ttype("token_embd.weight").as_deref() == Some("Q4_1");
+    // (layer, site) of the adapter's first projection in forward order.
+    const FORWARD: [(&str, &str); 7] = [
+        ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out"),
+        ("gate_proj", "mlp_gate"), ("up_proj", "mlp_up"), ("down_proj", "mlp_out"),
+    ];
+    let first_adapted: Option<(usize, &str)> = engine.lora.as_ref().and_then(|(a, _)| {
+        a.pairs
+            .iter()
+            .filter_map(|p| FORWARD.iter().position(|(m, _)| *m == p.module).map(|k| (p.layer, k)))
+            .min()
+            .map(|(l, k)| (l, FORWARD[k].1))
+    });
     for info in CATALOG {
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
@@ -248,8 +262,33 @@ pub fn check_catalog(
             Fault::SamplerTemperature if !refs.iter().any(crate::sampler_parity::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
             }
+            Fault::LoraNotAttached | Fault::LoraScale if first_adapted.is_none() => {
+                Some("needs a LoRA adapter: faults --check --lora DIR")
+            }
             _ => None,
         };
+        // The LoRA faults enter at the first adapted projection in forward order.
+        if let (Fault::LoraNotAttached | Fault::LoraScale, Some((l, site))) = (info.fault, first_adapted) {
+            let expected = format!("step 0, layer {l}, {site} [{}]", info.diagnosis);
+            let mut o = base.clone();
+            o.faults = Faults::parse(info.name)?;
+            let eng = driver::load_engine(&o)?;
+            let (rep, _) = bisect(&o, &eng, refs, 256)?;
+            let ok = rep.step == Some(0)
+                && rep.layer == Some(l)
+                && rep.site.as_deref().map(leaf_of) == Some(site)
+                && rep.diagnosis.as_ref().is_some_and(|d| d.name == info.diagnosis);
+            out.push(CheckResult {
+                fault: info.name.into(),
+                applicable: true,
+                note: rep.diagnosis.as_ref().map(|d| d.title.clone()).unwrap_or_default(),
+                expected,
+                found: show(&rep),
+                ok,
+                seconds: rep.seconds,
+            });
+            continue;
+        }
         let expected = format!(
             "step {}, {}{} [{}]",
             info.step,
@@ -534,6 +573,9 @@ fn diagnose(
             if !input_ok && !iso_site(&site.site).is_some_and(|s| s.verdict == Verdict::Fail) {
                 return diag("unclassified", format!("{} fails but its input does too", site.site), ev);
             }
+            if let Some(d) = lora_evidence(engine, k, l, leaf, &mut ev) {
+                return d;
+            }
             let types = engine.model.weights.quant_type();
             ev.push(format!("{} is a pure function of its input (which passes) and a weight matrix", site.site));
             match types {
@@ -549,6 +591,67 @@ fn diagnose(
         }
         _ => diag("unclassified", format!("first failure at {}", site.site), ev),
     }
+}
+
+/// With a LoRA adapter on the failing projection: how much of the engine-minus-reference
+/// difference is the adapter's delta. On the reference's own input x, `D = (x A^T) B^T`;
+/// the difference `y_engine - y_reference` projected on D gives `c`; when c*D explains the
+/// difference, the engine applies the adapter with scale `s + c` where the reference applies
+/// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
+fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Diagnosis> {
+    let (adapter, _) = engine.lora.as_ref()?;
+    let (module, input) = match leaf {
+        "q" => ("q_proj", "attn_norm"),
+        "k" => ("k_proj", "attn_norm"),
+        "v" => ("v_proj", "attn_norm"),
+        "attn_out" => ("o_proj", "attn"),
+        "mlp_gate" => ("gate_proj", "mlp_norm"),
+        "mlp_up" => ("up_proj", "mlp_norm"),
+        "mlp_out" => ("down_proj", "mlp_act"),
+        _ => return None,
+    };
+    let pair = adapter.pairs.iter().find(|p| p.layer == l && p.module == module)?;
+    let (xs, xd) = arr(k, &format!("layers.{l}.{input}"))?;
+    let (_, yref) = arr(k, &format!("layers.{l}.{leaf}"))?;
+    let lw = engine.model.weights.layers.get(l)?;
+    let lin = match module {
+        "q_proj" => &lw.wq,
+        "k_proj" => &lw.wk,
+        "v_proj" => &lw.wv,
+        "o_proj" => &lw.wo,
+        "gate_proj" => &lw.w_gate,
+        "up_proj" => &lw.w_up,
+        _ => &lw.w_down,
+    };
+    let x = Tensor::from_vec(xd.clone(), xs.as_slice(), &Device::Cpu).ok()?;
+    let y = lin.forward(&x.to_dtype(engine.model.dtype).ok()?).ok()?;
+    let y = if matches!(module, "q_proj" | "k_proj") { engine.model.qk_layout.to_hf(&y, engine.model.cfg.head_dim).ok()? } else { y };
+    let ye: Vec<f64> = y.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+    let d = x.matmul(&pair.a.t().ok()?).ok()?.matmul(&pair.b.t().ok()?).ok()?;
+    let dv: Vec<f64> = d.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+    let diff: Vec<f64> = ye.iter().zip(yref).map(|(a, b)| a - *b as f64).collect();
+    let dd: f64 = dv.iter().map(|v| v * v).sum();
+    if dd == 0.0 || diff.len() != dv.len() {
+        return None;
+    }
+    let c = diff.iter().zip(&dv).map(|(a, b)| a * b).sum::<f64>() / dd;
+    let total: f64 = diff.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let resid: f64 = diff.iter().zip(&dv).map(|(a, b)| (a - c * b).powi(2)).sum::<f64>().sqrt();
+    if total == 0.0 || resid > 0.5 * total {
+        return None; // the adapter does not explain the difference
+    }
+    let s = pair.scale;
+    ev.push(format!(
+        "layers.{l}.{module} has a LoRA adapter (scale {s}): on the reference's input, the engine's output minus the \
+         reference's is {c:.4} x (x A^T) B^T (that explains {:.0}% of the difference)",
+        100.0 * (1.0 - (resid / total).powi(2))
+    ));
+    if (c + s).abs() <= 0.05 * s.abs() {
+        ev.push(format!("the engine applies scale {:.4} where the reference applies {s}: no adapter at all", s + c));
+        return Some(diag("adapter-not-attached", format!("the LoRA adapter is not attached to `layers.{l}.{module}` in the engine"), std::mem::take(ev)));
+    }
+    ev.push(format!("the engine applies scale {:.4} where the reference applies {s}", s + c));
+    Some(diag("adapter-scale", format!("the LoRA scale of `layers.{l}.{module}` is wrong in the engine ({:.4} instead of {s})", s + c), std::mem::take(ev)))
 }
 
 fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {

@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub sampler: Option<lockstep_engine::SamplerConfig>,
     /// Any difference in the generation-config table stops the run before step 0.
     pub strict_config: bool,
+    /// A LoRA adapter on every side (`--lora DIR`); the mode is the engine's.
+    pub lora: Option<lockstep_engine::LoraOptions>,
 }
 
 /// The reference tensors bisect keeps from the first failing step: the localized site's
@@ -269,6 +271,9 @@ pub struct RunResult {
     /// The engine's sampler, and the references without sampler parity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampler: Option<SamplerInfo>,
+    /// With `--lora`: the inventories, their diff and the adapter's effect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::LoraReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -313,7 +318,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone() })?)
+    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?)
 }
 
 /// Encodes the prompt on the engine side.
@@ -740,7 +745,16 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let engine_text = engine.tokenizer.decode(&generated, true).unwrap_or_default();
     let mut summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
     let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
-    let first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
+    let mut first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
+    // An adapter problem (inventories differ, tensors attached to nothing, no effect) is the
+    // root cause of whatever else diverged: it is reported first.
+    let lora = match (&engine.lora, opts.bisect) {
+        (Some(_), false) => Some(crate::lora::check(opts, engine, refs, &steps)?),
+        _ => None,
+    };
+    if let Some(d) = lora.as_ref().and_then(|l| l.divergence()) {
+        first_divergence = Some(d);
+    }
     let sampler_info = opts.sampler.as_ref().map(|c| crate::sampler_parity::info(c, refs, &ref_samplers, &no_sampler, &steps));
     Ok(RunResult {
         kept,
@@ -768,6 +782,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         sampler: sampler_info,
         config,
         stopped_before_step0: None,
+        lora,
     })
 }
 
@@ -1154,5 +1169,6 @@ fn stopped_before_step0(
         config,
         stopped_before_step0: Some(reason),
         sampler: None,
+        lora: None,
     }
 }

@@ -12,6 +12,7 @@
 //!   summarize the sites a trace does not keep in full
 //! - [`manifest`], [`parity`]: the golden cases of `snapshots/traces/manifest.toml`, their
 //!   replay and the parity summary that `cargo test` snapshots with insta
+//! - [`lora`]: the checks of a run with a LoRA adapter (inventory diff, adapter effect)
 //! - [`sampler_parity`], [`genconfig`], [`tokcheck`]: the sampler, the generation config
 //!   and the tokenizer/chat template of each side
 //! - [`suite`], [`nightly`], [`html`]: `lockstep report`: suites of cases, running them with
@@ -24,6 +25,7 @@ pub mod driver;
 pub mod error;
 pub mod genconfig;
 pub mod html;
+pub mod lora;
 pub mod manifest;
 pub mod models;
 pub mod nightly;

@@ -56,6 +56,36 @@ impl WeightsArg {
     }
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LoraModeArg {
+    Unmerged,
+    Merged,
+}
+
+#[derive(Args, Clone)]
+struct LoraArgs {
+    /// A LoRA adapter directory, PEFT (adapter_model.safetensors) or mlx-lm
+    /// (adapters.safetensors) format; every side loads it (see README, "LoRA adapters").
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// How the engine applies the adapter: unmerged (y = Wx + s*B(Ax)) or merged
+    /// (W + s*BA; a quantized W is dequantized first).
+    #[arg(long, value_enum, default_value = "unmerged")]
+    lora_mode: LoraModeArg,
+}
+
+impl LoraArgs {
+    fn options(&self) -> Option<lockstep_engine::LoraOptions> {
+        self.lora.as_ref().map(|dir| lockstep_engine::LoraOptions {
+            dir: dir.clone(),
+            mode: match self.lora_mode {
+                LoraModeArg::Unmerged => lockstep_engine::LoraMode::Unmerged,
+                LoraModeArg::Merged => lockstep_engine::LoraMode::Merged,
+            },
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the engine and a reference in lockstep and compare every site at every step.
@@ -94,6 +124,26 @@ enum Cmd {
         /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
         #[arg(long)]
         inject: Option<String>,
+        #[command(flatten)]
+        lora: LoraArgs,
+    },
+    /// Print the LoRA adapter inventories (per module: shapes, dtype, rank, scale,
+    /// checksums) and the effective LoRA configuration of the engine and the references,
+    /// with their diff, without generating (exit 1 if they differ).
+    Inspect {
+        /// Model: a Hugging Face directory, a .gguf file, or an alias.
+        #[arg(long)]
+        model: String,
+        /// References, comma-separated: transformers, mlx.
+        #[arg(long, default_value = "transformers")]
+        reference: String,
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
+        #[command(flatten)]
+        lora: LoraArgs,
+        /// Write the inventories as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Find where the engine first leaves the reference: step, layer, site, whether the
     /// layer is wrong by itself, and the most likely cause with its evidence.
@@ -122,6 +172,8 @@ enum Cmd {
         /// Sample as `run --sampler` does; each reference's own sampler is compared at every step.
         #[arg(long)]
         sampler: Option<String>,
+        #[command(flatten)]
+        lora: LoraArgs,
     },
     /// List the fault catalog; with --check, inject each fault and bisect it.
     Faults {
@@ -139,6 +191,9 @@ enum Cmd {
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run every fault with this LoRA adapter on every side (the LoRA faults need one).
+        #[command(flatten)]
+        lora: LoraArgs,
     },
     /// Run in lockstep with live references and record their answers as golden traces
     /// (snapshots/traces/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*).
@@ -215,6 +270,8 @@ enum Cmd {
         /// Sample instead of greedy (same syntax as `run --sampler`); seeded, reproducible.
         #[arg(long)]
         sampler: Option<String>,
+        #[command(flatten)]
+        lora: LoraArgs,
     },
     /// Compare the engine's tokenizer, special tokens and chat template with the references'
     /// on a built-in corpus of hard strings (and --corpus FILE); exit 1 on a mismatch.
@@ -345,7 +402,7 @@ fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessErr
 
 fn real_main(cli: Cli) -> Result<u8, HarnessError> {
     match cli.cmd {
-        Cmd::Run { model, reference, prompt, steps, json, f64, weights, inject, sampler, strict_config } => {
+        Cmd::Run { model, reference, prompt, steps, json, f64, weights, inject, sampler, strict_config, lora } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -365,10 +422,14 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 bisect: false,
                 sampler,
                 strict_config,
+                lora: lora.options(),
             };
             let mut opts = opts;
             let engine = driver::load_engine(&opts)?;
-            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let refs = specs
+                .iter()
+                .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
             // A trace holds the steps it recorded: run no further than the shortest.
             if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
                 if held < opts.steps {
@@ -482,7 +543,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if r.result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Generate { model, prompt, n, f64, weights, inject, sampler } => {
+        Cmd::Generate { model, prompt, n, f64, weights, inject, sampler, lora } => {
             let sampler = parse_sampler(sampler.as_deref())?;
             let path = models::resolve(&model)?;
             let precision = if f64 { Precision::F64 } else { Precision::F32 };
@@ -497,6 +558,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 bisect: false,
                 sampler: sampler.clone(),
                 strict_config: false,
+                lora: lora.options(),
             };
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
@@ -565,7 +627,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if c.count(|s| matches!(s, Status::Differs { .. })) > 0 { 1 } else { 0 })
         }
-        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb, sampler } => {
+        Cmd::Bisect { model, reference, prompt, steps, json, weights, inject, max_capture_mb, sampler, lora } => {
             let sampler = parse_sampler(sampler.as_deref())?;
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
@@ -583,9 +645,13 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 bisect: true,
                 sampler,
                 strict_config: false,
+                lora: lora.options(),
             };
             let engine = driver::load_engine(&opts)?;
-            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
+            let refs = specs
+                .iter()
+                .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
             let (mut rep, _run) = lockstep::bisect::bisect(&opts, &engine, &refs, max_capture_mb)?;
             rep.steps_requested = steps;
             print!("{}", lockstep::bisect::render(&rep, &path.display().to_string(), &reference));
@@ -596,7 +662,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if rep.found { 1 } else { 0 })
         }
-        Cmd::Faults { check, model, reference, steps, weights, json } => {
+        Cmd::Faults { check, model, reference, steps, weights, json, lora } => {
             use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
             if !check {
                 println!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
@@ -613,8 +679,11 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             let path = models::resolve(&model)?;
             let specs = RefSpec::parse_list(&reference)?;
-            let refs = specs.iter().map(|s| Reference::load(s, &path)).collect::<Result<Vec<_>, _>>()?;
-            let results = lockstep::bisect::check_catalog(&path, &specs, &refs, steps, weights.map(WeightsArg::mode))?;
+            let refs = specs
+                .iter()
+                .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let results = lockstep::bisect::check_catalog(&path, &specs, &refs, steps, weights.map(WeightsArg::mode), lora.options())?;
             print!("{}", lockstep::bisect::render_check(&results, &path.display().to_string(), &reference));
             if let Some(j) = json {
                 let text = serde_json::to_string_pretty(&results).map_err(|e| HarnessError::Usage(e.to_string()))?;
@@ -683,6 +752,36 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             print!("{}", lockstep::html::summary_md(&rep));
             println!("\nreport: {}", out.join("index.html").display());
             Ok(code)
+        }
+        Cmd::Inspect { model, reference, weights, lora, json } => {
+            let specs = RefSpec::parse_list(&reference)?;
+            let path = models::resolve(&model)?;
+            let Some(lopts) = lora.options() else {
+                println!("lockstep inspect\n  model      {}\n  adapter    none (give --lora DIR)", path.display());
+                return Ok(0);
+            };
+            let engine = lockstep_engine::load(
+                &path,
+                &lockstep_engine::LoadOptions { weights: weights.map(WeightsArg::mode), lora: Some(lopts), ..Default::default() },
+            )?;
+            let refs = specs
+                .iter()
+                .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let rep = lockstep::lora::inventory_report(&engine, &refs)?;
+            println!("lockstep inspect\n  model      {}", path.display());
+            for s in &rep.sides {
+                println!("  config     {:<12} {}", s.side, s.config);
+            }
+            print!("{}", lockstep::lora::render_inventory(&rep));
+            print!("{}", lockstep::lora::render_modules(&rep));
+            print!("{}", lockstep::lora::render_checks(&rep));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&rep).map_err(|e| HarnessError::Usage(e.to_string()))?;
+                std::fs::write(&j, text + "\n")
+                    .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
+            }
+            Ok(if rep.divergence().is_some() { 1 } else { 0 })
         }
         Cmd::Models => {
             for (a, what) in models::ALIASES {

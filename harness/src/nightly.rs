@@ -433,21 +433,23 @@ fn first_drift(r: &RunResult) -> Option<FirstDivergence> {
 /// alone takes ~18 s). Keyed by reference label; cleared when the model changes.
 #[derive(Default)]
 pub struct RefCache {
-    model: Option<PathBuf>,
+    /// The model and adapter the cached references were loaded with.
+    key: Option<(PathBuf, Option<PathBuf>)>,
     refs: HashMap<String, Reference>,
 }
 
 impl RefCache {
-    fn take(&mut self, specs: &[RefSpec], model: &Path) -> Result<Vec<Reference>, HarnessError> {
-        if self.model.as_deref() != Some(model) {
+    fn take(&mut self, specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
+        let key = (model.to_path_buf(), lora.map(Path::to_path_buf));
+        if self.key.as_ref() != Some(&key) {
             self.refs.clear();
-            self.model = Some(model.to_path_buf());
+            self.key = Some(key);
         }
         specs
             .iter()
             .map(|s| match self.refs.remove(&s.label()) {
                 Some(r) => Ok(r),
-                None => Reference::load(s, model),
+                None => Reference::load_with_lora(s, model, lora),
             })
             .collect()
     }
@@ -459,13 +461,19 @@ impl RefCache {
     }
 }
 
+/// A suite's `lora = PATH`: as given when it exists from the working directory, else
+/// relative to the repository (the committed adapters are `snapshots/adapters/...`).
+fn resolve_adapter(l: &str) -> PathBuf {
+    let p = PathBuf::from(l);
+    if p.is_absolute() || p.exists() {
+        p
+    } else {
+        crate::python::repo_dir().join(p)
+    }
+}
+
 /// Runs one case (and bisects it when it diverged). Errors are the caller's to record.
 fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> Result<CaseResult, HarnessError> {
-    if let Some(l) = &def.lora {
-        return Err(HarnessError::Usage(format!(
-            "lora = \"{l}\": LoRA adapters are not supported by this engine yet; the case runs once the engine loads adapters"
-        )));
-    }
     if std::env::var("LOCKSTEP_REPORT_TEST_PANIC").is_ok_and(|n| n == def.name) {
         // A test hook: proves that a panicking case is caught and reported (tests/report.rs).
         panic!("LOCKSTEP_REPORT_TEST_PANIC asked case `{}` to panic", def.name);
@@ -477,6 +485,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         Some(s) => Some(lockstep_engine::SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string()))?),
         None => None,
     };
+    let lora_dir = def.lora.as_deref().map(resolve_adapter);
     let mut opts = RunOptions {
         model: path.clone(),
         references: specs.clone(),
@@ -488,9 +497,10 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         bisect: false,
         sampler,
         strict_config: false,
+        lora: lora_dir.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
     let engine = driver::load_engine(&opts)?;
-    let refs = cache.take(&specs, &path)?;
+    let refs = cache.take(&specs, &path, lora_dir.as_deref())?;
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
         opts.steps = opts.steps.min(held);
     }

@@ -118,6 +118,7 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         faults: Default::default(),
         sampler: None,
         strict_config: false,
+        lora: None,
     };
     let engine = driver::load_engine(&opts)?;
     let refs = specs.iter().map(|s| Reference::load(s, &model)).collect::<Result<Vec<_>, _>>()?;

@@ -220,10 +220,29 @@ impl Reference {
     /// A live reference: imports `references/<module>.py` and calls its
     /// `load(model, dtype=...)`; a trace: reads it and checks it was recorded from `model`.
     pub fn load(spec: &RefSpec, model: &Path) -> Result<Reference, HarnessError> {
+        Self::load_with_lora(spec, model, None)
+    }
+
+    /// As [`Reference::load`], with a LoRA adapter directory given to the reference's
+    /// `load(model, dtype=..., lora=DIR)` (a trace cannot take one).
+    pub fn load_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
         if spec.trace.is_some() {
+            if lora.is_some() {
+                return Err(HarnessError::Usage(format!(
+                    "--lora needs live references: the trace {} was recorded without an adapter",
+                    spec.label()
+                )));
+            }
             return crate::trace::load_reference(spec, model);
         }
-        let (obj, description) = PyReference::load(spec, model)?;
+        if lora.is_some() && spec.name == "llamacpp" {
+            return Err(HarnessError::Usage(
+                "--lora: the llamacpp reference cannot load PEFT or mlx-lm adapters (llama.cpp takes GGUF LoRA files); \
+                 use --reference transformers,mlx"
+                    .into(),
+            ));
+        }
+        let (obj, description) = PyReference::load(spec, model, lora)?;
         Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Backend::Python(obj), description })
     }
 
@@ -313,7 +332,7 @@ pub struct PyReference {
 
 impl PyReference {
     /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
-    pub fn load(spec: &RefSpec, model: &Path) -> Result<(PyReference, Description), HarnessError> {
+    pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
         let (module, dtype) = (spec.module, spec.dtype);
         let name = spec.label();
         let name = name.as_str();
@@ -322,6 +341,9 @@ impl PyReference {
             let m = py.import(module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
+            if let Some(l) = lora {
+                kwargs.set_item("lora", l.to_string_lossy().as_ref()).map_err(|e| py_err(py, e, "building arguments"))?;
+            }
             let obj = m
                 .call_method("load", (model.to_string_lossy().as_ref(),), Some(&kwargs))
                 .map_err(|e| py_err(py, e, format!("loading {} with the {name} reference", model.display())))?;

@@ -333,6 +333,7 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         faults: Default::default(),
         sampler: None,
         strict_config: false,
+        lora: None,
     };
     let engine = driver::load_engine(&opts)?;
     let refs = req

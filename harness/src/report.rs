@@ -56,6 +56,8 @@ struct JsonReport<'a> {
     generate: &'a [crate::driver::GenerateCheck],
     summary: &'a crate::driver::RunSummary,
     tolerances: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora: Option<&'a crate::lora::LoraReport>,
 }
 
 #[derive(Serialize)]
@@ -116,6 +118,7 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
         generate: &r.generate,
         summary: &r.summary,
         tolerances: serde_json::Value::Object(tols),
+        lora: r.lora.as_ref(),
     };
     let text = serde_json::to_string_pretty(&report).map_err(|e| HarnessError::Io {
         path: path.display().to_string(),
@@ -454,6 +457,9 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             let _ = writeln!(o, "{} generate (greedy): {:?}", g.reference, g.reference_text);
             let _ = writeln!(o, "  first different token at {} [{}]", g.first_mismatch.unwrap_or(0), g.verdict.as_str());
         }
+    }
+    if let Some(l) = &r.lora {
+        o.push_str(&crate::lora::render(l));
     }
     let _ = writeln!(o);
     match &r.first_divergence {

@@ -18,7 +18,7 @@
 //! steps = 12
 //! tolerance = "default"    # default | strict (a drift counts as a divergence)
 //! inject = "rope-theta"    # optional: engine faults (`lockstep faults`)
-//! lora = "path/to/adapter" # reserved: an error of the case until the engine has LoRA
+//! lora = "path/to/adapter" # a LoRA adapter on every side (relative: to the working directory, else the repository)
 //! expect = "pass"          # pass (default) | diverged: what the case is meant to show
 //!
 //! [[matrix]]               # the cross product of its lists, one case per combination
@@ -29,7 +29,7 @@
 //! weights = ["quantized", "dequant"]
 //! prompts = [{ name = "capital", chat = "What is the capital of France?" }]
 //! samplers = [{ name = "greedy" }, { name = "t08", spec = "temp=0.8,top_p=0.95,seed=0" }]
-//! adapters = [{ name = "none" }]               # reserved for LoRA: { name, lora = PATH }
+//! adapters = [{ name = "none" }]               # LoRA adapters: { name, lora = PATH }; "none": the base model
 //! steps = 16
 //! tolerance = "default"
 //! ```

@@ -449,3 +449,30 @@ pub const SAMPLER_TV_PASS: f64 = 1e-5;
 /// drops the last 1-5 boundary tokens of large nuclei (SmolLM2, temp 0.8, top_p 0.95: TV up
 /// to 4e-5); a real threshold error moves whole tokens of mass 1e-3 and more.
 pub const SAMPLER_TV_BOUNDARY: f64 = 1e-3;
+
+/// LoRA (`crate::lora`): the smallest logits change (rel-L2, adapted vs base over every
+/// position fed, both on the engine) that counts as an effect when the measured noise floor
+/// (reference vs reference) is lower still, e.g. with a single reference. f32 rounding of a
+/// forward pass is ~1e-7 relative (transformers vs MLX logits on the tiny fixture: 6e-7;
+/// on SmolLM2: 1e-5); an adapter with zero B or scale 0 changes nothing at all (exactly 0).
+pub const LORA_EFFECT_MIN_LOGITS_REL_L2: f64 = 1e-6;
+
+/// LoRA inventory checksums (sum and norm of A and of B, in f64) must agree this closely
+/// between sides: every side holds the same f32 values (float16 files widen exactly), and
+/// only the summation order differs (~1e-15 relative).
+pub const LORA_CHECKSUM_REL: f64 = 1e-6;
+
+/// LoRA: the engine's merged (`W + s B A`) and unmerged (`W x + s B (A x)`) modes give the
+/// same logits within this rel-L2 on f32 weights (only the rounding of the two orders
+/// differs). Measured by `cargo test --release -p lockstep --test lora merged_and_unmerged
+/// -- --nocapture`, 39 tokens: tiny-llama + tiny-peft 5.0e-7, + tiny-mlx 3.6e-7, tiny-llama.gguf
+/// (dequant) + tiny-peft 5.1e-7; the bound is 20x the worst.
+pub const LORA_MODES_LOGITS_REL_L2_F32: f64 = 1e-5;
+
+/// The same on quantized base weights, where merged means dequantize-then-add: the adapted
+/// matrices become dense f32 and their activations are no longer rounded to 8 bits, so the
+/// modes differ by that rounding (as `--weights quantized` vs `dequant`,
+/// `lockstep_engine::quant::MODES_AGREE_LOGITS_REL_L2`). Measured by the same test: Q4_1 tiny +
+/// tiny-mlx 1.19e-2, Q8_0 tiny + tiny-peft 1.57e-2, SmolLM2 Q4_1 + smollm2-mlx (32 of 210
+/// matrices) 1.37e-2; the bound is 3x the worst, the engine-wide quantized/dequant bound.
+pub const LORA_MODES_LOGITS_REL_L2_QUANTIZED: f64 = 5e-2;

@@ -12,9 +12,9 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 12] = [
+const ALL_FAULTS: [&str; 14] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
-    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "sampler-temperature",
+    "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
 ];
 
 #[test]
@@ -25,7 +25,8 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
         assert!(out.lines().any(|l| l.starts_with(f)), "{f} missing:\n{out}");
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
-                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "sampler-mismatch"] {
+                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached",
+                   "adapter-scale", "sampler-mismatch"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);
@@ -94,6 +95,35 @@ fn every_fault_on_smollm2_against_transformers() {
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
 fn every_fault_on_smollm2_against_mlx() {
     check(&["smollm2", "--weights", "dequant"], "mlx", 13);
+}
+
+#[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+fn every_fault_on_smollm2_with_its_lora_adapter_against_transformers_and_mlx() {
+    // The committed mlx-lm adapter targets q/v of the last 16 of 30 layers: the LoRA faults
+    // enter at layer 14's q (through peft on the transformers side, mlx-lm's LoRALinear on MLX).
+    for reference in ["transformers", "mlx"] {
+        let v = check(&["smollm2", "--weights", "dequant", "--lora", "../snapshots/adapters/smollm2-mlx"], reference, 15);
+        let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+        assert_eq!(row("lora-not-attached")["found"], "step 0, layer 14, q [adapter-not-attached]", "{reference}");
+        assert_eq!(row("lora-scale")["found"], "step 0, layer 14, q [adapter-scale]", "{reference}");
+    }
+}
+
+#[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+fn every_fault_with_a_lora_adapter_on_the_tiny_fixture() {
+    // With an adapter on every side the LoRA faults apply too; they enter at the adapter's
+    // first projection in forward order (PEFT adapter: layer 0; mlx-lm adapter: the last 2
+    // of 3 layers, so layer 1).
+    let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "transformers", 14);
+    let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+    assert_eq!(row("lora-not-attached")["found"], "step 0, layer 0, q [adapter-not-attached]");
+    assert_eq!(row("lora-scale")["found"], "step 0, layer 0, q [adapter-scale]");
+    check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "mlx", 14);
+    let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-mlx"], "mlx", 14);
+    let r = v.as_array().unwrap().iter().find(|r| r["fault"] == "lora-scale").unwrap();
+    assert_eq!(r["found"], "step 0, layer 1, q [adapter-scale]");
 }
 
 /// `lockstep bisect` on a clean engine: nothing found, exit 0.

@@ -148,7 +148,7 @@ fn write_suite(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 /// One case with an injected fault (it fails, bisect names it), one with an unreadable
-/// model, one that panics, one with a LoRA adapter (not supported yet): each is in the
+/// model, one that panics, one with a LoRA adapter directory that does not exist: each is in the
 /// report with its error, and the cases after them still run. A second run resumes.
 #[test]
 #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
@@ -219,7 +219,7 @@ lora = "adapters/none"
     assert_eq!(p["verdict"], "error");
     assert!(p["error"].as_str().unwrap().starts_with("panicked:"), "{}", p["error"]);
     let l = case(&rep, "with-lora");
-    assert!(l["error"].as_str().unwrap().contains("LoRA adapters are not supported"), "{}", l["error"]);
+    assert!(l["error"].as_str().unwrap().contains("adapters/none"), "a missing adapter directory is named: {}", l["error"]);
     // The case after the failures ran.
     let ok = case(&rep, "tiny-ok");
     assert_eq!(ok["verdict"], "pass");
@@ -390,9 +390,10 @@ fn committed_suites_parse_and_the_nightly_matrix_expands() {
         out
     };
     let ci = list("scripts/suites/ci.toml", &[]);
-    assert_eq!(ci.lines().count(), 5, "{ci}");
+    assert_eq!(ci.lines().count(), 6, "{ci}");
+    assert!(ci.contains("lora=snapshots/adapters/tiny-peft"), "{ci}");
     let nightly = list("scripts/suites/nightly.toml", &[]);
-    for name in ["smollm2-llamacpp-capital-greedy", "smollm2-llamacpp-count-t08", "smollm2-f32-count", "fixture-tiny-gguf-t08", "quant-tiny-k-q6_k", "canary-rope-theta"] {
+    for name in ["smollm2-llamacpp-capital-greedy", "smollm2-llamacpp-count-t08", "smollm2-f32-count", "fixture-tiny-gguf-t08", "quant-tiny-k-q6_k", "canary-rope-theta", "smollm2-lora-f32", "tiny-lora-mlx"] {
         assert!(nightly.contains(name), "{name} not in\n{nightly}");
     }
     let n = nightly.lines().count();
