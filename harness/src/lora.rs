@@ -157,6 +157,11 @@ pub fn inventories(engine: &LoadedModel, refs: &[Reference]) -> Result<Vec<SideI
         }),
     }];
     for r in refs {
+        if let Some(a) = r.replay().and_then(|t| t.adapter()) {
+            // A recorded trace: the inventory its reference reported when recording.
+            sides.push(SideInventory { side: r.name.clone(), entries: a.inventory.clone(), config: a.config.clone() });
+            continue;
+        }
         let obj = r.object().ok_or_else(|| HarnessError::Usage(format!("--lora needs live references, not {}", r.name)))?;
         if !crate::pycall::has_method(obj, "lora_inventory") {
             return Err(HarnessError::Usage(format!("the {} reference cannot load LoRA adapters", r.name)));

@@ -227,6 +227,10 @@ enum Cmd {
         /// replays load them the same way.
         #[arg(long, value_enum)]
         weights: Option<WeightsArg>,
+        /// A LoRA adapter directory on every side (the engine unmerged); recorded in the trace
+        /// (path, sha256, the reference's inventory), which then replays only with it.
+        #[arg(long)]
+        lora: Option<PathBuf>,
     },
     /// Re-record every case of snapshots/traces/manifest.toml (what `make snapshots` runs).
     Snapshots {
@@ -447,7 +451,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             }
             Ok(if result.verdict_pass { 0 } else { 1 })
         }
-        Cmd::Record { model, reference, prompt, steps, name, full_layers, budget_mb, out, weights } => {
+        Cmd::Record { model, reference, prompt, steps, name, full_layers, budget_mb, out, weights, lora } => {
             if steps == 0 {
                 return Err(HarnessError::Usage("--steps must be at least 1".into()));
             }
@@ -465,6 +469,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 names,
                 policy: KeepPolicy { full_layers },
                 weights: weights.map(WeightsArg::mode),
+                lora,
                 budget_bytes: budget_mb.map(|b| (b * 1e6) as u64),
                 dir: out.unwrap_or_else(trace::traces_dir),
             };
@@ -493,6 +498,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                     names: c.trace_names(),
                     policy: KeepPolicy { full_layers: c.full_layers.clone() },
                     weights: c.weights_mode(),
+                    lora: c.lora_dir(),
                     budget_bytes: Some(c.budget_bytes()),
                     dir: dir.clone(),
                 };

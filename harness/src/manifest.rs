@@ -58,6 +58,9 @@ pub struct Case {
     #[serde(default = "default_weights")]
     pub weights: String,
     pub full_layers: Option<Vec<usize>>,
+    /// A LoRA adapter directory (repository-relative) on every side.
+    #[serde(default)]
+    pub lora: Option<String>,
     pub budget_mb: f64,
     #[serde(default)]
     pub expect: Expect,
@@ -134,6 +137,11 @@ impl Manifest {
 }
 
 impl Case {
+    /// The adapter directory, resolved against the repository.
+    pub fn lora_dir(&self) -> Option<std::path::PathBuf> {
+        self.lora.as_ref().map(|l| crate::python::repo_dir().join(l))
+    }
+
     pub fn weights_mode(&self) -> Option<lockstep_engine::WeightsMode> {
         crate::trace::parse_weights(&self.weights).expect("checked when loading")
     }

@@ -94,7 +94,8 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
             && m.model.weights == first.model.weights
             && m.prompt.mode == first.prompt.mode
             && m.prompt.text == first.prompt.text
-            && m.tokens_fed == first.tokens_fed;
+            && m.tokens_fed == first.tokens_fed
+            && m.adapter.as_ref().map(|a| &a.sha256) == first.adapter.as_ref().map(|a| &a.sha256);
         if !same {
             return Err(HarnessError::Mismatch(format!(
                 "traces `{}` and `{}` were not recorded together (model, prompt or tokens differ): re-record case `{name}`",
@@ -103,6 +104,8 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         }
     }
     let model = trace::locate_model(&first.model)?;
+    // The adapter the traces were recorded with (its sha256 is checked by each trace).
+    let lora = first.adapter.as_ref().map(|a| crate::python::repo_dir().join(&a.path));
     let prompt = match first.prompt.mode.as_str() {
         "chat" => driver::Prompt::Chat(first.prompt.text.clone()),
         _ => driver::Prompt::Text(first.prompt.text.clone()),
@@ -118,10 +121,10 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         faults: Default::default(),
         sampler: None,
         strict_config: false,
-        lora: None,
+        lora: lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
     let engine = driver::load_engine(&opts)?;
-    let refs = specs.iter().map(|s| Reference::load(s, &model)).collect::<Result<Vec<_>, _>>()?;
+    let refs = specs.iter().map(|s| Reference::load_with_lora(s, &model, lora.as_deref())).collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&model)?;
     let notes = refs.iter().filter_map(|r| r.replay()).flat_map(|r| r.notes()).collect();

@@ -227,13 +227,7 @@ impl Reference {
     /// `load(model, dtype=..., lora=DIR)` (a trace cannot take one).
     pub fn load_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
         if spec.trace.is_some() {
-            if lora.is_some() {
-                return Err(HarnessError::Usage(format!(
-                    "--lora needs live references: the trace {} was recorded without an adapter",
-                    spec.label()
-                )));
-            }
-            return crate::trace::load_reference(spec, model);
+            return crate::trace::load_reference_with_lora(spec, model, lora);
         }
         if lora.is_some() && spec.name == "llamacpp" {
             return Err(HarnessError::Usage(

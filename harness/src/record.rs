@@ -218,6 +218,8 @@ pub struct RecordTarget<'a> {
     pub model_path: &'a Path,
     pub model_sha256: &'a str,
     pub weights: &'a str,
+    /// The LoRA adapter (directory, sha256) every side ran with.
+    pub adapter: Option<(&'a Path, &'a str)>,
     pub steps_requested: usize,
     pub budget_bytes: Option<u64>,
 }
@@ -278,6 +280,21 @@ pub fn write_traces(result: &RunResult, refs: &[Reference], t: &RecordTarget<'_>
                 caches: "the rows each step appends ({site}@new); replays rebuild the whole cache".into(),
             },
             tensors: trace::TensorsMeta { file: String::new(), bytes: 0, sha256: String::new() },
+            adapter: match (t.adapter, result.lora.as_ref()) {
+                (Some((path, sha)), Some(l)) => {
+                    let side = l.sides.iter().find(|s| s.side == r.name).ok_or_else(|| {
+                        HarnessError::Mismatch(format!("{}: the run has no LoRA inventory of this reference", r.name))
+                    })?;
+                    Some(trace::AdapterMeta {
+                        path: trace::portable_model_path(path),
+                        sha256: sha.to_string(),
+                        inventory: side.entries.clone(),
+                        config: side.config.clone(),
+                    })
+                }
+                (Some(_), None) => return Err(HarnessError::Mismatch("the run with an adapter has no LoRA report".into())),
+                (None, _) => None,
+            },
         };
         let size = trace::write(&mut meta, &st.tensors, t.dir, t.budget_bytes)?;
         written.push((name.clone(), size));
@@ -296,6 +313,8 @@ pub struct RecordRequest {
     pub policy: KeepPolicy,
     /// How the engine holds GGUF weights (`None`: its default for the file).
     pub weights: Option<lockstep_engine::WeightsMode>,
+    /// A LoRA adapter directory for every side (unmerged in the engine).
+    pub lora: Option<std::path::PathBuf>,
     pub budget_bytes: Option<u64>,
     pub dir: std::path::PathBuf,
 }
@@ -333,16 +352,17 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         faults: Default::default(),
         sampler: None,
         strict_config: false,
-        lora: None,
+        lora: req.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
     let engine = driver::load_engine(&opts)?;
     let refs = req
         .references
         .iter()
-        .map(|s| Reference::load(s, &path).and_then(|r| recording(r, req.policy.clone())))
+        .map(|s| Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, req.policy.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&path)?;
+    let adapter_sha = req.lora.as_deref().map(trace::model_sha256_cached).transpose()?;
     let target = RecordTarget {
         names: &req.names,
         dir: &req.dir,
@@ -350,6 +370,7 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         model_path: &path,
         model_sha256: &sha256,
         weights: engine.weights.name(),
+        adapter: req.lora.as_deref().zip(adapter_sha.as_deref()),
         steps_requested: req.steps,
         budget_bytes: req.budget_bytes,
     };

@@ -97,6 +97,23 @@ pub struct TraceMeta {
     pub generate: GenerateMeta,
     pub capture: CaptureMeta,
     pub tensors: TensorsMeta,
+    /// The LoRA adapter every side ran with (absent: the base model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterMeta>,
+}
+
+/// A LoRA adapter a trace was recorded with, and what the reference reported about it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterMeta {
+    /// Repository-relative where possible (as the model's path).
+    pub path: String,
+    /// sha256 of the adapter directory's files.
+    pub sha256: String,
+    /// The reference's inventory of the adapter (`lora_inventory`) and its configuration
+    /// (`lora_config`), replayed as it reported them.
+    pub inventory: Vec<lockstep_engine::lora::InventoryEntry>,
+    pub config: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -660,8 +677,41 @@ pub fn parse_spec(name: &str) -> Result<RefSpec, HarnessError> {
 
 /// Loads a trace as a reference, after checking that `model` is the one it was recorded from.
 pub fn load_reference(spec: &RefSpec, model: &Path) -> Result<Reference, HarnessError> {
+    load_reference_with_lora(spec, model, None)
+}
+
+/// A trace as a reference, checked against the model and the adapter the run uses: a trace
+/// recorded with an adapter replays only with that adapter (sha256), and one recorded
+/// without only without.
+pub fn load_reference_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
     let name = spec.trace.as_deref().expect("a trace spec");
     let trace = Trace::open(name)?;
+    match (&trace.meta.adapter, lora) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            return Err(HarnessError::Usage(format!(
+                "--lora: the trace {name} was recorded without an adapter; run it without --lora, or with live references"
+            )))
+        }
+        (Some(a), None) => {
+            return Err(HarnessError::Usage(format!(
+                "the trace {name} was recorded with the LoRA adapter {}: pass --lora {}",
+                a.path, a.path
+            )))
+        }
+        (Some(a), Some(dir)) => {
+            let sha = model_sha256_cached(dir)?;
+            if sha != a.sha256 {
+                return Err(HarnessError::Mismatch(format!(
+                    "the trace {name} was recorded with the adapter {} (sha256 {}…), not with {} (sha256 {}…)",
+                    a.path,
+                    &a.sha256[..12.min(a.sha256.len())],
+                    dir.display(),
+                    &sha[..12]
+                )));
+            }
+        }
+    }
     let sha = model_sha256_cached(model)?;
     if sha != trace.meta.model.sha256 {
         return Err(HarnessError::Mismatch(format!(
@@ -690,6 +740,11 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// The adapter the trace was recorded with.
+    pub fn adapter(&self) -> Option<&AdapterMeta> {
+        self.trace.meta.adapter.as_ref()
+    }
+
     pub fn new(trace: Trace) -> Replay {
         Replay { trace, next: Cell::new(0), notes: RefCell::new(vec![]) }
     }

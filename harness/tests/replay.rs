@@ -103,6 +103,11 @@ fn replay_tiny_hf() {
 }
 
 #[test]
+fn replay_tiny_hf_lora() {
+    replay("tiny-hf-lora");
+}
+
+#[test]
 fn replay_tiny_gguf() {
     replay("tiny-gguf");
 }
@@ -141,7 +146,7 @@ fn replay_tiny_k_q6_k() {
 /// parity snapshot to a case: nothing recorded is left unreplayed.
 #[test]
 fn every_case_is_replayed_and_every_trace_belongs_to_a_case() {
-    let tested = ["tiny-hf", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k"];
+    let tested = ["tiny-hf", "tiny-hf-lora", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k"];
     let m = Manifest::load_default().unwrap();
     let cases: Vec<&str> = m.cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(cases, tested, "add a #[test] fn replay_... to harness/tests/replay.rs for each case");
@@ -318,6 +323,23 @@ fn a_trace_replays_only_its_own_model_and_prompt() {
     let (code, _, err) = run(lockstep_without_python().args(["run", "--model", "tiny", "--reference", "trace:no-such-case", "--chat", "x"]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no trace `no-such-case`") && err.contains("tiny-hf.transformers"), "{err}");
+}
+
+/// A trace recorded with a LoRA adapter replays only with that adapter (checked by sha256),
+/// and its reference's recorded inventory is diffed against the engine's, without Python.
+#[test]
+fn an_adapter_trace_replays_only_with_its_adapter() {
+    let args = ["run", "--model", "tiny", "--reference", "trace:tiny-hf-lora.transformers", "--chat", "What is the capital of France?"];
+    let (code, _, err) = run(lockstep_without_python().args(args));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pass --lora snapshots/adapters/tiny-peft"), "{err}");
+    let (code, _, err) = run(lockstep_without_python().args(args).args(["--lora", "../snapshots/adapters/tiny-mlx"]));
+    assert_eq!(code, 2, "another adapter: refused\n{err}");
+    assert!(err.contains("was recorded with the adapter snapshots/adapters/tiny-peft"), "{err}");
+    let (code, out, err) = run(lockstep_without_python().args(args).args(["--lora", "../snapshots/adapters/tiny-peft"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("inventory  identical on every side"), "{out}");
+    assert!(out.contains("the adapter has an effect"), "{out}");
 }
 
 #[test]
