@@ -427,6 +427,9 @@ fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
     if let Some(e) = &c.error {
         let _ = write!(o, "<h3>Error</h3><pre>{}</pre>", esc(e));
     }
+    if let Some(l) = &c.lora {
+        let _ = write!(o, "<h3>LoRA adapter</h3><pre>{}</pre>", esc(l));
+    }
     if let Some(j) = &c.run_json {
         let _ = write!(o, r#"<p class="meta">every site of every step: <a href="{}">{}</a></p>"#, esc(j), esc(j));
     }

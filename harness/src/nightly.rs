@@ -190,6 +190,10 @@ pub struct CaseResult {
     pub faults: Vec<String>,
     pub engine_text: String,
     pub stopped_before_step0: Option<String>,
+    /// With an adapter: the LoRA checks as `lockstep run` prints them (inventory diff,
+    /// unattached tensors, the adapter's effect and where).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
     pub steps: Vec<StepNumbers>,
     pub layer_error: Vec<LayerError>,
     pub heatmap: Option<Heatmap>,
@@ -227,6 +231,7 @@ impl CaseResult {
             faults: vec![],
             engine_text: String::new(),
             stopped_before_step0: None,
+            lora: None,
             steps: vec![],
             layer_error: vec![],
             heatmap: None,
@@ -274,6 +279,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
     c.faults = r.engine.faults.clone();
     c.engine_text = r.engine_text.clone();
     c.stopped_before_step0 = r.stopped_before_step0.clone();
+    c.lora = r.lora.as_ref().map(crate::lora::render_checks);
     c.first_divergence = r.first_divergence.as_ref().map(|d| FirstDivergence {
         step: d.step,
         layer: d.layer,
