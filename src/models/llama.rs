@@ -16,6 +16,8 @@ use crate::layout::QkLayout;
 use crate::quant::Linear;
 use crate::taps::{tap, Capture};
 use crate::weights::{LayerWeights, LlamaWeights};
+use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
+use super::Family;
 
 pub struct Llama {
     pub cfg: Config,
@@ -341,24 +343,33 @@ impl Llama {
         Ok(out)
     }
 
-    /// Site names this engine captures, in forward order (DESIGN.md's table, no router).
+    /// Site names this engine captures, in forward order.
     pub fn site_names(&self) -> Vec<String> {
-        let mut v = vec!["embed".to_string()];
-        for i in 0..self.cfg.num_layers {
-            for s in LAYER_SITES {
-                v.push(format!("layers.{i}.{s}"));
-            }
-        }
-        v.push("final_norm".into());
-        v.push("logits".into());
-        v
+        SiteGraph::new(self.cfg.num_layers, LAYER_SITES).names()
     }
 }
 
-/// Per-layer sites in forward order.
-pub const LAYER_SITES: [&str; 16] = [
-    "attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out", "mlp_norm",
-    "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out",
+/// The family's registration.
+pub const FAMILY: Family = Family { name: "llama", model_types: &["llama"], gguf_archs: &["llama"], layer_sites: LAYER_SITES };
+
+/// Per-layer sites in forward order, with what each reads (the dataflow bisect follows).
+pub const LAYER_SITES: &[LayerSite] = &[
+    LayerSite::new("attn_norm", SiteKind::Norm, &[INPUT]),
+    LayerSite::qk("q", SiteKind::Projection, &["attn_norm"]),
+    LayerSite::qk("k", SiteKind::Projection, &["attn_norm"]),
+    LayerSite::new("v", SiteKind::Projection, &["attn_norm"]),
+    LayerSite::qk("q_rope", SiteKind::Rope, &["q"]),
+    LayerSite::qk("k_rope", SiteKind::Rope, &["k"]),
+    LayerSite::qk("cache_k", SiteKind::Cache, &["k_rope"]),
+    LayerSite::new("cache_v", SiteKind::Cache, &["v"]),
+    LayerSite::new("attn", SiteKind::Attention, &["q_rope", "cache_k", "cache_v"]),
+    LayerSite::new("attn_out", SiteKind::Projection, &["attn"]),
+    LayerSite::new("mlp_norm", SiteKind::Norm, &["attn_out", INPUT]),
+    LayerSite::new("mlp_gate", SiteKind::Projection, &["mlp_norm"]),
+    LayerSite::new("mlp_up", SiteKind::Projection, &["mlp_norm"]),
+    LayerSite::new("mlp_act", SiteKind::Activation, &["mlp_gate", "mlp_up"]),
+    LayerSite::new("mlp_out", SiteKind::Projection, &["mlp_act"]),
+    LayerSite::new("out", SiteKind::Residual, &["mlp_out", "attn_out", INPUT]),
 ];
 
 /// One-pass f32 versions of the small ops above (each replaces a chain of candle ops and

@@ -1,0 +1,68 @@
+//! Model families: one file per family, built from the shared blocks of [`crate::blocks`],
+//! and the registry that picks a family from a checkpoint's `model_type` (Hugging Face
+//! `config.json`) or `general.architecture` (GGUF).
+//!
+//! Adding a family: a new file here with its weights, forward pass and per-layer site table,
+//! and one [`Family`] entry in [`FAMILIES`].
+
+use std::path::Path;
+
+use crate::config::HfConfig;
+use crate::error::{EngineError, Result};
+use crate::sites::{LayerSite, SiteGraph};
+use crate::weights::GgufFile;
+
+pub mod llama;
+
+/// A registered family.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// The family's name in reports (`llama`).
+    pub name: &'static str,
+    /// Hugging Face `model_type` values it runs.
+    pub model_types: &'static [&'static str],
+    /// GGUF `general.architecture` values it runs.
+    pub gguf_archs: &'static [&'static str],
+    /// The per-layer sites, in forward order, with their dataflow.
+    pub layer_sites: &'static [LayerSite],
+}
+
+/// Every family the engine runs.
+pub const FAMILIES: &[Family] = &[llama::FAMILY];
+
+fn known(list: impl Fn(&Family) -> &'static [&'static str]) -> String {
+    FAMILIES.iter().flat_map(|f| list(f).iter().copied()).collect::<Vec<_>>().join(", ")
+}
+
+/// The family of a Hugging Face `model_type` (a config without one is read as Llama, as
+/// transformers' own Llama checkpoints of old did).
+pub fn for_model_type(model_type: Option<&str>, path: &Path) -> Result<&'static Family> {
+    let mt = model_type.unwrap_or("llama");
+    FAMILIES.iter().find(|f| f.model_types.contains(&mt)).ok_or_else(|| EngineError::Unsupported {
+        path: path.into(),
+        message: format!("model_type `{mt}` is not supported (this engine runs model_type {})", known(|f| f.model_types)),
+    })
+}
+
+/// The family of a GGUF `general.architecture`.
+pub fn for_gguf_arch(arch: &str, path: &Path) -> Result<&'static Family> {
+    FAMILIES.iter().find(|f| f.gguf_archs.contains(&arch)).ok_or_else(|| EngineError::Unsupported {
+        path: path.into(),
+        message: format!("general.architecture `{arch}` is not supported (only {})", known(|f| f.gguf_archs)),
+    })
+}
+
+/// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
+/// from its config alone: what the harness hands to references before any weights load.
+pub fn site_graph_at(path: &Path) -> Result<SiteGraph> {
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let hf = HfConfig::from_file(&cfg_path)?;
+        let family = for_model_type(hf.model_type.as_deref(), &cfg_path)?;
+        return Ok(SiteGraph::new(hf.num_hidden_layers, family.layer_sites));
+    }
+    let g = GgufFile::open(path)?;
+    let cfg = g.config()?;
+    let family = for_gguf_arch(g.md_str("general.architecture")?, path)?;
+    Ok(SiteGraph::new(cfg.num_layers, family.layer_sites))
+}
