@@ -131,13 +131,6 @@ impl HfConfig {
         let unsupported = |message: String| {
             Err(EngineError::Unsupported { path: path.to_path_buf(), message })
         };
-        if let Some(mt) = &self.model_type {
-            if mt != "llama" {
-                return unsupported(format!(
-                    "model_type `{mt}` is not supported (this engine runs model_type `llama`)"
-                ));
-            }
-        }
         if self.attention_bias || self.mlp_bias {
             return unsupported("attention_bias/mlp_bias = true is not supported".into());
         }

@@ -172,7 +172,7 @@ pub const CATALOG: &[FaultInfo] = &[
         fault: Fault::Q41Min,
         name: "q4_1-min",
         bug: "Q4_1 dequantization without the block minimum (d*q instead of d*q + m)",
-        code_path: "quant::BlockMatrix::new: the Q4_1 minimums are dropped (both weight modes)",
+        code_path: "GgufFile::qtensor: each Q4_1 block's minimum is zeroed as the file is read (both weight modes)",
         step: 0,
         layer: Layer::First,
         site: "q",

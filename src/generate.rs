@@ -1,10 +1,10 @@
 //! Generation on the engine alone (greedy, or with a [`crate::sample::Sampler`]): prefill the prompt, then feed one token per
-//! step through the same [`Llama::forward`], carrying the [`KvCache`].
+//! step through the same [`Decoder::forward`], carrying the [`KvCache`].
 
 use candle_core::{DType, IndexOp, Tensor};
 
 use crate::error::Result;
-use crate::llama::Llama;
+use crate::decoder::Decoder;
 
 /// Index of the largest value of a 1-D tensor (first one on ties).
 pub fn argmax(logits: &Tensor) -> Result<u32> {
@@ -19,7 +19,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 }
 
 /// Generates up to `max_new` tokens greedily after `prompt`; stops after an id in `stop`.
-pub fn generate_greedy(model: &Llama, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+pub fn generate_greedy(model: &dyn Decoder, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
     let mut out = Vec::with_capacity(max_new);
     let mut feed = prompt.to_vec();
@@ -40,7 +40,7 @@ pub fn generate_greedy(model: &Llama, prompt: &[u32], max_new: usize, stop: &[u3
 /// sampling, see [`crate::sample`]); stops after an id in `stop`. The repetition penalty
 /// sees the prompt and everything generated, as transformers' and mlx-lm's do.
 pub fn generate_sampled(
-    model: &Llama,
+    model: &dyn Decoder,
     prompt: &[u32],
     max_new: usize,
     stop: &[u32],

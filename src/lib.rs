@@ -1,15 +1,21 @@
-//! The lockstep engine: a native Llama-family decoder on `candle-core`.
+//! The lockstep engine: native decoder-only model families on `candle-core`, behind one
+//! trait.
 //!
-//! This crate owns everything needed to run a model without Python: configuration
-//! ([`config`]), weights from Hugging Face directories and GGUF files ([`weights`]),
-//! the explicit KV cache ([`cache`]), the forward pass with its observation taps
-//! ([`llama`], [`taps`]), the Q/K layout transforms ([`layout`]), the tokenizer and chat
-//! template ([`tokenizer`]), samplers ([`sample`]), generation ([`generate`]), LoRA adapters ([`lora`]) and model loading as one
-//! call ([`loader`]). It never imports the harness: the harness drives it through this
-//! public API.
+//! Everything outside this crate drives a model through [`Decoder`] (forward with an
+//! explicit [`KvCache`] and optional [`Capture`], a description [`ModelInfo`], the model's
+//! [`SiteGraph`], one layer in isolation). The crate owns: the site vocabulary ([`sites`]),
+//! the shared building blocks ([`blocks`]: norms, RoPE, attention, softmax, activations), one
+//! file per family under [`models`] with the registry that picks a family from
+//! `model_type` / `general.architecture`, configuration ([`config`]), weights from Hugging
+//! Face directories and GGUF files ([`weights`], [`quant`]), the cache ([`cache`]), the Q/K
+//! layout transforms ([`layout`]), the tokenizer and chat template ([`tokenizer`]), samplers
+//! ([`sample`]), generation ([`generate`]), LoRA adapters ([`lora`]), the fault catalog
+//! ([`faults`]) and model loading as one call ([`loader`]). It never imports the harness.
 
+pub mod blocks;
 pub mod cache;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod faults;
 pub mod generate;
@@ -26,13 +32,15 @@ pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{CacheKind, KvCache};
+pub use decoder::{Capabilities, Decoder, ModelInfo};
 pub use config::Config;
 pub use error::{EngineError, Result};
 pub use faults::{Fault, Faults};
 pub use layout::QkLayout;
 pub use llama::Llama;
 pub use loader::{load, LoadOptions, LoadedModel, WeightsOrigin};
+pub use sites::{Site, SiteGraph, SiteKind};
 pub use lora::{LoraAdapter, LoraMode, LoraOptions};
 pub use quant::{Linear, WeightsMode};
 pub use sample::{Order, SamplerConfig, Sampler};

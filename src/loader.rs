@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 
 use crate::config::HfConfig;
+use crate::decoder::Decoder;
 use crate::error::{EngineError, Result};
-use crate::layout::QkLayout;
-use crate::lora::{LoraAdapter, LoraMode, LoraOptions};
-use crate::llama::Llama;
 use crate::faults::{Fault, Faults};
+use crate::lora::{LoraAdapter, LoraMode, LoraOptions};
+use crate::models;
 use crate::quant::WeightsMode;
 use crate::tokenizer::ChatMessage;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{self, GgufFile};
+use crate::weights::GgufFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightsOrigin {
@@ -51,8 +51,19 @@ impl Default for LoadOptions {
     }
 }
 
+/// Where a family's loader reads the weights from.
+pub enum Checkpoint<'a> {
+    /// A Hugging Face directory and its parsed `config.json`.
+    Hf { dir: &'a Path, config: &'a HfConfig },
+    /// An open GGUF file and the mode its matrices are held in.
+    Gguf { file: &'a mut GgufFile, mode: WeightsMode },
+}
+
+/// What a family's loader returns: the decoder and the adapter it attached.
+pub type FamilyModel = (Box<dyn Decoder>, Option<(LoraAdapter, LoraMode)>);
+
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Box<dyn Decoder>,
     pub tokenizer: Tokenizer,
     pub origin: WeightsOrigin,
     /// The mode the weights were loaded in (dense for Hugging Face weights).
@@ -60,6 +71,8 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// The attached adapter and its mode.
     pub lora: Option<(LoraAdapter, LoraMode)>,
+    /// The injected faults (the prompt faults act in [`LoadedModel::encode_prompt`]).
+    pub faults: Faults,
 }
 
 impl LoadedModel {
@@ -67,14 +80,14 @@ impl LoadedModel {
     /// with the generation prompt, plain text with the tokenizer's special tokens. The
     /// `raw-prompt` and `missing-bos` faults live here.
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
-        let f = &self.model.faults;
+        let f = &self.faults;
         let mut ids = if chat && !f.has(Fault::RawPrompt) {
             self.tokenizer.encode_chat(&[ChatMessage::user(text.to_string())])?
         } else {
             self.tokenizer.encode(text, true)?
         };
         if f.has(Fault::MissingBos) {
-            let bos = self.model.cfg.bos_token_id.or_else(|| {
+            let bos = self.model.info().config.bos_token_id.or_else(|| {
                 self.tokenizer.bos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t))
             });
             if bos.is_some() && ids.first().copied() == bos {
@@ -86,7 +99,7 @@ impl LoadedModel {
 
     /// Ids that end a generation: the config's EOS ids, else the tokenizer's EOS token.
     pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids = self.model.cfg.eos_token_ids.clone();
+        let mut ids = self.model.info().config.eos_token_ids.clone();
         if let Some(id) = self.tokenizer.eos_token.as_deref().and_then(|t| self.tokenizer.token_to_id(t)) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -115,13 +128,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
                 path.display()
             )));
         }
-        let cfg = HfConfig::from_file(&cfg_path)?.resolve(&cfg_path)?;
-        let weights = weights::load_hf(path, &cfg, opts.dtype)?;
+        let hf = HfConfig::from_file(&cfg_path)?;
+        let family = models::for_model_type(hf.model_type.as_deref(), &cfg_path)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
-        let mut model = Llama::new(cfg, weights, QkLayout::HalfSplit, opts.dtype);
-        model.faults = opts.faults.clone();
-        let lora = attach_lora(&mut model, opts)?;
-        return Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::HfSafetensors, weights: WeightsMode::Dequant, path: path.into(), lora });
+        let (model, lora) = (family.load)(Checkpoint::Hf { dir: path, config: &hf }, opts)?;
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            origin: WeightsOrigin::HfSafetensors,
+            weights: WeightsMode::Dequant,
+            path: path.into(),
+            lora,
+            faults: opts.faults.clone(),
+        });
     }
     let mut magic = [0u8; 4];
     {
@@ -147,21 +166,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     };
     let mut g = GgufFile::open(path)?;
     g.drop_q41_min = opts.faults.has(Fault::Q41Min);
-    let cfg = g.config()?;
-    let weights = weights::load_gguf(&mut g, &cfg, opts.dtype, mode)?;
+    let family = models::for_gguf_arch(g.md_str("general.architecture")?, path)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
-    // GGUF Q/K rows are stored for interleaved RoPE (see crate::layout).
-    let mut model = Llama::new(cfg, weights, QkLayout::Interleaved, opts.dtype);
-    model.faults = opts.faults.clone();
-    let lora = attach_lora(&mut model, opts)?;
-    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora })
+    let (model, lora) = (family.load)(Checkpoint::Gguf { file: &mut g, mode }, opts)?;
+    Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })
 }
 
-/// Loads `opts.lora`'s adapter, checks it against the model and attaches it.
-fn attach_lora(model: &mut Llama, opts: &LoadOptions) -> Result<Option<(LoraAdapter, LoraMode)>> {
-    let Some(l) = &opts.lora else { return Ok(None) };
-    let adapter = LoraAdapter::load(&l.dir, &model.cfg)?;
-    let (cfg, layout, dtype) = (model.cfg.clone(), model.qk_layout, model.dtype);
-    adapter.attach(&mut model.weights.layers, &cfg, layout, dtype, l.mode, &opts.faults)?;
-    Ok(Some((adapter, l.mode)))
+/// Loads `opts.lora`'s adapter (checked against `cfg`), if any.
+pub fn load_lora(opts: &LoadOptions, cfg: &crate::Config) -> Result<Option<LoraAdapter>> {
+    opts.lora.as_ref().map(|l| LoraAdapter::load(&l.dir, cfg)).transpose()
 }

@@ -69,11 +69,6 @@ pub enum Linear {
 impl Linear {
     /// Wraps a GGUF tensor `(out, in)` for quantized matmuls.
     pub fn from_qtensor(q: QTensor) -> Result<Self> {
-        Self::from_qtensor_opts(q, false)
-    }
-
-    /// As [`Linear::from_qtensor`]; `drop_q41_min` is the `q4_1-min` fault.
-    pub fn from_qtensor_opts(q: QTensor, drop_q41_min: bool) -> Result<Self> {
         let dtype = q.dtype();
         let (out, inp) = q.shape().dims2()?;
         let kind = match dtype {
@@ -84,11 +79,7 @@ impl Linear {
         };
         match kind {
             Some(kind) if inp % QK == 0 => {
-                let mut m = BlockMatrix::new(kind, out, inp, &q.data()?);
-                if drop_q41_min && kind == BlockKind::Q4_1 {
-                    m.m.iter_mut().for_each(|x| *x = 0.0); // the fault: d*q without the minimum
-                }
-                Ok(Linear::Blocks(Arc::new(m)))
+                Ok(Linear::Blocks(Arc::new(BlockMatrix::new(kind, out, inp, &q.data()?))))
             }
             _ => Ok(Linear::Candle(Arc::new(QMatMul::from_qtensor(q)?), dtype)),
         }
@@ -362,6 +353,14 @@ fn matmul_group(ms: &[&BlockMatrix], x: &[f32], seq: usize) -> Vec<Vec<f32>> {
 }
 
 /// The first non-finite element of `t` as (block index, value), blocks of `block` elements.
+/// The `q4_1-min` fault on a Q4_1 tensor's raw bytes: each block (`d: f16, m: f16,
+/// qs: [u8; 16]`, 20 bytes, ggml's `block_q4_1`) gets `m = 0`, so it dequantizes to `d*q`.
+pub fn zero_q41_minimums(raw: &mut [u8]) {
+    for block in raw.chunks_exact_mut(20) {
+        block[2..4].fill(0);
+    }
+}
+
 pub fn first_nonfinite(t: &Tensor, block: usize) -> Result<Option<(usize, f32)>> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(v.iter().position(|x| !x.is_finite()).map(|i| (i / block.max(1), v[i])))

@@ -78,23 +78,30 @@ pub const LOGITS: &str = "logits";
 
 /// One per-layer site of a family, in forward order: its leaf name, its kind, the leaves of
 /// the same layer it reads ([`INPUT`] for the layer's input), and whether a GGUF-ordered
-/// engine holds it in its Q/K row layout (mapped back by a named transform for comparison).
+/// engine holds it in its Q/K row layout (mapped back by a named transform for comparison),
+/// and, for a projection, the checkpoint module whose output it is (`q_proj`).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerSite {
     pub leaf: &'static str,
     pub kind: SiteKind,
     pub reads: &'static [&'static str],
     pub qk_rows: bool,
+    pub module: Option<&'static str>,
 }
 
 impl LayerSite {
     pub const fn new(leaf: &'static str, kind: SiteKind, reads: &'static [&'static str]) -> Self {
-        Self { leaf, kind, reads, qk_rows: false }
+        Self { leaf, kind, reads, qk_rows: false, module: None }
     }
 
     /// A site stored in the Q/K row layout of the weights (q, k, q_rope, k_rope, cache_k).
     pub const fn qk(leaf: &'static str, kind: SiteKind, reads: &'static [&'static str]) -> Self {
-        Self { leaf, kind, reads, qk_rows: true }
+        Self { leaf, kind, reads, qk_rows: true, module: None }
+    }
+
+    /// The output of the checkpoint module `module` (a projection), which reads `reads[0]`.
+    pub const fn of(self, module: &'static str) -> Self {
+        Self { module: Some(module), ..self }
     }
 }
 
@@ -111,6 +118,8 @@ pub struct Site {
     pub reads: Vec<String>,
     /// Held in the weights' Q/K row layout by an engine that keeps GGUF order.
     pub qk_rows: bool,
+    /// The checkpoint module whose output it is (`q_proj`), for projections.
+    pub module: Option<&'static str>,
 }
 
 /// A model's sites in forward order, with their dataflow.
@@ -155,6 +164,7 @@ impl SiteGraph {
             kind: SiteKind::Embedding,
             reads: vec!["tokens".into()],
             qk_rows: false,
+            module: None,
         }];
         for l in 0..num_layers {
             for s in layer {
@@ -163,12 +173,12 @@ impl SiteGraph {
                     .iter()
                     .map(|r| if *r == INPUT { layer_input(l) } else { layer_site(l, r) })
                     .collect();
-                sites.push(Site { name: layer_site(l, s.leaf), layer: Some(l), leaf: s.leaf, kind: s.kind, reads, qk_rows: s.qk_rows });
+                sites.push(Site { name: layer_site(l, s.leaf), layer: Some(l), leaf: s.leaf, kind: s.kind, reads, qk_rows: s.qk_rows, module: s.module });
             }
         }
         let last = if num_layers == 0 { EMBED.to_string() } else { layer_site(num_layers - 1, OUT) };
-        sites.push(Site { name: FINAL_NORM.into(), layer: None, leaf: FINAL_NORM, kind: SiteKind::Norm, reads: vec![last], qk_rows: false });
-        sites.push(Site { name: LOGITS.into(), layer: None, leaf: LOGITS, kind: SiteKind::Logits, reads: vec![FINAL_NORM.into()], qk_rows: false });
+        sites.push(Site { name: FINAL_NORM.into(), layer: None, leaf: FINAL_NORM, kind: SiteKind::Norm, reads: vec![last], qk_rows: false, module: None });
+        sites.push(Site { name: LOGITS.into(), layer: None, leaf: LOGITS, kind: SiteKind::Logits, reads: vec![FINAL_NORM.into()], qk_rows: false, module: Some("lm_head") });
         Self { sites, num_layers, layer_sites: layer.iter().map(|s| s.leaf).collect() }
     }
 
@@ -198,6 +208,11 @@ impl SiteGraph {
     /// The sites of one layer, in forward order.
     pub fn layer(&self, l: usize) -> impl Iterator<Item = &Site> {
         self.sites.iter().filter(move |s| s.layer == Some(l))
+    }
+
+    /// The per-layer site that is the output of checkpoint module `module` in layer `l`.
+    pub fn of_module(&self, l: usize, module: &str) -> Option<&Site> {
+        self.layer(l).find(|s| s.module == Some(module))
     }
 
     /// Whether the family has a per-layer site with this leaf.

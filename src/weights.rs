@@ -349,14 +349,10 @@ impl TensorSource for GgufFile {
     fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         let q = self.qtensor(name)?;
         let dt = q.dtype();
-        let t = if self.drop_q41_min && dt == GgmlDType::Q4_1 && q.shape().rank() == 2 {
-            Linear::from_qtensor_opts(q, true)?.dequantize()?
-        } else {
-            q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
-                path: self.path.clone(),
-                message: format!("dequantizing `{name}` ({dt:?}): {}", candle_message(&e)),
-            })?
-        };
+        let t = q.dequantize(&Device::Cpu).map_err(|e| EngineError::Gguf {
+            path: self.path.clone(),
+            message: format!("dequantizing `{name}` ({dt:?}): {}", candle_message(&e)),
+        })?;
         self.report_nonfinite(name, crate::quant::first_nonfinite(&t, dt.block_size())?, dt)?;
         Ok(t.to_dtype(dtype)?)
     }
@@ -369,7 +365,7 @@ impl TensorSource for GgufFile {
             return Ok(Linear::Dense(self.load(name, dtype)?));
         }
         let dt = q.dtype();
-        let lin = Linear::from_qtensor_opts(q, self.drop_q41_min)
+        let lin = Linear::from_qtensor(q)
             .map_err(|e| EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") })?;
         self.report_nonfinite(name, lin.first_nonfinite()?, dt)?;
         Ok(lin)
@@ -391,12 +387,22 @@ impl GgufFile {
         }
     }
 
-    /// Reads one tensor in its stored format.
+    /// Reads one tensor in its stored format. With the `q4_1-min` fault (`drop_q41_min`),
+    /// every Q4_1 block's minimum is zeroed as it is read, so that both weight modes (candle's
+    /// dequantizer, this crate's block kernels) compute `d*q` instead of `d*q + m`.
     pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| EngineError::Gguf {
+        let gguf_err = |e: candle_core::Error| EngineError::Gguf {
             path: self.path.clone(),
             message: format!("tensor `{name}`: {}", candle_message(&e)),
-        })
+        };
+        let q = self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(gguf_err)?;
+        if !(self.drop_q41_min && q.dtype() == GgmlDType::Q4_1) {
+            return Ok(q);
+        }
+        let mut raw = q.data().map_err(gguf_err)?.into_owned();
+        crate::quant::zero_q41_minimums(&mut raw);
+        candle_core::quantized::ggml_file::qtensor_from_ggml(GgmlDType::Q4_1, &raw, q.shape().dims().to_vec(), &Device::Cpu)
+            .map_err(gguf_err)
     }
 }
 

@@ -55,10 +55,10 @@ fn prefill_then_decode_equals_one_prefill() {
         assert!(d < 5e-5, "{}: logits differ by {d}", m.origin.name());
         assert_eq!(cache_whole.offset(), n);
         assert_eq!(cache_stepped.offset(), n);
-        for l in 0..m.model.cfg.num_layers {
+        for l in 0..m.model.info().config.num_layers {
             let (kw, vw) = cache_whole.layer(l).unwrap();
             let (ks, vs) = cache_stepped.layer(l).unwrap();
-            assert_eq!(kw.dims(), &[m.model.cfg.num_kv_heads, n, m.model.cfg.head_dim]);
+            assert_eq!(kw.dims(), &[m.model.info().config.num_kv_heads, n, m.model.info().config.head_dim]);
             assert!(max_abs_diff(kw, ks) < 1e-5 && max_abs_diff(vw, vs) < 1e-5, "layer {l} cache differs");
         }
     }
@@ -94,8 +94,8 @@ proptest! {
 #[test]
 fn hf_and_gguf_origins_agree() {
     let (hf, gg) = (tiny_hf(), tiny_gguf());
-    assert_eq!(hf.model.qk_layout, QkLayout::HalfSplit);
-    assert_eq!(gg.model.qk_layout, QkLayout::Interleaved);
+    assert_eq!(hf.model.info().qk_layout, QkLayout::HalfSplit);
+    assert_eq!(gg.model.info().qk_layout, QkLayout::Interleaved);
     let ids = prompt_ids(&hf);
     assert_eq!(ids, prompt_ids(&gg), "tokenizers of the two origins disagree");
     let (mut c1, mut c2) = (hf.model.new_cache(), gg.model.new_cache());
@@ -103,10 +103,10 @@ fn hf_and_gguf_origins_agree() {
     let l1 = hf.model.forward(&ids, &mut c1, Some(&mut cap1)).unwrap();
     let l2 = gg.model.forward(&ids, &mut c2, Some(&mut cap2)).unwrap();
     assert!(max_abs_diff(&l1, &l2) < 1e-4);
-    let hd = gg.model.cfg.head_dim;
+    let hd = gg.model.info().config.head_dim;
     for site in ["layers.0.q", "layers.0.k", "layers.1.q_rope", "layers.2.k_rope", "layers.2.cache_k"] {
         let a = cap1.get(site).unwrap();
-        let b = gg.model.qk_layout.to_hf(cap2.get(site).unwrap(), hd).unwrap();
+        let b = gg.model.info().qk_layout.to_hf(cap2.get(site).unwrap(), hd).unwrap();
         assert!(max_abs_diff(a, &b) < 1e-4, "{site} differs after gguf-qk-deinterleave");
         // ...and without the transform they differ: the GGUF really is stored permuted.
         assert!(max_abs_diff(a, cap2.get(site).unwrap()) > 1e-2, "{site}: GGUF Q/K not permuted?");
@@ -122,8 +122,8 @@ fn taps_capture_every_site_and_change_nothing() {
     let without = m.model.forward(&ids, &mut m.model.new_cache(), None).unwrap();
     assert_eq!(max_abs_diff(&with, &without), 0.0);
     let names: Vec<&str> = cap.sites().collect();
-    assert_eq!(names, m.model.site_names().iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    let cfg = &m.model.cfg;
+    assert_eq!(names, m.model.site_graph().names().iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let cfg = &m.model.info().config;
     let n = ids.len();
     assert_eq!(cap.get("layers.1.q_rope").unwrap().dims(), &[cfg.num_heads, n, cfg.head_dim]);
     assert_eq!(cap.get("layers.1.cache_v").unwrap().dims(), &[cfg.num_kv_heads, n, cfg.head_dim]);
@@ -135,7 +135,7 @@ fn taps_capture_every_site_and_change_nothing() {
 fn greedy_generate_is_the_stepwise_argmax() {
     let m = tiny_hf();
     let ids = prompt_ids(&m);
-    let out = lockstep_engine::generate::generate_greedy(&m.model, &ids, 6, &[]).unwrap();
+    let out = lockstep_engine::generate::generate_greedy(m.model.as_ref(), &ids, 6, &[]).unwrap();
     // The same by full re-forward of the growing sequence (no cache reuse).
     let mut seq = ids.clone();
     for &tok in &out {
@@ -248,9 +248,9 @@ fn quantized_and_dequantized_modes_agree_on_every_quant_fixture() {
     ] {
         let q = load(&fixture(file), &LoadOptions { weights: Some(WeightsMode::Quantized), ..Default::default() }).unwrap();
         let d = load(&fixture(file), &LoadOptions { weights: Some(WeightsMode::Dequant), ..Default::default() }).unwrap();
-        assert!(q.model.weights.any_quantized() && !d.model.weights.any_quantized(), "{file}");
-        assert!(q.model.weights.matrix_types().iter().any(|t| t == types), "{file}: {:?}", q.model.weights.matrix_types());
-        assert_eq!(d.model.weights.matrix_types(), vec!["f32".to_string()]);
+        assert!(q.model.info().quantized_kernels && !d.model.info().quantized_kernels, "{file}");
+        assert!(q.model.info().matrix_types.iter().any(|t| t == types), "{file}: {:?}", q.model.info().matrix_types);
+        assert_eq!(d.model.info().matrix_types, vec!["f32".to_string()]);
         let ids = prompt_ids(&q);
         let (lq, _) = forward_chunked(&q, &ids, &[ids.len() - 3, 1, 1, 1]);
         let (ld, _) = forward_chunked(&d, &ids, &[ids.len()]);

@@ -83,7 +83,7 @@ pub fn engine(path: &Path, mode: WeightsMode, ids: &[u32], n_decode: usize, repe
     let decode_s = t0.elapsed().as_secs_f64();
     Ok(Speed {
         name: format!("engine ({})", mode.name()),
-        detail: format!("lockstep-engine {}, matrices {}", env!("CARGO_PKG_VERSION"), model.weights.matrix_types().join("+")),
+        detail: format!("lockstep-engine {}, matrices {}", env!("CARGO_PKG_VERSION"), model.info().matrix_types.clone().join("+")),
         prefill_tokens: ids.len(),
         decode_tokens: n_decode,
         prefill_s: median(times),

@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use lockstep_engine::{Capture, LoadedModel, QkLayout};
+use lockstep_engine::{sites, Capture, LoadedModel, QkLayout};
 use serde::Serialize;
 
 use crate::compare::tensor_metrics;
@@ -127,7 +127,7 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         steps_run: run.steps.len(),
         steps_requested: opts.steps,
         seconds: 0.0,
-        faults_injected: engine.model.faults.describe(),
+        faults_injected: engine.model.info().faults.clone(),
     };
     if let Some(d) = &run.first_divergence {
         rep.found = true;
@@ -258,7 +258,7 @@ pub fn check_catalog(
     for info in CATALOG {
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
-            Fault::GqaMapping if engine.model.cfg.num_kv_heads == engine.model.cfg.num_heads => Some("no grouped-query attention"),
+            Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
             Fault::SamplerTemperature if !refs.iter().any(crate::sampler_parity::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
             }
@@ -356,8 +356,8 @@ fn site_detail(s: &SiteRecord) -> String {
 /// Runs layer `l` of the engine on the reference's input and cache; compares every site.
 fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
     let model = &engine.model;
-    let hd = model.cfg.head_dim;
-    let input_name = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+    let hd = model.info().config.head_dim;
+    let input_name = sites::layer_input(l);
     let tensor = |name: &str| -> Option<Tensor> {
         k.arrays.get(name).and_then(|(shape, v)| Tensor::from_vec(v.clone(), shape.as_slice(), &Device::Cpu).ok())
     };
@@ -375,7 +375,7 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
                 let ck = ck.narrow(1, 0, before)?;
                 let cv = cv.narrow(1, 0, before)?.contiguous()?;
                 // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
-                let ck = model.qk_layout.from_hf(&ck.contiguous()?, hd)?;
+                let ck = model.info().qk_layout.from_hf(&ck.contiguous()?, hd)?;
                 Some((ck, cv))
             }
         }
@@ -386,7 +386,8 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
     let mut sites = vec![];
     for (name, t) in &cap.entries {
         let Some((rshape, rv)) = k.arrays.get(name) else { continue };
-        let t = if QkLayout::affects_site(name) { model.qk_layout.to_hf(t, hd)? } else { t.clone() };
+        let Some(site) = model.site_graph().get(name) else { continue };
+        let (t, _) = model.to_canonical(site, t)?;
         if t.dims() != rshape.as_slice() {
             sites.push(IsolatedSite { site: name.clone(), rel_l2: f64::INFINITY, verdict: Verdict::Fail });
             continue;
@@ -394,7 +395,7 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
         let e: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         let m = tensor_metrics(&e, rv);
         // The same bounds as the run used for this reference.
-        let exact = crate::tolerance::same_quant_layer0_exact(&model.weights.matrix_types());
+        let exact = crate::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
         let layer = crate::tolerance::tolerance_layer(mode, layer_of(name), exact);
         let tol = tolerance(mode, crate::tolerance::Precision::F32, SiteKind::of(name), layer);
         sites.push(IsolatedSite { site: name.clone(), rel_l2: m.rel_l2, verdict: tensor_verdict(&m, &tol) });
@@ -422,7 +423,7 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
         format!("[{}{}] ({} tokens)", pieces.join(", "), if ids.len() > n { ", …" } else { "" }, ids.len())
     };
     let mut ev = vec![format!("engine    {}", show(e)), format!("{rname:<9} {}", show(r))];
-    let bos = engine.model.cfg.bos_token_id.or_else(|| {
+    let bos = engine.model.info().config.bos_token_id.or_else(|| {
         engine.tokenizer.bos_token.as_deref().and_then(|t| engine.tokenizer.token_to_id(t))
     });
     if r.len() == e.len() + 1 && r[1..] == e[..] && bos == Some(r[0]) {
@@ -576,7 +577,7 @@ fn diagnose(
             if let Some(d) = lora_evidence(engine, k, l, leaf, &mut ev) {
                 return d;
             }
-            let types = engine.model.weights.quant_type();
+            let types = engine.model.info().quant_type.clone();
             ev.push(format!("{} is a pure function of its input (which passes) and a weight matrix", site.site));
             match types {
                 Some(t) => {
@@ -600,32 +601,15 @@ fn diagnose(
 /// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
 fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Diagnosis> {
     let (adapter, _) = engine.lora.as_ref()?;
-    let (module, input) = match leaf {
-        "q" => ("q_proj", "attn_norm"),
-        "k" => ("k_proj", "attn_norm"),
-        "v" => ("v_proj", "attn_norm"),
-        "attn_out" => ("o_proj", "attn"),
-        "mlp_gate" => ("gate_proj", "mlp_norm"),
-        "mlp_up" => ("up_proj", "mlp_norm"),
-        "mlp_out" => ("down_proj", "mlp_act"),
-        _ => return None,
-    };
+    // The projection whose output this site is, and the site it reads (the site graph).
+    let graph = engine.model.site_graph();
+    let site = graph.get(&sites::layer_site(l, leaf))?;
+    let (module, input) = (site.module?, site.reads.first()?);
     let pair = adapter.pairs.iter().find(|p| p.layer == l && p.module == module)?;
-    let (xs, xd) = arr(k, &format!("layers.{l}.{input}"))?;
-    let (_, yref) = arr(k, &format!("layers.{l}.{leaf}"))?;
-    let lw = engine.model.weights.layers.get(l)?;
-    let lin = match module {
-        "q_proj" => &lw.wq,
-        "k_proj" => &lw.wk,
-        "v_proj" => &lw.wv,
-        "o_proj" => &lw.wo,
-        "gate_proj" => &lw.w_gate,
-        "up_proj" => &lw.w_up,
-        _ => &lw.w_down,
-    };
+    let (xs, xd) = arr(k, input)?;
+    let (_, yref) = arr(k, &site.name)?;
     let x = Tensor::from_vec(xd.clone(), xs.as_slice(), &Device::Cpu).ok()?;
-    let y = lin.forward(&x.to_dtype(engine.model.dtype).ok()?).ok()?;
-    let y = if matches!(module, "q_proj" | "k_proj") { engine.model.qk_layout.to_hf(&y, engine.model.cfg.head_dim).ok()? } else { y };
+    let y = engine.model.project(l, module, &x).ok()?;
     let ye: Vec<f64> = y.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
     let d = x.matmul(&pair.a.t().ok()?).ok()?.matmul(&pair.b.t().ok()?).ok()?;
     let dv: Vec<f64> = d.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
@@ -681,16 +665,16 @@ fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, inte
 /// Which RoPE reproduces the engine's q_rope from the reference's q: the other convention,
 /// or another base.
 fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Diagnosis> {
-    let cfg = &engine.model.cfg;
+    let cfg = &engine.model.info().config;
     let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
     let cols = *qs.last()?;
     // The engine's own q_rope, recomputed from the reference's q by isolation.
     let mut cap = Capture::new();
-    let x = arr(k, &if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) })?;
+    let x = arr(k, &sites::layer_input(l))?;
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
     engine.model.isolate_layer(l, &xt, None, &mut cap).ok()?;
     let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
-    let eq = engine.model.qk_layout.to_hf(&eq, cfg.head_dim).ok()?;
+    let eq = engine.model.info().qk_layout.to_hf(&eq, cfg.head_dim).ok()?;
     // q_rope is (heads, seq, hd); q is (seq, heads*hd).
     let (nh, seq, hd) = eq.dims3().ok()?;
     let eq: Vec<f32> = eq.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()?;
@@ -700,7 +684,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
     let rel_right = tensor_metrics(&eq, &right).rel_l2;
     // The other convention, applied in the engine's own row order (GGUF Q/K rows are
     // stored for interleaved RoPE; HF rows for rotate-half).
-    let layout = engine.model.qk_layout;
+    let layout = engine.model.info().qk_layout;
     let other = (|| -> Option<Vec<f32>> {
         let qt = Tensor::from_vec(q.clone(), qs.as_slice(), &Device::Cpu).ok()?;
         let own: Vec<f32> = layout.from_hf(&qt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()?;
@@ -733,12 +717,12 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
 }
 
 fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, ev: &mut Vec<String>) -> Diagnosis {
-    let cfg = &engine.model.cfg;
+    let cfg = &engine.model.info().config;
     let name = format!("layers.{l}.attn");
     let reference = arr(k, &name);
     // The engine's attention on the reference's input and cache (isolation).
     let mut cap = Capture::new();
-    let input = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+    let input = sites::layer_input(l);
     let (Some((rs, r)), Some(x)) = (reference, arr(k, &input)) else {
         return diag("attention", "the attention output differs", std::mem::take(ev));
     };
@@ -749,7 +733,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
             let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
             let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
             match (kt, vt) {
-                (Ok(kt), Ok(vt)) => engine.model.qk_layout.from_hf(&kt, cfg.head_dim).ok().map(|kt| (kt, vt)),
+                (Ok(kt), Ok(vt)) => engine.model.info().qk_layout.from_hf(&kt, cfg.head_dim).ok().map(|kt| (kt, vt)),
                 _ => None,
             }
         }
@@ -802,7 +786,7 @@ fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
     // The engine's norm on the reference's input: a per-row scale-only error is epsilon.
     let name = if leaf == "final_norm" { "final_norm".to_string() } else { format!("layers.{l}.{leaf}") };
     let input = if leaf == "attn_norm" {
-        if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) }
+        sites::layer_input(l)
     } else {
         String::new()
     };

@@ -300,14 +300,7 @@ pub struct EngineInfo {
     pub transforms: Vec<&'static str>,
 }
 
-pub fn layer_of(site: &str) -> Option<usize> {
-    site.strip_prefix("layers.")?.split('.').next()?.parse().ok()
-}
-
-/// `layers.3.q_rope` -> `q_rope`.
-pub fn leaf_of(site: &str) -> &str {
-    site.rsplit('.').next().unwrap_or(site)
-}
+pub use lockstep_engine::sites::{layer_of, leaf_of};
 
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>, HarnessError> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
@@ -363,13 +356,13 @@ fn notify_step(done: usize, planned: usize) {
 pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<RunResult, HarnessError> {
     assert!(!refs.is_empty(), "run() needs at least one reference");
     let model = &engine.model;
-    let cfg = &model.cfg;
+    let cfg = &model.info().config;
     // Which arithmetic each pair shares decides the tolerances (tolerance.rs).
-    let engine_quantized = model.weights.any_quantized();
+    let engine_quantized = model.info().quantized_kernels;
     let modes: Vec<WeightsMode> =
         refs.iter().map(|r| WeightsMode::of(engine_quantized, r.description.quantized_activations)).collect();
-    let qbounds = quant_bounds(model.weights.quant_type().as_deref());
-    let layer0_exact = crate::tolerance::same_quant_layer0_exact(&model.weights.matrix_types());
+    let qbounds = quant_bounds(model.info().quant_type.clone().as_deref());
+    let layer0_exact = crate::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
     let ltol = logit_tolerance(WeightsMode::SameWeights, opts.precision);
 
     // --- the prompt, on every side ---
@@ -432,7 +425,8 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     };
 
     // --- which sites each reference has ---
-    let engine_sites = model.site_names();
+    let graph = model.site_graph();
+    let engine_sites = graph.names();
     let ref_sites: Vec<HashSet<String>> = refs.iter().map(|r| r.description.sites.iter().cloned().collect()).collect();
     for (r, sites) in refs.iter().zip(&ref_sites) {
         let ref_layers = sites.iter().filter_map(|s| layer_of(s)).max().map(|l| l + 1).unwrap_or(0);
@@ -457,7 +451,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let mut steps: Vec<StepRecord> = Vec::new();
     let mut feed = prompt.engine_ids.clone();
     let mut generated: Vec<u32> = Vec::new();
-    let layout = model.qk_layout;
+    let layout = model.info().qk_layout;
 
     // Bisect stops at a token mismatch: nothing after it is comparable.
     let n_steps = if opts.bisect && !ids_match { 0 } else { opts.steps.max(1) };
@@ -471,11 +465,8 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             if !wanted.contains(site.as_str()) {
                 continue;
             }
-            let (t, transform) = if QkLayout::affects_site(site) && layout != QkLayout::HalfSplit {
-                (layout.to_hf(t, cfg.head_dim)?, layout.transform_name())
-            } else {
-                (t.clone(), None)
-            };
+            let s = graph.get(site).ok_or_else(|| HarnessError::Mismatch(format!("the engine captured `{site}`, which is not in its site graph")))?;
+            let (t, transform) = model.to_canonical(s, t)?;
             esites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data: to_f64_vec(&t)?, transform });
         }
         let engine_seconds = t0.elapsed().as_secs_f64();
@@ -664,7 +655,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                 if let Some((ri, si)) = crate::bisect::localize(&ref_steps) {
                     let mut k = KeptStep { reference: ri, step, site_index: si, ..Default::default() };
                     if let Some(l) = ref_steps[ri].sites[si].layer {
-                        let input = if l == 0 { "embed".to_string() } else { format!("layers.{}.out", l - 1) };
+                        let input = lockstep_engine::sites::layer_input(l);
                         let prefix = format!("layers.{l}.");
                         for name in ref_sites[ri].iter().filter(|n| **n == input || n.starts_with(&prefix)) {
                             if let Some(Some(a)) = views[ri].with_site(name, |sh, d| d.to_f32_vec().map(|v| (sh.to_vec(), v)))? {
@@ -769,8 +760,8 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         engine: EngineInfo {
             weights: engine.origin.name(),
             weights_mode: engine.weights.name(),
-            matrix_types: engine.model.weights.matrix_types(),
-            faults: engine.model.faults.describe(),
+            matrix_types: engine.model.info().matrix_types.clone(),
+            faults: engine.model.info().faults.clone(),
             dtype: opts.precision,
             qk_layout: match layout {
                 QkLayout::HalfSplit => "half-split",
@@ -1156,16 +1147,16 @@ fn stopped_before_step0(
         engine: EngineInfo {
             weights: engine.origin.name(),
             weights_mode: engine.weights.name(),
-            matrix_types: model.weights.matrix_types(),
-            faults: model.faults.describe(),
+            matrix_types: model.info().matrix_types.clone(),
+            faults: model.info().faults.clone(),
             dtype: opts.precision,
-            qk_layout: match model.qk_layout {
+            qk_layout: match model.info().qk_layout {
                 QkLayout::HalfSplit => "half-split",
                 QkLayout::Interleaved => "interleaved",
             },
-            transforms: model.qk_layout.transform_name().into_iter().collect(),
+            transforms: model.info().qk_layout.transform_name().into_iter().collect(),
         },
-        num_layers: model.cfg.num_layers,
+        num_layers: model.info().config.num_layers,
         config,
         stopped_before_step0: Some(reason),
         sampler: None,

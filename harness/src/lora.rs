@@ -252,7 +252,7 @@ pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f6
             .unwrap_or_default()
     };
     let mut per_layer = vec![];
-    for i in 0..engine.model.cfg.num_layers {
+    for i in 0..engine.model.info().config.num_layers {
         let s = format!("layers.{i}.out");
         per_layer.push(LayerEffect { layer: i, adapted: adapted_modules(i), rel_l2: rel_l2(&get(&ca, &s)?, &get(&cb, &s)?)? });
     }

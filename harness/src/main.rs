@@ -569,10 +569,10 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             let m = driver::load_engine(&opts)?;
             let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
             let out = match sampler {
-                None => lockstep_engine::generate::generate_greedy(&m.model, &ids, n, &m.stop_ids())?,
+                None => lockstep_engine::generate::generate_greedy(m.model.as_ref(), &ids, n, &m.stop_ids())?,
                 Some(c) => {
                     let mut s = lockstep_engine::Sampler::new(c);
-                    lockstep_engine::generate::generate_sampled(&m.model, &ids, n, &m.stop_ids(), &mut s)?
+                    lockstep_engine::generate::generate_sampled(m.model.as_ref(), &ids, n, &m.stop_ids(), &mut s)?
                 }
             };
             let text = m.tokenizer.decode(&out, true)?;

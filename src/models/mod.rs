@@ -9,13 +9,14 @@ use std::path::Path;
 
 use crate::config::HfConfig;
 use crate::error::{EngineError, Result};
+use crate::loader::{Checkpoint, FamilyModel, LoadOptions};
 use crate::sites::{LayerSite, SiteGraph};
 use crate::weights::GgufFile;
 
 pub mod llama;
 
 /// A registered family.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Family {
     /// The family's name in reports (`llama`).
     pub name: &'static str,
@@ -25,6 +26,14 @@ pub struct Family {
     pub gguf_archs: &'static [&'static str],
     /// The per-layer sites, in forward order, with their dataflow.
     pub layer_sites: &'static [LayerSite],
+    /// Builds the decoder from a checkpoint (faults set, the adapter of `opts.lora` attached).
+    pub load: fn(Checkpoint<'_>, &LoadOptions) -> Result<FamilyModel>,
+}
+
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Family").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 /// Every family the engine runs.
