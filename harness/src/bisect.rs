@@ -19,44 +19,14 @@ use candle_core::{Device, Tensor};
 use lockstep_engine::{sites, Capture, LoadedModel, QkLayout};
 use serde::Serialize;
 
-use crate::compare::tensor_metrics;
-use crate::driver::{self, layer_of, leaf_of, KeptStep, RefStep, RunOptions, RunResult, SiteRecord};
+use crate::compare::metrics::tensor_metrics;
+use crate::lockstep::run::{self as driver, layer_of, leaf_of};
+use crate::results::run::{KeptStep, RefStep, RunResult, SiteRecord};
+use crate::lockstep::options::{RunOptions};
 use crate::error::HarnessError;
 use crate::python::Reference;
-use crate::tolerance::{tensor_verdict, tolerance, SiteKind, Verdict, WeightsMode};
+use crate::compare::tolerance::{tensor_verdict, tolerance, SiteKind, Verdict, WeightsMode};
 
-/// Picks the site to blame in the first failing step: (reference index, site index), or
-/// None when nothing failed at this step.
-pub fn localize(refs: &[RefStep]) -> Option<(usize, usize)> {
-    let failed = refs.iter().any(|r| r.verdict == Verdict::Fail);
-    if !failed {
-        return None;
-    }
-    // (priority, position): lower wins.
-    let mut best: Option<((u8, usize), usize, usize)> = None;
-    for (ri, rs) in refs.iter().enumerate() {
-        for (si, s) in rs.sites.iter().enumerate() {
-            let prio = match (s.metrics.is_none(), s.kind, s.verdict) {
-                (true, SiteKind::Cache, _) => 0,
-                (true, _, _) => 1,
-                (false, _, Verdict::Fail | Verdict::Drift) => 2,
-                _ => continue,
-            };
-            let key = (prio, si);
-            if best.is_none_or(|(b, _, _)| key < b) {
-                best = Some((key, ri, si));
-            }
-        }
-    }
-    best.map(|(_, ri, si)| (ri, si)).or_else(|| {
-        // Only the next-token distribution failed: blame the logits site.
-        refs.iter().enumerate().find_map(|(ri, rs)| {
-            (rs.logits_verdict == Verdict::Fail)
-                .then(|| rs.sites.iter().position(|s| s.site == "logits").map(|si| (ri, si)))
-                .flatten()
-        })
-    })
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IsolatedSite {
@@ -205,9 +175,9 @@ pub fn check_catalog(
     let base = RunOptions {
         model: path.to_path_buf(),
         references: specs.to_vec(),
-        prompt: driver::Prompt::Chat("What is the capital of France?".into()),
+        prompt: crate::lockstep::options::Prompt::Chat("What is the capital of France?".into()),
         steps: steps.max(2),
-        precision: crate::tolerance::Precision::F32,
+        precision: crate::compare::tolerance::Precision::F32,
         weights,
         faults: Faults::none(),
         bisect: true,
@@ -228,7 +198,7 @@ pub fn check_catalog(
     };
     let mut out = vec![];
     // No false alarm first.
-    let engine = driver::load_engine(&base)?;
+    let engine = crate::lockstep::options::load_engine(&base)?;
     let (rep, _) = bisect(&base, &engine, refs, 256)?;
     out.push(CheckResult {
         fault: "(none)".into(),
@@ -259,7 +229,7 @@ pub fn check_catalog(
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
             Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
-            Fault::SamplerTemperature if !refs.iter().any(crate::sampler_parity::supports) => {
+            Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
             }
             Fault::LoraNotAttached | Fault::LoraScale if first_adapted.is_none() => {
@@ -272,7 +242,7 @@ pub fn check_catalog(
             let expected = format!("step 0, layer {l}, {site} [{}]", info.diagnosis);
             let mut o = base.clone();
             o.faults = Faults::parse(info.name)?;
-            let eng = driver::load_engine(&o)?;
+            let eng = crate::lockstep::options::load_engine(&o)?;
             let (rep, _) = bisect(&o, &eng, refs, 256)?;
             let ok = rep.step == Some(0)
                 && rep.layer == Some(l)
@@ -310,7 +280,7 @@ pub fn check_catalog(
         if info.fault == Fault::SamplerTemperature {
             o.sampler = Some(lockstep_engine::SamplerConfig::parse(CHECK_SAMPLER)?);
         }
-        let eng = driver::load_engine(&o)?;
+        let eng = crate::lockstep::options::load_engine(&o)?;
         let (rep, _) = bisect(&o, &eng, refs, 256)?;
         let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, quant_embed);
         out.push(CheckResult {
@@ -395,9 +365,9 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
         let e: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         let m = tensor_metrics(&e, rv);
         // The same bounds as the run used for this reference.
-        let exact = crate::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
-        let layer = crate::tolerance::tolerance_layer(mode, layer_of(name), exact);
-        let tol = tolerance(mode, crate::tolerance::Precision::F32, SiteKind::of(name), layer);
+        let exact = crate::compare::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
+        let layer = crate::compare::tolerance::tolerance_layer(mode, layer_of(name), exact);
+        let tol = tolerance(mode, crate::compare::tolerance::Precision::F32, SiteKind::of(name), layer);
         sites.push(IsolatedSite { site: name.clone(), rel_l2: m.rel_l2, verdict: tensor_verdict(&m, &tol) });
     }
     let first = sites.iter().find(|s| s.verdict == Verdict::Fail).map(|s| s.site.clone());

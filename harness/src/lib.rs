@@ -20,26 +20,16 @@
 
 pub mod bench;
 pub mod bisect;
+pub mod checks;
 pub mod compare;
-pub mod driver;
 pub mod error;
-pub mod genconfig;
-pub mod html;
-pub mod lora;
-pub mod manifest;
+pub mod golden;
+pub mod lockstep;
 pub mod models;
-pub mod nightly;
-pub mod parity;
+pub mod paths;
 pub mod pycall;
 pub mod python;
-pub mod quantcheck;
-pub mod record;
 pub mod report;
-pub mod sampler_parity;
-pub mod sketch;
-pub mod suite;
-pub mod tokcheck;
-pub mod tolerance;
-pub mod trace;
+pub mod results;
 
 pub use error::HarnessError;

@@ -4,13 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lockstep::driver::{self, Prompt, RunOptions};
+use lockstep::lockstep::run::{self as driver};
+use lockstep::lockstep::options::{Prompt, RunOptions};
 use lockstep::error::HarnessError;
-use lockstep::manifest::Manifest;
+use lockstep::golden::manifest::Manifest;
 use lockstep::python::{RefSpec, Reference};
-use lockstep::record::{KeepPolicy, RecordRequest};
-use lockstep::tolerance::Precision;
-use lockstep::{models, parity, record, report, trace};
+use lockstep::golden::record::{KeepPolicy, RecordRequest};
+use lockstep::compare::tolerance::Precision;
+use lockstep::golden::{parity, record, trace};
+use lockstep::models;
+use lockstep::report::table as report;
 use lockstep_engine::{Faults, WeightsMode};
 
 #[derive(Parser)]
@@ -429,7 +432,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 lora: lora.options(),
             };
             let mut opts = opts;
-            let engine = driver::load_engine(&opts)?;
+            let engine = lockstep::lockstep::options::load_engine(&opts)?;
             let refs = specs
                 .iter()
                 .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
@@ -506,8 +509,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 total += rec.written.iter().map(|(_, b)| b).sum::<u64>();
                 println!("case {}: recorded in {:.1} s", c.name, t.elapsed().as_secs_f64());
                 let expected = match c.expect {
-                    lockstep::manifest::Expect::Pass => rec.result.verdict_pass,
-                    lockstep::manifest::Expect::Diverged => !rec.result.verdict_pass,
+                    lockstep::golden::manifest::Expect::Pass => rec.result.verdict_pass,
+                    lockstep::golden::manifest::Expect::Diverged => !rec.result.verdict_pass,
                 };
                 if !expected {
                     eprintln!(
@@ -566,8 +569,8 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 strict_config: false,
                 lora: lora.options(),
             };
-            let m = driver::load_engine(&opts)?;
-            let ids = driver::engine_prompt_ids(&m, &opts.prompt)?;
+            let m = lockstep::lockstep::options::load_engine(&opts)?;
+            let ids = lockstep::lockstep::options::engine_prompt_ids(&m, &opts.prompt)?;
             let out = match sampler {
                 None => lockstep_engine::generate::generate_greedy(m.model.as_ref(), &ids, n, &m.stop_ids())?,
                 Some(c) => {
@@ -610,7 +613,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             Ok(0)
         }
         Cmd::QuantCheck { file, json } => {
-            use lockstep::quantcheck::{self, Status};
+            use lockstep::checks::quantcheck::{self, Status};
             let path = models::resolve(&file)?;
             let c = quantcheck::run(&path)?;
             print!("{}", quantcheck::render(&c));
@@ -653,7 +656,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 strict_config: false,
                 lora: lora.options(),
             };
-            let engine = driver::load_engine(&opts)?;
+            let engine = lockstep::lockstep::options::load_engine(&opts)?;
             let refs = specs
                 .iter()
                 .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
@@ -699,7 +702,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             Ok(if results.iter().all(|r| r.ok) { 0 } else { 1 })
         }
         Cmd::Tokcheck { model, reference, corpus, json } => {
-            use lockstep::tokcheck;
+            use lockstep::checks::tokcheck;
             let specs = RefSpec::parse_list(&reference)?;
             let path = models::resolve(&model)?;
             let mut strings: Vec<(String, String)> = tokcheck::CORPUS.iter().map(|(l, t)| (l.to_string(), t.to_string())).collect();
@@ -718,7 +721,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
             Ok(if r.pass { 0 } else { 1 })
         }
         Cmd::Report(a) => {
-            use lockstep::nightly;
+            use lockstep::report::nightly;
             let (rep, code, out) = match a.cmd {
                 Some(ReportCmd::Merge { dirs, out, history }) => {
                     let (rep, code) = nightly::merge(&dirs, &out, history.as_deref())?;
@@ -726,9 +729,9 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 }
                 None => {
                     let (suite, out) = (a.suite.expect("clap requires --suite"), a.out.expect("clap requires --out"));
-                    let shard = a.shard.as_deref().map(lockstep::suite::Shard::parse).transpose()?;
+                    let shard = a.shard.as_deref().map(lockstep::report::suite::Shard::parse).transpose()?;
                     if a.list {
-                        let s = lockstep::suite::Suite::load(&suite)?;
+                        let s = lockstep::report::suite::Suite::load(&suite)?;
                         for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
                             let what = match (&c.chat, &c.prompt) {
                                 (Some(ch), _) => format!("chat {ch:?}"),
@@ -755,7 +758,7 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                     (rep, code, out)
                 }
             };
-            print!("{}", lockstep::html::summary_md(&rep));
+            print!("{}", lockstep::report::html::summary_md(&rep));
             println!("\nreport: {}", out.join("index.html").display());
             Ok(code)
         }
@@ -774,20 +777,20 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 .iter()
                 .map(|s| Reference::load_with_lora(s, &path, lora.lora.as_deref()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let rep = lockstep::lora::inventory_report(&engine, &refs)?;
+            let rep = lockstep::checks::lora::inventory_report(&engine, &refs)?;
             println!("lockstep inspect\n  model      {}", path.display());
             for s in &rep.sides {
                 println!("  config     {:<12} {}", s.side, s.config);
             }
-            print!("{}", lockstep::lora::render_inventory(&rep));
-            print!("{}", lockstep::lora::render_modules(&rep));
-            print!("{}", lockstep::lora::render_checks(&rep));
+            print!("{}", lockstep::checks::lora::render_inventory(&rep));
+            print!("{}", lockstep::checks::lora::render_modules(&rep));
+            print!("{}", lockstep::checks::lora::render_checks(&rep));
             if let Some(j) = json {
                 let text = serde_json::to_string_pretty(&rep).map_err(|e| HarnessError::Usage(e.to_string()))?;
                 std::fs::write(&j, text + "\n")
                     .map_err(|e| HarnessError::Io { path: j.display().to_string(), message: e.to_string() })?;
             }
-            Ok(if rep.divergence().is_some() { 1 } else { 0 })
+            Ok(if lockstep::checks::lora::divergence(&rep).is_some() { 1 } else { 0 })
         }
         Cmd::Models => {
             for (a, what) in models::ALIASES {

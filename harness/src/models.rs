@@ -1,9 +1,12 @@
 //! Model arguments: a path, or one of a few aliases.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::error::HarnessError;
-use crate::python::{repo_dir, venv_dir};
+use crate::paths::{repo_dir, venv_dir};
 
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -87,4 +90,33 @@ pub fn smollm2_path() -> Result<PathBuf, HarnessError> {
             lib.display()
         ))
     })
+}
+
+/// sha256 of a model: of the file, or for a directory of its files (sorted by name).
+pub fn model_sha256(path: &Path) -> Result<String, HarnessError> {
+    let io = |e: std::io::Error, p: &Path| HarnessError::Io { path: p.display().to_string(), message: e.to_string() };
+    let mut h = Sha256::new();
+    let mut files = vec![];
+    if path.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(path).map_err(|e| io(e, path))?.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        files.extend(entries.into_iter().filter(|p| p.is_file()));
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        if path.is_dir() {
+            h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        }
+        let mut r = std::fs::File::open(&f).map_err(|e| io(e, &f))?;
+        loop {
+            let n = r.read(&mut buf).map_err(|e| io(e, &f))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
 }

@@ -15,28 +15,10 @@ use pyo3::prelude::*;
 use numpy::{PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::types::{PyDict, PyList};
 
+use crate::compare::Data;
 use crate::error::HarnessError;
 
-/// Where the reference environment is: `$LOCKSTEP_VENV`, else `.venv` in the repository.
-pub fn venv_dir() -> PathBuf {
-    match std::env::var_os("LOCKSTEP_VENV") {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => repo_dir().join(".venv"),
-    }
-}
-
-/// The repository this binary was built from.
-pub fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("harness/ has a parent").to_path_buf()
-}
-
-/// The `references/` directory: `$LOCKSTEP_REFERENCES`, else the repository's.
-pub fn references_dir() -> PathBuf {
-    match std::env::var_os("LOCKSTEP_REFERENCES") {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => repo_dir().join("references"),
-    }
-}
+use crate::paths::{references_dir, venv_dir};
 
 const FIX: &str = "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
 
@@ -133,7 +115,7 @@ pub struct RefSpec {
 impl RefSpec {
     pub fn parse(spec: &str) -> Result<RefSpec, HarnessError> {
         if let Some(case) = spec.strip_prefix("trace:") {
-            return crate::trace::parse_spec(case);
+            return crate::golden::trace::parse_spec(case);
         }
         let (name, dtype) = match spec.split_once(':') {
             None => (spec, "float32"),
@@ -211,9 +193,9 @@ pub(crate) enum Backend {
     /// A live Python reference.
     Python(PyReference),
     /// A live Python reference whose answers are also recorded (`lockstep record`).
-    Record(Box<crate::record::Recorder>),
+    Record(Box<crate::golden::record::Recorder>),
     /// A recorded trace (`--reference trace:CASE`): no Python.
-    Trace(crate::trace::Replay),
+    Trace(crate::golden::trace::Replay),
 }
 
 impl Reference {
@@ -227,7 +209,7 @@ impl Reference {
     /// `load(model, dtype=..., lora=DIR)` (a trace cannot take one).
     pub fn load_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
         if spec.trace.is_some() {
-            return crate::trace::load_reference_with_lora(spec, model, lora);
+            return crate::golden::trace::load_reference_with_lora(spec, model, lora);
         }
         if lora.is_some() && spec.name == "llamacpp" {
             return Err(HarnessError::Usage(
@@ -263,7 +245,7 @@ impl Reference {
     }
 
     /// The replay behind a `trace:NAME` reference.
-    pub fn replay(&self) -> Option<&crate::trace::Replay> {
+    pub fn replay(&self) -> Option<&crate::golden::trace::Replay> {
         match &self.backend {
             Backend::Trace(t) => Some(t),
             _ => None,
@@ -271,7 +253,7 @@ impl Reference {
     }
 
     /// The trace this reference replays, if it is one.
-    pub fn trace(&self) -> Option<&crate::trace::Trace> {
+    pub fn trace(&self) -> Option<&crate::golden::trace::Trace> {
         self.replay().map(|r| r.trace())
     }
 
@@ -416,7 +398,7 @@ pub struct StepOutput {
 
 enum StepInner {
     Python(Py<PyDict>),
-    Trace(std::sync::Arc<crate::trace::TraceStep>),
+    Trace(std::sync::Arc<crate::golden::trace::TraceStep>),
 }
 
 impl StepOutput {
@@ -483,36 +465,6 @@ where
     }
 }
 
-/// A reference tensor's data, borrowed from numpy or a trace: float32, float64 from an f64
-/// oracle, or the sketch a trace keeps for a site it does not store in full (`sketch.rs`).
-#[derive(Clone, Copy)]
-pub enum Data<'a> {
-    F32(&'a [f32]),
-    F64(&'a [f64]),
-    Sketch(&'a crate::sketch::Sketch),
-}
-
-impl Data<'_> {
-    /// A copy as f32; `None` for a sketch (a trace keeps no values for that site).
-    pub fn to_f32_vec(&self) -> Option<Vec<f32>> {
-        match self {
-            Data::F32(d) => Some(d.to_vec()),
-            Data::F64(d) => Some(d.iter().map(|&x| x as f32).collect()),
-            Data::Sketch(_) => None,
-        }
-    }
-
-    /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
-    /// the one sliced site, in full).
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
-        match self {
-            Data::F32(d) => Data::F32(&d[range]),
-            Data::F64(d) => Data::F64(&d[range]),
-            Data::Sketch(_) => unreachable!("a sketch cannot be sliced; traces keep logits in full"),
-        }
-    }
-}
-
 /// The arrays of one reference step, borrowed from Python or from a trace.
 pub struct StepArrays<'a, 'py> {
     inner: ArraysInner<'a, 'py>,
@@ -520,7 +472,7 @@ pub struct StepArrays<'a, 'py> {
 
 enum ArraysInner<'a, 'py> {
     Python { py: Python<'py>, dict: Bound<'py, PyDict>, reference: &'a str },
-    Trace(&'a crate::trace::TraceStep, std::marker::PhantomData<Python<'py>>),
+    Trace(&'a crate::golden::trace::TraceStep, std::marker::PhantomData<Python<'py>>),
 }
 
 impl<'a, 'py> StepArrays<'a, 'py> {

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use lockstep::tolerance::{LORA_MODES_LOGITS_REL_L2_F32, LORA_MODES_LOGITS_REL_L2_QUANTIZED};
+use lockstep::compare::tolerance::{LORA_MODES_LOGITS_REL_L2_F32, LORA_MODES_LOGITS_REL_L2_QUANTIZED};
 use lockstep_engine::{load, LoadOptions, LoraMode, LoraOptions, WeightsMode};
 use serde_json::Value;
 

@@ -17,10 +17,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lockstep::manifest::{Expect, Manifest};
-use lockstep::parity::{self, Replayed};
-use lockstep::tolerance::Verdict;
-use lockstep::trace;
+use lockstep::golden::manifest::{Expect, Manifest};
+use lockstep::golden::parity::{self, Replayed};
+use lockstep::compare::tolerance::Verdict;
+use lockstep::golden::trace;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

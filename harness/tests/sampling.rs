@@ -13,8 +13,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use lockstep::sampler_parity::compare;
-use lockstep::tolerance::Verdict;
+use lockstep::checks::sampler::compare;
+use lockstep::compare::tolerance::Verdict;
 use lockstep_engine::sample::{self, Order, SamplerConfig};
 use numpy::{PyArray1, PyArrayMethods};
 use proptest::prelude::*;
@@ -413,7 +413,7 @@ fn tokcheck_tiny_agrees_with_transformers_and_mlx() {
     assert_eq!(v["mismatches"], 0);
     assert_eq!(v["reference_disagreements"], 0, "{out}");
     let strings = v["strings"].as_array().unwrap();
-    assert_eq!(strings.len(), lockstep::tokcheck::CORPUS.len() + 3);
+    assert_eq!(strings.len(), lockstep::checks::tokcheck::CORPUS.len() + 3);
     assert_eq!(strings.last().unwrap()["text"], "");
     assert_eq!(strings[strings.len() - 2]["text"], "second\twith a tab\n");
     assert_eq!(v["template"]["outcome"], "agree");

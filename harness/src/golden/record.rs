@@ -20,12 +20,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::driver::{layer_of, RunResult};
+use crate::lockstep::run::{layer_of};
+use crate::results::run::{RunResult};
 use crate::error::HarnessError;
-use crate::python::{Backend, Data, PyReference, Reference, StepOutput};
-use crate::sketch::{Sketch, K};
-use crate::tolerance::SiteKind;
-use crate::trace::{self, Form, Stored, TraceMeta};
+use crate::compare::Data;
+use crate::python::{Backend, PyReference, Reference, StepOutput};
+use crate::compare::sketch::{Sketch, K};
+use crate::compare::tolerance::SiteKind;
+use crate::golden::trace::{self, Form, Stored, TraceMeta};
 
 /// Which sites a trace keeps in full.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -306,7 +308,7 @@ pub fn write_traces(result: &RunResult, refs: &[Reference], t: &RecordTarget<'_>
 pub struct RecordRequest {
     pub model_arg: String,
     pub references: Vec<crate::python::RefSpec>,
-    pub prompt: crate::driver::Prompt,
+    pub prompt: crate::lockstep::options::Prompt,
     pub steps: usize,
     /// Trace names, one per reference.
     pub names: Vec<String>,
@@ -332,8 +334,9 @@ pub struct Recorded {
 /// Runs the engine in lockstep with the live references, recording them, and writes one
 /// trace per reference.
 pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
-    use crate::driver::{self, RunOptions};
-    use crate::tolerance::Precision;
+    use crate::lockstep::run::{self as driver};
+use crate::lockstep::options::{RunOptions};
+    use crate::compare::tolerance::Precision;
     if req.names.len() != req.references.len() {
         return Err(HarnessError::Usage("one trace name per reference".into()));
     }
@@ -354,7 +357,7 @@ pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
         strict_config: false,
         lora: req.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
-    let engine = driver::load_engine(&opts)?;
+    let engine = crate::lockstep::options::load_engine(&opts)?;
     let refs = req
         .references
         .iter()

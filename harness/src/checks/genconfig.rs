@@ -12,41 +12,19 @@
 use std::fmt::Write as _;
 
 use lockstep_engine::{LoadedModel, SamplerConfig};
-use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::HarnessError;
+use crate::results::checks::{GenConfig, Row};
 use crate::python::Reference;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    pub name: &'static str,
-    pub engine: String,
-    /// One per reference, in the run's order.
-    pub references: Vec<String>,
-    /// Some reference's value differs from the engine's.
-    pub differs: bool,
-    /// Information only: never counts as a difference.
-    pub info: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct GenConfig {
-    pub references: Vec<String>,
-    pub rows: Vec<Row>,
-    /// Each reference's declared sampler stages and repetition window (None: no sampler).
-    #[serde(skip)]
-    pub declared: Vec<Option<(Vec<String>, Option<usize>)>>,
-    /// Each reference's chat template text (for the prompt check's message).
-    #[serde(skip)]
-    pub templates: Vec<Option<String>>,
-}
-
-impl GenConfig {
-    pub fn differences(&self) -> Vec<&Row> {
-        self.rows.iter().filter(|r| r.differs && !r.info).collect()
-    }
+/// The parameters as `references/sampling.py` takes them.
+pub fn params_json(cfg: &SamplerConfig) -> serde_json::Value {
+    serde_json::json!({
+        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+        "min_p": cfg.min_p, "rep_penalty": cfg.rep_penalty, "seed": cfg.seed,
+    })
 }
 
 pub fn sha12(text: &str) -> String {
@@ -100,7 +78,7 @@ fn order_cell(stages: &[String]) -> String {
 /// Collects the table. `chat` says whether the run renders the chat template.
 pub fn collect(engine: &LoadedModel, refs: &[Reference], chat: bool, max_new: usize, cfg: &SamplerConfig) -> Result<GenConfig, HarnessError> {
     let tok = &engine.tokenizer;
-    let params = crate::sampler_parity::params_json(cfg);
+    let params = params_json(cfg);
     let mut infos: Vec<Option<Value>> = vec![];
     for r in refs {
         if let Some(o) = r.object().filter(|_| r.has_method("generation_config")) {

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::HarnessError;
+use crate::results::checks::TextDiff;
 use crate::pycall::{call_json, call_str};
 use crate::python::{ensure_python, py_err, RefSpec};
 
@@ -261,14 +262,6 @@ pub struct TemplateResult {
     pub text: Vec<Option<TextDiff>>,
     pub ids: Vec<Option<Mismatch>>,
     pub outcome: Outcome,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TextDiff {
-    pub reference: String,
-    pub char_index: usize,
-    pub engine: String,
-    pub theirs: String,
 }
 
 /// The first differing character of two texts, with 30 characters of each from a little before it.

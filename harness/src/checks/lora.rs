@@ -15,133 +15,67 @@
 use std::fmt::Write;
 
 use candle_core::{DType, Tensor};
-use lockstep_engine::lora::{InventoryEntry, LoraConfig};
+use lockstep_engine::lora::InventoryEntry;
 use lockstep_engine::{Capture, LoadedModel};
-use serde::Serialize;
 
-use crate::driver::{Divergence, RunOptions, StepRecord};
+use crate::results::run::StepRecord;
+use crate::lockstep::options::{RunOptions};
 use crate::error::HarnessError;
+use crate::results::run::Divergence;
+use crate::results::checks::{list, AdapterEffect, InventoryDiff, LayerEffect, LoraReport, SideInventory};
 use crate::python::Reference;
-use crate::tolerance::{LORA_CHECKSUM_REL, LORA_EFFECT_MIN_LOGITS_REL_L2};
+use crate::compare::tolerance::{LORA_CHECKSUM_REL, LORA_EFFECT_MIN_LOGITS_REL_L2};
 
-/// One side's adapter: its inventory and its own account of the configuration.
-#[derive(Debug, Clone, Serialize)]
-pub struct SideInventory {
-    pub side: String,
-    pub entries: Vec<InventoryEntry>,
-    /// How the side loaded the adapter (loader, effective config), as it reports it.
-    pub config: serde_json::Value,
-}
-
-/// One difference between a reference's inventory and the engine's.
-#[derive(Debug, Clone, Serialize)]
-pub struct InventoryDiff {
-    pub side: String,
-    pub module: String,
-    pub what: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerEffect {
-    pub layer: usize,
-    /// The adapted modules of this layer (empty: none).
-    pub adapted: Vec<String>,
-    /// rel-L2 of `layers.{i}.out`, adapted vs base.
-    pub rel_l2: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct AdapterEffect {
-    /// Tokens run through both models.
-    pub tokens: usize,
-    /// rel-L2 of the logits (all positions), adapted vs base.
-    pub logits_rel_l2: f64,
-    /// Largest KL(adapted || base) over the positions.
-    pub max_kl: f64,
-    /// Positions whose top-1 token the adapter changes.
-    pub top1_changed: usize,
-    pub per_layer: Vec<LayerEffect>,
-    /// The noise floor the effect must exceed, and where it comes from.
-    pub floor: f64,
-    pub floor_source: String,
-    pub has_effect: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LoraReport {
-    pub dir: String,
-    pub mode: &'static str,
-    pub config: LoraConfig,
-    pub sides: Vec<SideInventory>,
-    pub diffs: Vec<InventoryDiff>,
-    /// Tensors of the file attached to nothing.
-    pub unattached: Vec<String>,
-    /// Targeted modules without tensors in the file.
-    pub missing: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub effect: Option<AdapterEffect>,
-}
-
-impl LoraReport {
-    /// The run's divergence for an adapter problem: an inventory that differs, tensors
-    /// attached to nothing or targets without tensors, or no effect.
-    pub fn divergence(&self) -> Option<Divergence> {
-        let d = |detail: String, cause: &str| Divergence {
-            step: 0,
-            layer: None,
-            site: "lora".into(),
-            reference: "engine".into(),
-            detail,
-            likely_cause: Some(cause.into()),
-        };
-        if let Some(x) = self.diffs.first() {
-            return Some(Divergence {
-                reference: x.side.clone(),
-                ..d(
-                    format!("the adapter inventories differ ({} difference(s)); first: {} {}: {}", self.diffs.len(), x.side, x.module, x.what),
-                    "a side attached the adapter to other modules, with another rank or scale, or other tensors",
-                )
-            });
-        }
-        if !self.unattached.is_empty() {
-            return Some(d(
-                format!("{} adapter tensor(s) attached to nothing: {}", self.unattached.len(), list(&self.unattached, 6)),
-                "the adapter's configuration (target modules, layers) does not cover tensors of its file",
-            ));
-        }
-        if !self.missing.is_empty() {
-            return Some(d(
-                format!("{} target module(s) without adapter tensors: {}", self.missing.len(), list(&self.missing, 6)),
-                "the adapter file lacks tensors its configuration targets",
-            ));
-        }
-        if let Some(e) = self.effect.as_ref().filter(|e| !e.has_effect) {
-            let expected: Vec<String> = e
-                .per_layer
-                .iter()
-                .filter(|l| !l.adapted.is_empty())
-                .map(|l| format!("layer {} ({}) {:.1e}", l.layer, l.adapted.join("/"), l.rel_l2))
-                .collect();
-            return Some(d(
-                format!(
-                    "adapter has no effect: logits rel-L2 {:.1e} (adapted vs base) <= noise floor {:.1e}; where an effect was expected: {}",
-                    e.logits_rel_l2,
-                    e.floor,
-                    list(&expected, 4)
-                ),
-                "the adapter is not attached, its B matrices are zero, or its scale is 0",
-            ));
-        }
-        None
+/// The run's divergence for an adapter problem: an inventory that differs, tensors
+/// attached to nothing or targets without tensors, or no effect.
+pub fn divergence(r: &LoraReport) -> Option<Divergence> {
+    let d = |detail: String, cause: &str| Divergence {
+        step: 0,
+        layer: None,
+        site: "lora".into(),
+        reference: "engine".into(),
+        detail,
+        likely_cause: Some(cause.into()),
+    };
+    if let Some(x) = r.diffs.first() {
+        return Some(Divergence {
+            reference: x.side.clone(),
+            ..d(
+                format!("the adapter inventories differ ({} difference(s)); first: {} {}: {}", r.diffs.len(), x.side, x.module, x.what),
+                "a side attached the adapter to other modules, with another rank or scale, or other tensors",
+            )
+        });
     }
-}
-
-fn list(v: &[String], n: usize) -> String {
-    let mut s = v.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
-    if v.len() > n {
-        let _ = write!(s, " (+{} more)", v.len() - n);
+    if !r.unattached.is_empty() {
+        return Some(d(
+            format!("{} adapter tensor(s) attached to nothing: {}", r.unattached.len(), list(&r.unattached, 6)),
+            "the adapter's configuration (target modules, layers) does not cover tensors of its file",
+        ));
     }
-    s
+    if !r.missing.is_empty() {
+        return Some(d(
+            format!("{} target module(s) without adapter tensors: {}", r.missing.len(), list(&r.missing, 6)),
+            "the adapter file lacks tensors its configuration targets",
+        ));
+    }
+    if let Some(e) = r.effect.as_ref().filter(|e| !e.has_effect) {
+        let expected: Vec<String> = e
+            .per_layer
+            .iter()
+            .filter(|l| !l.adapted.is_empty())
+            .map(|l| format!("layer {} ({}) {:.1e}", l.layer, l.adapted.join("/"), l.rel_l2))
+            .collect();
+        return Some(d(
+            format!(
+                "adapter has no effect: logits rel-L2 {:.1e} (adapted vs base) <= noise floor {:.1e}; where an effect was expected: {}",
+                e.logits_rel_l2,
+                e.floor,
+                list(&expected, 4)
+            ),
+            "the adapter is not attached, its B matrices are zero, or its scale is 0",
+        ));
+    }
+    None
 }
 
 /// The inventories of the engine and of every reference.
@@ -229,7 +163,7 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 /// The engine's adapted model against its base model on `tokens` (one prefill), judged
 /// against `floor`.
 pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f64, floor_source: String) -> Result<AdapterEffect, HarnessError> {
-    let base = crate::driver::load_engine(&RunOptions { lora: None, ..opts.clone() })?;
+    let base = crate::lockstep::options::load_engine(&RunOptions { lora: None, ..opts.clone() })?;
     let run = |m: &LoadedModel| -> Result<Capture, HarnessError> {
         let mut cap = Capture::new();
         let mut cache = m.model.new_cache();

@@ -1,4 +1,5 @@
-//! Comparators: how far apart two tensors, or two logit vectors, are.
+//! Comparators: how far apart two tensors, or two logit vectors, are (pure functions of
+//! two slices; [`super::data`] dispatches them over borrowed reference data).
 //!
 //! Everything is computed in f64 over the flat, row-major data of two tensors of the
 //! same shape. The reference side is a borrowed slice (numpy memory, no copy); the
@@ -58,31 +59,6 @@ pub fn tensor_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]
         ab / (aa.sqrt() * bb.sqrt())
     };
     TensorMetrics { max_abs, max_abs_index, rel_l2, cosine, nonfinite_engine: nf_a, nonfinite_reference: nf_b, estimated: false }
-}
-
-/// [`tensor_metrics`] of engine data (f64) or reference data against reference data.
-pub fn metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>) -> TensorMetrics {
-    use crate::python::Data::*;
-    match (a, b) {
-        (F32(a), F32(b)) => tensor_metrics(a, b),
-        (F32(a), F64(b)) => tensor_metrics(a, b),
-        (F64(a), F32(b)) => tensor_metrics(a, b),
-        (F64(a), F64(b)) => tensor_metrics(a, b),
-        // A site a trace keeps as a sketch: compare sketches.
-        (a, b) => crate::sketch::metrics(&crate::sketch::Sketch::of_data(a), &crate::sketch::Sketch::of_data(b)),
-    }
-}
-
-/// [`logit_metrics`] on borrowed data.
-pub fn logit_metrics_data(a: crate::python::Data<'_>, b: crate::python::Data<'_>) -> LogitMetrics {
-    use crate::python::Data::*;
-    match (a, b) {
-        (F32(a), F32(b)) => logit_metrics(a, b),
-        (F32(a), F64(b)) => logit_metrics(a, b),
-        (F64(a), F32(b)) => logit_metrics(a, b),
-        (F64(a), F64(b)) => logit_metrics(a, b),
-        (Sketch(_), _) | (_, Sketch(_)) => unreachable!("traces keep logits in full (checked when a trace is loaded)"),
-    }
 }
 
 /// Log-softmax in f64.

@@ -24,12 +24,15 @@ use candle_core::{DType, IndexOp};
 use lockstep_engine::LoadedModel;
 use serde::Serialize;
 
-use crate::driver::{self, RunOptions, RunResult, WorstSite};
+use crate::lockstep::run::{self as driver};
+use crate::lockstep::options::{RunOptions};
+use crate::results::run::{RunResult, WorstSite};
 use crate::error::HarnessError;
-use crate::manifest::Case;
-use crate::python::{Data, RefSpec, Reference};
-use crate::tolerance::{Precision, SiteKind, Verdict};
-use crate::trace::{self, TraceMeta};
+use crate::golden::manifest::Case;
+use crate::compare::Data;
+use crate::python::{RefSpec, Reference};
+use crate::compare::tolerance::{Precision, SiteKind, Verdict};
+use crate::golden::trace::{self, TraceMeta};
 
 /// Log-probs in the summary are rounded to this many decimals (nats).
 pub const LOGPROB_DECIMALS: usize = 2;
@@ -105,10 +108,10 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
     }
     let model = trace::locate_model(&first.model)?;
     // The adapter the traces were recorded with (its sha256 is checked by each trace).
-    let lora = first.adapter.as_ref().map(|a| crate::python::repo_dir().join(&a.path));
+    let lora = first.adapter.as_ref().map(|a| crate::paths::repo_dir().join(&a.path));
     let prompt = match first.prompt.mode.as_str() {
-        "chat" => driver::Prompt::Chat(first.prompt.text.clone()),
-        _ => driver::Prompt::Text(first.prompt.text.clone()),
+        "chat" => crate::lockstep::options::Prompt::Chat(first.prompt.text.clone()),
+        _ => crate::lockstep::options::Prompt::Text(first.prompt.text.clone()),
     };
     let opts = RunOptions {
         model: model.clone(),
@@ -123,7 +126,7 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         strict_config: false,
         lora: lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
-    let engine = driver::load_engine(&opts)?;
+    let engine = crate::lockstep::options::load_engine(&opts)?;
     let refs = specs.iter().map(|s| Reference::load_with_lora(s, &model, lora.as_deref())).collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&model)?;

@@ -16,8 +16,7 @@
 //! (`trace.rs`). Everything is computed in f64 from the same code on both sides, so a
 //! sketch is a deterministic function of the tensor's values and its flat order.
 
-use crate::compare::TensorMetrics;
-use crate::python::Data;
+use super::metrics::TensorMetrics;
 
 /// Number of random projections per sketch (one bit of a 64-bit hash each).
 pub const K: usize = 64;
@@ -65,15 +64,6 @@ impl Sketch {
             }
         }
         Sketch { sum_sq, max_abs, nonfinite, proj }
-    }
-
-    /// The sketch of any reference or engine data (a sketch is its own sketch).
-    pub fn of_data(d: Data<'_>) -> Sketch {
-        match d {
-            Data::F32(x) => Sketch::of(x),
-            Data::F64(x) => Sketch::of(x),
-            Data::Sketch(s) => s.clone(),
-        }
     }
 
     /// Flat form stored in a trace: `[sum_sq, max_abs, nonfinite (0 or 1), y_0 .. y_{K-1}]`.
@@ -124,7 +114,7 @@ pub fn metrics(a: &Sketch, b: &Sketch) -> TensorMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::tensor_metrics;
+    use crate::compare::metrics::tensor_metrics;
     use proptest::prelude::*;
 
     fn vec_f32(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<f32>> {

@@ -8,318 +8,29 @@
 //! disagreement is the measured noise floor the engine is judged against.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
-use lockstep_engine::{Capture, LoadOptions, LoadedModel, QkLayout};
-use serde::Serialize;
+use lockstep_engine::{Capture, LoadedModel, QkLayout};
 
-use crate::compare::{logit_metrics_data, metrics_data, LogitMetrics, TensorMetrics};
+use crate::compare::{logit_metrics_data, metrics_data};
 use crate::error::HarnessError;
-use crate::python::{Data, RefSpec, Reference, StepOutput};
-use crate::tolerance::{
-    logit_tolerance, logit_verdict_with_floor, quant_bounds, quant_logit_verdict, tensor_verdict_with_floor,
-    tolerance, tolerance_layer, Precision, QuantBounds, SiteKind, Verdict, WeightsMode, FLOOR_MULTIPLE,
+use crate::lockstep::options::{engine_prompt_ids, Prompt, RunOptions};
+use crate::results::run::{
+    Divergence, EngineInfo, GenerateCheck, KeptStep, OracleDistance, OracleSummary, PairStep, PairSummary, PromptCheck, RefStep,
+    RefSummary, RunResult, RunSummary, SiteRecord, StepRecord, WorstSite,
 };
-
-#[derive(Debug, Clone)]
-pub enum Prompt {
-    /// Plain text, tokenized with the tokenizer's special tokens (BOS if it adds one).
-    Text(String),
-    /// One user message through the chat template, with the generation prompt.
-    Chat(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub model: PathBuf,
-    pub references: Vec<RefSpec>,
-    pub prompt: Prompt,
-    pub steps: usize,
-    pub precision: Precision,
-    /// How the engine holds GGUF weights (`None`: quantized for GGUF in f32, else dense).
-    pub weights: Option<lockstep_engine::WeightsMode>,
-    /// Faults injected into the engine (`--inject`).
-    pub faults: lockstep_engine::Faults,
-    /// Bisect mode: stop at the first failing step and keep the reference's tensors of the
-    /// suspect layer at that step (`crate::bisect`); no free-running generate check.
-    pub bisect: bool,
-    /// The engine's sampler (`--sampler`); `None`: greedy, without sampler parity.
-    pub sampler: Option<lockstep_engine::SamplerConfig>,
-    /// Any difference in the generation-config table stops the run before step 0.
-    pub strict_config: bool,
-    /// A LoRA adapter on every side (`--lora DIR`); the mode is the engine's.
-    pub lora: Option<lockstep_engine::LoraOptions>,
-}
-
-/// The reference tensors bisect keeps from the first failing step: the localized site's
-/// layer, all its sites, and its input (`layers.{L-1}.out` or `embed`).
-#[derive(Debug, Clone, Default)]
-pub struct KeptStep {
-    pub reference: usize,
-    pub step: usize,
-    /// Index of the localized site in that reference's `sites` of this step.
-    pub site_index: usize,
-    /// site -> (shape, values), HF layout.
-    pub arrays: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-}
-
-/// One site of one step, engine vs one reference.
-#[derive(Debug, Clone, Serialize)]
-pub struct SiteRecord {
-    pub site: String,
-    pub layer: Option<usize>,
-    pub kind: SiteKind,
-    pub engine_shape: Vec<usize>,
-    pub reference_shape: Vec<usize>,
-    /// `None` when the shapes differ (nothing to compare element-wise).
-    pub metrics: Option<TensorMetrics>,
-    pub verdict: Verdict,
-    /// The noise floor used: the smallest rel-L2 between this reference and another one at
-    /// this site and step (absent with a single reference).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub floor: Option<f64>,
-    /// With an f64 oracle in the run: rel-L2 of the engine and of this reference to it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oracle: Option<OracleDistance>,
-    /// Transform applied to the engine tensor before comparing (e.g. gguf-qk-deinterleave).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transform: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct OracleDistance {
-    pub engine_rel_l2: f64,
-    pub reference_rel_l2: f64,
-}
-
-/// Engine vs one reference at one step.
-#[derive(Debug, Clone, Serialize)]
-pub struct RefStep {
-    pub reference: String,
-    pub sites: Vec<SiteRecord>,
-    /// Next-token distribution at the last position fed.
-    pub logits: LogitMetrics,
-    pub logits_verdict: Verdict,
-    /// Largest KL over all positions fed in this step (the prompt positions at step 0).
-    pub kl_max_positions: f64,
-    pub verdict: Verdict,
-    pub seconds: f64,
-}
-
-/// One reference vs another at one step: the measured noise floor.
-#[derive(Debug, Clone, Serialize)]
-pub struct PairStep {
-    pub a: String,
-    pub b: String,
-    /// (site, metrics of a vs b) for every site both provide.
-    pub sites: Vec<(String, TensorMetrics)>,
-    /// KL(b || a) etc. at the last position.
-    pub logits: LogitMetrics,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    pub step: usize,
-    /// Tokens fed to every side at this step.
-    pub fed: Vec<u32>,
-    /// The engine's choice, fed at the next step.
-    pub engine_token: u32,
-    pub engine_token_text: String,
-    /// Worst verdict over all references.
-    pub verdict: Verdict,
-    pub engine_seconds: f64,
-    pub references: Vec<RefStep>,
-    pub pairs: Vec<PairStep>,
-    /// Sampler parity per reference that has a sampler (with `--sampler`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub sampler: Vec<crate::sampler_parity::SamplerCheck>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Divergence {
-    pub step: usize,
-    pub layer: Option<usize>,
-    pub site: String,
-    pub reference: String,
-    pub detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub likely_cause: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PromptCheck {
-    pub mode: &'static str,
-    pub text: String,
-    pub engine_ids: Vec<u32>,
-    /// Each reference's own encoding of the prompt.
-    pub reference_ids: Vec<(String, Vec<u32>)>,
-    pub ids_match: bool,
-    /// Chat prompts: the engine's rendered template text, and per reference where its
-    /// rendering differs (None: identical).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub engine_rendered: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rendered_diff: Vec<(String, Option<crate::tokcheck::TextDiff>)>,
-    /// When the ids differ: the pieces of every side's ids (engine first), for the report.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pieces: Vec<(String, Vec<String>)>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerateCheck {
-    pub reference: String,
-    /// The reference's own greedy `generate` on the engine's prompt ids.
-    pub reference_tokens: Vec<u32>,
-    pub reference_text: String,
-    pub matches: bool,
-    pub first_mismatch: Option<usize>,
-    pub verdict: Verdict,
-}
-
-/// Per reference, over the run.
-#[derive(Debug, Clone, Serialize)]
-pub struct RefSummary {
-    pub reference: String,
-    /// How the engine's arithmetic relates to this reference's (decides the tolerances).
-    pub mode: WeightsMode,
-    /// The next-token bounds used in the quantized modes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quant_bounds: Option<QuantBounds>,
-    pub sites_compared_per_step: usize,
-    pub sites_not_compared: Vec<String>,
-    pub mean_kl: f64,
-    pub max_kl: f64,
-    pub same_top1_share: f64,
-    /// Largest |Δp| of the reference's top token over the steps.
-    pub max_abs_delta_p: f64,
-    pub worst_rel_l2: Vec<WorstSite>,
-    pub seconds: f64,
-    pub verdict: Verdict,
-}
-
-/// Per pair of references, over the run.
-#[derive(Debug, Clone, Serialize)]
-pub struct PairSummary {
-    pub a: String,
-    pub b: String,
-    pub sites_compared_per_step: usize,
-    pub mean_kl: f64,
-    pub max_kl: f64,
-    pub same_top1_share: f64,
-    pub worst_rel_l2: Vec<WorstSite>,
-}
-
-/// Worst relative L2 error of one site kind over the run.
-#[derive(Debug, Clone, Serialize)]
-pub struct WorstSite {
-    pub kind: SiteKind,
-    pub site: String,
-    pub step: usize,
-    pub rel_l2: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    pub steps: usize,
-    pub steps_requested: usize,
-    /// The engine chose an end-of-sequence token before `steps_requested`.
-    pub stopped_at_eos: bool,
-    pub engine_seconds: f64,
-    pub references: Vec<RefSummary>,
-    pub pairs: Vec<PairSummary>,
-    /// With an f64 oracle: per f32 reference, at how many (step, site) the engine is
-    /// closer to the oracle than that reference is.
-    pub oracle: Vec<OracleSummary>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct OracleSummary {
-    pub oracle: String,
-    pub reference: String,
-    pub engine_closer: usize,
-    pub reference_closer: usize,
-    /// Comparisons where both are exactly as far (e.g. embeddings, identical on both).
-    pub ties: usize,
-    /// Per site leaf name (attn_norm, q, ..., logits): median over layers and steps of
-    /// rel-L2(engine, oracle) and rel-L2(reference, oracle).
-    pub per_site: Vec<(String, f64, f64)>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunResult {
-    /// Bisect's kept reference tensors (not serialized).
-    #[serde(skip)]
-    pub kept: Option<KeptStep>,
-    pub verdict_pass: bool,
-    pub first_divergence: Option<Divergence>,
-    pub prompt: PromptCheck,
-    pub steps: Vec<StepRecord>,
-    pub engine_tokens: Vec<u32>,
-    pub engine_text: String,
-    pub generate: Vec<GenerateCheck>,
-    pub summary: RunSummary,
-    pub engine: EngineInfo,
-    pub num_layers: usize,
-    /// The generation-config table (computed before step 0).
-    pub config: crate::genconfig::GenConfig,
-    /// The run stopped before step 0 (prompt tokens or, with --strict-config, the config differ).
-    pub stopped_before_step0: Option<String>,
-    /// The engine's sampler, and the references without sampler parity.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sampler: Option<SamplerInfo>,
-    /// With `--lora`: the inventories, their diff and the adapter's effect.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora: Option<crate::lora::LoraReport>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SamplerInfo {
-    pub engine: String,
-    pub compared: Vec<String>,
-    pub not_compared: Vec<String>,
-    /// Over the run, per compared reference: (name, max TV, steps with equal kept sets, steps).
-    pub summary: Vec<(String, f64, usize, usize)>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct EngineInfo {
-    /// Where the weights came from (hf-safetensors, gguf).
-    pub weights: &'static str,
-    /// quantized or dequant.
-    pub weights_mode: &'static str,
-    /// Storage types of the matrices, e.g. ["Q4_1", "Q8_0"] (["f32"] when dense).
-    pub matrix_types: Vec<String>,
-    /// Faults injected with `--inject` (empty in normal use).
-    pub faults: Vec<String>,
-    pub dtype: Precision,
-    pub qk_layout: &'static str,
-    pub transforms: Vec<&'static str>,
-}
+use crate::compare::Data;
+use crate::python::{Reference, StepOutput};
+use crate::compare::tolerance::{
+    logit_tolerance, logit_verdict_with_floor, quant_bounds, quant_logit_verdict, tensor_verdict_with_floor,
+    tolerance, tolerance_layer, QuantBounds, SiteKind, Verdict, WeightsMode, FLOOR_MULTIPLE,
+};
 
 pub use lockstep_engine::sites::{layer_of, leaf_of};
 
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>, HarnessError> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
-}
-
-pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
-    let dtype = match opts.precision {
-        Precision::F32 => DType::F32,
-        Precision::F64 => DType::F64,
-    };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?)
-}
-
-/// Encodes the prompt on the engine side.
-pub fn engine_prompt_ids(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>, HarnessError> {
-    Ok(match prompt {
-        Prompt::Text(t) => m.encode_prompt(t, false)?,
-        Prompt::Chat(t) => m.encode_prompt(t, true)?,
-    })
 }
 
 struct EngineSite {
@@ -362,7 +73,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let modes: Vec<WeightsMode> =
         refs.iter().map(|r| WeightsMode::of(engine_quantized, r.description.quantized_activations)).collect();
     let qbounds = quant_bounds(model.info().quant_type.clone().as_deref());
-    let layer0_exact = crate::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
+    let layer0_exact = crate::compare::tolerance::same_quant_layer0_exact(&model.info().matrix_types);
     let ltol = logit_tolerance(WeightsMode::SameWeights, opts.precision);
 
     // --- the prompt, on every side ---
@@ -384,7 +95,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
     let ids_match = reference_ids.iter().all(|(_, ids)| *ids == engine_ids);
     let mut kept: Option<KeptStep> = None;
-    let (engine_rendered, rendered_diff) = crate::sampler_parity::rendered_prompts(engine, refs, &opts.prompt)?;
+    let (engine_rendered, rendered_diff) = crate::checks::sampler::rendered_prompts(engine, refs, &opts.prompt)?;
     let piece = |ids: &[u32]| ids.iter().map(|&i| engine.tokenizer.id_to_token(i).unwrap_or_else(|| "?".into())).collect();
     let pieces = if ids_match {
         vec![]
@@ -398,7 +109,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
 
     // --- the generation config of every side; stop before step 0 on a prompt mismatch ---
     let sampler_cfg = opts.sampler.clone().unwrap_or_default();
-    let config = crate::genconfig::collect(engine, refs, matches!(opts.prompt, Prompt::Chat(_)), opts.steps.max(1), &sampler_cfg)?;
+    let config = crate::checks::genconfig::collect(engine, refs, matches!(opts.prompt, Prompt::Chat(_)), opts.steps.max(1), &sampler_cfg)?;
     let stop_reason = if !prompt.ids_match {
         Some("the prompt's token ids differ between the engine and a reference".to_string())
     } else if opts.strict_config && !config.differences().is_empty() {
@@ -420,7 +131,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     });
     let mut sampler = engine_sampler_cfg.clone().map(lockstep_engine::Sampler::new);
     let (ref_samplers, no_sampler) = match &engine_sampler_cfg {
-        Some(c) => crate::sampler_parity::setup(refs, c, &config.declared)?,
+        Some(c) => crate::checks::sampler::setup(refs, c, &config.declared)?,
         None => (vec![], vec![]),
     };
 
@@ -487,7 +198,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
                 let mut seq = prompt.engine_ids.clone();
                 seq.extend(&generated);
                 let (tok, _) = smp.next(&last, &seq)?;
-                (tok, crate::sampler_parity::check_step(refs, &ref_samplers, &last, &seq)?)
+                (tok, crate::checks::sampler::check_step(refs, &ref_samplers, &last, &seq)?)
             }
         };
 
@@ -652,7 +363,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
             // Bisect: keep the suspect layer's reference tensors of the first failing step.
             let mut kept_now = None;
             if opts.bisect {
-                if let Some((ri, si)) = crate::bisect::localize(&ref_steps) {
+                if let Some((ri, si)) = crate::lockstep::judge::localize(&ref_steps) {
                     let mut k = KeptStep { reference: ri, step, site_index: si, ..Default::default() };
                     if let Some(l) = ref_steps[ri].sites[si].layer {
                         let input = lockstep_engine::sites::layer_input(l);
@@ -740,13 +451,13 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     // An adapter problem (inventories differ, tensors attached to nothing, no effect) is the
     // root cause of whatever else diverged: it is reported first.
     let lora = match (&engine.lora, opts.bisect) {
-        (Some(_), false) => Some(crate::lora::check(opts, engine, refs, &steps)?),
+        (Some(_), false) => Some(crate::checks::lora::check(opts, engine, refs, &steps)?),
         _ => None,
     };
-    if let Some(d) = lora.as_ref().and_then(|l| l.divergence()) {
+    if let Some(d) = lora.as_ref().and_then(crate::checks::lora::divergence) {
         first_divergence = Some(d);
     }
-    let sampler_info = opts.sampler.as_ref().map(|c| crate::sampler_parity::info(c, refs, &ref_samplers, &no_sampler, &steps));
+    let sampler_info = opts.sampler.as_ref().map(|c| crate::checks::sampler::info(c, refs, &ref_samplers, &no_sampler, &steps));
     Ok(RunResult {
         kept,
         verdict_pass: first_divergence.is_none(),
@@ -1105,7 +816,7 @@ fn stopped_before_step0(
     opts: &RunOptions,
     engine: &LoadedModel,
     prompt: PromptCheck,
-    config: crate::genconfig::GenConfig,
+    config: crate::results::checks::GenConfig,
     reason: String,
 ) -> RunResult {
     let first_divergence = find_first_divergence(&prompt, &[], &[], &[]).or_else(|| {

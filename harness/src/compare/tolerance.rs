@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::compare::{LogitMetrics, TensorMetrics};
+use crate::compare::metrics::{LogitMetrics, TensorMetrics};
 
 /// How the engine's arithmetic relates to the reference's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -392,7 +392,7 @@ pub fn logit_verdict(m: &LogitMetrics, tol: &LogitTolerance) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::tensor_metrics;
+    use crate::compare::metrics::tensor_metrics;
 
     #[test]
     fn verdict_bands() {
@@ -450,7 +450,7 @@ pub const SAMPLER_TV_PASS: f64 = 1e-5;
 /// to 4e-5); a real threshold error moves whole tokens of mass 1e-3 and more.
 pub const SAMPLER_TV_BOUNDARY: f64 = 1e-3;
 
-/// LoRA (`crate::lora`): the smallest logits change (rel-L2, adapted vs base over every
+/// LoRA (`crate::checks::lora`): the smallest logits change (rel-L2, adapted vs base over every
 /// position fed, both on the engine) that counts as an effect when the measured noise floor
 /// (reference vs reference) is lower still, e.g. with a single reference. f32 rounding of a
 /// forward pass is ~1e-7 relative (transformers vs MLX logits on the tiny fixture: 6e-7;

@@ -1,7 +1,7 @@
-//! `lockstep report`: runs every case of a suite (`crate::suite`) in this process, bisects
+//! `lockstep report`: runs every case of a suite (`crate::report::suite`) in this process, bisects
 //! each diverged case, and writes the report: `DIR/cases/NAME.json` per case as it
 //! finishes (a re-run with the same `--out` skips them: resume), then `DIR/report.json`,
-//! `DIR/summary.md` and `DIR/index.html` (`crate::html`). Shards (`--shard I/N`) write the
+//! `DIR/summary.md` and `DIR/index.html` (`crate::report::html`). Shards (`--shard I/N`) write the
 //! same files for their cases; [`merge`] joins shard directories into one report.
 //!
 //! A case that fails, errors or panics is a result like any other: its error is in the
@@ -10,7 +10,7 @@
 //! ([`regressions`]).
 //!
 //! This module owns the per-case numbers kept for the report ([`CaseResult`], a summary of
-//! `driver::RunResult` and `bisect::BisectReport`, deserializable for resume and merge);
+//! `crate::results::run::RunResult` and `bisect::BisectReport`, deserializable for resume and merge);
 //! it does not compare anything itself.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,13 +18,16 @@ use std::io::{IsTerminal, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::driver::{self, RunOptions, RunResult};
+use crate::lockstep::run::{self as driver};
+use crate::lockstep::options::{RunOptions};
+use crate::results::run::{RunResult};
 use crate::error::HarnessError;
+pub use crate::report::records::{FirstDivergence, RefNumbers, PairNumbers, StepRef, StepNumbers, LayerError, Heatmap, BisectNumbers, ConfigRow, GenerateNumbers, Timing, CaseResult, SuiteRecord, HistoryLine, Regression, Totals, Report, Thresholds};
 use crate::python::{RefSpec, Reference};
-use crate::suite::{CaseDef, Shard, Suite, SuiteHeader};
-use crate::tolerance::{Precision, Verdict};
+use crate::report::suite::{CaseDef, Shard, Suite, SuiteHeader};
+use crate::compare::tolerance::{Precision, Verdict};
 
 /// Version of `report.json` and `cases/*.json`. Bump it when a field changes meaning.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -45,166 +48,6 @@ const BISECT_CAPTURE_MB: usize = 256;
 
 fn fin(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FirstDivergence {
-    pub step: usize,
-    pub layer: Option<usize>,
-    pub site: String,
-    pub reference: String,
-    pub detail: String,
-}
-
-/// Engine vs one reference over the run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RefNumbers {
-    pub reference: String,
-    pub version: String,
-    /// How the engine's arithmetic relates to this reference's (same-weights, quant-vs-dense, ...).
-    pub mode: String,
-    pub mean_kl: Option<f64>,
-    pub max_kl: Option<f64>,
-    pub top1: Option<f64>,
-    pub verdict: String,
-    pub sites_not_compared: Vec<String>,
-}
-
-/// One reference against another: the noise floor.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PairNumbers {
-    pub a: String,
-    pub b: String,
-    pub mean_kl: Option<f64>,
-    pub max_kl: Option<f64>,
-    pub top1: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRef {
-    pub reference: String,
-    pub kl: Option<f64>,
-    pub top1_agree: bool,
-    pub engine_top1: u32,
-    pub reference_top1: u32,
-    /// Top-1 minus top-2 log-probability on each side: how close the choice was to a flip.
-    pub engine_margin: Option<f64>,
-    pub reference_margin: Option<f64>,
-    pub verdict: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepNumbers {
-    pub step: usize,
-    pub fed: usize,
-    pub engine_token: u32,
-    pub engine_token_text: String,
-    pub verdict: String,
-    pub references: Vec<StepRef>,
-}
-
-/// Per reference: `[step][layer]` the largest rel-L2 error over the layer's sites.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LayerError {
-    pub reference: String,
-    pub steps: Vec<Vec<Option<f64>>>,
-}
-
-/// `[step][layer]` rel-L2 of the site kind (leaf name, e.g. `mlp_out`) that is worst over
-/// the run, against the first reference.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Heatmap {
-    pub reference: String,
-    pub site: String,
-    pub cells: Vec<Vec<Option<f64>>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BisectNumbers {
-    pub found: bool,
-    pub step: Option<usize>,
-    pub layer: Option<usize>,
-    pub site: Option<String>,
-    pub reference: Option<String>,
-    pub detail: Option<String>,
-    pub isolation: Option<String>,
-    pub diagnosis: Option<String>,
-    pub diagnosis_title: Option<String>,
-    pub evidence: Vec<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConfigRow {
-    pub name: String,
-    pub engine: String,
-    pub references: Vec<String>,
-    pub differs: bool,
-    pub info: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenerateNumbers {
-    pub reference: String,
-    pub matches: bool,
-    pub first_mismatch: Option<usize>,
-}
-
-/// Seconds: the only fields that differ between two runs of the same case.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct Timing {
-    pub run_s: f64,
-    pub bisect_s: f64,
-    pub total_s: f64,
-}
-
-/// Everything the report shows about one case.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CaseResult {
-    pub schema_version: u32,
-    pub name: String,
-    /// The case's definition and the lockstep version (`CaseDef::fingerprint`): shards merge
-    /// only when these agree.
-    pub fingerprint: String,
-    /// The lockstep binary that ran the case ([`build_id`]): a resumed run reuses a finished
-    /// case only from the same build, so a rebuilt engine never reports stale numbers.
-    pub build: String,
-    pub def: CaseDef,
-    /// `pass`, `diverged` or `error`.
-    pub verdict: String,
-    /// Some site or step drifted (over the noise floor, under the failure bound).
-    pub drift: bool,
-    /// The verdict is the one the case expects (`expect`, default `pass`).
-    pub as_expected: bool,
-    pub error: Option<String>,
-    pub model_path: Option<String>,
-    pub first_divergence: Option<FirstDivergence>,
-    /// Worst over the references: largest mean and max KL, smallest top-1 agreement.
-    pub mean_kl: Option<f64>,
-    pub max_kl: Option<f64>,
-    pub top1: Option<f64>,
-    pub references: Vec<RefNumbers>,
-    pub pairs: Vec<PairNumbers>,
-    pub num_layers: usize,
-    pub engine_weights: Option<String>,
-    pub faults: Vec<String>,
-    pub engine_text: String,
-    pub stopped_before_step0: Option<String>,
-    /// With an adapter: the LoRA checks as `lockstep run` prints them (inventory diff,
-    /// unattached tensors, the adapter's effect and where).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<String>,
-    pub steps: Vec<StepNumbers>,
-    pub layer_error: Vec<LayerError>,
-    pub heatmap: Option<Heatmap>,
-    pub generate: Vec<GenerateNumbers>,
-    pub config: Vec<ConfigRow>,
-    pub bisect: Option<BisectNumbers>,
-    /// With `--full-json`: the case's complete run report (`lockstep run --json`: every site
-    /// of every step), relative to the report directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_json: Option<String>,
-    pub timing: Timing,
 }
 
 impl CaseResult {
@@ -279,7 +122,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
     c.faults = r.engine.faults.clone();
     c.engine_text = r.engine_text.clone();
     c.stopped_before_step0 = r.stopped_before_step0.clone();
-    c.lora = r.lora.as_ref().map(crate::lora::render_checks);
+    c.lora = r.lora.as_ref().map(crate::checks::lora::render_checks);
     c.first_divergence = r.first_divergence.as_ref().map(|d| FirstDivergence {
         step: d.step,
         layer: d.layer,
@@ -474,7 +317,7 @@ fn resolve_adapter(l: &str) -> PathBuf {
     if p.is_absolute() || p.exists() {
         p
     } else {
-        crate::python::repo_dir().join(p)
+        crate::paths::repo_dir().join(p)
     }
 }
 
@@ -505,7 +348,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         strict_config: false,
         lora: lora_dir.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
-    let engine = driver::load_engine(&opts)?;
+    let engine = crate::lockstep::options::load_engine(&opts)?;
     let refs = cache.take(&specs, &path, lora_dir.as_deref())?;
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
         opts.steps = opts.steps.min(held);
@@ -517,8 +360,8 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         let rel = run_json_rel(&def.name);
         let p = dir.join(&rel);
         std::fs::create_dir_all(p.parent().expect("runs/")).map_err(|e| io_err(dir, e))?;
-        let sha = crate::trace::model_sha256_cached(&path)?;
-        crate::report::write_json(&p, &run, &refs, &path, &sha)?;
+        let sha = crate::golden::trace::model_sha256_cached(&path)?;
+        crate::report::table::write_json(&p, &run, &refs, &path, &sha)?;
         c.run_json = Some(rel);
     }
     if c.verdict == "diverged" {
@@ -663,73 +506,6 @@ impl Progress {
 
 // ---------------------------------------------------------------- outputs
 
-/// What a report directory holds about its suite (`DIR/suite.json`), for resume and merge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SuiteRecord {
-    pub schema_version: u32,
-    pub suite: SuiteHeader,
-    pub suite_path: String,
-    /// Every case of the suite, in order, with its fingerprint.
-    pub cases: Vec<(String, String)>,
-    pub shard: Option<String>,
-    pub defs: Vec<CaseDef>,
-}
-
-/// One night's line of the history file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryLine {
-    pub date: String,
-    pub suite: String,
-    pub case: String,
-    pub verdict: String,
-    pub as_expected: bool,
-    pub mean_kl: Option<f64>,
-    pub max_kl: Option<f64>,
-    pub top1: Option<f64>,
-    pub first_divergence: Option<String>,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Regression {
-    pub case: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Totals {
-    pub cases: usize,
-    pub pass: usize,
-    pub diverged: usize,
-    pub error: usize,
-    pub not_as_expected: usize,
-}
-
-/// `DIR/report.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    pub schema_version: u32,
-    pub suite: SuiteHeader,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub shard: Option<String>,
-    pub totals: Totals,
-    pub cases: Vec<CaseResult>,
-    /// Regressions against the history's previous line of each case (with --history).
-    pub regressions: Vec<Regression>,
-    /// Per case: the last nights of the history, oldest first, this report included.
-    pub trend: BTreeMap<String, Vec<HistoryLine>>,
-    pub thresholds: Thresholds,
-    /// When the report was written (UTC): a timing field, like every `timing`.
-    pub generated_at: String,
-    pub lockstep_version: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Thresholds {
-    pub kl_growth_factor: f64,
-    pub kl_noise_nats: f64,
-}
-
 fn io_err(p: &Path, e: impl std::fmt::Display) -> HarnessError {
     HarnessError::Io { path: p.display().to_string(), message: e.to_string() }
 }
@@ -787,7 +563,7 @@ pub fn build_id() -> String {
             }
             Err(_) => "unknown".into(),
         };
-        crate::genconfig::sha12(&stamp)
+        crate::checks::genconfig::sha12(&stamp)
     })
     .clone()
 }
@@ -1029,8 +805,8 @@ fn append_history(path: &Path, rep: &Report) -> Result<(), HarnessError> {
 
 fn write_outputs(dir: &Path, rep: &Report) -> Result<(), HarnessError> {
     write_file(&dir.join("report.json"), &to_json(rep))?;
-    write_file(&dir.join("summary.md"), &crate::html::summary_md(rep))?;
-    write_file(&dir.join("index.html"), &crate::html::page(rep))?;
+    write_file(&dir.join("summary.md"), &crate::report::html::summary_md(rep))?;
+    write_file(&dir.join("index.html"), &crate::report::html::page(rep))?;
     Ok(())
 }
 

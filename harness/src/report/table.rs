@@ -1,63 +1,33 @@
 //! Reports: the per-step table printed by `lockstep run`, and the JSON report of DESIGN.md.
 
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::Path;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
-use crate::driver::{RefStep, RunResult, StepRecord, WorstSite};
-use crate::tolerance::SiteKind;
+use crate::results::run::{RefStep, RunResult, StepRecord, WorstSite};
+use crate::compare::tolerance::SiteKind;
 use crate::error::HarnessError;
 use crate::python::Reference;
-use crate::tolerance::Verdict;
+use crate::compare::tolerance::Verdict;
 
-/// sha256 of a model: of the file, or for a directory of its files (sorted by name).
-pub fn model_sha256(path: &Path) -> Result<String, HarnessError> {
-    let io = |e: std::io::Error, p: &Path| HarnessError::Io { path: p.display().to_string(), message: e.to_string() };
-    let mut h = Sha256::new();
-    let mut files = vec![];
-    if path.is_dir() {
-        let mut entries: Vec<_> = std::fs::read_dir(path).map_err(|e| io(e, path))?.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        files.extend(entries.into_iter().filter(|p| p.is_file()));
-    } else {
-        files.push(path.to_path_buf());
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    for f in files {
-        if path.is_dir() {
-            h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
-        }
-        let mut r = std::fs::File::open(&f).map_err(|e| io(e, &f))?;
-        loop {
-            let n = r.read(&mut buf).map_err(|e| io(e, &f))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
 
 #[derive(Serialize)]
 struct JsonReport<'a> {
     verdict: &'static str,
-    first_divergence: &'a Option<crate::driver::Divergence>,
+    first_divergence: &'a Option<crate::results::run::Divergence>,
     steps: &'a [StepRecord],
     /// The first reference (the one named first on the command line).
     reference: JsonReference<'a>,
     references: Vec<JsonReference<'a>>,
     model: JsonModel<'a>,
     tokens: JsonTokens<'a>,
-    engine: &'a crate::driver::EngineInfo,
-    generate: &'a [crate::driver::GenerateCheck],
-    summary: &'a crate::driver::RunSummary,
+    engine: &'a crate::results::run::EngineInfo,
+    generate: &'a [crate::results::run::GenerateCheck],
+    summary: &'a crate::results::run::RunSummary,
     tolerances: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
-    lora: Option<&'a crate::lora::LoraReport>,
+    lora: Option<&'a crate::results::checks::LoraReport>,
 }
 
 #[derive(Serialize)]
@@ -79,7 +49,7 @@ struct JsonModel<'a> {
 
 #[derive(Serialize)]
 struct JsonTokens<'a> {
-    prompt: &'a crate::driver::PromptCheck,
+    prompt: &'a crate::results::run::PromptCheck,
     generated: &'a [u32],
     generated_text: &'a str,
 }
@@ -96,7 +66,7 @@ fn json_ref(r: &Reference) -> JsonReference<'_> {
 }
 
 pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> Result<(), HarnessError> {
-    use crate::tolerance::*;
+    use crate::compare::tolerance::*;
     let mut tols = serde_json::Map::new();
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
         let t = tolerance(WeightsMode::SameWeights, r.engine.dtype, kind, None);
@@ -186,8 +156,8 @@ fn not_compared(sites: &[String], num_layers: usize) -> String {
     let mut leaves: Vec<(String, usize)> = vec![];
     let mut other = vec![];
     for s in sites {
-        if crate::driver::layer_of(s).is_some() {
-            let leaf = crate::driver::leaf_of(s).to_string();
+        if lockstep_engine::sites::layer_of(s).is_some() {
+            let leaf = lockstep_engine::sites::leaf_of(s).to_string();
             match leaves.iter_mut().find(|(l, _)| *l == leaf) {
                 Some((_, n)) => *n += 1,
                 None => leaves.push((leaf, 1)),
@@ -263,9 +233,9 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             }
         );
     }
-    o.push_str(&crate::sampler_parity::render_prelude(r));
+    o.push_str(&crate::checks::sampler::render_prelude(r));
     if r.stopped_before_step0.is_some() {
-        o.push_str(&crate::sampler_parity::render_stopped(r));
+        o.push_str(&crate::checks::sampler::render_stopped(r));
         return o;
     }
     let _ = writeln!(o);
@@ -308,7 +278,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     if s.stopped_at_eos && s.steps < s.steps_requested {
         let _ = writeln!(o, "(the engine chose an end-of-sequence token: stopped after {} of {} steps)", s.steps, s.steps_requested);
     }
-    o.push_str(&crate::sampler_parity::render_steps(r));
+    o.push_str(&crate::checks::sampler::render_steps(r));
     let _ = writeln!(
         o,
         "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared.\n\
@@ -352,7 +322,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             b.fail_delta_p,
             b.fail_mean_kl,
             100.0 * b.min_top1_share,
-            crate::tolerance::tolerance(crate::tolerance::WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None).fail_rel_l2
+            crate::compare::tolerance::tolerance(crate::compare::tolerance::WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None).fail_rel_l2
         );
     }
     if !s.pairs.is_empty() {
@@ -387,7 +357,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
         let _ = writeln!(o, "{header}");
         let mut leaves: Vec<String> = vec![];
         for x in r.steps.first().map(|s| s.references.iter().flat_map(|rs| rs.sites.iter()).collect::<Vec<_>>()).unwrap_or_default() {
-            let leaf = crate::driver::leaf_of(&x.site).to_string();
+            let leaf = lockstep_engine::sites::leaf_of(&x.site).to_string();
             if !leaves.contains(&leaf) {
                 leaves.push(leaf);
             }
@@ -398,7 +368,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
                 let mut e = None::<f64>;
                 let mut f = None::<f64>;
                 for st in &r.steps {
-                    for x in st.references[i].sites.iter().filter(|x| crate::driver::leaf_of(&x.site) == leaf) {
+                    for x in st.references[i].sites.iter().filter(|x| lockstep_engine::sites::leaf_of(&x.site) == leaf) {
                         let v = x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
                         e = Some(e.map_or(v, |a| a.max(v)));
                         if let Some(fl) = x.floor {
@@ -459,7 +429,7 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
         }
     }
     if let Some(l) = &r.lora {
-        o.push_str(&crate::lora::render(l));
+        o.push_str(&crate::checks::lora::render(l));
     }
     let _ = writeln!(o);
     match &r.first_divergence {

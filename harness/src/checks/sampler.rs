@@ -8,44 +8,19 @@
 //! the comparison, so the check is of the filters themselves. Which order the engine
 //! samples its own tokens in is its `--sampler order=` (the generation-config table shows
 //! where that differs from a reference). Metrics: total-variation distance and equality of
-//! the kept-token sets; verdicts use [`crate::tolerance::SAMPLER_TV_PASS`] and
-//! [`crate::tolerance::SAMPLER_BOUNDARY_SLACK`].
+//! the kept-token sets; verdicts use [`crate::compare::tolerance::SAMPLER_TV_PASS`] and
+//! [`crate::compare::tolerance::SAMPLER_BOUNDARY_SLACK`].
 
 use lockstep_engine::sample::{self, Order, SamplerConfig, Stage};
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use serde::Serialize;
 
 use crate::error::HarnessError;
+use crate::checks::genconfig::params_json;
+use crate::results::checks::SamplerCheck;
 use crate::python::{py_err, Reference};
-use crate::tolerance::{Verdict, SAMPLER_TV_BOUNDARY, SAMPLER_TV_PASS};
-
-/// Engine vs one reference's sampler at one step.
-#[derive(Debug, Clone, Serialize)]
-pub struct SamplerCheck {
-    pub reference: String,
-    /// The stages that ran, in the reference's order (e.g. "temperature > top_p").
-    pub order: String,
-    /// Total-variation distance, 0.5 * sum |p_engine - p_reference|.
-    pub tv: f64,
-    pub kept_engine: usize,
-    pub kept_reference: usize,
-    pub kept_equal: bool,
-    /// Up to 8 ids kept by one side only.
-    pub only_engine: Vec<u32>,
-    pub only_reference: Vec<u32>,
-    /// The filter whose closest keep/drop decision was nearest its threshold, and how near.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tightest: Option<(Stage, f64)>,
-    pub verdict: Verdict,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-    /// On a failure: a simple misconfiguration of the engine's sampler that reproduces the
-    /// engine's distribution exactly ([`explain`]), the evidence of bisect's diagnosis.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub explained: Option<String>,
-}
+use crate::compare::tolerance::{Verdict, SAMPLER_TV_BOUNDARY, SAMPLER_TV_PASS};
 
 /// The engine order that reproduces a reference's declared stage list (the stages it runs,
 /// in order) and repetition window. Stages it does not run are appended (inactive anyway).
@@ -67,13 +42,6 @@ pub fn reference_order(name: &str, declared: &[String], rep_window: Option<usize
     Ok(Order { name: name.to_string(), stages, rep_window })
 }
 
-/// The parameters as `references/sampling.py` takes them.
-pub fn params_json(cfg: &SamplerConfig) -> serde_json::Value {
-    serde_json::json!({
-        "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
-        "min_p": cfg.min_p, "rep_penalty": cfg.rep_penalty, "seed": cfg.seed,
-    })
-}
 
 /// Whether a reference can run its sampler on given logits.
 pub fn supports(r: &Reference) -> bool {
@@ -275,16 +243,16 @@ pub fn check_step(
 pub fn rendered_prompts(
     engine: &lockstep_engine::LoadedModel,
     refs: &[Reference],
-    prompt: &crate::driver::Prompt,
-) -> Result<(Option<String>, Vec<(String, Option<crate::tokcheck::TextDiff>)>), HarnessError> {
-    let crate::driver::Prompt::Chat(user) = prompt else { return Ok((None, vec![])) };
+    prompt: &crate::lockstep::options::Prompt,
+) -> Result<(Option<String>, Vec<(String, Option<crate::results::checks::TextDiff>)>), HarnessError> {
+    let crate::lockstep::options::Prompt::Chat(user) = prompt else { return Ok((None, vec![])) };
     let msgs = [lockstep_engine::ChatMessage::user(user.clone())];
     let ours = engine.tokenizer.render_chat(&msgs, true)?;
     let mut diffs = vec![];
     for r in refs.iter().filter(|r| r.has_method("render_chat")) {
         let Some(o) = r.object() else { continue };
         let theirs = crate::pycall::call_str(o, &r.name, "render_chat", &[serde_json::json!(msgs), serde_json::json!(true)])?;
-        diffs.push((r.name.clone(), crate::tokcheck::text_diff(&r.name, &ours, &theirs)));
+        diffs.push((r.name.clone(), crate::checks::tokcheck::text_diff(&r.name, &ours, &theirs)));
     }
     Ok((Some(ours), diffs))
 }
@@ -295,8 +263,8 @@ pub fn info(
     refs: &[Reference],
     samplers: &[RefSampler],
     without: &[String],
-    steps: &[crate::driver::StepRecord],
-) -> crate::driver::SamplerInfo {
+    steps: &[crate::results::run::StepRecord],
+) -> crate::results::run::SamplerInfo {
     let summary = samplers
         .iter()
         .enumerate()
@@ -307,7 +275,7 @@ pub fn info(
             (refs[s.index].name.clone(), max_tv, equal, checks.count())
         })
         .collect();
-    crate::driver::SamplerInfo {
+    crate::results::run::SamplerInfo {
         engine: cfg.describe(),
         compared: samplers.iter().map(|s| refs[s.index].name.clone()).collect(),
         not_compared: without.to_vec(),
@@ -320,7 +288,7 @@ pub fn info(
 use std::fmt::Write as _;
 
 /// Before the step table: the generation-config table and any chat-template text difference.
-pub fn render_prelude(r: &crate::driver::RunResult) -> String {
+pub fn render_prelude(r: &crate::results::run::RunResult) -> String {
     let mut o = String::new();
     if let Some(s) = &r.sampler {
         let _ = writeln!(o, "  sampler    engine {}", s.engine);
@@ -340,7 +308,7 @@ pub fn render_prelude(r: &crate::driver::RunResult) -> String {
         }
     }
     let _ = writeln!(o);
-    o.push_str(&crate::genconfig::render(&r.config));
+    o.push_str(&crate::checks::genconfig::render(&r.config));
     o
 }
 
@@ -356,7 +324,7 @@ fn show_ids(ids: &[u32], pieces: Option<&Vec<String>>) -> String {
 }
 
 /// A run stopped before step 0: why, both token sequences, the verdict.
-pub fn render_stopped(r: &crate::driver::RunResult) -> String {
+pub fn render_stopped(r: &crate::results::run::RunResult) -> String {
     let mut o = String::new();
     let reason = r.stopped_before_step0.as_deref().unwrap_or("");
     let _ = writeln!(o, "\nstopped before step 0: {reason}; nothing was fed to any model.");
@@ -373,7 +341,7 @@ pub fn render_stopped(r: &crate::driver::RunResult) -> String {
                 if same { ", same" } else { "" },
                 if same { "=".to_string() } else { show_ids(ids, pieces(name)) }
             );
-            if let Some(i) = crate::tokcheck::first_difference(&p.engine_ids, ids) {
+            if let Some(i) = crate::checks::tokcheck::first_difference(&p.engine_ids, ids) {
                 let _ = writeln!(
                     o,
                     "    first difference at token {i}: engine {:?}, {name} {:?}",
@@ -399,7 +367,7 @@ pub fn render_stopped(r: &crate::driver::RunResult) -> String {
 }
 
 /// After the step table: sampler parity per step and over the run.
-pub fn render_steps(r: &crate::driver::RunResult) -> String {
+pub fn render_steps(r: &crate::results::run::RunResult) -> String {
     let mut o = String::new();
     let Some(info) = &r.sampler else { return o };
     if info.compared.is_empty() {

@@ -33,8 +33,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::HarnessError;
-use crate::python::{repo_dir, venv_dir, Backend, Data, Description, RefSpec, Reference};
-use crate::sketch::{Sketch, K};
+use crate::compare::Data;
+use crate::python::{Backend, Description, RefSpec, Reference};
+use crate::paths::{repo_dir, venv_dir};
+use crate::compare::sketch::{Sketch, K};
 
 pub const FORMAT: &str = "lockstep-trace/1";
 
@@ -145,7 +147,7 @@ pub struct ModelMeta {
     pub path: String,
     /// File (or directory) name, looked up in the model store when `path` is not there.
     pub file: String,
-    /// sha256 of the file, or of a directory's files (report::model_sha256).
+    /// sha256 of the file, or of a directory's files (models::model_sha256).
     pub sha256: String,
     /// How the engine held the weights when recording (`quantized` or `dequant`); a replay
     /// loads them the same way.
@@ -578,7 +580,7 @@ fn decode_sketch(v: &[f64]) -> Option<SiteData> {
 
 // --- the model a trace was recorded from ------------------------------------------------------
 
-/// sha256 of a model, computed once per path and process (report::model_sha256).
+/// sha256 of a model, computed once per path and process (models::model_sha256).
 pub fn model_sha256_cached(path: &Path) -> Result<String, HarnessError> {
     static CACHE: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -586,7 +588,7 @@ pub fn model_sha256_cached(path: &Path) -> Result<String, HarnessError> {
     if let Some(s) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(s.clone());
     }
-    let s = crate::report::model_sha256(path)?;
+    let s = crate::models::model_sha256(path)?;
     cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, s.clone());
     Ok(s)
 }

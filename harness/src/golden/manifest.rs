@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::driver::Prompt;
+use crate::lockstep::options::Prompt;
 use crate::error::HarnessError;
 use crate::python::RefSpec;
 
@@ -74,7 +74,7 @@ fn default_weights() -> String {
 
 /// The manifest in the traces directory (`trace::traces_dir`).
 pub fn default_path() -> PathBuf {
-    crate::trace::traces_dir().join("manifest.toml")
+    crate::golden::trace::traces_dir().join("manifest.toml")
 }
 
 impl Manifest {
@@ -112,7 +112,7 @@ impl Manifest {
                     return Err(bad(format!("reference `{r}`: a case records live references")));
                 }
             }
-            crate::trace::parse_weights(&c.weights).map_err(bad)?;
+            crate::golden::trace::parse_weights(&c.weights).map_err(bad)?;
             if c.budget_mb <= 0.0 {
                 return Err(bad("`budget_mb` must be positive".into()));
             }
@@ -139,11 +139,11 @@ impl Manifest {
 impl Case {
     /// The adapter directory, resolved against the repository.
     pub fn lora_dir(&self) -> Option<std::path::PathBuf> {
-        self.lora.as_ref().map(|l| crate::python::repo_dir().join(l))
+        self.lora.as_ref().map(|l| crate::paths::repo_dir().join(l))
     }
 
     pub fn weights_mode(&self) -> Option<lockstep_engine::WeightsMode> {
-        crate::trace::parse_weights(&self.weights).expect("checked when loading")
+        crate::golden::trace::parse_weights(&self.weights).expect("checked when loading")
     }
 
     pub fn prompt(&self) -> Prompt {

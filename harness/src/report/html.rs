@@ -1,11 +1,11 @@
 //! The pages of a nightly report: `index.html` (self-contained: inline CSS, SVG charts drawn
 //! here, a few lines of script; no network, no external assets) and `summary.md`.
 //!
-//! Owns the drawing only: every number comes from `crate::nightly::Report`.
+//! Owns the drawing only: every number comes from `crate::report::records::Report`.
 
 use std::fmt::Write as _;
 
-use crate::nightly::{CaseResult, HistoryLine, Report};
+use crate::report::records::{CaseResult, HistoryLine, Report};
 
 /// HTML text escaping.
 pub fn esc(s: &str) -> String {

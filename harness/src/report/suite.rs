@@ -1,7 +1,7 @@
 //! Report suites: `scripts/suites/*.toml`, the matrix of cases `lockstep report` runs.
 //!
 //! This module owns the file format and its validation (names, weights modes, samplers,
-//! tolerance profiles, the matrix expansion); running the cases is `crate::nightly`.
+//! tolerance profiles, the matrix expansion); running the cases is `crate::report::nightly`.
 //!
 //! ```toml
 //! [suite]
@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::driver::Prompt;
+use crate::lockstep::options::Prompt;
 use crate::error::HarnessError;
 
 /// Tolerance profiles a case may name.
@@ -182,7 +182,7 @@ impl CaseDef {
     /// when its fingerprint is unchanged (same definition, same lockstep version).
     pub fn fingerprint(&self) -> String {
         let text = serde_json::to_string(self).unwrap_or_default();
-        crate::genconfig::sha12(&format!("{}\n{text}", env!("CARGO_PKG_VERSION")))
+        crate::checks::genconfig::sha12(&format!("{}\n{text}", env!("CARGO_PKG_VERSION")))
     }
 
     fn validate(&self, file: &Path) -> Result<(), HarnessError> {

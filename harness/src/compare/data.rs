@@ -1,0 +1,70 @@
+//! Borrowed tensor data (numpy memory, a trace's arrays, or a trace's sketch of a site) and
+//! the comparators of [`super::metrics`] dispatched over it.
+
+use super::metrics::{logit_metrics, tensor_metrics, LogitMetrics, TensorMetrics};
+use super::sketch::{self, Sketch};
+
+/// A reference tensor's data, borrowed from numpy or a trace: float32, float64 from an f64
+/// oracle, or the sketch a trace keeps for a site it does not store in full (`sketch.rs`).
+#[derive(Clone, Copy)]
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Sketch(&'a Sketch),
+}
+
+impl Data<'_> {
+    /// The sketch of the data (a sketch is its own sketch).
+    pub fn sketch(&self) -> Sketch {
+        match self {
+            Data::F32(x) => Sketch::of(x),
+            Data::F64(x) => Sketch::of(x),
+            Data::Sketch(s) => (*s).clone(),
+        }
+    }
+
+    /// A copy as f32; `None` for a sketch (a trace keeps no values for that site).
+    pub fn to_f32_vec(&self) -> Option<Vec<f32>> {
+        match self {
+            Data::F32(d) => Some(d.to_vec()),
+            Data::F64(d) => Some(d.iter().map(|&x| x as f32).collect()),
+            Data::Sketch(_) => None,
+        }
+    }
+
+    /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
+    /// the one sliced site, in full).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
+        match self {
+            Data::F32(d) => Data::F32(&d[range]),
+            Data::F64(d) => Data::F64(&d[range]),
+            Data::Sketch(_) => unreachable!("a sketch cannot be sliced; traces keep logits in full"),
+        }
+    }
+}
+
+/// [`tensor_metrics`] of engine data (f64) or reference data against reference data.
+pub fn metrics_data(a: Data<'_>, b: Data<'_>) -> TensorMetrics {
+    use Data::*;
+    match (a, b) {
+        (F32(a), F32(b)) => tensor_metrics(a, b),
+        (F32(a), F64(b)) => tensor_metrics(a, b),
+        (F64(a), F32(b)) => tensor_metrics(a, b),
+        (F64(a), F64(b)) => tensor_metrics(a, b),
+        // A site a trace keeps as a sketch: compare sketches.
+        (a, b) => sketch::metrics(&a.sketch(), &b.sketch()),
+    }
+}
+
+/// [`logit_metrics`] on borrowed data.
+pub fn logit_metrics_data(a: Data<'_>, b: Data<'_>) -> LogitMetrics {
+    use Data::*;
+    match (a, b) {
+        (F32(a), F32(b)) => logit_metrics(a, b),
+        (F32(a), F64(b)) => logit_metrics(a, b),
+        (F64(a), F32(b)) => logit_metrics(a, b),
+        (F64(a), F64(b)) => logit_metrics(a, b),
+        (Sketch(_), _) | (_, Sketch(_)) => unreachable!("traces keep logits in full (checked when a trace is loaded)"),
+    }
+}
+
