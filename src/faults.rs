@@ -24,6 +24,103 @@ pub enum Fault {
     SamplerTemperature,
 }
 
+/// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
+/// (in the harness) produces and that the catalog below expects for each fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Diagnosis {
+    /// Decode steps run without the prompt's cache.
+    ContextDropped,
+    /// The whole history is fed again at each step instead of using the cache.
+    HistoryRefed,
+    /// One layer's cache is not updated.
+    StaleCache,
+    /// The cache holds another number of positions, for no named reason.
+    CacheLength,
+    /// The engine's cache is correct for its kind (a rotating window) and the reference keeps
+    /// another number of positions: the cache kinds differ, nothing is dropped.
+    CacheKind,
+    /// RoPE pairs rotated with the other convention.
+    RopeConvention,
+    /// RoPE with another base (theta).
+    RopeBase,
+    /// RoPE differs (convention, base or positions), unnamed.
+    Rope,
+    /// A norm's epsilon differs.
+    NormEpsilon,
+    /// A norm differs, unnamed.
+    Norm,
+    /// Query heads read the wrong KV heads.
+    GqaMapping,
+    /// The prefill is not causal.
+    AttentionMask,
+    /// The attention differs, unnamed.
+    Attention,
+    /// The MLP activation differs.
+    Activation,
+    /// A quantized matrix dequantizes differently.
+    Dequantization,
+    /// A matrix differs (loading or layout).
+    Weights,
+    /// Q/K projections differ while V agrees: the Q/K row layout.
+    QkLayout,
+    /// The token embeddings differ.
+    Embedding,
+    /// The prompt lacks its BOS token.
+    MissingBos,
+    /// The chat template was not applied.
+    TemplateSkipped,
+    /// The prompt's token ids differ otherwise.
+    TokenMismatch,
+    /// The LoRA adapter is not attached.
+    AdapterNotAttached,
+    /// The LoRA adapter is attached with another scale.
+    AdapterScale,
+    /// The sampler differs.
+    SamplerMismatch,
+    /// No rule names it.
+    Unclassified,
+}
+
+impl Diagnosis {
+    /// The stable name (`context-dropped`), as in reports and the catalog.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Diagnosis::ContextDropped => "context-dropped",
+            Diagnosis::HistoryRefed => "history-refed",
+            Diagnosis::StaleCache => "stale-cache",
+            Diagnosis::CacheLength => "cache-length",
+            Diagnosis::CacheKind => "cache-kind",
+            Diagnosis::RopeConvention => "rope-convention",
+            Diagnosis::RopeBase => "rope-base",
+            Diagnosis::Rope => "rope",
+            Diagnosis::NormEpsilon => "norm-epsilon",
+            Diagnosis::Norm => "norm",
+            Diagnosis::GqaMapping => "gqa-mapping",
+            Diagnosis::AttentionMask => "attention-mask",
+            Diagnosis::Attention => "attention",
+            Diagnosis::Activation => "activation",
+            Diagnosis::Dequantization => "dequantization",
+            Diagnosis::Weights => "weights",
+            Diagnosis::QkLayout => "qk-layout",
+            Diagnosis::Embedding => "embedding",
+            Diagnosis::MissingBos => "missing-bos",
+            Diagnosis::TemplateSkipped => "template-skipped",
+            Diagnosis::TokenMismatch => "token-mismatch",
+            Diagnosis::AdapterNotAttached => "adapter-not-attached",
+            Diagnosis::AdapterScale => "adapter-scale",
+            Diagnosis::SamplerMismatch => "sampler-mismatch",
+            Diagnosis::Unclassified => "unclassified",
+        }
+    }
+}
+
+impl fmt::Display for Diagnosis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// One catalog entry: what the fault reproduces and where it must be localized.
 #[derive(Debug, Clone, Copy)]
 pub struct FaultInfo {
@@ -38,7 +135,7 @@ pub struct FaultInfo {
     pub step: usize,
     pub layer: Layer,
     pub site: &'static str,
-    pub diagnosis: &'static str,
+    pub diagnosis: Diagnosis,
     /// What the fault needs to show at all.
     pub needs: &'static str,
 }
@@ -66,7 +163,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 1,
         layer: Layer::First,
         site: "cache_k",
-        diagnosis: "context-dropped",
+        diagnosis: Diagnosis::ContextDropped,
         needs: "2 steps",
     },
     FaultInfo {
@@ -77,7 +174,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 1,
         layer: Layer::None,
         site: "embed",
-        diagnosis: "history-refed",
+        diagnosis: Diagnosis::HistoryRefed,
         needs: "2 steps",
     },
     FaultInfo {
@@ -88,7 +185,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "q_rope",
-        diagnosis: "rope-convention",
+        diagnosis: Diagnosis::RopeConvention,
         needs: "a prompt of 2+ tokens",
     },
     FaultInfo {
@@ -99,7 +196,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "q_rope",
-        diagnosis: "rope-base",
+        diagnosis: Diagnosis::RopeBase,
         needs: "a prompt of 2+ tokens",
     },
     FaultInfo {
@@ -110,7 +207,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "attn_norm",
-        diagnosis: "norm-epsilon",
+        diagnosis: Diagnosis::NormEpsilon,
         needs: "",
     },
     FaultInfo {
@@ -121,7 +218,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "attn",
-        diagnosis: "gqa-mapping",
+        diagnosis: Diagnosis::GqaMapping,
         needs: "a model with num_kv_heads < num_heads",
     },
     FaultInfo {
@@ -132,7 +229,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "attn",
-        diagnosis: "attention-mask",
+        diagnosis: Diagnosis::AttentionMask,
         needs: "a prompt of 2+ tokens",
     },
     FaultInfo {
@@ -143,7 +240,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 1,
         layer: Layer::Injected,
         site: "cache_k",
-        diagnosis: "stale-cache",
+        diagnosis: Diagnosis::StaleCache,
         needs: "2 steps",
     },
     FaultInfo {
@@ -154,7 +251,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::None,
         site: "tokens",
-        diagnosis: "missing-bos",
+        diagnosis: Diagnosis::MissingBos,
         needs: "a prompt that starts with the BOS id (the chat prompts of the fixtures and SmolLM2 do)",
     },
     FaultInfo {
@@ -165,7 +262,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::None,
         site: "tokens",
-        diagnosis: "template-skipped",
+        diagnosis: Diagnosis::TemplateSkipped,
         needs: "--chat",
     },
     FaultInfo {
@@ -176,7 +273,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "q",
-        diagnosis: "dequantization",
+        diagnosis: Diagnosis::Dequantization,
         needs: "a Q4_1 file",
     },
     FaultInfo {
@@ -187,7 +284,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "q",
-        diagnosis: "adapter-not-attached",
+        diagnosis: Diagnosis::AdapterNotAttached,
         needs: "--lora with an adapter on layer 0's q_proj (run: the adapter-effect check says \"adapter has no effect\")",
     },
     FaultInfo {
@@ -198,7 +295,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::First,
         site: "q",
-        diagnosis: "adapter-scale",
+        diagnosis: Diagnosis::AdapterScale,
         needs: "--lora with an adapter on layer 0's q_proj and a scale other than 1",
     },
     FaultInfo {
@@ -209,7 +306,7 @@ pub const CATALOG: &[FaultInfo] = &[
         step: 0,
         layer: Layer::None,
         site: "sampler",
-        diagnosis: "sampler-mismatch",
+        diagnosis: Diagnosis::SamplerMismatch,
         needs: "--sampler with a temperature other than 0 and 1 (faults --check uses temp=0.8,top_p=0.95,seed=0)",
     },
 ];

@@ -20,8 +20,10 @@ use lockstep_engine::{sites, Capture, LoadedModel, QkLayout};
 use serde::Serialize;
 
 use crate::compare::metrics::tensor_metrics;
+use crate::diagnosis::{classify, finding, At, Finding};
+use lockstep_engine::faults::Diagnosis;
 use crate::lockstep::run::{self as driver, layer_of, leaf_of};
-use crate::results::run::{KeptStep, RefStep, RunResult, SiteRecord};
+use crate::results::run::{KeptStep, RunResult, SiteRecord};
 use crate::lockstep::options::{RunOptions};
 use crate::error::HarnessError;
 use crate::python::Reference;
@@ -46,14 +48,6 @@ pub struct Isolation {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Diagnosis {
-    /// Stable name (the fault catalog's `diagnosis`).
-    pub name: &'static str,
-    pub title: String,
-    pub evidence: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct BisectReport {
     pub found: bool,
     pub step: Option<usize>,
@@ -62,7 +56,7 @@ pub struct BisectReport {
     pub reference: Option<String>,
     pub detail: Option<String>,
     pub isolation: Option<Isolation>,
-    pub diagnosis: Option<Diagnosis>,
+    pub diagnosis: Option<Finding>,
     pub steps_run: usize,
     pub steps_requested: usize,
     pub seconds: f64,
@@ -126,14 +120,16 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
             Some(l) => Some(isolate(engine, k, l, st.fed.len(), mode)?),
             None => None,
         };
-        rep.diagnosis = Some(diagnose(engine, k, rs, site, iso.as_ref(), st.fed.len()));
+        let total = run.steps.iter().map(|s| s.fed.len()).sum();
+        let at = At { step: k.step, rs, site, fed: st.fed.len(), total, graph: engine.model.site_graph(), cache: engine.model.info().cache };
+        rep.diagnosis = Some(diagnose(engine, k, &at, iso.as_ref()));
         rep.isolation = iso;
     } else if rep.found {
-        rep.diagnosis = Some(Diagnosis {
-            name: "unclassified",
-            title: "a divergence outside the per-step comparison (see the run report)".into(),
-            evidence: vec![rep.detail.clone().unwrap_or_default()],
-        });
+        rep.diagnosis = Some(finding(
+            Diagnosis::Unclassified,
+            "a divergence outside the per-step comparison (see the run report)",
+            vec![rep.detail.clone().unwrap_or_default()],
+        ));
     }
     if let (Some(bytes), Some(d)) = (dropped, rep.diagnosis.as_mut()) {
         d.evidence.push(format!(
@@ -191,7 +187,7 @@ pub fn check_catalog(
             r.step.map(|s| s.to_string()).unwrap_or("-".into()),
             r.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
             r.site.as_deref().map(leaf_of).unwrap_or("-"),
-            d.name
+            d.kind
         ),
         None if r.found => format!("step {:?}, site {:?} (no diagnosis)", r.step, r.site),
         None => "nothing".into(),
@@ -247,7 +243,7 @@ pub fn check_catalog(
             let ok = rep.step == Some(0)
                 && rep.layer == Some(l)
                 && rep.site.as_deref().map(leaf_of) == Some(site)
-                && rep.diagnosis.as_ref().is_some_and(|d| d.name == info.diagnosis);
+                && rep.diagnosis.as_ref().is_some_and(|d| d.kind == info.diagnosis);
             out.push(CheckResult {
                 fault: info.name.into(),
                 applicable: true,
@@ -374,15 +370,12 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
     Ok(Isolation { layer: l, verdict: if first.is_some() { "local" } else { "inherited" }, first_failing_site: first, sites })
 }
 
-fn diag(name: &'static str, title: impl Into<String>, evidence: Vec<String>) -> Diagnosis {
-    Diagnosis { name, title: title.into(), evidence }
-}
 
-fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
+fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Finding {
     let p = &run.prompt;
     let e = &p.engine_ids;
     let Some((rname, r)) = p.reference_ids.iter().find(|(_, ids)| ids != e) else {
-        return diag("token-mismatch", "prompt tokens differ", vec![]);
+        return finding(Diagnosis::TokenMismatch, "prompt tokens differ", vec![]);
     };
     let show = |ids: &[u32]| {
         let n = ids.len().min(8);
@@ -398,13 +391,13 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
     });
     if r.len() == e.len() + 1 && r[1..] == e[..] && bos == Some(r[0]) {
         ev.push(format!("the reference starts with BOS {} and is otherwise identical", r[0]));
-        return diag("missing-bos", "the engine's prompt lacks the BOS token", ev);
+        return finding(Diagnosis::MissingBos, "the engine's prompt lacks the BOS token", ev);
     }
     if p.mode == "chat" {
         let raw = engine.tokenizer.encode(&p.text, true).unwrap_or_default();
         if *e == raw {
             ev.push(format!("the engine's ids are the plain encoding of {:?}: no chat template applied", p.text));
-            return diag("template-skipped", "the chat template was skipped: the raw prompt was fed", ev);
+            return finding(Diagnosis::TemplateSkipped, "the chat template was skipped: the raw prompt was fed", ev);
         }
         if let (Ok(rendered), true) = (engine.tokenizer.render_chat(&[lockstep_engine::ChatMessage::user(p.text.clone())], true), e.len() < r.len()) {
             ev.push(format!("the reference's ids are {} tokens of the rendered template ({} chars)", r.len(), rendered.len()));
@@ -412,14 +405,14 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Diagnosis {
     }
     let at = e.iter().zip(r).position(|(a, b)| a != b).unwrap_or(e.len().min(r.len()));
     ev.push(format!("first difference at position {at}"));
-    diag("token-mismatch", "tokenizer or chat template differs (see tokcheck)", ev)
+    finding(Diagnosis::TokenMismatch, "tokenizer or chat template differs (see tokcheck)", ev)
 }
 
 /// The forward pass matched and a reference's own sampler, on the engine's logits, kept
 /// other tokens or other weights: the sampler's configuration or code differs.
-fn diagnose_sampler(run: &RunResult) -> Diagnosis {
+fn diagnose_sampler(run: &RunResult) -> Finding {
     let Some(st) = run.first_divergence.as_ref().and_then(|d| run.steps.iter().find(|s| s.step == d.step)) else {
-        return diag("sampler-mismatch", "the sampler differs", vec![]);
+        return finding(Diagnosis::SamplerMismatch, "the sampler differs", vec![]);
     };
     let mut ev = vec![format!("step {}: every compared site within its band; the processed distributions differ", st.step)];
     for c in &st.sampler {
@@ -442,7 +435,7 @@ fn diagnose_sampler(run: &RunResult) -> Diagnosis {
     if let Some(e) = explained {
         ev.push(e);
     }
-    diag("sampler-mismatch", title, ev)
+    finding(Diagnosis::SamplerMismatch, title, ev)
 }
 
 /// Per-row relative L2 of two `(rows, cols)` arrays.
@@ -454,17 +447,14 @@ fn fmt_list(v: &[usize]) -> String {
     v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
 }
 
-fn diagnose(
-    engine: &LoadedModel,
-    k: &KeptStep,
-    rs: &RefStep,
-    site: &SiteRecord,
-    iso: Option<&Isolation>,
-    fed: usize,
-) -> Diagnosis {
+/// The diagnosis table's finding ([`crate::diagnosis::classify`]), refined for its generic
+/// kinds by measurements on the engine: which RoPE reproduces the engine's q_rope, how the
+/// attention differs (per position, per head), whether a norm differs by a scale only, and
+/// whether an adapter or the dequantization explains a weight's output.
+fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>) -> Finding {
+    let site = at.site;
     let leaf = leaf_of(&site.site);
-    let step = k.step;
-    let where_ = format!("step {step}, {}{}", site.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(), leaf);
+    let where_ = format!("step {}, {}{}", at.step, site.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(), leaf);
     let mut ev = vec![format!("{where_}: {}", site_detail(site))];
     if let Some(i) = iso {
         ev.push(match i.verdict {
@@ -480,87 +470,33 @@ fn diagnose(
             ),
         });
     }
-    let metric = |name: &str| rs.sites.iter().find(|s| s.site == name);
-    let passes = |name: &str| metric(name).is_some_and(|s| s.verdict == Verdict::Pass);
-
-    // Cache length: the most specific evidence.
-    if site.kind == SiteKind::Cache && site.metrics.is_none() && site.engine_shape.len() == 3 {
-        let (el, rl) = (site.engine_shape[1], site.reference_shape.get(1).copied().unwrap_or(0));
-        let other_layers_ok = rs
-            .sites
-            .iter()
-            .filter(|s| s.kind == SiteKind::Cache && s.layer != site.layer)
-            .all(|s| s.metrics.is_some());
-        if step >= 1 && el == fed && rl > fed {
-            ev.push(format!("the cache holds {el} position(s), the reference holds {rl}: only this step's tokens"));
-            return diag("context-dropped", "context is dropped after the prompt: decode steps run without the prompt's cache", ev);
-        }
-        if el + fed == rl && other_layers_ok {
-            ev.push(format!(
-                "layer {} holds {el} positions, every other layer {rl}: this layer's cache was not updated at step {step}",
-                site.layer.unwrap_or(0)
-            ));
-            return diag("stale-cache", format!("stale cache: layer {}'s cache is not updated", site.layer.unwrap_or(0)), ev);
-        }
-        return diag("cache-length", format!("cache length differs: engine {el}, reference {rl}"), ev);
-    }
-    // More positions than fed: the history is re-fed.
-    if site.metrics.is_none() && site.engine_shape.first().copied().unwrap_or(0) > fed && step >= 1 {
-        let n = site.engine_shape[0];
-        ev.push(format!(
-            "step {step} feeds {fed} token(s) but the engine computed {n} positions: the whole history re-fed, \
-             O(n^2) work over a generation"
-        ));
-        return diag("history-refed", "history re-fed each step instead of using the cache (quadratic cost)", ev);
-    }
-    let iso_site = |name: &str| iso.and_then(|i| i.sites.iter().find(|s| s.site == name));
+    let mut f = classify(at);
+    ev.append(&mut f.evidence);
     let l = site.layer.unwrap_or(0);
-    let at = |leaf: &str| format!("layers.{l}.{leaf}");
-    match leaf {
-        "q_rope" | "k_rope" if passes(&at("q")) && passes(&at("k")) => {
-            ev.push("q and k before RoPE pass, after RoPE fail".into());
-            if let Some(which) = rope_evidence(engine, k, l, &mut ev) {
-                return which;
-            }
-            diag("rope", "RoPE (convention, base or positions) differs", ev)
-        }
-        "attn" if ["q_rope", "k_rope", "cache_k", "cache_v", "v"].iter().all(|x| passes(&at(x))) => {
-            ev.push("q_rope, k_rope, v and both caches pass; the attention output fails".into());
-            attention_evidence(engine, k, l, fed, &mut ev)
-        }
-        "attn_norm" | "mlp_norm" | "final_norm" => norm_evidence(engine, k, l, leaf, &mut ev),
-        "mlp_act" if passes(&at("mlp_gate")) && passes(&at("mlp_up")) => {
-            diag("activation", "the MLP activation (SiLU x up) differs", ev)
-        }
-        "embed" | "q" | "k" | "v" | "attn_out" | "mlp_gate" | "mlp_up" | "mlp_out" | "logits" => {
-            let input_ok = match leaf {
-                "embed" => true,
-                "q" | "k" | "v" => passes(&at("attn_norm")),
-                "attn_out" => passes(&at("attn")),
-                "mlp_gate" | "mlp_up" => passes(&at("mlp_norm")),
-                "mlp_out" => passes(&at("mlp_act")),
-                _ => passes("final_norm"),
-            };
-            if !input_ok && !iso_site(&site.site).is_some_and(|s| s.verdict == Verdict::Fail) {
-                return diag("unclassified", format!("{} fails but its input does too", site.site), ev);
-            }
+    let isolated_fails = iso.and_then(|i| i.sites.iter().find(|s| s.site == site.site)).is_some_and(|s| s.verdict == Verdict::Fail);
+    match f.kind {
+        Diagnosis::Rope => rope_evidence(engine, k, l, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
+        Diagnosis::Attention => attention_evidence(engine, k, l, at.fed, &mut ev),
+        Diagnosis::Norm if site.layer.is_some() => norm_evidence(engine, k, l, at, &mut ev),
+        Diagnosis::Weights | Diagnosis::QkLayout | Diagnosis::Embedding => {
             if let Some(d) = lora_evidence(engine, k, l, leaf, &mut ev) {
                 return d;
             }
-            let types = engine.model.info().quant_type.clone();
             ev.push(format!("{} is a pure function of its input (which passes) and a weight matrix", site.site));
-            match types {
+            match engine.model.info().quant_type.clone() {
                 Some(t) => {
                     ev.push(format!(
                         "the weights are {t}: the matrix dequantizes differently; `lockstep quant-check {}` checks the dequantizer",
                         engine.path.display()
                     ));
-                    diag("dequantization", format!("the {t} weights of `{}` are read wrong (dequantization)", site.site), ev)
+                    finding(Diagnosis::Dequantization, format!("the {t} weights of `{}` are read wrong (dequantization)", site.site), ev)
                 }
-                None => diag("weights", format!("the weights of `{}` differ (loading or layout)", site.site), ev),
+                None => finding(f.kind, f.title, ev),
             }
         }
-        _ => diag("unclassified", format!("first failure at {}", site.site), ev),
+        // An input fails too, yet isolation on the reference's own inputs still fails here.
+        Diagnosis::Unclassified if isolated_fails => finding(f.kind, format!("first failure at {}", site.site), ev),
+        _ => finding(f.kind, f.title, ev),
     }
 }
 
@@ -569,7 +505,7 @@ fn diagnose(
 /// the difference `y_engine - y_reference` projected on D gives `c`; when c*D explains the
 /// difference, the engine applies the adapter with scale `s + c` where the reference applies
 /// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
-fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Diagnosis> {
+fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
     let (adapter, _) = engine.lora.as_ref()?;
     // The projection whose output this site is, and the site it reads (the site graph).
     let graph = engine.model.site_graph();
@@ -602,10 +538,10 @@ fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
     ));
     if (c + s).abs() <= 0.05 * s.abs() {
         ev.push(format!("the engine applies scale {:.4} where the reference applies {s}: no adapter at all", s + c));
-        return Some(diag("adapter-not-attached", format!("the LoRA adapter is not attached to `layers.{l}.{module}` in the engine"), std::mem::take(ev)));
+        return Some(finding(Diagnosis::AdapterNotAttached, format!("the LoRA adapter is not attached to `layers.{l}.{module}` in the engine"), std::mem::take(ev)));
     }
     ev.push(format!("the engine applies scale {:.4} where the reference applies {s}", s + c));
-    Some(diag("adapter-scale", format!("the LoRA scale of `layers.{l}.{module}` is wrong in the engine ({:.4} instead of {s})", s + c), std::mem::take(ev)))
+    Some(finding(Diagnosis::AdapterScale, format!("the LoRA scale of `layers.{l}.{module}` is wrong in the engine ({:.4} instead of {s})", s + c), std::mem::take(ev)))
 }
 
 fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
@@ -634,7 +570,7 @@ fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, inte
 
 /// Which RoPE reproduces the engine's q_rope from the reference's q: the other convention,
 /// or another base.
-fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Diagnosis> {
+fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Finding> {
     let cfg = &engine.model.info().config;
     let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
     let cols = *qs.last()?;
@@ -671,7 +607,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
             "the engine's q_rope equals the reference's q rotated with {used} where the weights' row order needs {want} \
              (rel-L2 to the right rotation {rel_right:.2e}); position 0 is unrotated in both"
         ));
-        return Some(diag("rope-convention", "RoPE convention: interleaved vs half-split pairs", std::mem::take(ev)));
+        return Some(finding(Diagnosis::RopeConvention, "RoPE convention: interleaved vs half-split pairs", std::mem::take(ev)));
     }
     for theta in [10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0] {
         if theta != cfg.rope_theta && close(&apply_rope(q, cols, cfg.head_dim, 0, theta, false)) {
@@ -679,14 +615,14 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
                 "the engine's q_rope equals the reference's q rotated with base theta = {theta} (the config says {})",
                 cfg.rope_theta
             ));
-            return Some(diag("rope-base", format!("RoPE base: theta {theta} instead of {}", cfg.rope_theta), std::mem::take(ev)));
+            return Some(finding(Diagnosis::RopeBase, format!("RoPE base: theta {theta} instead of {}", cfg.rope_theta), std::mem::take(ev)));
         }
     }
     ev.push(format!("neither the other convention nor a common base reproduces it (rel-L2 to the right rotation {rel_right:.2e})"));
     None
 }
 
-fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, ev: &mut Vec<String>) -> Diagnosis {
+fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, ev: &mut Vec<String>) -> Finding {
     let cfg = &engine.model.info().config;
     let name = format!("layers.{l}.attn");
     let reference = arr(k, &name);
@@ -694,7 +630,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
     let mut cap = Capture::new();
     let input = sites::layer_input(l);
     let (Some((rs, r)), Some(x)) = (reference, arr(k, &input)) else {
-        return diag("attention", "the attention output differs", std::mem::take(ev));
+        return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
     let kv = match (arr(k, &format!("layers.{l}.cache_k")), arr(k, &format!("layers.{l}.cache_v"))) {
@@ -712,7 +648,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
     let ok = engine.model.isolate_layer(l, &xt, kv, &mut cap).is_ok();
     let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
     let (Some(e), true) = (e, ok) else {
-        return diag("attention", "the attention output differs", std::mem::take(ev));
+        return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let cols = *rs.last().unwrap_or(&1);
     let rows = row_errors(&e, r, cols);
@@ -724,7 +660,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
             rows[n - 1],
             bad.len()
         ));
-        return diag("attention-mask", "attention mask: the prefill is not causal", std::mem::take(ev));
+        return finding(Diagnosis::AttentionMask, "attention mask: the prefill is not causal", std::mem::take(ev));
     }
     // Per query head.
     let hd = cfg.head_dim;
@@ -746,19 +682,19 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
             cfg.num_heads,
             cfg.num_kv_heads
         ));
-        return diag("gqa-mapping", "GQA head mapping: query heads are served by the wrong KV heads", std::mem::take(ev));
+        return finding(Diagnosis::GqaMapping, "GQA head mapping: query heads are served by the wrong KV heads", std::mem::take(ev));
     }
     ev.push(format!("per-head rel-L2: {}", per_head.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ")));
-    diag("attention", "the attention (scores, softmax or mask) differs", std::mem::take(ev))
+    finding(Diagnosis::Attention, "the attention (scores, softmax or mask) differs", std::mem::take(ev))
 }
 
-fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Diagnosis {
-    // The engine's norm on the reference's input: a per-row scale-only error is epsilon.
-    let name = if leaf == "final_norm" { "final_norm".to_string() } else { format!("layers.{l}.{leaf}") };
-    let input = if leaf == "attn_norm" {
-        sites::layer_input(l)
-    } else {
-        String::new()
+fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Finding {
+    // The engine's norm on the reference's input (a norm that reads one site): a per-row
+    // scale-only error is epsilon.
+    let name = at.site.site.clone();
+    let input = match at.graph.get(&name).map(|s| s.reads.as_slice()) {
+        Some([one]) => one.clone(),
+        _ => String::new(),
     };
     let mut ratio = None;
     if let (Some((rs, r)), Some(x)) = (arr(k, &name), arr(k, &input)) {
@@ -787,13 +723,13 @@ fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
                 "every position differs by a scale factor only (engine/reference norm ratio {lo:.6}..{hi:.6}, cosine >= {c:.7}): \
                  the normalisation's epsilon differs"
             ));
-            diag("norm-epsilon", "RMSNorm epsilon differs", std::mem::take(ev))
+            finding(Diagnosis::NormEpsilon, "RMSNorm epsilon differs", std::mem::take(ev))
         }
         Some((_, _, c)) => {
             ev.push(format!("per-position cosine down to {c:.5}: not a scale-only difference"));
-            diag("norm", "the normalisation (weights or formula) differs", std::mem::take(ev))
+            finding(Diagnosis::Norm, "the normalisation (weights or formula) differs", std::mem::take(ev))
         }
-        None => diag("norm", "the normalisation differs", std::mem::take(ev)),
+        None => finding(Diagnosis::Norm, "the normalisation differs", std::mem::take(ev)),
     }
 }
 
@@ -836,7 +772,7 @@ pub fn render(rep: &BisectReport, model: &str, references: &str) -> String {
         );
     }
     if let Some(d) = &rep.diagnosis {
-        let _ = writeln!(o, "\n  diagnosis: {} [{}]", d.title, d.name);
+        let _ = writeln!(o, "\n  diagnosis: {} [{}]", d.title, d.kind);
         for e in &d.evidence {
             let _ = writeln!(o, "    - {e}");
         }
@@ -856,5 +792,5 @@ pub fn matches_catalog(rep: &BisectReport, info: &lockstep_engine::faults::Fault
     let site_leaf = rep.site.as_deref().map(leaf_of).unwrap_or("");
     // q4_1-min enters at the first Q4_1 matrix: the embedding itself when it is Q4_1.
     let (want_site, want_layer) = if quant_embed && info.site == "q" { ("embed", None) } else { (info.site, want_layer) };
-    rep.step == Some(info.step) && rep.layer == want_layer && site_leaf == want_site && d.name == info.diagnosis
+    rep.step == Some(info.step) && rep.layer == want_layer && site_leaf == want_site && d.kind == info.diagnosis
 }

@@ -22,6 +22,7 @@ pub mod bench;
 pub mod bisect;
 pub mod checks;
 pub mod compare;
+pub mod diagnosis;
 pub mod error;
 pub mod golden;
 pub mod lockstep;

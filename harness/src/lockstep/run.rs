@@ -11,9 +11,10 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
-use lockstep_engine::{Capture, LoadedModel, QkLayout};
+use lockstep_engine::{Decoder, Capture, LoadedModel, QkLayout};
 
 use crate::compare::{logit_metrics_data, metrics_data};
+use crate::diagnosis::{self, At};
 use crate::error::HarnessError;
 use crate::lockstep::options::{engine_prompt_ids, Prompt, RunOptions};
 use crate::results::run::{
@@ -447,7 +448,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let engine_text = engine.tokenizer.decode(&generated, true).unwrap_or_default();
     let mut summary = summarize(opts, refs, &ref_sites, &engine_sites, &steps, &stop, oracle_idx);
     let run_level = quant_run_checks(&mut summary, &modes, &qbounds, steps.len());
-    let mut first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated).or(run_level);
+    let mut first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated, model.as_ref()).or(run_level);
     // An adapter problem (inventories differ, tensors attached to nothing, no effect) is the
     // root cause of whatever else diverged: it is reported first.
     let lora = match (&engine.lora, opts.bisect) {
@@ -505,6 +506,7 @@ fn find_first_divergence(
     steps: &[StepRecord],
     generate: &[GenerateCheck],
     generated: &[u32],
+    engine: &dyn Decoder,
 ) -> Option<Divergence> {
     if let Some((name, ids)) = prompt.reference_ids.iter().find(|(_, ids)| *ids != prompt.engine_ids) {
         let at = prompt.engine_ids.iter().zip(ids).position(|(a, b)| a != b);
@@ -524,7 +526,9 @@ fn find_first_divergence(
             ),
         });
     }
+    let mut total = 0;
     for s in steps {
+        total += s.fed.len();
         // Forward order across references: the earliest failing site wins.
         let mut best: Option<(usize, &RefStep, &SiteRecord)> = None;
         for rs in &s.references {
@@ -561,7 +565,15 @@ fn find_first_divergence(
                 layer: site.layer,
                 site: site.site.clone(),
                 reference: rs.reference.clone(),
-                likely_cause: likely_cause(s.step, rs, site),
+                likely_cause: diagnosis::likely_cause(&At {
+                    step: s.step,
+                    rs,
+                    site,
+                    fed: s.fed.len(),
+                    total,
+                    graph: engine.site_graph(),
+                    cache: engine.info().cache,
+                }),
                 detail,
             });
         }
@@ -661,31 +673,6 @@ fn quant_run_checks(summary: &mut RunSummary, modes: &[WeightsMode], b: &QuantBo
 }
 
 /// A first guess at the bug class from where the first failure is.
-fn likely_cause(step: usize, rs: &RefStep, site: &SiteRecord) -> Option<String> {
-    let leaf = leaf_of(&site.site);
-    if site.kind == SiteKind::Cache && site.metrics.is_none() && site.engine_shape.len() == 3 {
-        let (e, r) = (site.engine_shape[1], site.reference_shape.get(1).copied().unwrap_or(0));
-        if e < r && step > 0 {
-            return Some("context is dropped after the prompt: the engine's KV cache does not keep earlier steps".into());
-        }
-        if e > r {
-            return Some("history is fed again on top of the cache (re-feeding instead of caching)".into());
-        }
-    }
-    let same_layer =
-        |name: &str| rs.sites.iter().find(|x| x.layer == site.layer && leaf_of(&x.site) == name).map(|x| x.verdict);
-    match leaf {
-        "q_rope" | "k_rope" if same_layer("q") == Some(Verdict::Pass) && same_layer("k") == Some(Verdict::Pass) => {
-            Some("RoPE differs while q/k before RoPE agree: rotary convention, theta or positions".into())
-        }
-        "q" | "k" if same_layer("v") == Some(Verdict::Pass) => {
-            Some("q/k projections differ while v agrees: Q/K weight layout (GGUF permutation) or an adapter on q/k".into())
-        }
-        "embed" => Some("token embeddings differ: different tokens or embedding weights/scale".into()),
-        _ => None,
-    }
-}
-
 fn worst_sites<'a>(items: impl Iterator<Item = (usize, &'a str, Option<f64>)> + Clone) -> Vec<WorstSite> {
     let mut out = vec![];
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
@@ -819,7 +806,7 @@ fn stopped_before_step0(
     config: crate::results::checks::GenConfig,
     reason: String,
 ) -> RunResult {
-    let first_divergence = find_first_divergence(&prompt, &[], &[], &[]).or_else(|| {
+    let first_divergence = find_first_divergence(&prompt, &[], &[], &[], engine.model.as_ref()).or_else(|| {
         let d = config.differences();
         Some(Divergence {
             step: 0,

@@ -384,7 +384,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
                         i.first_failing_site.as_ref().map(|s| format!(" (first at {s})")).unwrap_or_default()
                     )
                 }),
-                diagnosis: rep.diagnosis.as_ref().map(|d| d.name.to_string()),
+                diagnosis: rep.diagnosis.as_ref().map(|d| d.kind.name().to_string()),
                 diagnosis_title: rep.diagnosis.as_ref().map(|d| d.title.clone()),
                 evidence: rep.diagnosis.as_ref().map(|d| d.evidence.clone()).unwrap_or_default(),
                 error: None,
