@@ -1,7 +1,110 @@
-//! Judging a step: which site of a failing step is to blame.
+//! Judging one step: pure functions from the engine's tensor, a reference's tensor, the
+//! tolerance and the measured noise floor to a record with its verdict; the next-token
+//! distribution's verdict; which site of a failing step is to blame.
+//!
+//! The noise-floor rule: at each site and step, the smallest rel-L2 between this reference
+//! and any other reference is the floor; an engine error within `FLOOR_MULTIPLE` times the
+//! floor is drift, not failure (`compare::tolerance`).
 
-use crate::compare::tolerance::{SiteKind, Verdict};
-use crate::results::run::RefStep;
+use lockstep_engine::ModelInfo;
+
+use crate::compare::metrics::LogitMetrics;
+use crate::compare::tolerance::{
+    logit_tolerance, logit_verdict_with_floor, quant_bounds, quant_logit_verdict, same_quant_layer0_exact,
+    tensor_verdict_with_floor, tolerance, tolerance_layer, LogitTolerance, Precision, QuantBounds, SiteKind, Verdict,
+    WeightsMode, FLOOR_MULTIPLE,
+};
+use crate::compare::{metrics_data, Data};
+use crate::python::Reference;
+use crate::results::run::{OracleDistance, RefStep, SiteRecord};
+
+/// An engine site of one step, in the Hugging Face layout, widened to f64.
+pub struct EngineSite {
+    pub site: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+    pub transform: Option<&'static str>,
+}
+
+/// How the engine is judged against each reference of a run: which arithmetic each pair
+/// shares decides the tolerances.
+pub struct Judge {
+    pub modes: Vec<WeightsMode>,
+    pub qbounds: QuantBounds,
+    layer0_exact: bool,
+    ltol: LogitTolerance,
+    precision: Precision,
+}
+
+impl Judge {
+    pub fn new(info: &ModelInfo, refs: &[Reference], precision: Precision) -> Judge {
+        Judge {
+            modes: refs.iter().map(|r| WeightsMode::of(info.quantized_kernels, r.description.quantized_activations)).collect(),
+            qbounds: quant_bounds(info.quant_type.as_deref()),
+            layer0_exact: same_quant_layer0_exact(&info.matrix_types),
+            ltol: logit_tolerance(WeightsMode::SameWeights, precision),
+            precision,
+        }
+    }
+
+    /// The record of one site against reference `i`: its shapes, metrics and verdict
+    /// (a shape mismatch fails, with a note that says how).
+    pub fn site(&self, i: usize, es: &EngineSite, rshape: &[usize], rdata: Data<'_>, floor: Option<f64>, oracle: Option<OracleDistance>) -> SiteRecord {
+        let kind = SiteKind::of(&es.site);
+        let layer = lockstep_engine::sites::layer_of(&es.site);
+        let base = SiteRecord {
+            site: es.site.clone(),
+            layer,
+            kind,
+            engine_shape: es.shape.clone(),
+            reference_shape: rshape.to_vec(),
+            metrics: None,
+            verdict: Verdict::Fail,
+            floor,
+            oracle,
+            transform: es.transform,
+            note: None,
+        };
+        if rshape != es.shape.as_slice() {
+            return SiteRecord { note: Some(shape_note(kind, &es.shape, rshape)), ..base };
+        }
+        let tol = tolerance(self.modes[i], self.precision, kind, tolerance_layer(self.modes[i], layer, self.layer0_exact));
+        let m = metrics_data(Data::F64(&es.data), rdata);
+        SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), ..base }
+    }
+
+    /// The next-token distribution's verdict against reference `i`, given the smallest KL
+    /// between that reference and another (`kl_floor`) and whether the references
+    /// themselves disagree on the top token (`refs_flip`).
+    pub fn logits(&self, i: usize, lm: &LogitMetrics, kl_floor: Option<f64>, refs_flip: bool) -> Verdict {
+        match self.modes[i] {
+            WeightsMode::SameWeights => logit_verdict_with_floor(lm, &self.ltol, kl_floor, refs_flip),
+            _ => match quant_logit_verdict(lm, &self.qbounds) {
+                // As far from this reference as another reference is: drift.
+                Verdict::Fail
+                    if kl_floor.is_some_and(|f| lm.kl <= FLOOR_MULTIPLE * f) && lm.delta_p.abs() <= self.qbounds.fail_delta_p =>
+                {
+                    Verdict::Drift
+                }
+                v => v,
+            },
+        }
+    }
+}
+
+/// The smallest of the reference-vs-reference disagreements (`None` with one reference).
+pub fn floor(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    values.into_iter().fold(None, |acc: Option<f64>, x| Some(acc.map_or(x, |a| a.min(x))))
+}
+
+/// What a shape mismatch means: for a cache, how many positions each side holds.
+pub fn shape_note(kind: SiteKind, e: &[usize], r: &[usize]) -> String {
+    if kind == SiteKind::Cache && e.len() == 3 && r.len() == 3 && e[0] == r[0] && e[2] == r[2] {
+        let pl = |n: usize| if n == 1 { "1 position".to_string() } else { format!("{n} positions") };
+        return format!("the engine's cache holds {}, the reference's holds {}", pl(e[1]), pl(r[1]));
+    }
+    format!("shape {e:?} in the engine, {r:?} in the reference")
+}
 
 /// Picks the site to blame in the first failing step: (reference index, site index), or
 /// None when nothing failed at this step.
@@ -34,4 +137,57 @@ pub fn localize(refs: &[RefStep]) -> Option<(usize, usize)> {
                 .flatten()
         })
     })
+}
+
+/// An oracle's distances: rel-L2 of the engine and of the reference to the f64 oracle.
+pub fn oracle_distance(engine_to_oracle: Option<f64>, reference_to_oracle: Option<f64>) -> Option<OracleDistance> {
+    match (engine_to_oracle, reference_to_oracle) {
+        (Some(e), Some(r)) => Some(OracleDistance { engine_rel_l2: e, reference_rel_l2: r }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_is_the_smallest_disagreement() {
+        assert_eq!(floor([3e-6, 1e-6, 2e-6]), Some(1e-6));
+        assert_eq!(floor(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn a_cache_shape_mismatch_says_how_many_positions_each_side_holds() {
+        assert_eq!(
+            shape_note(SiteKind::Cache, &[2, 1, 8], &[2, 14, 8]),
+            "the engine's cache holds 1 position, the reference's holds 14 positions"
+        );
+        assert_eq!(shape_note(SiteKind::Activation, &[1, 4], &[2, 4]), "shape [1, 4] in the engine, [2, 4] in the reference");
+    }
+
+    #[test]
+    fn a_site_within_the_floor_multiple_is_drift_and_beyond_it_fails() {
+        let j = Judge {
+            modes: vec![WeightsMode::SameWeights],
+            qbounds: quant_bounds(None),
+            layer0_exact: false,
+            ltol: logit_tolerance(WeightsMode::SameWeights, Precision::F32),
+            precision: Precision::F32,
+        };
+        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v], transform: None };
+        let r = [1.0f32, 1.0];
+        // rel-L2 2e-2 fails the f32 bound (1e-2) by itself; within 4x a floor of 6e-3 it is
+        // drift; 4x a floor of 4e-3 does not cover it.
+        let big = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), None, None);
+        assert_eq!(big.verdict, Verdict::Fail, "{big:?}");
+        let within = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(6e-3), None);
+        assert_eq!(within.verdict, Verdict::Drift, "{within:?}");
+        let beyond = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(4e-3), None);
+        assert_eq!(beyond.verdict, Verdict::Fail, "{beyond:?}");
+        let exact = j.site(0, &es(1.0), &[1, 2], Data::F32(&r), None, None);
+        assert_eq!(exact.verdict, Verdict::Pass);
+        let shape = j.site(0, &es(1.0), &[2, 1], Data::F32(&r), None, None);
+        assert_eq!((shape.verdict, shape.metrics.is_none()), (Verdict::Fail, true));
+    }
 }

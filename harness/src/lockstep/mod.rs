@@ -1,6 +1,13 @@
-//! The lockstep loop: the run's options, one teacher-forced step on every side, and the
-//! judgement of each step against the references and their noise floor.
+//! The lockstep loop, in small pieces: the run's options ([`options`]), the prompt check
+//! ([`prompt`]), one step on every side and its comparisons ([`step`]), the judgement of a
+//! site and of the next-token distribution against the tolerances and the noise floor
+//! ([`judge`]), the free-running check ([`free_running`]), the verdicts over the run
+//! ([`summary`]), and the protocol that sequences them ([`run`]).
 
+pub mod free_running;
 pub mod judge;
 pub mod options;
+pub mod prompt;
 pub mod run;
+pub mod step;
+pub mod summary;

@@ -1,0 +1,219 @@
+//! One lockstep step: the engine's forward with its captures (mapped to the Hugging Face
+//! layout), every reference's step on the same tokens, and the comparison of all of them at
+//! that step: reference against reference (the noise floor), the engine against each
+//! reference (sites and next-token distribution), and what bisect keeps of a failing step.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use lockstep_engine::{Capture, Decoder};
+
+use crate::compare::tolerance::Verdict;
+use crate::compare::{logit_metrics_data, metrics_data, Data};
+use crate::error::HarnessError;
+use crate::lockstep::judge::{floor, localize, oracle_distance, EngineSite, Judge};
+use crate::python::{Reference, StepArrays, StepOutput};
+use crate::results::run::{KeptStep, PairStep, RefStep};
+
+/// The engine's answer at one step: the captured sites a reference asks for, and the
+/// logits' shape `(positions fed, vocab)`.
+pub struct EngineStep {
+    pub sites: Vec<EngineSite>,
+    pub logits: Tensor,
+    pub n_pos: usize,
+    pub vocab: usize,
+    pub seconds: f64,
+}
+
+impl EngineStep {
+    /// The logits as f64, converted once with the other sites.
+    pub fn logits_data(&self) -> Result<&[f64], HarnessError> {
+        Ok(&self
+            .sites
+            .iter()
+            .find(|e| e.site == "logits")
+            .ok_or_else(|| HarnessError::Mismatch("the engine captured no logits".into()))?
+            .data)
+    }
+}
+
+/// Runs the engine on `feed`, keeping the sites in `wanted`, each in the Hugging Face layout.
+pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engine::KvCache, wanted: &HashSet<&str>) -> Result<EngineStep, HarnessError> {
+    let t0 = Instant::now();
+    let mut cap = Capture::new();
+    let logits = model.forward(feed, cache, Some(&mut cap))?;
+    let graph = model.site_graph();
+    let mut sites = Vec::new();
+    for (site, t) in &cap.entries {
+        if !wanted.contains(site.as_str()) {
+            continue;
+        }
+        let s = graph
+            .get(site)
+            .ok_or_else(|| HarnessError::Mismatch(format!("the engine captured `{site}`, which is not in its site graph")))?;
+        let (t, transform) = model.to_canonical(s, t)?;
+        let data = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        sites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data, transform });
+    }
+    let (n_pos, vocab) = logits.dims2()?;
+    Ok(EngineStep { sites, logits, n_pos, vocab, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Every reference's step on `feed`, with its time.
+pub fn reference_steps(refs: &[Reference], feed: &[u32]) -> Result<Vec<(StepOutput, f64)>, HarnessError> {
+    let mut outputs = Vec::with_capacity(refs.len());
+    for r in refs {
+        let t1 = Instant::now();
+        let out = r.step(feed)?;
+        outputs.push((out, t1.elapsed().as_secs_f64()));
+    }
+    Ok(outputs)
+}
+
+/// The comparisons of one step.
+pub struct StepCompare<'a> {
+    pub judge: &'a Judge,
+    pub refs: &'a [Reference],
+    /// The sites each reference declared.
+    pub ref_sites: &'a [HashSet<String>],
+    pub engine: &'a EngineStep,
+    /// The f64 oracle among the references, if any.
+    pub oracle: Option<usize>,
+}
+
+impl StepCompare<'_> {
+    /// Every declared site must be there, with logits of the engine's shape.
+    pub fn check_declared(&self, views: &[StepArrays<'_, '_>]) -> Result<(), HarnessError> {
+        let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
+        for (i, v) in views.iter().enumerate() {
+            for s in &self.ref_sites[i] {
+                if !v.has(s)? {
+                    return Err(HarnessError::Python(format!(
+                        "the {} reference lists site `{s}` in describe() but step() did not return it",
+                        self.refs[i].name
+                    )));
+                }
+            }
+            let shape = v.with_site("logits", |sh, _| sh.to_vec())?.unwrap_or_default();
+            if shape != [n_pos, vocab] {
+                return Err(HarnessError::Mismatch(format!(
+                    "logits: engine shape [{n_pos}, {vocab}], {} reference {shape:?}: vocabularies or positions differ",
+                    self.refs[i].name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reference against reference at every site both provide: the noise floor.
+    pub fn pairs(&self, views: &[StepArrays<'_, '_>]) -> Result<Vec<PairStep>, HarnessError> {
+        let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
+        let mut pairs = vec![];
+        for a in 0..self.refs.len() {
+            for b in a + 1..self.refs.len() {
+                let mut sites = vec![];
+                for es in &self.engine.sites {
+                    if !(self.ref_sites[a].contains(&es.site) && self.ref_sites[b].contains(&es.site)) {
+                        continue;
+                    }
+                    let m = views[a].with_site(&es.site, |sa, da| {
+                        views[b].with_site(&es.site, |sb, db| (sa == sb).then(|| metrics_data(da, db)))
+                    })?;
+                    if let Some(inner) = m {
+                        if let Some(Some(m)) = inner? {
+                            sites.push((es.site.clone(), m));
+                        }
+                    }
+                }
+                let lm = views[a]
+                    .with_site("logits", |_, da| {
+                        views[b].with_site("logits", |_, db| {
+                            let last = (n_pos - 1) * vocab..n_pos * vocab;
+                            logit_metrics_data(da.slice(last.clone()), db.slice(last))
+                        })
+                    })?
+                    .transpose()?
+                    .flatten()
+                    .expect("logits checked above");
+                pairs.push(PairStep { a: self.refs[a].name.clone(), b: self.refs[b].name.clone(), sites, logits: lm });
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// The pair of references `i` and `j` in [`StepCompare::pairs`]'s order.
+    fn pair<'p>(&self, pairs: &'p [PairStep], i: usize, j: usize) -> &'p PairStep {
+        let n = self.refs.len();
+        let (a, b) = (i.min(j), i.max(j));
+        &pairs[a * (2 * n - a - 1) / 2 + (b - a - 1)]
+    }
+
+    /// The engine against reference `i`: every site it provides, then the logits of every
+    /// position fed (the verdict at the last, the largest KL over all).
+    pub fn reference(&self, i: usize, views: &[StepArrays<'_, '_>], pairs: &[PairStep], seconds: f64) -> Result<RefStep, HarnessError> {
+        let others: Vec<usize> = (0..self.refs.len()).filter(|&j| j != i).collect();
+        let mut sites = Vec::new();
+        for es in self.engine.sites.iter().filter(|es| self.ref_sites[i].contains(&es.site)) {
+            let pair_rel = |j: usize| self.pair(pairs, i, j).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2);
+            let site_floor = floor(others.iter().filter_map(|&j| pair_rel(j)));
+            let oracle = match self.oracle {
+                Some(o) if o != i && self.ref_sites[o].contains(&es.site) => {
+                    let to_engine = views[o].with_site(&es.site, |so, dor| {
+                        (so == es.shape.as_slice()).then(|| metrics_data(Data::F64(&es.data), dor).rel_l2)
+                    })?;
+                    oracle_distance(to_engine.flatten(), pair_rel(o))
+                }
+                _ => None,
+            };
+            let rec = views[i].with_site(&es.site, |rshape, rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle))?;
+            sites.push(rec.expect("declared sites checked above"));
+        }
+        let engine_logits = self.engine.logits_data()?;
+        let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
+        let (lm, kl_max) = views[i]
+            .with_site("logits", |_, rdata| {
+                let mut kl_max = 0.0f64;
+                let mut last = None;
+                for p in 0..n_pos {
+                    let m = logit_metrics_data(Data::F64(&engine_logits[p * vocab..(p + 1) * vocab]), rdata.slice(p * vocab..(p + 1) * vocab));
+                    kl_max = kl_max.max(m.kl);
+                    if p == n_pos - 1 {
+                        last = Some(m);
+                    }
+                }
+                (last.expect("n_pos >= 1"), kl_max)
+            })?
+            .expect("logits checked above");
+        let kl_floor = floor(others.iter().map(|&j| self.pair(pairs, i, j).logits.kl));
+        let refs_flip = others.iter().any(|&j| !self.pair(pairs, i, j).logits.top1_agree);
+        let logits_verdict = self.judge.logits(i, &lm, kl_floor, refs_flip);
+        let verdict = sites.iter().map(|s| s.verdict).chain([logits_verdict]).max().unwrap_or(Verdict::Pass);
+        Ok(RefStep {
+            reference: self.refs[i].name.clone(),
+            sites,
+            logits: lm,
+            logits_verdict,
+            kl_max_positions: kl_max,
+            verdict,
+            seconds,
+        })
+    }
+
+    /// Bisect: at the first failing step, the reference's tensors of the suspect layer and
+    /// its input (what isolation runs the engine's layer on).
+    pub fn keep(&self, step: usize, views: &[StepArrays<'_, '_>], ref_steps: &[RefStep]) -> Result<Option<KeptStep>, HarnessError> {
+        let Some((ri, si)) = localize(ref_steps) else { return Ok(None) };
+        let mut k = KeptStep { reference: ri, step, site_index: si, ..Default::default() };
+        if let Some(l) = ref_steps[ri].sites[si].layer {
+            let input = lockstep_engine::sites::layer_input(l);
+            let prefix = format!("layers.{l}.");
+            for name in self.ref_sites[ri].iter().filter(|n| **n == input || n.starts_with(&prefix)) {
+                if let Some(Some(a)) = views[ri].with_site(name, |sh, d| d.to_f32_vec().map(|v| (sh.to_vec(), v)))? {
+                    k.arrays.insert(name.clone(), a);
+                }
+            }
+        }
+        Ok(Some(k))
+    }
+}
