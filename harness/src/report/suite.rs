@@ -162,6 +162,28 @@ pub struct Suite {
 }
 
 impl CaseDef {
+    /// One line of `lockstep report --list`: name, model, weights, references, prompt,
+    /// steps, sampler, tolerance, fault and adapter.
+    pub fn list_line(&self) -> String {
+        let what = match (&self.chat, &self.prompt) {
+            (Some(ch), _) => format!("chat {ch:?}"),
+            (None, Some(p)) => format!("prompt {p:?}"),
+            _ => String::new(),
+        };
+        format!(
+            "{:<44} {} weights={} vs {} {what} steps={} sampler={} tolerance={}{}{}",
+            self.name,
+            self.model,
+            self.weights,
+            self.references.join(","),
+            self.steps,
+            self.sampler.as_deref().unwrap_or("greedy"),
+            self.tolerance,
+            self.inject.as_deref().map(|f| format!(" inject={f}")).unwrap_or_default(),
+            self.lora.as_deref().map(|l| format!(" lora={l}")).unwrap_or_default(),
+        )
+    }
+
     pub fn prompt_value(&self) -> Prompt {
         match (&self.prompt, &self.chat) {
             (Some(p), _) => Prompt::Text(p.clone()),

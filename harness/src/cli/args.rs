@@ -1,0 +1,404 @@
+//! The command line's flags (clap): one `Args` struct per command, and the conversions
+//! from flags to the harness's options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use lockstep::lockstep::options::Prompt;
+use lockstep_engine::WeightsMode;
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Plain text prompt (tokenized with the tokenizer's special tokens, e.g. BOS).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// One user message, rendered with the model's chat template (generation prompt on).
+    #[arg(long)]
+    pub chat: Option<String>,
+}
+
+impl PromptArgs {
+    pub fn to_prompt(&self) -> Prompt {
+        match (&self.prompt, &self.chat) {
+            (Some(p), _) => Prompt::Text(p.clone()),
+            (None, Some(c)) => Prompt::Chat(c.clone()),
+            (None, None) => unreachable!("clap requires one of --prompt/--chat"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum WeightsArg {
+    Quantized,
+    Dequant,
+}
+
+impl WeightsArg {
+    pub fn mode(self) -> WeightsMode {
+        match self {
+            WeightsArg::Quantized => WeightsMode::Quantized,
+            WeightsArg::Dequant => WeightsMode::Dequant,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LoraModeArg {
+    Unmerged,
+    Merged,
+}
+
+#[derive(Args, Clone)]
+pub struct LoraArgs {
+    /// A LoRA adapter directory, PEFT (adapter_model.safetensors) or mlx-lm
+    /// (adapters.safetensors) format; every side loads it (see README, "LoRA adapters").
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// How the engine applies the adapter: unmerged (y = Wx + s*B(Ax)) or merged
+    /// (W + s*BA; a quantized W is dequantized first).
+    #[arg(long, value_enum, default_value = "unmerged")]
+    pub lora_mode: LoraModeArg,
+}
+
+impl LoraArgs {
+    pub fn options(&self) -> Option<lockstep_engine::LoraOptions> {
+        self.lora.as_ref().map(|dir| lockstep_engine::LoraOptions {
+            dir: dir.clone(),
+            mode: match self.lora_mode {
+                LoraModeArg::Unmerged => lockstep_engine::LoraMode::Unmerged,
+                LoraModeArg::Merged => lockstep_engine::LoraMode::Merged,
+            },
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the engine and a reference in lockstep and compare every site at every step.
+    Run(RunArgs),
+    /// Print the LoRA adapter inventories (per module: shapes, dtype, rank, scale,
+    /// checksums) and the effective LoRA configuration of the engine and the references,
+    /// with their diff, without generating (exit 1 if they differ).
+    Inspect(InspectArgs),
+    /// Find where the engine first leaves the reference: step, layer, site, whether the
+    /// layer is wrong by itself, and the most likely cause with its evidence.
+    Bisect(BisectArgs),
+    /// List the fault catalog; with --check, inject each fault and bisect it.
+    Faults(FaultsArgs),
+    /// Run in lockstep with live references and record their answers as golden traces
+    /// (snapshots/traces/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*).
+    Record(RecordArgs),
+    /// Re-record every case of snapshots/traces/manifest.toml (what `make snapshots` runs).
+    Snapshots(SnapshotsArgs),
+    /// Replay a golden case (or one trace) against the engine, without Python.
+    Replay(ReplayArgs),
+    /// Generate greedily with the engine alone and print the text.
+    Generate(GenerateArgs),
+    /// Compare the engine's tokenizer, special tokens and chat template with the references'
+    /// on a built-in corpus of hard strings (and --corpus FILE); exit 1 on a mismatch.
+    Tokcheck(TokcheckArgs),
+    /// Prefill and decode speed of the engine, llama.cpp and transformers, side by side.
+    Bench(BenchArgs),
+    /// Dequantize every tensor of a GGUF file with the engine and with the `gguf` package's
+    /// reference dequantizer and compare them (exit 1 if any differs, 2 if the file is corrupt).
+    QuantCheck(QuantCheckArgs),
+    /// Run a suite of cases (scripts/suites/*.toml) and write a report: DIR/index.html,
+    /// DIR/report.json, DIR/summary.md, DIR/cases/*.json. Re-running with the same --out
+    /// resumes. Exit 1 on a regression against --history (without it: on any case not as
+    /// expected), 2 on a usage or input error.
+    Report(ReportArgs),
+    /// List the model aliases.
+    Models,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
+    #[arg(long)]
+    pub model: String,
+    /// References, comma-separated: transformers, mlx, llamacpp; NAME:f64 runs one in
+    /// float64 as an oracle (e.g. transformers,mlx,transformers:f64); trace:NAME replays a
+    /// recorded trace without Python (e.g. trace:tiny-hf.transformers).
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Number of steps: the prefill, then one token per step.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run the engine in f64 (the reference stays f32).
+    #[arg(long)]
+    pub f64: bool,
+    /// GGUF weights: `quantized` (kept in their block format, quantized kernels; the
+    /// default for GGUF) or `dequant` (f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// Sample instead of greedy, e.g. temp=0.8,top_p=0.95,top_k=40,min_p=0.05,rep_penalty=1.1,seed=0
+    /// (also order=transformers|mlx|STAGE>STAGE..., rep_window=N|all). Each reference's own
+    /// sampler is compared with the engine's at every step.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Fail (exit 1, before step 0) when any setting of the generation-config table differs.
+    #[arg(long)]
+    pub strict_config: bool,
+    /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+    #[arg(long)]
+    pub inject: Option<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias.
+    #[arg(long)]
+    pub model: String,
+    /// References, comma-separated: transformers, mlx.
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Write the inventories as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BisectArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
+    #[arg(long)]
+    pub model: String,
+    /// The reference to bisect against (the first one is used for isolation).
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Write the bisect report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+    #[arg(long)]
+    pub inject: Option<String>,
+    /// Reference tensors kept for isolation beyond this size are dropped (statistics stay).
+    #[arg(long, default_value_t = 256)]
+    pub max_capture_mb: usize,
+    /// Sample as `run --sampler` does; each reference's own sampler is compared at every step.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+#[derive(Args)]
+pub struct FaultsArgs {
+    /// Inject every applicable fault in turn and check that bisect localizes it.
+    #[arg(long)]
+    pub check: bool,
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run every fault with this LoRA adapter on every side (the LoRA faults need one).
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+#[derive(Args)]
+pub struct RecordArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias (smollm2, tiny, tiny-gguf).
+    #[arg(long)]
+    pub model: String,
+    /// Live references to record, comma-separated (transformers, mlx, llamacpp, NAME:f64).
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Number of steps: the prefill, then one token per step.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Trace name.
+    #[arg(long)]
+    pub name: String,
+    /// Layers whose sites are kept in full, comma-separated; the other layers' sites are
+    /// kept as sketches (logits, caches, embed and final_norm always in full). Default:
+    /// every layer.
+    #[arg(long, value_delimiter = ',')]
+    pub full_layers: Option<Vec<usize>>,
+    /// Refuse to write a trace larger than this many MB.
+    #[arg(long)]
+    pub budget_mb: Option<f64>,
+    /// Directory to write the traces to (default: snapshots/traces, or $LOCKSTEP_TRACES).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// GGUF weights: quantized (default for GGUF) or dequant (f32). Recorded in the trace;
+    /// replays load them the same way.
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// A LoRA adapter directory on every side (the engine unmerged); recorded in the trace
+    /// (path, sha256, the reference's inventory), which then replays only with it.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SnapshotsArgs {
+    /// Only these cases (repeatable).
+    #[arg(long = "case")]
+    pub cases: Vec<String>,
+    /// Another manifest.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// A case of snapshots/traces/manifest.toml, or a trace name.
+    pub name: String,
+    /// Print the parity summary that `cargo test` snapshots.
+    #[arg(long)]
+    pub summary: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias (`lockstep models` lists them).
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Maximum number of new tokens.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 32)]
+    pub n: usize,
+    /// Compute in f64.
+    #[arg(long)]
+    pub f64: bool,
+    /// GGUF weights: quantized (default for GGUF) or dequant (f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
+    /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
+    #[arg(long)]
+    pub inject: Option<String>,
+    /// Sample instead of greedy (same syntax as `run --sampler`); seeded, reproducible.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+#[derive(Args)]
+pub struct TokcheckArgs {
+    /// Model: a Hugging Face directory, a .gguf file, or an alias.
+    #[arg(long)]
+    pub model: String,
+    /// References, comma-separated: transformers, mlx, llamacpp.
+    #[arg(long, default_value = "transformers")]
+    pub reference: String,
+    /// More strings: a .json array of strings, or one string per line (\\n, \\t escapes).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model: a .gguf file or an alias.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// Threads for every side.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prefill: usize,
+    /// Number of single-token decode steps.
+    #[arg(long, default_value_t = 64)]
+    pub decode: usize,
+    /// Prefill runs per side (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Which sides, comma-separated: engine, engine-dequant, llamacpp, transformers.
+    #[arg(long, default_value = "engine,engine-dequant,llamacpp,transformers")]
+    pub sides: String,
+}
+
+#[derive(Args)]
+pub struct QuantCheckArgs {
+    /// A .gguf file or an alias (smollm2, tiny-gguf, ...).
+    pub file: String,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ReportCmd>,
+    /// The suite file (e.g. scripts/suites/ci.toml).
+    #[arg(long, required = true)]
+    pub suite: Option<PathBuf>,
+    /// The report directory (finished cases in it are not run again).
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
+    /// Run only shard I of N (1-based; case k goes to shard k % N + 1); join with `report merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Append one JSON line per case to this file; the page shows the trend and the exit code
+    /// flags regressions against the previous line of each case.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// Also write each case's complete run report (as `lockstep run --json`: every site of
+    /// every step) to DIR/runs/NAME.json; the page links it.
+    #[arg(long)]
+    pub full_json: bool,
+    /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ReportCmd {
+    /// Merge shard directories into one report.
+    Merge {
+        /// The shards' --out directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// The merged report's directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// As for `report`: append the merged cases and check for regressions.
+        #[arg(long)]
+        history: Option<PathBuf>,
+    },
+}
+

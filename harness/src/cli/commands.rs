@@ -1,0 +1,471 @@
+//! One function per command. Each validates its flags into the harness's options, does its
+//! work and says whether everything it compared passed ([`Outcome`]); `main` turns that, or
+//! an error, into the exit code.
+
+use std::path::{Path, PathBuf};
+
+use lockstep::compare::tolerance::Precision;
+use lockstep::error::HarnessError;
+use lockstep::golden::manifest::{Expect, Manifest};
+use lockstep::golden::record::{self, KeepPolicy, RecordRequest};
+use lockstep::golden::{parity, trace};
+use lockstep::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
+use lockstep::lockstep::run as driver;
+use lockstep::models;
+use lockstep::python::{RefSpec, Reference};
+use lockstep::report::table as report;
+use lockstep_engine::{Faults, SamplerConfig, WeightsMode};
+use serde::Serialize;
+
+use super::args::*;
+
+/// What a command found: exit 0 when everything compared passes (drift allowed), 1 when
+/// something diverged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Diverged,
+}
+
+impl Outcome {
+    fn of(pass: bool) -> Outcome {
+        if pass {
+            Outcome::Pass
+        } else {
+            Outcome::Diverged
+        }
+    }
+}
+
+pub fn dispatch(cmd: Cmd) -> Result<Outcome, HarnessError> {
+    match cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Inspect(a) => inspect(a),
+        Cmd::Bisect(a) => bisect(a),
+        Cmd::Faults(a) => faults(a),
+        Cmd::Record(a) => record_cmd(a),
+        Cmd::Snapshots(a) => snapshots(a),
+        Cmd::Replay(a) => replay(a),
+        Cmd::Generate(a) => generate(a),
+        Cmd::Tokcheck(a) => tokcheck(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::QuantCheck(a) => quant_check(a),
+        Cmd::Report(a) => report_cmd(a),
+        Cmd::Models => {
+            for (a, what) in models::ALIASES {
+                println!("{a:<10} {what}");
+            }
+            Ok(Outcome::Pass)
+        }
+    }
+}
+
+// ------------------------------------------------------------------ shared steps
+
+/// The flags every lockstep-running command shares, validated into [`RunOptions`] (the
+/// cheap checks, reference names and the model path, before anything loads).
+struct RunFlags<'a> {
+    model: &'a str,
+    reference: &'a str,
+    prompt: &'a PromptArgs,
+    steps: usize,
+    precision: Precision,
+    weights: Option<WeightsArg>,
+    inject: Option<&'a str>,
+    sampler: Option<&'a str>,
+    lora: &'a LoraArgs,
+}
+
+impl RunFlags<'_> {
+    fn options(&self, bisect: bool, strict_config: bool) -> Result<RunOptions, HarnessError> {
+        if self.steps == 0 {
+            return Err(HarnessError::Usage("--steps must be at least 1".into()));
+        }
+        let sampler = parse_sampler(self.sampler)?;
+        let references = if self.reference.is_empty() { vec![] } else { RefSpec::parse_list(self.reference)? };
+        Ok(RunOptions {
+            model: models::resolve(self.model)?,
+            references,
+            prompt: self.prompt.to_prompt(),
+            steps: self.steps,
+            precision: self.precision,
+            weights: self.weights.map(WeightsArg::mode),
+            faults: Faults::parse(self.inject.unwrap_or(""))?,
+            bisect,
+            sampler,
+            strict_config,
+            lora: self.lora.options(),
+        })
+    }
+}
+
+fn parse_sampler(spec: Option<&str>) -> Result<Option<SamplerConfig>, HarnessError> {
+    spec.map(|s| SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string().trim_start_matches("input: ").to_string())))
+        .transpose()
+}
+
+/// Every reference of `specs`, loaded for `model` (with the adapter, if any).
+fn load_references(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
+    specs.iter().map(|s| Reference::load_with_lora(s, model, lora)).collect()
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), HarnessError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| HarnessError::Usage(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
+}
+
+fn print_replay_notes(refs: &[Reference]) {
+    for r in refs {
+        for n in r.replay().map(|x| x.notes()).unwrap_or_default() {
+            println!("{}: {n}", r.name);
+        }
+    }
+}
+
+/// Records, prints the run's report, and says what was written.
+fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessError> {
+    let rec = record::record(req)?;
+    print!("{}", report::render_table(&rec.result, &rec.refs, &rec.model, &rec.sha256));
+    for (name, bytes) in &rec.written {
+        println!("wrote trace {name}: {}.safetensors ({:.2} MB) + .json", req.dir.join(name).display(), *bytes as f64 / 1e6);
+    }
+    Ok(rec)
+}
+
+// ------------------------------------------------------------------ commands
+
+fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
+    let flags = RunFlags {
+        model: &a.model,
+        reference: &a.reference,
+        prompt: &a.prompt,
+        steps: a.steps,
+        precision: if a.f64 { Precision::F64 } else { Precision::F32 },
+        weights: a.weights,
+        inject: a.inject.as_deref(),
+        sampler: a.sampler.as_deref(),
+        lora: &a.lora,
+    };
+    let mut opts = flags.options(false, a.strict_config)?;
+    let engine = load_engine(&opts)?;
+    let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
+    // A trace holds the steps it recorded: run no further than the shortest.
+    if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
+        if held < opts.steps {
+            eprintln!("note: the traces hold {held} steps: running {held} of the {} asked for", opts.steps);
+            opts.steps = held;
+        }
+    }
+    let result = driver::run(&opts, &engine, &refs)?;
+    let sha = trace::model_sha256_cached(&opts.model)?;
+    print!("{}", report::render_table(&result, &refs, &opts.model, &sha));
+    print_replay_notes(&refs);
+    if let Some(j) = a.json {
+        report::write_json(&j, &result, &refs, &opts.model, &sha)?;
+        println!("report: {}", j.display());
+    }
+    Ok(Outcome::of(result.verdict_pass))
+}
+
+fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
+    if a.steps == 0 {
+        return Err(HarnessError::Usage("--steps must be at least 1".into()));
+    }
+    let specs = RefSpec::parse_list(&a.reference)?;
+    let names: Vec<String> = if specs.len() == 1 {
+        vec![a.name.clone()]
+    } else {
+        specs.iter().map(|s| format!("{}.{}", a.name, s.label().replace(':', "-"))).collect()
+    };
+    let req = RecordRequest {
+        model_arg: a.model,
+        references: specs,
+        prompt: a.prompt.to_prompt(),
+        steps: a.steps,
+        names,
+        policy: KeepPolicy { full_layers: a.full_layers },
+        weights: a.weights.map(WeightsArg::mode),
+        lora: a.lora,
+        budget_bytes: a.budget_mb.map(|b| (b * 1e6) as u64),
+        dir: a.out.unwrap_or_else(trace::traces_dir),
+    };
+    record_and_report(&req)?;
+    Ok(Outcome::Pass)
+}
+
+fn snapshots(a: SnapshotsArgs) -> Result<Outcome, HarnessError> {
+    let m = match a.manifest {
+        Some(p) => Manifest::load(&p)?,
+        None => Manifest::load_default()?,
+    };
+    for c in &a.cases {
+        m.case(c)?;
+    }
+    let dir = m.path.parent().map(PathBuf::from).unwrap_or_else(trace::traces_dir);
+    let t0 = std::time::Instant::now();
+    let mut total = 0u64;
+    for c in m.cases.iter().filter(|c| a.cases.is_empty() || a.cases.contains(&c.name)) {
+        println!("== case {} ==", c.name);
+        let t = std::time::Instant::now();
+        let req = RecordRequest {
+            model_arg: c.model.clone(),
+            references: c.references.iter().map(|r| RefSpec::parse(r)).collect::<Result<_, _>>()?,
+            prompt: c.prompt(),
+            steps: c.steps,
+            names: c.trace_names(),
+            policy: KeepPolicy { full_layers: c.full_layers.clone() },
+            weights: c.weights_mode(),
+            lora: c.lora_dir(),
+            budget_bytes: Some(c.budget_bytes()),
+            dir: dir.clone(),
+        };
+        let rec = record_and_report(&req)?;
+        total += rec.written.iter().map(|(_, b)| b).sum::<u64>();
+        println!("case {}: recorded in {:.1} s", c.name, t.elapsed().as_secs_f64());
+        let expected = match c.expect {
+            Expect::Pass => rec.result.verdict_pass,
+            Expect::Diverged => !rec.result.verdict_pass,
+        };
+        if !expected {
+            eprintln!(
+                "warning: case {} expects {:?} but the live run's verdict is {}",
+                c.name,
+                c.expect,
+                if rec.result.verdict_pass { "pass" } else { "diverged" }
+            );
+        }
+    }
+    let wanted = m.trace_names();
+    let orphans: Vec<String> = trace::list_traces(&dir).into_iter().filter(|t| !wanted.contains(t)).collect();
+    if !orphans.is_empty() {
+        eprintln!(
+            "warning: traces in {} that no case of {} records (cargo test fails on them): {}",
+            dir.display(),
+            m.path.display(),
+            orphans.join(", ")
+        );
+    }
+    println!("recorded {:.2} MB of traces in {:.1} s", total as f64 / 1e6, t0.elapsed().as_secs_f64());
+    Ok(Outcome::Pass)
+}
+
+fn replay(a: ReplayArgs) -> Result<Outcome, HarnessError> {
+    let case = Manifest::load_default().ok().and_then(|m| m.case(&a.name).ok().cloned());
+    let traces = match &case {
+        Some(c) => c.trace_names(),
+        None => vec![a.name.clone()],
+    };
+    let r = parity::replay_traces(&a.name, &traces)?;
+    print!("{}", report::render_table(&r.result, &r.refs, &r.model, &r.sha256));
+    print_replay_notes(&r.refs);
+    if a.summary {
+        println!("\n{}", r.summary);
+    }
+    if let Some(j) = a.json {
+        report::write_json(&j, &r.result, &r.refs, &r.model, &r.sha256)?;
+        println!("report: {}", j.display());
+    }
+    Ok(Outcome::of(r.result.verdict_pass))
+}
+
+fn generate(a: GenerateArgs) -> Result<Outcome, HarnessError> {
+    let flags = RunFlags {
+        model: &a.model,
+        reference: "",
+        prompt: &a.prompt,
+        steps: a.n.max(1),
+        precision: if a.f64 { Precision::F64 } else { Precision::F32 },
+        weights: a.weights,
+        inject: a.inject.as_deref(),
+        sampler: a.sampler.as_deref(),
+        lora: &a.lora,
+    };
+    let opts = flags.options(false, false)?;
+    let m = load_engine(&opts)?;
+    let ids = engine_prompt_ids(&m, &opts.prompt)?;
+    let out = match opts.sampler {
+        None => lockstep_engine::generate::generate_greedy(m.model.as_ref(), &ids, a.n, &m.stop_ids())?,
+        Some(c) => {
+            let mut s = lockstep_engine::Sampler::new(c);
+            lockstep_engine::generate::generate_sampled(m.model.as_ref(), &ids, a.n, &m.stop_ids(), &mut s)?
+        }
+    };
+    println!("{}", m.tokenizer.decode(&out, true)?);
+    Ok(Outcome::Pass)
+}
+
+fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
+    use lockstep::bench;
+    if a.threads == 0 || a.prefill == 0 {
+        return Err(HarnessError::Usage("--threads and --prefill must be at least 1".into()));
+    }
+    bench::set_engine_threads(a.threads)?;
+    let path = models::resolve(&a.model)?;
+    let tok = lockstep_engine::load(&path, &lockstep_engine::LoadOptions::default())?;
+    let text = "The quick brown fox jumps over the lazy dog while the history of Rome unfolds in many chapters.";
+    let ids = bench::prompt_ids(&tok, text, a.prefill)?;
+    drop(tok);
+    let mut rows = vec![];
+    for side in a.sides.split(',').map(str::trim) {
+        let r = match side {
+            "engine" => bench::engine(&path, WeightsMode::Quantized, &ids, a.decode, a.repeats)?,
+            "engine-dequant" => bench::engine(&path, WeightsMode::Dequant, &ids, a.decode, a.repeats)?,
+            "llamacpp" | "transformers" => bench::reference(side, &path, a.threads, &ids, a.decode, a.repeats)?,
+            other => {
+                return Err(HarnessError::Usage(format!(
+                    "unknown bench side `{other}` (engine, engine-dequant, llamacpp, transformers)"
+                )))
+            }
+        };
+        eprintln!("  {}: prefill {:.1} tok/s, decode {:.1} tok/s", r.name, r.prefill_tps(), r.decode_tps());
+        rows.push(r);
+    }
+    print!("{}", bench::render(&rows, a.threads, &path));
+    Ok(Outcome::Pass)
+}
+
+fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
+    use lockstep::checks::quantcheck::{self, Status};
+    let path = models::resolve(&a.file)?;
+    let c = quantcheck::run(&path)?;
+    print!("{}", quantcheck::render(&c));
+    if let Some(j) = a.json {
+        write_json(&j, &c)?;
+    }
+    let corrupt: Vec<&str> =
+        c.tensors.iter().filter(|t| matches!(t.status, Status::Corrupt { .. })).map(|t| t.name.as_str()).collect();
+    if !corrupt.is_empty() {
+        return Err(HarnessError::Io {
+            path: path.display().to_string(),
+            message: format!(
+                "{} corrupt tensor(s): {} (see the lines above; re-download or re-convert the file)",
+                corrupt.len(),
+                corrupt.join(", ")
+            ),
+        });
+    }
+    Ok(Outcome::of(c.count(|s| matches!(s, Status::Differs { .. })) == 0))
+}
+
+fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
+    let flags = RunFlags {
+        model: &a.model,
+        reference: &a.reference,
+        prompt: &a.prompt,
+        steps: a.steps,
+        precision: Precision::F32,
+        weights: a.weights,
+        inject: a.inject.as_deref(),
+        sampler: a.sampler.as_deref(),
+        lora: &a.lora,
+    };
+    let opts = flags.options(true, false)?;
+    let engine = load_engine(&opts)?;
+    let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
+    let (mut rep, _run) = lockstep::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?;
+    rep.steps_requested = a.steps;
+    print!("{}", lockstep::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
+    if let Some(j) = a.json {
+        write_json(&j, &rep)?;
+    }
+    Ok(Outcome::of(!rep.found))
+}
+
+fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
+    use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
+    if !a.check {
+        println!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
+        for f in CATALOG {
+            let layer = match f.layer {
+                Layer::None => "-".to_string(),
+                Layer::First => "0".to_string(),
+                Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
+            };
+            println!("{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+            println!("{:<64} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
+        }
+        return Ok(Outcome::Pass);
+    }
+    let path = models::resolve(&a.model)?;
+    let specs = RefSpec::parse_list(&a.reference)?;
+    let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
+    let results = lockstep::bisect::check_catalog(&path, &specs, &refs, a.steps, a.weights.map(WeightsArg::mode), a.lora.options())?;
+    print!("{}", lockstep::bisect::render_check(&results, &path.display().to_string(), &a.reference));
+    if let Some(j) = a.json {
+        write_json(&j, &results)?;
+    }
+    Ok(Outcome::of(results.iter().all(|r| r.ok)))
+}
+
+fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
+    use lockstep::checks::tokcheck;
+    let specs = RefSpec::parse_list(&a.reference)?;
+    let path = models::resolve(&a.model)?;
+    let mut strings: Vec<(String, String)> = tokcheck::CORPUS.iter().map(|(l, t)| (l.to_string(), t.to_string())).collect();
+    if let Some(f) = &a.corpus {
+        strings.extend(tokcheck::read_corpus(f)?);
+    }
+    let tok = lockstep_engine::Tokenizer::load(&path)?;
+    let (sides, notes) = tokcheck::load_sides(&specs, &path)?;
+    let r = tokcheck::run(&path, &tok, &sides, notes, &strings)?;
+    print!("{}", tokcheck::render(&r));
+    if let Some(j) = a.json {
+        write_json(&j, &r)?;
+    }
+    Ok(Outcome::of(r.pass))
+}
+
+fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
+    use lockstep::report::nightly;
+    use lockstep::report::suite::{Shard, Suite};
+    let (rep, code, out) = match a.cmd {
+        Some(ReportCmd::Merge { dirs, out, history }) => {
+            let (rep, code) = nightly::merge(&dirs, &out, history.as_deref())?;
+            (rep, code, out)
+        }
+        None => {
+            let (suite, out) = (a.suite.expect("clap requires --suite"), a.out.expect("clap requires --out"));
+            let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
+            if a.list {
+                let s = Suite::load(&suite)?;
+                for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
+                    println!("{k:>3} {}", c.list_line());
+                }
+                return Ok(Outcome::Pass);
+            }
+            let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json };
+            let (rep, code) = nightly::run_report(&o)?;
+            (rep, code, out)
+        }
+    };
+    print!("{}", lockstep::report::html::summary_md(&rep));
+    println!("\nreport: {}", out.join("index.html").display());
+    Ok(Outcome::of(code == 0))
+}
+
+fn inspect(a: InspectArgs) -> Result<Outcome, HarnessError> {
+    use lockstep::checks::lora;
+    let specs = RefSpec::parse_list(&a.reference)?;
+    let path = models::resolve(&a.model)?;
+    let Some(lopts) = a.lora.options() else {
+        println!("lockstep inspect\n  model      {}\n  adapter    none (give --lora DIR)", path.display());
+        return Ok(Outcome::Pass);
+    };
+    let engine = lockstep_engine::load(
+        &path,
+        &lockstep_engine::LoadOptions { weights: a.weights.map(WeightsArg::mode), lora: Some(lopts), ..Default::default() },
+    )?;
+    let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
+    let rep = lora::inventory_report(&engine, &refs)?;
+    println!("lockstep inspect\n  model      {}", path.display());
+    for s in &rep.sides {
+        println!("  config     {:<12} {}", s.side, s.config);
+    }
+    print!("{}", lora::render_inventory(&rep));
+    print!("{}", lora::render_modules(&rep));
+    print!("{}", lora::render_checks(&rep));
+    if let Some(j) = a.json {
+        write_json(&j, &rep)?;
+    }
+    Ok(Outcome::of(lora::divergence(&rep).is_none()))
+}
