@@ -40,8 +40,17 @@ fn run_json(model: &str, prompt_flag: &str, prompt: &str, steps: usize, extra_en
 /// Everything a passing run must show, for every reference in `full` (which provide all
 /// sites): every site of every layer, both caches and the logits compared on every step,
 /// with pass/drift verdicts, and each reference's own generate equal to the engine's tokens.
+/// The site graph of the model the report ran (its family's).
+fn site_graph(report: &Value) -> lockstep_engine::SiteGraph {
+    let path = report["model"]["path"].as_str().expect("the report names its model");
+    lockstep_engine::models::site_graph_at(Path::new(path)).expect("the model's site graph")
+}
+
 fn assert_full_pass(report: &Value, num_layers: usize, out: &str, full: &[&str]) {
     assert_eq!(report["verdict"], "pass", "{out}");
+    let g = site_graph(report);
+    assert_eq!(g.num_layers(), num_layers);
+    let graph = g.names();
     assert!(report["first_divergence"].is_null());
     let steps = report["steps"].as_array().unwrap();
     assert!(!steps.is_empty());
@@ -62,15 +71,12 @@ fn assert_full_pass(report: &Value, num_layers: usize, out: &str, full: &[&str])
             if !full.contains(&name) {
                 continue;
             }
+            // Every site of the model's site graph compared, looked up by name.
             let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
-            assert_eq!(sites.len(), 1 + 16 * num_layers + 2, "step {n} {name}: {} sites", sites.len());
-            for l in 0..num_layers {
-                for leaf in ["attn_norm", "q", "k", "v", "q_rope", "k_rope", "cache_k", "cache_v", "attn", "attn_out",
-                             "mlp_norm", "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out"] {
-                    let site = format!("layers.{l}.{leaf}");
-                    assert!(sites.contains(&site.as_str()), "step {n} {name}: {site} not compared");
-                }
+            for site in &graph {
+                assert!(sites.contains(&site.as_str()), "step {n} {name}: {site} not compared");
             }
+            assert_eq!(sites.len(), graph.len(), "step {n} {name}: {} sites", sites.len());
             for s in rs["sites"].as_array().unwrap() {
                 assert!(s["metrics"]["rel_l2"].as_f64().unwrap() < 1e-2, "step {n} {name} {}", s["site"]);
             }
@@ -91,52 +97,52 @@ fn assert_full_pass(report: &Value, num_layers: usize, out: &str, full: &[&str])
     assert!(out.contains("verdict: PASS"), "{out}");
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn tiny_hf_dir_runs_in_lockstep_and_passes() {
-    let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 12, &[]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 3, &out, &["transformers"]);
-    assert_eq!(report["reference"]["name"], "transformers");
-    assert_eq!(report["reference"]["version"], "5.23.0");
-    assert_eq!(report["engine"]["weights"], "hf-safetensors");
-    assert_eq!(report["engine"]["transforms"].as_array().unwrap().len(), 0);
-    assert_eq!(report["steps"].as_array().unwrap().len(), 12);
+live_test! {
+    fn tiny_hf_dir_runs_in_lockstep_and_passes() {
+        let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 12, &[]);
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        assert_full_pass(&report, 3, &out, &["transformers"]);
+        assert_eq!(report["reference"]["name"], "transformers");
+        assert_eq!(report["reference"]["version"], "5.23.0");
+        assert_eq!(report["engine"]["weights"], "hf-safetensors");
+        assert_eq!(report["engine"]["transforms"].as_array().unwrap().len(), 0);
+        assert_eq!(report["steps"].as_array().unwrap().len(), 12);
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
-    let (code, out, err, report) = run_json("tiny-gguf", "--chat", "What is the capital of France?", 12, &[]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 3, &out, &["transformers"]);
-    assert_eq!(report["engine"]["weights"], "gguf");
-    assert_eq!(report["engine"]["transforms"][0], "gguf-qk-deinterleave");
-    let q = &report["steps"][0]["references"][0]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.q_rope").unwrap();
-    assert_eq!(q["transform"], "gguf-qk-deinterleave");
-    assert!(out.contains("compared through gguf-qk-deinterleave"));
+live_test! {
+    fn tiny_gguf_runs_in_lockstep_through_the_qk_transform() {
+        let (code, out, err, report) = run_json("tiny-gguf", "--chat", "What is the capital of France?", 12, &[]);
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        assert_full_pass(&report, 3, &out, &["transformers"]);
+        assert_eq!(report["engine"]["weights"], "gguf");
+        assert_eq!(report["engine"]["transforms"][0], "gguf-qk-deinterleave");
+        let q = &report["steps"][0]["references"][0]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.q_rope").unwrap();
+        assert_eq!(q["transform"], "gguf-qk-deinterleave");
+        assert!(out.contains("compared through gguf-qk-deinterleave"));
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn smollm2_dequantized_passes_on_all_30_layers_and_matches_generate() {
-    let (code, out, err, report) = run_json("smollm2 --weights dequant", "--chat", "What is the capital of France?", 32, &[]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_full_pass(&report, 30, &out, &["transformers"]);
-    let text = report["tokens"]["generated_text"].as_str().unwrap();
-    assert!(text.contains("Paris"), "SmolLM2 should answer Paris: {text:?}");
-    assert!(out.contains("transformers generate (greedy): identical tokens"));
+live_test! {
+    fn smollm2_dequantized_passes_on_all_30_layers_and_matches_generate() {
+        let (code, out, err, report) = run_json("smollm2 --weights dequant", "--chat", "What is the capital of France?", 32, &[]);
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        assert_full_pass(&report, 30, &out, &["transformers"]);
+        let text = report["tokens"]["generated_text"].as_str().unwrap();
+        assert!(text.contains("Paris"), "SmolLM2 should answer Paris: {text:?}");
+        assert!(out.contains("transformers generate (greedy): identical tokens"));
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
-    let (code, out, _, report) = run_json("tiny", "--prompt", "def add(a, b):", 6, &[]);
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(report["tokens"]["prompt"]["mode"], "prompt");
-    let (code, gen, err) = run(lockstep().args(["generate", "--model", "tiny", "--prompt", "def add(a, b):", "-n", "6"]));
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(gen.strip_suffix('\n').unwrap(), report["tokens"]["generated_text"].as_str().unwrap());
+live_test! {
+    fn plain_prompt_and_generate_command_agree_with_lockstep_tokens() {
+        let (code, out, _, report) = run_json("tiny", "--prompt", "def add(a, b):", 6, &[]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(report["tokens"]["prompt"]["mode"], "prompt");
+        let (code, gen, err) = run(lockstep().args(["generate", "--model", "tiny", "--prompt", "def add(a, b):", "-n", "6"]));
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(gen.strip_suffix('\n').unwrap(), report["tokens"]["generated_text"].as_str().unwrap());
+    }
 }
 
 // --- several references: MLX, llama.cpp, the f64 oracle ---------------------------------------
@@ -148,117 +154,118 @@ fn assert_pairs_printed(out: &str, pairs: &[&str]) {
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn tiny_hf_dir_with_transformers_and_mlx() {
-    let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 8, &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    let dir = tmp("tiny-mlx");
-    let json = dir.join("r.json");
-    let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "tiny", "--reference", "transformers,mlx", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
-        .arg(&json));
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_full_pass(&r, 3, &out, &["transformers", "mlx"]);
-    assert_eq!(r["references"][1]["name"], "mlx");
-    assert_eq!(r["references"][1]["version"], "0.32.4");
-    assert_pairs_printed(&out, &["transformers vs mlx"]);
-    // Same engine tokens as the single-reference run.
-    assert_eq!(r["tokens"]["generated"], report["tokens"]["generated"]);
-    // Every engine site carries the floor measured between the two references.
-    let s = &r["steps"][3]["references"][0]["sites"][10];
-    assert!(s["floor"].as_f64().unwrap() < 1e-4, "{s}");
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn tiny_gguf_with_transformers_mlx_and_llamacpp() {
-    let dir = tmp("tiny-gguf-3");
-    let json = dir.join("r.json");
-    let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "tiny-gguf", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
-        .arg(&json));
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    // The tiny GGUF is F32: llama.cpp computes in f32 too, so it is held to the full set.
-    assert_full_pass(&r, 3, &out, &["transformers", "mlx", "llamacpp"]);
-    assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
-    for rf in r["references"].as_array().unwrap().iter().skip(1) {
-        assert_eq!(rf["transforms"][0], "gguf-qk-deinterleave", "{rf}");
+live_test! {
+    fn tiny_hf_dir_with_transformers_and_mlx() {
+        let (code, out, err, report) = run_json("tiny", "--chat", "What is the capital of France?", 8, &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        let dir = tmp("tiny-mlx");
+        let json = dir.join("r.json");
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "tiny", "--reference", "transformers,mlx", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
+            .arg(&json));
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_full_pass(&r, 3, &out, &["transformers", "mlx"]);
+        assert_eq!(r["references"][1]["name"], "mlx");
+        assert_eq!(r["references"][1]["version"], "0.32.4");
+        assert_pairs_printed(&out, &["transformers vs mlx"]);
+        // Same engine tokens as the single-reference run.
+        assert_eq!(r["tokens"]["generated"], report["tokens"]["generated"]);
+        // Every engine site carries the floor measured between the two references.
+        let s = &r["steps"][3]["references"][0]["sites"][10];
+        assert!(s["floor"].as_f64().unwrap() < 1e-4, "{s}");
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn smollm2_against_transformers_mlx_and_llamacpp() {
-    let dir = tmp("smollm2-3");
-    let json = dir.join("r.json");
-    let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "smollm2", "--weights", "dequant", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "16", "--json"])
-        .arg(&json));
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    // transformers and MLX: every site, pass. llama.cpp quantizes activations for its Q4_1
-    // matmuls: far from the f32 engine, but no farther than from the other references.
-    assert_full_pass(&r, 30, &out, &["transformers", "mlx"]);
-    for st in r["steps"].as_array().unwrap() {
-        let l = &st["references"][2];
-        assert_eq!(l["reference"], "llamacpp");
-        assert_eq!(l["sites"].as_array().unwrap().len(), 1 + 16 * 30 + 2, "llama.cpp provides every site");
+live_test! {
+    fn tiny_gguf_with_transformers_mlx_and_llamacpp() {
+        let dir = tmp("tiny-gguf-3");
+        let json = dir.join("r.json");
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "tiny-gguf", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "8", "--json"])
+            .arg(&json));
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        // The tiny GGUF is F32: llama.cpp computes in f32 too, so it is held to the full set.
+        assert_full_pass(&r, 3, &out, &["transformers", "mlx", "llamacpp"]);
+        assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
+        for rf in r["references"].as_array().unwrap().iter().skip(1) {
+            assert_eq!(rf["transforms"][0], "gguf-qk-deinterleave", "{rf}");
+        }
     }
-    let summary = r["summary"]["references"].as_array().unwrap();
-    assert_eq!(summary[0]["verdict"], "pass");
-    assert_eq!(summary[1]["verdict"], "pass");
-    assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
-    let pairs = r["summary"]["pairs"].as_array().unwrap();
-    let tm = pairs.iter().find(|p| p["a"] == "transformers" && p["b"] == "mlx").unwrap();
-    assert!(tm["worst_rel_l2"][0]["rel_l2"].as_f64().unwrap() < 1e-4, "{tm}");
-    assert!(r["tokens"]["generated_text"].as_str().unwrap().contains("Paris"));
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn f64_oracle_says_which_side_is_closer() {
-    let dir = tmp("oracle");
-    let json = dir.join("r.json");
-    let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hi", "--steps", "4", "--json"])
-        .arg(&json));
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let o = &r["summary"]["oracle"][0];
-    assert_eq!(o["oracle"], "transformers:f64");
-    assert_eq!(o["reference"], "transformers");
-    let total = o["engine_closer"].as_u64().unwrap() + o["reference_closer"].as_u64().unwrap() + o["ties"].as_u64().unwrap();
-    assert_eq!(total as usize, 4 * 51);
-    let site = &r["steps"][1]["references"][0]["sites"][5]["oracle"];
-    assert!(site["engine_rel_l2"].as_f64().unwrap() > 0.0 && site["reference_rel_l2"].as_f64().unwrap() > 0.0, "{site}");
-    assert!(out.contains("which is right? distance to the transformers:f64 oracle"));
+live_test! {
+    fn smollm2_against_transformers_mlx_and_llamacpp() {
+        let dir = tmp("smollm2-3");
+        let json = dir.join("r.json");
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "smollm2", "--weights", "dequant", "--reference", "transformers,mlx,llamacpp", "--chat", "What is the capital of France?", "--steps", "16", "--json"])
+            .arg(&json));
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        // transformers and MLX: every site, pass. llama.cpp quantizes activations for its Q4_1
+        // matmuls: far from the f32 engine, but no farther than from the other references.
+        assert_full_pass(&r, 30, &out, &["transformers", "mlx"]);
+        for st in r["steps"].as_array().unwrap() {
+            let l = &st["references"][2];
+            assert_eq!(l["reference"], "llamacpp");
+            let sites: Vec<&str> = l["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+            assert_eq!(sites, site_graph(&r).names(), "llama.cpp provides every site");
+        }
+        let summary = r["summary"]["references"].as_array().unwrap();
+        assert_eq!(summary[0]["verdict"], "pass");
+        assert_eq!(summary[1]["verdict"], "pass");
+        assert_pairs_printed(&out, &["transformers vs mlx", "transformers vs llamacpp", "mlx vs llamacpp"]);
+        let pairs = r["summary"]["pairs"].as_array().unwrap();
+        let tm = pairs.iter().find(|p| p["a"] == "transformers" && p["b"] == "mlx").unwrap();
+        assert!(tm["worst_rel_l2"][0]["rel_l2"].as_f64().unwrap() < 1e-4, "{tm}");
+        assert!(r["tokens"]["generated_text"].as_str().unwrap().contains("Paris"));
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_model_a_reference_cannot_load_names_the_reference() {
-    assert_exit_2(
-        &["run", "--model", "tiny", "--reference", "transformers,llamacpp", "--chat", "hi"],
-        &[],
-        &["llamacpp", "needs a .gguf file"],
-    );
+live_test! {
+    fn f64_oracle_says_which_side_is_closer() {
+        let dir = tmp("oracle");
+        let json = dir.join("r.json");
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hi", "--steps", "4", "--json"])
+            .arg(&json));
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let o = &r["summary"]["oracle"][0];
+        assert_eq!(o["oracle"], "transformers:f64");
+        assert_eq!(o["reference"], "transformers");
+        let total = o["engine_closer"].as_u64().unwrap() + o["reference_closer"].as_u64().unwrap() + o["ties"].as_u64().unwrap();
+        assert_eq!(total as usize, 4 * 51);
+        let site = &r["steps"][1]["references"][0]["sites"][5]["oracle"];
+        assert!(site["engine_rel_l2"].as_f64().unwrap() > 0.0 && site["reference_rel_l2"].as_f64().unwrap() > 0.0, "{site}");
+        assert!(out.contains("which is right? distance to the transformers:f64 oracle"));
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_missing_reference_package_names_the_reference_and_the_fix() {
-    // A references/ directory whose mlx module needs a package the environment lacks.
-    let dir = tmp("refs-missing-pkg");
-    std::fs::write(dir.join("mlx_ref.py"), "import mlx_package_that_is_not_installed\n").unwrap();
-    let d = dir.to_str().unwrap();
-    assert_exit_2(
-        &["run", "--model", "tiny", "--reference", "mlx", "--chat", "hi"],
-        &[("LOCKSTEP_REFERENCES", d)],
-        &["the mlx reference", "references/mlx_ref.py", "No module named 'mlx_package_that_is_not_installed'", "make setup"],
-    );
+live_test! {
+    fn a_model_a_reference_cannot_load_names_the_reference() {
+        assert_exit_2(
+            &["run", "--model", "tiny", "--reference", "transformers,llamacpp", "--chat", "hi"],
+            &[],
+            &["llamacpp", "needs a .gguf file"],
+        );
+    }
+}
+
+live_test! {
+    fn a_missing_reference_package_names_the_reference_and_the_fix() {
+        // A references/ directory whose mlx module needs a package the environment lacks.
+        let dir = tmp("refs-missing-pkg");
+        std::fs::write(dir.join("mlx_ref.py"), "import mlx_package_that_is_not_installed\n").unwrap();
+        let d = dir.to_str().unwrap();
+        assert_exit_2(
+            &["run", "--model", "tiny", "--reference", "mlx", "--chat", "hi"],
+            &[("LOCKSTEP_REFERENCES", d)],
+            &["the mlx reference", "references/mlx_ref.py", "No module named 'mlx_package_that_is_not_installed'", "make setup"],
+        );
+    }
 }
 
 // --- the harness catches what a reference (or engine) gets wrong --------------------------
@@ -302,83 +309,83 @@ def load(model, **kw):
     dir
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
-    let refs = sabotaged_references();
-    let refs = refs.to_str().unwrap();
-    let (code, out, err, report) =
-        run_json("tiny", "--chat", "hello", 5, &[("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb")]);
-    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
-    assert_eq!(report["verdict"], "diverged");
-    let fd = &report["first_divergence"];
-    assert_eq!(fd["step"], 2);
-    assert_eq!(fd["layer"], 1);
-    assert_eq!(fd["site"], "layers.1.mlp_up");
-    assert!(out.contains("verdict: DIVERGED at step 2, layer 1, site `layers.1.mlp_up`"), "{out}");
-    // Steps 0 and 1 pass; the failure is reported where it is, not before.
-    assert_eq!(report["steps"][1]["verdict"], "pass");
-    assert_eq!(report["steps"][2]["verdict"], "fail");
-    assert_eq!(fd["reference"], "transformers");
+live_test! {
+    fn a_divergent_site_is_named_with_step_and_layer_and_exits_1() {
+        let refs = sabotaged_references();
+        let refs = refs.to_str().unwrap();
+        let (code, out, err, report) =
+            run_json("tiny", "--chat", "hello", 5, &[("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb")]);
+        assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(report["verdict"], "diverged");
+        let fd = &report["first_divergence"];
+        assert_eq!(fd["step"], 2);
+        assert_eq!(fd["layer"], 1);
+        assert_eq!(fd["site"], "layers.1.mlp_up");
+        assert!(out.contains("verdict: DIVERGED at step 2, layer 1, site `layers.1.mlp_up`"), "{out}");
+        // Steps 0 and 1 pass; the failure is reported where it is, not before.
+        assert_eq!(report["steps"][1]["verdict"], "pass");
+        assert_eq!(report["steps"][2]["verdict"], "fail");
+        assert_eq!(fd["reference"], "transformers");
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn the_noise_floor_turns_a_failure_within_reference_disagreement_into_drift() {
-    let refs = sabotaged_references();
-    let refs = refs.to_str().unwrap();
-    let env = [("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb-f32")];
-    // Against the (perturbed, 3%) f32 reference alone: over the fail bound.
-    let (code, out, _, report) = run_json("tiny", "--chat", "hello", 4, &env);
-    assert_eq!(code, 1, "{out}");
-    assert_eq!(report["first_divergence"]["site"], "layers.1.mlp_up");
-    // With an f64 reference in the run, the two references disagree by the same 3% at that
-    // site: the engine's error is within the measured floor, so it is drift, not failure.
-    let dir = tmp("floor");
-    let json = dir.join("r.json");
-    let (code, out, err) = run(
-        lockstep()
-            .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hello", "--steps", "4", "--json"])
-            .arg(&json)
-            .envs(env),
-    );
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let site = report["steps"][2]["references"][0]["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["site"] == "layers.1.mlp_up")
-        .unwrap()
-        .clone();
-    assert_eq!(site["verdict"], "drift", "{site}");
-    let rel = site["metrics"]["rel_l2"].as_f64().unwrap();
-    let floor = site["floor"].as_f64().unwrap();
-    assert!(rel > 1e-2 && (rel - 0.03).abs() < 1e-3 && (floor - 0.03).abs() < 1e-3, "rel {rel} floor {floor}");
-    // Against the f64 reference the same site passes, and the engine is the closer one.
-    let f64site = report["steps"][2]["references"][1]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.mlp_up").unwrap().clone();
-    assert_eq!(f64site["verdict"], "pass");
-    assert!(out.contains("verdict: PASS (with drift)"), "{out}");
-    assert!(out.contains("reference vs reference (the measured noise floor)"), "{out}");
-    assert!(out.contains("which is right?"), "{out}");
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn an_exception_in_the_reference_is_exit_2_with_its_traceback() {
-    let refs = sabotaged_references();
-    let refs = refs.to_str().unwrap();
-    for (mode, what) in [("raise", "RuntimeError: sabotage: the reference failed at step 1"), ("load-raise", "ValueError: sabotage: cannot load")] {
+live_test! {
+    fn the_noise_floor_turns_a_failure_within_reference_disagreement_into_drift() {
+        let refs = sabotaged_references();
+        let refs = refs.to_str().unwrap();
+        let env = [("LOCKSTEP_REFERENCES", refs), ("LOCKSTEP_TEST_SABOTAGE", "perturb-f32")];
+        // Against the (perturbed, 3%) f32 reference alone: over the fail bound.
+        let (code, out, _, report) = run_json("tiny", "--chat", "hello", 4, &env);
+        assert_eq!(code, 1, "{out}");
+        assert_eq!(report["first_divergence"]["site"], "layers.1.mlp_up");
+        // With an f64 reference in the run, the two references disagree by the same 3% at that
+        // site: the engine's error is within the measured floor, so it is drift, not failure.
+        let dir = tmp("floor");
+        let json = dir.join("r.json");
         let (code, out, err) = run(
             lockstep()
-                .args(["run", "--model", "tiny", "--chat", "hello", "--steps", "4"])
-                .env("LOCKSTEP_REFERENCES", refs)
-                .env("LOCKSTEP_TEST_SABOTAGE", mode),
+                .args(["run", "--model", "tiny", "--reference", "transformers,transformers:f64", "--chat", "hello", "--steps", "4", "--json"])
+                .arg(&json)
+                .envs(env),
         );
-        assert_eq!(code, 2, "{mode}: stdout:\n{out}\nstderr:\n{err}");
-        assert!(err.contains("Traceback (most recent call last)"), "{mode}: {err}");
-        assert!(err.contains(what), "{mode}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let site = report["steps"][2]["references"][0]["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["site"] == "layers.1.mlp_up")
+            .unwrap()
+            .clone();
+        assert_eq!(site["verdict"], "drift", "{site}");
+        let rel = site["metrics"]["rel_l2"].as_f64().unwrap();
+        let floor = site["floor"].as_f64().unwrap();
+        assert!(rel > 1e-2 && (rel - 0.03).abs() < 1e-3 && (floor - 0.03).abs() < 1e-3, "rel {rel} floor {floor}");
+        // Against the f64 reference the same site passes, and the engine is the closer one.
+        let f64site = report["steps"][2]["references"][1]["sites"].as_array().unwrap().iter().find(|s| s["site"] == "layers.1.mlp_up").unwrap().clone();
+        assert_eq!(f64site["verdict"], "pass");
+        assert!(out.contains("verdict: PASS (with drift)"), "{out}");
+        assert!(out.contains("reference vs reference (the measured noise floor)"), "{out}");
+        assert!(out.contains("which is right?"), "{out}");
+    }
+}
+
+live_test! {
+    fn an_exception_in_the_reference_is_exit_2_with_its_traceback() {
+        let refs = sabotaged_references();
+        let refs = refs.to_str().unwrap();
+        for (mode, what) in [("raise", "RuntimeError: sabotage: the reference failed at step 1"), ("load-raise", "ValueError: sabotage: cannot load")] {
+            let (code, out, err) = run(
+                lockstep()
+                    .args(["run", "--model", "tiny", "--chat", "hello", "--steps", "4"])
+                    .env("LOCKSTEP_REFERENCES", refs)
+                    .env("LOCKSTEP_TEST_SABOTAGE", mode),
+            );
+            assert_eq!(code, 2, "{mode}: stdout:\n{out}\nstderr:\n{err}");
+            assert!(err.contains("Traceback (most recent call last)"), "{mode}: {err}");
+            assert!(err.contains(what), "{mode}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
     }
 }
 
@@ -436,25 +443,25 @@ fn missing_reference_environment() {
     assert_exit_2(&["run", "--model", "smollm2", "--chat", "hi"], &[("LOCKSTEP_VENV", m)], &["smollm2", "make setup"]);
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn missing_python_package_names_the_fix() {
-    // A venv-shaped directory whose Python lacks torch/transformers.
-    let dir = tmp("bare-venv");
-    let bare = dir.join("venv");
-    let base = Command::new(venv().join("bin/python"))
-        .args(["-c", "import sys; print(sys.base_prefix)"])
-        .output()
-        .unwrap();
-    let base = String::from_utf8(base.stdout).unwrap().trim().to_string();
-    let status = Command::new(Path::new(&base).join("bin/python3.11"))
-        .args(["-m", "venv", "--without-pip"])
-        .arg(&bare)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let v = bare.to_str().unwrap();
-    assert_exit_2(&["run", "--model", "tiny", "--chat", "hi"], &[("LOCKSTEP_VENV", v)], &["No module named", "make setup"]);
+live_test! {
+    fn missing_python_package_names_the_fix() {
+        // A venv-shaped directory whose Python lacks torch/transformers.
+        let dir = tmp("bare-venv");
+        let bare = dir.join("venv");
+        let base = Command::new(venv().join("bin/python"))
+            .args(["-c", "import sys; print(sys.base_prefix)"])
+            .output()
+            .unwrap();
+        let base = String::from_utf8(base.stdout).unwrap().trim().to_string();
+        let status = Command::new(Path::new(&base).join("bin/python3.11"))
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&bare)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let v = bare.to_str().unwrap();
+        assert_exit_2(&["run", "--model", "tiny", "--chat", "hi"], &[("LOCKSTEP_VENV", v)], &["No module named", "make setup"]);
+    }
 }
 
 #[test]

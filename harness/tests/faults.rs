@@ -57,73 +57,73 @@ fn check(model_args: &[&str], reference: &str, applicable: usize) -> Value {
     v
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_the_tiny_fixture_against_transformers() {
-    check(&["tiny"], "transformers", 12); // q4_1-min needs a Q4_1 file
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_the_tiny_fixture_against_mlx() {
-    let v = check(&["tiny"], "mlx", 12);
-    let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "sampler-temperature").unwrap();
-    assert_eq!(t["found"], "step 0, sampler [sampler-mismatch]");
-    assert!(t["note"].as_str().unwrap().contains("temperature is applied inverted"), "{t}");
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_the_tiny_gguf_and_q4_1_fixtures() {
-    // Interleaved Q/K rows (GGUF order): the RoPE-convention evidence works in that layout.
-    check(&["tiny-gguf"], "transformers", 12);
-    // Q4_1: the dequantization fault enters at the embedding (which is Q4_1 here).
-    let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 13);
-    let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
-    assert_eq!(q["found"], "step 0, embed [dequantization]");
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_smollm2_against_transformers() {
-    let v = check(&["smollm2", "--weights", "dequant"], "transformers", 13);
-    let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
-    assert_eq!(q["found"], "step 0, layer 0, q [dequantization]", "SmolLM2's embedding is Q8_0: Q4_1 starts at q");
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_smollm2_against_mlx() {
-    check(&["smollm2", "--weights", "dequant"], "mlx", 13);
-}
-
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_on_smollm2_with_its_lora_adapter_against_transformers_and_mlx() {
-    // The committed mlx-lm adapter targets q/v of the last 16 of 30 layers: the LoRA faults
-    // enter at layer 14's q (through peft on the transformers side, mlx-lm's LoRALinear on MLX).
-    for reference in ["transformers", "mlx"] {
-        let v = check(&["smollm2", "--weights", "dequant", "--lora", "../snapshots/adapters/smollm2-mlx"], reference, 15);
-        let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
-        assert_eq!(row("lora-not-attached")["found"], "step 0, layer 14, q [adapter-not-attached]", "{reference}");
-        assert_eq!(row("lora-scale")["found"], "step 0, layer 14, q [adapter-scale]", "{reference}");
+live_test! {
+    fn every_fault_on_the_tiny_fixture_against_transformers() {
+        check(&["tiny"], "transformers", 12); // q4_1-min needs a Q4_1 file
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_fault_with_a_lora_adapter_on_the_tiny_fixture() {
-    // With an adapter on every side the LoRA faults apply too; they enter at the adapter's
-    // first projection in forward order (PEFT adapter: layer 0; mlx-lm adapter: the last 2
-    // of 3 layers, so layer 1).
-    let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "transformers", 14);
-    let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
-    assert_eq!(row("lora-not-attached")["found"], "step 0, layer 0, q [adapter-not-attached]");
-    assert_eq!(row("lora-scale")["found"], "step 0, layer 0, q [adapter-scale]");
-    check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "mlx", 14);
-    let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-mlx"], "mlx", 14);
-    let r = v.as_array().unwrap().iter().find(|r| r["fault"] == "lora-scale").unwrap();
-    assert_eq!(r["found"], "step 0, layer 1, q [adapter-scale]");
+live_test! {
+    fn every_fault_on_the_tiny_fixture_against_mlx() {
+        let v = check(&["tiny"], "mlx", 12);
+        let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "sampler-temperature").unwrap();
+        assert_eq!(t["found"], "step 0, sampler [sampler-mismatch]");
+        assert!(t["note"].as_str().unwrap().contains("temperature is applied inverted"), "{t}");
+    }
+}
+
+live_test! {
+    fn every_fault_on_the_tiny_gguf_and_q4_1_fixtures() {
+        // Interleaved Q/K rows (GGUF order): the RoPE-convention evidence works in that layout.
+        check(&["tiny-gguf"], "transformers", 12);
+        // Q4_1: the dequantization fault enters at the embedding (which is Q4_1 here).
+        let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 13);
+        let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
+        assert_eq!(q["found"], "step 0, embed [dequantization]");
+    }
+}
+
+live_test! {
+    fn every_fault_on_smollm2_against_transformers() {
+        let v = check(&["smollm2", "--weights", "dequant"], "transformers", 13);
+        let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
+        assert_eq!(q["found"], "step 0, layer 0, q [dequantization]", "SmolLM2's embedding is Q8_0: Q4_1 starts at q");
+    }
+}
+
+live_test! {
+    fn every_fault_on_smollm2_against_mlx() {
+        check(&["smollm2", "--weights", "dequant"], "mlx", 13);
+    }
+}
+
+live_test! {
+    fn every_fault_on_smollm2_with_its_lora_adapter_against_transformers_and_mlx() {
+        // The committed mlx-lm adapter targets q/v of the last 16 of 30 layers: the LoRA faults
+        // enter at layer 14's q (through peft on the transformers side, mlx-lm's LoRALinear on MLX).
+        for reference in ["transformers", "mlx"] {
+            let v = check(&["smollm2", "--weights", "dequant", "--lora", "../snapshots/adapters/smollm2-mlx"], reference, 15);
+            let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+            assert_eq!(row("lora-not-attached")["found"], "step 0, layer 14, q [adapter-not-attached]", "{reference}");
+            assert_eq!(row("lora-scale")["found"], "step 0, layer 14, q [adapter-scale]", "{reference}");
+        }
+    }
+}
+
+live_test! {
+    fn every_fault_with_a_lora_adapter_on_the_tiny_fixture() {
+        // With an adapter on every side the LoRA faults apply too; they enter at the adapter's
+        // first projection in forward order (PEFT adapter: layer 0; mlx-lm adapter: the last 2
+        // of 3 layers, so layer 1).
+        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "transformers", 14);
+        let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+        assert_eq!(row("lora-not-attached")["found"], "step 0, layer 0, q [adapter-not-attached]");
+        assert_eq!(row("lora-scale")["found"], "step 0, layer 0, q [adapter-scale]");
+        check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "mlx", 14);
+        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-mlx"], "mlx", 14);
+        let r = v.as_array().unwrap().iter().find(|r| r["fault"] == "lora-scale").unwrap();
+        assert_eq!(r["found"], "step 0, layer 1, q [adapter-scale]");
+    }
 }
 
 /// `lockstep bisect` on a clean engine: nothing found, exit 0.
@@ -140,51 +140,51 @@ fn bisect_clean(model_args: &[&str], references: &str) {
     assert_eq!(v["found"], false);
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn no_false_alarm_on_any_fixture_or_reference() {
-    bisect_clean(&["tiny"], "transformers,mlx");
-    // Sampled: each reference's own sampler on the engine's logits, at every step.
-    bisect_clean(&["tiny", "--sampler", "temp=0.8,top_p=0.95,seed=0"], "transformers,mlx");
-    bisect_clean(&["tiny-gguf"], "transformers,mlx,llamacpp");
-    for m in ["tiny-q4_0", "tiny-q4_1", "tiny-q8_0"] {
-        bisect_clean(&[m], "transformers,mlx,llamacpp");
-        bisect_clean(&[m, "--weights", "dequant"], "transformers,mlx,llamacpp");
-    }
-    // MLX's GGUF loader takes Q4_0/Q4_1/Q8_0 only: the K-quant files against the others.
-    for m in ["tiny-k-q4_k_m", "tiny-k-q6_k"] {
-        bisect_clean(&[m], "transformers,llamacpp");
+live_test! {
+    fn no_false_alarm_on_any_fixture_or_reference() {
+        bisect_clean(&["tiny"], "transformers,mlx");
+        // Sampled: each reference's own sampler on the engine's logits, at every step.
+        bisect_clean(&["tiny", "--sampler", "temp=0.8,top_p=0.95,seed=0"], "transformers,mlx");
+        bisect_clean(&["tiny-gguf"], "transformers,mlx,llamacpp");
+        for m in ["tiny-q4_0", "tiny-q4_1", "tiny-q8_0"] {
+            bisect_clean(&[m], "transformers,mlx,llamacpp");
+            bisect_clean(&[m, "--weights", "dequant"], "transformers,mlx,llamacpp");
+        }
+        // MLX's GGUF loader takes Q4_0/Q4_1/Q8_0 only: the K-quant files against the others.
+        for m in ["tiny-k-q4_k_m", "tiny-k-q6_k"] {
+            bisect_clean(&[m], "transformers,llamacpp");
+        }
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn no_false_alarm_on_smollm2_with_every_reference() {
-    bisect_clean(&["smollm2"], "llamacpp,transformers,mlx");
-    bisect_clean(&["smollm2", "--weights", "dequant"], "transformers,mlx,llamacpp");
+live_test! {
+    fn no_false_alarm_on_smollm2_with_every_reference() {
+        bisect_clean(&["smollm2"], "llamacpp,transformers,mlx");
+        bisect_clean(&["smollm2", "--weights", "dequant"], "transformers,mlx,llamacpp");
+    }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn bisect_names_the_incident_on_one_screen() {
-    let (code, out, _) = run(lockstep().args([
-        "bisect", "--model", "tiny", "--chat", "What is the capital of France?", "--inject", "drop-context", "--steps", "8",
-    ]));
-    assert_eq!(code, 1, "{out}");
-    for needle in [
-        "first divergent step  1",
-        "layers.0.cache_k, layer 0",
-        "the engine's cache holds 1 position, the reference's holds 34 positions",
-        "passes -> the error is inherited",
-        "context is dropped after the prompt",
-        "2 of 8 steps run",
-    ] {
-        assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+live_test! {
+    fn bisect_names_the_incident_on_one_screen() {
+        let (code, out, _) = run(lockstep().args([
+            "bisect", "--model", "tiny", "--chat", "What is the capital of France?", "--inject", "drop-context", "--steps", "8",
+        ]));
+        assert_eq!(code, 1, "{out}");
+        for needle in [
+            "first divergent step  1",
+            "layers.0.cache_k, layer 0",
+            "the engine's cache holds 1 position, the reference's holds 34 positions",
+            "passes -> the error is inherited",
+            "context is dropped after the prompt",
+            "2 of 8 steps run",
+        ] {
+            assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+        }
+        // A one-layer fault at another layer is found there.
+        let (code, out, _) = run(lockstep().args([
+            "bisect", "--model", "tiny", "--chat", "What is the capital of France?", "--inject", "stale-cache:2", "--steps", "4",
+        ]));
+        assert_eq!(code, 1);
+        assert!(out.contains("layers.2.cache_k, layer 2") && out.contains("[stale-cache]"), "{out}");
     }
-    // A one-layer fault at another layer is found there.
-    let (code, out, _) = run(lockstep().args([
-        "bisect", "--model", "tiny", "--chat", "What is the capital of France?", "--inject", "stale-cache:2", "--steps", "4",
-    ]));
-    assert_eq!(code, 1);
-    assert!(out.contains("layers.2.cache_k, layer 2") && out.contains("[stale-cache]"), "{out}");
 }

@@ -34,69 +34,69 @@ fn run_lora(model: &str, lora: &std::path::Path, mode: &str, reference: &str) ->
     (code, out, v)
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn both_formats_pass_against_both_references_merged_and_unmerged() {
-    // (model, adapter, modules attached): PEFT on layers 0 and 2, all seven projections;
-    // mlx-lm on the last two layers, q/k/v and down_proj; also on a quantized GGUF (the
-    // engine's quantized kernels, B's Q/K rows in GGUF order, MLX's quantized layers).
-    for (model, name, modules) in
-        [("tiny", "tiny-peft", 14), ("tiny", "tiny-mlx", 8), ("tiny-q4_1", "tiny-mlx", 8), ("tiny-gguf", "tiny-peft", 14)]
-    {
-        for mode in ["unmerged", "merged"] {
-            let (code, out, v) = run_lora(model, &adapter(name), mode, "transformers,mlx");
-            assert_eq!(code, 0, "{model} {name} {mode}:\n{out}");
-            assert_eq!(v["verdict"], "pass", "{model} {name} {mode}");
-            let l = &v["lora"];
-            assert_eq!(l["mode"], mode);
-            assert_eq!(l["diffs"].as_array().unwrap().len(), 0, "{out}");
-            let sides = l["sides"].as_array().unwrap();
-            assert_eq!(sides.len(), 3, "engine, transformers, mlx");
-            for s in sides {
-                assert_eq!(s["entries"].as_array().unwrap().len(), modules, "{}: {out}", s["side"]);
+live_test! {
+    fn both_formats_pass_against_both_references_merged_and_unmerged() {
+        // (model, adapter, modules attached): PEFT on layers 0 and 2, all seven projections;
+        // mlx-lm on the last two layers, q/k/v and down_proj; also on a quantized GGUF (the
+        // engine's quantized kernels, B's Q/K rows in GGUF order, MLX's quantized layers).
+        for (model, name, modules) in
+            [("tiny", "tiny-peft", 14), ("tiny", "tiny-mlx", 8), ("tiny-q4_1", "tiny-mlx", 8), ("tiny-gguf", "tiny-peft", 14)]
+        {
+            for mode in ["unmerged", "merged"] {
+                let (code, out, v) = run_lora(model, &adapter(name), mode, "transformers,mlx");
+                assert_eq!(code, 0, "{model} {name} {mode}:\n{out}");
+                assert_eq!(v["verdict"], "pass", "{model} {name} {mode}");
+                let l = &v["lora"];
+                assert_eq!(l["mode"], mode);
+                assert_eq!(l["diffs"].as_array().unwrap().len(), 0, "{out}");
+                let sides = l["sides"].as_array().unwrap();
+                assert_eq!(sides.len(), 3, "engine, transformers, mlx");
+                for s in sides {
+                    assert_eq!(s["entries"].as_array().unwrap().len(), modules, "{}: {out}", s["side"]);
+                }
+                let e = &l["effect"];
+                assert_eq!(e["has_effect"], true, "{out}");
+                assert!(e["logits_rel_l2"].as_f64().unwrap() > 10.0 * e["floor"].as_f64().unwrap(), "{out}");
+                assert!(out.contains("inventory  identical on every side"), "{out}");
+                assert!(out.contains("effect     the adapter has an effect"), "{out}");
             }
-            let e = &l["effect"];
-            assert_eq!(e["has_effect"], true, "{out}");
-            assert!(e["logits_rel_l2"].as_f64().unwrap() > 10.0 * e["floor"].as_f64().unwrap(), "{out}");
-            assert!(out.contains("inventory  identical on every side"), "{out}");
-            assert!(out.contains("effect     the adapter has an effect"), "{out}");
         }
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn an_adapter_with_zero_b_has_no_effect() {
-    for mode in ["unmerged", "merged"] {
-        let (code, out, v) = run_lora("tiny", &adapter("tiny-zero-b"), mode, "transformers,mlx");
-        assert_eq!(code, 1, "{out}");
-        assert_eq!(v["verdict"], "diverged");
-        assert_eq!(v["first_divergence"]["site"], "lora");
-        assert!(v["first_divergence"]["detail"].as_str().unwrap().starts_with("adapter has no effect"), "{}", v["first_divergence"]);
-        assert!(out.contains("ADAPTER HAS NO EFFECT"), "{out}");
-        assert!(out.contains("verdict: DIVERGED at step 0, site `lora`"), "{out}");
-        // Where an effect was expected: every layer (q_proj/v_proj on all three).
-        assert!(out.contains("layer 0 (q/v) 0.0e0, layer 1 (q/v) 0.0e0, layer 2 (q/v) 0.0e0"), "{out}");
-        assert_eq!(v["lora"]["effect"]["logits_rel_l2"].as_f64(), Some(0.0));
+live_test! {
+    fn an_adapter_with_zero_b_has_no_effect() {
+        for mode in ["unmerged", "merged"] {
+            let (code, out, v) = run_lora("tiny", &adapter("tiny-zero-b"), mode, "transformers,mlx");
+            assert_eq!(code, 1, "{out}");
+            assert_eq!(v["verdict"], "diverged");
+            assert_eq!(v["first_divergence"]["site"], "lora");
+            assert!(v["first_divergence"]["detail"].as_str().unwrap().starts_with("adapter has no effect"), "{}", v["first_divergence"]);
+            assert!(out.contains("ADAPTER HAS NO EFFECT"), "{out}");
+            assert!(out.contains("verdict: DIVERGED at step 0, site `lora`"), "{out}");
+            // Where an effect was expected: every layer (q_proj/v_proj on all three).
+            assert!(out.contains("layer 0 (q/v) 0.0e0, layer 1 (q/v) 0.0e0, layer 2 (q/v) 0.0e0"), "{out}");
+            assert_eq!(v["lora"]["effect"]["logits_rel_l2"].as_f64(), Some(0.0));
+        }
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn tensors_attached_to_nothing_are_named() {
-    // The mlx-lm adapter covers layers 1 and 2; a config that says "the last layer only"
-    // leaves layer 1's tensors attached to nothing.
-    let d = tmp("lora-unattached");
-    std::fs::copy(adapter("tiny-mlx").join("adapters.safetensors"), d.join("adapters.safetensors")).unwrap();
-    let cfg = std::fs::read_to_string(adapter("tiny-mlx").join("adapter_config.json")).unwrap();
-    std::fs::write(d.join("adapter_config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 1")).unwrap();
-    let (code, out, v) = run_lora("tiny", &d, "unmerged", "transformers");
-    assert_eq!(code, 1, "{out}");
-    let un: Vec<&str> = v["lora"]["unattached"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-    assert_eq!(un.len(), 8, "{un:?}");
-    assert!(un.contains(&"model.layers.1.self_attn.q_proj.lora_a"), "{un:?}");
-    assert!(out.contains("attached to nothing: model.layers.1.mlp.down_proj.lora_a"), "{out}");
-    assert_eq!(v["first_divergence"]["site"], "lora");
+live_test! {
+    fn tensors_attached_to_nothing_are_named() {
+        // The mlx-lm adapter covers layers 1 and 2; a config that says "the last layer only"
+        // leaves layer 1's tensors attached to nothing.
+        let d = tmp("lora-unattached");
+        std::fs::copy(adapter("tiny-mlx").join("adapters.safetensors"), d.join("adapters.safetensors")).unwrap();
+        let cfg = std::fs::read_to_string(adapter("tiny-mlx").join("adapter_config.json")).unwrap();
+        std::fs::write(d.join("adapter_config.json"), cfg.replace("\"num_layers\": 2", "\"num_layers\": 1")).unwrap();
+        let (code, out, v) = run_lora("tiny", &d, "unmerged", "transformers");
+        assert_eq!(code, 1, "{out}");
+        let un: Vec<&str> = v["lora"]["unattached"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        assert_eq!(un.len(), 8, "{un:?}");
+        assert!(un.contains(&"model.layers.1.self_attn.q_proj.lora_a"), "{un:?}");
+        assert!(out.contains("attached to nothing: model.layers.1.mlp.down_proj.lora_a"), "{out}");
+        assert_eq!(v["first_divergence"]["site"], "lora");
+    }
 }
 
 #[test]
@@ -203,88 +203,88 @@ fn merged_and_unmerged_agree_within_the_named_tolerance() {
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn inspect_prints_both_inventories_and_the_effective_config() {
-    let (code, out, err) = run(lockstep()
-        .args(["inspect", "--model", "tiny-q4_1", "--reference", "transformers,mlx", "--lora"])
-        .arg(adapter("tiny-mlx")));
-    assert_eq!(code, 0, "{out}\n{err}");
-    for needle in [
-        "mlx-lm format, F32 tensors): rank 4, scale 2 (lora_parameters.scale = 2), targets q_proj,k_proj,v_proj,down_proj, layers 1,2",
-        "inventory  engine       8 modules, 16 LoRA tensors",
-        "inventory  transformers 8 modules",
-        "inventory  mlx          8 modules, 16 LoRA tensors, 4352 parameters (float32); mlx_lm.tuner.utils.load_adapters",
-        "layers.2.down_proj",
-        "inventory  identical on every side",
-    ] {
-        assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+live_test! {
+    fn inspect_prints_both_inventories_and_the_effective_config() {
+        let (code, out, err) = run(lockstep()
+            .args(["inspect", "--model", "tiny-q4_1", "--reference", "transformers,mlx", "--lora"])
+            .arg(adapter("tiny-mlx")));
+        assert_eq!(code, 0, "{out}\n{err}");
+        for needle in [
+            "mlx-lm format, F32 tensors): rank 4, scale 2 (lora_parameters.scale = 2), targets q_proj,k_proj,v_proj,down_proj, layers 1,2",
+            "inventory  engine       8 modules, 16 LoRA tensors",
+            "inventory  transformers 8 modules",
+            "inventory  mlx          8 modules, 16 LoRA tensors, 4352 parameters (float32); mlx_lm.tuner.utils.load_adapters",
+            "layers.2.down_proj",
+            "inventory  identical on every side",
+        ] {
+            assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+        }
+        assert!(!out.contains("effect "), "inspect runs nothing:\n{out}");
     }
-    assert!(!out.contains("effect "), "inspect runs nothing:\n{out}");
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn smollm2_with_its_mlx_adapter_passes_with_a_real_effect() {
-    // The must-show: the committed mlx-lm adapter (rank 8, scale 20, q/v, last 16
-    // layers) on SmolLM2 Q4_1, against transformers (peft) and MLX (mlx-lm), 16 steps.
-    let json = tmp("lora-smollm2").join("r.json");
-    let (code, out, err) = run(lockstep()
-        .args(["run", "--model", "smollm2", "--reference", "transformers,mlx", "--steps", "16", "--chat", "What is the capital of France?", "--lora"])
-        .arg(adapter("smollm2-mlx"))
-        .arg("--json")
-        .arg(&json));
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("verdict: PASS"), "{out}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let l = &v["lora"];
-    assert_eq!(l["diffs"].as_array().unwrap().len(), 0);
-    for s in l["sides"].as_array().unwrap() {
-        assert_eq!(s["entries"].as_array().unwrap().len(), 32, "q_proj and v_proj of 16 layers on {}", s["side"]);
+live_test! {
+    fn smollm2_with_its_mlx_adapter_passes_with_a_real_effect() {
+        // The must-show: the committed mlx-lm adapter (rank 8, scale 20, q/v, last 16
+        // layers) on SmolLM2 Q4_1, against transformers (peft) and MLX (mlx-lm), 16 steps.
+        let json = tmp("lora-smollm2").join("r.json");
+        let (code, out, err) = run(lockstep()
+            .args(["run", "--model", "smollm2", "--reference", "transformers,mlx", "--steps", "16", "--chat", "What is the capital of France?", "--lora"])
+            .arg(adapter("smollm2-mlx"))
+            .arg("--json")
+            .arg(&json));
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("verdict: PASS"), "{out}");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let l = &v["lora"];
+        assert_eq!(l["diffs"].as_array().unwrap().len(), 0);
+        for s in l["sides"].as_array().unwrap() {
+            assert_eq!(s["entries"].as_array().unwrap().len(), 32, "q_proj and v_proj of 16 layers on {}", s["side"]);
+        }
+        let e = &l["effect"];
+        assert_eq!(e["has_effect"], true);
+        // A real effect: thousands of times the transformers-vs-MLX floor, and next tokens change.
+        assert!(e["logits_rel_l2"].as_f64().unwrap() > 1000.0 * e["floor"].as_f64().unwrap(), "{out}");
+        assert!(e["top1_changed"].as_u64().unwrap() >= 1, "{out}");
+        // No effect before layer 14 (the adapter covers layers 14..=29).
+        let per = e["per_layer"].as_array().unwrap();
+        assert!(per[..14].iter().all(|l| l["rel_l2"].as_f64() == Some(0.0)));
+        assert!(per[14..].iter().all(|l| l["rel_l2"].as_f64().unwrap() > 0.0));
     }
-    let e = &l["effect"];
-    assert_eq!(e["has_effect"], true);
-    // A real effect: thousands of times the transformers-vs-MLX floor, and next tokens change.
-    assert!(e["logits_rel_l2"].as_f64().unwrap() > 1000.0 * e["floor"].as_f64().unwrap(), "{out}");
-    assert!(e["top1_changed"].as_u64().unwrap() >= 1, "{out}");
-    // No effect before layer 14 (the adapter covers layers 14..=29).
-    let per = e["per_layer"].as_array().unwrap();
-    assert!(per[..14].iter().all(|l| l["rel_l2"].as_f64() == Some(0.0)));
-    assert!(per[14..].iter().all(|l| l["rel_l2"].as_f64().unwrap() > 0.0));
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn the_lora_faults_are_caught_by_run_and_diagnosed_by_bisect() {
-    let lora = adapter("tiny-peft");
-    for mode in ["unmerged", "merged"] {
-        // A stub adapter manager: the run's effect check says so, whatever else diverges.
-        let (code, out, err) = run(lockstep()
-            .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
-            .args(["--inject", "lora-not-attached", "--lora"])
-            .arg(&lora));
-        assert_eq!(code, 1, "{out}\n{err}");
-        assert!(out.contains("ADAPTER HAS NO EFFECT"), "{out}");
-        assert!(out.contains("verdict: DIVERGED at step 0, site `lora`: adapter has no effect"), "{out}");
-        // The scale applied twice: the adapter has an effect, the wrong one, from layer 0's q.
-        let (code, out, _) = run(lockstep()
-            .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
-            .args(["--inject", "lora-scale", "--lora"])
-            .arg(&lora));
-        assert_eq!(code, 1, "{out}");
-        assert!(out.contains("verdict: DIVERGED at step 0, layer 0, site `layers.0.q`"), "{out}");
-        assert!(out.contains("effect     the adapter has an effect"), "{out}");
-    }
-    for (fault, diagnosis, says) in [
-        ("lora-not-attached", "[adapter-not-attached]", "the engine applies scale 0.0000 where the reference applies 2: no adapter at all"),
-        ("lora-scale", "[adapter-scale]", "the engine applies scale 4.0000 where the reference applies 2"),
-    ] {
-        let (code, out, err) = run(lockstep()
-            .args(["bisect", "--model", "tiny", "--reference", "transformers", "--chat", "What is the capital of France?"])
-            .args(["--steps", "3", "--inject", fault, "--lora"])
-            .arg(&lora));
-        assert_eq!(code, 1, "{out}\n{err}");
-        assert!(out.contains("first failing site    layers.0.q, layer 0"), "{fault}:\n{out}");
-        assert!(out.contains(diagnosis) && out.contains(says), "{fault}:\n{out}");
+live_test! {
+    fn the_lora_faults_are_caught_by_run_and_diagnosed_by_bisect() {
+        let lora = adapter("tiny-peft");
+        for mode in ["unmerged", "merged"] {
+            // A stub adapter manager: the run's effect check says so, whatever else diverges.
+            let (code, out, err) = run(lockstep()
+                .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
+                .args(["--inject", "lora-not-attached", "--lora"])
+                .arg(&lora));
+            assert_eq!(code, 1, "{out}\n{err}");
+            assert!(out.contains("ADAPTER HAS NO EFFECT"), "{out}");
+            assert!(out.contains("verdict: DIVERGED at step 0, site `lora`: adapter has no effect"), "{out}");
+            // The scale applied twice: the adapter has an effect, the wrong one, from layer 0's q.
+            let (code, out, _) = run(lockstep()
+                .args(["run", "--model", "tiny", "--reference", "transformers", "--chat", "Hi", "--steps", "3", "--lora-mode", mode])
+                .args(["--inject", "lora-scale", "--lora"])
+                .arg(&lora));
+            assert_eq!(code, 1, "{out}");
+            assert!(out.contains("verdict: DIVERGED at step 0, layer 0, site `layers.0.q`"), "{out}");
+            assert!(out.contains("effect     the adapter has an effect"), "{out}");
+        }
+        for (fault, diagnosis, says) in [
+            ("lora-not-attached", "[adapter-not-attached]", "the engine applies scale 0.0000 where the reference applies 2: no adapter at all"),
+            ("lora-scale", "[adapter-scale]", "the engine applies scale 4.0000 where the reference applies 2"),
+        ] {
+            let (code, out, err) = run(lockstep()
+                .args(["bisect", "--model", "tiny", "--reference", "transformers", "--chat", "What is the capital of France?"])
+                .args(["--steps", "3", "--inject", fault, "--lora"])
+                .arg(&lora));
+            assert_eq!(code, 1, "{out}\n{err}");
+            assert!(out.contains("first failing site    layers.0.q, layer 0"), "{fault}:\n{out}");
+            assert!(out.contains(diagnosis) && out.contains(says), "{fault}:\n{out}");
+        }
     }
 }

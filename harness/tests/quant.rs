@@ -28,36 +28,36 @@ fn quant_check(model: &str) -> (i32, String, Value) {
     (code, format!("{out}{err}"), v)
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn quant_check_smollm2_and_every_fixture_equal_the_gguf_dequantizer() {
-    let mut models = vec!["smollm2", "tiny-gguf"];
-    models.extend(QUANT_FIXTURES.iter().map(|f| f.0));
-    for m in models {
-        let (code, out, v) = quant_check(m);
-        assert_eq!(code, 0, "{m}:\n{out}");
-        let tensors = v["tensors"].as_array().unwrap();
-        assert!(!tensors.is_empty());
-        for t in tensors {
-            assert_eq!(t["status"], "equal", "{m}: {t}");
-            assert_eq!(t["max_abs_diff"], 0.0, "{m}: {t}");
+live_test! {
+    fn quant_check_smollm2_and_every_fixture_equal_the_gguf_dequantizer() {
+        let mut models = vec!["smollm2", "tiny-gguf"];
+        models.extend(QUANT_FIXTURES.iter().map(|f| f.0));
+        for m in models {
+            let (code, out, v) = quant_check(m);
+            assert_eq!(code, 0, "{m}:\n{out}");
+            let tensors = v["tensors"].as_array().unwrap();
+            assert!(!tensors.is_empty());
+            for t in tensors {
+                assert_eq!(t["status"], "equal", "{m}: {t}");
+                assert_eq!(t["max_abs_diff"], 0.0, "{m}: {t}");
+            }
+            assert!(out.contains(&format!("{} equal to the reference dequantizer, 0 differ, 0 corrupt", tensors.len())), "{out}");
         }
-        assert!(out.contains(&format!("{} equal to the reference dequantizer, 0 differ, 0 corrupt", tensors.len())), "{out}");
+        // SmolLM2: 210 Q4_1 matrices and the Q8_0 embedding, each checked on both engine paths.
+        let (_, out, v) = quant_check("smollm2");
+        assert!(out.contains("272 tensors (1 Q8_0, 61 F32, 210 Q4_1)"), "{out}");
+        let q41 = v["tensors"].as_array().unwrap().iter().filter(|t| t["ggml_type"] == "Q4_1" && t["kernel_blocks_checked"] == true);
+        assert_eq!(q41.count(), 210);
     }
-    // SmolLM2: 210 Q4_1 matrices and the Q8_0 embedding, each checked on both engine paths.
-    let (_, out, v) = quant_check("smollm2");
-    assert!(out.contains("272 tensors (1 Q8_0, 61 F32, 210 Q4_1)"), "{out}");
-    let q41 = v["tensors"].as_array().unwrap().iter().filter(|t| t["ggml_type"] == "Q4_1" && t["kernel_blocks_checked"] == true);
-    assert_eq!(q41.count(), 210);
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn the_fixtures_hold_the_types_they_are_named_for() {
-    for (alias, _, qtype) in QUANT_FIXTURES {
-        let (_, out, v) = quant_check(alias);
-        let n = v["tensors"].as_array().unwrap().iter().filter(|t| t["ggml_type"] == *qtype).count();
-        assert!(n >= 2, "{alias}: only {n} {qtype} tensors:\n{out}");
+live_test! {
+    fn the_fixtures_hold_the_types_they_are_named_for() {
+        for (alias, _, qtype) in QUANT_FIXTURES {
+            let (_, out, v) = quant_check(alias);
+            let n = v["tensors"].as_array().unwrap().iter().filter(|t| t["ggml_type"] == *qtype).count();
+            assert!(n >= 2, "{alias}: only {n} {qtype} tensors:\n{out}");
+        }
     }
 }
 
@@ -72,66 +72,66 @@ fn quant_run(model: &str, weights: &str, steps: usize) -> (i32, String, Value) {
     (code, format!("stdout:\n{out}\nstderr:\n{err}"), v)
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn every_quant_fixture_passes_in_both_modes_against_both_references() {
-    for (alias, _, qtype) in QUANT_FIXTURES {
-        for (weights, modes) in [("quantized", ["quant-vs-dense", "same-quant"]), ("dequant", ["same-weights", "quant-vs-dense"])] {
-            let (code, out, r) = quant_run(alias, weights, 8);
-            assert_eq!(code, 0, "{alias} --weights {weights}:\n{out}");
-            assert_eq!(r["verdict"], "pass", "{alias} {weights}");
-            assert_eq!(r["engine"]["weights_mode"], weights);
-            let refs = r["summary"]["references"].as_array().unwrap();
-            for (rs, mode) in refs.iter().zip(modes) {
-                assert_eq!(rs["mode"], mode, "{alias} {weights}: {}", rs["reference"]);
-                let mean_kl = rs["mean_kl"].as_f64().unwrap();
-                if mode != "same-weights" {
-                    assert_eq!(rs["quant_bounds"]["quant_type"], *qtype, "{alias}: bounds chosen by the file's type");
+live_test! {
+    fn every_quant_fixture_passes_in_both_modes_against_both_references() {
+        for (alias, _, qtype) in QUANT_FIXTURES {
+            for (weights, modes) in [("quantized", ["quant-vs-dense", "same-quant"]), ("dequant", ["same-weights", "quant-vs-dense"])] {
+                let (code, out, r) = quant_run(alias, weights, 8);
+                assert_eq!(code, 0, "{alias} --weights {weights}:\n{out}");
+                assert_eq!(r["verdict"], "pass", "{alias} {weights}");
+                assert_eq!(r["engine"]["weights_mode"], weights);
+                let refs = r["summary"]["references"].as_array().unwrap();
+                for (rs, mode) in refs.iter().zip(modes) {
+                    assert_eq!(rs["mode"], mode, "{alias} {weights}: {}", rs["reference"]);
+                    let mean_kl = rs["mean_kl"].as_f64().unwrap();
+                    if mode != "same-weights" {
+                        assert_eq!(rs["quant_bounds"]["quant_type"], *qtype, "{alias}: bounds chosen by the file's type");
+                    }
+                    if mode == "quant-vs-dense" {
+                        assert!(mean_kl > 0.0, "{alias}: quantized activations must show");
+                    } else if mode == "same-quant" && ["Q4_0", "Q4_1", "Q8_0"].contains(qtype) {
+                        // The engine's own kernels do ggml's arithmetic: measured exact on the fixtures.
+                        assert!(mean_kl < 1e-9, "{alias}: engine vs llama.cpp mean KL {mean_kl}");
+                    } else if mode == "same-weights" {
+                        assert!(rs["mean_kl"].as_f64().unwrap() < 1e-6, "{alias}: dense vs f32 transformers is exact");
+                    }
                 }
-                if mode == "quant-vs-dense" {
-                    assert!(mean_kl > 0.0, "{alias}: quantized activations must show");
-                } else if mode == "same-quant" && ["Q4_0", "Q4_1", "Q8_0"].contains(qtype) {
-                    // The engine's own kernels do ggml's arithmetic: measured exact on the fixtures.
-                    assert!(mean_kl < 1e-9, "{alias}: engine vs llama.cpp mean KL {mean_kl}");
-                } else if mode == "same-weights" {
-                    assert!(rs["mean_kl"].as_f64().unwrap() < 1e-6, "{alias}: dense vs f32 transformers is exact");
+                if weights == "quantized" {
+                    // Same quantization as llama.cpp: layer 0 holds to the f32 bounds.
+                    let l0 = r["steps"][0]["references"][1]["sites"].as_array().unwrap().iter()
+                        .find(|s| s["site"] == "layers.0.q").unwrap().clone();
+                    assert!(l0["metrics"]["rel_l2"].as_f64().unwrap() < 1e-4, "{alias}: layer 0 q vs llama.cpp {l0}");
+                    assert!(out.contains("quantized modes are judged on the next token"), "{out}");
                 }
-            }
-            if weights == "quantized" {
-                // Same quantization as llama.cpp: layer 0 holds to the f32 bounds.
-                let l0 = r["steps"][0]["references"][1]["sites"].as_array().unwrap().iter()
-                    .find(|s| s["site"] == "layers.0.q").unwrap().clone();
-                assert!(l0["metrics"]["rel_l2"].as_f64().unwrap() < 1e-4, "{alias}: layer 0 q vs llama.cpp {l0}");
-                assert!(out.contains("quantized modes are judged on the next token"), "{out}");
             }
         }
     }
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn smollm2_quantized_against_llamacpp_and_transformers_64_steps() {
-    let (code, out, r) = quant_run("smollm2", "quantized", 64);
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(r["verdict"], "pass");
-    assert_eq!(r["engine"]["matrix_types"], serde_json::json!(["Q4_1", "Q8_0"]));
-    let refs = r["summary"]["references"].as_array().unwrap();
-    assert_eq!(refs[1]["reference"], "llamacpp");
-    assert_eq!(refs[1]["mode"], "same-quant");
-    assert_eq!(refs[0]["mode"], "quant-vs-dense");
-    // The same greedy tokens as llama.cpp's own generate on the same file.
-    let g = r["generate"].as_array().unwrap().iter().find(|g| g["reference"] == "llamacpp").unwrap();
-    assert_eq!(g["matches"], true, "{out}");
-    // KL, top-1 agreement and Δp are printed for both.
-    for needle in ["mean KL", "top1 =", "max|Δp|", "same-quant", "quant-vs-dense", "Q4_1 bounds"] {
-        assert!(out.contains(needle), "{needle} missing:\n{out}");
+live_test! {
+    fn smollm2_quantized_against_llamacpp_and_transformers_64_steps() {
+        let (code, out, r) = quant_run("smollm2", "quantized", 64);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(r["verdict"], "pass");
+        assert_eq!(r["engine"]["matrix_types"], serde_json::json!(["Q4_1", "Q8_0"]));
+        let refs = r["summary"]["references"].as_array().unwrap();
+        assert_eq!(refs[1]["reference"], "llamacpp");
+        assert_eq!(refs[1]["mode"], "same-quant");
+        assert_eq!(refs[0]["mode"], "quant-vs-dense");
+        // The same greedy tokens as llama.cpp's own generate on the same file.
+        let g = r["generate"].as_array().unwrap().iter().find(|g| g["reference"] == "llamacpp").unwrap();
+        assert_eq!(g["matches"], true, "{out}");
+        // KL, top-1 agreement and Δp are printed for both.
+        for needle in ["mean KL", "top1 =", "max|Δp|", "same-quant", "quant-vs-dense", "Q4_1 bounds"] {
+            assert!(out.contains(needle), "{needle} missing:\n{out}");
+        }
+        // Layers 0 of the engine and llama.cpp are the same arithmetic: bitwise-level agreement.
+        let l0 = r["steps"][0]["references"][1]["sites"].as_array().unwrap().iter()
+            .filter(|s| s["layer"] == 0 && ["q", "k", "v", "mlp_gate", "mlp_up"].contains(&s["site"].as_str().unwrap().rsplit('.').next().unwrap()))
+            .map(|s| s["metrics"]["rel_l2"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!(l0 < 1e-6, "layer-0 matmuls vs llama.cpp: rel-L2 {l0}");
     }
-    // Layers 0 of the engine and llama.cpp are the same arithmetic: bitwise-level agreement.
-    let l0 = r["steps"][0]["references"][1]["sites"].as_array().unwrap().iter()
-        .filter(|s| s["layer"] == 0 && ["q", "k", "v", "mlp_gate", "mlp_up"].contains(&s["site"].as_str().unwrap().rsplit('.').next().unwrap()))
-        .map(|s| s["metrics"]["rel_l2"].as_f64().unwrap())
-        .fold(0.0, f64::max);
-    assert!(l0 < 1e-6, "layer-0 matmuls vs llama.cpp: rel-L2 {l0}");
 }
 
 // --- corrupted files ---------------------------------------------------------------------------
@@ -142,24 +142,24 @@ fn tensor_offset(path: &std::path::Path, name: &str) -> usize {
     (g.content.tensor_data_offset + g.content.tensor_infos[name].offset) as usize
 }
 
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_block_with_an_infinite_scale_is_exit_2_naming_the_tensor() {
-    let src = repo().join("snapshots/models/tiny-llama.Q4_1.gguf");
-    let mut bytes = std::fs::read(&src).unwrap();
-    let name = "blk.1.ffn_up.weight";
-    // Block 3 of the tensor: Q4_1 blocks are 20 bytes, the f16 scale first.
-    let at = tensor_offset(&src, name) + 3 * 20;
-    bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes()); // +inf
-    let p = tmp("badscale").join("bad-scale.gguf");
-    std::fs::write(&p, &bytes).unwrap();
-    let ps = p.to_str().unwrap();
-    assert_exit_2(&["run", "--model", ps, "--chat", "hi"], &[], &[name, "block 3", "non-finite", "corrupted"]);
-    assert_exit_2(&["generate", "--model", ps, "--weights", "dequant", "--chat", "hi"], &[], &[name, "non-finite"]);
-    let (code, out, _) = quant_check(ps);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("CORRUPT: block 3"), "{out}");
-    assert!(out.contains(&format!("1 corrupt tensor(s): {name}")), "{out}");
+live_test! {
+    fn a_block_with_an_infinite_scale_is_exit_2_naming_the_tensor() {
+        let src = repo().join("snapshots/models/tiny-llama.Q4_1.gguf");
+        let mut bytes = std::fs::read(&src).unwrap();
+        let name = "blk.1.ffn_up.weight";
+        // Block 3 of the tensor: Q4_1 blocks are 20 bytes, the f16 scale first.
+        let at = tensor_offset(&src, name) + 3 * 20;
+        bytes[at..at + 2].copy_from_slice(&0x7C00u16.to_le_bytes()); // +inf
+        let p = tmp("badscale").join("bad-scale.gguf");
+        std::fs::write(&p, &bytes).unwrap();
+        let ps = p.to_str().unwrap();
+        assert_exit_2(&["run", "--model", ps, "--chat", "hi"], &[], &[name, "block 3", "non-finite", "corrupted"]);
+        assert_exit_2(&["generate", "--model", ps, "--weights", "dequant", "--chat", "hi"], &[], &[name, "non-finite"]);
+        let (code, out, _) = quant_check(ps);
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains("CORRUPT: block 3"), "{out}");
+        assert!(out.contains(&format!("1 corrupt tensor(s): {name}")), "{out}");
+    }
 }
 
 #[test]

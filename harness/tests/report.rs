@@ -78,58 +78,58 @@ fn attr(dom: &str, name: &str) -> String {
     dom[i + key.len()..].split('"').next().unwrap().to_string()
 }
 
-/// What `make test` runs: the CI suite into reports/ci (finished cases are reused: `make
-/// test` ran it just before), then the page in headless Chromium: the summary table and
-/// every chart rendered (the page's own script measures each chart's drawn paths and
-/// writes the counts onto <body>), and a screenshot in reports/ci/screenshot.png.
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn ci_suite_report_renders_in_headless_chromium() {
-    let out = repo().join("reports/ci");
-    let (code, stdout, stderr) = run(report_cmd().current_dir(repo()).args(["report", "--suite", "scripts/suites/ci.toml", "--out", "reports/ci"]));
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(!stderr.contains('\r'), "no progress bar without a terminal:\n{stderr}");
-    let rep = read_json(&out.join("report.json"));
-    assert_eq!(rep["schema_version"], 1);
-    let n = rep["cases"].as_array().unwrap().len();
-    assert!(n >= 4, "{n} cases");
-    assert_eq!(rep["totals"]["pass"], n, "{stdout}");
-    assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| case | verdict |"));
-    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
-    // Self-contained: nothing fetched from anywhere.
-    for needle in ["http://", "https://", "src=", "@import", "url("] {
-        let hits: Vec<_> = html.match_indices(needle).map(|(i, _)| &html[i.saturating_sub(30)..(i + 40).min(html.len())]).collect();
-        let allowed = |h: &&str| h.contains("xmlns=\"http://www.w3.org/2000/svg\"");
-        assert!(hits.iter().all(allowed), "external reference {needle}: {hits:?}");
-    }
+live_test! {
+    /// What `make test` runs: the CI suite into reports/ci (finished cases are reused: `make
+    /// test` ran it just before), then the page in headless Chromium: the summary table and
+    /// every chart rendered (the page's own script measures each chart's drawn paths and
+    /// writes the counts onto <body>), and a screenshot in reports/ci/screenshot.png.
+    fn ci_suite_report_renders_in_headless_chromium() {
+        let out = repo().join("reports/ci");
+        let (code, stdout, stderr) = run(report_cmd().current_dir(repo()).args(["report", "--suite", "scripts/suites/ci.toml", "--out", "reports/ci"]));
+        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(!stderr.contains('\r'), "no progress bar without a terminal:\n{stderr}");
+        let rep = read_json(&out.join("report.json"));
+        assert_eq!(rep["schema_version"], 1);
+        let n = rep["cases"].as_array().unwrap().len();
+        assert!(n >= 4, "{n} cases");
+        assert_eq!(rep["totals"]["pass"], n, "{stdout}");
+        assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| case | verdict |"));
+        let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+        // Self-contained: nothing fetched from anywhere.
+        for needle in ["http://", "https://", "src=", "@import", "url("] {
+            let hits: Vec<_> = html.match_indices(needle).map(|(i, _)| &html[i.saturating_sub(30)..(i + 40).min(html.len())]).collect();
+            let allowed = |h: &&str| h.contains("xmlns=\"http://www.w3.org/2000/svg\"");
+            assert!(hits.iter().all(allowed), "external reference {needle}: {hits:?}");
+        }
 
-    let page = out.join("index.html");
-    let (code, dom, err) = headless(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &page);
-    assert_eq!(code, 0, "chromium --dump-dom failed:\n{err}");
-    assert_eq!(attr(&dom, "data-render"), "ok", "the page's self-check failed");
-    assert_eq!(attr(&dom, "data-summary-rows"), n.to_string());
-    let charts: usize = attr(&dom, "data-charts").parse().unwrap();
-    assert_eq!(attr(&dom, "data-charts-drawn"), charts.to_string());
-    // Four charts per case: error per layer, heatmap, KL per step, token margins.
-    assert_eq!(charts, 4 * n, "charts");
-    assert!(dom.contains(r#"<table id="summary">"#));
-    let paths = dom.matches("<path ").count();
-    let empty = dom.matches(r#"d="""#).count();
-    assert!(paths >= charts && empty == 0, "{paths} paths, {empty} empty");
-    for c in rep["cases"].as_array().unwrap() {
-        assert!(dom.contains(&format!(">{}</a>", c["name"].as_str().unwrap())), "summary row of {}", c["name"]);
-    }
+        let page = out.join("index.html");
+        let (code, dom, err) = headless(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &page);
+        assert_eq!(code, 0, "chromium --dump-dom failed:\n{err}");
+        assert_eq!(attr(&dom, "data-render"), "ok", "the page's self-check failed");
+        assert_eq!(attr(&dom, "data-summary-rows"), n.to_string());
+        let charts: usize = attr(&dom, "data-charts").parse().unwrap();
+        assert_eq!(attr(&dom, "data-charts-drawn"), charts.to_string());
+        // Four charts per case: error per layer, heatmap, KL per step, token margins.
+        assert_eq!(charts, 4 * n, "charts");
+        assert!(dom.contains(r#"<table id="summary">"#));
+        let paths = dom.matches("<path ").count();
+        let empty = dom.matches(r#"d="""#).count();
+        assert!(paths >= charts && empty == 0, "{paths} paths, {empty} empty");
+        for c in rep["cases"].as_array().unwrap() {
+            assert!(dom.contains(&format!(">{}</a>", c["name"].as_str().unwrap())), "summary row of {}", c["name"]);
+        }
 
-    let shot = out.join("screenshot.png");
-    let _ = std::fs::remove_file(&shot);
-    let (code, _, err) = headless(&[format!("--screenshot={}", shot.display()), "--window-size=1280,2400".into()], &page);
-    assert_eq!(code, 0, "screenshot failed:\n{err}");
-    let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes", png.len());
-    // A phone-sized one too (the page is responsive: no horizontal overflow of the body).
-    let phone = out.join("screenshot-phone.png");
-    let (code, _, err) = headless(&[format!("--screenshot={}", phone.display()), "--window-size=390,1600".into()], &page);
-    assert_eq!(code, 0, "phone screenshot failed:\n{err}");
+        let shot = out.join("screenshot.png");
+        let _ = std::fs::remove_file(&shot);
+        let (code, _, err) = headless(&[format!("--screenshot={}", shot.display()), "--window-size=1280,2400".into()], &page);
+        assert_eq!(code, 0, "screenshot failed:\n{err}");
+        let png = std::fs::read(&shot).expect("screenshot written");
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes", png.len());
+        // A phone-sized one too (the page is responsive: no horizontal overflow of the body).
+        let phone = out.join("screenshot-phone.png");
+        let (code, _, err) = headless(&[format!("--screenshot={}", phone.display()), "--window-size=390,1600".into()], &page);
+        assert_eq!(code, 0, "phone screenshot failed:\n{err}");
+    }
 }
 
 const OK_CASE: &str = r#"
@@ -147,111 +147,111 @@ fn write_suite(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
-/// One case with an injected fault (it fails, bisect names it), one with an unreadable
-/// model, one that panics, one with a LoRA adapter directory that does not exist: each is in the
-/// report with its error, and the cases after them still run. A second run resumes.
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_failing_and_a_crashing_case_do_not_stop_the_others() {
-    let dir = tmp("report-fail-crash");
-    let garbage = dir.join("broken.gguf");
-    std::fs::write(&garbage, b"GGUF\x03\x00\x00\x00 this is not a model").unwrap();
-    let body = format!(
-        r#"
-[[case]]
-name = "fault-rope-theta"
-model = "tiny"
-references = ["transformers"]
-chat = "What is the capital of France?"
-steps = 4
-inject = "rope-theta"
+live_test! {
+    /// One case with an injected fault (it fails, bisect names it), one with an unreadable
+    /// model, one that panics, one with a LoRA adapter directory that does not exist: each is in the
+    /// report with its error, and the cases after them still run. A second run resumes.
+    fn a_failing_and_a_crashing_case_do_not_stop_the_others() {
+        let dir = tmp("report-fail-crash");
+        let garbage = dir.join("broken.gguf");
+        std::fs::write(&garbage, b"GGUF\x03\x00\x00\x00 this is not a model").unwrap();
+        let body = format!(
+            r#"
+    [[case]]
+    name = "fault-rope-theta"
+    model = "tiny"
+    references = ["transformers"]
+    chat = "What is the capital of France?"
+    steps = 4
+    inject = "rope-theta"
 
-[[case]]
-name = "crash-unreadable-model"
-model = "{}"
-references = ["transformers"]
-prompt = "Hello"
-steps = 3
+    [[case]]
+    name = "crash-unreadable-model"
+    model = "{}"
+    references = ["transformers"]
+    prompt = "Hello"
+    steps = 3
 
-[[case]]
-name = "panics"
-model = "tiny"
-references = ["transformers"]
-prompt = "Hello"
-steps = 3
+    [[case]]
+    name = "panics"
+    model = "tiny"
+    references = ["transformers"]
+    prompt = "Hello"
+    steps = 3
 
-[[case]]
-name = "with-lora"
-model = "tiny"
-references = ["transformers"]
-prompt = "Hello"
-steps = 3
-lora = "adapters/none"
-{OK_CASE}"#,
-        garbage.display()
-    );
-    let suite = write_suite(&dir, "failcrash", &body);
-    let out = dir.join("out");
-    let (code, stdout, stderr) = run(report_cmd()
-        .env("LOCKSTEP_REPORT_TEST_PANIC", "panics")
-        .args(["report", "--suite"])
-        .arg(&suite)
-        .arg("--out")
-        .arg(&out));
-    assert_eq!(code, 1, "cases not as expected: exit 1\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    let rep = read_json(&out.join("report.json"));
-    assert_eq!(rep["totals"]["cases"], 5);
-    assert_eq!(rep["totals"]["pass"], 1);
-    assert_eq!(rep["totals"]["diverged"], 1);
-    assert_eq!(rep["totals"]["error"], 3);
+    [[case]]
+    name = "with-lora"
+    model = "tiny"
+    references = ["transformers"]
+    prompt = "Hello"
+    steps = 3
+    lora = "adapters/none"
+    {OK_CASE}"#,
+            garbage.display()
+        );
+        let suite = write_suite(&dir, "failcrash", &body);
+        let out = dir.join("out");
+        let (code, stdout, stderr) = run(report_cmd()
+            .env("LOCKSTEP_REPORT_TEST_PANIC", "panics")
+            .args(["report", "--suite"])
+            .arg(&suite)
+            .arg("--out")
+            .arg(&out));
+        assert_eq!(code, 1, "cases not as expected: exit 1\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        let rep = read_json(&out.join("report.json"));
+        assert_eq!(rep["totals"]["cases"], 5);
+        assert_eq!(rep["totals"]["pass"], 1);
+        assert_eq!(rep["totals"]["diverged"], 1);
+        assert_eq!(rep["totals"]["error"], 3);
 
-    let f = case(&rep, "fault-rope-theta");
-    assert_eq!(f["verdict"], "diverged");
-    assert_eq!(f["first_divergence"]["step"], 0);
-    assert_eq!(f["bisect"]["diagnosis"], "rope-base", "{}", f["bisect"]);
-    assert_eq!(f["bisect"]["layer"], 0);
-    assert!(f["bisect"]["site"].as_str().unwrap().ends_with("q_rope"), "{}", f["bisect"]);
+        let f = case(&rep, "fault-rope-theta");
+        assert_eq!(f["verdict"], "diverged");
+        assert_eq!(f["first_divergence"]["step"], 0);
+        assert_eq!(f["bisect"]["diagnosis"], "rope-base", "{}", f["bisect"]);
+        assert_eq!(f["bisect"]["layer"], 0);
+        assert!(f["bisect"]["site"].as_str().unwrap().ends_with("q_rope"), "{}", f["bisect"]);
 
-    let c = case(&rep, "crash-unreadable-model");
-    assert_eq!(c["verdict"], "error");
-    assert!(c["error"].as_str().unwrap().contains("broken.gguf"), "{}", c["error"]);
-    let p = case(&rep, "panics");
-    assert_eq!(p["verdict"], "error");
-    assert!(p["error"].as_str().unwrap().starts_with("panicked:"), "{}", p["error"]);
-    let l = case(&rep, "with-lora");
-    assert!(l["error"].as_str().unwrap().contains("adapters/none"), "a missing adapter directory is named: {}", l["error"]);
-    // The case after the failures ran.
-    let ok = case(&rep, "tiny-ok");
-    assert_eq!(ok["verdict"], "pass");
-    assert!(ok["steps"].as_array().unwrap().len() == 3);
+        let c = case(&rep, "crash-unreadable-model");
+        assert_eq!(c["verdict"], "error");
+        assert!(c["error"].as_str().unwrap().contains("broken.gguf"), "{}", c["error"]);
+        let p = case(&rep, "panics");
+        assert_eq!(p["verdict"], "error");
+        assert!(p["error"].as_str().unwrap().starts_with("panicked:"), "{}", p["error"]);
+        let l = case(&rep, "with-lora");
+        assert!(l["error"].as_str().unwrap().contains("adapters/none"), "a missing adapter directory is named: {}", l["error"]);
+        // The case after the failures ran.
+        let ok = case(&rep, "tiny-ok");
+        assert_eq!(ok["verdict"], "pass");
+        assert!(ok["steps"].as_array().unwrap().len() == 3);
 
-    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
-    assert!(html.contains("broken.gguf") && html.contains("panicked:") && html.contains("rope-base"));
-    // The page with failures renders too: the bisect diagnosis, the errors, every chart drawn.
-    let (code, dom, err) = headless(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &out.join("index.html"));
-    assert_eq!(code, 0, "chromium --dump-dom failed:\n{err}");
-    assert_eq!(attr(&dom, "data-render"), "ok", "the page's self-check failed");
-    assert_eq!(attr(&dom, "data-summary-rows"), "5");
-    assert_eq!(attr(&dom, "data-charts"), "8", "four charts for each case that ran steps (the fault and tiny-ok)");
-    assert_eq!(attr(&dom, "data-charts-drawn"), "8");
-    assert!(dom.contains("<b>diagnosis</b>") && dom.contains("panicked:"));
-    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
-    assert!(md.contains("**error**") && md.contains("**diverged**"), "{md}");
+        let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+        assert!(html.contains("broken.gguf") && html.contains("panicked:") && html.contains("rope-base"));
+        // The page with failures renders too: the bisect diagnosis, the errors, every chart drawn.
+        let (code, dom, err) = headless(&["--dump-dom".into(), "--virtual-time-budget=5000".into()], &out.join("index.html"));
+        assert_eq!(code, 0, "chromium --dump-dom failed:\n{err}");
+        assert_eq!(attr(&dom, "data-render"), "ok", "the page's self-check failed");
+        assert_eq!(attr(&dom, "data-summary-rows"), "5");
+        assert_eq!(attr(&dom, "data-charts"), "8", "four charts for each case that ran steps (the fault and tiny-ok)");
+        assert_eq!(attr(&dom, "data-charts-drawn"), "8");
+        assert!(dom.contains("<b>diagnosis</b>") && dom.contains("panicked:"));
+        let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+        assert!(md.contains("**error**") && md.contains("**diverged**"), "{md}");
 
-    // Resume: every case is finished, none runs again; the report is the same.
-    let (code, _, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out));
-    assert_eq!(code, 1);
-    assert!(stderr.contains("5 already finished") && !stderr.contains("running"), "{stderr}");
-    assert_eq!(without_timings(read_json(&out.join("report.json"))), without_timings(rep));
+        // Resume: every case is finished, none runs again; the report is the same.
+        let (code, _, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out));
+        assert_eq!(code, 1);
+        assert!(stderr.contains("5 already finished") && !stderr.contains("running"), "{stderr}");
+        assert_eq!(without_timings(read_json(&out.join("report.json"))), without_timings(rep));
 
-    // A case finished by another build of lockstep is run again.
-    let f = out.join("cases/tiny-ok.json");
-    let mut c = read_json(&f);
-    c["build"] = Value::from("another-build");
-    std::fs::write(&f, c.to_string()).unwrap();
-    let (code, _, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out));
-    assert_eq!(code, 1);
-    assert!(stderr.contains("4 already finished") && stderr.contains("[1/1] tiny-ok: pass"), "{stderr}");
+        // A case finished by another build of lockstep is run again.
+        let f = out.join("cases/tiny-ok.json");
+        let mut c = read_json(&f);
+        c["build"] = Value::from("another-build");
+        std::fs::write(&f, c.to_string()).unwrap();
+        let (code, _, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out));
+        assert_eq!(code, 1);
+        assert!(stderr.contains("4 already finished") && stderr.contains("[1/1] tiny-ok: pass"), "{stderr}");
+    }
 }
 
 fn shard_suite(dir: &Path) -> PathBuf {
@@ -287,98 +287,98 @@ steps = 3
     )
 }
 
-/// `--shard 1/2` + `--shard 2/2` + `report merge` gives the report of one unsharded run
-/// (report.json identical but for its timing fields).
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn shards_merged_equal_an_unsharded_run() {
-    let dir = tmp("report-shards");
-    let suite = shard_suite(&dir);
-    let go = |extra: &[&str], out: &Path| {
-        let (code, stdout, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(out).args(extra));
-        assert!(code == 0 || code == 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
-        code
-    };
-    let full = go(&["--full-json"], &dir.join("full"));
-    let s1 = go(&["--shard", "1/2", "--full-json"], &dir.join("s1"));
-    let s2 = go(&["--shard", "2/2", "--full-json"], &dir.join("s2"));
-    assert_eq!(full, 1, "the fault case diverges");
-    // Case k goes to shard k % 2 + 1: cases 0 and 2 (the fault) in shard 1, 1 and 3 in shard 2.
-    assert_eq!((s1, s2), (1, 0));
-    let s1rep = read_json(&dir.join("s1/report.json"));
-    assert_eq!(s1rep["shard"], "1/2");
-    assert_eq!(s1rep["cases"].as_array().unwrap().len(), 2);
-    let (code, stdout, stderr) = run(lockstep()
-        .args(["report", "merge"])
-        .arg(dir.join("s1"))
-        .arg(dir.join("s2"))
-        .arg("--out")
-        .arg(dir.join("merged")));
-    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let a = without_timings(read_json(&dir.join("full/report.json")));
-    let b = without_timings(read_json(&dir.join("merged/report.json")));
-    assert_eq!(a["cases"].as_array().unwrap().len(), 4);
-    if a != b {
-        let (ta, tb) = (serde_json::to_string_pretty(&a).unwrap(), serde_json::to_string_pretty(&b).unwrap());
-        let first = ta.lines().zip(tb.lines()).enumerate().find(|(_, (x, y))| x != y);
-        panic!("merged report differs from the unsharded one; first differing line: {first:?}");
+live_test! {
+    /// `--shard 1/2` + `--shard 2/2` + `report merge` gives the report of one unsharded run
+    /// (report.json identical but for its timing fields).
+    fn shards_merged_equal_an_unsharded_run() {
+        let dir = tmp("report-shards");
+        let suite = shard_suite(&dir);
+        let go = |extra: &[&str], out: &Path| {
+            let (code, stdout, stderr) = run(report_cmd().args(["report", "--suite"]).arg(&suite).arg("--out").arg(out).args(extra));
+            assert!(code == 0 || code == 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+            code
+        };
+        let full = go(&["--full-json"], &dir.join("full"));
+        let s1 = go(&["--shard", "1/2", "--full-json"], &dir.join("s1"));
+        let s2 = go(&["--shard", "2/2", "--full-json"], &dir.join("s2"));
+        assert_eq!(full, 1, "the fault case diverges");
+        // Case k goes to shard k % 2 + 1: cases 0 and 2 (the fault) in shard 1, 1 and 3 in shard 2.
+        assert_eq!((s1, s2), (1, 0));
+        let s1rep = read_json(&dir.join("s1/report.json"));
+        assert_eq!(s1rep["shard"], "1/2");
+        assert_eq!(s1rep["cases"].as_array().unwrap().len(), 2);
+        let (code, stdout, stderr) = run(lockstep()
+            .args(["report", "merge"])
+            .arg(dir.join("s1"))
+            .arg(dir.join("s2"))
+            .arg("--out")
+            .arg(dir.join("merged")));
+        assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        let a = without_timings(read_json(&dir.join("full/report.json")));
+        let b = without_timings(read_json(&dir.join("merged/report.json")));
+        assert_eq!(a["cases"].as_array().unwrap().len(), 4);
+        if a != b {
+            let (ta, tb) = (serde_json::to_string_pretty(&a).unwrap(), serde_json::to_string_pretty(&b).unwrap());
+            let first = ta.lines().zip(tb.lines()).enumerate().find(|(_, (x, y))| x != y);
+            panic!("merged report differs from the unsharded one; first differing line: {first:?}");
+        }
+        assert!(dir.join("merged/index.html").is_file() && dir.join("merged/summary.md").is_file());
+        // --full-json: each case's complete run report (DESIGN.md's keys), copied by merge.
+        let run = read_json(&dir.join("merged/runs/fault-drop-context.json"));
+        assert_eq!(run["verdict"], "diverged");
+        assert!(run["steps"][0]["references"][0]["sites"].as_array().unwrap().len() > 10);
+        assert!(run["model"]["sha256"].as_str().unwrap().len() == 64);
+        // Merging directories of another suite is refused.
+        let other = dir.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        let mut rec = read_json(&dir.join("s1/suite.json"));
+        rec["suite"]["name"] = Value::from("another");
+        std::fs::write(other.join("suite.json"), rec.to_string()).unwrap();
+        assert_exit_2(
+            &["report", "merge", dir.join("s1").to_str().unwrap(), other.to_str().unwrap(), "--out", dir.join("m2").to_str().unwrap()],
+            &[],
+            &["another suite"],
+        );
     }
-    assert!(dir.join("merged/index.html").is_file() && dir.join("merged/summary.md").is_file());
-    // --full-json: each case's complete run report (DESIGN.md's keys), copied by merge.
-    let run = read_json(&dir.join("merged/runs/fault-drop-context.json"));
-    assert_eq!(run["verdict"], "diverged");
-    assert!(run["steps"][0]["references"][0]["sites"].as_array().unwrap().len() > 10);
-    assert!(run["model"]["sha256"].as_str().unwrap().len() == 64);
-    // Merging directories of another suite is refused.
-    let other = dir.join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    let mut rec = read_json(&dir.join("s1/suite.json"));
-    rec["suite"]["name"] = Value::from("another");
-    std::fs::write(other.join("suite.json"), rec.to_string()).unwrap();
-    assert_exit_2(
-        &["report", "merge", dir.join("s1").to_str().unwrap(), other.to_str().unwrap(), "--out", dir.join("m2").to_str().unwrap()],
-        &[],
-        &["another suite"],
-    );
 }
 
-/// History: a first night passes (exit 0), the second night the same case fails (a fault
-/// injected): exit 1 with the regression named, and the page shows the trend.
-#[test]
-#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
-fn a_case_that_passed_last_night_and_fails_now_exits_1() {
-    let dir = tmp("report-history");
-    let hist = dir.join("history.jsonl");
-    let night = |date: &str, inject: &str, out: &str| {
-        let suite = write_suite(&dir, "hist", &format!("{OK_CASE}{inject}\n"));
-        run(report_cmd()
-            .env("LOCKSTEP_REPORT_DATE", date)
-            .args(["report", "--suite"])
-            .arg(&suite)
-            .arg("--out")
-            .arg(dir.join(out))
-            .arg("--history")
-            .arg(&hist))
-    };
-    let (code, out, err) = night("2026-11-20T02:00:00Z", "", "n1");
-    assert_eq!(code, 0, "{out}\n{err}");
-    let (code, out, err) = night("2026-11-21T02:00:00Z", "", "n2");
-    assert_eq!(code, 0, "{out}\n{err}");
-    let (code, out, err) = night("2026-11-22T02:00:00Z", "inject = \"rope-theta\"", "n3");
-    assert_eq!(code, 1, "{out}\n{err}");
-    let rep = read_json(&dir.join("n3/report.json"));
-    let regs = rep["regressions"].as_array().unwrap();
-    assert_eq!(regs.len(), 1, "{regs:?}");
-    assert_eq!(regs[0]["case"], "tiny-ok");
-    assert!(regs[0]["reason"].as_str().unwrap().contains("was pass on 2026-11-21"), "{}", regs[0]["reason"]);
-    assert_eq!(rep["trend"]["tiny-ok"].as_array().unwrap().len(), 3);
-    let lines = std::fs::read_to_string(&hist).unwrap();
-    assert_eq!(lines.lines().count(), 3);
-    let html = std::fs::read_to_string(dir.join("n3/index.html")).unwrap();
-    assert!(html.contains("Regressions since the last report") && html.contains(r#"class="spark""#));
-    // A known failure the next night is no regression: exit 0, still diverged on the page.
-    let (code, out, err) = night("2026-11-23T02:00:00Z", "inject = \"rope-theta\"", "n4");
-    assert_eq!(code, 0, "{out}\n{err}");
+live_test! {
+    /// History: a first night passes (exit 0), the second night the same case fails (a fault
+    /// injected): exit 1 with the regression named, and the page shows the trend.
+    fn a_case_that_passed_last_night_and_fails_now_exits_1() {
+        let dir = tmp("report-history");
+        let hist = dir.join("history.jsonl");
+        let night = |date: &str, inject: &str, out: &str| {
+            let suite = write_suite(&dir, "hist", &format!("{OK_CASE}{inject}\n"));
+            run(report_cmd()
+                .env("LOCKSTEP_REPORT_DATE", date)
+                .args(["report", "--suite"])
+                .arg(&suite)
+                .arg("--out")
+                .arg(dir.join(out))
+                .arg("--history")
+                .arg(&hist))
+        };
+        let (code, out, err) = night("2026-11-20T02:00:00Z", "", "n1");
+        assert_eq!(code, 0, "{out}\n{err}");
+        let (code, out, err) = night("2026-11-21T02:00:00Z", "", "n2");
+        assert_eq!(code, 0, "{out}\n{err}");
+        let (code, out, err) = night("2026-11-22T02:00:00Z", "inject = \"rope-theta\"", "n3");
+        assert_eq!(code, 1, "{out}\n{err}");
+        let rep = read_json(&dir.join("n3/report.json"));
+        let regs = rep["regressions"].as_array().unwrap();
+        assert_eq!(regs.len(), 1, "{regs:?}");
+        assert_eq!(regs[0]["case"], "tiny-ok");
+        assert!(regs[0]["reason"].as_str().unwrap().contains("was pass on 2026-11-21"), "{}", regs[0]["reason"]);
+        assert_eq!(rep["trend"]["tiny-ok"].as_array().unwrap().len(), 3);
+        let lines = std::fs::read_to_string(&hist).unwrap();
+        assert_eq!(lines.lines().count(), 3);
+        let html = std::fs::read_to_string(dir.join("n3/index.html")).unwrap();
+        assert!(html.contains("Regressions since the last report") && html.contains(r#"class="spark""#));
+        // A known failure the next night is no regression: exit 0, still diverged on the page.
+        let (code, out, err) = night("2026-11-23T02:00:00Z", "inject = \"rope-theta\"", "n4");
+        assert_eq!(code, 0, "{out}\n{err}");
+    }
 }
 
 /// The committed suites parse; the nightly matrix expands to named cases (no Python needed).

@@ -1,5 +1,21 @@
-//! Helpers shared by the integration tests: the binary, the reference environment, temp dirs.
+//! Helpers shared by the integration tests: the binary, the reference environment, temp dirs,
+//! and [`live_test!`], the one declaration of a test that needs the reference environment.
 #![allow(dead_code)]
+
+/// A test that needs the reference environment (the Python venv with transformers, MLX and
+/// llama.cpp). Where the environment did not exist at build time (`harness/build.rs` sets
+/// `cfg(lockstep_live)` when it does), the test is built as ignored, with the command that
+/// enables it; `make test` sets LOCKSTEP_REQUIRE_LIVE=1, under which that is a failure
+/// (tests/cli.rs), so in CI every live test runs.
+#[macro_export]
+macro_rules! live_test {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+        fn $name() $body
+    };
+}
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -58,3 +74,21 @@ pub fn assert_exit_2(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
         assert!(err.contains(n), "{args:?}: stderr lacks {n:?}:\n{err}");
     }
 }
+
+/// [`live_test!`] for property tests: `proptest!`'s syntax, each test needing the reference
+/// environment.
+#[macro_export]
+macro_rules! live_proptest {
+    ($(#![$($cfg:tt)*])? $($(#[$meta:meta])* fn $name:ident($($args:tt)*) $body:block)*) => {
+        proptest::proptest! {
+            $(#![$($cfg)*])?
+            $(
+                $(#[$meta])*
+                #[test]
+                #[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+                fn $name($($args)*) $body
+            )*
+        }
+    };
+}
+
