@@ -8,7 +8,7 @@ export LOCKSTEP_VENV
 # pyo3 links the venv's libpython: build and test with the same interpreter so cargo
 # does not rebuild pyo3 between them.
 export PYO3_PYTHON := $(LOCKSTEP_VENV)/bin/python
-# Debug-built dependencies are ~60x slower (GOTCHAS.md): everything runs in release.
+# Debug-built dependencies are ~60x slower (docs/traps.md): everything runs in release.
 CARGO ?= cargo
 LOCKSTEP := target/release/lockstep
 

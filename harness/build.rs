@@ -1,5 +1,5 @@
 // Embeds the rpath of the libpython that pyo3 was configured with, so the binary loads
-// the same interpreter as the reference venv (pyenv's), not Debian's (GOTCHAS.md).
+// the same interpreter as the reference venv (pyenv's), not Debian's (docs/traps.md).
 //
 // Also sets `cfg(lockstep_live)` when the reference environment exists ($LOCKSTEP_VENV, else
 // the repository's .venv): the live-reference tests of tests/cli.rs run then, and are

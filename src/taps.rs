@@ -1,5 +1,5 @@
 //! Observation taps: the forward pass offers each intermediate tensor under its
-//! canonical site name (DESIGN.md) to an optional [`Capture`]. With no capture the
+//! canonical site name (`crate::sites`) to an optional [`Capture`]. With no capture the
 //! taps cost one branch each: no name is formatted and nothing is cloned.
 
 use candle_core::Tensor;

@@ -323,7 +323,7 @@ live_test! {
             panic!("merged report differs from the unsharded one; first differing line: {first:?}");
         }
         assert!(dir.join("merged/index.html").is_file() && dir.join("merged/summary.md").is_file());
-        // --full-json: each case's complete run report (DESIGN.md's keys), copied by merge.
+        // --full-json: each case's complete run report (docs/contract.md's keys), copied by merge.
         let run = read_json(&dir.join("merged/runs/fault-drop-context.json"));
         assert_eq!(run["verdict"], "diverged");
         assert!(run["steps"][0]["references"][0]["sites"].as_array().unwrap().len() > 10);

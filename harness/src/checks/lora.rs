@@ -217,7 +217,7 @@ pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f6
 }
 
 /// The noise floor of a run's logits: the largest disagreement between two references at
-/// any step (DESIGN.md: the measured floor), at least [`LORA_EFFECT_MIN_LOGITS_REL_L2`].
+/// any step (docs/contract.md: the measured floor), at least [`LORA_EFFECT_MIN_LOGITS_REL_L2`].
 /// The engine-vs-reference disagreement is not noise here: base and adapted both run on
 /// the engine, with the same kernels, so an adapter that does nothing changes nothing.
 pub fn noise_floor(steps: &[StepRecord]) -> (f64, String) {

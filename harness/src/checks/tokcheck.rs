@@ -10,7 +10,7 @@
 //! A string where the engine agrees with one reference and another reference differs is a
 //! **reference disagreement**: reported, with the references named, but not an engine
 //! failure (e.g. transformers builds SmolLM2's GGUF tokenizer without the `smollm` digit
-//! split that the engine and llama.cpp apply; GOTCHAS.md). A string where the engine
+//! split that the engine and llama.cpp apply; docs/traps.md). A string where the engine
 //! differs from every reference is a mismatch (exit 1).
 //!
 //! References load only their tokenizer side for this (`load_tokenizer` in each module:

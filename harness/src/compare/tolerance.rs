@@ -112,7 +112,7 @@ pub struct Tolerance {
 // The pass bound 1e-4 is ~17x the worst of these, so another BLAS, thread count or prompt
 // length does not flip a verdict; deeper models (the noise grows with depth) stay inside.
 //
-// Failure: 1e-2 is ~2500x the measured noise. The bug classes of INCIDENTS.md (a dropped
+// Failure: 1e-2 is ~2500x the measured noise. The bug classes of docs/incidents.md (a dropped
 // cache, a Q/K layout slip, an unattached adapter, a wrong dequantization block) change the
 // site where they enter by O(0.1..1) in rel-L2; in between is `drift`, reported but not failed.
 const F32_SAME_ACTIVATION: Tolerance = Tolerance { pass_rel_l2: 1e-4, fail_rel_l2: 1e-2 };

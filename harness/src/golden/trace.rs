@@ -9,7 +9,7 @@
 //!   at every step, the reference's own greedy `generate`, what was kept in full and what as
 //!   a sketch, the lockstep version, and the sha256 of the tensor file.
 //! - `NAME.safetensors`: the reference's tensors, per step and site, in the Hugging Face
-//!   layout of DESIGN.md, named `sNNN/SITE` (step NNN) with one of three forms:
+//!   layout of docs/contract.md, named `sNNN/SITE` (step NNN) with one of three forms:
 //!   - `sNNN/SITE`: the tensor in full (float32, or float64 from an f64 oracle);
 //!   - `sNNN/layers.L.cache_k@new` (and `cache_v`): only the cache rows this step appended,
 //!     `[kv_heads, new, head_dim]`; the whole cache is the previous step's plus these rows

@@ -1,4 +1,4 @@
-//! Reports: the per-step table printed by `lockstep run`, and the JSON report of DESIGN.md.
+//! Reports: the per-step table printed by `lockstep run`, and the JSON report of docs/contract.md.
 
 use std::fmt::Write as _;
 use std::path::Path;
