@@ -327,7 +327,7 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
     let tensor = |name: &str| -> Option<Tensor> {
         k.arrays.get(name).and_then(|(shape, v)| Tensor::from_vec(v.clone(), shape.as_slice(), &Device::Cpu).ok())
     };
-    let missing = |what: &str| HarnessError::Mismatch(format!("bisect isolation: the reference did not provide `{what}`"));
+    let missing = |what: &str| HarnessError::IsolationInput { site: what.to_string() };
     let x = tensor(&input_name).ok_or_else(|| missing(&input_name))?;
     // The reference's cache of this layer before the step: its cache after the step minus
     // the positions fed at this step; in the engine's Q/K layout.

@@ -23,6 +23,27 @@ pub enum HarnessError {
     Mismatch(String),
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// `--steps 0`.
+    #[error("--steps must be at least 1")]
+    ZeroSteps,
+    /// A reference's step lacks a site its `describe()` lists.
+    #[error("the {reference} reference lists site `{site}` in describe() but step() did not return it")]
+    SiteNotReturned { reference: String, site: String },
+    /// A reference declares no logits (every comparison needs them).
+    #[error("the {reference} reference does not provide `logits`")]
+    NoLogits { reference: String },
+    /// The engine and a reference loaded models of different depth.
+    #[error("the engine's model has {engine} layers, the {reference} reference's has {theirs}: they did not load the same model")]
+    LayerCount { reference: String, engine: usize, theirs: usize },
+    /// The logits of a step have another shape on a reference.
+    #[error("logits: engine shape [{n_pos}, {vocab}], {reference} reference {shape:?}: vocabularies or positions differ")]
+    LogitsShape { reference: String, n_pos: usize, vocab: usize, shape: Vec<usize> },
+    /// The engine captured a site its own site graph does not declare.
+    #[error("the engine captured `{site}`, which is not in its site graph")]
+    SiteNotInGraph { site: String },
+    /// Bisect's isolation needs a reference tensor that was not kept.
+    #[error("bisect isolation: the reference did not provide `{site}`")]
+    IsolationInput { site: String },
 }
 
 impl HarnessError {

@@ -79,7 +79,7 @@ struct RunFlags<'a> {
 impl RunFlags<'_> {
     fn options(&self, bisect: bool, strict_config: bool) -> Result<RunOptions, HarnessError> {
         if self.steps == 0 {
-            return Err(HarnessError::Usage("--steps must be at least 1".into()));
+            return Err(HarnessError::ZeroSteps);
         }
         let sampler = parse_sampler(self.sampler)?;
         let references = if self.reference.is_empty() { vec![] } else { RefSpec::parse_list(self.reference)? };
@@ -169,7 +169,7 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
 
 fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
     if a.steps == 0 {
-        return Err(HarnessError::Usage("--steps must be at least 1".into()));
+        return Err(HarnessError::ZeroSteps);
     }
     let specs = RefSpec::parse_list(&a.reference)?;
     let names: Vec<String> = if specs.len() == 1 {

@@ -122,13 +122,10 @@ fn declared_sites(model: &dyn Decoder, refs: &[Reference]) -> Result<Vec<HashSet
     for (r, sites) in refs.iter().zip(&ref_sites) {
         let ref_layers = sites.iter().filter_map(|s| layer_of(s)).max().map(|l| l + 1).unwrap_or(0);
         if ref_layers != 0 && ref_layers != num_layers {
-            return Err(HarnessError::Mismatch(format!(
-                "the engine's model has {num_layers} layers, the {} reference's has {ref_layers}: they did not load the same model",
-                r.name
-            )));
+            return Err(HarnessError::LayerCount { reference: r.name.clone(), engine: num_layers, theirs: ref_layers });
         }
         if !sites.contains("logits") {
-            return Err(HarnessError::Python(format!("the {} reference does not provide `logits`", r.name)));
+            return Err(HarnessError::NoLogits { reference: r.name.clone() });
         }
     }
     Ok(ref_sites)

@@ -51,7 +51,7 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
         }
         let s = graph
             .get(site)
-            .ok_or_else(|| HarnessError::Mismatch(format!("the engine captured `{site}`, which is not in its site graph")))?;
+            .ok_or_else(|| HarnessError::SiteNotInGraph { site: site.clone() })?;
         let (t, transform) = model.to_canonical(s, t)?;
         let data = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         sites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data, transform });
@@ -89,18 +89,12 @@ impl StepCompare<'_> {
         for (i, v) in views.iter().enumerate() {
             for s in &self.ref_sites[i] {
                 if !v.has(s)? {
-                    return Err(HarnessError::Python(format!(
-                        "the {} reference lists site `{s}` in describe() but step() did not return it",
-                        self.refs[i].name
-                    )));
+                    return Err(HarnessError::SiteNotReturned { reference: self.refs[i].name.clone(), site: s.clone() });
                 }
             }
             let shape = v.with_site("logits", |sh, _| sh.to_vec())?.unwrap_or_default();
             if shape != [n_pos, vocab] {
-                return Err(HarnessError::Mismatch(format!(
-                    "logits: engine shape [{n_pos}, {vocab}], {} reference {shape:?}: vocabularies or positions differ",
-                    self.refs[i].name
-                )));
+                return Err(HarnessError::LogitsShape { reference: self.refs[i].name.clone(), n_pos, vocab, shape });
             }
         }
         Ok(())
