@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::lockstep::run::{self as driver};
 use crate::lockstep::options::{RunOptions};
-use crate::results::run::{RunResult, WorstSite};
+use crate::results::run::{RefStep, RunResult, StepRecord, WorstSite};
 use crate::error::HarnessError;
 use crate::golden::manifest::Case;
 use crate::compare::Data;
@@ -240,6 +240,24 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
     let mut o = String::new();
     let top = engine_top_k(engine, r)?;
     let width = refs.iter().map(|x| x.name.len()).max().unwrap_or(10);
+    write_header(&mut o, name, r, refs);
+    write_references(&mut o, refs, width);
+    write_prompt(&mut o, r);
+    write_legend(&mut o);
+    for (st, tk) in r.steps.iter().zip(&top) {
+        write_step(&mut o, r, refs, st, tk, width);
+    }
+    let _ = writeln!(o);
+    write_totals(&mut o, r, width);
+    let _ = writeln!(o);
+    write_first_divergence(&mut o, r);
+    write_first_non_pass(&mut o, r, refs, width);
+    write_verdict(&mut o, r);
+    Ok(o)
+}
+
+/// The title, the model (from the first trace) and the engine lines.
+fn write_header(o: &mut String, name: &str, r: &RunResult, refs: &[Reference]) {
     let _ = writeln!(o, "parity summary of case `{name}`");
     if let Some(m) = refs.first().and_then(|x| x.trace()).map(|t| &t.meta) {
         let _ = writeln!(o, "model      {} = {} (weights {}), sha256 {}", m.model.arg, m.model.path, m.model.weights, m.model.sha256);
@@ -254,6 +272,10 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
         r.engine.qk_layout,
         if r.engine.transforms.is_empty() { String::new() } else { format!(" (compared through {})", r.engine.transforms.join(", ")) }
     );
+}
+
+/// One `reference` line per reference, and what its trace kept.
+fn write_references(o: &mut String, refs: &[Reference], width: usize) {
     for x in refs {
         let d = &x.description;
         let others: Vec<String> = d.versions.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -273,6 +295,10 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
             );
         }
     }
+}
+
+/// The `prompt` line: mode, text, token count and whether the references' ids agree.
+fn write_prompt(o: &mut String, r: &RunResult) {
     let p = &r.prompt;
     let _ = writeln!(
         o,
@@ -284,6 +310,10 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
             p.reference_ids.iter().filter(|(_, ids)| *ids != p.engine_ids).map(|(n, _)| format!("{n} DIFFERS")).collect::<Vec<_>>().join(", ")
         }
     );
+}
+
+/// The legend of the per-step lines.
+fn write_legend(o: &mut String) {
     let _ = writeln!(
         o,
         "legend     top-5: the engine's next-token log-probs, rounded to 0.{}1 nats; errors in decades: one digit =\n           \
@@ -291,59 +321,69 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
          KL(ref||engine) as a power of ten (max over the positions fed; <1e-9 is f32 noise); verdicts per layer: . pass ~ drift ! fail",
         "0".repeat(LOGPROB_DECIMALS - 1)
     );
-    for (st, tk) in r.steps.iter().zip(&top) {
-        let _ = writeln!(o);
-        let fed = if st.fed.len() == 1 { format!("{:?}", st.fed) } else { format!("{} tokens {:?}", st.fed.len(), st.fed) };
-        let _ = writeln!(o, "step {}  fed {}  -> {} {}", st.step, fed, st.engine_token, escape_token(&st.engine_token_text));
-        let cells: Vec<String> = tk.iter().map(|(i, lp)| format!("{i} {lp:.prec$}", prec = LOGPROB_DECIMALS)).collect();
-        let _ = writeln!(o, "  top-5 {}", cells.join(" | "));
-        let engine_ids: Vec<usize> = tk.iter().map(|(i, _)| *i).collect();
-        for (k, rs) in st.references.iter().enumerate() {
-            let dec = |site: &str| {
-                rs.sites.iter().find(|x| x.site == site).map(|x| x.metrics.map(|m| decade(m.rel_l2)).unwrap_or('!')).unwrap_or('-')
-            };
-            let mut strip = String::new();
-            let mut vstrip = String::new();
-            for l in 0..r.num_layers {
-                let sites: Vec<_> = rs.sites.iter().filter(|x| x.layer == Some(l)).collect();
-                let worst = sites.iter().map(|x| x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
-                strip.push(if sites.is_empty() { '-' } else { decade(worst) });
-                vstrip.push(verdict_char(sites.iter().map(|x| x.verdict).max().unwrap_or(Verdict::Pass)));
-            }
-            let top_same = match reference_top_ids(&refs[k], st.step) {
-                Some(ids) if ids == engine_ids => "top-5 same".to_string(),
-                Some(ids) => format!("top-5 {ids:?}"),
-                None => "top-5 -".to_string(),
-            };
-            let _ = writeln!(
-                o,
-                "  {:<width$}  {:<5}  embed {} layers {} final_norm {} logits {}  KL {}  {}",
-                rs.reference,
-                rs.verdict.as_str(),
-                dec("embed"),
-                strip,
-                dec("final_norm"),
-                dec("logits"),
-                pow10(rs.kl_max_positions),
-                top_same
-            );
-            if rs.verdict != Verdict::Pass {
-                let other = |site: &str| rs.sites.iter().find(|x| x.site == site).map(|x| verdict_char(x.verdict)).unwrap_or('-');
-                let _ = writeln!(
-                    o,
-                    "  {:<width$}  {:<5}  embed {} layers {} final_norm {} logits {}",
-                    "",
-                    "",
-                    other("embed"),
-                    vstrip,
-                    other("final_norm"),
-                    verdict_char(rs.logits_verdict)
-                );
-            }
-        }
-    }
-    let s = &r.summary;
+}
+
+/// One step: the tokens fed, the engine's choice and top-5, then a line per reference.
+fn write_step(o: &mut String, r: &RunResult, refs: &[Reference], st: &StepRecord, tk: &[(usize, f64)], width: usize) {
     let _ = writeln!(o);
+    let fed = if st.fed.len() == 1 { format!("{:?}", st.fed) } else { format!("{} tokens {:?}", st.fed.len(), st.fed) };
+    let _ = writeln!(o, "step {}  fed {}  -> {} {}", st.step, fed, st.engine_token, escape_token(&st.engine_token_text));
+    let cells: Vec<String> = tk.iter().map(|(i, lp)| format!("{i} {lp:.prec$}", prec = LOGPROB_DECIMALS)).collect();
+    let _ = writeln!(o, "  top-5 {}", cells.join(" | "));
+    let engine_ids: Vec<usize> = tk.iter().map(|(i, _)| *i).collect();
+    for (k, rs) in st.references.iter().enumerate() {
+        write_step_reference(o, r, &refs[k], st.step, rs, &engine_ids, width);
+    }
+}
+
+/// One reference's line at one step (decades, KL, top-5), and its verdicts when not all pass.
+fn write_step_reference(o: &mut String, r: &RunResult, rf: &Reference, step: usize, rs: &RefStep, engine_ids: &[usize], width: usize) {
+    let dec = |site: &str| {
+        rs.sites.iter().find(|x| x.site == site).map(|x| x.metrics.map(|m| decade(m.rel_l2)).unwrap_or('!')).unwrap_or('-')
+    };
+    let mut strip = String::new();
+    let mut vstrip = String::new();
+    for l in 0..r.num_layers {
+        let sites: Vec<_> = rs.sites.iter().filter(|x| x.layer == Some(l)).collect();
+        let worst = sites.iter().map(|x| x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
+        strip.push(if sites.is_empty() { '-' } else { decade(worst) });
+        vstrip.push(verdict_char(sites.iter().map(|x| x.verdict).max().unwrap_or(Verdict::Pass)));
+    }
+    let top_same = match reference_top_ids(rf, step) {
+        Some(ids) if ids == engine_ids => "top-5 same".to_string(),
+        Some(ids) => format!("top-5 {ids:?}"),
+        None => "top-5 -".to_string(),
+    };
+    let _ = writeln!(
+        o,
+        "  {:<width$}  {:<5}  embed {} layers {} final_norm {} logits {}  KL {}  {}",
+        rs.reference,
+        rs.verdict.as_str(),
+        dec("embed"),
+        strip,
+        dec("final_norm"),
+        dec("logits"),
+        pow10(rs.kl_max_positions),
+        top_same
+    );
+    if rs.verdict != Verdict::Pass {
+        let other = |site: &str| rs.sites.iter().find(|x| x.site == site).map(|x| verdict_char(x.verdict)).unwrap_or('-');
+        let _ = writeln!(
+            o,
+            "  {:<width$}  {:<5}  embed {} layers {} final_norm {} logits {}",
+            "",
+            "",
+            other("embed"),
+            vstrip,
+            other("final_norm"),
+            verdict_char(rs.logits_verdict)
+        );
+    }
+}
+
+/// The run's totals: each reference's worst errors, the pairwise floors, their own generate.
+fn write_totals(o: &mut String, r: &RunResult, width: usize) {
+    let s = &r.summary;
     let _ = writeln!(o, "over {} steps (worst rel-L2 in decades):", s.steps);
     for rs in &s.references {
         let _ = writeln!(
@@ -384,7 +424,10 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
             }
         );
     }
-    let _ = writeln!(o);
+}
+
+/// The `first divergence` line (step, layer, site, reference) and its likely cause.
+fn write_first_divergence(o: &mut String, r: &RunResult) {
     match &r.first_divergence {
         None => {
             let _ = writeln!(o, "first divergence: none");
@@ -404,9 +447,12 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
             }
         }
     }
-    // Where each reference first leaves the pass band, drift included: a change of the
-    // engine's math shows here at the site where it enters, even when it stays under the
-    // fail bound (or first fails further on).
+}
+
+/// The `first non-pass site` lines: where each reference first leaves the pass band.
+fn write_first_non_pass(o: &mut String, r: &RunResult, refs: &[Reference], width: usize) {
+    // Drift included: a change of the engine's math shows here at the site where it
+    // enters, even when it stays under the fail bound (or first fails further on).
     let _ = writeln!(o, "first non-pass site (forward order, drift included):");
     for (i, x) in refs.iter().enumerate() {
         let first = r.steps.iter().find_map(|st| {
@@ -426,14 +472,17 @@ pub fn summary(name: &str, r: &RunResult, refs: &[Reference], engine: &LoadedMod
         });
         let _ = writeln!(o, "  {:<width$}  {}", x.name, first.unwrap_or_else(|| "none".into()));
     }
+}
+
+/// The `verdict` line, then the sites each reference never compared.
+fn write_verdict(o: &mut String, r: &RunResult) {
     let _ = writeln!(o, "verdict: {}", if r.verdict_pass { "PASS" } else { "DIVERGED" });
     // Sites that were never compared are listed, never silently skipped.
-    for rs in &s.references {
+    for rs in &r.summary.references {
         if !rs.sites_not_compared.is_empty() {
             let _ = writeln!(o, "not compared ({}): {}", rs.reference, rs.sites_not_compared.join(", "));
         }
     }
-    Ok(o)
 }
 
 #[cfg(test)]

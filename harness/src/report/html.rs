@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::records::{CaseResult, HistoryLine, Report};
+use crate::report::records::{BisectNumbers, CaseResult, HistoryLine, Report};
 
 /// HTML text escaping.
 pub fn esc(s: &str) -> String {
@@ -399,9 +399,36 @@ const JS: &str = r#"
 })();
 "#;
 
+/// One case's section of the page: a `<details>` block with everything known about the case.
 fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
     let mut o = String::new();
     let _ = write!(o, r#"<details class="case" id="{}" open><summary>{} {}</summary>"#, anchor(&c.name), esc(&c.name), badge(c));
+    o.push_str(&case_meta(c));
+    o.push_str(&case_notices(c));
+    if let Some(t) = trend.filter(|t| !t.is_empty()) {
+        o.push_str(&case_trend(t));
+    }
+    if !c.references.is_empty() {
+        o.push_str(&case_references(c));
+    }
+    if !c.steps.is_empty() {
+        o.push_str(&case_charts(c));
+        o.push_str(&case_tokens(c));
+        o.push_str(&case_texts(c));
+    }
+    if let Some(b) = &c.bisect {
+        o.push_str(&case_bisect(b));
+    }
+    if !c.config.is_empty() {
+        o.push_str(&case_config(c));
+    }
+    o.push_str("</details>");
+    o
+}
+
+/// The case's definition line (model, weights, references, prompt, steps, ...) and its description.
+fn case_meta(c: &CaseResult) -> String {
+    let mut o = String::new();
     let d = &c.def;
     let prompt = match (&d.chat, &d.prompt) {
         (Some(ch), _) => format!("chat “{}”", esc(ch)),
@@ -424,6 +451,12 @@ fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
     if !d.about.is_empty() {
         let _ = write!(o, r#"<p class="meta">{}</p>"#, esc(&d.about));
     }
+    o
+}
+
+/// The case's error, LoRA checks, full-report link, first divergence and stop before step 0.
+fn case_notices(c: &CaseResult) -> String {
+    let mut o = String::new();
     if let Some(e) = &c.error {
         let _ = write!(o, "<h3>Error</h3><pre>{}</pre>", esc(e));
     }
@@ -447,180 +480,209 @@ fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
     if let Some(s) = &c.stopped_before_step0 {
         let _ = write!(o, "<p><b>Stopped before step 0</b>: {}</p>", esc(s));
     }
-    if let Some(t) = trend.filter(|t| !t.is_empty()) {
+    o
+}
+
+/// The case's trend: a sparkline and a table of its earlier reports, newest first.
+fn case_trend(t: &[HistoryLine]) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        r#"<details><summary>Trend over the last {} report(s), mean KL: {}</summary><div class="scroll"><table class="trend"><thead><tr><th>date</th><th>verdict</th><th>first divergence</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th></tr></thead><tbody>"#,
+        t.len(),
+        sparkline(t)
+    );
+    for l in t.iter().rev() {
         let _ = write!(
             o,
-            r#"<details><summary>Trend over the last {} report(s), mean KL: {}</summary><div class="scroll"><table class="trend"><thead><tr><th>date</th><th>verdict</th><th>first divergence</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th></tr></thead><tbody>"#,
-            t.len(),
-            sparkline(t)
+            r#"<tr><td>{}</td><td>{}{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{:.1} s</td></tr>"#,
+            esc(&l.date),
+            esc(&l.verdict),
+            if l.as_expected { "" } else { " (not as expected)" },
+            esc(l.first_divergence.as_deref().unwrap_or("–")),
+            sci(l.mean_kl),
+            sci(l.max_kl),
+            pct(l.top1),
+            l.seconds
         );
-        for l in t.iter().rev() {
-            let _ = write!(
-                o,
-                r#"<tr><td>{}</td><td>{}{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{:.1} s</td></tr>"#,
-                esc(&l.date),
-                esc(&l.verdict),
-                if l.as_expected { "" } else { " (not as expected)" },
-                esc(l.first_divergence.as_deref().unwrap_or("–")),
-                sci(l.mean_kl),
-                sci(l.max_kl),
-                pct(l.top1),
-                l.seconds
-            );
-        }
-        o.push_str("</tbody></table></div></details>");
     }
-    // Per-reference numbers, and the noise floor between references.
-    if !c.references.is_empty() {
-        o.push_str(r#"<div class="scroll"><table><thead><tr><th>vs</th><th>version</th><th>mode</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th>verdict</th><th>not compared</th></tr></thead><tbody>"#);
-        for r in &c.references {
-            let _ = write!(
-                o,
-                r#"<tr><td>{}</td><td>{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td>{}</td><td class="wrap">{}</td></tr>"#,
-                esc(&r.reference),
-                esc(&r.version),
-                esc(&r.mode),
-                sci(r.mean_kl),
-                sci(r.max_kl),
-                pct(r.top1),
-                esc(&r.verdict),
-                esc(&r.sites_not_compared.join(", "))
-            );
-        }
-        for p in &c.pairs {
-            let _ = write!(
-                o,
-                r#"<tr class="meta"><td>{} vs {} (noise floor)</td><td></td><td></td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td></td><td></td></tr>"#,
-                esc(&p.a),
-                esc(&p.b),
-                sci(p.mean_kl),
-                sci(p.max_kl),
-                pct(p.top1)
-            );
-        }
-        o.push_str("</tbody></table></div>");
+    o.push_str("</tbody></table></div></details>");
+    o
+}
+
+/// The per-reference table, with the noise floor between references as its last rows.
+fn case_references(c: &CaseResult) -> String {
+    let mut o = String::new();
+    o.push_str(r#"<div class="scroll"><table><thead><tr><th>vs</th><th>version</th><th>mode</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th>verdict</th><th>not compared</th></tr></thead><tbody>"#);
+    for r in &c.references {
+        let _ = write!(
+            o,
+            r#"<tr><td>{}</td><td>{}</td><td>{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td>{}</td><td class="wrap">{}</td></tr>"#,
+            esc(&r.reference),
+            esc(&r.version),
+            esc(&r.mode),
+            sci(r.mean_kl),
+            sci(r.max_kl),
+            pct(r.top1),
+            esc(&r.verdict),
+            esc(&r.sites_not_compared.join(", "))
+        );
     }
-    if !c.steps.is_empty() {
-        o.push_str(r#"<div class="charts">"#);
-        if let Some(le) = c.layer_error.first() {
-            let n = le.steps.len();
-            let series: Vec<(String, String, Vec<Option<f64>>)> = le
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(s, row)| (if s == 0 { "step 0 (prefill)".to_string() } else { format!("step {s}") }, ramp(s, n), row.clone()))
-                .collect();
-            o.push_str(&line_chart(
-                &format!("error per layer for each step (worst rel-L2 of the layer's sites vs {})", le.reference),
-                "layer",
-                "rel-L2",
-                c.num_layers,
-                &series,
-            ));
-        }
-        if let Some(h) = &c.heatmap {
-            o.push_str(&heatmap(&format!("step × layer rel-L2 of the worst site, {} (vs {})", h.site, h.reference), &h.cells));
-        }
-        let n_refs = c.steps[0].references.len();
-        let kl: Vec<(String, String, Vec<Option<f64>>)> = (0..n_refs)
-            .map(|ri| {
-                (
-                    c.steps[0].references[ri].reference.clone(),
-                    PALETTE[ri % PALETTE.len()].to_string(),
-                    c.steps.iter().map(|s| s.references.get(ri).and_then(|r| r.kl)).collect(),
-                )
-            })
+    for p in &c.pairs {
+        let _ = write!(
+            o,
+            r#"<tr class="meta"><td>{} vs {} (noise floor)</td><td></td><td></td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td></td><td></td></tr>"#,
+            esc(&p.a),
+            esc(&p.b),
+            sci(p.mean_kl),
+            sci(p.max_kl),
+            pct(p.top1)
+        );
+    }
+    o.push_str("</tbody></table></div>");
+    o
+}
+
+/// The case's charts: error per layer and step, the step × layer heatmap, KL, margins.
+fn case_charts(c: &CaseResult) -> String {
+    let mut o = String::new();
+    o.push_str(r#"<div class="charts">"#);
+    if let Some(le) = c.layer_error.first() {
+        let n = le.steps.len();
+        let series: Vec<(String, String, Vec<Option<f64>>)> = le
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(s, row)| (if s == 0 { "step 0 (prefill)".to_string() } else { format!("step {s}") }, ramp(s, n), row.clone()))
             .collect();
-        o.push_str(&line_chart("KL(reference ‖ engine) of the next token, per step", "step", "KL (nats)", c.steps.len(), &kl));
-        o.push_str(&margin_chart(c));
-        o.push_str("</div>");
-        // Token agreement table.
-        o.push_str(r#"<h3>Tokens</h3><div class="scroll"><table><thead><tr><th>step</th><th>fed</th><th>engine token</th>"#);
-        for r in &c.steps[0].references {
-            let _ = write!(o, "<th>{} top-1</th><th class=\"num\">margins e / r</th><th class=\"num\">KL</th>", esc(&r.reference));
-        }
-        o.push_str("<th>verdict</th></tr></thead><tbody>");
-        for s in &c.steps {
-            let _ = write!(o, "<tr><td class=\"num\">{}</td><td class=\"num\">{}</td><td><code>{}</code> ({})</td>", s.step, s.fed, esc(&format!("{:?}", s.engine_token_text)), s.engine_token);
-            for r in &s.references {
-                let (cls, mark) = if r.top1_agree { ("agree", "✓ same".to_string()) } else { ("flip", format!("✗ {}", r.reference_top1)) };
-                let _ = write!(
-                    o,
-                    r#"<td class="{cls}">{mark}</td><td class="num">{} / {}</td><td class="num">{}</td>"#,
-                    r.engine_margin.map(|m| format!("{m:.3}")).unwrap_or("–".into()),
-                    r.reference_margin.map(|m| format!("{m:.3}")).unwrap_or("–".into()),
-                    sci(r.kl)
-                );
-            }
-            let _ = write!(o, "<td>{}</td></tr>", esc(&s.verdict));
-        }
-        o.push_str("</tbody></table></div>");
-        let _ = write!(o, "<p class=\"meta\">engine text: <code>{}</code></p>", esc(&format!("{:?}", c.engine_text)));
-        for g in &c.generate {
+        o.push_str(&line_chart(
+            &format!("error per layer for each step (worst rel-L2 of the layer's sites vs {})", le.reference),
+            "layer",
+            "rel-L2",
+            c.num_layers,
+            &series,
+        ));
+    }
+    if let Some(h) = &c.heatmap {
+        o.push_str(&heatmap(&format!("step × layer rel-L2 of the worst site, {} (vs {})", h.site, h.reference), &h.cells));
+    }
+    let n_refs = c.steps[0].references.len();
+    let kl: Vec<(String, String, Vec<Option<f64>>)> = (0..n_refs)
+        .map(|ri| {
+            (
+                c.steps[0].references[ri].reference.clone(),
+                PALETTE[ri % PALETTE.len()].to_string(),
+                c.steps.iter().map(|s| s.references.get(ri).and_then(|r| r.kl)).collect(),
+            )
+        })
+        .collect();
+    o.push_str(&line_chart("KL(reference ‖ engine) of the next token, per step", "step", "KL (nats)", c.steps.len(), &kl));
+    o.push_str(&margin_chart(c));
+    o.push_str("</div>");
+    o
+}
+
+/// The token table: per step the engine's token and each reference's top-1, margins and KL.
+fn case_tokens(c: &CaseResult) -> String {
+    let mut o = String::new();
+    o.push_str(r#"<h3>Tokens</h3><div class="scroll"><table><thead><tr><th>step</th><th>fed</th><th>engine token</th>"#);
+    for r in &c.steps[0].references {
+        let _ = write!(o, "<th>{} top-1</th><th class=\"num\">margins e / r</th><th class=\"num\">KL</th>", esc(&r.reference));
+    }
+    o.push_str("<th>verdict</th></tr></thead><tbody>");
+    for s in &c.steps {
+        let _ = write!(o, "<tr><td class=\"num\">{}</td><td class=\"num\">{}</td><td><code>{}</code> ({})</td>", s.step, s.fed, esc(&format!("{:?}", s.engine_token_text)), s.engine_token);
+        for r in &s.references {
+            let (cls, mark) = if r.top1_agree { ("agree", "✓ same".to_string()) } else { ("flip", format!("✗ {}", r.reference_top1)) };
             let _ = write!(
                 o,
-                "<p class=\"meta\">{} generate (its own greedy loop): {}</p>",
-                esc(&g.reference),
-                if g.matches { "identical tokens".to_string() } else { format!("differs from token {}", g.first_mismatch.unwrap_or(0)) }
+                r#"<td class="{cls}">{mark}</td><td class="num">{} / {}</td><td class="num">{}</td>"#,
+                r.engine_margin.map(|m| format!("{m:.3}")).unwrap_or("–".into()),
+                r.reference_margin.map(|m| format!("{m:.3}")).unwrap_or("–".into()),
+                sci(r.kl)
             );
         }
+        let _ = write!(o, "<td>{}</td></tr>", esc(&s.verdict));
     }
-    if let Some(b) = &c.bisect {
-        o.push_str("<h3>Bisect</h3>");
-        if let Some(e) = &b.error {
-            let _ = write!(o, "<pre>bisect failed: {}</pre>", esc(e));
-        } else if !b.found {
-            o.push_str("<p>bisect found nothing over its bounds</p>");
-        } else {
-            let _ = write!(
-                o,
-                "<p>first failing site <code>{}</code>{} at step {} (vs {}){}</p>",
-                esc(b.site.as_deref().unwrap_or("-")),
-                b.layer.map(|l| format!(", layer {l}")).unwrap_or_default(),
-                b.step.map(|s| s.to_string()).unwrap_or("-".into()),
-                esc(b.reference.as_deref().unwrap_or("-")),
-                b.detail.as_deref().map(|d| format!(": {}", esc(d))).unwrap_or_default()
-            );
-            if let Some(i) = &b.isolation {
-                let _ = write!(o, "<p>isolation: {}</p>", esc(i));
-            }
-            if let (Some(n), Some(t)) = (&b.diagnosis, &b.diagnosis_title) {
-                let _ = write!(o, "<p><b>diagnosis</b>: {} <code>[{}]</code></p><ul>", esc(t), esc(n));
-                for e in &b.evidence {
-                    let _ = write!(o, "<li>{}</li>", esc(e));
-                }
-                o.push_str("</ul>");
-            }
-        }
-    }
-    if !c.config.is_empty() {
-        let diff = c.config.iter().filter(|r| r.differs && !r.info).count();
+    o.push_str("</tbody></table></div>");
+    o
+}
+
+/// The engine's text and whether each reference's own generate loop made the same tokens.
+fn case_texts(c: &CaseResult) -> String {
+    let mut o = String::new();
+    let _ = write!(o, "<p class=\"meta\">engine text: <code>{}</code></p>", esc(&format!("{:?}", c.engine_text)));
+    for g in &c.generate {
         let _ = write!(
             o,
-            r#"<details><summary>generation config: {} difference(s) (highlighted)</summary><div class="scroll"><table><thead><tr><th>setting</th><th>engine</th>"#,
-            diff
+            "<p class=\"meta\">{} generate (its own greedy loop): {}</p>",
+            esc(&g.reference),
+            if g.matches { "identical tokens".to_string() } else { format!("differs from token {}", g.first_mismatch.unwrap_or(0)) }
         );
-        for r in &c.references {
-            let _ = write!(o, "<th>{}</th>", esc(&r.reference));
-        }
-        o.push_str("</tr></thead><tbody>");
-        for row in &c.config {
-            let _ = write!(
-                o,
-                "<tr{}><td>{}{}</td><td class=\"wrap\">{}</td>",
-                if row.differs && !row.info { r#" class="diff""# } else { "" },
-                esc(&row.name),
-                if row.info { " (info)" } else { "" },
-                esc(&row.engine)
-            );
-            for v in &row.references {
-                let _ = write!(o, "<td class=\"wrap\">{}</td>", esc(v));
-            }
-            o.push_str("</tr>");
-        }
-        o.push_str("</tbody></table></div></details>");
     }
-    o.push_str("</details>");
+    o
+}
+
+/// The case's bisect: its error, or the first failing site, isolation and diagnosis.
+fn case_bisect(b: &BisectNumbers) -> String {
+    let mut o = String::new();
+    o.push_str("<h3>Bisect</h3>");
+    if let Some(e) = &b.error {
+        let _ = write!(o, "<pre>bisect failed: {}</pre>", esc(e));
+    } else if !b.found {
+        o.push_str("<p>bisect found nothing over its bounds</p>");
+    } else {
+        let _ = write!(
+            o,
+            "<p>first failing site <code>{}</code>{} at step {} (vs {}){}</p>",
+            esc(b.site.as_deref().unwrap_or("-")),
+            b.layer.map(|l| format!(", layer {l}")).unwrap_or_default(),
+            b.step.map(|s| s.to_string()).unwrap_or("-".into()),
+            esc(b.reference.as_deref().unwrap_or("-")),
+            b.detail.as_deref().map(|d| format!(": {}", esc(d))).unwrap_or_default()
+        );
+        if let Some(i) = &b.isolation {
+            let _ = write!(o, "<p>isolation: {}</p>", esc(i));
+        }
+        if let (Some(n), Some(t)) = (&b.diagnosis, &b.diagnosis_title) {
+            let _ = write!(o, "<p><b>diagnosis</b>: {} <code>[{}]</code></p><ul>", esc(t), esc(n));
+            for e in &b.evidence {
+                let _ = write!(o, "<li>{}</li>", esc(e));
+            }
+            o.push_str("</ul>");
+        }
+    }
+    o
+}
+
+/// The generation-config table, settings that differ from the engine's highlighted.
+fn case_config(c: &CaseResult) -> String {
+    let mut o = String::new();
+    let diff = c.config.iter().filter(|r| r.differs && !r.info).count();
+    let _ = write!(
+        o,
+        r#"<details><summary>generation config: {} difference(s) (highlighted)</summary><div class="scroll"><table><thead><tr><th>setting</th><th>engine</th>"#,
+        diff
+    );
+    for r in &c.references {
+        let _ = write!(o, "<th>{}</th>", esc(&r.reference));
+    }
+    o.push_str("</tr></thead><tbody>");
+    for row in &c.config {
+        let _ = write!(
+            o,
+            "<tr{}><td>{}{}</td><td class=\"wrap\">{}</td>",
+            if row.differs && !row.info { r#" class="diff""# } else { "" },
+            esc(&row.name),
+            if row.info { " (info)" } else { "" },
+            esc(&row.engine)
+        );
+        for v in &row.references {
+            let _ = write!(o, "<td class=\"wrap\">{}</td>", esc(v));
+        }
+        o.push_str("</tr>");
+    }
+    o.push_str("</tbody></table></div></details>");
     o
 }
 

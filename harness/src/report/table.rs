@@ -177,6 +177,38 @@ fn not_compared(sites: &[String], num_layers: usize) -> String {
 pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> String {
     let mut o = String::new();
     let multi = refs.len() > 1;
+    write_header(&mut o, r, model, sha);
+    write_references(&mut o, refs);
+    write_prompt(&mut o, r);
+    write_compared(&mut o, r);
+    o.push_str(&crate::checks::sampler::render_prelude(r));
+    if r.stopped_before_step0.is_some() {
+        o.push_str(&crate::checks::sampler::render_stopped(r));
+        return o;
+    }
+    let _ = writeln!(o);
+    let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
+    write_step_rows(&mut o, r, multi, rw);
+    write_eos_note(&mut o, r);
+    o.push_str(&crate::checks::sampler::render_steps(r));
+    write_legend(&mut o, multi);
+    write_reference_summary(&mut o, r, rw);
+    write_quant_bounds(&mut o, r);
+    if !r.summary.pairs.is_empty() {
+        write_pairs(&mut o, r);
+        write_per_site(&mut o, r, refs);
+    }
+    write_oracles(&mut o, r);
+    write_time(&mut o, r);
+    let _ = writeln!(o);
+    write_texts(&mut o, r);
+    let _ = writeln!(o);
+    write_verdict(&mut o, r, multi);
+    o
+}
+
+/// The title, model and engine lines of the run's header, and the faults injected.
+fn write_header(o: &mut String, r: &RunResult, model: &Path, sha: &str) {
     let _ = writeln!(o, "lockstep run");
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
@@ -197,6 +229,10 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     if !r.engine.faults.is_empty() {
         let _ = writeln!(o, "  FAULTS     injected into the engine: {}", r.engine.faults.join(", "));
     }
+}
+
+/// One `reference` line per reference (versions, dtype) and its notes.
+fn write_references(o: &mut String, refs: &[Reference]) {
     for rf in refs {
         let d = &rf.description;
         let main_key = [rf.spec.name.as_str(), "llama_cpp_python"];
@@ -207,6 +243,10 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             let _ = writeln!(o, "             - {note}");
         }
     }
+}
+
+/// The `prompt` line: mode, text, token count and whether each reference's ids agree.
+fn write_prompt(o: &mut String, r: &RunResult) {
     let p = &r.prompt;
     let agree: Vec<String> = p
         .reference_ids
@@ -220,6 +260,10 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
         })
         .collect();
     let _ = writeln!(o, "  prompt     {} {:?}: {} tokens; token ids: {}", p.mode, p.text, p.engine_ids.len(), agree.join(", "));
+}
+
+/// One `compared` line per reference: sites per step and the sites not compared.
+fn write_compared(o: &mut String, r: &RunResult) {
     for rs in &r.summary.references {
         let _ = writeln!(
             o,
@@ -233,14 +277,11 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             }
         );
     }
-    o.push_str(&crate::checks::sampler::render_prelude(r));
-    if r.stopped_before_step0.is_some() {
-        o.push_str(&crate::checks::sampler::render_stopped(r));
-        return o;
-    }
-    let _ = writeln!(o);
+}
+
+/// The per-step table: its column header, then one row per step and reference.
+fn write_step_rows(o: &mut String, r: &RunResult, multi: bool, rw: usize) {
     let lw = r.num_layers.max(6);
-    let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
     let _ = writeln!(
         o,
         "{:>4} {:>4}  {:<14}  {:<rw$}  {:<lw$}  {:<22} {:>8} {:>8}  {:>8}  {:>5} {:>7}",
@@ -274,18 +315,29 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             );
         }
     }
+}
+
+/// The note that the engine stopped at an end-of-sequence token before the steps asked for.
+fn write_eos_note(o: &mut String, r: &RunResult) {
     let s = &r.summary;
     if s.stopped_at_eos && s.steps < s.steps_requested {
         let _ = writeln!(o, "(the engine chose an end-of-sequence token: stopped after {} of {} steps)", s.steps, s.steps_requested);
     }
-    o.push_str(&crate::checks::sampler::render_steps(r));
+}
+
+/// The legend of the per-step table's columns.
+fn write_legend(o: &mut String, multi: bool) {
     let _ = writeln!(
         o,
         "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared.\n\
          KL(ref||engine) in nats, max over the positions fed; margin = engine top-1 minus top-2 log-prob.{}",
         if multi { "\nfloor: rel-L2 between this reference and the nearest other one at the worst site (the noise floor)." } else { "" }
     );
+}
 
+/// The `engine vs reference` table: one row of the run's worst numbers per reference.
+fn write_reference_summary(o: &mut String, r: &RunResult, rw: usize) {
+    let s = &r.summary;
     let _ = writeln!(o, "\nengine vs reference, over {} steps:", s.steps);
     let _ = writeln!(
         o,
@@ -309,7 +361,11 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             rs.max_abs_delta_p
         );
     }
-    if let Some(b) = s.references.iter().find_map(|rs| rs.quant_bounds) {
+}
+
+/// The bounds quantized modes are judged by, when a reference was judged as one.
+fn write_quant_bounds(o: &mut String, r: &RunResult) {
+    if let Some(b) = r.summary.references.iter().find_map(|rs| rs.quant_bounds) {
         let _ = writeln!(
             o,
             "  quantized modes are judged on the next token ({} bounds; {}): per step KL <= {} pass, > {} fail, \
@@ -325,68 +381,82 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             crate::compare::tolerance::tolerance(crate::compare::tolerance::WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None).fail_rel_l2
         );
     }
-    if !s.pairs.is_empty() {
-        let pw = s.pairs.iter().map(|p| p.a.len() + p.b.len() + 4).max().unwrap_or(10);
-        let _ = writeln!(o, "\nreference vs reference (the measured noise floor), over {} steps:", s.steps);
+}
+
+/// The `reference vs reference` table: the measured noise floor of each pair.
+fn write_pairs(o: &mut String, r: &RunResult) {
+    let s = &r.summary;
+    let pw = s.pairs.iter().map(|p| p.a.len() + p.b.len() + 4).max().unwrap_or(10);
+    let _ = writeln!(o, "\nreference vs reference (the measured noise floor), over {} steps:", s.steps);
+    let _ = writeln!(
+        o,
+        "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}",
+        "pair", "sites", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
+    );
+    for p in &s.pairs {
+        let w = |k: SiteKind| worst_cell(&p.worst_rel_l2, k);
         let _ = writeln!(
             o,
-            "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}",
-            "pair", "sites", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 ="
+            "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
+            format!("{} vs {}", p.a, p.b),
+            p.sites_compared_per_step,
+            w(SiteKind::Activation),
+            w(SiteKind::Cache),
+            w(SiteKind::Logits),
+            p.mean_kl,
+            p.max_kl,
+            100.0 * p.same_top1_share
         );
-        for p in &s.pairs {
-            let w = |k: SiteKind| worst_cell(&p.worst_rel_l2, k);
-            let _ = writeln!(
-                o,
-                "  {:<pw$}  {:>5}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%",
-                format!("{} vs {}", p.a, p.b),
-                p.sites_compared_per_step,
-                w(SiteKind::Activation),
-                w(SiteKind::Cache),
-                w(SiteKind::Logits),
-                p.mean_kl,
-                p.max_kl,
-                100.0 * p.same_top1_share
-            );
-        }
-        // Per site (leaf name), worst over layers and steps: engine error vs the floor.
-        let _ = writeln!(o, "\nper site, worst over layers and steps: engine rel-L2 / noise floor (nearest other reference)");
-        let mut header = format!("  {:<10}", "site");
-        for rf in refs {
-            header.push_str(&format!("  {:>21}", rf.name));
-        }
-        let _ = writeln!(o, "{header}");
-        let mut leaves: Vec<String> = vec![];
-        for x in r.steps.first().map(|s| s.references.iter().flat_map(|rs| rs.sites.iter()).collect::<Vec<_>>()).unwrap_or_default() {
-            let leaf = lockstep_engine::sites::leaf_of(&x.site).to_string();
-            if !leaves.contains(&leaf) {
-                leaves.push(leaf);
-            }
-        }
-        for leaf in leaves {
-            let mut line = format!("  {leaf:<10}");
-            for i in 0..refs.len() {
-                let mut e = None::<f64>;
-                let mut f = None::<f64>;
-                for st in &r.steps {
-                    for x in st.references[i].sites.iter().filter(|x| lockstep_engine::sites::leaf_of(&x.site) == leaf) {
-                        let v = x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
-                        e = Some(e.map_or(v, |a| a.max(v)));
-                        if let Some(fl) = x.floor {
-                            f = Some(f.map_or(fl, |a| a.max(fl)));
-                        }
-                    }
-                }
-                let cell = match (e, f) {
-                    (Some(e), Some(f)) => format!("{e:.1e} / {f:.1e}"),
-                    (Some(e), None) => format!("{e:.1e} / -"),
-                    _ => "not compared".into(),
-                };
-                line.push_str(&format!("  {cell:>21}"));
-            }
-            let _ = writeln!(o, "{line}");
+    }
+}
+
+/// The per-site table: per leaf name, worst over layers and steps, engine error vs the floor.
+fn write_per_site(o: &mut String, r: &RunResult, refs: &[Reference]) {
+    let _ = writeln!(o, "\nper site, worst over layers and steps: engine rel-L2 / noise floor (nearest other reference)");
+    let mut header = format!("  {:<10}", "site");
+    for rf in refs {
+        header.push_str(&format!("  {:>21}", rf.name));
+    }
+    let _ = writeln!(o, "{header}");
+    let mut leaves: Vec<String> = vec![];
+    for x in r.steps.first().map(|s| s.references.iter().flat_map(|rs| rs.sites.iter()).collect::<Vec<_>>()).unwrap_or_default() {
+        let leaf = lockstep_engine::sites::leaf_of(&x.site).to_string();
+        if !leaves.contains(&leaf) {
+            leaves.push(leaf);
         }
     }
-    for orc in &s.oracle {
+    for leaf in leaves {
+        let mut line = format!("  {leaf:<10}");
+        for i in 0..refs.len() {
+            line.push_str(&format!("  {:>21}", per_site_cell(r, i, &leaf)));
+        }
+        let _ = writeln!(o, "{line}");
+    }
+}
+
+/// One cell of the per-site table: reference `i`'s worst rel-L2 at `leaf` and its floor.
+fn per_site_cell(r: &RunResult, i: usize, leaf: &str) -> String {
+    let mut e = None::<f64>;
+    let mut f = None::<f64>;
+    for st in &r.steps {
+        for x in st.references[i].sites.iter().filter(|x| lockstep_engine::sites::leaf_of(&x.site) == leaf) {
+            let v = x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+            e = Some(e.map_or(v, |a| a.max(v)));
+            if let Some(fl) = x.floor {
+                f = Some(f.map_or(fl, |a| a.max(fl)));
+            }
+        }
+    }
+    match (e, f) {
+        (Some(e), Some(f)) => format!("{e:.1e} / {f:.1e}"),
+        (Some(e), None) => format!("{e:.1e} / -"),
+        _ => "not compared".into(),
+    }
+}
+
+/// One `which is right?` table per oracle: engine and reference distance to it per site.
+fn write_oracles(o: &mut String, r: &RunResult) {
+    for orc in &r.summary.oracle {
         let total = orc.engine_closer + orc.reference_closer + orc.ties;
         let _ = writeln!(
             o,
@@ -416,9 +486,17 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             orc.oracle, orc.reference, orc.engine_closer, total, orc.reference, orc.reference_closer, orc.ties
         );
     }
+}
+
+/// The `time` line: the engine's and each reference's seconds.
+fn write_time(o: &mut String, r: &RunResult) {
+    let s = &r.summary;
     let _ = writeln!(o, "\ntime: engine {:.2} s{} (capture and compare included)", s.engine_seconds,
         s.references.iter().map(|x| format!(", {} {:.2} s", x.reference, x.seconds)).collect::<String>());
-    let _ = writeln!(o);
+}
+
+/// The engine's generated text, each reference's own greedy generate, and the LoRA checks.
+fn write_texts(o: &mut String, r: &RunResult) {
     let _ = writeln!(o, "engine text ({} tokens): {:?}", r.engine_tokens.len(), r.engine_text);
     for g in &r.generate {
         if g.matches {
@@ -431,7 +509,10 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     if let Some(l) = &r.lora {
         o.push_str(&crate::checks::lora::render(l));
     }
-    let _ = writeln!(o);
+}
+
+/// The `verdict` line: PASS (with drift or not), or where the run diverged and why.
+fn write_verdict(o: &mut String, r: &RunResult, multi: bool) {
     match &r.first_divergence {
         None => {
             let drift = r.steps.iter().any(|s| s.verdict == Verdict::Drift) || r.generate.iter().any(|g| g.verdict == Verdict::Drift);
@@ -452,5 +533,4 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
             }
         }
     }
-    o
 }
