@@ -179,8 +179,48 @@ impl RefSpec {
     }
 }
 
+/// An optional part of the reference protocol: `references/protocol.py`'s `CAPABILITIES`,
+/// which says what each requires. A reference declares the ones it implements; the harness
+/// reads the declaration and never asks Python whether a method exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// `load(..., lora=DIR)`, `lora_inventory()`, `lora_config()`.
+    Lora,
+    /// `generation_config(params, max_new_tokens)`.
+    GenerationConfig,
+    /// `sample_distribution(logits, prev, params)`; `describe()["sampler_order"]`,
+    /// `["sampler_rep_window"]`.
+    Sampler,
+    /// `render_chat(messages, add_generation_prompt)`.
+    ChatRender,
+    /// The module's `load_tokenizer(model_path)` (tokcheck).
+    Tokenizer,
+    /// For a GGUF file, `load_tokenizer` is the format's own tokenizer: tokcheck's witness.
+    GgufTokenizer,
+    /// `references/bench.py` times it (`lockstep bench`).
+    Bench,
+    /// The module's `open(path)`: a reference dequantizer (quant-check).
+    Dequantize,
+}
+
+impl Capability {
+    /// The name in `references/protocol.py`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Lora => "lora",
+            Capability::GenerationConfig => "generation_config",
+            Capability::Sampler => "sampler",
+            Capability::ChatRender => "chat_render",
+            Capability::Tokenizer => "tokenizer",
+            Capability::GgufTokenizer => "gguf_tokenizer",
+            Capability::Bench => "bench",
+            Capability::Dequantize => "dequantize",
+        }
+    }
+}
+
 /// What a reference says about itself (`describe()`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Description {
     pub name: String,
     pub versions: std::collections::BTreeMap<String, String>,
@@ -193,6 +233,27 @@ pub struct Description {
     /// quantized file); false when it computes in its float dtype.
     #[serde(default)]
     pub quantized_activations: bool,
+    /// The capabilities it declares (`references/protocol.py`); none for a trace, which
+    /// has no live object to call.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// The key of `versions` it is reported by (`transformers`); `None` for a trace.
+    #[serde(default)]
+    pub main_package: Option<String>,
+    /// With [`Capability::Sampler`]: its library's whole filter chain, the five stages of
+    /// `lockstep_engine::sample::Stage` in the order it applies them.
+    #[serde(default)]
+    pub sampler_order: Vec<String>,
+    /// With [`Capability::Sampler`]: how many previous tokens its repetition penalty looks
+    /// at (`None`: all of them).
+    #[serde(default)]
+    pub sampler_rep_window: Option<usize>,
+}
+
+impl Description {
+    pub fn declares(&self, c: Capability) -> bool {
+        self.capabilities.iter().any(|n| n == c.name())
+    }
 }
 
 /// A loaded reference: a live Python object implementing `references/protocol.py`, or a
@@ -325,23 +386,31 @@ pub struct PyReference {
 }
 
 impl PyReference {
-    /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
+    /// Imports `references/<module>.py`, calls its `load(model, dtype=..., sites=[...])` with
+    /// every site name of the engine's site graph of `model`, and checks the object against
+    /// the protocol (`protocol.check`), which gives its `describe()`.
     pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
         let (module, dtype) = (spec.module, spec.dtype);
         let name = spec.label();
         let name = name.as_str();
+        let sites = lockstep_engine::models::site_graph_at(model)?.names();
         ensure_python()?;
         Python::attach(|py| {
             let m = py.import(module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?;
+            let protocol = py.import("protocol").map_err(|e| py_err(py, e, "importing references/protocol.py"))?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
+            kwargs.set_item("sites", PyList::new(py, &sites).map_err(|e| py_err(py, e, "building arguments"))?)
+                .map_err(|e| py_err(py, e, "building arguments"))?;
             if let Some(l) = lora {
                 kwargs.set_item("lora", l.to_string_lossy().as_ref()).map_err(|e| py_err(py, e, "building arguments"))?;
             }
             let obj = m
                 .call_method("load", (model.to_string_lossy().as_ref(),), Some(&kwargs))
                 .map_err(|e| py_err(py, e, format!("loading {} with the {name} reference", model.display())))?;
-            let d = obj.call_method0("describe").map_err(|e| py_err(py, e, format!("{name}.describe()")))?;
+            let d = protocol
+                .call_method1("check", (&obj, name))
+                .map_err(|e| py_err(py, e, format!("checking the {name} reference against references/protocol.py")))?;
             let description = Description {
                 name: get(py, &d, "name")?,
                 versions: get(py, &d, "versions")?,
@@ -350,6 +419,10 @@ impl PyReference {
                 notes: get(py, &d, "notes")?,
                 transforms: get_or_default(py, &d, "transforms")?,
                 quantized_activations: get_or_default(py, &d, "quantized_activations")?,
+                capabilities: get(py, &d, "capabilities")?,
+                main_package: get_or_default(py, &d, "main_package")?,
+                sampler_order: get_or_default(py, &d, "sampler_order")?,
+                sampler_rep_window: get_or_default(py, &d, "sampler_rep_window")?,
             };
             Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })
