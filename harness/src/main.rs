@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use lockstep::driver::{self, Prompt, RunOptions};
 use lockstep::error::HarnessError;
 use lockstep::manifest::Manifest;
-use lockstep::python::{RefSpec, Reference};
+use lockstep::python::{Capability, RefSpec, Reference};
 use lockstep::record::{KeepPolicy, RecordRequest};
 use lockstep::tolerance::Precision;
 use lockstep::{models, parity, record, report, trace};
@@ -594,14 +594,20 @@ fn real_main(cli: Cli) -> Result<u8, HarnessError> {
                 let r = match side {
                     "engine" => lockstep::bench::engine(&path, WeightsMode::Quantized, &ids, decode, repeats)?,
                     "engine-dequant" => lockstep::bench::engine(&path, WeightsMode::Dequant, &ids, decode, repeats)?,
-                    "llamacpp" | "transformers" => {
-                        lockstep::bench::reference(side, &path, threads, &ids, decode, repeats)?
-                    }
-                    other => {
-                        return Err(HarnessError::Usage(format!(
-                            "unknown bench side `{other}` (engine, engine-dequant, llamacpp, transformers)"
-                        )))
-                    }
+                    // A reference whose module declares the bench capability (references/bench.py times it).
+                    other => match RefSpec::parse(other) {
+                        Ok(spec) if spec.label() == other && spec.trace.is_none() && !spec.is_oracle() && spec.declaration()?.declares(Capability::Bench) => {
+                            lockstep::bench::reference(&spec.name, &path, threads, &ids, decode, repeats)?
+                        }
+                        _ => {
+                            let mut refs = lockstep::python::references_declaring(Capability::Bench);
+                            refs.sort_unstable();
+                            return Err(HarnessError::Usage(format!(
+                                "unknown bench side `{other}` (engine, engine-dequant, {})",
+                                refs.join(", ")
+                            )));
+                        }
+                    },
                 };
                 eprintln!("  {}: prefill {:.1} tok/s, decode {:.1} tok/s", r.name, r.prefill_tps(), r.decode_tps());
                 rows.push(r);

@@ -177,6 +177,12 @@ impl RefSpec {
     pub fn is_oracle(&self) -> bool {
         self.dtype == "float64"
     }
+
+    /// What the reference's module declares (imports it; loads nothing). A trace's spec
+    /// names the module of the reference it was recorded from.
+    pub fn declaration(&self) -> Result<Declaration, HarnessError> {
+        declaration(self.module, &self.name)
+    }
 }
 
 /// An optional part of the reference protocol: `references/protocol.py`'s `CAPABILITIES`,
@@ -217,6 +223,49 @@ impl Capability {
             Capability::Dequantize => "dequantize",
         }
     }
+}
+
+/// What a module of `references/` declares about itself before anything loads: its
+/// `PROTOCOL` (`protocol.declare`), checked against the module by `protocol.declaration`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Declaration {
+    pub name: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub main_package: Option<String>,
+    #[serde(default)]
+    pub sampler_order: Vec<String>,
+    #[serde(default)]
+    pub sampler_rep_window: Option<usize>,
+}
+
+impl Declaration {
+    pub fn declares(&self, c: Capability) -> bool {
+        self.capabilities.iter().any(|n| n == c.name())
+    }
+}
+
+/// `references/<module>.py`'s declaration: imports the module (nothing is loaded) and calls
+/// `protocol.declaration` on it. `label` names the reference in messages.
+pub fn declaration(module: &str, label: &str) -> Result<Declaration, HarnessError> {
+    ensure_python()?;
+    let text = Python::attach(|py| -> Result<String, HarnessError> {
+        let m = py.import(module).map_err(|e| py_err(py, e, format!("the {label} reference: importing references/{module}.py")))?;
+        let protocol = py.import("protocol").map_err(|e| py_err(py, e, "importing references/protocol.py"))?;
+        let r = protocol
+            .call_method1("declaration", (m,))
+            .map_err(|e| py_err(py, e, format!("the {label} reference's declaration (references/{module}.py)")))?;
+        r.extract::<String>().map_err(|e| py_err(py, e.into(), "reading protocol.declaration()'s result"))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| HarnessError::Python(format!("the {label} reference's declaration is not what protocol.declare makes: {e}")))
+}
+
+/// The known references whose modules declare `c`, in [`REFERENCES`] order (a module that
+/// cannot be imported is left out).
+pub fn references_declaring(c: Capability) -> Vec<&'static str> {
+    REFERENCES.iter().filter(|(n, m)| declaration(m, n).is_ok_and(|d| d.declares(c))).map(|(n, _)| *n).collect()
 }
 
 /// What a reference says about itself (`describe()`).
@@ -290,21 +339,28 @@ impl Reference {
         if spec.trace.is_some() {
             return crate::trace::load_reference_with_lora(spec, model, lora);
         }
-        if lora.is_some() && spec.name == "llamacpp" {
-            return Err(HarnessError::Usage(
-                "--lora: the llamacpp reference cannot load PEFT or mlx-lm adapters (llama.cpp takes GGUF LoRA files); \
-                 use --reference transformers,mlx"
-                    .into(),
-            ));
+        if lora.is_some() && !spec.declaration()?.declares(Capability::Lora) {
+            return Err(HarnessError::Usage(format!(
+                "--lora: the {} reference cannot load PEFT or mlx-lm adapters (references/{}.py does not declare \
+                 the `lora` capability); use --reference {}",
+                spec.name,
+                spec.module,
+                references_declaring(Capability::Lora).join(",")
+            )));
         }
         let (obj, description) = PyReference::load(spec, model, lora)?;
         Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Backend::Python(obj), description })
     }
 
-    /// The main package's version (e.g. transformers 5.23.0).
+    /// The main package's version (e.g. transformers 5.23.0): `versions[main_package]`.
     pub fn version(&self) -> String {
         let v = &self.description.versions;
-        let keys = [self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"];
+        let keys = match &self.description.main_package {
+            Some(p) => vec![p.as_str()],
+            // A trace: its file keeps no main package; the package named like the reference,
+            // else llama.cpp's binding (the packages these references declare).
+            None => vec![self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"],
+        };
         keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
@@ -318,9 +374,11 @@ impl Reference {
         }
     }
 
-    /// Whether a live reference has the optional method `name` (a trace has none).
-    pub fn has_method(&self, name: &str) -> bool {
-        self.object().is_some_and(|o| crate::pycall::has_method(o, name))
+    /// Whether the reference can be called for capability `c`: a live reference that
+    /// declares it (`describe()["capabilities"]`, checked by `protocol.check` at load). A
+    /// trace has no live object, so none.
+    pub fn can(&self, c: Capability) -> bool {
+        self.object().is_some() && self.description.declares(c)
     }
 
     /// The replay behind a `trace:NAME` reference.
