@@ -202,8 +202,6 @@ class TokenizerSide(Protocol):
         """JSON: the chat's ids, [int], as the template and tokenizer make them."""
 
 
-
-
 class Dequantizer(Protocol):
     """What ``open(path)`` of capability "dequantize" returns."""
 
@@ -215,7 +213,6 @@ class Dequantizer(Protocol):
 
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as a flat C-contiguous float32 array in ggml's element order."""
-
 
 
 @dataclass(frozen=True)
