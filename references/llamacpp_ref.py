@@ -9,8 +9,9 @@ Two llama.cpp contexts share one loaded model:
   evaluation callback that ``llama-eval-callback`` uses) is set. ``step()`` feeds tokens
   with ``llama_decode`` (all positions as outputs) after everything fed since ``reset()``;
   llama.cpp keeps its KV cache. The callback asks the scheduler for the named graph
-  tensors of DESIGN.md's sites and copies them out while they are alive (the graph
-  allocator reuses their memory later in the same evaluation);
+  tensors of the sites the harness asked for (``load(..., sites=[...])``; those
+  ``_site_of`` knows) and copies them out while they are alive (the graph allocator
+  reuses their memory later in the same evaluation);
 * the context of a high-level ``llama_cpp.Llama``, used only by ``generate_greedy`` (its
   own ``Llama.generate`` loop), so that generating never touches the lockstep cache.
 
@@ -39,7 +40,16 @@ from llama_cpp import _internals
 from llama_cpp import llama_cpp as C
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from protocol import LAYER_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, site_names
+import protocol
+from protocol import TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave
+
+PROTOCOL = protocol.declare(
+    name="llamacpp",
+    main_package="llama_cpp_python",
+    # No "sampler": llama.cpp's samplers are not driven on given logits here. No "lora":
+    # llama.cpp takes GGUF LoRA files, not PEFT or mlx-lm adapters.
+    capabilities=["generation_config", "chat_render", "tokenizer", "gguf_tokenizer", "bench"],
+)
 
 
 
@@ -132,6 +142,9 @@ _BY_NAME = {
     "l_out": "out",
 }
 _GLOBAL = {"embd": "embed", "result_norm": "final_norm"}
+# The leaves _site_of can name (and logits, read with llama_get_logits).
+_LAYER_LEAVES = set(_BY_NAME.values()) | {"q", "k", "q_rope", "k_rope", "cache_k", "cache_v"}
+_GLOBAL_SITES = set(_GLOBAL.values()) | {"logits"}
 
 
 def _site_of(name: str, op: str) -> str | None:
@@ -237,7 +250,7 @@ class LlamaCppTokenizerSide:
 
 class LlamaCppReference:
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
-                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f32"):
+                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f32", sites: list[str] | None = None):
         p = Path(model)
         if p.is_dir():
             raise ValueError(f"llama.cpp needs a .gguf file, got a directory: {model}")
@@ -272,6 +285,10 @@ class LlamaCppReference:
         self._model = self.llm._model.model
         self._vocab = C.llama_model_get_vocab(self._model)
         self.num_layers = int(C.llama_model_n_layer(self._model))
+        requested = protocol.requested_sites(sites, self.num_layers, "the llamacpp reference")
+        self.sites = [name for name, layer, leaf in requested
+                      if (leaf in _LAYER_LEAVES if layer is not None else leaf in _GLOBAL_SITES)]
+        self._wanted = set(self.sites)
         self.n_vocab = int(C.llama_vocab_n_tokens(self._vocab))
         self.rope_type = int(C.llama_model_rope_type(self._model))
         # NORM (interleaved) RoPE: the converter permuted Q/K rows; NEOX: HF layout already.
@@ -288,6 +305,9 @@ class LlamaCppReference:
         C.llama_model_desc(self._model, buf, 256)
         self.model_desc = buf.value.decode("utf-8", "replace")
         self.metadata = dict(self.llm.metadata)
+        key_length = self.metadata.get(f"{self.metadata.get('general.architecture', 'llama')}.attention.key_length")
+        self.head_dim = (int(key_length) if key_length is not None
+                         else int(C.llama_model_n_embd(self._model)) // int(C.llama_model_n_head(self._model)))
         self.tokside = LlamaCppTokenizerSide(self.llm, self.metadata, self.model_path)
 
         # The lockstep context: same model, the eval callback set, flash attention off (its
@@ -359,6 +379,8 @@ class LlamaCppReference:
             name = t.name.decode("utf-8", "replace")
             op = (_GGML.ggml_op_desc(ptr) or b"").decode()
             site = _site_of(name, op)
+            if site not in self._wanted:
+                site = None
             if ask:
                 return site is not None
             if site is not None:
@@ -392,14 +414,13 @@ class LlamaCppReference:
             notes.append(f"q, k, q_rope, k_rope, cache_k mapped from GGUF order with "
                          f"{TRANSFORM_QK}")
         return {
-            "name": "llamacpp",
+            **PROTOCOL,
             "versions": versions,
             "model": self.model_path,
             "model_desc": self.model_desc,
             "dtype": self.dtype_name,
             "num_layers": self.num_layers,
-            "layer_sites": LAYER_SITES,
-            "sites": site_names(self.num_layers),
+            "sites": list(self.sites),
             "transforms": [TRANSFORM_QK] if self.qk_permuted else [],
             "quantized_activations": self.quantized_activations,
             "threads": self.threads,
@@ -434,10 +455,12 @@ class LlamaCppReference:
             raise RuntimeError(f"llamacpp_ref: llama.cpp's graph did not give {len(missing)} declared "
                                f"site(s) at pos {self.pos - n}: {missing[:8]}"
                                f"{' ...' if len(missing) > 8 else ''}")
-        logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(n * self.n_vocab,))
-        out = {"logits": logits.reshape(n, self.n_vocab).copy()}
+        out = {}
+        if "logits" in self._wanted:
+            logits = np.ctypeslib.as_array(C.llama_get_logits(self._ctx), shape=(n * self.n_vocab,))
+            out["logits"] = logits.reshape(n, self.n_vocab).copy()
 
-        hd = int(cap["layers.0.q_rope"].shape[-1])
+        hd = self.head_dim
         for site, a in cap.items():
             kind = site.rsplit(".", 1)[-1]
             if kind in ("q_rope", "k_rope"):
@@ -464,13 +487,15 @@ class LlamaCppReference:
         return out
 
     def _expected_sites(self) -> list[str]:
-        return [s for s in site_names(self.num_layers) if s != "logits"]
+        return [s for s in self.sites if s != "logits"]
 
     def _check_cache(self, out: dict, n: int) -> None:
         # The cache views are read as cells 0..pos-1 = positions 0..pos-1: the newest cells
         # must hold exactly what this step computed (up to the cache type's rounding).
         for i in range(self.num_layers):
             for c, src in (("cache_k", "k_rope"), ("cache_v", "v")):
+                if f"layers.{i}.{c}" not in out or f"layers.{i}.{src}" not in out:
+                    continue
                 got = out[f"layers.{i}.{c}"][:, -n:]
                 want = out[f"layers.{i}.{src}"]
                 if src == "v":

@@ -13,12 +13,15 @@ runs mlx-lm's Llama with ``rope_traditional=True``. The q, k, q_rope, k_rope and
 sites of such a model are mapped back to the Hugging Face order by the transform
 ``gguf-qk-deinterleave`` (see ``protocol.gguf_qk_deinterleave``).
 
-MLX has no hooks: the modules whose inputs/outputs are sites get their class swapped for
-a subclass whose ``__call__`` records them (the parameter tree and every attribute stay
-as they were). The model is called directly, one lockstep step at a time, with its own
-``KVCache`` list (not ``generate_step``, whose chunked prefill changes the numerics);
-cache contents are read from the caches after each step. ``generate_greedy`` is mlx-lm's
-own loop (``generate_step`` with an argmax sampler) on a fresh cache.
+MLX has no hooks: the modules whose inputs/outputs are sites (``hooks.LAYER_HOOKS`` /
+``hooks.GLOBAL_HOOKS``, module names mlx-lm's models share with transformers; the
+attention's ``rope`` module for q_rope/k_rope) get their class swapped for a subclass whose
+``__call__`` records them (the parameter tree and every attribute stay as they were). Of
+the site names the harness gives ``load``, those the model's modules give are captured.
+The model is called directly, one lockstep step at a time, with its own ``KVCache`` list
+(not ``generate_step``, whose chunked prefill changes the numerics); cache contents are
+read from the caches after each step. ``generate_greedy`` is mlx-lm's own loop
+(``generate_step`` with an argmax sampler) on a fresh cache.
 
 A LoRA adapter (``lora=DIR``) uses mlx-lm's own LoRA layers: an mlx-lm adapter is loaded with
 ``mlx_lm.tuner.utils.load_adapters``; a PEFT adapter is attached module by module with
@@ -49,10 +52,21 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from transformers import AutoTokenizer
 
+import hooks
 import lora_adapter
-from protocol import (LAYER_SITES, QK_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, hf_encode_chat,
-                      hf_encode_prompt, site_names)
-from sampling import HfSideMixin, HfTokenizerSide, MlxSampling
+import protocol
+from protocol import QK_SITES, TRANSFORM_QK, contiguous_f32, gguf_qk_deinterleave, hf_encode_chat, hf_encode_prompt
+from sampling import MLX_REPETITION_CONTEXT, HfSideMixin, HfTokenizerSide, MlxSampling
+
+PROTOCOL = protocol.declare(
+    name="mlx",
+    main_package="mlx",
+    capabilities=["lora", "generation_config", "sampler", "chat_render", "tokenizer"],
+    # mlx_lm.sample_utils: logits processors, then make_sampler's top_p, min_p, top_k, and
+    # the temperature in categorical_sampling (sampling.MlxSampling.order).
+    sampler_order=["rep_penalty", "top_p", "min_p", "top_k", "temperature"],
+    sampler_rep_window=MLX_REPETITION_CONTEXT,
+)
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -328,13 +342,17 @@ def _load_hf(path: Path):
 
 # -- capture -----------------------------------------------------------------------------------
 
+# The rotary embedding module of an mlx-lm decoder layer (called on the queries, then the keys).
+_ROPE = f"{hooks.ATTENTION}.rope"
+
 class _Recorder:
     def __init__(self):
         self.on = False
         self.out: dict[str, mx.array] = {}
 
     def put(self, name, a):
-        self.out[name] = a[0]  # batch of one
+        if name is not None:
+            self.out[name] = a[0]  # batch of one
 
 
 _CAPTURE_CLASSES: dict[type, type] = {}
@@ -375,7 +393,8 @@ def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
 # -- the reference -----------------------------------------------------------------------------
 
 class MlxReference(HfSideMixin):
-    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, lora: str | None = None):
+    def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, lora: str | None = None,
+                 sites: list[str] | None = None):
         if dtype != "float32":
             raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
                              f"not {dtype!r}")
@@ -411,7 +430,7 @@ class MlxReference(HfSideMixin):
             self.notes.append(f"LoRA adapter {lora}: {self.lora_how}, unmerged")
         self._rec = _Recorder()
         self._ropes = []
-        self._install()
+        self._install(protocol.requested_sites(sites, self.num_layers, "the mlx reference"))
         self.reset()
 
     def _attach_lora(self, path: str):
@@ -470,24 +489,42 @@ class MlxReference(HfSideMixin):
         cfg = json.loads((Path(self.lora_path) / "adapter_config.json").read_text())
         return json.dumps({"loader": self.lora_how, "mlx-lm": md.version("mlx-lm"), "adapter_config": cfg})
 
-    def _install(self):
+    def _install(self, requested):
+        """Captures for the requested sites this model has; ``self.sites`` lists them."""
         rec, m = self._rec, self.model.model
-        _capture(m.embed_tokens, rec, out="embed")  # __call__ only; as_linear (tied head) is not
+        got: set[str] = set()
+
+        def attach(root, table, wanted):
+            for mod, sides in hooks.plan(root, table, wanted).values():
+                _capture(mod, rec, out=sides.get(hooks.OUTPUT), inp=sides.get(hooks.INPUT))
+                got.update(sides.values())
+
+        by_layer: dict[int, dict[str, str]] = {}
+        glob: dict[str, str] = {}
+        for name, layer, leaf in requested:
+            (glob if layer is None else by_layer.setdefault(layer, {}))[leaf] = name
+        attach(m, hooks.GLOBAL_HOOKS, glob)  # embed: __call__ only; as_linear (tied head) is not
+        self._logits = "logits" in glob
+        got.update(["logits"] if self._logits else [])
+        self._cache_sites = {}
         for i, layer in enumerate(m.layers):
-            a, mlp, s = layer.self_attn, layer.mlp, f"layers.{i}."
-            _capture(layer.input_layernorm, rec, out=s + "attn_norm")
-            _capture(a.q_proj, rec, out=s + "q")
-            _capture(a.k_proj, rec, out=s + "k")
-            _capture(a.v_proj, rec, out=s + "v")
-            _capture(a.rope, rec, alt=(s + "q_rope", s + "k_rope"))
-            self._ropes.append(a.rope)
-            _capture(a.o_proj, rec, inp=s + "attn", out=s + "attn_out")
-            _capture(layer.post_attention_layernorm, rec, out=s + "mlp_norm")
-            _capture(mlp.gate_proj, rec, out=s + "mlp_gate")
-            _capture(mlp.up_proj, rec, out=s + "mlp_up")
-            _capture(mlp.down_proj, rec, inp=s + "mlp_act", out=s + "mlp_out")
-            _capture(layer, rec, out=s + "out")
-        _capture(m.norm, rec, out="final_norm")
+            wanted = by_layer.get(i, {})
+            attach(layer, hooks.LAYER_HOOKS, wanted)
+            q, k = (wanted.get(s) for s in hooks.ROPE_SITES)
+            if q or k:
+                rope = hooks.submodule(layer, _ROPE)
+                if rope is None:
+                    raise ValueError(f"the mlx reference: layer {i}'s attention ({type(layer.self_attn).__name__}) "
+                                     f"has no {_ROPE.rpartition('.')[2]!r} module, so its post-RoPE q/k (q_rope, "
+                                     "k_rope) cannot be captured")
+                _capture(rope, rec, alt=(q, k))
+                self._ropes.append(rope)
+                got.update(x for x in (q, k) if x)
+            kv = tuple(wanted.get(s) for s in hooks.CACHE_SITES)
+            if any(kv):
+                self._cache_sites[i] = kv
+                got.update(x for x in kv if x)
+        self.sites = [name for name, _, _ in requested if name in got]
 
     # -- protocol --------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -498,13 +535,12 @@ class MlxReference(HfSideMixin):
             except md.PackageNotFoundError:
                 pass
         return {
-            "name": "mlx",
+            **PROTOCOL,
             "versions": versions,
             "model": self.model_path,
             "dtype": self.dtype_name,
             "num_layers": self.num_layers,
-            "layer_sites": LAYER_SITES,
-            "sites": site_names(self.num_layers),
+            "sites": list(self.sites),
             "transforms": list(self.transforms),
             "notes": list(self.notes),
         }
@@ -529,11 +565,15 @@ class MlxReference(HfSideMixin):
         self.pos += len(token_ids)
         out = dict(rec.out)
         rec.out = {}
-        out["logits"] = logits[0]
+        if self._logits:
+            out["logits"] = logits[0]
         for i, c in enumerate(self.cache):
+            if i not in self._cache_sites:
+                continue
             k, v = c.keys_and_values() if hasattr(c, "keys_and_values") else (c.keys, c.values)
-            out[f"layers.{i}.cache_k"] = k[0]
-            out[f"layers.{i}.cache_v"] = v[0]
+            for site, a in zip(self._cache_sites[i], (k, v)):
+                if site:
+                    out[site] = a[0]
         mx.eval(list(out.values()))
         res = {name: _np(a) for name, a in out.items()}
         if self.gguf:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+import protocol
+
+PROTOCOL = protocol.declare(name="gguf", main_package="gguf", capabilities=["dequantize"])
+
 
 class QuantReference:
     def __init__(self, path: str):

@@ -2,9 +2,12 @@
 
 Loads a Hugging Face directory, or a GGUF file through ``gguf_file=`` (transformers
 dequantizes it to float32 and undoes GGUF's Q/K row permutation, so everything here is
-in the Hugging Face layout). Sites are captured with forward hooks on the modules; the
-post-RoPE q/k, which no module outputs, by wrapping ``apply_rotary_pos_emb`` of the
-Llama modeling module; cache contents are read from the ``DynamicCache`` after each step.
+in the Hugging Face layout). Of the site names the harness gives ``load``, it captures
+those its model has: with forward hooks on the modules of ``hooks.LAYER_HOOKS`` /
+``hooks.GLOBAL_HOOKS`` (and ``lm_head`` for the logits); the post-RoPE q/k, which no module
+outputs, by wrapping ``apply_rotary_pos_emb`` of the modeling module that defines the
+model's attention class (``modeling_llama``, ``modeling_qwen2``, ...); cache contents are
+read from the ``DynamicCache`` after each step.
 
 A LoRA adapter (``lora=DIR``) is attached with ``peft.PeftModel.from_pretrained`` (unmerged
 ``peft`` LoRA layers, injected into the model in place, so hooks and ``generate`` see them);
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,11 +30,21 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.models.llama import modeling_llama
 
+import hooks
 import lora_adapter
-from protocol import LAYER_SITES, contiguous, hf_encode_chat, hf_encode_prompt, site_names
+import protocol
+from protocol import contiguous, hf_encode_chat, hf_encode_prompt
 from sampling import HfSideMixin, HfTokenizerSide, TransformersSampling
+
+PROTOCOL = protocol.declare(
+    name="transformers",
+    main_package="transformers",
+    capabilities=["lora", "generation_config", "sampler", "chat_render", "tokenizer", "bench"],
+    # transformers 5.x's LogitsProcessorList order (sampling.TransformersSampling.order).
+    sampler_order=["rep_penalty", "temperature", "top_k", "top_p", "min_p"],
+    sampler_rep_window=None,  # the penalty looks at every previous token
+)
 
 # Progress bars and load-time advice go to a terminal the harness owns; keep them out.
 transformers.utils.logging.disable_progress_bar()
@@ -38,14 +52,20 @@ transformers.utils.logging.set_verbosity_error()
 
 
 
-# Post-RoPE q/k: no module returns them, so the function the attention calls is wrapped,
-# once per process; it records into the reference that is stepping (several instances, e.g.
-# float32 and float64, can live in one process).
+# Post-RoPE q/k: no module returns them, so the function the attention calls is wrapped in
+# the modeling module that defines the attention class (where its forward looks it up),
+# once per process and module; it records into the reference that is stepping (several
+# instances, e.g. float32 and float64, can live in one process).
 _ACTIVE = None
 
 
-def _install_rope_wrapper():
-    original = modeling_llama.apply_rotary_pos_emb
+def _install_rope_wrapper(attention) -> None:
+    modeling = sys.modules.get(type(attention).__module__)
+    original = getattr(modeling, "apply_rotary_pos_emb", None)
+    if original is None:
+        raise ValueError(f"the transformers reference: {type(attention).__module__} (which defines "
+                         f"{type(attention).__name__}) has no apply_rotary_pos_emb, so the post-RoPE q/k "
+                         "(q_rope, k_rope) of this model cannot be captured")
     if getattr(original, "_lockstep_wrapped", False):
         return
 
@@ -59,10 +79,7 @@ def _install_rope_wrapper():
         return q2, k2
 
     wrapped._lockstep_wrapped = True
-    modeling_llama.apply_rotary_pos_emb = wrapped
-
-
-_install_rope_wrapper()
+    modeling.apply_rotary_pos_emb = wrapped
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -76,7 +93,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class TransformersReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
-                 attn_implementation: str = "eager", lora: str | None = None):
+                 attn_implementation: str = "eager", lora: str | None = None, sites: list[str] | None = None):
         if threads:
             torch.set_num_threads(int(threads))
         self.model_path = model
@@ -103,7 +120,7 @@ class TransformersReference(HfSideMixin):
         self._capturing = False
         self._current_layer = None
         self._out: dict[str, torch.Tensor] = {}
-        self._install_hooks()
+        self._install_hooks(protocol.requested_sites(sites, self.num_layers, "the transformers reference"))
         self.reset()
 
     def _attach_lora(self, path: str, torch_dtype):
@@ -149,31 +166,48 @@ class TransformersReference(HfSideMixin):
 
     # -- capture ---------------------------------------------------------------------------
     def _put(self, name, t):
-        if self._capturing:
+        if self._capturing and name in self._wanted:
             self._out[name] = t[0] if t.dim() >= 3 and t.shape[0] == 1 else t
 
-    def _install_hooks(self):
+    def _install_hooks(self, requested):
+        """Hooks for the requested sites this model has; ``self.sites`` lists them."""
         m = self.model.model
         hook = lambda name: (lambda mod, inp, out: self._put(name, out[0] if isinstance(out, tuple) else out))
         pre = lambda name: (lambda mod, args: self._put(name, args[0]))
-        m.embed_tokens.register_forward_hook(hook("embed"))
+        got: set[str] = set()
+
+        def attach(root, table, wanted):
+            for mod, sides in hooks.plan(root, table, wanted).values():
+                if hooks.INPUT in sides:
+                    mod.register_forward_pre_hook(pre(sides[hooks.INPUT]))
+                if hooks.OUTPUT in sides:
+                    mod.register_forward_hook(hook(sides[hooks.OUTPUT]))
+                got.update(sides.values())
+
+        by_layer: dict[int, dict[str, str]] = {}
+        glob: dict[str, str] = {}
+        for name, layer, leaf in requested:
+            (glob if layer is None else by_layer.setdefault(layer, {}))[leaf] = name
+        attach(m, hooks.GLOBAL_HOOKS, glob)
+        if "logits" in glob:
+            self.model.lm_head.register_forward_hook(hook("logits"))
+            got.add("logits")
+        self._cache_sites = []
         for i, layer in enumerate(m.layers):
-            a, mlp = layer.self_attn, layer.mlp
-            layer.input_layernorm.register_forward_hook(hook(f"layers.{i}.attn_norm"))
-            a.q_proj.register_forward_hook(hook(f"layers.{i}.q"))
-            a.k_proj.register_forward_hook(hook(f"layers.{i}.k"))
-            a.v_proj.register_forward_hook(hook(f"layers.{i}.v"))
-            a.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self._set_layer(i), with_kwargs=True)
-            a.o_proj.register_forward_pre_hook(pre(f"layers.{i}.attn"))
-            a.o_proj.register_forward_hook(hook(f"layers.{i}.attn_out"))
-            layer.post_attention_layernorm.register_forward_hook(hook(f"layers.{i}.mlp_norm"))
-            mlp.gate_proj.register_forward_hook(hook(f"layers.{i}.mlp_gate"))
-            mlp.up_proj.register_forward_hook(hook(f"layers.{i}.mlp_up"))
-            mlp.down_proj.register_forward_pre_hook(pre(f"layers.{i}.mlp_act"))
-            mlp.down_proj.register_forward_hook(hook(f"layers.{i}.mlp_out"))
-            layer.register_forward_hook(hook(f"layers.{i}.out"))
-        m.norm.register_forward_hook(hook("final_norm"))
-        self.model.lm_head.register_forward_hook(hook("logits"))
+            wanted = by_layer.get(i, {})
+            attach(layer, hooks.LAYER_HOOKS, wanted)
+            rope = [wanted[s] for s in hooks.ROPE_SITES if s in wanted]
+            if rope:
+                attention = hooks.submodule(layer, hooks.ATTENTION)
+                _install_rope_wrapper(attention)
+                attention.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self._set_layer(i), with_kwargs=True)
+                got.update(rope)
+            k, v = (wanted.get(s) for s in hooks.CACHE_SITES)
+            if k or v:
+                self._cache_sites.append((i, k, v))
+                got.update(x for x in (k, v) if x)
+        self.sites = [name for name, _, _ in requested if name in got]
+        self._wanted = set(self.sites)
 
     def _set_layer(self, i):
         self._current_layer = i
@@ -187,14 +221,13 @@ class TransformersReference(HfSideMixin):
             except md.PackageNotFoundError:
                 pass
         return {
-            "name": "transformers",
+            **PROTOCOL,
             "versions": versions,
             "model": self.model_path,
             "dtype": self.dtype_name,
             "attn_implementation": self.attn_implementation,
             "num_layers": self.num_layers,
-            "layer_sites": LAYER_SITES,
-            "sites": site_names(self.num_layers),
+            "sites": list(self.sites),
             "threads": torch.get_num_threads(),
             "notes": [f"LoRA adapter {self.lora_path}: {self.lora_how}, unmerged"] if self.lora_path else [],
         }
@@ -221,10 +254,12 @@ class TransformersReference(HfSideMixin):
             _ACTIVE = None
         self.pos += n
         out = {k: _np(v) for k, v in self._out.items()}
-        for i in range(self.num_layers):
+        for i, k_site, v_site in self._cache_sites:
             k, v = self._cache_layer(i)
-            out[f"layers.{i}.cache_k"] = _np(k[0])
-            out[f"layers.{i}.cache_v"] = _np(v[0])
+            if k_site:
+                out[k_site] = _np(k[0])
+            if v_site:
+                out[v_site] = _np(v[0])
         return out
 
     def _cache_layer(self, i):

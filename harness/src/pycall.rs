@@ -9,11 +9,6 @@ use serde_json::Value;
 use crate::error::HarnessError;
 use crate::python::py_err;
 
-/// Whether the object has a method (a capability of a reference).
-pub fn has_method(obj: &Py<PyAny>, name: &str) -> bool {
-    Python::attach(|py| obj.bind(py).hasattr(name).unwrap_or(false))
-}
-
 /// Converts a JSON value into a Python object (dicts, lists, strings, numbers, None).
 pub fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     Ok(match v {

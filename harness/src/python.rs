@@ -159,10 +159,99 @@ impl RefSpec {
     pub fn is_oracle(&self) -> bool {
         self.dtype == "float64"
     }
+
+    /// What the reference's module declares (imports it; loads nothing). A trace's spec
+    /// names the module of the reference it was recorded from.
+    pub fn declaration(&self) -> Result<Declaration, HarnessError> {
+        declaration(self.module, &self.name)
+    }
+}
+
+/// An optional part of the reference protocol: `references/protocol.py`'s `CAPABILITIES`,
+/// which says what each requires. A reference declares the ones it implements; the harness
+/// reads the declaration and never asks Python whether a method exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// `load(..., lora=DIR)`, `lora_inventory()`, `lora_config()`.
+    Lora,
+    /// `generation_config(params, max_new_tokens)`.
+    GenerationConfig,
+    /// `sample_distribution(logits, prev, params)`; `describe()["sampler_order"]`,
+    /// `["sampler_rep_window"]`.
+    Sampler,
+    /// `render_chat(messages, add_generation_prompt)`.
+    ChatRender,
+    /// The module's `load_tokenizer(model_path)` (tokcheck).
+    Tokenizer,
+    /// For a GGUF file, `load_tokenizer` is the format's own tokenizer: tokcheck's witness.
+    GgufTokenizer,
+    /// `references/bench.py` times it (`lockstep bench`).
+    Bench,
+    /// The module's `open(path)`: a reference dequantizer (quant-check).
+    Dequantize,
+}
+
+impl Capability {
+    /// The name in `references/protocol.py`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Lora => "lora",
+            Capability::GenerationConfig => "generation_config",
+            Capability::Sampler => "sampler",
+            Capability::ChatRender => "chat_render",
+            Capability::Tokenizer => "tokenizer",
+            Capability::GgufTokenizer => "gguf_tokenizer",
+            Capability::Bench => "bench",
+            Capability::Dequantize => "dequantize",
+        }
+    }
+}
+
+/// What a module of `references/` declares about itself before anything loads: its
+/// `PROTOCOL` (`protocol.declare`), checked against the module by `protocol.declaration`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct Declaration {
+    pub name: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub main_package: Option<String>,
+    #[serde(default)]
+    pub sampler_order: Vec<String>,
+    #[serde(default)]
+    pub sampler_rep_window: Option<usize>,
+}
+
+impl Declaration {
+    pub fn declares(&self, c: Capability) -> bool {
+        self.capabilities.iter().any(|n| n == c.name())
+    }
+}
+
+/// `references/<module>.py`'s declaration: imports the module (nothing is loaded) and calls
+/// `protocol.declaration` on it. `label` names the reference in messages.
+pub fn declaration(module: &str, label: &str) -> Result<Declaration, HarnessError> {
+    ensure_python()?;
+    let text = Python::attach(|py| -> Result<String, HarnessError> {
+        let m = py.import(module).map_err(|e| py_err(py, e, format!("the {label} reference: importing references/{module}.py")))?;
+        let protocol = py.import("protocol").map_err(|e| py_err(py, e, "importing references/protocol.py"))?;
+        let r = protocol
+            .call_method1("declaration", (m,))
+            .map_err(|e| py_err(py, e, format!("the {label} reference's declaration (references/{module}.py)")))?;
+        r.extract::<String>().map_err(|e| py_err(py, e.into(), "reading protocol.declaration()'s result"))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| HarnessError::Python(format!("the {label} reference's declaration is not what protocol.declare makes: {e}")))
+}
+
+/// The known references whose modules declare `c`, in [`REFERENCES`] order (a module that
+/// cannot be imported is left out).
+pub fn references_declaring(c: Capability) -> Vec<&'static str> {
+    REFERENCES.iter().filter(|(n, m)| declaration(m, n).is_ok_and(|d| d.declares(c))).map(|(n, _)| *n).collect()
 }
 
 /// What a reference says about itself (`describe()`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Description {
     pub name: String,
     pub versions: std::collections::BTreeMap<String, String>,
@@ -175,6 +264,27 @@ pub struct Description {
     /// quantized file); false when it computes in its float dtype.
     #[serde(default)]
     pub quantized_activations: bool,
+    /// The capabilities it declares (`references/protocol.py`); none for a trace, which
+    /// has no live object to call.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// The key of `versions` it is reported by (`transformers`); `None` for a trace.
+    #[serde(default)]
+    pub main_package: Option<String>,
+    /// With [`Capability::Sampler`]: its library's whole filter chain, the five stages of
+    /// `lockstep_engine::sample::Stage` in the order it applies them.
+    #[serde(default)]
+    pub sampler_order: Vec<String>,
+    /// With [`Capability::Sampler`]: how many previous tokens its repetition penalty looks
+    /// at (`None`: all of them).
+    #[serde(default)]
+    pub sampler_rep_window: Option<usize>,
+}
+
+impl Description {
+    pub fn declares(&self, c: Capability) -> bool {
+        self.capabilities.iter().any(|n| n == c.name())
+    }
 }
 
 /// A loaded reference: a live Python object implementing `references/protocol.py`, or a
@@ -211,21 +321,28 @@ impl Reference {
         if spec.trace.is_some() {
             return crate::golden::trace::load_reference_with_lora(spec, model, lora);
         }
-        if lora.is_some() && spec.name == "llamacpp" {
-            return Err(HarnessError::Usage(
-                "--lora: the llamacpp reference cannot load PEFT or mlx-lm adapters (llama.cpp takes GGUF LoRA files); \
-                 use --reference transformers,mlx"
-                    .into(),
-            ));
+        if lora.is_some() && !spec.declaration()?.declares(Capability::Lora) {
+            return Err(HarnessError::Usage(format!(
+                "--lora: the {} reference cannot load PEFT or mlx-lm adapters (references/{}.py does not declare \
+                 the `lora` capability); use --reference {}",
+                spec.name,
+                spec.module,
+                references_declaring(Capability::Lora).join(",")
+            )));
         }
         let (obj, description) = PyReference::load(spec, model, lora)?;
         Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Backend::Python(obj), description })
     }
 
-    /// The main package's version (e.g. transformers 5.23.0).
+    /// The main package's version (e.g. transformers 5.23.0): `versions[main_package]`.
     pub fn version(&self) -> String {
         let v = &self.description.versions;
-        let keys = [self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"];
+        let keys = match &self.description.main_package {
+            Some(p) => vec![p.as_str()],
+            // A trace: its file keeps no main package; the package named like the reference,
+            // else llama.cpp's binding (the packages these references declare).
+            None => vec![self.spec.name.as_str(), "llama_cpp_python", "llama-cpp-python"],
+        };
         keys.iter().find_map(|k| v.get(*k)).cloned().unwrap_or_else(|| "?".into())
     }
 
@@ -239,9 +356,11 @@ impl Reference {
         }
     }
 
-    /// Whether a live reference has the optional method `name` (a trace has none).
-    pub fn has_method(&self, name: &str) -> bool {
-        self.object().is_some_and(|o| crate::pycall::has_method(o, name))
+    /// Whether the reference can be called for capability `c`: a live reference that
+    /// declares it (`describe()["capabilities"]`, checked by `protocol.check` at load). A
+    /// trace has no live object, so none.
+    pub fn can(&self, c: Capability) -> bool {
+        self.object().is_some() && self.description.declares(c)
     }
 
     /// The replay behind a `trace:NAME` reference.
@@ -307,23 +426,31 @@ pub struct PyReference {
 }
 
 impl PyReference {
-    /// Imports `references/<module>.py` and calls its `load(model, dtype=...)`.
+    /// Imports `references/<module>.py`, calls its `load(model, dtype=..., sites=[...])` with
+    /// every site name of the engine's site graph of `model`, and checks the object against
+    /// the protocol (`protocol.check`), which gives its `describe()`.
     pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
         let (module, dtype) = (spec.module, spec.dtype);
         let name = spec.label();
         let name = name.as_str();
+        let sites = lockstep_engine::models::site_graph_at(model)?.names();
         ensure_python()?;
         Python::attach(|py| {
             let m = py.import(module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?;
+            let protocol = py.import("protocol").map_err(|e| py_err(py, e, "importing references/protocol.py"))?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
+            kwargs.set_item("sites", PyList::new(py, &sites).map_err(|e| py_err(py, e, "building arguments"))?)
+                .map_err(|e| py_err(py, e, "building arguments"))?;
             if let Some(l) = lora {
                 kwargs.set_item("lora", l.to_string_lossy().as_ref()).map_err(|e| py_err(py, e, "building arguments"))?;
             }
             let obj = m
                 .call_method("load", (model.to_string_lossy().as_ref(),), Some(&kwargs))
                 .map_err(|e| py_err(py, e, format!("loading {} with the {name} reference", model.display())))?;
-            let d = obj.call_method0("describe").map_err(|e| py_err(py, e, format!("{name}.describe()")))?;
+            let d = protocol
+                .call_method1("check", (&obj, name))
+                .map_err(|e| py_err(py, e, format!("checking the {name} reference against references/protocol.py")))?;
             let description = Description {
                 name: get(py, &d, "name")?,
                 versions: get(py, &d, "versions")?,
@@ -332,6 +459,10 @@ impl PyReference {
                 notes: get(py, &d, "notes")?,
                 transforms: get_or_default(py, &d, "transforms")?,
                 quantized_activations: get_or_default(py, &d, "quantized_activations")?,
+                capabilities: get(py, &d, "capabilities")?,
+                main_package: get_or_default(py, &d, "main_package")?,
+                sampler_order: get_or_default(py, &d, "sampler_order")?,
+                sampler_rep_window: get_or_default(py, &d, "sampler_rep_window")?,
             };
             Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })

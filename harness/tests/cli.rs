@@ -268,6 +268,38 @@ live_test! {
     }
 }
 
+#[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+fn a_reference_without_a_declared_capabilitys_method_is_named_after_load() {
+    // The real transformers reference, which declares capability `sampler`, without its sampler.
+    let dir = tmp("refs-missing-method");
+    let real = repo().join("references");
+    let shim = format!(
+        r#"
+import importlib.util, sys
+sys.path.append({real:?})
+_spec = importlib.util.spec_from_file_location("_real_transformers_ref", {real_ref:?})
+_real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_real)
+
+class NoSampler(_real.TransformersReference):
+    sample_distribution = None
+
+def load(model, **kw):
+    return NoSampler(model, **kw)
+"#,
+        real = real.display().to_string(),
+        real_ref = real.join("transformers_ref.py").display().to_string(),
+    );
+    std::fs::write(dir.join("transformers_ref.py"), shim).unwrap();
+    let d = dir.to_str().unwrap();
+    assert_exit_2(
+        &["run", "--model", "tiny", "--reference", "transformers", "--chat", "hi"],
+        &[("LOCKSTEP_REFERENCES", d)],
+        &["references/protocol.py", "the transformers reference (NoSampler) declares capability 'sampler' but has no method sample_distribution()"],
+    );
+}
+
 // --- the harness catches what a reference (or engine) gets wrong --------------------------
 
 /// A reference module wrapping the real transformers reference, with a sabotage chosen by

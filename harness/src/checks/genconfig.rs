@@ -81,7 +81,7 @@ pub fn collect(engine: &LoadedModel, refs: &[Reference], chat: bool, max_new: us
     let params = params_json(cfg);
     let mut infos: Vec<Option<Value>> = vec![];
     for r in refs {
-        if let Some(o) = r.object().filter(|_| r.has_method("generation_config")) {
+        if let Some(o) = r.object().filter(|_| r.can(crate::python::Capability::GenerationConfig)) {
             let v = crate::pycall::call_json(o, &r.name, "generation_config", &[params.clone(), Value::from(max_new)])?;
             infos.push(Some(v));
         } else {

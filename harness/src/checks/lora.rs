@@ -97,7 +97,7 @@ pub fn inventories(engine: &LoadedModel, refs: &[Reference]) -> Result<Vec<SideI
             continue;
         }
         let obj = r.object().ok_or_else(|| HarnessError::Usage(format!("--lora needs live references, not {}", r.name)))?;
-        if !crate::pycall::has_method(obj, "lora_inventory") {
+        if !r.can(crate::python::Capability::Lora) {
             return Err(HarnessError::Usage(format!("the {} reference cannot load LoRA adapters", r.name)));
         }
         let text = crate::pycall::call_str(obj, &r.name, "lora_inventory", &[])?;

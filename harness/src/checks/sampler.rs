@@ -19,7 +19,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::error::HarnessError;
 use crate::checks::genconfig::params_json;
 use crate::results::checks::SamplerCheck;
-use crate::python::{py_err, Reference};
+use crate::python::{py_err, Capability, Reference};
 use crate::compare::tolerance::{Verdict, SAMPLER_TV_BOUNDARY, SAMPLER_TV_PASS};
 
 /// The engine order that reproduces a reference's declared stage list (the stages it runs,
@@ -45,7 +45,7 @@ pub fn reference_order(name: &str, declared: &[String], rep_window: Option<usize
 
 /// Whether a reference can run its sampler on given logits.
 pub fn supports(r: &Reference) -> bool {
-    r.has_method("sample_distribution")
+    r.can(Capability::Sampler)
 }
 
 /// The reference's processed distribution of `logits` after `prev`.
@@ -191,8 +191,15 @@ pub fn setup(refs: &[Reference], cfg: &SamplerConfig, declared: &[Option<(Vec<St
 /// Which simple slip of the sampler's configuration reproduces the engine's processed
 /// distribution (TV <= [`SAMPLER_TV_PASS`], same kept set) from the same logits, when the
 /// references' own samplers disagree with it: the temperature inverted, not applied or
-/// applied twice, or the stages in another library's order. `None`: no hypothesis fits.
-pub fn explain(logits: &[f32], prev: &[u32], cfg: &SamplerConfig, engine: &sample::Processed) -> Result<Option<String>, HarnessError> {
+/// applied twice, or the stages in another library's order (`orders`: [`library_orders`]).
+/// `None`: no hypothesis fits.
+pub fn explain(
+    logits: &[f32],
+    prev: &[u32],
+    cfg: &SamplerConfig,
+    engine: &sample::Processed,
+    orders: &[Order],
+) -> Result<Option<String>, HarnessError> {
     let nominal = SamplerConfig { invert_temperature: false, ..cfg.clone() };
     let t = nominal.temperature;
     let mut hyps: Vec<(SamplerConfig, String)> = vec![];
@@ -202,9 +209,10 @@ pub fn explain(logits: &[f32], prev: &[u32], cfg: &SamplerConfig, engine: &sampl
         hyps.push((at(1.0), format!("the temperature is not applied: the engine samples as at temperature 1, not {t}")));
         hyps.push((at(t * t), format!("the temperature is applied twice: the engine samples as at temperature {:.4} = {t}^2", t * t)));
     }
-    for (name, order) in [("transformers", sample::Order::transformers()), ("mlx", sample::Order::mlx())] {
+    for order in orders {
         if order.stages != nominal.order.stages {
-            hyps.push((nominal.with_order(order), format!("the filters run in {name}'s order, not the reference's")));
+            let why = format!("the filters run in {}'s order, not the reference's", order.name);
+            hyps.push((nominal.with_order(order.clone()), why));
         }
     }
     for (h, why) in hyps {
@@ -215,6 +223,26 @@ pub fn explain(logits: &[f32], prev: &[u32], cfg: &SamplerConfig, engine: &sampl
         }
     }
     Ok(None)
+}
+
+/// The whole filter chain of every reference library that declares a sampler
+/// (`sampler_order`, `sampler_rep_window`), named by the reference, in
+/// [`crate::python::REFERENCES`] order: from a loaded reference's description, else from its
+/// module's declaration (a module that cannot be imported is left out).
+pub fn library_orders(refs: &[Reference]) -> Result<Vec<Order>, HarnessError> {
+    let mut out = vec![];
+    for (name, module) in crate::python::REFERENCES {
+        let loaded = refs.iter().find(|r| r.description.name == *name && r.description.declares(Capability::Sampler));
+        let (stages, window) = match loaded {
+            Some(r) => (r.description.sampler_order.clone(), r.description.sampler_rep_window),
+            None => match crate::python::declaration(module, name) {
+                Ok(d) if d.declares(Capability::Sampler) => (d.sampler_order, d.sampler_rep_window),
+                _ => continue,
+            },
+        };
+        out.push(reference_order(name, &stages, window)?);
+    }
+    Ok(out)
 }
 
 /// All checks of one step.
@@ -231,7 +259,7 @@ pub fn check_step(
         let theirs = reference_distribution(r, logits, prev, &s.engine_cfg)?;
         let mut c = compare(&r.name, &engine, &theirs);
         if c.verdict == Verdict::Fail {
-            c.explained = explain(logits, prev, &s.engine_cfg, &engine)?;
+            c.explained = explain(logits, prev, &s.engine_cfg, &engine, &library_orders(refs)?)?;
         }
         out.push(c);
     }
@@ -249,7 +277,7 @@ pub fn rendered_prompts(
     let msgs = [lockstep_engine::ChatMessage::user(user.clone())];
     let ours = engine.tokenizer.render_chat(&msgs, true)?;
     let mut diffs = vec![];
-    for r in refs.iter().filter(|r| r.has_method("render_chat")) {
+    for r in refs.iter().filter(|r| r.can(Capability::ChatRender)) {
         let Some(o) = r.object() else { continue };
         let theirs = crate::pycall::call_str(o, &r.name, "render_chat", &[serde_json::json!(msgs), serde_json::json!(true)])?;
         diffs.push((r.name.clone(), crate::checks::tokcheck::text_diff(&r.name, &ours, &theirs)));
@@ -428,4 +456,23 @@ pub fn render_steps(r: &crate::results::run::RunResult) -> String {
         let _ = writeln!(o, "  not compared: {} (no sampler that runs on given logits)", info.not_compared.join(", "));
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another library's declared filter chain is named when it reproduces the engine's
+    /// distribution, and the chains the references declare are the engine's named orders.
+    #[test]
+    fn another_librarys_declared_order_explains_the_engine() {
+        let logits: Vec<f32> = (0..200).map(|i| ((i * 7919) % 97) as f32 / 12.0).collect();
+        let nominal = SamplerConfig::parse("temp=0.5,top_p=0.9").unwrap(); // transformers' order
+        let engine = sample::process(&logits, &[], &nominal.with_order(Order::mlx())).unwrap();
+        let why = explain(&logits, &[], &nominal, &engine, &[Order::transformers(), Order::mlx()]).unwrap();
+        assert!(why.as_deref().is_some_and(|w| w.starts_with("the filters run in mlx's order")), "{why:?}");
+        if crate::python::ensure_python().is_ok() {
+            assert_eq!(library_orders(&[]).unwrap(), vec![Order::transformers(), Order::mlx()]);
+        }
+    }
 }

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use crate::error::HarnessError;
 use crate::results::checks::TextDiff;
 use crate::pycall::{call_json, call_str};
-use crate::python::{ensure_python, py_err, RefSpec};
+use crate::python::{ensure_python, py_err, Capability, RefSpec};
 
 /// (label, text): strings that tokenizers get wrong.
 pub const CORPUS: &[(&str, &str)] = &[
@@ -168,15 +168,38 @@ impl TokSide {
 pub fn load_sides(specs: &[RefSpec], model: &Path) -> Result<(Vec<TokSide>, Vec<String>), HarnessError> {
     let mut sides = specs.iter().map(|s| TokSide::load(s, model)).collect::<Result<Vec<_>, _>>()?;
     let mut notes = vec![];
-    if model.is_file() && !specs.iter().any(|s| s.name == "llamacpp") {
-        let spec = RefSpec::parse("llamacpp")?;
-        match TokSide::load(&spec, model) {
-            Ok(mut w) => {
-                w.name = "llamacpp(witness)".into();
-                notes.push("llamacpp(witness): llama.cpp's tokenizer of the GGUF, added for GGUF files (--reference did not name llamacpp)".into());
+    let first_line = |e: &HarnessError| e.to_string().lines().next().unwrap_or("").to_string();
+    let gguf_tokenizer = |s: &RefSpec| s.declaration().is_ok_and(|d| d.declares(Capability::GgufTokenizer));
+    if model.is_file() && !specs.iter().any(gguf_tokenizer) {
+        // The first known reference whose tokenizer of a GGUF is the format's own; a module
+        // that cannot be imported says why there is none.
+        let mut witness = Err("no reference declares the gguf_tokenizer capability".to_string());
+        for (name, _) in crate::python::REFERENCES {
+            let spec = RefSpec::parse(name)?;
+            match spec.declaration() {
+                Ok(d) if d.declares(Capability::GgufTokenizer) => {
+                    witness = Ok(spec);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => witness = Err(format!("the {name} reference could not be imported: {}", first_line(&e))),
+            }
+        }
+        let loaded = witness.and_then(|spec| match TokSide::load(&spec, model) {
+            Ok(w) => Ok((spec, w)),
+            Err(e) => Err(format!("the {} reference's tokenizer could not be loaded: {}", spec.name, first_line(&e))),
+        });
+        match loaded {
+            Ok((spec, mut w)) => {
+                let n = &spec.name;
+                w.name = format!("{n}(witness)");
+                notes.push(format!(
+                    "{n}(witness): the {n} reference's tokenizer of the GGUF (the format's own), added for GGUF files \
+                     (--reference did not name {n})"
+                ));
                 sides.push(w);
             }
-            Err(e) => notes.push(format!("no GGUF witness (llama.cpp's tokenizer could not be loaded: {})", e.to_string().lines().next().unwrap_or(""))),
+            Err(why) => notes.push(format!("no GGUF witness ({why})")),
         }
     }
     Ok((sides, notes))

@@ -12,7 +12,7 @@ use lockstep::golden::{parity, trace};
 use lockstep::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
 use lockstep::lockstep::run as driver;
 use lockstep::models;
-use lockstep::python::{RefSpec, Reference};
+use lockstep::python::{Capability, RefSpec, Reference};
 use lockstep::report::table as report;
 use lockstep_engine::{Faults, SamplerConfig, WeightsMode};
 use serde::Serialize;
@@ -310,12 +310,17 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
         let r = match side {
             "engine" => bench::engine(&path, WeightsMode::Quantized, &ids, a.decode, a.repeats)?,
             "engine-dequant" => bench::engine(&path, WeightsMode::Dequant, &ids, a.decode, a.repeats)?,
-            "llamacpp" | "transformers" => bench::reference(side, &path, a.threads, &ids, a.decode, a.repeats)?,
-            other => {
-                return Err(HarnessError::Usage(format!(
-                    "unknown bench side `{other}` (engine, engine-dequant, llamacpp, transformers)"
-                )))
-            }
+            // A reference whose module declares the bench capability (references/bench.py times it).
+            other => match RefSpec::parse(other) {
+                Ok(spec) if spec.label() == other && spec.trace.is_none() && !spec.is_oracle() && spec.declaration()?.declares(Capability::Bench) => {
+                    bench::reference(&spec.name, &path, a.threads, &ids, a.decode, a.repeats)?
+                }
+                _ => {
+                    let mut refs = lockstep::python::references_declaring(Capability::Bench);
+                    refs.sort_unstable();
+                    return Err(HarnessError::Usage(format!("unknown bench side `{other}` (engine, engine-dequant, {})", refs.join(", "))));
+                }
+            },
         };
         eprintln!("  {}: prefill {:.1} tok/s, decode {:.1} tok/s", r.name, r.prefill_tps(), r.decode_tps());
         rows.push(r);

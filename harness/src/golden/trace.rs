@@ -239,6 +239,8 @@ impl TraceMeta {
             notes,
             transforms: self.reference.transforms.clone(),
             quantized_activations: self.reference.quantized_activations,
+            // A trace answers no optional method and keeps no other declared fact.
+            ..Description::default()
         }
     }
 
