@@ -12,7 +12,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::error::HarnessError;
-use crate::python::{ensure_python, py_err};
+use crate::reference::python::{ensure_python};
+use crate::reference::pycall::{py_err};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Speed {

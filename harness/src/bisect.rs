@@ -26,7 +26,7 @@ use crate::lockstep::run::{self as driver, layer_of, leaf_of};
 use crate::results::run::{KeptStep, RunResult, SiteRecord};
 use crate::lockstep::options::{RunOptions};
 use crate::error::HarnessError;
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::compare::tolerance::{tensor_verdict, tolerance, SiteKind, Verdict, WeightsMode};
 
 
@@ -161,7 +161,7 @@ pub struct CheckResult {
 /// alarm), bisects each against the loaded references and compares with the catalog.
 pub fn check_catalog(
     path: &std::path::Path,
-    specs: &[crate::python::RefSpec],
+    specs: &[crate::reference::RefSpec],
     refs: &[Reference],
     steps: usize,
     weights: Option<lockstep_engine::WeightsMode>,

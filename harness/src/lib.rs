@@ -28,8 +28,7 @@ pub mod golden;
 pub mod lockstep;
 pub mod models;
 pub mod paths;
-pub mod pycall;
-pub mod python;
+pub mod reference;
 pub mod report;
 pub mod results;
 

@@ -3,8 +3,9 @@
 //!
 //! An edge `a -> b` is any `crate::...` path in file `a` that resolves to module `b`
 //! (`use` lines and inline paths alike; `super::` is resolved too). A folder's `mod.rs`
-//! declaring or re-exporting its own children is its face, not a dependency, and is not an
-//! edge. The test prints every cycle it finds, file by file.
+//! re-exporting its own children (`pub use` lines) is its face, not a dependency, and is not
+//! an edge; anything else it takes from a child is. The test prints every cycle it finds,
+//! file by file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -38,7 +39,12 @@ fn module_of(src: &Path, file: &Path) -> String {
 fn referenced_paths(text: &str, module: &str, is_mod_rs: bool) -> Vec<String> {
     // Unit tests (`#[cfg(test)] mod tests`, at the end of a file) use `super::` of their own.
     let text = text.split("#[cfg(test)]").next().unwrap_or(text);
-    let code: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let code: String = text
+        .lines()
+        .filter(|l| !(is_mod_rs && l.trim_start().starts_with("pub use ")))
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut out = vec![];
     let bytes = code.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
@@ -103,8 +109,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
                 }
             };
             let Some(t) = hit else { continue };
-            let own_child = is_mod_rs && t.strip_prefix(m.as_str()).is_some_and(|r| r.starts_with("::"));
-            if t != *m && !own_child {
+            if t != *m {
                 edges.insert(t);
             }
         }

@@ -35,7 +35,7 @@ fn samplers() -> &'static (Py<PyAny>, Py<PyAny>) {
     SAMPLERS.get_or_init(|| {
         // SAFETY: before the interpreter starts; the tests of this file only read it.
         unsafe { std::env::set_var("LOCKSTEP_VENV", venv()) };
-        lockstep::python::ensure_python().expect("the reference environment starts");
+        lockstep::reference::python::ensure_python().expect("the reference environment starts");
         Python::attach(|py| {
             let m = py.import("sampling").expect("references/sampling.py imports");
             let hf = m.getattr("TransformersSampling").unwrap().call0().unwrap().unbind();
@@ -67,7 +67,7 @@ fn reference(side: Side, logits: &[f32], prev: &[u32], cfg: &SamplerConfig) -> V
         params.set_item("rep_penalty", cfg.rep_penalty).unwrap();
         let out = obj
             .call_method1("distribution", (PyArray1::from_slice(py, logits), PyList::new(py, prev.iter().copied()).unwrap(), params))
-            .unwrap_or_else(|e| panic!("{}", lockstep::python::format_pyerr(py, &e)));
+            .unwrap_or_else(|e| panic!("{}", lockstep::reference::pycall::format_pyerr(py, &e)));
         out.cast::<PyArray1<f64>>().unwrap().readonly().as_slice().unwrap().to_vec()
     })
 }

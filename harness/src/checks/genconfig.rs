@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::HarnessError;
 use crate::results::checks::{GenConfig, Row};
-use crate::python::Reference;
+use crate::reference::Reference;
 
 /// The parameters as `references/sampling.py` takes them.
 pub fn params_json(cfg: &SamplerConfig) -> serde_json::Value {
@@ -81,8 +81,8 @@ pub fn collect(engine: &LoadedModel, refs: &[Reference], chat: bool, max_new: us
     let params = params_json(cfg);
     let mut infos: Vec<Option<Value>> = vec![];
     for r in refs {
-        if let Some(o) = r.object().filter(|_| r.can(crate::python::Capability::GenerationConfig)) {
-            let v = crate::pycall::call_json(o, &r.name, "generation_config", &[params.clone(), Value::from(max_new)])?;
+        if let Some(o) = r.object().filter(|_| r.can(crate::reference::Capability::GenerationConfig)) {
+            let v = crate::reference::pycall::call_json(o, &r.name, "generation_config", &[params.clone(), Value::from(max_new)])?;
             infos.push(Some(v));
         } else {
             infos.push(None);

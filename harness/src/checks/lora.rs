@@ -23,7 +23,7 @@ use crate::lockstep::options::{RunOptions};
 use crate::error::HarnessError;
 use crate::results::run::Divergence;
 use crate::results::checks::{list, AdapterEffect, InventoryDiff, LayerEffect, LoraReport, SideInventory};
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::compare::tolerance::{LORA_CHECKSUM_REL, LORA_EFFECT_MIN_LOGITS_REL_L2};
 
 /// The run's divergence for an adapter problem: an inventory that differs, tensors
@@ -97,13 +97,13 @@ pub fn inventories(engine: &LoadedModel, refs: &[Reference]) -> Result<Vec<SideI
             continue;
         }
         let obj = r.object().ok_or_else(|| HarnessError::Usage(format!("--lora needs live references, not {}", r.name)))?;
-        if !r.can(crate::python::Capability::Lora) {
+        if !r.can(crate::reference::Capability::Lora) {
             return Err(HarnessError::Usage(format!("the {} reference cannot load LoRA adapters", r.name)));
         }
-        let text = crate::pycall::call_str(obj, &r.name, "lora_inventory", &[])?;
+        let text = crate::reference::pycall::call_str(obj, &r.name, "lora_inventory", &[])?;
         let entries: Vec<InventoryEntry> = serde_json::from_str(&text)
             .map_err(|e| HarnessError::Python(format!("{}.lora_inventory() is not an inventory: {e}", r.name)))?;
-        let config = crate::pycall::call_json(obj, &r.name, "lora_config", &[])?;
+        let config = crate::reference::pycall::call_json(obj, &r.name, "lora_config", &[])?;
         sides.push(SideInventory { side: r.name.clone(), entries, config });
     }
     Ok(sides)

@@ -19,7 +19,8 @@ use pyo3::prelude::*;
 use serde::Serialize;
 
 use crate::error::HarnessError;
-use crate::python::{ensure_python, py_err};
+use crate::reference::python::{ensure_python};
+use crate::reference::pycall::{py_err};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]

@@ -19,7 +19,8 @@ use pyo3::types::{PyDict, PyList};
 use crate::error::HarnessError;
 use crate::checks::genconfig::params_json;
 use crate::results::checks::SamplerCheck;
-use crate::python::{py_err, Capability, Reference};
+use crate::reference::pycall::{py_err};
+use crate::reference::{Capability, Reference};
 use crate::compare::tolerance::{Verdict, SAMPLER_TV_BOUNDARY, SAMPLER_TV_PASS};
 
 /// The engine order that reproduces a reference's declared stage list (the stages it runs,
@@ -55,7 +56,7 @@ pub fn reference_distribution(r: &Reference, logits: &[f32], prev: &[u32], cfg: 
         let prev = PyList::new(py, prev.iter().copied()).map_err(|e| py_err(py, e, "building arguments"))?;
         let params = PyDict::new(py);
         for (k, v) in params_json(cfg).as_object().expect("an object") {
-            params.set_item(k, crate::pycall::to_py(py, v).map_err(|e| py_err(py, e, "building arguments"))?)
+            params.set_item(k, crate::reference::pycall::to_py(py, v).map_err(|e| py_err(py, e, "building arguments"))?)
                 .map_err(|e| py_err(py, e, "building arguments"))?;
         }
         let obj = r.object().ok_or_else(|| HarnessError::Usage(format!("{} is a recorded trace: it cannot run a sampler", r.name)))?;
@@ -227,15 +228,15 @@ pub fn explain(
 
 /// The whole filter chain of every reference library that declares a sampler
 /// (`sampler_order`, `sampler_rep_window`), named by the reference, in
-/// [`crate::python::REFERENCES`] order: from a loaded reference's description, else from its
+/// [`crate::reference::REFERENCES`] order: from a loaded reference's description, else from its
 /// module's declaration (a module that cannot be imported is left out).
 pub fn library_orders(refs: &[Reference]) -> Result<Vec<Order>, HarnessError> {
     let mut out = vec![];
-    for (name, module) in crate::python::REFERENCES {
+    for (name, module) in crate::reference::REFERENCES {
         let loaded = refs.iter().find(|r| r.description.name == *name && r.description.declares(Capability::Sampler));
         let (stages, window) = match loaded {
             Some(r) => (r.description.sampler_order.clone(), r.description.sampler_rep_window),
-            None => match crate::python::declaration(module, name) {
+            None => match crate::reference::python::declaration(module, name) {
                 Ok(d) if d.declares(Capability::Sampler) => (d.sampler_order, d.sampler_rep_window),
                 _ => continue,
             },
@@ -279,7 +280,7 @@ pub fn rendered_prompts(
     let mut diffs = vec![];
     for r in refs.iter().filter(|r| r.can(Capability::ChatRender)) {
         let Some(o) = r.object() else { continue };
-        let theirs = crate::pycall::call_str(o, &r.name, "render_chat", &[serde_json::json!(msgs), serde_json::json!(true)])?;
+        let theirs = crate::reference::pycall::call_str(o, &r.name, "render_chat", &[serde_json::json!(msgs), serde_json::json!(true)])?;
         diffs.push((r.name.clone(), crate::checks::tokcheck::text_diff(&r.name, &ours, &theirs)));
     }
     Ok((Some(ours), diffs))
@@ -471,7 +472,7 @@ mod tests {
         let engine = sample::process(&logits, &[], &nominal.with_order(Order::mlx())).unwrap();
         let why = explain(&logits, &[], &nominal, &engine, &[Order::transformers(), Order::mlx()]).unwrap();
         assert!(why.as_deref().is_some_and(|w| w.starts_with("the filters run in mlx's order")), "{why:?}");
-        if crate::python::ensure_python().is_ok() {
+        if crate::reference::python::ensure_python().is_ok() {
             assert_eq!(library_orders(&[]).unwrap(), vec![Order::transformers(), Order::mlx()]);
         }
     }

@@ -27,8 +27,10 @@ use serde_json::{json, Value};
 
 use crate::error::HarnessError;
 use crate::results::checks::TextDiff;
-use crate::pycall::{call_json, call_str};
-use crate::python::{ensure_python, py_err, Capability, RefSpec};
+use crate::reference::pycall::{call_json, call_str};
+use crate::reference::python::{ensure_python};
+use crate::reference::pycall::{py_err};
+use crate::reference::{Capability, RefSpec};
 
 /// (label, text): strings that tokenizers get wrong.
 pub const CORPUS: &[(&str, &str)] = &[
@@ -174,7 +176,7 @@ pub fn load_sides(specs: &[RefSpec], model: &Path) -> Result<(Vec<TokSide>, Vec<
         // The first known reference whose tokenizer of a GGUF is the format's own; a module
         // that cannot be imported says why there is none.
         let mut witness = Err("no reference declares the gguf_tokenizer capability".to_string());
-        for (name, _) in crate::python::REFERENCES {
+        for (name, _) in crate::reference::REFERENCES {
             let spec = RefSpec::parse(name)?;
             match spec.declaration() {
                 Ok(d) if d.declares(Capability::GgufTokenizer) => {

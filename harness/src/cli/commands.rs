@@ -12,7 +12,7 @@ use lockstep::golden::{parity, trace};
 use lockstep::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
 use lockstep::lockstep::run as driver;
 use lockstep::models;
-use lockstep::python::{Capability, RefSpec, Reference};
+use lockstep::reference::{Capability, RefSpec, Reference};
 use lockstep::report::table as report;
 use lockstep_engine::{Faults, SamplerConfig, WeightsMode};
 use serde::Serialize;
@@ -316,7 +316,7 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
                     bench::reference(&spec.name, &path, a.threads, &ids, a.decode, a.repeats)?
                 }
                 _ => {
-                    let mut refs = lockstep::python::references_declaring(Capability::Bench);
+                    let mut refs = lockstep::reference::python::references_declaring(Capability::Bench);
                     refs.sort_unstable();
                     return Err(HarnessError::Usage(format!("unknown bench side `{other}` (engine, engine-dequant, {})", refs.join(", "))));
                 }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 
 use crate::lockstep::options::Prompt;
 use crate::error::HarnessError;
-use crate::python::RefSpec;
+use crate::reference::RefSpec;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

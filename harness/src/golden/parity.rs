@@ -30,7 +30,8 @@ use crate::results::run::{RefStep, RunResult, StepRecord, WorstSite};
 use crate::error::HarnessError;
 use crate::golden::manifest::Case;
 use crate::compare::Data;
-use crate::python::{RefSpec, Reference};
+use crate::reference::SiteArrays;
+use crate::reference::{RefSpec, Reference};
 use crate::compare::tolerance::{Precision, SiteKind, Verdict};
 use crate::golden::trace::{self, TraceMeta};
 
@@ -218,17 +219,16 @@ fn engine_top_k(engine: &LoadedModel, result: &RunResult) -> Result<Vec<Vec<(usi
 /// The reference's top-k ids at the last position of step `n`, read from its trace.
 fn reference_top_ids(r: &Reference, n: usize) -> Option<Vec<usize>> {
     let step = r.trace()?.steps.get(n)?;
-    step.with_site("logits", |shape, d| {
-        let vocab = *shape.last()?;
-        let rows = shape.first()?;
-        let last = (rows - 1) * vocab..rows * vocab;
-        let row: Vec<f64> = match d {
-            Data::F32(x) => x[last].iter().map(|&v| v as f64).collect(),
-            Data::F64(x) => x[last].to_vec(),
-            Data::Sketch(_) => return None,
-        };
-        Some(top_logprobs(&row, TOP_K).into_iter().map(|(i, _)| i).collect())
-    })?
+    let (shape, d) = step.get("logits")?;
+    let vocab = *shape.last()?;
+    let rows = shape.first()?;
+    let last = (rows - 1) * vocab..rows * vocab;
+    let row: Vec<f64> = match d {
+        Data::F32(x) => x[last].iter().map(|&v| v as f64).collect(),
+        Data::F64(x) => x[last].to_vec(),
+        Data::Sketch(_) => return None,
+    };
+    Some(top_logprobs(&row, TOP_K).into_iter().map(|(i, _)| i).collect())
 }
 
 fn escape_token(t: &str) -> String {

@@ -24,7 +24,7 @@ use crate::lockstep::run::{layer_of};
 use crate::results::run::{RunResult};
 use crate::error::HarnessError;
 use crate::compare::Data;
-use crate::python::{Backend, PyReference, Reference, StepOutput};
+use crate::reference::{Backend, Reference, StepOutput};
 use crate::compare::sketch::{Sketch, K};
 use crate::compare::tolerance::SiteKind;
 use crate::golden::trace::{self, Form, Stored, TraceMeta};
@@ -51,7 +51,7 @@ impl KeepPolicy {
 
 /// A live reference whose answers are copied into a trace as they pass.
 pub struct Recorder {
-    live: PyReference,
+    live: Box<dyn Backend>,
     sites: Vec<String>,
     policy: KeepPolicy,
     state: RefCell<RecState>,
@@ -71,14 +71,13 @@ struct RecState {
 
 /// Wraps a live reference so that what it answers is recorded.
 pub fn recording(r: Reference, policy: KeepPolicy) -> Result<Reference, HarnessError> {
-    let Reference { name, spec, backend, description } = r;
-    let live = match backend {
-        Backend::Python(p) => p,
-        _ => return Err(HarnessError::Usage(format!("{name}: only a live reference can be recorded"))),
-    };
+    let Reference { name, spec, backend: live, description } = r;
+    if live.object().is_none() {
+        return Err(HarnessError::Usage(format!("{name}: only a live reference can be recorded")));
+    }
     let sites = description.sites.clone();
     let rec = Recorder { live, sites, policy, state: RefCell::new(RecState::default()) };
-    Ok(Reference { name, spec, backend: Backend::Record(Box::new(rec)), description })
+    Ok(Reference { name, spec, backend: Box::new(rec), description })
 }
 
 fn copy_data(shape: &[usize], d: Data<'_>) -> Stored {
@@ -126,13 +125,8 @@ fn new_rows(before: &(Vec<usize>, Stored), now_shape: &[usize], now: &Stored) ->
     }
 }
 
-impl Recorder {
-    /// The live reference being recorded.
-    pub fn live(&self) -> &PyReference {
-        &self.live
-    }
-
-    pub fn reset(&self) -> Result<(), HarnessError> {
+impl Backend for Recorder {
+    fn reset(&self) -> Result<(), HarnessError> {
         self.live.reset()?;
         let mut st = self.state.borrow_mut();
         let prompt = st.prompt.take();
@@ -140,21 +134,35 @@ impl Recorder {
         Ok(())
     }
 
-    pub fn encode(&self, mode: &str, text: &str) -> Result<Vec<u32>, HarnessError> {
-        let ids = if mode == "chat" { self.live.encode_chat(text)? } else { self.live.encode_prompt(text)? };
-        self.state.borrow_mut().prompt = Some((mode.to_string(), text.to_string(), ids.clone()));
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, HarnessError> {
+        let ids = self.live.encode_prompt(text)?;
+        self.state.borrow_mut().prompt = Some(("prompt".to_string(), text.to_string(), ids.clone()));
         Ok(ids)
     }
 
-    pub fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
+    fn encode_chat(&self, user: &str) -> Result<Vec<u32>, HarnessError> {
+        let ids = self.live.encode_chat(user)?;
+        self.state.borrow_mut().prompt = Some(("chat".to_string(), user.to_string(), ids.clone()));
+        Ok(ids)
+    }
+
+    fn object(&self) -> Option<&pyo3::Py<pyo3::PyAny>> {
+        self.live.object()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
         let toks = self.live.generate_greedy(ids, n, stop)?;
         self.state.borrow_mut().generate = Some((ids.to_vec(), n, stop.to_vec(), toks.clone()));
         Ok(toks)
     }
 
     /// Steps the live reference and copies every site of its answer.
-    pub fn step(&self, ids: &[u32], label: &str) -> Result<StepOutput, HarnessError> {
-        let out = StepOutput::python(self.live.step(ids)?, label);
+    fn step(&self, ids: &[u32], label: &str) -> Result<StepOutput, HarnessError> {
+        let out = self.live.step(ids, label)?;
         let mut st = self.state.borrow_mut();
         let step = st.fed.len();
         st.fed.push(ids.to_vec());
@@ -231,7 +239,7 @@ pub fn write_traces(result: &RunResult, refs: &[Reference], t: &RecordTarget<'_>
     assert_eq!(refs.len(), t.names.len());
     let mut written = vec![];
     for (r, name) in refs.iter().zip(t.names) {
-        let Backend::Record(rec) = &r.backend else {
+        let Some(rec) = r.backend.as_any().downcast_ref::<Recorder>() else {
             return Err(HarnessError::Usage(format!("{}: not a recording reference", r.name)));
         };
         let st = rec.state.borrow();
@@ -307,7 +315,7 @@ pub fn write_traces(result: &RunResult, refs: &[Reference], t: &RecordTarget<'_>
 /// One recording: which live references, on which model and prompt, into which traces.
 pub struct RecordRequest {
     pub model_arg: String,
-    pub references: Vec<crate::python::RefSpec>,
+    pub references: Vec<crate::reference::RefSpec>,
     pub prompt: crate::lockstep::options::Prompt,
     pub steps: usize,
     /// Trace names, one per reference.

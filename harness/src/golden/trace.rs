@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::HarnessError;
 use crate::compare::Data;
-use crate::python::{Backend, Description, RefSpec, Reference};
+use std::any::Any;
+
+use crate::reference::{Backend, Description, RefSpec, Reference, SiteArrays, StepOutput};
 use crate::paths::{repo_dir, venv_dir};
 use crate::compare::sketch::{Sketch, K};
 
@@ -289,16 +291,16 @@ pub struct TraceStep {
     pub sites: HashMap<String, SiteData>,
 }
 
-impl TraceStep {
-    pub fn with_site<R>(&self, site: &str, f: impl FnOnce(&[usize], Data<'_>) -> R) -> Option<R> {
+impl SiteArrays for TraceStep {
+    fn get(&self, site: &str) -> Option<(&[usize], Data<'_>)> {
         Some(match self.sites.get(site)? {
-            SiteData::F32 { shape, data } => f(shape, Data::F32(data)),
-            SiteData::F64 { shape, data } => f(shape, Data::F64(data)),
-            SiteData::Sketch { shape, sketch } => f(shape, Data::Sketch(sketch)),
+            SiteData::F32 { shape, data } => (shape, Data::F32(data)),
+            SiteData::F64 { shape, data } => (shape, Data::F64(data)),
+            SiteData::Sketch { shape, sketch } => (shape, Data::Sketch(sketch)),
         })
     }
 
-    pub fn has(&self, site: &str) -> bool {
+    fn has(&self, site: &str) -> bool {
         self.sites.contains_key(site)
     }
 }
@@ -675,7 +677,7 @@ pub fn parse_spec(name: &str) -> Result<RefSpec, HarnessError> {
         "float64" => "float64",
         _ => "float32",
     };
-    let module = crate::python::reference_module(&meta.reference.name).unwrap_or("");
+    let module = crate::reference::reference_module(&meta.reference.name).unwrap_or("");
     Ok(RefSpec { name: meta.reference.name, module, dtype, trace: Some(name.to_string()) })
 }
 
@@ -732,7 +734,7 @@ pub fn load_reference_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path
         name: spec.label(),
         spec: spec.clone(),
         description: trace.meta.description(),
-        backend: Backend::Trace(Replay::new(trace)),
+        backend: Box::new(Replay::new(trace)),
     })
 }
 
@@ -767,12 +769,7 @@ impl Replay {
         &self.trace.meta.name
     }
 
-    pub fn reset(&self) -> Result<(), HarnessError> {
-        self.next.set(0);
-        Ok(())
-    }
-
-    pub fn encode(&self, mode: &str, text: &str) -> Result<Vec<u32>, HarnessError> {
+    fn encode(&self, mode: &str, text: &str) -> Result<Vec<u32>, HarnessError> {
         let p = &self.trace.meta.prompt;
         if p.mode == mode && p.text == text {
             return Ok(p.reference_ids.clone());
@@ -787,7 +784,7 @@ impl Replay {
         )))
     }
 
-    pub fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
+    fn recorded_generate(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
         let g = &self.trace.meta.generate;
         if ids == self.trace.meta.prompt.engine_ids.as_slice() && stop == g.stop_ids.as_slice() && n <= g.max_new_tokens {
             // Greedy decoding of n tokens is the first n of a longer greedy run.
@@ -803,7 +800,7 @@ impl Replay {
         )))
     }
 
-    pub fn step(&self, ids: &[u32]) -> Result<Arc<TraceStep>, HarnessError> {
+    fn recorded_step(&self, ids: &[u32]) -> Result<Arc<TraceStep>, HarnessError> {
         let n = self.next.get();
         let meta = &self.trace.meta;
         let Some(step) = self.trace.steps.get(n) else {
@@ -821,6 +818,40 @@ impl Replay {
         }
         self.next.set(n + 1);
         Ok(Arc::clone(step))
+    }
+}
+
+impl Backend for Replay {
+    fn reset(&self) -> Result<(), HarnessError> {
+        self.next.set(0);
+        Ok(())
+    }
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, HarnessError> {
+        self.encode("prompt", text)
+    }
+    fn encode_chat(&self, user: &str) -> Result<Vec<u32>, HarnessError> {
+        self.encode("chat", user)
+    }
+    fn step(&self, ids: &[u32], label: &str) -> Result<StepOutput, HarnessError> {
+        Ok(StepOutput::arrays(self.recorded_step(ids)?, label))
+    }
+    fn generate_greedy(&self, ids: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>, HarnessError> {
+        self.recorded_generate(ids, n, stop)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Reference {
+    /// The replay behind a `trace:NAME` reference.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.backend.as_any().downcast_ref::<Replay>()
+    }
+
+    /// The trace this reference replays, if it is one.
+    pub fn trace(&self) -> Option<&Trace> {
+        self.replay().map(|r| r.trace())
     }
 }
 

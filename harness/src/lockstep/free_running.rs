@@ -6,7 +6,7 @@ use lockstep_engine::LoadedModel;
 use crate::compare::tolerance::Verdict;
 use crate::error::HarnessError;
 use crate::lockstep::options::RunOptions;
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::results::run::{GenerateCheck, StepRecord};
 
 /// Where two token sequences first part (`None`: identical).

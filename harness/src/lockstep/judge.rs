@@ -15,7 +15,7 @@ use crate::compare::tolerance::{
     WeightsMode, FLOOR_MULTIPLE,
 };
 use crate::compare::{metrics_data, Data};
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::results::run::{OracleDistance, RefStep, SiteRecord};
 
 /// An engine site of one step, in the Hugging Face layout, widened to f64.

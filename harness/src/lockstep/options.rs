@@ -7,7 +7,7 @@ use lockstep_engine::{LoadOptions, LoadedModel};
 
 use crate::compare::tolerance::Precision;
 use crate::error::HarnessError;
-use crate::python::RefSpec;
+use crate::reference::RefSpec;
 
 #[derive(Debug, Clone)]
 pub enum Prompt {

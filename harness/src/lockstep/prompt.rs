@@ -6,7 +6,7 @@ use lockstep_engine::LoadedModel;
 
 use crate::error::HarnessError;
 use crate::lockstep::options::{engine_prompt_ids, Prompt, RunOptions};
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::results::run::PromptCheck;
 
 pub fn check_prompt(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<PromptCheck, HarnessError> {

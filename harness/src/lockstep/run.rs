@@ -24,7 +24,7 @@ use crate::lockstep::options::{Prompt, RunOptions};
 use crate::lockstep::prompt::check_prompt;
 use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompare};
 use crate::lockstep::summary::{engine_info, find_first_divergence, quant_run_checks, stopped_before_step0, summarize};
-use crate::python::{Reference, StepOutput};
+use crate::reference::{Reference, StepOutput};
 use crate::results::checks::{GenConfig, SamplerCheck};
 use crate::results::run::{KeptStep, PromptCheck, RunResult, StepRecord};
 

@@ -13,7 +13,7 @@ use crate::compare::tolerance::Verdict;
 use crate::compare::{logit_metrics_data, metrics_data, Data};
 use crate::error::HarnessError;
 use crate::lockstep::judge::{floor, localize, oracle_distance, EngineSite, Judge};
-use crate::python::{Reference, StepArrays, StepOutput};
+use crate::reference::{Reference, StepArrays, StepOutput};
 use crate::results::run::{KeptStep, PairStep, RefStep};
 
 /// The engine's answer at one step: the captured sites a reference asks for, and the

@@ -11,7 +11,7 @@ use lockstep_engine::{Decoder, LoadedModel, QkLayout};
 use crate::compare::tolerance::{QuantBounds, SiteKind, Verdict, WeightsMode};
 use crate::diagnosis::{self, At};
 use crate::lockstep::options::RunOptions;
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::results::run::{
     Divergence, EngineInfo, GenerateCheck, OracleSummary, PairSummary, PromptCheck, RefStep, RefSummary, RunResult, RunSummary,
     SiteRecord, StepRecord, WorstSite,

@@ -25,7 +25,7 @@ use crate::lockstep::options::{RunOptions};
 use crate::results::run::{RunResult};
 use crate::error::HarnessError;
 pub use crate::report::records::{FirstDivergence, RefNumbers, PairNumbers, StepRef, StepNumbers, LayerError, Heatmap, BisectNumbers, ConfigRow, GenerateNumbers, Timing, CaseResult, SuiteRecord, HistoryLine, Regression, Totals, Report, Thresholds};
-use crate::python::{RefSpec, Reference};
+use crate::reference::{RefSpec, Reference};
 use crate::report::suite::{CaseDef, Shard, Suite, SuiteHeader};
 use crate::compare::tolerance::{Precision, Verdict};
 

@@ -224,7 +224,7 @@ impl CaseDef {
             return Err(bad("`references` is empty".into()));
         }
         for r in &self.references {
-            crate::python::RefSpec::parse(r).map_err(|e| bad(e.to_string()))?;
+            crate::reference::RefSpec::parse(r).map_err(|e| bad(e.to_string()))?;
         }
         if !["default", "quantized", "dequant"].contains(&self.weights.as_str()) {
             return Err(bad(format!("weights `{}`: expected default, quantized or dequant", self.weights)));

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::results::run::{RefStep, RunResult, StepRecord, WorstSite};
 use crate::compare::tolerance::SiteKind;
 use crate::error::HarnessError;
-use crate::python::Reference;
+use crate::reference::Reference;
 use crate::compare::tolerance::Verdict;
 
 

@@ -1,13 +1,40 @@
-//! Small helpers for calling reference methods whose results are dict-shaped: they cross
-//! as JSON text (`json.dumps` on the Python side), which keeps the bridge to one
-//! conversion and the Rust side to serde.
+//! Calling into Python: Python errors converted in one place (with the traceback), and the
+//! helpers for reference methods whose results are dict-shaped, which cross as JSON text
+//! (`json.dumps` on the Python side): one conversion on the bridge, serde on the Rust side.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::Value;
 
 use crate::error::HarnessError;
-use crate::python::py_err;
+
+pub(crate) const FIX: &str = "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
+
+/// A Python exception as text, with its traceback.
+pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
+    let formatted = (|| -> PyResult<String> {
+        let tb = py.import("traceback")?;
+        let value = e.value(py);
+        let lines = tb.call_method1("format_exception", (value.get_type(), value, e.traceback(py)))?;
+        let lines: Vec<String> = lines.extract()?;
+        Ok(lines.concat())
+    })();
+    formatted.unwrap_or_else(|_| e.to_string()).trim_end().to_string()
+}
+
+/// Turns a Python error into a [`HarnessError`], with the traceback, saying what was being done.
+pub fn py_err(py: Python<'_>, e: PyErr, doing: impl std::fmt::Display) -> HarnessError {
+    if e.is_instance_of::<pyo3::exceptions::PyImportError>(py) {
+        return HarnessError::Env(format!("{doing}: {}\n{FIX}", format_pyerr(py, &e)));
+    }
+    HarnessError::Python(format!("{doing}: Python raised an exception:\n{}", format_pyerr(py, &e)))
+}
+
+pub(crate) fn type_name(o: &Bound<'_, PyAny>) -> String {
+    o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+
 
 /// Converts a JSON value into a Python object (dicts, lists, strings, numbers, None).
 pub fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
