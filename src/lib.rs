@@ -21,6 +21,7 @@ pub mod faults;
 pub mod generate;
 pub mod layout;
 pub mod models;
+pub mod options;
 pub use models::llama;
 pub mod loader;
 pub mod lora;

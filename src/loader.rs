@@ -10,7 +10,9 @@ use crate::config::HfConfig;
 use crate::decoder::Decoder;
 use crate::error::{EngineError, Result};
 use crate::faults::{Fault, Faults};
-use crate::lora::{LoraAdapter, LoraMode, LoraOptions};
+use crate::lora::{LoraAdapter, LoraMode};
+use crate::models::Checkpoint;
+pub use crate::options::LoadOptions;
 use crate::models;
 use crate::quant::WeightsMode;
 use crate::tokenizer::ChatMessage;
@@ -31,36 +33,6 @@ impl WeightsOrigin {
         }
     }
 }
-
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Compute dtype; dense weights are converted (GGUF: dequantized) to it. F32 or F64.
-    pub dtype: DType,
-    /// How GGUF matrices are held; `None` picks quantized for a GGUF file in f32 and dense
-    /// otherwise (Hugging Face weights are dense, and quantized kernels compute in f32).
-    pub weights: Option<WeightsMode>,
-    /// Injected faults (`crate::faults`), none in normal use.
-    pub faults: Faults,
-    /// A LoRA adapter to attach (`--lora DIR`), and how.
-    pub lora: Option<LoraOptions>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self { dtype: DType::F32, weights: None, faults: Faults::none(), lora: None }
-    }
-}
-
-/// Where a family's loader reads the weights from.
-pub enum Checkpoint<'a> {
-    /// A Hugging Face directory and its parsed `config.json`.
-    Hf { dir: &'a Path, config: &'a HfConfig },
-    /// An open GGUF file and the mode its matrices are held in.
-    Gguf { file: &'a mut GgufFile, mode: WeightsMode },
-}
-
-/// What a family's loader returns: the decoder and the adapter it attached.
-pub type FamilyModel = (Box<dyn Decoder>, Option<(LoraAdapter, LoraMode)>);
 
 pub struct LoadedModel {
     pub model: Box<dyn Decoder>,
@@ -172,7 +144,3 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })
 }
 
-/// Loads `opts.lora`'s adapter (checked against `cfg`), if any.
-pub fn load_lora(opts: &LoadOptions, cfg: &crate::Config) -> Result<Option<LoraAdapter>> {
-    opts.lora.as_ref().map(|l| LoraAdapter::load(&l.dir, cfg)).transpose()
-}

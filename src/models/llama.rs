@@ -22,7 +22,8 @@ use crate::layout::QkLayout;
 use crate::quant::Linear;
 use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
 use crate::taps::{tap, Capture};
-use crate::loader::{load_lora, Checkpoint, FamilyModel, LoadOptions};
+use super::{Checkpoint, FamilyModel};
+use crate::options::LoadOptions;
 use crate::weights::{self, LayerWeights, LlamaWeights};
 
 pub struct Llama {
@@ -282,7 +283,7 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
     };
     let mut model = Llama::new(cfg, weights, layout, opts.dtype);
     model.faults = opts.faults.clone();
-    let lora = match (load_lora(opts, &model.cfg)?, &opts.lora) {
+    let lora = match (opts.adapter(&model.cfg)?, &opts.lora) {
         (Some(adapter), Some(l)) => {
             adapter.attach(&mut model.weights.layers, &model.cfg, layout, opts.dtype, l.mode, &opts.faults)?;
             Some((adapter, l.mode))

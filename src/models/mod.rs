@@ -9,11 +9,25 @@ use std::path::Path;
 
 use crate::config::HfConfig;
 use crate::error::{EngineError, Result};
-use crate::loader::{Checkpoint, FamilyModel, LoadOptions};
+use crate::decoder::Decoder;
+use crate::lora::{LoraAdapter, LoraMode};
+use crate::options::LoadOptions;
+use crate::quant::WeightsMode;
 use crate::sites::{LayerSite, SiteGraph};
 use crate::weights::GgufFile;
 
 pub mod llama;
+
+/// Where a family's loader reads the weights from.
+pub enum Checkpoint<'a> {
+    /// A Hugging Face directory and its parsed `config.json`.
+    Hf { dir: &'a Path, config: &'a HfConfig },
+    /// An open GGUF file and the mode its matrices are held in.
+    Gguf { file: &'a mut GgufFile, mode: WeightsMode },
+}
+
+/// What a family's loader returns: the decoder and the adapter it attached.
+pub type FamilyModel = (Box<dyn Decoder>, Option<(LoraAdapter, LoraMode)>);
 
 /// A registered family.
 #[derive(Clone, Copy)]
