@@ -626,10 +626,14 @@ pub fn portable_model_path(path: &Path) -> String {
 
 /// Finds the model a trace was recorded from, by path and sha256: the recorded path (in
 /// the repository, or in any reference environment lockstep knows: `$LOCKSTEP_VENV`, the
-/// repository's `.venv`, `~/.cache/lockstep/venv`), then the model store. No Python.
+/// repository's `.venv`, `~/.cache/lockstep/venv`, for a path recorded inside one of them),
+/// then the model store. No Python.
 pub fn locate_model(m: &ModelMeta) -> Result<PathBuf, HarnessError> {
     let mut candidates: Vec<PathBuf> = vec![];
-    if let Some(rest) = m.path.strip_prefix("$LOCKSTEP_VENV/") {
+    // A path in the repository's own `.venv` was recorded where the reference environment
+    // lived in the repository: it is a path inside a reference environment.
+    let in_venv = m.path.strip_prefix("$LOCKSTEP_VENV/").or_else(|| m.path.strip_prefix(".venv/"));
+    if let Some(rest) = in_venv {
         for v in [venv_dir(), repo_dir().join(".venv"), home().join(".cache/lockstep/venv")] {
             candidates.push(v.join(rest));
         }
