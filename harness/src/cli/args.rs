@@ -126,7 +126,8 @@ pub struct RunArgs {
     pub model: String,
     /// References, comma-separated: transformers, mlx, llamacpp; NAME:f64 runs one in
     /// float64 as an oracle (e.g. transformers,mlx,transformers:f64); trace:NAME replays a
-    /// recorded trace without Python (e.g. trace:tiny-hf.transformers).
+    /// recorded trace without Python (e.g. trace:tiny-hf.transformers); engine is the bundled
+    /// engine itself, without faults (no Python; engine:f64 is an oracle).
     #[arg(long, default_value = "transformers")]
     pub reference: String,
     #[command(flatten)]

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::error::HarnessError;
 use crate::reference::python::{references_declaring, PyReference};
+use crate::reference::engine::ENGINE;
 use crate::reference::{reference_module, Capability, RefSpec, Reference};
 
 impl RefSpec {
@@ -20,7 +21,8 @@ impl RefSpec {
                 return Err(HarnessError::Usage(format!("reference `{spec}`: unknown dtype `{d}` (use f32 or f64)")))
             }
         };
-        Ok(RefSpec { name: name.to_string(), module: reference_module(name)?, dtype, trace: None })
+        let module = if name == ENGINE { "" } else { reference_module(name)? };
+        Ok(RefSpec { name: name.to_string(), module, dtype, trace: None })
     }
 
     /// Comma-separated list, no duplicates.
@@ -53,6 +55,9 @@ impl Reference {
     pub fn load_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
         if spec.trace.is_some() {
             return crate::golden::trace::load_reference_with_lora(spec, model, lora);
+        }
+        if spec.is_engine() {
+            return crate::reference::engine::load(spec, model, lora);
         }
         if lora.is_some() && !spec.declaration()?.declares(Capability::Lora) {
             return Err(HarnessError::Usage(format!(

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use crate::error::HarnessError;
 
 pub mod arrays;
+pub mod engine;
 pub mod load;
 pub mod pycall;
 pub mod python;
@@ -29,13 +30,15 @@ pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
     REFERENCES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
         let known: Vec<&str> = REFERENCES.iter().map(|(n, _)| *n).collect();
         HarnessError::Usage(format!(
-            "unknown reference `{name}`; known references: {} (append `:f64` to run one in float64, e.g. transformers:f64)",
-            known.join(", ")
+            "unknown reference `{name}`; known references: {}, {} (append `:f64` to run one in float64, e.g. transformers:f64)",
+            known.join(", "),
+            engine::ENGINE
         ))
     })
 }
 
-/// One `--reference` entry: `NAME`, `NAME:f64`, or `trace:CASE` (a recorded trace).
+/// One `--reference` entry: `NAME`, `NAME:f64`, `trace:CASE` (a recorded trace), or
+/// `engine` (the bundled engine, clean, as a reference).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefSpec {
     /// The reference's name (`transformers`); for a trace, the name of the reference it was
@@ -63,6 +66,11 @@ impl RefSpec {
 
     pub fn is_oracle(&self) -> bool {
         self.dtype == "float64"
+    }
+
+    /// The bundled engine as a reference (`engine`, `engine:f64`): no Python module.
+    pub fn is_engine(&self) -> bool {
+        self.trace.is_none() && self.name == engine::ENGINE
     }
 }
 /// An optional part of the reference protocol: `references/protocol.py`'s `CAPABILITIES`,

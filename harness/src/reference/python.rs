@@ -66,6 +66,9 @@ impl RefSpec {
     /// What the reference's module declares (imports it; loads nothing). A trace's spec
     /// names the module of the reference it was recorded from.
     pub fn declaration(&self) -> Result<Declaration, HarnessError> {
+        if self.is_engine() {
+            return Ok(crate::reference::engine::declaration());
+        }
         declaration(self.module, &self.name)
     }
 }
