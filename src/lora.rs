@@ -153,25 +153,7 @@ pub struct LoraAdapter {
     pub missing: Vec<String>,
 }
 
-/// An unmerged adapter on a base matrix (`Linear::Lora`).
-#[derive(Debug, Clone)]
-pub struct LoraLinear {
-    pub base: Linear,
-    /// `(r, in)`, compute dtype.
-    pub a: Tensor,
-    /// `(out, r)`, compute dtype, in the model's Q/K layout.
-    pub b: Tensor,
-    pub scale: f64,
-}
-
-impl LoraLinear {
-    /// `s * (x A^T) B^T` for `x (seq, in)`, in `x`'s dtype.
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(self.a.dtype())?;
-        let z = x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?; // (seq, out)
-        Ok((z * self.scale)?)
-    }
-}
+pub use crate::quant::LoraLinear;
 
 /// Per-module statistics of the adapter a side holds: what the harness diffs.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]

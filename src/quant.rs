@@ -63,7 +63,27 @@ pub enum Linear {
     Candle(Arc<QMatMul>, GgmlDType),
     /// A base matrix with an unmerged LoRA adapter: `y = x W^T + s * (x A^T) B^T`
     /// (`crate::lora`).
-    Lora(Arc<crate::lora::LoraLinear>),
+    Lora(Arc<LoraLinear>),
+}
+
+/// An unmerged adapter on a base matrix (`Linear::Lora`).
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub base: Linear,
+    /// `(r, in)`, compute dtype.
+    pub a: Tensor,
+    /// `(out, r)`, compute dtype, in the model's Q/K layout.
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LoraLinear {
+    /// `s * (x A^T) B^T` for `x (seq, in)`, in `x`'s dtype.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(self.a.dtype())?;
+        let z = x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?; // (seq, out)
+        Ok((z * self.scale)?)
+    }
 }
 
 impl Linear {
