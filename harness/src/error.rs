@@ -3,6 +3,10 @@
 
 use thiserror::Error;
 
+/// What to do when the reference environment is missing or incomplete.
+pub const SETUP_FIX: &str =
+    "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
+
 #[derive(Debug, Error)]
 pub enum HarnessError {
     /// Wrong command-line use: unknown alias, unknown reference, bad flag combination.
@@ -23,6 +27,12 @@ pub enum HarnessError {
     Mismatch(String),
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// A Python module of the reference environment could not be imported.
+    #[error("{doing}: {traceback}\n{}", SETUP_FIX)]
+    PythonImport { doing: String, traceback: String },
+    /// A reference raised an exception: what was being done, and the Python traceback.
+    #[error("{doing}: Python raised an exception:\n{traceback}")]
+    PythonException { doing: String, traceback: String },
     /// `--steps 0`.
     #[error("--steps must be at least 1")]
     ZeroSteps,

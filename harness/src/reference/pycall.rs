@@ -8,8 +8,6 @@ use serde_json::Value;
 
 use crate::error::HarnessError;
 
-pub(crate) const FIX: &str = "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
-
 /// A Python exception as text, with its traceback.
 pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
     let formatted = (|| -> PyResult<String> {
@@ -24,17 +22,16 @@ pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
 
 /// Turns a Python error into a [`HarnessError`], with the traceback, saying what was being done.
 pub fn py_err(py: Python<'_>, e: PyErr, doing: impl std::fmt::Display) -> HarnessError {
+    let (doing, traceback) = (doing.to_string(), format_pyerr(py, &e));
     if e.is_instance_of::<pyo3::exceptions::PyImportError>(py) {
-        return HarnessError::Env(format!("{doing}: {}\n{FIX}", format_pyerr(py, &e)));
+        return HarnessError::PythonImport { doing, traceback };
     }
-    HarnessError::Python(format!("{doing}: Python raised an exception:\n{}", format_pyerr(py, &e)))
+    HarnessError::PythonException { doing, traceback }
 }
 
 pub(crate) fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
-
-
 
 /// Converts a JSON value into a Python object (dicts, lists, strings, numbers, None).
 pub fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {

@@ -16,7 +16,8 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::error::HarnessError;
 use crate::paths::{references_dir, venv_dir};
-use crate::reference::pycall::{py_err, type_name, FIX};
+use crate::error::SETUP_FIX as FIX;
+use crate::reference::pycall::{py_err, type_name};
 use crate::reference::{Backend, Capability, Declaration, Description, RefSpec, StepOutput, REFERENCES};
 
 static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
