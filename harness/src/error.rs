@@ -33,6 +33,27 @@ pub enum HarnessError {
     /// A reference raised an exception: what was being done, and the Python traceback.
     #[error("{doing}: Python raised an exception:\n{traceback}")]
     PythonException { doing: String, traceback: String },
+    /// A `--reference` entry names no reference lockstep knows.
+    #[error("unknown reference `{name}`; known references: {known} (append `:f64` to run one in float64, e.g. transformers:f64)")]
+    UnknownReference { name: String, known: String },
+    /// A `--reference` entry with a dtype other than f32/f64.
+    #[error("reference `{entry}`: unknown dtype `{dtype}` (use f32 or f64)")]
+    ReferenceDtype { entry: String, dtype: String },
+    /// The same `--reference` entry twice.
+    #[error("reference `{entry}` is given twice")]
+    DuplicateReference { entry: String },
+    /// An empty `--reference` list.
+    #[error("--reference needs at least one reference")]
+    NoReference,
+    /// The prompt has no tokens on the engine's side.
+    #[error("the prompt encodes to no tokens")]
+    EmptyPrompt,
+    /// A trace cannot be read, written or replayed as asked.
+    #[error("trace {name}: {message}")]
+    Trace { name: String, message: String },
+    /// A suite file is wrong: the file and what is wrong with it.
+    #[error("{path}: {message}")]
+    Suite { path: String, message: String },
     /// `--steps 0`.
     #[error("--steps must be at least 1")]
     ZeroSteps,

@@ -248,7 +248,7 @@ impl TraceMeta {
 
     /// The engine weights mode the trace was recorded with.
     pub fn weights_mode(&self) -> Result<Option<lockstep_engine::WeightsMode>, HarnessError> {
-        parse_weights(&self.model.weights).map_err(|m| HarnessError::Usage(format!("trace {}: {m}", self.name)))
+        parse_weights(&self.model.weights).map_err(|message| HarnessError::Trace { name: self.name.clone(), message })
     }
 }
 
@@ -381,13 +381,13 @@ pub fn write(meta: &mut TraceMeta, tensors: &[(String, Stored)], dir: &Path, bud
         .iter()
         .map(|(n, dt, sh, b)| {
             safetensors::tensor::TensorView::new(*dt, sh.clone(), b).map(|v| (n.clone(), v)).map_err(|e| {
-                HarnessError::Mismatch(format!("trace {}: tensor {n}: {e}", meta.name))
+                HarnessError::Trace { name: meta.name.clone(), message: format!("tensor {n}: {e}") }
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let info: HashMap<String, String> = [("format".to_string(), FORMAT.to_string())].into();
     let bytes = safetensors::serialize(views, Some(info))
-        .map_err(|e| HarnessError::Mismatch(format!("trace {}: serializing: {e}", meta.name)))?;
+        .map_err(|e| HarnessError::Trace { name: meta.name.clone(), message: format!("serializing: {e}") })?;
     let size = bytes.len() as u64;
     if let Some(b) = budget_bytes {
         if size > b {

@@ -12,7 +12,7 @@ use crate::results::run::PromptCheck;
 pub fn check_prompt(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<PromptCheck, HarnessError> {
     let engine_ids = engine_prompt_ids(engine, &opts.prompt)?;
     if engine_ids.is_empty() {
-        return Err(HarnessError::Usage("the prompt encodes to no tokens".into()));
+        return Err(HarnessError::EmptyPrompt);
     }
     let (mode, text) = match &opts.prompt {
         Prompt::Text(t) => ("prompt", t.clone()),

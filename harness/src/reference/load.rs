@@ -18,7 +18,7 @@ impl RefSpec {
             Some((n, "f64" | "float64")) => (n, "float64"),
             Some((n, "f32" | "float32")) => (n, "float32"),
             Some((_, d)) => {
-                return Err(HarnessError::Usage(format!("reference `{spec}`: unknown dtype `{d}` (use f32 or f64)")))
+                return Err(HarnessError::ReferenceDtype { entry: spec.to_string(), dtype: d.to_string() })
             }
         };
         let module = if name == ENGINE { "" } else { reference_module(name)? };
@@ -31,12 +31,12 @@ impl RefSpec {
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let r = RefSpec::parse(part)?;
             if out.contains(&r) {
-                return Err(HarnessError::Usage(format!("reference `{part}` is given twice")));
+                return Err(HarnessError::DuplicateReference { entry: part.to_string() });
             }
             out.push(r);
         }
         if out.is_empty() {
-            return Err(HarnessError::Usage("--reference needs at least one reference".into()));
+            return Err(HarnessError::NoReference);
         }
         Ok(out)
     }

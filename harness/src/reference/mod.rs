@@ -29,11 +29,7 @@ pub const REFERENCES: &[(&str, &str)] =
 pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
     REFERENCES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
         let known: Vec<&str> = REFERENCES.iter().map(|(n, _)| *n).collect();
-        HarnessError::Usage(format!(
-            "unknown reference `{name}`; known references: {}, {} (append `:f64` to run one in float64, e.g. transformers:f64)",
-            known.join(", "),
-            engine::ENGINE
-        ))
+        HarnessError::UnknownReference { name: name.to_string(), known: format!("{}, {}", known.join(", "), engine::ENGINE) }
     })
 }
 

@@ -305,19 +305,19 @@ impl Suite {
 
     pub fn parse(text: &str, path: &Path) -> Result<Suite, HarnessError> {
         let f: SuiteFile =
-            toml::from_str(text).map_err(|e| HarnessError::Usage(format!("{}: {}", path.display(), e.to_string().trim())))?;
+            toml::from_str(text).map_err(|e| HarnessError::Suite { path: path.display().to_string(), message: e.to_string().trim().to_string() })?;
         let mut cases = f.cases;
         for m in &f.matrix {
             cases.extend(m.expand());
         }
         if cases.is_empty() {
-            return Err(HarnessError::Usage(format!("{}: the suite has no cases", path.display())));
+            return Err(HarnessError::Suite { path: path.display().to_string(), message: "the suite has no cases".into() });
         }
         let mut seen = BTreeSet::new();
         for c in &cases {
             c.validate(path)?;
             if !seen.insert(c.name.clone()) {
-                return Err(HarnessError::Usage(format!("{}: two cases are named `{}`", path.display(), c.name)));
+                return Err(HarnessError::Suite { path: path.display().to_string(), message: format!("two cases are named `{}`", c.name) });
             }
         }
         Ok(Suite { header: f.suite, cases, path: path.to_path_buf() })
