@@ -89,7 +89,7 @@ pub trait Decoder: Send + Sync {
 
     /// The inverse of [`Decoder::to_canonical`]: a Hugging Face-layout tensor of `site` in
     /// this model's layout (a reference's cache handed to [`Decoder::isolate_layer`]).
-    fn from_canonical(&self, site: &Site, t: &Tensor) -> Result<Tensor> {
+    fn to_model_layout(&self, site: &Site, t: &Tensor) -> Result<Tensor> {
         let info = self.info();
         if site.qk_rows {
             return info.qk_layout.from_hf(t, info.config.head_dim);

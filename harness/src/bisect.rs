@@ -322,7 +322,6 @@ fn site_detail(s: &SiteRecord) -> String {
 /// Runs layer `l` of the engine on the reference's input and cache; compares every site.
 fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
     let model = &engine.model;
-    let hd = model.info().config.head_dim;
     let input_name = sites::layer_input(l);
     let tensor = |name: &str| -> Option<Tensor> {
         k.arrays.get(name).and_then(|(shape, v)| Tensor::from_vec(v.clone(), shape.as_slice(), &Device::Cpu).ok())
@@ -341,7 +340,8 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
                 let ck = ck.narrow(1, 0, before)?;
                 let cv = cv.narrow(1, 0, before)?.contiguous()?;
                 // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
-                let ck = model.info().qk_layout.from_hf(&ck.contiguous()?, hd)?;
+                let site = model.site_graph().get(&format!("layers.{l}.cache_k")).ok_or(HarnessError::SiteNotInGraph { site: format!("layers.{l}.cache_k") })?;
+                let ck = model.to_model_layout(site, &ck.contiguous()?)?;
                 Some((ck, cv))
             }
         }
@@ -580,7 +580,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
     engine.model.isolate_layer(l, &xt, None, &mut cap).ok()?;
     let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
-    let eq = engine.model.info().qk_layout.to_hf(&eq, cfg.head_dim).ok()?;
+    let (eq, _) = engine.model.to_canonical(engine.model.site_graph().get(&format!("layers.{l}.q_rope"))?, &eq).ok()?;
     // q_rope is (heads, seq, hd); q is (seq, heads*hd).
     let (nh, seq, hd) = eq.dims3().ok()?;
     let eq: Vec<f32> = eq.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()?;
@@ -639,7 +639,12 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
             let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
             let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
             match (kt, vt) {
-                (Ok(kt), Ok(vt)) => engine.model.info().qk_layout.from_hf(&kt, cfg.head_dim).ok().map(|kt| (kt, vt)),
+                (Ok(kt), Ok(vt)) => engine
+                    .model
+                    .site_graph()
+                    .get(&format!("layers.{l}.cache_k"))
+                    .and_then(|s| engine.model.to_model_layout(s, &kt).ok())
+                    .map(|kt| (kt, vt)),
                 _ => None,
             }
         }

@@ -169,6 +169,9 @@ impl Samplers {
     }
 }
 
+/// The steps run: their records, the engine's tokens, and what bisect keeps.
+type Steps = (Vec<StepRecord>, Vec<u32>, Option<KeptStep>);
+
 /// One run's fixed parts, for the steps.
 struct Lockstep<'a> {
     opts: &'a RunOptions,
@@ -183,7 +186,7 @@ impl Lockstep<'_> {
     /// Runs the steps: the prompt, then one teacher-forced token per step, until the steps
     /// asked for, an end-of-sequence token, or (bisect) the first failing step. Returns the
     /// step records, the engine's tokens and what bisect keeps.
-    fn steps(&self, prompt: &PromptCheck, samplers: &mut Samplers) -> Result<(Vec<StepRecord>, Vec<u32>, Option<KeptStep>), HarnessError> {
+    fn steps(&self, prompt: &PromptCheck, samplers: &mut Samplers) -> Result<Steps, HarnessError> {
         let (opts, refs, model) = (self.opts, self.refs, self.engine.model.as_ref());
         let wanted: HashSet<&str> = self.ref_sites.iter().flat_map(|s| s.iter().map(|x| x.as_str())).collect();
         for r in refs {
