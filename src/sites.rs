@@ -21,6 +21,8 @@
 //! | `final_norm` | final norm output |
 //! | `logits` | logits of the positions fed in the step, `(seq, vocab)` |
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 /// What a site holds; decides which tolerances apply and how a divergence there reads.
@@ -126,6 +128,9 @@ pub struct Site {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SiteGraph {
     sites: Vec<Site>,
+    /// Name -> position in `sites` (the harness looks a site up for every capture).
+    #[serde(skip)]
+    index: HashMap<String, usize>,
     num_layers: usize,
     layer_sites: Vec<&'static str>,
 }
@@ -179,7 +184,8 @@ impl SiteGraph {
         let last = if num_layers == 0 { EMBED.to_string() } else { layer_site(num_layers - 1, OUT) };
         sites.push(Site { name: FINAL_NORM.into(), layer: None, leaf: FINAL_NORM, kind: SiteKind::Norm, reads: vec![last], qk_rows: false, module: None });
         sites.push(Site { name: LOGITS.into(), layer: None, leaf: LOGITS, kind: SiteKind::Logits, reads: vec![FINAL_NORM.into()], qk_rows: false, module: Some("lm_head") });
-        Self { sites, num_layers, layer_sites: layer.iter().map(|s| s.leaf).collect() }
+        let index = sites.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self { sites, index, num_layers, layer_sites: layer.iter().map(|s| s.leaf).collect() }
     }
 
     /// Every site, in forward order.
@@ -193,7 +199,7 @@ impl SiteGraph {
     }
 
     pub fn get(&self, name: &str) -> Option<&Site> {
-        self.sites.iter().find(|s| s.name == name)
+        self.index.get(name).map(|&i| &self.sites[i])
     }
 
     pub fn num_layers(&self) -> usize {
@@ -208,38 +214,6 @@ impl SiteGraph {
     /// The sites of one layer, in forward order.
     pub fn layer(&self, l: usize) -> impl Iterator<Item = &Site> {
         self.sites.iter().filter(move |s| s.layer == Some(l))
-    }
-
-    /// The per-layer site that is the output of checkpoint module `module` in layer `l`.
-    pub fn of_module(&self, l: usize, module: &str) -> Option<&Site> {
-        self.layer(l).find(|s| s.module == Some(module))
-    }
-
-    /// Whether the family has a per-layer site with this leaf.
-    pub fn has_leaf(&self, leaf: &str) -> bool {
-        self.layer_sites.contains(&leaf)
-    }
-
-    /// The sites a site reads, transitively, inside its own layer (its layer input
-    /// included): what can have caused a divergence first seen at `name`.
-    pub fn upstream(&self, name: &str) -> Vec<&Site> {
-        let mut out: Vec<&Site> = vec![];
-        let mut todo = vec![name.to_string()];
-        while let Some(n) = todo.pop() {
-            let Some(s) = self.get(&n) else { continue };
-            for r in &s.reads {
-                if let Some(rs) = self.get(r) {
-                    if !out.iter().any(|o| o.name == rs.name) {
-                        out.push(rs);
-                        if rs.layer == s.layer {
-                            todo.push(rs.name.clone());
-                        }
-                    }
-                }
-            }
-        }
-        out.sort_by_key(|s| self.sites.iter().position(|x| x.name == s.name));
-        out
     }
 }
 
@@ -258,8 +232,6 @@ mod tests {
         assert_eq!(g.names(), ["embed", "layers.0.attn_norm", "layers.0.out", "layers.1.attn_norm", "layers.1.out", "final_norm", "logits"]);
         assert_eq!(g.get("layers.1.attn_norm").unwrap().reads, ["layers.0.out"]);
         assert_eq!(g.get("final_norm").unwrap().reads, ["layers.1.out"]);
-        let up: Vec<_> = g.upstream("layers.1.out").iter().map(|s| s.name.clone()).collect();
-        assert_eq!(up, ["layers.0.out", "layers.1.attn_norm"]);
         assert_eq!(layer_of("layers.12.q"), Some(12));
         assert_eq!(leaf_of("layers.12.q_rope"), "q_rope");
         assert_eq!(layer_input(0), "embed");

@@ -116,9 +116,10 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         rep.reference = Some(rs.reference.clone());
         rep.detail = Some(site_detail(site));
         let mode = run.summary.references.get(k.reference).map(|r| r.mode).unwrap_or(WeightsMode::SameWeights);
+        // Isolation where the engine can run one layer alone (its declared capability).
         let iso = match site.layer {
-            Some(l) => Some(isolate(engine, k, l, st.fed.len(), mode)?),
-            None => None,
+            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, st.fed.len(), mode)?),
+            _ => None,
         };
         let total = run.steps.iter().map(|s| s.fed.len()).sum();
         let at = At { step: k.step, rs, site, fed: st.fed.len(), total, graph: engine.model.site_graph(), cache: engine.model.info().cache };
@@ -507,6 +508,9 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
 /// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
 fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
     let (adapter, _) = engine.lora.as_ref()?;
+    if !engine.model.info().capabilities.project {
+        return None;
+    }
     // The projection whose output this site is, and the site it reads (the site graph).
     let graph = engine.model.site_graph();
     let site = graph.get(&sites::layer_site(l, leaf))?;
