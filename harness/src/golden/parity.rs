@@ -24,7 +24,7 @@ use candle_core::{DType, IndexOp};
 use lockstep_engine::LoadedModel;
 use serde::Serialize;
 
-use crate::lockstep::run::{self as driver};
+use crate::lockstep::run as driver;
 use crate::lockstep::options::{RunOptions};
 use crate::results::run::{RefStep, RunResult, StepRecord, WorstSite};
 use crate::error::HarnessError;

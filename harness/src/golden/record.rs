@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::lockstep::run::{layer_of};
+use lockstep_engine::sites::layer_of;
 use crate::results::run::{RunResult};
 use crate::error::HarnessError;
 use crate::compare::Data;
@@ -342,7 +342,7 @@ pub struct Recorded {
 /// Runs the engine in lockstep with the live references, recording them, and writes one
 /// trace per reference.
 pub fn record(req: &RecordRequest) -> Result<Recorded, HarnessError> {
-    use crate::lockstep::run::{self as driver};
+    use crate::lockstep::run as driver;
 use crate::lockstep::options::{RunOptions};
     use crate::compare::tolerance::Precision;
     if req.names.len() != req.references.len() {

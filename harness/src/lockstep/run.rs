@@ -28,7 +28,7 @@ use crate::reference::{Reference, StepOutput};
 use crate::results::checks::{GenConfig, SamplerCheck};
 use crate::results::run::{KeptStep, PromptCheck, RunResult, StepRecord};
 
-pub use lockstep_engine::sites::{layer_of, leaf_of};
+use lockstep_engine::sites::layer_of;
 
 thread_local! {
     /// Called after every step with (steps done, steps planned): `lockstep report`'s progress.

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::lockstep::run::{self as driver};
+use crate::lockstep::run as driver;
 use crate::lockstep::options::{RunOptions};
 use crate::results::run::{RunResult};
 use crate::error::HarnessError;
@@ -199,7 +199,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
             for s in st.references[0].sites.iter().filter(|s| s.layer.is_some()) {
                 if let Some(e) = s.metrics.as_ref().and_then(|m| fin(m.rel_l2)) {
                     if worst.as_ref().is_none_or(|(w, _)| e > *w) {
-                        worst = Some((e, driver::leaf_of(&s.site).to_string()));
+                        worst = Some((e, lockstep_engine::sites::leaf_of(&s.site).to_string()));
                     }
                 }
             }
@@ -210,7 +210,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
                 .iter()
                 .map(|st| {
                     let mut row = vec![None; r.num_layers];
-                    for s in st.references[0].sites.iter().filter(|s| driver::leaf_of(&s.site) == leaf) {
+                    for s in st.references[0].sites.iter().filter(|s| lockstep_engine::sites::leaf_of(&s.site) == leaf) {
                         if let (Some(l), Some(m)) = (s.layer, s.metrics.as_ref()) {
                             if l < row.len() {
                                 row[l] = fin(m.rel_l2);
