@@ -1,8 +1,40 @@
 //! The one seam everything outside the engine drives: [`Decoder`]. A family implements it
 //! (today [`crate::models::llama::Llama`]); the harness, bisect, the LoRA checks and the
 //! reports see only this trait, the [`ModelInfo`] it describes itself with and the
-//! [`SiteGraph`] it declares. A user's engine can take the bundled one's place by
-//! implementing it.
+//! [`SiteGraph`] it declares.
+//!
+//! # The contract for an engine under test
+//!
+//! Any engine — yours — takes the bundled one's place by implementing [`Decoder`] and being
+//! wrapped with [`crate::LoadedModel::plugin`].
+//!
+//! **Must provide**
+//! - [`Decoder::forward`]: run the tokens of one step at positions `cache.offset()..` with
+//!   the engine's own cache, and return the logits: of every position fed `(seq, vocab)`, or
+//!   of the last one only `(1, vocab)` (then the earlier positions of a prefill are not
+//!   compared). An engine that keeps its cache inside itself treats [`KvCache`] as the
+//!   position counter: call [`KvCache::push_tokens`] with the ids fed, and start over when
+//!   [`Decoder::new_cache`] is called.
+//! - [`Decoder::info`]: family name and [`Config`] (layers, heads, vocabulary, BOS/EOS; read
+//!   it from the model with [`crate::loader::model_config`]), dtype, how it holds weights.
+//!   [`ModelInfo::new`] fills the rest with "nothing declared".
+//! - token ids: the harness tokenizes with the model file's tokenizer
+//!   ([`crate::loader::model_tokenizer`]) unless the engine brings its own
+//!   ([`Decoder::tokenize`]).
+//!
+//! **May provide**
+//! - any subset of the canonical sites ([`crate::sites`]), offered to the [`Capture`] in
+//!   forward order and declared in [`Decoder::site_graph`] (from
+//!   [`SiteGraph::logits_only`] to the family's whole graph, or [`SiteGraph::restrict`]).
+//!   The harness compares exactly what is declared, lists what it could not compare, and
+//!   bisect localizes as far as the taps allow: logits only, to the step; every layer's
+//!   `layers.N.out`, to the layer; every site, to the site ([`SiteGraph::localizes_to`]).
+//! - cache contents (`layers.N.cache_k` / `cache_v`): the dropped-context and stale-cache
+//!   diagnoses need them.
+//! - [`Decoder::isolate_layer`] and [`Decoder::project`] ([`Capabilities`]): bisect's
+//!   isolation and its LoRA evidence.
+//! - fault injection and a LoRA adapter: whatever the engine's own loader does with
+//!   [`crate::LoadOptions`] (`faults`, `lora`), reported in [`ModelInfo::faults`].
 
 use candle_core::{DType, Tensor};
 
@@ -40,6 +72,26 @@ pub struct ModelInfo {
     pub capabilities: Capabilities,
 }
 
+impl ModelInfo {
+    /// The description of an engine that declares nothing beyond its family and config: f32,
+    /// Hugging Face Q/K layout (its captures need no transform), an append-only cache, float
+    /// weights, no faults, no capabilities. Set the fields that differ.
+    pub fn new(family: &'static str, config: Config) -> Self {
+        ModelInfo {
+            family,
+            config,
+            dtype: DType::F32,
+            qk_layout: QkLayout::HalfSplit,
+            cache: CacheKind::AppendOnly,
+            matrix_types: vec![],
+            quant_type: None,
+            quantized_kernels: false,
+            faults: vec![],
+            capabilities: Capabilities::default(),
+        }
+    }
+}
+
 /// What a decoder can do beyond `forward`; the harness asks, never assumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capabilities {
@@ -61,8 +113,16 @@ pub trait Decoder: Send + Sync {
     fn new_cache(&self) -> KvCache;
 
     /// Runs `tokens` at positions `cache.offset()..`, updates `cache`, offers every site to
-    /// `capture` and returns the logits of every position fed, `(seq, vocab)`.
+    /// `capture` and returns the logits of every position fed, `(seq, vocab)`, or of the
+    /// last position only, `(1, vocab)`.
     fn forward(&self, tokens: &[u32], cache: &mut KvCache, capture: Option<&mut Capture>) -> Result<Tensor>;
+
+    /// The engine's own tokenization of a prompt (`chat`: one user message through its chat
+    /// template with the generation prompt), or `None` to let the harness use the model
+    /// file's tokenizer. The harness compares the ids with every reference's before step 0.
+    fn tokenize(&self, _text: &str, _chat: bool) -> Option<Result<Vec<u32>>> {
+        None
+    }
 
     /// Runs layer `layer` alone on its input `x (seq, hidden)` and the layer's cache before the
     /// step (`(kv_heads, cached, head_dim)` each, in this model's Q/K layout; `None`: empty),

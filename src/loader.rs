@@ -52,6 +52,9 @@ impl LoadedModel {
     /// with the generation prompt, plain text with the tokenizer's special tokens. The
     /// `raw-prompt` and `missing-bos` faults live here.
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        if let Some(ids) = self.model.tokenize(text, chat) {
+            return ids;
+        }
         let f = &self.faults;
         let mut ids = if chat && !f.has(Fault::RawPrompt) {
             self.tokenizer.encode_chat(&[ChatMessage::user(text.to_string())])?
@@ -69,6 +72,19 @@ impl LoadedModel {
         Ok(ids)
     }
 
+    /// An engine under test that is not the bundled one (see [`crate::decoder`] for the
+    /// contract): the harness drives `model` and tokenizes with the tokenizer of the model at
+    /// `path` (a Hugging Face directory or a GGUF file; its own [`Decoder::tokenize`] first,
+    /// if it has one). The weights mode is read from what the engine declares (quantized
+    /// kernels or not).
+    pub fn plugin(model: Box<dyn Decoder>, path: &Path) -> Result<LoadedModel> {
+        let tokenizer = model_tokenizer(path)?;
+        let info = model.info();
+        let weights = if info.quantized_kernels { WeightsMode::Quantized } else { WeightsMode::Dequant };
+        let origin = if path.is_dir() { WeightsOrigin::HfSafetensors } else { WeightsOrigin::Gguf };
+        Ok(LoadedModel { model, tokenizer, origin, weights, path: path.into(), lora: None, faults: Faults::default() })
+    }
+
     /// Ids that end a generation: the config's EOS ids, else the tokenizer's EOS token.
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = self.model.info().config.eos_token_ids.clone();
@@ -79,6 +95,32 @@ impl LoadedModel {
         }
         ids
     }
+}
+
+/// The validated hyper-parameters of the model at `path` (a Hugging Face directory or a GGUF
+/// file), read from its config or metadata alone: what a plug-in engine reports in its
+/// [`crate::ModelInfo`].
+pub fn model_config(path: &Path) -> Result<crate::Config> {
+    if !path.exists() {
+        return Err(EngineError::io(path, "no such file or directory"));
+    }
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        return HfConfig::from_file(&cfg_path)?.resolve(&cfg_path);
+    }
+    GgufFile::open(path)?.config()
+}
+
+/// The tokenizer (and chat template) of the model at `path`: `tokenizer.json` of a Hugging
+/// Face directory, the vocabulary of a GGUF file.
+pub fn model_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if !path.exists() {
+        return Err(EngineError::io(path, "no such file or directory"));
+    }
+    if path.is_dir() {
+        return Tokenizer::from_hf_dir(path);
+    }
+    Tokenizer::from_gguf(&GgufFile::open(path)?)
 }
 
 /// Loads a model from a Hugging Face directory or a `.gguf` file.

@@ -188,6 +188,39 @@ impl SiteGraph {
         Self { sites, index, num_layers, layer_sites: layer.iter().map(|s| s.leaf).collect() }
     }
 
+    /// The graph of an engine that exposes only its logits (of `num_layers` layers): the
+    /// harness compares the next-token distributions at every step and nothing else.
+    pub fn logits_only(num_layers: usize) -> Self {
+        Self::new(num_layers, &[]).restrict(|s| s.kind == SiteKind::Logits)
+    }
+
+    /// The sites of this graph that `keep` accepts, in the same order and with the same
+    /// dataflow (an engine that taps a subset of its family's sites declares this graph;
+    /// a site it reads may be missing, which only means bisect cannot follow it there).
+    pub fn restrict(&self, keep: impl Fn(&Site) -> bool) -> Self {
+        let sites: Vec<Site> = self.sites.iter().filter(|s| keep(s)).cloned().collect();
+        let index = sites.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let layer_sites = self.layer_sites.iter().copied().filter(|l| sites.iter().any(|s| s.layer.is_some() && s.leaf == *l)).collect();
+        Self { sites, index, num_layers: self.num_layers, layer_sites }
+    }
+
+    /// True when every site of the family graph `full` is here (a fully tapped engine).
+    pub fn covers(&self, full: &SiteGraph) -> bool {
+        full.sites.iter().all(|s| self.index.contains_key(&s.name))
+    }
+
+    /// How far bisect can localize a divergence with these taps: `"site"` with every
+    /// per-layer site, `"layer"` with each layer's output, else `"step"` (logits only).
+    pub fn localizes_to(&self) -> &'static str {
+        let layers_out = (0..self.num_layers).all(|l| self.index.contains_key(&layer_site(l, OUT)));
+        let more_than_out = self.sites.iter().any(|s| s.layer.is_some() && s.leaf != OUT);
+        match (layers_out, more_than_out) {
+            (true, true) => "site",
+            (true, false) => "layer",
+            _ => "step",
+        }
+    }
+
     /// Every site, in forward order.
     pub fn sites(&self) -> &[Site] {
         &self.sites
@@ -235,5 +268,19 @@ mod tests {
         assert_eq!(layer_of("layers.12.q"), Some(12));
         assert_eq!(leaf_of("layers.12.q_rope"), "q_rope");
         assert_eq!(layer_input(0), "embed");
+    }
+
+    #[test]
+    fn subsets_say_how_far_bisect_localizes() {
+        let g = SiteGraph::new(2, TWO);
+        assert_eq!(g.localizes_to(), "site");
+        let outs = g.restrict(|s| s.leaf == OUT || s.layer.is_none());
+        assert_eq!(outs.localizes_to(), "layer");
+        assert_eq!(outs.layer_sites(), ["out"]);
+        let logits = SiteGraph::logits_only(2);
+        assert_eq!(logits.names(), ["logits"]);
+        assert_eq!(logits.num_layers(), 2);
+        assert_eq!(logits.localizes_to(), "step");
+        assert!(g.covers(&outs) && !outs.covers(&g));
     }
 }
