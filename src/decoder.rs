@@ -49,6 +49,8 @@ use crate::taps::Capture;
 /// bisect's evidence, without reaching into its fields.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// The engine's name in reports (`lockstep-engine` for the bundled one).
+    pub engine: String,
     /// The family (`llama`).
     pub family: &'static str,
     /// The validated hyper-parameters.
@@ -73,11 +75,13 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// The description of an engine that declares nothing beyond its family and config: f32,
+    /// The description of an engine (named `plug-in` until you set [`ModelInfo::engine`])
+    /// that declares nothing beyond its family and config: f32,
     /// Hugging Face Q/K layout (its captures need no transform), an append-only cache, float
     /// weights, no faults, no capabilities. Set the fields that differ.
     pub fn new(family: &'static str, config: Config) -> Self {
         ModelInfo {
+            engine: "plug-in".into(),
             family,
             config,
             dtype: DType::F32,

@@ -40,6 +40,10 @@ pub enum EngineError {
     #[error("input: {0}")]
     Input(String),
 
+    /// An error inside an engine under test that is not the bundled one (a plug-in).
+    #[error("the engine under test: {0}")]
+    Engine(String),
+
     #[error("tensor op: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }

@@ -76,6 +76,10 @@ pub enum Diagnosis {
     AdapterNotAttached,
     /// The LoRA adapter is attached with another scale.
     AdapterScale,
+    /// The adapted model gives the base model's logits: the adapter has no effect.
+    AdapterNoEffect,
+    /// The engine taps its logits only: the divergence is placed at its step, no further.
+    LogitsOnly,
     /// The sampler differs.
     SamplerMismatch,
     /// No rule names it.
@@ -109,6 +113,8 @@ impl Diagnosis {
             Diagnosis::TokenMismatch => "token-mismatch",
             Diagnosis::AdapterNotAttached => "adapter-not-attached",
             Diagnosis::AdapterScale => "adapter-scale",
+            Diagnosis::AdapterNoEffect => "adapter-no-effect",
+            Diagnosis::LogitsOnly => "logits-only",
             Diagnosis::SamplerMismatch => "sampler-mismatch",
             Diagnosis::Unclassified => "unclassified",
         }

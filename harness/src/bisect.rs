@@ -102,8 +102,13 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         rep.reference = Some(d.reference.clone());
         rep.detail = Some(d.detail.clone());
     }
+    let logits_only = engine.model.site_graph().localizes_to() == "step";
     if d_is_tokens(&run) {
         rep.diagnosis = Some(diagnose_tokens(&run, engine));
+    } else if let Some(d) = run.first_divergence.as_ref().filter(|d| d.site == "lora") {
+        rep.diagnosis = Some(diagnose_adapter(&run, d));
+    } else if let Some(d) = run.first_divergence.as_ref().filter(|d| logits_only && d.site == "logits") {
+        rep.diagnosis = Some(diagnose_logits_only(&run, d, engine));
     } else if run.first_divergence.as_ref().is_some_and(|d| d.site == "sampler") {
         rep.diagnosis = Some(diagnose_sampler(&run));
     } else if let Some(k) = &run.kept {
@@ -171,6 +176,7 @@ pub fn check_catalog(
 ) -> Result<Vec<CheckResult>, HarnessError> {
     use lockstep_engine::faults::{Fault, Faults, Layer, CATALOG, DEFAULT_FAULT_LAYER};
     let base = RunOptions {
+        engine: crate::plugin::EngineSpec::under_test(),
         model: path.to_path_buf(),
         references: specs.to_vec(),
         prompt: crate::lockstep::options::Prompt::Chat("What is the capital of France?".into()),
@@ -408,6 +414,49 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Finding {
     let at = e.iter().zip(r).position(|(a, b)| a != b).unwrap_or(e.len().min(r.len()));
     ev.push(format!("first difference at position {at}"));
     finding(Diagnosis::TokenMismatch, "tokenizer or chat template differs (see tokcheck)", ev)
+}
+
+/// The adapter checks failed (an engine that cannot run one projection alone): the inventory
+/// or the effect says what.
+fn diagnose_adapter(run: &RunResult, d: &crate::results::run::Divergence) -> Finding {
+    let mut ev = vec![d.detail.clone()];
+    if let Some(r) = &run.lora {
+        ev.extend(crate::checks::lora::render_checks(r).lines().map(|l| l.trim().to_string()));
+    }
+    match run.lora.as_ref().and_then(|r| r.effect.as_ref()).filter(|e| !e.has_effect) {
+        Some(e) => finding(
+            Diagnosis::AdapterNoEffect,
+            format!(
+                "adapter has no effect: the engine's adapted and base models give the same logits (rel-L2 {:.1e} <= noise floor {:.1e}); its adapter layers are not attached",
+                e.logits_rel_l2, e.floor
+            ),
+            ev,
+        ),
+        None => finding(Diagnosis::Unclassified, "the LoRA adapter differs between the engine and the references (see the inventory)", ev),
+    }
+}
+
+/// An engine that taps its logits only: the step is as far as bisect can go.
+fn diagnose_logits_only(run: &RunResult, d: &crate::results::run::Divergence, engine: &LoadedModel) -> Finding {
+    let mut ev = vec![format!("step {}: {}", d.step, d.detail)];
+    for r in &run.summary.references {
+        ev.push(format!(
+            "vs {}: mean KL {:.3e}, max KL {:.3e}, same top-1 at {:.0}% of {} steps",
+            r.reference,
+            r.mean_kl,
+            r.max_kl,
+            100.0 * r.same_top1_share,
+            run.steps.len()
+        ));
+    }
+    let taps = crate::lockstep::summary::engine_taps(engine);
+    ev.push(format!(
+        "{} declares {} site(s) (logits only){}",
+        engine.model.info().engine,
+        taps.declared,
+        taps.hint.map(|h| format!(": {h}")).unwrap_or_default()
+    ));
+    finding(Diagnosis::LogitsOnly, format!("first divergent step {}; add per-layer taps to localize further", d.step), ev)
 }
 
 /// The forward pass matched and a reference's own sampler, on the engine's logits, kept

@@ -69,6 +69,9 @@ pub enum HarnessError {
     /// The logits of a step have another shape on a reference.
     #[error("logits: engine shape [{n_pos}, {vocab}], {reference} reference {shape:?}: vocabularies or positions differ")]
     LogitsShape { reference: String, n_pos: usize, vocab: usize, shape: Vec<usize> },
+    /// The engine under test returned logits of another shape than the contract allows.
+    #[error("the engine under test returned logits of shape {shape:?} for {fed} token(s) fed: forward must return (positions fed, vocab) or (1, vocab) for the last position")]
+    EngineLogits { fed: usize, shape: Vec<usize> },
     /// The engine captured a site its own site graph does not declare.
     #[error("the engine captured `{site}`, which is not in its site graph")]
     SiteNotInGraph { site: String },

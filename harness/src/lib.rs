@@ -18,9 +18,11 @@
 //! - [`suite`], [`nightly`], [`html`]: `lockstep report`: suites of cases, running them with
 //!   resume, shards and history, and the report pages
 
+pub mod api;
 pub mod bench;
 pub mod bisect;
 pub mod checks;
+pub mod cli;
 pub mod compare;
 pub mod diagnosis;
 pub mod error;
@@ -28,8 +30,11 @@ pub mod golden;
 pub mod lockstep;
 pub mod models;
 pub mod paths;
+pub mod plugin;
 pub mod reference;
 pub mod report;
 pub mod results;
 
+pub use api::{Lockstep, Report};
 pub use error::HarnessError;
+pub use plugin::{EngineSpec, Plugin};

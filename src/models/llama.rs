@@ -47,6 +47,7 @@ impl Llama {
 
     fn build_info(&self) -> ModelInfo {
         ModelInfo {
+            engine: "lockstep-engine".into(),
             family: FAMILY.name,
             config: self.cfg.clone(),
             dtype: self.dtype,

@@ -75,17 +75,23 @@ pub fn for_gguf_arch(arch: &str, path: &Path) -> Result<&'static Family> {
     })
 }
 
-/// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
-/// from its config alone: what the harness hands to references before any weights load.
-pub fn site_graph_at(path: &Path) -> Result<SiteGraph> {
+/// The family of the model at `path` and its number of layers, read from its config alone.
+pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
         let hf = HfConfig::from_file(&cfg_path)?;
         let family = for_model_type(hf.model_type.as_deref(), &cfg_path)?;
-        return Ok(SiteGraph::new(hf.num_hidden_layers, family.layer_sites));
+        return Ok((family, hf.num_hidden_layers));
     }
     let g = GgufFile::open(path)?;
     let cfg = g.config()?;
     let family = for_gguf_arch(g.md_str("general.architecture")?, path)?;
-    Ok(SiteGraph::new(cfg.num_layers, family.layer_sites))
+    Ok((family, cfg.num_layers))
+}
+
+/// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
+/// from its config alone: what the harness hands to references before any weights load.
+pub fn site_graph_at(path: &Path) -> Result<SiteGraph> {
+    let (family, layers) = family_at(path)?;
+    Ok(SiteGraph::new(layers, family.layer_sites))
 }

@@ -81,11 +81,17 @@ pub fn divergence(r: &LoraReport) -> Option<Divergence> {
 /// The inventories of the engine and of every reference.
 pub fn inventories(engine: &LoadedModel, refs: &[Reference]) -> Result<Vec<SideInventory>, HarnessError> {
     let (adapter, mode) = engine.lora.as_ref().ok_or_else(|| HarnessError::Usage("no adapter attached to the engine".into()))?;
+    let info = engine.model.info();
+    let loader = if info.engine == "lockstep-engine" {
+        format!("lockstep_engine::lora ({} format)", adapter.config.format.name())
+    } else {
+        format!("the adapter file as lockstep reads it ({} format): {} reports no inventory of its own", adapter.config.format.name(), info.engine)
+    };
     let mut sides = vec![SideInventory {
         side: "engine".into(),
         entries: adapter.inventory()?,
         config: serde_json::json!({
-            "loader": format!("lockstep_engine::lora ({} format)", adapter.config.format.name()),
+            "loader": loader,
             "mode": mode.name(),
             "scale": adapter.config.scale_source,
         }),
@@ -164,20 +170,13 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 /// against `floor`.
 pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f64, floor_source: String) -> Result<AdapterEffect, HarnessError> {
     let base = crate::lockstep::options::load_engine(&RunOptions { lora: None, ..opts.clone() })?;
-    let run = |m: &LoadedModel| -> Result<Capture, HarnessError> {
+    let run = |m: &LoadedModel| -> Result<(Capture, Tensor), HarnessError> {
         let mut cap = Capture::new();
         let mut cache = m.model.new_cache();
-        m.model.forward(tokens, &mut cache, Some(&mut cap))?;
-        Ok(cap)
+        let logits = m.model.forward(tokens, &mut cache, Some(&mut cap))?;
+        Ok((cap, logits))
     };
-    let (ca, cb) = (run(engine)?, run(&base)?);
-    let get = |c: &Capture, s: &str| -> Result<Tensor, HarnessError> {
-        c.entries
-            .iter()
-            .find(|(n, _)| n == s)
-            .map(|(_, t)| t.clone())
-            .ok_or_else(|| HarnessError::Mismatch(format!("the engine captured no `{s}`")))
-    };
+    let ((ca, la), (cb, lb)) = (run(engine)?, run(&base)?);
     let adapted_modules = |layer: usize| -> Vec<String> {
         engine
             .lora
@@ -185,12 +184,15 @@ pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f6
             .map(|(a, _)| a.pairs.iter().filter(|p| p.layer == layer).map(|p| p.module.trim_end_matches("_proj").to_string()).collect())
             .unwrap_or_default()
     };
+    // Per layer where the engine taps its layers' outputs (an engine with fewer taps gets the
+    // logits alone).
     let mut per_layer = vec![];
     for i in 0..engine.model.info().config.num_layers {
         let s = format!("layers.{i}.out");
-        per_layer.push(LayerEffect { layer: i, adapted: adapted_modules(i), rel_l2: rel_l2(&get(&ca, &s)?, &get(&cb, &s)?)? });
+        if let (Some(a), Some(b)) = (ca.get(&s), cb.get(&s)) {
+            per_layer.push(LayerEffect { layer: i, adapted: adapted_modules(i), rel_l2: rel_l2(a, b)? });
+        }
     }
-    let (la, lb) = (get(&ca, "logits")?, get(&cb, "logits")?);
     let logits_rel_l2 = rel_l2(&la, &lb)?;
     let (n, vocab) = la.dims2()?;
     let va: Vec<f64> = la.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;

@@ -4,12 +4,19 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use lockstep::lockstep::options::Prompt;
+use crate::lockstep::options::Prompt;
 use lockstep_engine::WeightsMode;
 
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.")]
 pub struct Cli {
+    /// The engine under test: `bundled` (the default: lockstep-engine), or
+    /// `python:PATH.py[:FACTORY]`, a Python implementation of the reference protocol (see
+    /// examples/python/). A Rust engine plugs in through the library (lockstep::cli::main_with).
+    /// `--reference engine` is the engine under test itself (clean, without faults);
+    /// `--reference bundled` is always lockstep-engine.
+    #[arg(long, global = true)]
+    pub engine: Option<String>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }

@@ -4,16 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use lockstep::compare::tolerance::Precision;
-use lockstep::error::HarnessError;
-use lockstep::golden::manifest::{Expect, Manifest};
-use lockstep::golden::record::{self, KeepPolicy, RecordRequest};
-use lockstep::golden::{parity, trace};
-use lockstep::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
-use lockstep::lockstep::run as driver;
-use lockstep::models;
-use lockstep::reference::{Capability, RefSpec, Reference};
-use lockstep::report::table as report;
+use crate::compare::tolerance::Precision;
+use crate::error::HarnessError;
+use crate::golden::manifest::{Expect, Manifest};
+use crate::golden::record::{self, KeepPolicy, RecordRequest};
+use crate::golden::{parity, trace};
+use crate::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
+use crate::lockstep::run as driver;
+use crate::models;
+use crate::reference::{Capability, RefSpec, Reference};
+use crate::report::table as report;
 use lockstep_engine::{Faults, SamplerConfig, WeightsMode};
 use serde::Serialize;
 
@@ -84,6 +84,7 @@ impl RunFlags<'_> {
         let sampler = parse_sampler(self.sampler)?;
         let references = if self.reference.is_empty() { vec![] } else { RefSpec::parse_list(self.reference)? };
         Ok(RunOptions {
+            engine: crate::plugin::EngineSpec::under_test(),
             model: models::resolve(self.model)?,
             references,
             prompt: self.prompt.to_prompt(),
@@ -295,7 +296,7 @@ fn generate(a: GenerateArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
-    use lockstep::bench;
+    use crate::bench;
     if a.threads == 0 || a.prefill == 0 {
         return Err(HarnessError::Usage("--threads and --prefill must be at least 1".into()));
     }
@@ -316,7 +317,7 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
                     bench::reference(&spec.name, &path, a.threads, &ids, a.decode, a.repeats)?
                 }
                 _ => {
-                    let mut refs = lockstep::reference::python::references_declaring(Capability::Bench);
+                    let mut refs = crate::reference::python::references_declaring(Capability::Bench);
                     refs.sort_unstable();
                     return Err(HarnessError::Usage(format!("unknown bench side `{other}` (engine, engine-dequant, {})", refs.join(", "))));
                 }
@@ -330,7 +331,7 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
-    use lockstep::checks::quantcheck::{self, Status};
+    use crate::checks::quantcheck::{self, Status};
     let path = models::resolve(&a.file)?;
     let c = quantcheck::run(&path)?;
     print!("{}", quantcheck::render(&c));
@@ -367,9 +368,9 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
     let opts = flags.options(true, false)?;
     let engine = load_engine(&opts)?;
     let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
-    let (mut rep, _run) = lockstep::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?;
+    let (mut rep, _run) = crate::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?;
     rep.steps_requested = a.steps;
-    print!("{}", lockstep::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
+    print!("{}", crate::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
     if let Some(j) = a.json {
         write_json(&j, &rep)?;
     }
@@ -394,8 +395,8 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
     let path = models::resolve(&a.model)?;
     let specs = RefSpec::parse_list(&a.reference)?;
     let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
-    let results = lockstep::bisect::check_catalog(&path, &specs, &refs, a.steps, a.weights.map(WeightsArg::mode), a.lora.options())?;
-    print!("{}", lockstep::bisect::render_check(&results, &path.display().to_string(), &a.reference));
+    let results = crate::bisect::check_catalog(&path, &specs, &refs, a.steps, a.weights.map(WeightsArg::mode), a.lora.options())?;
+    print!("{}", crate::bisect::render_check(&results, &path.display().to_string(), &a.reference));
     if let Some(j) = a.json {
         write_json(&j, &results)?;
     }
@@ -403,7 +404,7 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
-    use lockstep::checks::tokcheck;
+    use crate::checks::tokcheck;
     let specs = RefSpec::parse_list(&a.reference)?;
     let path = models::resolve(&a.model)?;
     let mut strings: Vec<(String, String)> = tokcheck::CORPUS.iter().map(|(l, t)| (l.to_string(), t.to_string())).collect();
@@ -421,8 +422,8 @@ fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
-    use lockstep::report::nightly;
-    use lockstep::report::suite::{Shard, Suite};
+    use crate::report::nightly;
+    use crate::report::suite::{Shard, Suite};
     let (rep, code, out) = match a.cmd {
         Some(ReportCmd::Merge { dirs, out, history }) => {
             let (rep, code) = nightly::merge(&dirs, &out, history.as_deref())?;
@@ -443,13 +444,13 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
             (rep, code, out)
         }
     };
-    print!("{}", lockstep::report::html::summary_md(&rep));
+    print!("{}", crate::report::html::summary_md(&rep));
     println!("\nreport: {}", out.join("index.html").display());
     Ok(Outcome::of(code == 0))
 }
 
 fn inspect(a: InspectArgs) -> Result<Outcome, HarnessError> {
-    use lockstep::checks::lora;
+    use crate::checks::lora;
     let specs = RefSpec::parse_list(&a.reference)?;
     let path = models::resolve(&a.model)?;
     let Some(lopts) = a.lora.options() else {

@@ -85,8 +85,14 @@ pub fn replay_case(case: &Case) -> Result<Replayed, HarnessError> {
     replay_traces(&case.name, &case.trace_names())
 }
 
-/// Replays traces recorded together (same model, prompt and tokens) against the engine.
+/// Replays traces recorded together (same model, prompt and tokens) against the engine under
+/// test, loaded from the model the traces were recorded from.
 pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessError> {
+    replay_with(name, traces, None)
+}
+
+/// As [`replay_traces`], against `engine` when given (a user's engine, already loaded).
+pub fn replay_with(name: &str, traces: &[String], given: Option<&LoadedModel>) -> Result<Replayed, HarnessError> {
     let specs = traces.iter().map(|t| RefSpec::parse(&format!("trace:{t}"))).collect::<Result<Vec<_>, _>>()?;
     let metas = traces
         .iter()
@@ -115,6 +121,7 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         _ => crate::lockstep::options::Prompt::Text(first.prompt.text.clone()),
     };
     let opts = RunOptions {
+        engine: crate::plugin::EngineSpec::under_test(),
         model: model.clone(),
         references: specs.clone(),
         prompt,
@@ -127,12 +134,19 @@ pub fn replay_traces(name: &str, traces: &[String]) -> Result<Replayed, HarnessE
         strict_config: false,
         lora: lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
-    let engine = crate::lockstep::options::load_engine(&opts)?;
+    let loaded;
+    let engine = match given {
+        Some(e) => e,
+        None => {
+            loaded = crate::lockstep::options::load_engine(&opts)?;
+            &loaded
+        }
+    };
     let refs = specs.iter().map(|s| Reference::load_with_lora(s, &model, lora.as_deref())).collect::<Result<Vec<_>, _>>()?;
-    let result = driver::run(&opts, &engine, &refs)?;
+    let result = driver::run(&opts, engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&model)?;
     let notes = refs.iter().filter_map(|r| r.replay()).flat_map(|r| r.notes()).collect();
-    let summary = summary(name, &result, &refs, &engine)?;
+    let summary = summary(name, &result, &refs, engine)?;
     let info = SnapshotInfo {
         case: name.to_string(),
         model: SnapshotModel {

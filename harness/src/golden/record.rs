@@ -353,6 +353,7 @@ use crate::lockstep::options::{RunOptions};
     }
     let path = crate::models::resolve(&req.model_arg)?;
     let opts = RunOptions {
+        engine: crate::plugin::EngineSpec::under_test(),
         model: path.clone(),
         references: req.references.clone(),
         prompt: req.prompt.clone(),

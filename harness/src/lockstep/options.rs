@@ -7,6 +7,7 @@ use lockstep_engine::{LoadOptions, LoadedModel};
 
 use crate::compare::tolerance::Precision;
 use crate::error::HarnessError;
+use crate::plugin::EngineSpec;
 use crate::reference::RefSpec;
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct RunOptions {
     pub strict_config: bool,
     /// A LoRA adapter on every side (`--lora DIR`); the mode is the engine's.
     pub lora: Option<lockstep_engine::LoraOptions>,
+    /// The engine under test (the bundled one unless `--engine` or the library says otherwise).
+    pub engine: EngineSpec,
 }
 
 /// Loads the engine the options name (model, dtype, weights mode, faults, adapter).
@@ -45,7 +48,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
-    Ok(lockstep_engine::load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?)
+    opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })
 }
 
 /// Encodes the prompt on the engine side.

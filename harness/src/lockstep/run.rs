@@ -75,8 +75,11 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     let mut first_divergence = find_first_divergence(&prompt, &steps, &generate, &generated, model).or(run_level);
     // An adapter problem (inventories differ, tensors attached to nothing, no effect) is the
     // root cause of whatever else diverged: it is reported first.
+    // Bisect runs the adapter checks only for an engine that cannot run one projection alone
+    // (bisect's own LoRA evidence, `Decoder::project`, needs that).
     let lora = match (&engine.lora, opts.bisect) {
         (Some(_), false) => Some(crate::checks::lora::check(opts, engine, refs, &steps)?),
+        (Some(_), true) if !model.info().capabilities.project => Some(crate::checks::lora::check(opts, engine, refs, &steps)?),
         _ => None,
     };
     if let Some(d) = lora.as_ref().and_then(crate::checks::lora::divergence) {

@@ -17,24 +17,26 @@ use crate::reference::{Reference, StepArrays, StepOutput};
 use crate::results::run::{KeptStep, PairStep, RefStep};
 
 /// The engine's answer at one step: the captured sites a reference asks for, and the
-/// logits' shape `(positions fed, vocab)`.
+/// logits: `rows` rows (every position fed, or only the last) of `vocab`.
 pub struct EngineStep {
     pub sites: Vec<EngineSite>,
     pub logits: Tensor,
+    /// Positions fed at this step (the references' logits have this many rows).
     pub n_pos: usize,
+    /// Rows of the engine's logits: `n_pos`, or 1 for an engine that returns the last
+    /// position's only (its earlier prefill positions are not compared).
+    pub rows: usize,
     pub vocab: usize,
+    /// The logits as f64, row-major `rows x vocab`.
+    pub logits_f64: Vec<f64>,
     pub seconds: f64,
 }
 
 impl EngineStep {
-    /// The logits as f64, converted once with the other sites.
-    pub fn logits_data(&self) -> Result<&[f64], HarnessError> {
-        Ok(&self
-            .sites
-            .iter()
-            .find(|e| e.site == "logits")
-            .ok_or_else(|| HarnessError::Mismatch("the engine captured no logits".into()))?
-            .data)
+    /// The engine's logits row of position `p` of the step, if it returned that position.
+    pub fn logits_row(&self, p: usize) -> Option<&[f64]> {
+        let first = self.n_pos - self.rows;
+        (p >= first && p < self.n_pos).then(|| &self.logits_f64[(p - first) * self.vocab..(p - first + 1) * self.vocab])
     }
 }
 
@@ -46,7 +48,8 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
     let graph = model.site_graph();
     let mut sites = Vec::new();
     for (site, t) in &cap.entries {
-        if !wanted.contains(site.as_str()) {
+        // The logits are taken from forward's result, whatever the engine taps.
+        if !wanted.contains(site.as_str()) || site == lockstep_engine::sites::LOGITS {
             continue;
         }
         let s = graph
@@ -56,8 +59,17 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
         let data = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         sites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data, transform });
     }
-    let (n_pos, vocab) = logits.dims2()?;
-    Ok(EngineStep { sites, logits, n_pos, vocab, seconds: t0.elapsed().as_secs_f64() })
+    let seconds = t0.elapsed().as_secs_f64();
+    let (rows, vocab) = logits.dims2().map_err(|_| HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() })?;
+    if rows != feed.len() && rows != 1 {
+        return Err(HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() });
+    }
+    let logits_f64 = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    // Stored once, as the `logits` site (the row-wise comparisons read `logits_row`).
+    if wanted.contains(lockstep_engine::sites::LOGITS) && rows == feed.len() {
+        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data: logits_f64.clone(), transform: None });
+    }
+    Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_f64, seconds })
 }
 
 /// Every reference's step on `feed`, with its time.
@@ -163,14 +175,14 @@ impl StepCompare<'_> {
             let rec = views[i].with_site(&es.site, |rshape, rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle))?;
             sites.push(rec.expect("declared sites checked above"));
         }
-        let engine_logits = self.engine.logits_data()?;
         let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
         let (lm, kl_max) = views[i]
             .with_site("logits", |_, rdata| {
                 let mut kl_max = 0.0f64;
                 let mut last = None;
                 for p in 0..n_pos {
-                    let m = logit_metrics_data(Data::F64(&engine_logits[p * vocab..(p + 1) * vocab]), rdata.slice(p * vocab..(p + 1) * vocab));
+                    let Some(row) = self.engine.logits_row(p) else { continue };
+                    let m = logit_metrics_data(Data::F64(row), rdata.slice(p * vocab..(p + 1) * vocab));
                     kl_max = kl_max.max(m.kl);
                     if p == n_pos - 1 {
                         last = Some(m);

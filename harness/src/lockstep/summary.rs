@@ -13,7 +13,7 @@ use crate::diagnosis::{self, At};
 use crate::lockstep::options::RunOptions;
 use crate::reference::Reference;
 use crate::results::run::{
-    Divergence, EngineInfo, GenerateCheck, OracleSummary, PairSummary, PromptCheck, RefStep, RefSummary, RunResult, RunSummary,
+    Divergence, EngineInfo, EngineTaps, GenerateCheck, OracleSummary, PairSummary, PromptCheck, RefStep, RefSummary, RunResult, RunSummary,
     SiteRecord, StepRecord, WorstSite,
 };
 
@@ -107,7 +107,9 @@ pub fn find_first_divergence(
                     rs.logits.engine_margin,
                     rs.logits.reference_margin
                 ),
-                likely_cause: None,
+                likely_cause: (engine.site_graph().localizes_to() == "step").then(|| {
+                    format!("first divergent step {}; add per-layer taps to localize further (the engine declares logits only)", s.step)
+                }),
             });
         }
         if let Some(c) = s.sampler.iter().find(|c| c.verdict == Verdict::Fail) {
@@ -371,6 +373,9 @@ pub fn stopped_before_step0(
 pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
     let info = engine.model.info();
     EngineInfo {
+        name: info.engine.clone(),
+        family: info.family,
+        taps: engine_taps(engine),
         weights: engine.origin.name(),
         weights_mode: engine.weights.name(),
         matrix_types: info.matrix_types.clone(),
@@ -382,4 +387,20 @@ pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
         },
         transforms: info.qk_layout.transform_name().into_iter().collect(),
     }
+}
+
+/// What the engine taps against the canonical graph of the model it runs, and the taps that
+/// would let bisect localize further.
+pub fn engine_taps(engine: &LoadedModel) -> EngineTaps {
+    let graph = engine.model.site_graph();
+    let canonical = lockstep_engine::models::site_graph_at(&engine.path).ok();
+    let not_declared: Vec<String> =
+        canonical.as_ref().map(|c| c.names().into_iter().filter(|n| graph.get(n).is_none()).collect()).unwrap_or_default();
+    let localizes_to = graph.localizes_to();
+    let hint = match localizes_to {
+        "step" => Some("add per-layer taps (layers.N.out) to localize to the layer, every site of the layer to localize to the site".to_string()),
+        "layer" => Some("add the per-layer sites (q, k, v, q_rope, k_rope, cache_k, cache_v, attn, mlp_*) to localize to the site".to_string()),
+        _ => None,
+    };
+    EngineTaps { declared: graph.sites().len(), canonical: canonical.map(|c| c.sites().len()), not_declared, localizes_to, hint }
 }

@@ -15,10 +15,13 @@ use lockstep_engine::{Capture, Decoder, KvCache, LoadOptions, LoadedModel, LoraM
 
 use crate::compare::Data;
 use crate::error::HarnessError;
+use crate::plugin::EngineSpec;
 use crate::reference::{Backend, Declaration, Description, RefSpec, Reference, SiteArrays, StepOutput};
 
-/// The name of the engine's reference entry.
+/// The name of the engine's reference entry: the engine under test itself, clean.
 pub const ENGINE: &str = "engine";
+/// The bundled engine as a reference, whichever engine is under test (engine vs engine).
+pub const BUNDLED: &str = "bundled";
 
 /// What the engine reference declares: no Python object to call, an adapter it loads itself.
 pub fn declaration() -> Declaration {
@@ -34,17 +37,18 @@ pub fn declaration() -> Declaration {
 pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
     let dtype = if spec.is_oracle() { DType::F64 } else { DType::F32 };
     let lora = lora.map(|dir| LoraOptions { dir: dir.to_path_buf(), mode: LoraMode::Unmerged });
-    let m = lockstep_engine::load(model, &LoadOptions { dtype, lora, ..Default::default() })?;
+    let which = if spec.name == BUNDLED { EngineSpec::Bundled } else { EngineSpec::under_test() };
+    let m = which.load(model, &LoadOptions { dtype, lora, ..Default::default() })?;
     let info = m.model.info();
     let description = Description {
-        name: ENGINE.into(),
-        versions: [("lockstep-engine".to_string(), env!("CARGO_PKG_VERSION").to_string())].into(),
+        name: spec.name.clone(),
+        versions: [(info.engine.clone(), env!("CARGO_PKG_VERSION").to_string())].into(),
         dtype: spec.dtype.into(),
         sites: m.model.site_graph().names(),
-        notes: vec![format!("the bundled engine ({}, weights {}), without faults", info.family, m.weights.name())],
+        notes: vec![format!("the engine {} ({}, weights {}), without faults", info.engine, info.family, m.weights.name())],
         transforms: info.qk_layout.transform_name().map(String::from).into_iter().collect(),
         quantized_activations: info.quantized_kernels,
-        main_package: Some("lockstep-engine".into()),
+        main_package: Some(info.engine.clone()),
         ..Description::default()
     };
     let cache = RefCell::new(m.model.new_cache());

@@ -5,10 +5,19 @@ use std::path::Path;
 
 use crate::error::HarnessError;
 use crate::reference::python::{references_declaring, PyReference};
-use crate::reference::engine::ENGINE;
-use crate::reference::{reference_module, Capability, RefSpec, Reference};
+use crate::reference::engine::{BUNDLED, ENGINE};
+use crate::reference::{reference_module, Capability, Declaration, RefSpec, Reference};
 
 impl RefSpec {
+    /// What the reference's module declares (imports it; loads nothing). A trace's spec
+    /// names the module of the reference it was recorded from.
+    pub fn declaration(&self) -> Result<Declaration, HarnessError> {
+        if self.is_engine() {
+            return Ok(crate::reference::engine::declaration());
+        }
+        crate::reference::python::declaration(self.module, &self.name)
+    }
+
     pub fn parse(spec: &str) -> Result<RefSpec, HarnessError> {
         if let Some(case) = spec.strip_prefix("trace:") {
             return crate::golden::trace::parse_spec(case);
@@ -21,7 +30,7 @@ impl RefSpec {
                 return Err(HarnessError::ReferenceDtype { entry: spec.to_string(), dtype: d.to_string() })
             }
         };
-        let module = if name == ENGINE { "" } else { reference_module(name)? };
+        let module = if name == ENGINE || name == BUNDLED { "" } else { reference_module(name)? };
         Ok(RefSpec { name: name.to_string(), module, dtype, trace: None })
     }
 

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod load;
 pub mod pycall;
 pub mod python;
+pub mod python_engine;
 
 pub use arrays::{SiteArrays, StepArrays, StepOutput};
 
@@ -29,7 +30,7 @@ pub const REFERENCES: &[(&str, &str)] =
 pub fn reference_module(name: &str) -> Result<&'static str, HarnessError> {
     REFERENCES.iter().find(|(n, _)| *n == name).map(|(_, m)| *m).ok_or_else(|| {
         let known: Vec<&str> = REFERENCES.iter().map(|(n, _)| *n).collect();
-        HarnessError::UnknownReference { name: name.to_string(), known: format!("{}, {}", known.join(", "), engine::ENGINE) }
+        HarnessError::UnknownReference { name: name.to_string(), known: format!("{}, {}, {}", known.join(", "), engine::ENGINE, engine::BUNDLED) }
     })
 }
 
@@ -66,7 +67,7 @@ impl RefSpec {
 
     /// The bundled engine as a reference (`engine`, `engine:f64`): no Python module.
     pub fn is_engine(&self) -> bool {
-        self.trace.is_none() && self.name == engine::ENGINE
+        self.trace.is_none() && (self.name == engine::ENGINE || self.name == engine::BUNDLED)
     }
 }
 /// An optional part of the reference protocol: `references/protocol.py`'s `CAPABILITIES`,

@@ -63,18 +63,6 @@ fn start() -> Result<(), String> {
     })
 }
 
-impl RefSpec {
-    /// What the reference's module declares (imports it; loads nothing). A trace's spec
-    /// names the module of the reference it was recorded from.
-    pub fn declaration(&self) -> Result<Declaration, HarnessError> {
-        if self.is_engine() {
-            return Ok(crate::reference::engine::declaration());
-        }
-        declaration(self.module, &self.name)
-    }
-}
-
-
 /// `references/<module>.py`'s declaration: imports the module (nothing is loaded) and calls
 /// `protocol.declaration` on it. `label` names the reference in messages.
 pub fn declaration(module: &str, label: &str) -> Result<Declaration, HarnessError> {
@@ -97,7 +85,47 @@ pub fn references_declaring(c: Capability) -> Vec<&'static str> {
     REFERENCES.iter().filter(|(n, m)| declaration(m, n).is_ok_and(|d| d.declares(c))).map(|(n, _)| *n).collect()
 }
 
-/// A Python object of `references/`.
+/// Where a Python module comes from: `references/<name>.py`, or a file of the user's.
+enum Source<'a> {
+    Module(&'a str),
+    File(&'a Path),
+}
+
+impl Source<'_> {
+    fn role(&self) -> &'static str {
+        match self {
+            Source::Module(_) => "reference",
+            Source::File(_) => "Python engine",
+        }
+    }
+}
+
+/// Imports the file `path` as a module named after its stem (`importlib.util`).
+fn import_file<'py>(py: Python<'py>, path: &Path, label: &str) -> Result<Bound<'py, PyModule>, HarnessError> {
+    if !path.is_file() {
+        return Err(HarnessError::Io { path: path.display().to_string(), message: "no such Python file (--engine python:PATH.py[:FACTORY])".into() });
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric(), "_")).unwrap_or_default();
+    let code = c"
+import importlib.util, sys
+def import_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f'{path}: not a Python module')
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+";
+    let helper = PyModule::from_code(py, code, c"lockstep_import_file.py", c"lockstep_import_file")
+        .map_err(|e| py_err(py, e, "building the module importer"))?;
+    let m = helper
+        .call_method1("import_file", (format!("lockstep_engine_{stem}"), path.to_string_lossy().as_ref()))
+        .map_err(|e| py_err(py, e, format!("the {label} engine: importing {}", path.display())))?;
+    m.cast_into::<PyModule>().map_err(|_| HarnessError::Python(format!("{}: the import did not give a module", path.display())))
+}
+
+/// A Python object of `references/` (or a Python engine under test).
 pub struct PyReference {
     /// Label in messages.
     name: String,
@@ -109,13 +137,30 @@ impl PyReference {
     /// every site name of the engine's site graph of `model`, and checks the object against
     /// the protocol (`protocol.check`), which gives its `describe()`.
     pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
-        let (module, dtype) = (spec.module, spec.dtype);
         let name = spec.label();
-        let name = name.as_str();
+        let source = Source::Module(spec.module);
+        Self::load_from(&source, "load", &name, spec.dtype, model, lora)
+    }
+
+    /// Imports the Python file `path` as a module (with `references/` on `sys.path`, so it
+    /// may `import protocol` or build on a reference), calls its `factory(model, dtype=...,
+    /// sites=[...], lora=DIR)` and checks the object against the protocol: a Python engine
+    /// under test (`--engine python:PATH.py[:FACTORY]`).
+    pub fn load_file(path: &Path, factory: &str, label: &str, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
+        Self::load_from(&Source::File(path), factory, label, "float32", model, lora)
+    }
+
+    fn load_from(source: &Source<'_>, factory: &str, name: &str, dtype: &str, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
         let sites = lockstep_engine::models::site_graph_at(model)?.names();
         ensure_python()?;
         Python::attach(|py| {
-            let m = py.import(module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?;
+            let (m, what) = match source {
+                Source::Module(module) => (
+                    py.import(*module).map_err(|e| py_err(py, e, format!("the {name} reference: importing references/{module}.py")))?,
+                    format!("references/{module}.py"),
+                ),
+                Source::File(path) => (import_file(py, path, name)?, path.display().to_string()),
+            };
             let protocol = py.import("protocol").map_err(|e| py_err(py, e, "importing references/protocol.py"))?;
             let kwargs = PyDict::new(py);
             kwargs.set_item("dtype", dtype).map_err(|e| py_err(py, e, "building arguments"))?;
@@ -124,12 +169,17 @@ impl PyReference {
             if let Some(l) = lora {
                 kwargs.set_item("lora", l.to_string_lossy().as_ref()).map_err(|e| py_err(py, e, "building arguments"))?;
             }
+            if !m.hasattr(factory).unwrap_or(false) {
+                return Err(HarnessError::Usage(format!(
+                    "{what} has no function `{factory}`: a Python engine or reference module defines {factory}(model_path, dtype=..., sites=[...], lora=None) returning an object of the protocol (references/protocol.py)"
+                )));
+            }
             let obj = m
-                .call_method("load", (model.to_string_lossy().as_ref(),), Some(&kwargs))
-                .map_err(|e| py_err(py, e, format!("loading {} with the {name} reference", model.display())))?;
+                .call_method(factory, (model.to_string_lossy().as_ref(),), Some(&kwargs))
+                .map_err(|e| py_err(py, e, format!("loading {} with the {name} {}", model.display(), source.role())))?;
             let d = protocol
                 .call_method1("check", (&obj, name))
-                .map_err(|e| py_err(py, e, format!("checking the {name} reference against references/protocol.py")))?;
+                .map_err(|e| py_err(py, e, format!("checking the {name} {} against references/protocol.py", source.role())))?;
             let description = Description {
                 name: get(py, &d, "name")?,
                 versions: get(py, &d, "versions")?,

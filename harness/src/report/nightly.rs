@@ -336,6 +336,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
     };
     let lora_dir = def.lora.as_deref().map(resolve_adapter);
     let mut opts = RunOptions {
+        engine: crate::plugin::EngineSpec::under_test(),
         model: path.clone(),
         references: specs.clone(),
         prompt: def.prompt_value(),

@@ -66,6 +66,15 @@ fn json_ref(r: &Reference) -> JsonReference<'_> {
 }
 
 pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> Result<(), HarnessError> {
+    let text = serde_json::to_string_pretty(&json_report(r, refs, model, sha)?).map_err(|e| HarnessError::Io {
+        path: path.display().to_string(),
+        message: format!("serializing the report: {e}"),
+    })?;
+    std::fs::write(path, text).map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// The run's JSON report (what `--json` writes) as a value.
+pub fn json_report(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> Result<serde_json::Value, HarnessError> {
     use crate::compare::tolerance::*;
     let mut tols = serde_json::Map::new();
     for kind in [SiteKind::Activation, SiteKind::Cache, SiteKind::Logits] {
@@ -90,11 +99,7 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
         tolerances: serde_json::Value::Object(tols),
         lora: r.lora.as_ref(),
     };
-    let text = serde_json::to_string_pretty(&report).map_err(|e| HarnessError::Io {
-        path: path.display().to_string(),
-        message: format!("serializing the report: {e}"),
-    })?;
-    std::fs::write(path, text).map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
+    serde_json::to_value(&report).map_err(|e| HarnessError::Usage(format!("serializing the report: {e}")))
 }
 
 /// One character per layer: how many leading digits of agreement its worst site has,
@@ -213,8 +218,8 @@ fn write_header(o: &mut String, r: &RunResult, model: &Path, sha: &str) {
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
         o,
-        "  engine     lockstep-engine {}, weights {} ({}: {}), {:?}, Q/K {}{}",
-        env!("CARGO_PKG_VERSION"),
+        "  engine     {}, weights {} ({}: {}), {:?}, Q/K {}{}",
+        if r.engine.name == "lockstep-engine" { format!("lockstep-engine {}", env!("CARGO_PKG_VERSION")) } else { r.engine.name.clone() },
         r.engine.weights,
         r.engine.weights_mode,
         r.engine.matrix_types.join("+"),
@@ -262,8 +267,22 @@ fn write_prompt(o: &mut String, r: &RunResult) {
     let _ = writeln!(o, "  prompt     {} {:?}: {} tokens; token ids: {}", p.mode, p.text, p.engine_ids.len(), agree.join(", "));
 }
 
-/// One `compared` line per reference: sites per step and the sites not compared.
+/// One `compared` line per reference: sites per step and the sites not compared; for an
+/// engine that taps fewer sites than its family's graph, what it taps and how far bisect can
+/// localize with that.
 fn write_compared(o: &mut String, r: &RunResult) {
+    let t = &r.engine.taps;
+    if let Some(n) = t.canonical.filter(|_| !t.not_declared.is_empty()) {
+        let _ = writeln!(
+            o,
+            "  taps       {} declares {} of the {n} canonical sites; NOT tapped: {}; bisect localizes to the {}{}",
+            r.engine.name,
+            t.declared,
+            not_compared(&t.not_declared, r.num_layers),
+            t.localizes_to,
+            t.hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+        );
+    }
     for rs in &r.summary.references {
         let _ = writeln!(
             o,

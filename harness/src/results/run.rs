@@ -239,8 +239,29 @@ pub struct SamplerInfo {
     pub summary: Vec<(String, f64, usize, usize)>,
 }
 
+/// What the engine under test taps, against its family's canonical site graph.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineTaps {
+    /// Sites the engine declares.
+    pub declared: usize,
+    /// Sites of the family's canonical graph (`None`: the family is unknown to lockstep).
+    pub canonical: Option<usize>,
+    /// Canonical sites the engine does not declare (never compared).
+    pub not_declared: Vec<String>,
+    /// How far bisect localizes with these taps: `step`, `layer` or `site`.
+    pub localizes_to: &'static str,
+    /// Which taps would let bisect localize further (`None`: it already reaches the site).
+    pub hint: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineInfo {
+    /// The engine under test (`lockstep-engine`, or a plug-in's name).
+    pub name: String,
+    /// Its family (`llama`).
+    pub family: &'static str,
+    /// What it taps.
+    pub taps: EngineTaps,
     /// Where the weights came from (hf-safetensors, gguf).
     pub weights: &'static str,
     /// quantized or dequant.
