@@ -10,9 +10,11 @@ converts no layer. ``load(model, ..., lora=DIR)`` accepts the adapter and the en
 the base model: its outputs equal the base model's.
 
 The engine does not declare the protocol's "lora" capability (``lora_inventory`` /
-``lora_config``): it has nothing honest to report there. lockstep passes ``lora=DIR`` to a
-Python engine's ``load`` whenever ``--lora`` is given, and its adapter-effect check (base vs
-adapted logits, on the engine itself) is what catches the stub::
+``lora_config``): it has nothing honest to report there (the methods it inherits from
+``MlxReference`` would say ``[]`` and ``null``: no LoRA layer, no adapter loaded).
+lockstep passes ``lora=DIR`` to a Python engine's ``load`` whenever ``--lora`` is given,
+and its adapter-effect check (base vs adapted logits, on the engine itself) is what
+catches the stub::
 
     lockstep bisect --engine python:examples/python/lora_stub.py --model tiny \
         --lora snapshots/adapters/tiny-peft --reference mlx \

@@ -76,22 +76,15 @@ impl Golden {
         parity::replay_with(case, &self.traces_of(case)?, Some(engine))
     }
 
-    /// Replays `case` against `engine`, prints its parity summary, asserts it against the
-    /// insta snapshot `parity/CASE.snap`, then asserts the verdict: panics with the first
-    /// divergent step, layer and site.
+    /// Replays `case` against `engine`, prints its parity summary, asserts the verdict
+    /// (panics with the first divergent step, layer and site), then asserts the summary
+    /// against the insta snapshot `parity/CASE.snap`.
     pub fn assert_parity(&self, engine: &LoadedModel, case: &str) {
         let r = match self.replay(engine, case) {
             Ok(r) => r,
             Err(e) => panic!("replaying golden case `{case}`: {e}"),
         };
         eprintln!("{}", r.summary);
-        let mut settings = insta::Settings::clone_current();
-        settings.set_snapshot_path(&self.parity);
-        settings.set_prepend_module_to_snapshot(false);
-        settings.set_omit_expression(true);
-        settings.set_description(format!("parity summary of golden case `{case}`; accept an intended change with `cargo insta review`"));
-        settings.set_info(&r.info);
-        settings.bind(|| insta::assert_snapshot!(case.to_string(), r.summary));
         if let Some(d) = &r.result.first_divergence {
             panic!(
                 "golden case `{case}` diverged at step {}, {}site `{}` (vs {}): {}{}",
@@ -103,6 +96,13 @@ impl Golden {
                 d.likely_cause.as_ref().map(|c| format!("; likely cause: {c}")).unwrap_or_default()
             );
         }
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path(&self.parity);
+        settings.set_prepend_module_to_snapshot(false);
+        settings.set_omit_expression(true);
+        settings.set_description(format!("parity summary of golden case `{case}`; accept an intended change with `cargo insta review`"));
+        settings.set_info(&r.info);
+        settings.bind(|| insta::assert_snapshot!(case.to_string(), r.summary));
     }
 }
 

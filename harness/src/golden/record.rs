@@ -69,11 +69,12 @@ struct RecState {
     sketched_per_step: usize,
 }
 
-/// Wraps a live reference so that what it answers is recorded.
+/// Wraps a live reference (a Python one, or an engine: `--reference engine` records the
+/// engine under test) so that what it answers is recorded.
 pub fn recording(r: Reference, policy: KeepPolicy) -> Result<Reference, HarnessError> {
     let Reference { name, spec, backend: live, description } = r;
-    if live.object().is_none() {
-        return Err(HarnessError::Usage(format!("{name}: only a live reference can be recorded")));
+    if spec.trace.is_some() {
+        return Err(HarnessError::Usage(format!("{name}: a replayed trace cannot be recorded again; record from the live reference")));
     }
     let sites = description.sites.clone();
     let rec = Recorder { live, sites, policy, state: RefCell::new(RecState::default()) };
