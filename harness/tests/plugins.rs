@@ -91,8 +91,7 @@ live_test! {
         let taps = &r.result.engine.taps;
         assert_eq!((taps.declared, taps.localizes_to), (1, "step"));
         assert!(taps.not_declared.iter().any(|s| s == "layers.0.cache_k"), "{:?}", taps.not_declared);
-        assert!(table.contains("logits-only declares 1 of the"), "{table}");
-        assert!(table.contains("bisect localizes to the step (add per-layer taps"), "{table}");
+        assert!(table.contains("logits-only taps the logits only (1 of the 51 canonical sites): bisect localizes to the step; add per-layer taps"), "{table}");
         let json = r.json().unwrap();
         assert_eq!(json["engine"]["taps"]["localizes_to"], "step");
         assert_eq!(json["engine"]["name"], "logits-only");

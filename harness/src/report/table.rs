@@ -272,15 +272,19 @@ fn write_prompt(o: &mut String, r: &RunResult) {
 /// localize with that.
 fn write_compared(o: &mut String, r: &RunResult) {
     let t = &r.engine.taps;
-    if let Some(n) = t.canonical.filter(|_| !t.not_declared.is_empty()) {
+    let partial = !t.not_declared.is_empty();
+    if let Some(n) = t.canonical.filter(|_| partial) {
+        let what = if t.declared == 1 {
+            format!("taps the logits only (1 of the {n} canonical sites)")
+        } else {
+            format!("declares {} of the {n} canonical sites; NOT tapped: {}", t.declared, not_compared(&t.not_declared, r.num_layers))
+        };
         let _ = writeln!(
             o,
-            "  taps       {} declares {} of the {n} canonical sites; NOT tapped: {}; bisect localizes to the {}{}",
+            "  taps       {} {what}: bisect localizes to the {}{}",
             r.engine.name,
-            t.declared,
-            not_compared(&t.not_declared, r.num_layers),
             t.localizes_to,
-            t.hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+            t.hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default()
         );
     }
     for rs in &r.summary.references {
@@ -289,7 +293,9 @@ fn write_compared(o: &mut String, r: &RunResult) {
             "  compared   {}: {} sites per step{}",
             rs.reference,
             rs.sites_compared_per_step,
-            if rs.sites_not_compared.is_empty() {
+            if rs.sites_not_compared.is_empty() && partial {
+                " (what the engine taps) and the next-token logits".to_string()
+            } else if rs.sites_not_compared.is_empty() {
                 format!(" (embed, {} layers x 16 incl. cache_k/cache_v, final_norm, logits); nothing skipped", r.num_layers)
             } else {
                 format!("; NOT compared: {}", not_compared(&rs.sites_not_compared, r.num_layers))
