@@ -39,7 +39,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use lockstep_engine::error::candle_message;
 use lockstep_engine::loader::model_config;
-use lockstep_engine::{Capture, Decoder, EngineError, KvCache, LoadedModel, ModelInfo, QkLayout, SiteGraph};
+use lockstep_engine::{Capture, Decoder, EngineError, KvCache, LoadOptions, LoadedModel, ModelInfo, QkLayout, SiteGraph, WeightsMode};
 
 /// candle-transformers' quantized Llama behind the engine contract.
 pub struct CandleQuantizedLlama {
@@ -53,6 +53,24 @@ pub struct CandleQuantizedLlama {
 struct State {
     model: ModelWeights,
     fed: Vec<u32>,
+}
+
+/// The engine's name in lockstep's reports.
+pub const ENGINE_NAME: &str = "candle-transformers quantized_llama";
+
+/// The loader lockstep calls (`Plugin::new(ENGINE_NAME, plugin_load)`): GGUF weights kept
+/// quantized, f32, no adapter of its own (an adapter given to the run is then judged by the
+/// effect check: this crate has none, so "adapter has no effect" is the true answer).
+pub fn plugin_load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel, EngineError> {
+    if opts.dtype != DType::F32 || opts.weights == Some(WeightsMode::Dequant) {
+        return Err(EngineError::Input(format!(
+            "{ENGINE_NAME} computes with quantized GGUF weights in f32 only (no --f64, no --weights dequant)"
+        )));
+    }
+    if !opts.faults.is_empty() {
+        return Err(EngineError::Input(format!("{ENGINE_NAME} has no fault injection (--inject)")));
+    }
+    loaded(path)
 }
 
 /// Loads the GGUF file at `path` with `ModelWeights::from_gguf` on the CPU.
@@ -89,6 +107,7 @@ pub fn load(path: &Path) -> Result<CandleQuantizedLlama, EngineError> {
         message: format!("candle-transformers quantized_llama cannot load it: {}", candle_message(&e)),
     })?;
     let mut info = ModelInfo::new("llama", config);
+    info.engine = ENGINE_NAME.into();
     info.dtype = DType::F32;
     info.qk_layout = QkLayout::HalfSplit;
     info.quantized_kernels = true;

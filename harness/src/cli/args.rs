@@ -259,6 +259,10 @@ pub struct RecordArgs {
     /// Refuse to write a trace larger than this many MB.
     #[arg(long)]
     pub budget_mb: Option<f64>,
+    /// Record only the sites the engine under test declares (a logits-only engine's traces
+    /// then hold the logits alone); replays of such traces compare those sites only.
+    #[arg(long)]
+    pub engine_sites: bool,
     /// Directory to write the traces to (default: snapshots/traces, or $LOCKSTEP_TRACES).
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -54,12 +54,20 @@ impl Golden {
         Golden::at(root.join("snapshots"))
     }
 
-    /// The traces of `case`: `CASE.json` or `CASE.*.json` in the traces directory, sorted.
+    /// The traces of `case`: `CASE.json` or `CASE.*.json` in the traces directory, sorted;
+    /// as paths relative to the current directory where they are under it (they name the
+    /// references in the summary, which must not depend on where the checkout is).
     pub fn traces_of(&self, case: &str) -> Result<Vec<String>, HarnessError> {
+        let cwd = std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok());
+        let dir = std::fs::canonicalize(&self.traces).unwrap_or_else(|_| self.traces.clone());
+        let shown = match cwd.as_ref().and_then(|c| dir.strip_prefix(c).ok()) {
+            Some(rel) if !rel.as_os_str().is_empty() => rel.to_path_buf(),
+            _ => self.traces.clone(),
+        };
         let names: Vec<String> = trace::list_traces(&self.traces)
             .into_iter()
             .filter(|n| n == case || n.strip_prefix(case).is_some_and(|r| r.starts_with('.')))
-            .map(|n| self.traces.join(n).display().to_string())
+            .map(|n| shown.join(n).display().to_string())
             .collect();
         if names.is_empty() {
             return Err(HarnessError::Usage(format!(

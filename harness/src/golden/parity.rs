@@ -278,7 +278,8 @@ fn write_header(o: &mut String, name: &str, r: &RunResult, refs: &[Reference]) {
     }
     let _ = writeln!(
         o,
-        "engine     lockstep-engine, weights {} ({}: {}), {:?}, Q/K {}{}",
+        "engine     {}, weights {} ({}: {}), {:?}, Q/K {}{}",
+        r.engine.name,
         r.engine.weights,
         r.engine.weights_mode,
         r.engine.matrix_types.join(", "),

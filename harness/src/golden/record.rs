@@ -34,6 +34,9 @@ use crate::golden::trace::{self, Form, Stored, TraceMeta};
 pub struct KeepPolicy {
     /// Layers kept in full; `None`: every layer.
     pub full_layers: Option<Vec<usize>>,
+    /// Only these sites are recorded (`record --engine-sites`: what the engine under test
+    /// declares, so that a logits-only engine's traces hold the logits alone); `None`: all.
+    pub only: Option<Vec<String>>,
 }
 
 impl KeepPolicy {
@@ -75,6 +78,10 @@ pub fn recording(r: Reference, policy: KeepPolicy) -> Result<Reference, HarnessE
     let Reference { name, spec, backend: live, description } = r;
     if spec.trace.is_some() {
         return Err(HarnessError::Usage(format!("{name}: a replayed trace cannot be recorded again; record from the live reference")));
+    }
+    let mut description = description;
+    if let Some(only) = &policy.only {
+        description.sites.retain(|s| only.contains(s));
     }
     let sites = description.sites.clone();
     let rec = Recorder { live, sites, policy, state: RefCell::new(RecState::default()) };
@@ -328,6 +335,8 @@ pub struct RecordRequest {
     pub lora: Option<std::path::PathBuf>,
     pub budget_bytes: Option<u64>,
     pub dir: std::path::PathBuf,
+    /// Record only the sites the engine under test declares.
+    pub engine_sites: bool,
 }
 
 /// A finished recording: the lockstep run it was (for its report) and the traces written.
@@ -368,10 +377,14 @@ use crate::lockstep::options::{RunOptions};
         lora: req.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
     let engine = crate::lockstep::options::load_engine(&opts)?;
+    let mut policy = req.policy.clone();
+    if req.engine_sites {
+        policy.only = Some(engine.model.site_graph().names());
+    }
     let refs = req
         .references
         .iter()
-        .map(|s| Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, req.policy.clone())))
+        .map(|s| Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, policy.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&path)?;
@@ -397,7 +410,7 @@ mod tests {
 
     #[test]
     fn policy_keeps_logits_caches_and_chosen_layers() {
-        let p = KeepPolicy { full_layers: Some(vec![0, 29]) };
+        let p = KeepPolicy { full_layers: Some(vec![0, 29]), only: None };
         assert_eq!(p.form("logits"), Form::Full);
         assert_eq!(p.form("embed"), Form::Full);
         assert_eq!(p.form("final_norm"), Form::Full);

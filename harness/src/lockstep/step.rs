@@ -95,7 +95,8 @@ pub struct StepCompare<'a> {
 }
 
 impl StepCompare<'_> {
-    /// Every declared site must be there, with logits of the engine's shape.
+    /// Every declared site must be there, with logits of every position fed or of the last
+    /// one only (an engine as a reference, or a reference, that returns the last row).
     pub fn check_declared(&self, views: &[StepArrays<'_, '_>]) -> Result<(), HarnessError> {
         let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
         for (i, v) in views.iter().enumerate() {
@@ -105,7 +106,7 @@ impl StepCompare<'_> {
                 }
             }
             let shape = v.with_site("logits", |sh, _| sh.to_vec())?.unwrap_or_default();
-            if shape != [n_pos, vocab] {
+            if shape != [n_pos, vocab] && shape != [1, vocab] {
                 return Err(HarnessError::LogitsShape { reference: self.refs[i].name.clone(), n_pos, vocab, shape });
             }
         }
@@ -114,7 +115,7 @@ impl StepCompare<'_> {
 
     /// Reference against reference at every site both provide: the noise floor.
     pub fn pairs(&self, views: &[StepArrays<'_, '_>]) -> Result<Vec<PairStep>, HarnessError> {
-        let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
+        let vocab = self.engine.vocab;
         let mut pairs = vec![];
         for a in 0..self.refs.len() {
             for b in a + 1..self.refs.len() {
@@ -133,10 +134,10 @@ impl StepCompare<'_> {
                     }
                 }
                 let lm = views[a]
-                    .with_site("logits", |_, da| {
-                        views[b].with_site("logits", |_, db| {
-                            let last = (n_pos - 1) * vocab..n_pos * vocab;
-                            logit_metrics_data(da.slice(last.clone()), db.slice(last))
+                    .with_site("logits", |sa, da| {
+                        views[b].with_site("logits", |sb, db| {
+                            let last = |rows: usize| (rows - 1) * vocab..rows * vocab;
+                            logit_metrics_data(da.slice(last(sa[0])), db.slice(last(sb[0])))
                         })
                     })?
                     .transpose()?
@@ -160,7 +161,13 @@ impl StepCompare<'_> {
     pub fn reference(&self, i: usize, views: &[StepArrays<'_, '_>], pairs: &[PairStep], seconds: f64) -> Result<RefStep, HarnessError> {
         let others: Vec<usize> = (0..self.refs.len()).filter(|&j| j != i).collect();
         let mut sites = Vec::new();
+        // A reference that returns the last row of the logits only is compared row-wise below,
+        // not as a site.
+        let ref_rows = views[i].with_site("logits", |sh, _| sh[0])?.unwrap_or(0);
         for es in self.engine.sites.iter().filter(|es| self.ref_sites[i].contains(&es.site)) {
+            if es.site == "logits" && es.shape[0] != ref_rows {
+                continue;
+            }
             let pair_rel = |j: usize| self.pair(pairs, i, j).sites.iter().find(|(s, _)| *s == es.site).map(|(_, m)| m.rel_l2);
             let site_floor = floor(others.iter().filter_map(|&j| pair_rel(j)));
             let oracle = match self.oracle {
@@ -177,12 +184,15 @@ impl StepCompare<'_> {
         }
         let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
         let (lm, kl_max) = views[i]
-            .with_site("logits", |_, rdata| {
+            .with_site("logits", |rshape, rdata| {
                 let mut kl_max = 0.0f64;
                 let mut last = None;
-                for p in 0..n_pos {
+                // The reference's rows are the last `rshape[0]` positions fed.
+                let first = n_pos - rshape[0];
+                for p in first..n_pos {
                     let Some(row) = self.engine.logits_row(p) else { continue };
-                    let m = logit_metrics_data(Data::F64(row), rdata.slice(p * vocab..(p + 1) * vocab));
+                    let r = p - first;
+                    let m = logit_metrics_data(Data::F64(row), rdata.slice(r * vocab..(r + 1) * vocab));
                     kl_max = kl_max.max(m.kl);
                     if p == n_pos - 1 {
                         last = Some(m);
