@@ -1,22 +1,19 @@
-//! The lockstep harness: runs the `lockstep-engine` in lockstep with a Python reference
-//! embedded through pyo3, compares every site, and reports the first divergence.
+//! The lockstep harness: runs an engine under test — the bundled `lockstep-engine`, a user's
+//! Rust engine behind `lockstep_engine::Decoder`, or a Python one — in lockstep with Python
+//! references embedded through pyo3, compares every site both declare, and reports the
+//! first divergence.
 //!
-//! - [`python`]: the reference environment, the embedded interpreter, reference objects
-//! - [`driver`]: the lockstep protocol (prefill, then one teacher-forced token per step)
-//! - [`compare`]: tensor and logit comparators
-//! - [`tolerance`]: the one table of tolerances, with sources
-//! - [`report`]: the printed table and the JSON report
-//! - [`models`]: model aliases
-//! - [`trace`], [`record`], [`sketch`]: golden traces (recorded reference answers replayed
-//!   without Python as `--reference trace:NAME`), recording them, and the sketches that
-//!   summarize the sites a trace does not keep in full
-//! - [`manifest`], [`parity`]: the golden cases of `snapshots/traces/manifest.toml`, their
-//!   replay and the parity summary that `cargo test` snapshots with insta
-//! - [`lora`]: the checks of a run with a LoRA adapter (inventory diff, adapter effect)
-//! - [`sampler_parity`], [`genconfig`], [`tokcheck`]: the sampler, the generation config
-//!   and the tokenizer/chat template of each side
-//! - [`suite`], [`nightly`], [`html`]: `lockstep report`: suites of cases, running them with
-//!   resume, shards and history, and the report pages
+//! As a library: [`Lockstep`] (a builder: run or bisect an engine, get the report),
+//! [`golden::assert_parity`] (golden traces in your own `cargo test`, without Python) and
+//! [`cli::main_with`] (the whole command line with your engine plugged in).
+//!
+//! Modules, top down: [`cli`] (flags, one function per command), [`api`], [`report`]
+//! (table, JSON, suites, HTML), [`golden`] (traces, record, replay, parity), [`bisect`] and
+//! [`diagnosis`], [`lockstep`] (the protocol: options, prompt, step, judge, summary, run),
+//! [`checks`] (generation config, sampler, tokenizer, LoRA, quant-check), [`plugin`] (which
+//! engine is under test), [`reference`] (one `Backend` trait: live Python references, the
+//! engine as a reference, a Python engine), [`results`] (records), [`compare`] (metrics and
+//! the tolerance table), [`models`] (aliases), [`paths`].
 
 pub mod api;
 pub mod bench;

@@ -230,3 +230,12 @@ live_test! {
         assert!(out.contains("verdict: PASS"), "{out}");
     }
 }
+
+/// The README's complete example is harness/examples/my_engine.rs, verbatim (cargo builds
+/// the example, so the README's code compiles).
+#[test]
+fn the_readme_example_is_the_compiled_one() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let example = std::fs::read_to_string(repo().join("harness/examples/my_engine.rs")).unwrap();
+    assert!(readme.contains(&format!("```rust\n{example}```")), "README.md's example differs from harness/examples/my_engine.rs: copy the file into the README block");
+}
