@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lockstep_engine::{EngineError, LoadOptions, LoadedModel, LoraAdapter, LoraMode};
+use lockstep_engine::{EngineError, LoadOptions, LoadedModel, LoraAdapter, LoraMode, WeightsMode};
 
 use crate::error::HarnessError;
 use crate::reference::python_engine::PyEngine;
@@ -50,6 +50,19 @@ impl fmt::Debug for EngineSpec {
 
 thread_local! {
     static UNDER_TEST: RefCell<EngineSpec> = RefCell::new(EngineSpec::Bundled);
+    static RUN_WEIGHTS: std::cell::Cell<Option<WeightsMode>> = const { std::cell::Cell::new(None) };
+}
+
+/// Records how the run's engine holds GGUF weights (set when the engine under test loads):
+/// `--reference engine` loads its clean instance the same way, so that it is the same
+/// arithmetic, not the other weights mode.
+pub fn set_run_weights(w: Option<WeightsMode>) {
+    RUN_WEIGHTS.with(|c| c.set(w));
+}
+
+/// The weights mode of this thread's last loaded engine under test.
+pub fn run_weights() -> Option<WeightsMode> {
+    RUN_WEIGHTS.with(|c| c.get())
 }
 
 impl EngineSpec {

@@ -162,6 +162,8 @@ fn a_golden_trace_of_the_engine_catches_a_change_of_its_math() {
     let golden = Golden::at(&dir);
     let clean = golden.replay(&bundled(&model, ""), "self").unwrap();
     assert!(clean.result.verdict_pass, "{}", clean.summary);
+    // Judged as the engine against itself: the tight same-engine bounds, no other floor.
+    assert_eq!(clean.result.summary.references[0].mode.name(), "same-engine");
     let changed = bundled(&model, "rope-theta");
     let r = golden.replay(&changed, "self").unwrap();
     let d = r.result.first_divergence.as_ref().expect("the changed engine diverges");

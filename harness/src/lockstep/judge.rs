@@ -39,7 +39,16 @@ pub struct Judge {
 impl Judge {
     pub fn new(info: &ModelInfo, refs: &[Reference], precision: Precision) -> Judge {
         Judge {
-            modes: refs.iter().map(|r| WeightsMode::of(info.quantized_kernels, r.description.quantized_activations)).collect(),
+            modes: refs
+                .iter()
+                .map(|r| {
+                    if is_same_engine(info, r, precision) {
+                        WeightsMode::SameEngine
+                    } else {
+                        WeightsMode::of(info.quantized_kernels, r.description.quantized_activations)
+                    }
+                })
+                .collect(),
             qbounds: quant_bounds(info.quant_type.as_deref()),
             layer0_exact: same_quant_layer0_exact(&info.matrix_types),
             ltol: logit_tolerance(WeightsMode::SameWeights, precision),
@@ -70,6 +79,8 @@ impl Judge {
         }
         let tol = tolerance(self.modes[i], self.precision, kind, tolerance_layer(self.modes[i], layer, self.layer0_exact));
         let m = metrics_data(Data::F64(&es.data), rdata);
+        // Against itself, another reference's disagreement excuses nothing.
+        let floor = if self.modes[i] == WeightsMode::SameEngine { None } else { floor };
         SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), ..base }
     }
 
@@ -79,6 +90,7 @@ impl Judge {
     pub fn logits(&self, i: usize, lm: &LogitMetrics, kl_floor: Option<f64>, refs_flip: bool) -> Verdict {
         match self.modes[i] {
             WeightsMode::SameWeights => logit_verdict_with_floor(lm, &self.ltol, kl_floor, refs_flip),
+            WeightsMode::SameEngine => logit_verdict_with_floor(lm, &self.ltol, None, false),
             _ => match quant_logit_verdict(lm, &self.qbounds) {
                 // As far from this reference as another reference is: drift.
                 Verdict::Fail
@@ -90,6 +102,15 @@ impl Judge {
             },
         }
     }
+}
+
+/// True when reference `r` is the engine under test itself in the run's dtype: `--reference
+/// engine` (live, or a trace recorded from it), or `bundled` when the bundled engine is
+/// under test.
+fn is_same_engine(info: &ModelInfo, r: &Reference, precision: Precision) -> bool {
+    let name = r.spec.name.as_str();
+    let itself = name == "engine" || (name == "bundled" && info.engine == "lockstep-engine");
+    itself && r.spec.is_oracle() == (precision == Precision::F64)
 }
 
 /// The smallest of the reference-vs-reference disagreements (`None` with one reference).

@@ -161,7 +161,7 @@ pub fn quant_run_checks(summary: &mut RunSummary, modes: &[WeightsMode], b: &Qua
     let mut found = None;
     for (rs, &mode) in summary.references.iter_mut().zip(modes) {
         rs.mode = mode;
-        if mode == WeightsMode::SameWeights {
+        if matches!(mode, WeightsMode::SameWeights | WeightsMode::SameEngine) {
             continue;
         }
         rs.quant_bounds = Some(*b);

@@ -38,7 +38,10 @@ pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Referen
     let dtype = if spec.is_oracle() { DType::F64 } else { DType::F32 };
     let lora = lora.map(|dir| LoraOptions { dir: dir.to_path_buf(), mode: LoraMode::Unmerged });
     let which = if spec.name == BUNDLED { EngineSpec::Bundled } else { EngineSpec::under_test() };
-    let m = which.load(model, &LoadOptions { dtype, lora, ..Default::default() })?;
+    // The run's weights mode (quantized or dequant GGUF weights): the same arithmetic as the
+    // engine under test, or an f64 oracle (always dense).
+    let weights = if dtype == DType::F64 { None } else { crate::plugin::run_weights() };
+    let m = which.load(model, &LoadOptions { dtype, lora, weights, ..Default::default() })?;
     let info = m.model.info();
     let description = Description {
         name: spec.name.clone(),
