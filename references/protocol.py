@@ -68,8 +68,10 @@ class ModuleFunctions:
         oracle; a reference that cannot run it raises ValueError). ``sites``: every site
         name of the model, in forward order, from the engine's site graph; the reference
         captures those it can. ``lora``: a LoRA adapter directory, given only to a
-        reference declaring capability "lora". Other options (``threads``, ...) are the
-        reference's own."""
+        reference declaring capability "lora" — and to a Python engine under test
+        (``--engine python:PATH.py``) whenever the run has one: whether the engine applied
+        it is what lockstep's adapter-effect check measures. Other options (``threads``,
+        ...) are the reference's own."""
 
     @staticmethod
     def load_tokenizer(model_path: str, **options) -> "TokenizerSide":
