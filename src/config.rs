@@ -118,6 +118,9 @@ pub struct HfConfig {
     #[serde(default)]
     pub mlp_bias: bool,
     pub hidden_act: Option<String>,
+    /// Qwen2's sliding-window attention (off in the released checkpoints).
+    #[serde(default)]
+    pub use_sliding_window: bool,
 }
 
 impl HfConfig {
@@ -131,8 +134,14 @@ impl HfConfig {
         let unsupported = |message: String| {
             Err(EngineError::Unsupported { path: path.to_path_buf(), message })
         };
-        if self.attention_bias || self.mlp_bias {
+        // Qwen2's q/k/v projections carry biases (implied by model_type qwen2; its configs
+        // usually omit the key); other families run without any.
+        let qkv_bias_family = self.model_type.as_deref() == Some("qwen2");
+        if (self.attention_bias && !qkv_bias_family) || self.mlp_bias {
             return unsupported("attention_bias/mlp_bias = true is not supported".into());
+        }
+        if self.use_sliding_window {
+            return unsupported("use_sliding_window = true is not supported".into());
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {

@@ -27,6 +27,11 @@ pub struct LayerWeights {
     pub wk: Linear,        // (kv_heads*head_dim, hidden)
     pub wv: Linear,        // (kv_heads*head_dim, hidden)
     pub wo: Linear,        // (hidden, heads*head_dim)
+    /// q/k/v biases (Qwen2), `(heads*head_dim)` / `(kv_heads*head_dim)`, in the Q/K row
+    /// layout of `wq`/`wk`; `None` for families without them.
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
     pub mlp_norm: Tensor,  // (hidden)
     pub w_gate: Linear,    // (intermediate, hidden)
     pub w_up: Linear,      // (intermediate, hidden)
@@ -93,6 +98,8 @@ struct Naming {
     norm: &'static str,
     lm_head: &'static str,
     layer: fn(usize, Part) -> String,
+    /// The bias of a layer's projection (`Part::Q` -> `...q_proj.bias`).
+    bias: fn(usize, Part) -> String,
     /// Tensors that may be present and are legitimately unused.
     ignorable: fn(&str) -> bool,
 }
@@ -128,6 +135,7 @@ const HF: Naming = Naming {
         };
         format!("model.layers.{i}.{s}.weight")
     },
+    bias: |i, p| (HF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |n| n.ends_with("rotary_emb.inv_freq"),
 };
 
@@ -149,6 +157,7 @@ const GGUF: Naming = Naming {
         };
         format!("blk.{i}.{s}.weight")
     },
+    bias: |i, p| (GGUF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |_| false,
 };
 
@@ -261,29 +270,30 @@ impl GgufFile {
         self.content.metadata.contains_key(key)
     }
 
-    /// Resolves hyper-parameters from `llama.*` metadata.
+    /// Resolves hyper-parameters from the architecture's metadata (`llama.*`, `qwen2.*`).
     pub fn config(&self) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;
-        if arch != "llama" {
+        if !matches!(arch, "llama" | "qwen2") {
             return Err(EngineError::Unsupported {
                 path: self.path.clone(),
-                message: format!("general.architecture `{arch}` is not supported (only llama)"),
+                message: format!("general.architecture `{arch}` is not supported (only llama, qwen2)"),
             });
         }
-        let hidden = self.md_u32("llama.embedding_length")? as usize;
-        let heads = self.md_u32("llama.attention.head_count")? as usize;
-        let kv_heads = if self.has("llama.attention.head_count_kv") {
-            self.md_u32("llama.attention.head_count_kv")? as usize
+        let k = |key: &str| format!("{arch}.{key}");
+        let hidden = self.md_u32(&k("embedding_length"))? as usize;
+        let heads = self.md_u32(&k("attention.head_count"))? as usize;
+        let kv_heads = if self.has(&k("attention.head_count_kv")) {
+            self.md_u32(&k("attention.head_count_kv"))? as usize
         } else {
             heads
         };
-        let head_dim = if self.has("llama.attention.key_length") {
-            self.md_u32("llama.attention.key_length")? as usize
+        let head_dim = if self.has(&k("attention.key_length")) {
+            self.md_u32(&k("attention.key_length"))? as usize
         } else {
             hidden / heads.max(1)
         };
-        if self.has("llama.rope.dimension_count") {
-            let rd = self.md_u32("llama.rope.dimension_count")? as usize;
+        if self.has(&k("rope.dimension_count")) {
+            let rd = self.md_u32(&k("rope.dimension_count"))? as usize;
             if rd != head_dim {
                 return Err(EngineError::Unsupported {
                     path: self.path.clone(),
@@ -311,19 +321,19 @@ impl GgufFile {
         };
         let cfg = Config {
             hidden_size: hidden,
-            intermediate_size: self.md_u32("llama.feed_forward_length")? as usize,
-            num_layers: self.md_u32("llama.block_count")? as usize,
+            intermediate_size: self.md_u32(&k("feed_forward_length"))? as usize,
+            num_layers: self.md_u32(&k("block_count"))? as usize,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
             vocab_size: vocab,
-            rms_norm_eps: self.md_f32("llama.attention.layer_norm_rms_epsilon")? as f64,
-            rope_theta: if self.has("llama.rope.freq_base") {
-                self.md_f32("llama.rope.freq_base")? as f64
+            rms_norm_eps: self.md_f32(&k("attention.layer_norm_rms_epsilon"))? as f64,
+            rope_theta: if self.has(&k("rope.freq_base")) {
+                self.md_f32(&k("rope.freq_base"))? as f64
             } else {
                 10_000.0
             },
-            max_position_embeddings: opt_u32("llama.context_length")?.unwrap_or(2048) as usize,
+            max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
             bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
@@ -425,6 +435,24 @@ fn check_shape(src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: &s
 
 /// Loads and checks all weights of a Hugging Face directory.
 pub fn load_hf(dir: &Path, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
+    load_hf_family(dir, cfg, dtype, &Arch::LLAMA)
+}
+
+/// What a family's checkpoint holds beyond the Llama tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct Arch {
+    /// The family's name in errors (`llama`).
+    pub name: &'static str,
+    /// q/k/v projections carry biases (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl Arch {
+    pub const LLAMA: Arch = Arch { name: "llama", qkv_bias: false };
+}
+
+/// [`load_hf`] for the family `arch`.
+pub fn load_hf_family(dir: &Path, cfg: &Config, dtype: DType, arch: &Arch) -> Result<LlamaWeights> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| EngineError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -441,16 +469,21 @@ pub fn load_hf(dir: &Path, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
         tensors.extend(part);
     }
     let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors };
-    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant)
+    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
 }
 
 /// Loads and checks all weights of a GGUF file: matrices kept quantized or dequantized
 /// to `dtype` (`mode`), vectors and the embedding dequantized.
 pub fn load_gguf(file: &mut GgufFile, cfg: &Config, dtype: DType, mode: WeightsMode) -> Result<LlamaWeights> {
-    build(file, &GGUF, cfg, dtype, mode)
+    build(file, &GGUF, cfg, dtype, mode, &Arch::LLAMA)
 }
 
-fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mode: WeightsMode) -> Result<LlamaWeights> {
+/// [`load_gguf`] for the family `arch` (biases are vectors: dequantized in every mode).
+pub fn load_gguf_family(file: &mut GgufFile, cfg: &Config, dtype: DType, mode: WeightsMode, arch: &Arch) -> Result<LlamaWeights> {
+    build(file, &GGUF, cfg, dtype, mode, arch)
+}
+
+fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mode: WeightsMode, arch: &Arch) -> Result<LlamaWeights> {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
     let mut used = BTreeSet::new();
     let take = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
@@ -468,7 +501,16 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let l = |p| (n.layer)(i, p);
+        let bias = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, p: Part, rows: usize| match arch.qkv_bias {
+            true => take(src, used, (n.bias)(i, p), vec![rows]).map(Some),
+            false => Ok(None),
+        };
+        let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let (bq, bk, bv) = (bias(src, u, Part::Q, q_rows)?, bias(src, u, Part::K, kv_rows)?, bias(src, u, Part::V, kv_rows)?);
         layers.push(LayerWeights {
+            bq,
+            bk,
+            bv,
             attn_norm: take(src, u, l(Part::AttnNorm), vec![h])?,
             wq: mat(src, u, l(Part::Q), vec![cfg.num_heads * hd, h])?,
             wk: mat(src, u, l(Part::K), vec![cfg.num_kv_heads * hd, h])?,
@@ -505,7 +547,7 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
             path: src.path().into(),
             tensor: first.clone(),
             count: extra.len(),
-            arch: "llama".into(),
+            arch: arch.name.into(),
         });
     }
     Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })

@@ -34,6 +34,9 @@ pub struct Llama {
     /// Injected faults (`crate::faults`); empty in normal use.
     pub faults: Faults,
     device: Device,
+    /// The registered family this decoder runs as: Llama, or a family that is the Llama
+    /// architecture plus what its weights carry (Qwen2: q/k/v biases, `crate::models::qwen2`).
+    family: &'static Family,
     graph: SiteGraph,
     /// Built on first use, after the loader has set the faults and attached any adapter.
     info: OnceLock<ModelInfo>,
@@ -41,14 +44,20 @@ pub struct Llama {
 
 impl Llama {
     pub fn new(cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
-        let graph = SiteGraph::new(cfg.num_layers, LAYER_SITES);
-        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu, graph, info: OnceLock::new() }
+        Self::of_family(&FAMILY, cfg, weights, qk_layout, dtype)
+    }
+
+    /// The decoder of `family`, a family of the Llama architecture (its site table is the
+    /// graph's); the layers' optional q/k/v biases are added to the projections.
+    pub fn of_family(family: &'static Family, cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
+        let graph = SiteGraph::new(cfg.num_layers, family.layer_sites);
+        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu, family, graph, info: OnceLock::new() }
     }
 
     fn build_info(&self) -> ModelInfo {
         ModelInfo {
             engine: "lockstep-engine".into(),
-            family: FAMILY.name,
+            family: self.family.name,
             config: self.cfg.clone(),
             dtype: self.dtype,
             qk_layout: self.qk_layout,
@@ -147,7 +156,9 @@ impl Llama {
         let h = rms_norm(x, &lw.attn_norm, self.eps())?;
         tap(cap, || format!("layers.{i}.attn_norm"), &h);
         let qkv = Linear::forward_group(&[&lw.wq, &lw.wk, &lw.wv], &h)?;
-        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]); // (seq, nh*hd), (seq, nkv*hd) x2
+        let qkv = [(&qkv[0], &lw.bq), (&qkv[1], &lw.bk), (&qkv[2], &lw.bv)].map(|(y, b)| with_bias(y, b.as_ref()));
+        let [q, k, v] = qkv;
+        let (q, k, v) = (&q?, &k?, &v?); // (seq, nh*hd), (seq, nkv*hd) x2
         tap(cap, || format!("layers.{i}.q"), q);
         tap(cap, || format!("layers.{i}.k"), k);
         tap(cap, || format!("layers.{i}.v"), v);
@@ -244,21 +255,29 @@ impl Decoder for Llama {
         let lw = self.weights.layers.get(layer).ok_or_else(|| {
             EngineError::Input(format!("layer {layer} does not exist (the model has {})", self.cfg.num_layers))
         })?;
-        let w = match module {
-            "q_proj" => &lw.wq,
-            "k_proj" => &lw.wk,
-            "v_proj" => &lw.wv,
-            "o_proj" => &lw.wo,
-            "gate_proj" => &lw.w_gate,
-            "up_proj" => &lw.w_up,
-            "down_proj" => &lw.w_down,
-            other => return Err(EngineError::Input(format!("a llama layer has no projection `{other}`"))),
+        let (w, b) = match module {
+            "q_proj" => (&lw.wq, lw.bq.as_ref()),
+            "k_proj" => (&lw.wk, lw.bk.as_ref()),
+            "v_proj" => (&lw.wv, lw.bv.as_ref()),
+            "o_proj" => (&lw.wo, None),
+            "gate_proj" => (&lw.w_gate, None),
+            "up_proj" => (&lw.w_up, None),
+            "down_proj" => (&lw.w_down, None),
+            other => return Err(EngineError::Input(format!("a {} layer has no projection `{other}`", self.family.name))),
         };
-        let y = linear(&x.to_dtype(self.dtype)?, w)?;
+        let y = with_bias(&linear(&x.to_dtype(self.dtype)?, w)?, b)?;
         match module {
             "q_proj" | "k_proj" => self.qk_layout.to_hf(&y, self.cfg.head_dim),
             _ => Ok(y),
         }
+    }
+}
+
+/// `y (seq, out)` plus the bias `(out)`, when there is one (`y` itself otherwise).
+fn with_bias(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        None => Ok(y.clone()),
+        Some(b) => Ok(y.broadcast_add(&b.to_dtype(y.dtype())?)?),
     }
 }
 

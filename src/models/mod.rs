@@ -17,6 +17,7 @@ use crate::sites::{LayerSite, SiteGraph};
 use crate::weights::GgufFile;
 
 pub mod llama;
+pub mod qwen2;
 
 /// Where a family's loader reads the weights from.
 pub enum Checkpoint<'a> {
@@ -51,7 +52,7 @@ impl std::fmt::Debug for Family {
 }
 
 /// Every family the engine runs.
-pub const FAMILIES: &[Family] = &[llama::FAMILY];
+pub const FAMILIES: &[Family] = &[llama::FAMILY, qwen2::FAMILY];
 
 fn known(list: impl Fn(&Family) -> &'static [&'static str]) -> String {
     FAMILIES.iter().flat_map(|f| list(f).iter().copied()).collect::<Vec<_>>().join(", ")
