@@ -127,6 +127,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     weight_seed: int
+    arch: str = "llama"  # "qwen2": q/k/v biases, HF-ordered Q/K rows in the GGUF, its own config
 
 
 # The fixture of the HF directory, tiny-llama.gguf and its Q4_0/Q4_1/Q8_0 files.
@@ -137,6 +138,30 @@ TINY = ModelSpec("tiny-llama", hidden_size=64, intermediate_size=160, num_layers
 # (margin 0.013 < MIN_MARGIN) on the check prompt; 10 is the first that does not.
 TINY_K = ModelSpec("tiny-llama-k", hidden_size=256, intermediate_size=512, num_layers=2,
                    num_heads=8, num_kv_heads=4, head_dim=32, weight_seed=10)
+
+# The tiny Qwen2 (HF directory tiny-qwen2/ and tiny-qwen2.gguf): the Llama architecture plus
+# q/k/v biases (o_proj has none), RoPE base 1e6, an untied head (as the Qwen2.5-Coder-0.5B GGUF
+# of issue 17), TINY's dimensions and tokenizer, ChatML with Qwen's default system prompt.
+# Seeds 11-13 and 15 give a near-tie greedy choice (margin < MIN_MARGIN) on the check prompt, or
+# a 4-7-token loop (14); 17 is the first with min margins of 0.09 / 0.12 on both chat prompts.
+QWEN2 = ModelSpec("tiny-qwen2", hidden_size=64, intermediate_size=160, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=17, arch="qwen2")
+QWEN2_DIR = OUT_DIR / "tiny-qwen2"
+QWEN2_GGUF = OUT_DIR / "tiny-qwen2.gguf"
+QWEN2_ROPE_THETA = 1_000_000.0
+QWEN2_RMS_NORM_EPS = 1e-6
+# q/k/v biases are N(0, BIAS_STD): of the order of the projections' own outputs (unit scale),
+# so that a dropped bias moves q, k and v visibly.
+BIAS_STD = 0.5
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
@@ -297,6 +322,10 @@ def make_weights(spec: ModelSpec, vocab_size: int) -> dict[str, np.ndarray]:
         w[p + "self_attn.q_proj.weight"] = normal((nh * hd, h), h**-0.5)
         w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, h), h**-0.5)
         w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, h), h**-0.5)
+        if spec.arch == "qwen2":
+            w[p + "self_attn.q_proj.bias"] = normal((nh * hd,), BIAS_STD)
+            w[p + "self_attn.k_proj.bias"] = normal((nkv * hd,), BIAS_STD)
+            w[p + "self_attn.v_proj.bias"] = normal((nkv * hd,), BIAS_STD)
         w[p + "self_attn.o_proj.weight"] = normal((h, nh * hd), (nh * hd) ** -0.5)
         w[p + "post_attention_layernorm.weight"] = norm_weight()
         w[p + "mlp.gate_proj.weight"] = normal((f, h), h**-0.5)
@@ -320,11 +349,12 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
+def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, out_dir: Path = HF_DIR) -> list[Path]:
+    """A Hugging Face directory of `spec` (Llama, or Qwen2 for QWEN2) in `out_dir`."""
     import torch
     from safetensors.torch import save_file
 
-    HF_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     vocab = tok.get_vocab(with_added_tokens=True)
     bos, eos, pad = vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[PAD_TOKEN]
 
@@ -336,16 +366,16 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": pad,
-        "head_dim": TINY.head_dim,
+        "head_dim": spec.head_dim,
         "hidden_act": "silu",
-        "hidden_size": TINY.hidden_size,
+        "hidden_size": spec.hidden_size,
         "initializer_range": 0.02,
-        "intermediate_size": TINY.intermediate_size,
+        "intermediate_size": spec.intermediate_size,
         "max_position_embeddings": MAX_POSITIONS,
         "mlp_bias": False,
-        "num_attention_heads": TINY.num_heads,
-        "num_hidden_layers": TINY.num_layers,
-        "num_key_value_heads": TINY.num_kv_heads,
+        "num_attention_heads": spec.num_heads,
+        "num_hidden_layers": spec.num_layers,
+        "num_key_value_heads": spec.num_kv_heads,
         "pretraining_tp": 1,
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": ROPE_THETA,
@@ -354,6 +384,33 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
         "use_cache": True,
         "vocab_size": len(vocab),
     }
+    if spec.arch == "qwen2":
+        # As Qwen2.5's config.json: no head_dim (derived), sliding window off, bos_token_id the
+        # <|endoftext|> id while the tokenizer has no BOS token (Qwen adds none).
+        config = {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "attention_dropout": 0.0,
+            "bos_token_id": pad,
+            "eos_token_id": eos,
+            "hidden_act": "silu",
+            "hidden_size": spec.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": spec.intermediate_size,
+            "max_position_embeddings": MAX_POSITIONS,
+            "max_window_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_hidden_layers": spec.num_layers,
+            "num_key_value_heads": spec.num_kv_heads,
+            "rms_norm_eps": QWEN2_RMS_NORM_EPS,
+            "rope_theta": QWEN2_ROPE_THETA,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": len(vocab),
+        }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -367,13 +424,17 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
         "chat_template": CHAT_TEMPLATE,
         "additional_special_tokens": SPECIAL_TOKENS,
     }
+    if spec.arch == "qwen2":
+        tokenizer_config.update(bos_token=None, chat_template=QWEN2_CHAT_TEMPLATE)
     special_tokens_map = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
         "additional_special_tokens": SPECIAL_TOKENS,
     }
-    generation_config = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
+    if spec.arch == "qwen2":
+        del special_tokens_map["bos_token"]
+    generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
 
     paths = []
     for name, obj in [
@@ -382,15 +443,15 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray]) -> list[Path]:
         ("special_tokens_map.json", special_tokens_map),
         ("generation_config.json", generation_config),
     ]:
-        write_json(HF_DIR / name, obj)
-        paths.append(HF_DIR / name)
+        write_json(out_dir / name, obj)
+        paths.append(out_dir / name)
 
-    (HF_DIR / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
-    paths.append(HF_DIR / "tokenizer.json")
+    (out_dir / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
+    paths.append(out_dir / "tokenizer.json")
 
     tensors = {k: torch.from_numpy(v).contiguous() for k, v in weights.items()}
-    save_file(tensors, str(HF_DIR / "model.safetensors"), metadata={"format": "pt"})
-    paths.append(HF_DIR / "model.safetensors")
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    paths.append(out_dir / "model.safetensors")
     return paths
 
 
@@ -420,11 +481,20 @@ HF_TO_GGUF_LAYER = {
 
 
 def gguf_tensors(spec: ModelSpec, weights: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """GGUF-named tensors in convert_hf_to_gguf.py's order, Q/K rows permuted."""
+    """GGUF-named tensors in convert_hf_to_gguf.py's order, Q/K rows permuted for Llama.
+
+    Qwen2: convert_hf_to_gguf.py's Qwen2Model does not permute (llama.cpp runs qwen2 with NEOX,
+    half-split, RoPE on HF-ordered rows), and the q/k/v biases follow their weights."""
     out = [("token_embd.weight", weights["model.embed_tokens.weight"])]
     for i in range(spec.num_layers):
         for hf, gg in HF_TO_GGUF_LAYER.items():
             w = weights[f"model.layers.{i}.{hf}"]
+            if spec.arch == "qwen2":
+                out.append((f"blk.{i}.{gg}", np.ascontiguousarray(w, dtype=np.float32)))
+                bias = weights.get(f"model.layers.{i}.{hf[:-len('weight')]}bias")
+                if bias is not None:
+                    out.append((f"blk.{i}.{gg[:-len('weight')]}bias", np.ascontiguousarray(bias, dtype=np.float32)))
+                continue
             if gg == "attn_q.weight":
                 w = permute(w, spec.num_heads, spec.num_heads)
             elif gg == "attn_k.weight":
@@ -474,11 +544,11 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     token_types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), spec.arch)
     # general.*  (general.architecture is added by the constructor)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(spec.name)
-    # llama.*, as LlamaModel.set_gguf_parameters writes them
+    # llama.* (qwen2.*), as LlamaModel.set_gguf_parameters writes them
     w.add_vocab_size(len(tokens))
     w.add_context_length(MAX_POSITIONS)
     w.add_embedding_length(spec.hidden_size)
@@ -487,8 +557,8 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     w.add_rope_dimension_count(spec.head_dim)
     w.add_head_count(spec.num_heads)
     w.add_head_count_kv(spec.num_kv_heads)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    w.add_rope_freq_base(QWEN2_ROPE_THETA if spec.arch == "qwen2" else ROPE_THETA)
+    w.add_layer_norm_rms_eps(QWEN2_RMS_NORM_EPS if spec.arch == "qwen2" else RMS_NORM_EPS)
     if not quantized:
         w.add_file_type(file_type)
     # tokenizer.*, as _set_vocab_gpt2 + SpecialVocab write them. "gpt-2" is llama.cpp's name for
@@ -498,11 +568,11 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     w.add_token_list(tokens)
     w.add_token_types(token_types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(vocab[BOS_TOKEN])
+    w.add_bos_token_id(vocab[PAD_TOKEN] if spec.arch == "qwen2" else vocab[BOS_TOKEN])
     w.add_eos_token_id(vocab[EOS_TOKEN])
     w.add_pad_token_id(vocab[PAD_TOKEN])
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(QWEN2_CHAT_TEMPLATE if spec.arch == "qwen2" else CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if quantized:
         w.add_file_type(file_type)  # where llama-quantize puts it
@@ -858,10 +928,88 @@ def write_adapters() -> list[Path]:
     return paths
 
 
+def write_qwen2(tok) -> list[Path]:
+    """The tiny Qwen2: its HF directory and its F32 GGUF."""
+    weights = make_weights(QWEN2, tok.get_vocab_size())
+    return write_hf_dir(tok, weights, QWEN2, QWEN2_DIR) + [write_gguf(QWEN2_GGUF, QWEN2, tok, weights)]
+
+
+def self_check_qwen2() -> bool:
+    """transformers loads the tiny Qwen2's HF directory and GGUF: same tokens on the chat prompt
+    and the awkward texts, same logits (< MAX_LOGITS_DIFF), non-zero biases that matter, and a
+    non-degenerate greedy continuation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ok = True
+
+    def fail(msg):
+        nonlocal ok
+        ok = False
+        print(f"CHECK FAILED: {msg}", file=sys.stderr)
+
+    tok_hf = AutoTokenizer.from_pretrained(str(QWEN2_DIR))
+    tok_gg = AutoTokenizer.from_pretrained(str(OUT_DIR), gguf_file=QWEN2_GGUF.name)
+    ids = list(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids_gg = list(tok_gg.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
+    print(f"{QWEN2.name} chat prompt: {len(ids)} tokens: {ids}")
+    if ids != ids_gg:
+        fail(f"{QWEN2.name}: chat prompt ids differ:\n  hf   {ids}\n  gguf {ids_gg}")
+    for text in CHECK_TEXTS:
+        a, b = tok_hf(text)["input_ids"], tok_gg(text)["input_ids"]
+        if a != b and re.search(r"\d\d", text):
+            # transformers builds the tokenizer of every qwen2 GGUF with Qwen2's own split regex
+            # (digits one by one), whatever tokenizer.ggml.pre says; this tokenizer (and the
+            # file's pre = gpt-2, which the engine and llama.cpp follow) keeps digit runs whole.
+            print(f"{QWEN2.name}: ids differ on {text!r} (digit runs: transformers' qwen2 GGUF tokenizer "
+                  "splits digits one by one, ignoring tokenizer.ggml.pre = gpt-2)")
+        elif a != b:
+            fail(f"{QWEN2.name}: ids differ on {text!r}:\n  hf   {a}\n  gguf {b}")
+    m_hf = AutoModelForCausalLM.from_pretrained(str(QWEN2_DIR), dtype=torch.float32).eval()
+    m_gg = AutoModelForCausalLM.from_pretrained(str(OUT_DIR), gguf_file=QWEN2_GGUF.name, dtype=torch.float32).eval()
+    if type(m_hf).__name__ != "Qwen2ForCausalLM" or type(m_gg).__name__ != "Qwen2ForCausalLM":
+        fail(f"{QWEN2.name}: transformers built {type(m_hf).__name__} / {type(m_gg).__name__}")
+    theta = (m_hf.config.rope_parameters or {}).get("rope_theta")
+    if theta != QWEN2_ROPE_THETA or (m_gg.config.rope_parameters or {}).get("rope_theta") != QWEN2_ROPE_THETA:
+        fail(f"{QWEN2.name}: rope_theta hf {theta} gguf {m_gg.config.rope_parameters}")
+    with torch.no_grad():
+        gen, margins = greedy(m_hf, ids, CHECK_NEW_TOKENS)
+        seq = torch.tensor([ids + gen])
+        lh, lg = m_hf(seq).logits[0], m_gg(seq).logits[0]
+        diff = (lh - lg).abs().max().item()
+        print(f"{QWEN2.name} logits [{tuple(lh.shape)}]: max |hf - gguf| = {diff:.3e}")
+        if not diff < MAX_LOGITS_DIFF:
+            fail(f"{QWEN2.name}: hf and gguf logits differ by {diff}")
+        attn = m_hf.model.layers[0].self_attn
+        saved = [m.bias.clone() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            m.bias.zero_()
+        moved = (m_hf(seq).logits[0] - lh).abs().max().item()
+        for m, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), saved):
+            m.bias.copy_(b)
+        print(f"{QWEN2.name}: layer 0 without its q/k/v biases moves the logits by up to {moved:.3f}")
+        if not moved > 0.1:
+            fail(f"{QWEN2.name}: the biases barely matter ({moved})")
+        if attn.o_proj.bias is not None:
+            fail(f"{QWEN2.name}: o_proj has a bias")
+    distinct = len(set(gen))
+    print(f"{QWEN2.name}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
+    print(f"  text: {tok_hf.decode(gen)!r}")
+    print(f"  distinct tokens: {distinct}; margins min {min(margins):.4f}, median {float(np.median(margins)):.4f}")
+    if distinct < MIN_DISTINCT:
+        fail(f"{QWEN2.name}: only {distinct} distinct tokens in the greedy continuation")
+    if min(margins) < MIN_MARGIN:
+        fail(f"{QWEN2.name}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-check", action="store_true", help="write the files, skip the transformers self-check")
     ap.add_argument("--adapters-only", action="store_true", help="write only the LoRA adapters")
+    ap.add_argument("--qwen2-only", action="store_true", help="write (and check) only the tiny Qwen2")
     args = ap.parse_args()
     if args.adapters_only:
         for p in write_adapters():
@@ -873,10 +1021,15 @@ def main() -> int:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
+    if args.qwen2_only:
+        for p in write_qwen2(tok):
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_qwen2() else 1
     vocab_size = tok.get_vocab_size()
     weights = make_weights(TINY, vocab_size)
     paths = write_hf_dir(tok, weights) + [write_gguf(GGUF_PATH, TINY, tok, weights)]
     paths += [write_gguf(quant_path(TINY, q), TINY, tok, weights, q) for q in GGUF_QUANTS]
+    paths += write_qwen2(tok)
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
         k_f32 = write_gguf(Path(tmp) / f"{TINY_K.name}.gguf", TINY_K, tok, make_weights(TINY_K, vocab_size))
@@ -885,7 +1038,7 @@ def main() -> int:
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
         print(f"vocab size {vocab_size}; specials " + ", ".join(f"{s}={tok.token_to_id(s)}" for s in SPECIAL_TOKENS))
 
-        expected = {GGUF_PATH: {"F32"}, k_f32: {"F32"}}
+        expected = {GGUF_PATH: {"F32"}, k_f32: {"F32"}, QWEN2_GGUF: {"F32"}}
         expected.update({quant_path(TINY, q): {q} for q in GGUF_QUANTS})
         expected.update({quant_path(TINY_K, q): types for q, (_, types) in K_QUANTS.items()})
         print("tensor types:")
@@ -896,7 +1049,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32):
+        if not self_check(k_f32) or not self_check_qwen2():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")
