@@ -353,6 +353,30 @@ class LlamaCppReference:
         self._cb_error: BaseException | None = None
         self._layout_checked = False
         self.reset()
+        self._probe_sites()
+
+    def _probe_sites(self) -> None:
+        """Keeps only the sites this architecture's graph names. llama.cpp's graph builders
+        differ per architecture (qwen2's leaves the output projection unnamed: no
+        ``attn_out``), so one token is decoded with every candidate site wanted, the sites
+        the graph gave are declared, and the cache is cleared again."""
+        self._cap, self._cap_meta, self._cb_error = {}, {}, None
+        self._batch.set_batch(batch=[0], n_past=0, logits_all=True)
+        self._capturing = True
+        try:
+            rc = C.llama_decode(self._ctx, self._batch.batch)
+        finally:
+            self._capturing = False
+        if self._cb_error is not None:
+            raise RuntimeError(f"llamacpp_ref: eval callback failed: {self._cb_error!r}") from self._cb_error
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} probing the graph's sites")
+        given = set(self._cap)
+        self.not_in_graph = sorted({s.rsplit(".", 1)[-1] for s in self._expected_sites() if s not in given})
+        self.sites = [s for s in self.sites if s == "logits" or s in given]
+        self._wanted = set(self.sites)
+        self._cap, self._cap_meta = {}, {}
+        self.reset()
 
     # -- capture ---------------------------------------------------------------------------
     def _check_layout(self, ptr: int, t: _GgmlTensor) -> None:
@@ -413,6 +437,9 @@ class LlamaCppReference:
         if self.qk_permuted:
             notes.append(f"q, k, q_rope, k_rope, cache_k mapped from GGUF order with "
                          f"{TRANSFORM_QK}")
+        if self.not_in_graph:
+            notes.append("not in llama.cpp's graph for this architecture (no named node): "
+                         + ", ".join(self.not_in_graph))
         return {
             **PROTOCOL,
             "versions": versions,

@@ -8,8 +8,11 @@ converted to float32 (with MLX's float16 default the dequantized weights are off
 2e-3 from the gguf dequantizer; in float32 they are equal); F32/F16 tensors are used as
 float32.
 
-GGUF stores the Q/K rows permuted for interleaved RoPE; the model keeps that order and
-runs mlx-lm's Llama with ``rope_traditional=True``. The q, k, q_rope, k_rope and cache_k
+(or mlx-lm's Qwen2 ``Model`` for ``general.architecture = qwen2``, with its q/k/v biases).
+
+A Llama GGUF stores the Q/K rows permuted for interleaved RoPE; the model keeps that order and
+runs mlx-lm's Llama with ``rope_traditional=True``. A Qwen2 GGUF is not permuted (llama.cpp
+runs qwen2 with NEOX RoPE): half-split RoPE, no transform. The q, k, q_rope, k_rope and cache_k
 sites of such a model are mapped back to the Hugging Face order by the transform
 ``gguf-qk-deinterleave`` (see ``protocol.gguf_qk_deinterleave``).
 
@@ -50,6 +53,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
+from mlx_lm.models.qwen2 import Model as Qwen2Model, ModelArgs as Qwen2Args
 from transformers import AutoTokenizer
 
 import hooks
@@ -186,15 +190,27 @@ def _meta(meta: dict, key: str, path: Path, default=None, required=True):
     return v.item() if isinstance(v, mx.array) else v
 
 
+# GGUF architectures this loader maps onto mlx-lm: the model class, its args, whether the
+# converter permuted Q/K rows for interleaved RoPE (llama: yes; qwen2: no, llama.cpp runs it
+# with NEOX RoPE on Hugging Face-ordered rows), and the projections that carry a bias.
+_GGUF_ARCHS = {
+    "llama": (LlamaModel, LlamaArgs, True, ()),
+    "qwen2": (Qwen2Model, Qwen2Args, False, ("attn_q", "attn_k", "attn_v")),
+}
+
+
 def _load_gguf(path: Path):
-    """(model, notes) for a Llama GGUF file."""
+    """(model, notes, Q/K rows permuted) for a Llama or Qwen2 GGUF file."""
     try:
         arch, types = _gguf_header(path)
     except (struct.error, IndexError, UnicodeDecodeError, ValueError, OSError) as e:
         raise ValueError(f"{path}: could not read its GGUF header: {e}") from e
-    if arch != "llama":
+    if arch not in _GGUF_ARCHS:
         what = f"architecture {arch!r}" if arch else "no general.architecture"
-        raise ValueError(f"{path}: GGUF has {what}; the mlx reference supports only 'llama'")
+        raise ValueError(f"{path}: GGUF has {what}; the mlx reference supports only "
+                         + ", ".join(repr(a) for a in _GGUF_ARCHS))
+    model_cls, args_cls, permuted, biased = _GGUF_ARCHS[arch]
+    a_ = arch  # metadata keys are {arch}.*
     bad = sorted({_ggml_name(t) for t in types.values() if t not in _PLAIN and t not in _QUANT_BITS})
     if bad:
         which = [n for n, t in types.items() if _ggml_name(t) in bad][:5]
@@ -208,14 +224,14 @@ def _load_gguf(path: Path):
     if "rope_freqs.weight" in types:
         raise ValueError(f"{path}: GGUF has rope_freqs.weight (Llama 3 RoPE frequency factors), "
                          "which the mlx reference does not support")
-    scaling = _meta(meta, "llama.rope.scaling.type", path, required=False)
+    scaling = _meta(meta, f"{a_}.rope.scaling.type", path, required=False)
     if scaling not in (None, "none"):
         raise ValueError(f"{path}: GGUF RoPE scaling {scaling!r} is not supported by the mlx reference")
 
-    hidden = int(_meta(meta, "llama.embedding_length", path))
-    heads = int(_meta(meta, "llama.attention.head_count", path))
-    head_dim = int(_meta(meta, "llama.attention.key_length", path, hidden // heads, required=False))
-    rope_dims = int(_meta(meta, "llama.rope.dimension_count", path, head_dim, required=False))
+    hidden = int(_meta(meta, f"{a_}.embedding_length", path))
+    heads = int(_meta(meta, f"{a_}.attention.head_count", path))
+    head_dim = int(_meta(meta, f"{a_}.attention.key_length", path, hidden // heads, required=False))
+    rope_dims = int(_meta(meta, f"{a_}.rope.dimension_count", path, head_dim, required=False))
     if rope_dims != head_dim:
         raise ValueError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported "
                          "by the mlx reference")
@@ -224,12 +240,19 @@ def _load_gguf(path: Path):
     weights: dict[str, mx.array] = {}
     quant: dict[str, int] = {}  # module path -> bits
     for name, t in types.items():
+        if name.endswith(".bias") and name.split(".")[-2] in biased:
+            mod = _gguf_module(name[: -len(".bias")])
+            a = arrays.get(name)
+            if mod is None or a is None or t != _F32:
+                raise ValueError(f"{path}: bias tensor {name!r} is not an F32 {arch} projection bias")
+            weights[f"{mod}.bias"] = a.astype(mx.float32)
+            continue
         if not name.endswith(".weight"):
-            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a Llama model")
+            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a {arch} model")
         base = name[: -len(".weight")]
         mod = _gguf_module(base)
         if mod is None:
-            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a Llama model")
+            raise ValueError(f"{path}: unexpected GGUF tensor {name!r} for a {arch} model")
         if t in _QUANT_BITS:
             w = arrays.get(name)
             s = arrays.get(f"{base}.scales")
@@ -255,22 +278,25 @@ def _load_gguf(path: Path):
 
     vocab = int(arrays["token_embd.weight"].shape[0])
     tie = "output.weight" not in types
-    args = LlamaArgs(
-        model_type="llama",
+    kw = dict(head_dim=head_dim) if arch == "llama" else {}
+    if arch != "llama" and head_dim != hidden // heads:
+        raise ValueError(f"{path}: head_dim {head_dim} != hidden/heads: mlx-lm's {arch} derives it")
+    args = args_cls(
+        model_type=arch,
         hidden_size=hidden,
-        num_hidden_layers=int(_meta(meta, "llama.block_count", path)),
-        intermediate_size=int(_meta(meta, "llama.feed_forward_length", path)),
+        num_hidden_layers=int(_meta(meta, f"{a_}.block_count", path)),
+        intermediate_size=int(_meta(meta, f"{a_}.feed_forward_length", path)),
         num_attention_heads=heads,
-        num_key_value_heads=int(_meta(meta, "llama.attention.head_count_kv", path, heads, required=False)),
-        head_dim=head_dim,
-        rms_norm_eps=float(_meta(meta, "llama.attention.layer_norm_rms_epsilon", path)),
+        num_key_value_heads=int(_meta(meta, f"{a_}.attention.head_count_kv", path, heads, required=False)),
+        **kw,
+        rms_norm_eps=float(_meta(meta, f"{a_}.attention.layer_norm_rms_epsilon", path)),
         vocab_size=vocab,
-        max_position_embeddings=int(_meta(meta, "llama.context_length", path, 4096, required=False)),
-        rope_theta=float(_meta(meta, "llama.rope.freq_base", path, 10000.0, required=False)),
-        rope_traditional=True,  # GGUF's Q/K rows are permuted for interleaved RoPE
+        max_position_embeddings=int(_meta(meta, f"{a_}.context_length", path, 4096, required=False)),
+        rope_theta=float(_meta(meta, f"{a_}.rope.freq_base", path, 10000.0, required=False)),
+        rope_traditional=permuted,  # a Llama GGUF's Q/K rows are permuted for interleaved RoPE
         tie_word_embeddings=tie,
     )
-    model = LlamaModel(args)  # random init is lazy: never computed, replaced below
+    model = model_cls(args)  # random init is lazy: never computed, replaced below
 
     def predicate(p, m):
         if p in quant:
@@ -281,13 +307,13 @@ def _load_gguf(path: Path):
     expected = {k for k, _ in tree_flatten(model.parameters())}
     missing = sorted(expected - set(weights))
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) for a Llama model: "
+        raise ValueError(f"{path}: missing tensor(s) for a {arch} model: "
                          + ", ".join(_to_gguf_name(k) for k in missing[:8])
                          + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ValueError(f"{path}: its tensors do not fit mlx-lm's Llama model: {e}") from e
+        raise ValueError(f"{path}: its tensors do not fit mlx-lm's {arch} model: {e}") from e
     model.eval()
     mx.eval(model.parameters())
 
@@ -300,9 +326,13 @@ def _load_gguf(path: Path):
                          f"{_QUANT_BITS[t]}-bit, group 32, float32 scales and biases)")
         else:
             notes.append(f"GGUF {n} tensors used as float32 ({counts[n]} tensors)")
-    notes.append("Q/K kept in GGUF order with traditional (interleaved) RoPE; q, k, q_rope, "
-                 f"k_rope, cache_k mapped back to the Hugging Face order ({TRANSFORM_QK})")
-    return model, notes
+    if permuted:
+        notes.append("Q/K kept in GGUF order with traditional (interleaved) RoPE; q, k, q_rope, "
+                     f"k_rope, cache_k mapped back to the Hugging Face order ({TRANSFORM_QK})")
+    else:
+        notes.append(f"GGUF architecture {arch}: Q/K rows in Hugging Face order (not permuted by the "
+                     "converter), half-split RoPE, no transform")
+    return model, notes, permuted
 
 
 def _to_gguf_name(param: str) -> str:
@@ -326,9 +356,9 @@ def _load_hf(path: Path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     cfg = json.loads(cfg_path.read_text())
     mt = cfg.get("model_type")
-    if mt != "llama":
+    if mt not in ("llama", "qwen2"):
         raise ValueError(f"{path}: model_type {mt!r} is not supported by the mlx reference "
-                         "(only 'llama')")
+                         "(only 'llama', 'qwen2')")
     from mlx_lm.utils import load_model
     try:
         model, _ = load_model(path, lazy=True)
@@ -402,13 +432,14 @@ class MlxReference(HfSideMixin):
         self.dtype_name = dtype
         p = Path(model)
         if p.is_file():
-            self.model, notes = _load_gguf(p)
+            self.model, notes, self.qk_permuted = _load_gguf(p)
             self.gguf = True
             self.tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
             notes.append("tokenizer: transformers AutoTokenizer built from the GGUF (gguf_file=)")
         elif p.is_dir():
             self.model, notes = _load_hf(p)
             self.gguf = False
+            self.qk_permuted = False
             self.tok = AutoTokenizer.from_pretrained(str(p))
             notes.append("tokenizer: transformers AutoTokenizer from the model directory")
         else:
@@ -421,8 +452,8 @@ class MlxReference(HfSideMixin):
         self.notes = notes
         args = self.model.args
         self.num_layers = args.num_hidden_layers
-        self.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        self.transforms = [TRANSFORM_QK] if self.gguf else []
+        self.head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        self.transforms = [TRANSFORM_QK] if self.qk_permuted else []
         self.lora_path = lora
         self.lora_how = None
         if lora:
@@ -460,7 +491,7 @@ class MlxReference(HfSideMixin):
                     continue
                 mod.lora_a = mod.lora_a.astype(mx.float32)
                 mod.lora_b = mod.lora_b.astype(mx.float32)
-                if self.gguf and m in ("q_proj", "k_proj"):
+                if self.qk_permuted and m in ("q_proj", "k_proj"):
                     mod.lora_b = mx.array(_qk_interleave(np.array(mod.lora_b), self.head_dim))
         self.model.eval()
         mx.eval(self.model.parameters())
@@ -477,7 +508,7 @@ class MlxReference(HfSideMixin):
                     continue
                 a = np.array(mod.lora_a.astype(mx.float32)).T
                 b = np.array(mod.lora_b.astype(mx.float32))
-                if self.gguf and m in ("q_proj", "k_proj"):
+                if self.qk_permuted and m in ("q_proj", "k_proj"):
                     b = gguf_qk_deinterleave(b, self.head_dim)
                 dt = str(mod.lora_a.dtype).removeprefix("mlx.core.")
                 out.append(lora_adapter.entry(f"layers.{i}.{m}", a, b.T, dt, float(mod.scale)))
@@ -576,7 +607,7 @@ class MlxReference(HfSideMixin):
                     out[site] = a[0]
         mx.eval(list(out.values()))
         res = {name: _np(a) for name, a in out.items()}
-        if self.gguf:
+        if self.qk_permuted:
             for name in res:
                 if name.rpartition(".")[2] in QK_SITES:
                     res[name] = gguf_qk_deinterleave(res[name], self.head_dim)
