@@ -20,6 +20,8 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-q8_0", "the tiny model in Q8_0 (gguf package quantizer; snapshots/models/tiny-llama.Q8_0.gguf)"),
     ("tiny-k-q4_k_m", "a tiny llama-family model with 256-wide rows in Q4_K_M (llama.cpp quantize; snapshots/models/tiny-llama-k.Q4_K_M.gguf)"),
     ("tiny-k-q6_k", "the same in Q6_K (llama.cpp quantize; snapshots/models/tiny-llama-k.Q6_K.gguf)"),
+    ("tiny-qwen2", "the tiny random qwen2-family fixture (q/k/v biases, RoPE base 1e6), Hugging Face directory (snapshots/models/tiny-qwen2)"),
+    ("tiny-qwen2-gguf", "the same tiny qwen2 model as an F32 GGUF, Q/K rows in Hugging Face order (snapshots/models/tiny-qwen2.gguf)"),
 ];
 
 /// Alias -> file under snapshots/models/ for the committed fixtures.
@@ -31,6 +33,8 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-q8_0", "tiny-llama.Q8_0.gguf"),
     ("tiny-k-q4_k_m", "tiny-llama-k.Q4_K_M.gguf"),
     ("tiny-k-q6_k", "tiny-llama-k.Q6_K.gguf"),
+    ("tiny-qwen2", "tiny-qwen2"),
+    ("tiny-qwen2-gguf", "tiny-qwen2.gguf"),
 ];
 
 /// Resolves a `--model` argument: an existing path is used as is; otherwise it must be

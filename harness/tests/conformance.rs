@@ -15,7 +15,10 @@ use common::*;
 /// Per family: its tiny fixtures (model aliases, `lockstep models`), each with the
 /// references that run it (llama.cpp reads GGUF files only).
 const FIXTURES: &[(&str, &[(&str, &str)])] =
-    &[("llama", &[("tiny", "transformers,mlx"), ("tiny-gguf", "transformers,mlx,llamacpp")])];
+    &[
+        ("llama", &[("tiny", "transformers,mlx"), ("tiny-gguf", "transformers,mlx,llamacpp")]),
+        ("qwen2", &[("tiny-qwen2", "transformers,mlx"), ("tiny-qwen2-gguf", "transformers,mlx,llamacpp")]),
+    ];
 
 fn fixtures(family: &str) -> &'static [(&'static str, &'static str)] {
     FIXTURES.iter().find(|(f, _)| *f == family).map(|(_, v)| *v).unwrap_or_else(|| {
