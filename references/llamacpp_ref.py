@@ -352,15 +352,18 @@ class LlamaCppReference:
         self._cap_meta: dict[str, tuple[str, str, bool]] = {}
         self._cb_error: BaseException | None = None
         self._layout_checked = False
+        self._prev_name, self._unnamed = "", {}
         self.reset()
         self._probe_sites()
 
     def _probe_sites(self) -> None:
-        """Keeps only the sites this architecture's graph names. llama.cpp's graph builders
-        differ per architecture (qwen2's leaves the output projection unnamed: no
-        ``attn_out``), so one token is decoded with every candidate site wanted, the sites
-        the graph gave are declared, and the cache is cleared again."""
+        """Keeps only the sites this architecture's graph gives. llama.cpp's graph builders
+        differ per architecture (qwen2's leaves the output projection unnamed; it is found
+        as the MUL_MAT right after ``kqv_out-N``), so one token is decoded with every
+        candidate site wanted, the sites the graph gave are declared, and the cache is
+        cleared again."""
         self._cap, self._cap_meta, self._cb_error = {}, {}, None
+        self._prev_name, self._unnamed = "", {}
         self._batch.set_batch(batch=[0], n_past=0, logits_all=True)
         self._capturing = True
         try:
@@ -403,6 +406,15 @@ class LlamaCppReference:
             name = t.name.decode("utf-8", "replace")
             op = (_GGML.ggml_op_desc(ptr) or b"").decode()
             site = _site_of(name, op)
+            if ask:
+                # Some graph builders (qwen2's) leave the output projection unnamed: the
+                # MUL_MAT right after kqv_out-N (an auto-named node_K) is layer N's attn_out.
+                m = _LAYER_NAME.match(self._prev_name)
+                if site is None and op == "MUL_MAT" and name.startswith("node_") and m and m["base"] == "kqv_out":
+                    self._unnamed[ptr] = f"layers.{m['il']}.attn_out"
+                self._prev_name = name
+            if site is None:
+                site = self._unnamed.get(ptr)
             if site not in self._wanted:
                 site = None
             if ask:
@@ -465,6 +477,7 @@ class LlamaCppReference:
     def _decode_chunk(self, ids: list[int]) -> dict[str, np.ndarray]:
         n = len(ids)
         self._cap, self._cap_meta, self._cb_error = {}, {}, None
+        self._prev_name, self._unnamed = "", {}
         self._batch.set_batch(batch=ids, n_past=self.pos, logits_all=True)
         self._capturing = True
         try:
