@@ -217,6 +217,11 @@ pub fn check_catalog(
     let ttype = |name: &str| g.as_ref().and_then(|g| g.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)));
     let has_q41 = g.as_ref().is_some_and(|g| g.content.tensor_infos.values().any(|i| format!("{:?}", i.ggml_dtype) == "Q4_1"));
     let quant_embed = ttype("token_embd.weight").as_deref() == Some("Q4_1");
+    // The missing-bos fault drops a leading BOS: it needs a prompt that has one (a ChatML
+    // template without BOS, as Qwen2's, gives none).
+    let bos = engine.model.info().config.bos_token_id.or_else(|| engine.tokenizer.bos_id());
+    let prompt_has_bos = bos.is_some()
+        && crate::lockstep::options::engine_prompt_ids(&engine, &base.prompt)?.first().copied() == bos;
     // (layer, site) of the adapter's first projection in forward order.
     const FORWARD: [(&str, &str); 7] = [
         ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out"),
@@ -232,6 +237,7 @@ pub fn check_catalog(
     for info in CATALOG {
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
+            Fault::MissingBos if !prompt_has_bos => Some("the chat prompt does not start with a BOS id"),
             Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
             Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
