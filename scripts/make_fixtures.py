@@ -18,6 +18,12 @@ What it makes (under snapshots/models/):
                          quantized by llama.cpp itself (llama-cpp-python's llama_model_quantize,
                          one thread), with llama.cpp's default recipe for the file type (Q4_K_M
                          mixes Q4_K and Q6_K)
+  tiny-qwen2/            a tiny Qwen2 (Qwen2ForCausalLM): TINY's dimensions with 2 layers, q/k/v
+  tiny-qwen2.gguf        biases (o_proj none), RoPE base 1e6, an untied head, the same tokenizer,
+                         ChatML with Qwen's default system prompt and no BOS; its GGUF as
+                         convert_hf_to_gguf.py's Qwen2Model writes it (architecture qwen2, Q/K rows
+                         NOT permuted: llama.cpp runs qwen2 with NEOX RoPE). `--qwen2-only` writes
+                         and checks just these
 
 Why: the engine's and the harness's tests need a model that loads in a second, runs on any
 machine, and still exercises everything a real Llama does (grouped-query attention, RoPE,
