@@ -362,16 +362,7 @@ class LlamaCppReference:
         as the MUL_MAT right after ``kqv_out-N``), so one token is decoded with every
         candidate site wanted, the sites the graph gave are declared, and the cache is
         cleared again."""
-        self._cap, self._cap_meta, self._cb_error = {}, {}, None
-        self._prev_name, self._unnamed = "", {}
-        self._batch.set_batch(batch=[0], n_past=0, logits_all=True)
-        self._capturing = True
-        try:
-            rc = C.llama_decode(self._ctx, self._batch.batch)
-        finally:
-            self._capturing = False
-        if self._cb_error is not None:
-            raise RuntimeError(f"llamacpp_ref: eval callback failed: {self._cb_error!r}") from self._cb_error
+        rc = self._captured_decode([0], 0)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} probing the graph's sites")
         given = set(self._cap)
@@ -474,11 +465,12 @@ class LlamaCppReference:
             C.llama_memory_clear(mem, True)
         self.pos = 0
 
-    def _decode_chunk(self, ids: list[int]) -> dict[str, np.ndarray]:
-        n = len(ids)
+    def _captured_decode(self, ids: list[int], n_past: int) -> int:
+        """One ``llama_decode`` of ``ids`` at ``n_past`` with the eval callback capturing into
+        a fresh ``self._cap``; returns llama_decode's code (a callback error is raised)."""
         self._cap, self._cap_meta, self._cb_error = {}, {}, None
         self._prev_name, self._unnamed = "", {}
-        self._batch.set_batch(batch=ids, n_past=self.pos, logits_all=True)
+        self._batch.set_batch(batch=ids, n_past=n_past, logits_all=True)
         self._capturing = True
         try:
             rc = C.llama_decode(self._ctx, self._batch.batch)
@@ -486,6 +478,11 @@ class LlamaCppReference:
             self._capturing = False
         if self._cb_error is not None:
             raise RuntimeError(f"llamacpp_ref: eval callback failed: {self._cb_error!r}") from self._cb_error
+        return rc
+
+    def _decode_chunk(self, ids: list[int]) -> dict[str, np.ndarray]:
+        n = len(ids)
+        rc = self._captured_decode(ids, self.pos)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} (pos {self.pos}, {n} tokens, n_ctx {self.n_ctx})")
         self.pos += n

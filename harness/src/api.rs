@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use crate::bisect::BisectReport;
 use crate::compare::tolerance::Precision;
 use crate::error::HarnessError;
-use crate::lockstep::options::{load_engine, Prompt, RunOptions};
+use crate::lockstep::options::{load_engine, parse_sampler, Prompt, RunOptions};
 use crate::plugin::{EngineSpec, Plugin};
 use crate::reference::{RefSpec, Reference};
 use crate::results::run::RunResult;
@@ -167,11 +167,7 @@ impl Lockstep {
             return Err(HarnessError::ZeroSteps);
         }
         let prompt = self.prompt.clone().ok_or_else(|| HarnessError::Usage("no prompt: call .prompt(text) or .chat(text)".into()))?;
-        let sampler = self
-            .sampler
-            .as_deref()
-            .map(|s| lockstep_engine::SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string())))
-            .transpose()?;
+        let sampler = parse_sampler(self.sampler.as_deref())?;
         Ok(RunOptions {
             model: crate::models::resolve(&self.model)?,
             references: RefSpec::parse_list(&self.references)?,

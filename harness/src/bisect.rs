@@ -455,12 +455,12 @@ fn diagnose_logits_only(run: &RunResult, d: &crate::results::run::Divergence, en
             run.steps.len()
         ));
     }
-    let taps = crate::lockstep::summary::engine_taps(engine);
+    let taps = &run.engine.taps;
     ev.push(format!(
         "{} declares {} site(s) (logits only){}",
         engine.model.info().engine,
         taps.declared,
-        taps.hint.map(|h| format!(": {h}")).unwrap_or_default()
+        taps.hint.as_ref().map(|h| format!(": {h}")).unwrap_or_default()
     ));
     finding(Diagnosis::LogitsOnly, format!("first divergent step {}; add per-layer taps to localize further", d.step), ev)
 }

@@ -118,21 +118,25 @@ impl EngineSpec {
                     )));
                 }
                 let dtype = if opts.dtype == candle_core::DType::F64 { "float64" } else { "float32" };
-                PyEngine::load(path, factory, model, dtype, opts.lora.as_ref().map(|l| l.dir.as_path()))
+                with_file_adapter(PyEngine::load(path, factory, model, dtype, opts.lora.as_ref().map(|l| l.dir.as_path()))?, opts)
             }
             EngineSpec::Plugin(p) => {
-                let mut m = (p.load)(model, opts)?;
+                let m = (p.load)(model, opts)?;
                 if !opts.faults.is_empty() && m.model.info().faults.is_empty() {
                     return Err(HarnessError::Usage(format!("--inject: the engine {} does not implement fault injection", p.name)));
                 }
-                if let (Some(l), None) = (&opts.lora, &m.lora) {
-                    // The engine reports no adapter of its own: the file as lockstep reads it is
-                    // the engine-side inventory, and the effect check says whether it applied it.
-                    let cfg = m.model.info().config.clone();
-                    m.lora = Some((LoraAdapter::load(&l.dir, &cfg)?, LoraMode::Unmerged));
-                }
-                Ok(m)
+                with_file_adapter(m, opts)
             }
         }
     }
+}
+
+/// An engine that reports no adapter of its own gets the file as lockstep reads it as its
+/// side of the LoRA inventory; the effect check then says whether it applied it.
+fn with_file_adapter(mut m: LoadedModel, opts: &LoadOptions) -> Result<LoadedModel, HarnessError> {
+    if let (Some(l), None) = (&opts.lora, &m.lora) {
+        let cfg = m.model.info().config.clone();
+        m.lora = Some((LoraAdapter::load(&l.dir, &cfg)?, LoraMode::Unmerged));
+    }
+    Ok(m)
 }

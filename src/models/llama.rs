@@ -301,7 +301,12 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
             (cfg, w, QkLayout::Interleaved)
         }
     };
-    let mut model = Llama::new(cfg, weights, layout, opts.dtype);
+    finish(Llama::new(cfg, weights, layout, opts.dtype), layout, opts)
+}
+
+/// The last step of loading a model of the shared decoder (Llama, and the families built on
+/// it): its faults, and the adapter attached to its layers.
+pub(crate) fn finish(mut model: Llama, layout: QkLayout, opts: &LoadOptions) -> Result<FamilyModel> {
     model.faults = opts.faults.clone();
     let lora = match (opts.adapter(&model.cfg)?, &opts.lora) {
         (Some(adapter), Some(l)) => {

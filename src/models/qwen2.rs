@@ -54,14 +54,5 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
         }
     };
     let layout = QkLayout::HalfSplit;
-    let mut model = Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype);
-    model.faults = opts.faults.clone();
-    let lora = match (opts.adapter(&model.cfg)?, &opts.lora) {
-        (Some(adapter), Some(l)) => {
-            adapter.attach(&mut model.weights.layers, &model.cfg, layout, opts.dtype, l.mode, &opts.faults)?;
-            Some((adapter, l.mode))
-        }
-        _ => None,
-    };
-    Ok((Box::new(model), lora))
+    crate::models::llama::finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
 }

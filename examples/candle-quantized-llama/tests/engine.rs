@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use lockstep_engine::{Decoder, KvCache, LoadOptions, WeightsMode};
 
-fn smollm2() -> Option<PathBuf> {
-    match lockstep::models::smollm2_path() {
-        Ok(p) => Some(p),
-        Err(e) => panic!("{e}"),
-    }
+fn smollm2() -> PathBuf {
+    lockstep::models::smollm2_path().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The first five ids of a plain prompt (BOS handling is the tokenizer's).
@@ -48,7 +45,7 @@ fn argmax(x: &[f64]) -> u32 {
 
 #[test]
 fn logits_are_one_row_of_the_vocabulary() {
-    let Some(path) = smollm2() else { return };
+    let path = smollm2();
     let engine = candle_quantized_llama::load(&path).unwrap();
     let info = engine.info();
     assert_eq!((info.family, info.config.vocab_size, info.config.num_layers), ("llama", 49152, 30));
@@ -82,7 +79,7 @@ fn logits_are_one_row_of_the_vocabulary() {
 /// near-tie on another machine, so only the prefill's top-1 must agree and 6 of 8 overall.
 #[test]
 fn greedy_steps_agree_with_the_bundled_engine() {
-    let Some(path) = smollm2() else { return };
+    let path = smollm2();
     let candle = candle_quantized_llama::load(&path).unwrap();
     let opts = LoadOptions { weights: Some(WeightsMode::Quantized), ..Default::default() };
     let bundled = lockstep_engine::load(&path, &opts).unwrap();
@@ -115,7 +112,7 @@ fn greedy_steps_agree_with_the_bundled_engine() {
 /// cache (two continuations of one prefix) gets the logits of a fresh run.
 #[test]
 fn the_internal_cache_follows_the_cache_handed_in() {
-    let Some(path) = smollm2() else { return };
+    let path = smollm2();
     let engine = candle_quantized_llama::load(&path).unwrap();
     let ids = prompt(&path);
     let mut whole = engine.new_cache();

@@ -9,12 +9,12 @@ use crate::error::HarnessError;
 use crate::golden::manifest::{Expect, Manifest};
 use crate::golden::record::{self, KeepPolicy, RecordRequest};
 use crate::golden::{parity, trace};
-use crate::lockstep::options::{engine_prompt_ids, load_engine, RunOptions};
+use crate::lockstep::options::{engine_prompt_ids, load_engine, parse_sampler, RunOptions};
 use crate::lockstep::run as driver;
 use crate::models;
 use crate::reference::{Capability, RefSpec, Reference};
 use crate::report::table as report;
-use lockstep_engine::{Faults, SamplerConfig, WeightsMode};
+use lockstep_engine::{Faults, WeightsMode};
 use serde::Serialize;
 
 use super::args::*;
@@ -98,11 +98,6 @@ impl RunFlags<'_> {
             lora: self.lora.options(),
         })
     }
-}
-
-fn parse_sampler(spec: Option<&str>) -> Result<Option<SamplerConfig>, HarnessError> {
-    spec.map(|s| SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string().trim_start_matches("input: ").to_string())))
-        .transpose()
 }
 
 /// Every reference of `specs`, loaded for `model` (with the adapter, if any).

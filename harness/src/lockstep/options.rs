@@ -60,3 +60,11 @@ pub fn engine_prompt_ids(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>, H
     })
 }
 
+
+/// `--sampler`'s value parsed, as a usage error when malformed.
+pub fn parse_sampler(spec: Option<&str>) -> Result<Option<lockstep_engine::SamplerConfig>, HarnessError> {
+    spec.map(|s| {
+        lockstep_engine::SamplerConfig::parse(s).map_err(|e| HarnessError::Usage(e.to_string().trim_start_matches("input: ").to_string()))
+    })
+    .transpose()
+}

@@ -27,8 +27,11 @@ pub struct EngineStep {
     /// position's only (its earlier prefill positions are not compared).
     pub rows: usize,
     pub vocab: usize,
-    /// The logits as f64, row-major `rows x vocab`.
-    pub logits_f64: Vec<f64>,
+    /// The logits as f64, row-major `rows x vocab`, when they are not also the `logits` site
+    /// (held once: in `sites` when the engine returned every position).
+    logits_f64: Vec<f64>,
+    /// The position of the `logits` site in `sites`, if it is there.
+    logits_site: Option<usize>,
     pub seconds: f64,
 }
 
@@ -36,7 +39,11 @@ impl EngineStep {
     /// The engine's logits row of position `p` of the step, if it returned that position.
     pub fn logits_row(&self, p: usize) -> Option<&[f64]> {
         let first = self.n_pos - self.rows;
-        (p >= first && p < self.n_pos).then(|| &self.logits_f64[(p - first) * self.vocab..(p - first + 1) * self.vocab])
+        let data = match self.logits_site {
+            Some(i) => &self.sites[i].data,
+            None => &self.logits_f64,
+        };
+        (p >= first && p < self.n_pos).then(|| &data[(p - first) * self.vocab..(p - first + 1) * self.vocab])
     }
 }
 
@@ -64,12 +71,15 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
     if rows != feed.len() && rows != 1 {
         return Err(HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() });
     }
-    let logits_f64 = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    // Stored once, as the `logits` site (the row-wise comparisons read `logits_row`).
+    let mut logits_f64 = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut logits_site = None;
+    // Every position: also the `logits` site, holding the one copy (`logits_row` reads it).
     if wanted.contains(lockstep_engine::sites::LOGITS) && rows == feed.len() {
-        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data: logits_f64.clone(), transform: None });
+        let data = std::mem::take(&mut logits_f64);
+        logits_site = Some(sites.len());
+        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None });
     }
-    Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_f64, seconds })
+    Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_f64, logits_site, seconds })
 }
 
 /// Every reference's step on `feed`, with its time.

@@ -55,14 +55,7 @@ impl PyEngine {
         info.engine = format!("{label} ({})", description.name);
         info.quantized_kernels = description.quantized_activations;
         let engine = PyEngine { py, label, description, info, graph };
-        let mut m = LoadedModel::plugin(Box::new(engine), model)?;
-        if let Some(dir) = lora {
-            // What the adapter file holds, as lockstep reads it: the engine-side inventory of
-            // the LoRA checks (the effect check then says whether the engine applied it).
-            let cfg = m.model.info().config.clone();
-            m.lora = Some((lockstep_engine::LoraAdapter::load(dir, &cfg)?, lockstep_engine::LoraMode::Unmerged));
-        }
-        Ok(m)
+        Ok(LoadedModel::plugin(Box::new(engine), model)?)
     }
 
     fn tensors(&self, out: &StepOutput, capture: &mut Option<&mut Capture>) -> Result<Tensor, HarnessError> {
