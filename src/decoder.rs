@@ -135,7 +135,7 @@ pub trait Decoder: Send + Sync {
         Err(EngineError::Input(format!("this engine cannot run layer {layer} in isolation")))
     }
 
-    /// `x @ W^T` for one projection of a layer, named by its checkpoint module (`q_proj`,
+    /// `x @ W^T` (plus the bias, where the projection has one) for one projection of a layer, named by its checkpoint module (`q_proj`,
     /// `down_proj`), with whatever adapter is attached; the output in the Hugging Face layout.
     fn project(&self, layer: usize, module: &str, _x: &Tensor) -> Result<Tensor> {
         Err(EngineError::Input(format!("this engine cannot run layers.{layer}.{module} alone")))

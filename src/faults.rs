@@ -22,6 +22,8 @@ pub enum Fault {
     LoraNotAttached,
     LoraScale,
     SamplerTemperature,
+    QkvBiasDropped,
+    TiedHead,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -82,6 +84,12 @@ pub enum Diagnosis {
     LogitsOnly,
     /// The sampler differs.
     SamplerMismatch,
+    /// A projection's output is off by the same vector at every position: its bias is
+    /// missing or differs.
+    Bias,
+    /// The logits differ while the final norm passes: the output head (tied to the embedding
+    /// or its own matrix) differs.
+    OutputHead,
     /// No rule names it.
     Unclassified,
 }
@@ -116,6 +124,8 @@ impl Diagnosis {
             Diagnosis::AdapterNoEffect => "adapter-no-effect",
             Diagnosis::LogitsOnly => "logits-only",
             Diagnosis::SamplerMismatch => "sampler-mismatch",
+            Diagnosis::Bias => "bias",
+            Diagnosis::OutputHead => "output-head",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -315,6 +325,28 @@ pub const CATALOG: &[FaultInfo] = &[
         diagnosis: Diagnosis::SamplerMismatch,
         needs: "--sampler with a temperature other than 0 and 1 (faults --check uses temp=0.8,top_p=0.95,seed=0)",
     },
+    FaultInfo {
+        fault: Fault::QkvBiasDropped,
+        name: "qkv-bias-dropped",
+        bug: "the q/k/v biases are loaded but never added (a Llama forward reused for Qwen2)",
+        code_path: "Llama::block and Llama::project: the q/k/v projections run without their biases",
+        step: 0,
+        layer: Layer::First,
+        site: "q",
+        diagnosis: Diagnosis::Bias,
+        needs: "a model with q/k/v biases (Qwen2) and a prompt of 2+ tokens",
+    },
+    FaultInfo {
+        fault: Fault::TiedHead,
+        name: "tied-head",
+        bug: "the output head tied to the embedding although the checkpoint has its own (tie_word_embeddings taken as true)",
+        code_path: "the family loaders: the weights are loaded as if tie_word_embeddings were true, so lm_head is the embedding",
+        step: 0,
+        layer: Layer::None,
+        site: "logits",
+        diagnosis: Diagnosis::OutputHead,
+        needs: "a model with its own output head (tie_word_embeddings = false: tiny-qwen2, Qwen2.5)",
+    },
 ];
 
 impl Fault {
@@ -379,6 +411,12 @@ impl Faults {
 
     pub fn list(&self) -> Vec<(Fault, usize)> {
         self.active.clone()
+    }
+
+    /// The config the weights are loaded with: the model's own, except that the `tied-head`
+    /// fault loads them as if the head were tied to the embedding.
+    pub fn weights_config(&self, cfg: &crate::config::Config) -> crate::config::Config {
+        crate::config::Config { tie_word_embeddings: cfg.tie_word_embeddings || self.has(Fault::TiedHead), ..cfg.clone() }
     }
 
     /// `name[:layer]` for reports.

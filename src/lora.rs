@@ -552,6 +552,7 @@ mod tests {
             rope_theta: 10000.0,
             max_position_embeddings: 256,
             tie_word_embeddings: false,
+            qkv_bias: false,
             bos_token_id: None,
             eos_token_ids: vec![],
         }

@@ -57,6 +57,45 @@ fn token_str(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The `tokenizer.ggml.pre` values [`gpt2_pre_tokenizer`] knows.
+const KNOWN_PRE: &[&str] = &[
+    "default", "gpt2", "gpt-2", "phi-2", "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "qwen2",
+    "deepseek-r1-qwen", "llama-bpe", "llama3", "llama-v3",
+];
+
+/// The pre-tokenizer (tokenizers-crate JSON) of a byte-level BPE GGUF, from its
+/// `tokenizer.ggml.pre`, with a short description; `None` for a value not known here.
+/// The splits are llama.cpp's (`llama-vocab.cpp`, `llm_tokenizer_bpe`), written as the
+/// `tokenizer.json` regexes they come from:
+/// - `default`, `gpt-2` (and `phi-2`): GPT-2's `ByteLevel` split;
+/// - `smollm` and the other types that split `\p{N}` one by one first: `Digits` + `ByteLevel`;
+/// - `qwen2` (Qwen2/2.5, DeepSeek-R1 distills): Qwen2's regex, single digits, case-insensitive
+///   contractions, newlines kept with the punctuation before them;
+/// - `llama-bpe` / `llama3` / `llama-v3`: the same with digits in groups of up to three.
+fn gpt2_pre_tokenizer(pre: &str) -> Option<(Value, &'static str)> {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+    };
+    let split = |regex: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            byte_level(false)
+        ]})
+    };
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" | "phi-2" => (byte_level(true), "ByteLevel"),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            "Digits(individual) + ByteLevel",
+        ),
+        "qwen2" | "deepseek-r1-qwen" => (split(QWEN2), "Qwen2 regex split + ByteLevel"),
+        "llama-bpe" | "llama3" | "llama-v3" => (split(LLAMA3), "Llama 3 regex split + ByteLevel"),
+        _ => return None,
+    })
+}
+
 impl Tokenizer {
     /// The tokenizer of a model (a Hugging Face directory or a GGUF file) without its weights.
     pub fn load(path: &Path) -> Result<Self> {
@@ -113,9 +152,8 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
-    /// BPE). The pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre`: `smollm` (and the
-    /// other llama.cpp types that split digits one by one first) gets `Digits` before
-    /// `ByteLevel`; everything else the plain GPT-2 `ByteLevel` split.
+    /// BPE). The pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre` ([`gpt2_pre_tokenizer`]);
+    /// a value it does not know is refused, not guessed.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let model = g.md_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
@@ -157,19 +195,16 @@ impl Tokenizer {
                        "normalized": false, "special": types[i] == 3})
             })
             .collect();
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre_tokenizer = match pre.as_str() {
-            // llama.cpp splits `\p{N}` one by one before the GPT-2 regex for these.
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => json!({
-                "type": "Sequence",
-                "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]
-            }),
-            _ => byte_level.clone(),
-        };
-        let description = format!(
-            "GGUF tokenizer.ggml.pre={pre}: {} pre-tokenizer",
-            if pre_tokenizer.get("type") == Some(&json!("Sequence")) { "Digits(individual) + ByteLevel" } else { "ByteLevel" }
-        );
+        let pre_tokenizer = gpt2_pre_tokenizer(&pre).ok_or_else(|| EngineError::Unsupported {
+            path: g.path.clone(),
+            message: format!(
+                "tokenizer.ggml.pre `{pre}` is not known to this engine (it knows {}); its split regex decides the \
+                 token ids, so guessing one would give wrong ids silently",
+                KNOWN_PRE.join(", ")
+            ),
+        })?;
+        let description = format!("GGUF tokenizer.ggml.pre={pre}: {} pre-tokenizer", pre_tokenizer.1);
+        let pre_tokenizer = pre_tokenizer.0;
         let post_processor = match (add_bos, bos_id) {
             (true, Some(b)) => {
                 let bos = tokens.get(b as usize).cloned().unwrap_or_default();

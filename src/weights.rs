@@ -335,6 +335,7 @@ impl GgufFile {
             },
             max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
+            qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
             bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         };

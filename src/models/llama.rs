@@ -127,6 +127,11 @@ impl Llama {
         }
     }
 
+    /// A q/k/v projection's bias as it is added (the `qkv-bias-dropped` fault: never).
+    fn bias<'a>(&self, b: &'a Option<Tensor>) -> Option<&'a Tensor> {
+        b.as_ref().filter(|_| !self.faults.has(Fault::QkvBiasDropped))
+    }
+
     /// The RMSNorm epsilon in use (the `rms-eps` fault replaces it).
     fn eps(&self) -> f64 {
         if self.faults.has(Fault::RmsEps) {
@@ -156,7 +161,7 @@ impl Llama {
         let h = rms_norm(x, &lw.attn_norm, self.eps())?;
         tap(cap, || format!("layers.{i}.attn_norm"), &h);
         let qkv = Linear::forward_group(&[&lw.wq, &lw.wk, &lw.wv], &h)?;
-        let qkv = [(&qkv[0], &lw.bq), (&qkv[1], &lw.bk), (&qkv[2], &lw.bv)].map(|(y, b)| with_bias(y, b.as_ref()));
+        let qkv = [(&qkv[0], &lw.bq), (&qkv[1], &lw.bk), (&qkv[2], &lw.bv)].map(|(y, b)| with_bias(y, self.bias(b)));
         let [q, k, v] = qkv;
         let (q, k, v) = (&q?, &k?, &v?); // (seq, nh*hd), (seq, nkv*hd) x2
         tap(cap, || format!("layers.{i}.q"), q);
@@ -256,9 +261,9 @@ impl Decoder for Llama {
             EngineError::Input(format!("layer {layer} does not exist (the model has {})", self.cfg.num_layers))
         })?;
         let (w, b) = match module {
-            "q_proj" => (&lw.wq, lw.bq.as_ref()),
-            "k_proj" => (&lw.wk, lw.bk.as_ref()),
-            "v_proj" => (&lw.wv, lw.bv.as_ref()),
+            "q_proj" => (&lw.wq, self.bias(&lw.bq)),
+            "k_proj" => (&lw.wk, self.bias(&lw.bk)),
+            "v_proj" => (&lw.wv, self.bias(&lw.bv)),
             "o_proj" => (&lw.wo, None),
             "gate_proj" => (&lw.w_gate, None),
             "up_proj" => (&lw.w_up, None),
@@ -291,13 +296,13 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
     let (cfg, weights, layout) = match ckpt {
         Checkpoint::Hf { dir, config } => {
             let cfg = config.resolve(&dir.join("config.json"))?;
-            let w = weights::load_hf(dir, &cfg, opts.dtype)?;
+            let w = weights::load_hf(dir, &opts.faults.weights_config(&cfg), opts.dtype)?;
             (cfg, w, QkLayout::HalfSplit)
         }
         Checkpoint::Gguf { file, mode } => {
             file.drop_q41_min = opts.faults.has(Fault::Q41Min);
             let cfg = file.config()?;
-            let w = weights::load_gguf(file, &cfg, opts.dtype, mode)?;
+            let w = weights::load_gguf(file, &opts.faults.weights_config(&cfg), opts.dtype, mode)?;
             (cfg, w, QkLayout::Interleaved)
         }
     };

@@ -43,13 +43,13 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
                 return Err(EngineError::Unsupported { path, message: "the qwen2 family needs model_type qwen2".into() });
             }
             let cfg = config.resolve(&path)?;
-            let w = weights::load_hf_family(dir, &cfg, opts.dtype, &ARCH)?;
+            let w = weights::load_hf_family(dir, &opts.faults.weights_config(&cfg), opts.dtype, &ARCH)?;
             (cfg, w)
         }
         Checkpoint::Gguf { file, mode } => {
             file.drop_q41_min = opts.faults.has(Fault::Q41Min);
             let cfg = file.config()?;
-            let w = weights::load_gguf_family(file, &cfg, opts.dtype, mode, &ARCH)?;
+            let w = weights::load_gguf_family(file, &opts.faults.weights_config(&cfg), opts.dtype, mode, &ARCH)?;
             (cfg, w)
         }
     };
