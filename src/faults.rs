@@ -22,6 +22,9 @@ pub enum Fault {
     LoraNotAttached,
     LoraScale,
     SamplerTemperature,
+    // Mixtral-style sparse MoE (crate::models::mixtral).
+    RouterRenormSkipped,
+    ExpertOffByOne,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -82,6 +85,14 @@ pub enum Diagnosis {
     LogitsOnly,
     /// The sampler differs.
     SamplerMismatch,
+    /// MoE: the chosen experts' weights do not sum to 1 (the top-k renormalisation skipped).
+    RouterRenorm,
+    /// MoE: the experts applied are not the ones the (agreeing) router logits choose.
+    ExpertIndex,
+    /// MoE: another expert choice, decided by router logits that differ (the margin named).
+    ExpertChoice,
+    /// MoE: the expert weights differ, unnamed.
+    Routing,
     /// No rule names it.
     Unclassified,
 }
@@ -116,6 +127,10 @@ impl Diagnosis {
             Diagnosis::AdapterNoEffect => "adapter-no-effect",
             Diagnosis::LogitsOnly => "logits-only",
             Diagnosis::SamplerMismatch => "sampler-mismatch",
+            Diagnosis::RouterRenorm => "router-renorm",
+            Diagnosis::ExpertIndex => "expert-index",
+            Diagnosis::ExpertChoice => "expert-choice",
+            Diagnosis::Routing => "routing",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -314,6 +329,29 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "sampler",
         diagnosis: Diagnosis::SamplerMismatch,
         needs: "--sampler with a temperature other than 0 and 1 (faults --check uses temp=0.8,top_p=0.95,seed=0)",
+    },
+    // Mixtral-style sparse MoE.
+    FaultInfo {
+        fault: Fault::RouterRenormSkipped,
+        name: "router-renorm-skipped",
+        bug: "MoE top-k weights not renormalised: the chosen experts' softmax probabilities (summing to < 1) weight their outputs",
+        code_path: "mixtral::sparse_moe: route() without the top-k renormalisation",
+        step: 0,
+        layer: Layer::First,
+        site: "expert_weights",
+        diagnosis: Diagnosis::RouterRenorm,
+        needs: "a mixture-of-experts model with top-k < n_experts",
+    },
+    FaultInfo {
+        fault: Fault::ExpertOffByOne,
+        name: "expert-off-by-one",
+        bug: "MoE expert index off by one: each position runs the expert after the one its router chose",
+        code_path: "mixtral::sparse_moe: the chosen expert e dispatched to (e + 1) % n_experts",
+        step: 0,
+        layer: Layer::First,
+        site: "expert_weights",
+        diagnosis: Diagnosis::ExpertIndex,
+        needs: "a mixture-of-experts model",
     },
 ];
 
