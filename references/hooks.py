@@ -24,9 +24,21 @@ LAYER_HOOKS: dict[str, tuple[str, str]] = {
     "mlp_gate": ("mlp.gate_proj", OUTPUT),
     "mlp_up": ("mlp.up_proj", OUTPUT),
     "mlp_act": ("mlp.down_proj", INPUT),
-    "mlp_out": ("mlp.down_proj", OUTPUT),
+    "mlp_out": [("mlp.down_proj", OUTPUT), ("mlp", OUTPUT), ("block_sparse_moe", OUTPUT)],
     "out": ("", OUTPUT),
+    # Sparse MoE (Mixtral): the router's logits. transformers 5 names the mixture ``mlp`` and its
+    # router ``mlp.gate`` (a MixtralTopKRouter returning (logits, top-k weights, top-k indices));
+    # mlx-lm keeps ``block_sparse_moe.gate`` (a Linear). ``mlp_out`` above is then the mixture's
+    # output (there is no ``mlp.down_proj``).
+    "router": [("mlp.gate", OUTPUT), ("block_sparse_moe.gate", OUTPUT)],
 }
+# A leaf may list alternatives: the first path the model has is used.
+
+# Sparse MoE: the leaf of the weight each expert received per position, ``(seq, n_experts)``,
+# zero where not chosen. Each reference builds it from what its own router computed.
+EXPERT_WEIGHTS = "expert_weights"
+# The mixture module of a layer in each framework (transformers 5, mlx-lm).
+MOE_BLOCKS = ("mlp", "block_sparse_moe")
 
 # Global site -> (module path inside the decoder stack, i.e. ``model.model``; side).
 GLOBAL_HOOKS: dict[str, tuple[str, str]] = {
@@ -56,12 +68,13 @@ def plan(root, path_of: dict[str, tuple[str, str]], wanted: dict[str, str]):
     {module path: (module, {OUTPUT: site, INPUT: site})}, in ``path_of``'s order. A name
     whose module ``root`` lacks is left out (the reference does not provide that site)."""
     out: dict[str, tuple[object, dict[str, str]]] = {}
-    for key, (path, side) in path_of.items():
+    for key, where in path_of.items():
         site = wanted.get(key)
         if site is None:
             continue
-        mod = submodule(root, path)
-        if mod is None:
-            continue
-        out.setdefault(path, (mod, {}))[1][side] = site
+        for path, side in where if isinstance(where, list) else [where]:
+            mod = submodule(root, path)
+            if mod is not None:
+                out.setdefault(path, (mod, {}))[1][side] = site
+                break
     return out

@@ -73,7 +73,7 @@ C.llama_log_set(_quiet_log, ctypes.c_void_p(0))
 
 # -- struct ggml_tensor (ggml.h of the llama.cpp vendored by llama-cpp-python 0.3.x) ---------
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32 = 0, 1, 26
 
 
 class _GgmlTensor(ctypes.Structure):
@@ -140,10 +140,19 @@ _BY_NAME = {
     "ffn_gate_par": "mlp_act",
     "ffn_out": "mlp_out",
     "l_out": "out",
+    # Sparse MoE (llm_graph_context::build_moe_ffn): the router's logits, the mixture's output
+    # (in a MoE graph ffn_out-N is the residual sum after it, not the MLP's output), and the
+    # chosen experts (ffn_moe_topk-N, I32) with their renormalised weights
+    # (ffn_moe_weights_norm-N), assembled into expert_weights after the decode.
+    "ffn_moe_logits": "router",
+    "ffn_moe_out": "mlp_out",
+    "ffn_moe_topk": "expert_weights#topk",
+    "ffn_moe_weights_norm": "expert_weights#w",
 }
 _GLOBAL = {"embd": "embed", "result_norm": "final_norm"}
 # The leaves _site_of can name (and logits, read with llama_get_logits).
-_LAYER_LEAVES = set(_BY_NAME.values()) | {"q", "k", "q_rope", "k_rope", "cache_k", "cache_v"}
+_LAYER_LEAVES = {v for v in _BY_NAME.values() if "#" not in v} | {"q", "k", "q_rope", "k_rope", "cache_k", "cache_v",
+                                                                  "expert_weights"}
 _GLOBAL_SITES = set(_GLOBAL.values()) | {"logits"}
 
 
@@ -170,8 +179,10 @@ def _read_tensor(t: _GgmlTensor) -> np.ndarray:
         dt = np.dtype(np.float32)
     elif t.type == GGML_TYPE_F16:
         dt = np.dtype(np.float16)
+    elif t.type == GGML_TYPE_I32:  # an MoE's expert indices
+        dt = np.dtype(np.int32)
     else:
-        raise RuntimeError(f"tensor {t.name!r}: ggml type {t.type} is not F32/F16")
+        raise RuntimeError(f"tensor {t.name!r}: ggml type {t.type} is not F32/F16/I32")
     if not t.data:
         raise RuntimeError(f"tensor {t.name!r} has no host data")
     ne = [int(t.ne[i]) for i in range(GGML_MAX_DIMS)]
@@ -179,7 +190,7 @@ def _read_tensor(t: _GgmlTensor) -> np.ndarray:
     extent = sum((n - 1) * s for n, s in zip(ne, nb)) + dt.itemsize
     buf = (ctypes.c_char * extent).from_address(t.data)
     a = np.ndarray(shape=tuple(reversed(ne)), dtype=dt, buffer=buf, strides=tuple(reversed(nb)))
-    return np.array(a, dtype=np.float32, copy=True)
+    return np.array(a, dtype=np.int32 if t.type == GGML_TYPE_I32 else np.float32, copy=True)
 
 
 def _version(pkg: str) -> str | None:
@@ -309,6 +320,9 @@ class LlamaCppReference:
         self.head_dim = (int(key_length) if key_length is not None
                          else int(C.llama_model_n_embd(self._model)) // int(C.llama_model_n_head(self._model)))
         self.tokside = LlamaCppTokenizerSide(self.llm, self.metadata, self.model_path)
+        arch = self.metadata.get("general.architecture", "llama")
+        self.n_expert = int(self.metadata.get(f"{arch}.expert_count", 0) or 0)
+        self.n_expert_used = int(self.metadata.get(f"{arch}.expert_used_count", 0) or 0)
 
         # The lockstep context: same model, the eval callback set, flash attention off (its
         # fused kernel never materializes the merged-head attention), no other user.
@@ -406,7 +420,9 @@ class LlamaCppReference:
                 self._prev_name = name
             if site is None:
                 site = self._unnamed.get(ptr)
-            if site not in self._wanted:
+            if self.n_expert and site is not None and name.startswith("ffn_out-"):
+                site = None  # the residual sum after the mixture (its output is ffn_moe_out-N)
+            if site is not None and site.split("#")[0] not in self._wanted:
                 site = None
             if ask:
                 return site is not None
@@ -478,7 +494,23 @@ class LlamaCppReference:
             self._capturing = False
         if self._cb_error is not None:
             raise RuntimeError(f"llamacpp_ref: eval callback failed: {self._cb_error!r}") from self._cb_error
+        self._assemble_expert_weights()
         return rc
+
+    def _assemble_expert_weights(self) -> None:
+        """An MoE layer's chosen experts ([k, n_tokens] I32) and their weights ([k, n_tokens])
+        -> expert_weights (n_tokens, n_expert), zero where an expert is not chosen."""
+        for key in [k for k in self._cap if k.endswith("#topk")]:
+            site = key.split("#")[0]
+            idx = self._cap.pop(key)
+            w = self._cap.pop(f"{site}#w", None)
+            if w is None:
+                continue
+            idx = idx.reshape(-1, self.n_expert_used)
+            w = w.reshape(idx.shape)
+            dense = np.zeros((idx.shape[0], self.n_expert), dtype=np.float32)
+            np.put_along_axis(dense, idx.astype(np.int64), w, axis=-1)
+            self._cap[site] = dense
 
     def _decode_chunk(self, ids: list[int]) -> dict[str, np.ndarray]:
         n = len(ids)

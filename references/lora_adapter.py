@@ -22,7 +22,26 @@ import numpy as np
 
 PROJ_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-              "down_proj": "mlp.down_proj"}
+              "down_proj": "mlp.down_proj",
+              # Mixtral's router (mlx-lm's default LoRA keys include it); transformers 5 names
+              # the module mlp.gate (ROUTER_PATHS).
+              "gate": "block_sparse_moe.gate"}
+# Where each library keeps the router of a layer (checkpoint / mlx-lm, transformers 5).
+ROUTER_PATHS = ("block_sparse_moe.gate", "mlp.gate")
+
+
+def module_of(layer, proj: str):
+    """The module of projection ``proj`` in a decoder layer (attribute paths, torch or MLX),
+    None when the layer has none (a dense layer's router, an MoE layer's gate_proj)."""
+    for path in ROUTER_PATHS if proj == "gate" else (PROJ_PATHS[proj],):
+        m = layer
+        for part in path.split("."):
+            m = getattr(m, part, None)
+            if m is None:
+                break
+        if m is not None:
+            return m, path
+    return None, None
 
 
 def adapter_format(path: str | Path) -> str:
@@ -37,6 +56,8 @@ def adapter_format(path: str | Path) -> str:
 
 
 def _canon(name: str) -> str:
+    if name == "mlp.gate" or name.endswith(".mlp.gate"):
+        return "gate"
     for short, path in PROJ_PATHS.items():
         if name in (short, path) or name.endswith("." + path):
             return short

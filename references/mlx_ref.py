@@ -57,6 +57,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from mlx_lm.models.qwen2 import Model as Qwen2Model, ModelArgs as Qwen2Args
+from mlx_lm.models.mixtral import Model as MixtralModel, ModelArgs as MixtralArgs
 from transformers import AutoTokenizer
 
 import dequant_store
@@ -172,7 +173,13 @@ _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 _GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+               # Mixtral (llama with experts): the router and the merged [n_expert, out, in]
+               # experts, which are mlx-lm's SwitchGLU weights as they are.
+               "ffn_gate_inp": "block_sparse_moe.gate",
+               "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+               "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+               "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj"}
 
 
 def _gguf_module(name: str) -> str | None:
@@ -292,7 +299,16 @@ def _load_gguf(path: Path):
     vocab = int(arrays["token_embd.weight"].shape[0])
     tie = "output.weight" not in types
     kw = dict(head_dim=head_dim) if arch == "llama" else {}
-    if arch != "llama" and head_dim != hidden // heads:
+    n_expert = int(_meta(meta, f"{a_}.expert_count", path, 0, required=False))
+    if n_expert > 0:
+        # llama.cpp writes Mixtral as llama with experts: mlx-lm's mixtral model (which derives
+        # head_dim from hidden/heads).
+        if arch != "llama" or head_dim != hidden // heads:
+            raise ValueError(f"{path}: experts in a {arch} GGUF (head_dim {head_dim}) do not fit mlx-lm's mixtral")
+        model_cls, args_cls, arch = MixtralModel, MixtralArgs, "mixtral"
+        kw = dict(num_local_experts=n_expert,
+                  num_experts_per_tok=int(_meta(meta, f"{a_}.expert_used_count", path)))
+    if arch not in ("llama", "mixtral") and head_dim != hidden // heads:
         raise ValueError(f"{path}: head_dim {head_dim} != hidden/heads: mlx-lm's {arch} derives it")
     args = args_cls(
         model_type=arch,
@@ -304,7 +320,8 @@ def _load_gguf(path: Path):
         **kw,
         rms_norm_eps=float(_meta(meta, f"{a_}.attention.layer_norm_rms_epsilon", path)),
         vocab_size=vocab,
-        max_position_embeddings=int(_meta(meta, f"{a_}.context_length", path, 4096, required=False)),
+        **({} if arch == "mixtral" else  # mlx-lm's mixtral args have no max_position_embeddings
+           dict(max_position_embeddings=int(_meta(meta, f"{a_}.context_length", path, 4096, required=False)))),
         rope_theta=float(_meta(meta, f"{a_}.rope.freq_base", path, 10000.0, required=False)),
         rope_traditional=permuted,  # a Llama GGUF's Q/K rows are permuted for interleaved RoPE
         tie_word_embeddings=tie,
@@ -369,9 +386,9 @@ def _load_hf(path: Path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     cfg = json.loads(cfg_path.read_text())
     mt = cfg.get("model_type")
-    if mt not in ("llama", "qwen2"):
+    if mt not in ("llama", "qwen2", "mixtral"):
         raise ValueError(f"{path}: model_type {mt!r} is not supported by the mlx reference "
-                         "(only 'llama', 'qwen2')")
+                         "(only 'llama', 'qwen2', 'mixtral')")
     from mlx_lm.utils import load_model
     try:
         model, _ = load_model(path, lazy=True)
@@ -413,6 +430,8 @@ def _capture_class(cls: type) -> type:
                     rec.put(self._ls_in, args[0])
                 if self._ls_out is not None:
                     rec.put(self._ls_out, out)
+                if getattr(self, "_ls_arg1", None) is not None:  # an MoE's expert indices
+                    rec.put(self._ls_arg1, args[1])
                 if self._ls_alt is not None:  # RoPE: called on the queries, then the keys
                     rec.put(self._ls_alt[self._ls_n % 2], out)
                     object.__setattr__(self, "_ls_n", self._ls_n + 1)
@@ -502,7 +521,9 @@ class MlxReference(HfSideMixin):
             ad = lora_adapter.read(path, self.num_layers)
             for (i, m), (a, b) in sorted(ad["pairs"].items()):
                 parent_name, leaf = lora_adapter.PROJ_PATHS[m].split(".")
-                parent = getattr(layers[i], parent_name)
+                parent = getattr(layers[i], parent_name, None)
+                if parent is None or getattr(parent, leaf, None) is None:
+                    raise ValueError(f"the adapter targets layers.{i}.{m}, which this model lacks")
                 ll = LoRALinear.from_base(getattr(parent, leaf), r=ad["rank"], dropout=0.0, scale=ad["scale"])
                 ll.lora_a = mx.array(np.ascontiguousarray(a.T))
                 ll.lora_b = mx.array(np.ascontiguousarray(b.T))
@@ -512,7 +533,7 @@ class MlxReference(HfSideMixin):
         for i, layer in enumerate(layers):
             for m, p in lora_adapter.PROJ_PATHS.items():
                 parent_name, leaf = p.split(".")
-                mod = getattr(getattr(layer, parent_name), leaf)
+                mod = getattr(getattr(layer, parent_name, None), leaf, None)
                 if not isinstance(mod, LoRALinear):
                     continue
                 mod.lora_a = mod.lora_a.astype(mx.float32)
@@ -529,7 +550,7 @@ class MlxReference(HfSideMixin):
         for i, layer in enumerate(self.model.model.layers):
             for m, p in lora_adapter.PROJ_PATHS.items():
                 parent_name, leaf = p.split(".")
-                mod = getattr(getattr(layer, parent_name), leaf)
+                mod = getattr(getattr(layer, parent_name, None), leaf, None)
                 if not isinstance(mod, LoRALinear):
                     continue
                 a = np.array(mod.lora_a.astype(mx.float32)).T
@@ -564,6 +585,7 @@ class MlxReference(HfSideMixin):
         self._logits = "logits" in glob
         got.update(["logits"] if self._logits else [])
         self._cache_sites = {}
+        self._moe_sites = {}
         for i, layer in enumerate(m.layers):
             wanted = by_layer.get(i, {})
             attach(layer, hooks.LAYER_HOOKS, wanted)
@@ -577,6 +599,22 @@ class MlxReference(HfSideMixin):
                 _capture(rope, rec, alt=(q, k))
                 self._ropes.append(rope)
                 got.update(x for x in (q, k) if x)
+            ew = wanted.get(hooks.EXPERT_WEIGHTS)
+            moe = hooks.submodule(layer, "block_sparse_moe")
+            if ew and moe is not None and hasattr(moe, "switch_mlp"):
+                # mlx-lm's MixtralSparseMoeBlock: inds = top-k of the gate's logits (given to
+                # switch_mlp), weights = softmax over those k logits; both captured here and
+                # assembled after the step (_moe_sites).
+                logits_key, inds_key = f"{ew}#logits", f"{ew}#inds"
+                gate = moe.gate
+                if getattr(gate, "_ls_out", None) is None:
+                    _capture(gate, rec, out=logits_key)
+                else:
+                    logits_key = gate._ls_out
+                _capture(moe.switch_mlp, rec)
+                object.__setattr__(moe.switch_mlp, "_ls_arg1", inds_key)
+                self._moe_sites[ew] = (logits_key, inds_key, moe.num_experts_per_tok)
+                got.add(ew)
             kv = tuple(wanted.get(s) for s in hooks.CACHE_SITES)
             if any(kv):
                 self._cache_sites[i] = kv
@@ -631,6 +669,14 @@ class MlxReference(HfSideMixin):
             for site, a in zip(self._cache_sites[i], (k, v)):
                 if site:
                     out[site] = a[0]
+        for ew, (logits_key, inds_key, _k) in self._moe_sites.items():
+            gates, inds = out[logits_key], out.pop(inds_key)
+            if logits_key.endswith("#logits"):
+                out.pop(logits_key)
+            # mlx-lm's own weights: softmax over the chosen experts' logits (precise).
+            scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+            dense = mx.put_along_axis(mx.zeros(gates.shape, dtype=scores.dtype), inds, scores, axis=-1)
+            out[ew] = dense
         mx.eval(list(out.values()))
         res = {name: _np(a) for name, a in out.items()}
         if self.qk_permuted:

@@ -82,6 +82,13 @@ def _install_rope_wrapper(attention) -> None:
     modeling.apply_rotary_pos_emb = wrapped
 
 
+def _expert_weights(router_out) -> torch.Tensor:
+    """(seq, n_experts) from a MoE router's (logits, top-k weights, top-k indices): each
+    position's weight per expert, zero for the experts it is not routed to."""
+    logits, weights, indices = router_out
+    return torch.zeros(logits.shape, dtype=weights.dtype).scatter(-1, indices, weights)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     # .numpy() shares the tensor's buffer: the harness reads torch's own memory. float64
     # stays float64 (the oracle's extra digits must reach the comparison).
@@ -129,11 +136,28 @@ class TransformersReference(HfSideMixin):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         fmt = lora_adapter.adapter_format(path)
         src, how = path, "peft.PeftModel.from_pretrained"
-        if fmt == "mlx":
+        ad = lora_adapter.read(path, self.model.config.num_hidden_layers)
+        router = {k: v for k, v in ad["pairs"].items() if k[1] == "gate"}
+        if fmt == "mlx" or router:
             self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-peft-")
-            ad = lora_adapter.read(path, self.model.config.num_hidden_layers)
-            src = str(lora_adapter.to_peft_dir(ad, Path(self._tmp.name)))
-            how += " (mlx-lm adapter converted to PEFT form: transposed, lora_alpha = scale * r)"
+            rest = dict(ad, pairs={k: v for k, v in ad["pairs"].items() if k[1] != "gate"},
+                        targets=[t for t in ad["targets"] if t != "gate"])
+            src = str(lora_adapter.to_peft_dir(rest, Path(self._tmp.name)))
+            if fmt == "mlx":
+                how += " (mlx-lm adapter converted to PEFT form: transposed, lora_alpha = scale * r)"
+        # transformers 5's Mixtral router (MixtralTopKRouter, mlp.gate) is not a Linear that peft
+        # can wrap: its adapter is merged into the router weight (W + s B A), as peft's
+        # merge_and_unload would (the engine's unmerged sum differs by float rounding only).
+        self._router_lora = {}
+        for (i, _m), (a, b) in sorted(router.items()):
+            mod, _ = lora_adapter.module_of(self.model.model.layers[i], "gate")
+            if mod is None:
+                raise ValueError(f"{path}: the adapter targets layers.{i}.gate, which this model lacks")
+            with torch.no_grad():
+                mod.weight += ad["scale"] * torch.from_numpy(b @ a).to(mod.weight.dtype)
+            self._router_lora[i] = (a, b, ad["scale"])
+        if router:
+            how += f"; the router adapter (layers {sorted(self._router_lora)}) merged into mlp.gate.weight"
         self.peft = PeftModel.from_pretrained(self.model, src, is_trainable=False)
         # peft keeps float32 adapter weights; an f64 oracle computes them in float64 too.
         self.model.to(torch_dtype)
@@ -145,7 +169,11 @@ class TransformersReference(HfSideMixin):
         out = []
         for i, layer in enumerate(self.model.model.layers):
             for m, path in lora_adapter.PROJ_PATHS.items():
-                mod = layer.get_submodule(path)
+                if m == "gate" and i in getattr(self, "_router_lora", {}):
+                    a, b, sc = self._router_lora[i]
+                    out.append(lora_adapter.entry(f"layers.{i}.gate", a, b, "float32", float(sc)))
+                    continue
+                mod, _ = lora_adapter.module_of(layer, m)
                 la, lb = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
                 if la is None or "default" not in la:
                     continue
@@ -196,6 +224,13 @@ class TransformersReference(HfSideMixin):
         for i, layer in enumerate(m.layers):
             wanted = by_layer.get(i, {})
             attach(layer, hooks.LAYER_HOOKS, wanted)
+            ew = wanted.get(hooks.EXPERT_WEIGHTS)
+            router = hooks.submodule(layer, "mlp.gate")
+            if ew and router is not None and hasattr(router, "top_k"):
+                # transformers 5's MixtralTopKRouter returns (logits, top-k weights, top-k
+                # indices): the weights it applies, scattered into (seq, n_experts).
+                router.register_forward_hook(lambda mod, inp, out, name=ew: self._put(name, _expert_weights(out)))
+                got.add(ew)
             rope = [wanted[s] for s in hooks.ROPE_SITES if s in wanted]
             if rope:
                 attention = hooks.submodule(layer, hooks.ATTENTION)

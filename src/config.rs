@@ -26,6 +26,10 @@ pub struct Config {
     pub qkv_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Sparse mixture of experts (Mixtral): experts per layer, 0 for a dense MLP.
+    pub num_experts: usize,
+    /// Experts each position is routed to (top-k), 0 for a dense MLP.
+    pub num_experts_per_tok: usize,
 }
 
 impl Config {
@@ -53,6 +57,12 @@ impl Config {
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        if self.num_experts > 0 && !(1..=self.num_experts).contains(&self.num_experts_per_tok) {
+            return bad(format!(
+                "num_experts_per_tok ({}) must be between 1 and num_local_experts ({})",
+                self.num_experts_per_tok, self.num_experts
+            ));
         }
         if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
             return bad(format!(
@@ -123,6 +133,11 @@ pub struct HfConfig {
     /// Qwen2's sliding-window attention (off in the released checkpoints).
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Mixtral's sliding-window attention size (`null` in the released Mixtral configs).
+    pub sliding_window: Option<serde_json::Value>,
+    /// Mixtral: experts per layer and experts per position.
+    pub num_local_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
 }
 
 impl HfConfig {
@@ -145,6 +160,20 @@ impl HfConfig {
         if self.use_sliding_window {
             return unsupported("use_sliding_window = true is not supported".into());
         }
+        let moe = self.model_type.as_deref() == Some("mixtral");
+        if moe && self.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
+            return unsupported("sliding_window (Mixtral's windowed attention) is not supported: set it to null".into());
+        }
+        let (num_experts, num_experts_per_tok) = match (moe, self.num_local_experts, self.num_experts_per_tok) {
+            (false, _, _) => (0, 0),
+            (true, Some(e), Some(k)) => (e, k),
+            (true, _, _) => {
+                return Err(EngineError::Config {
+                    path: path.to_path_buf(),
+                    message: "model_type mixtral needs num_local_experts and num_experts_per_tok".into(),
+                })
+            }
+        };
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return unsupported(format!("hidden_act `{act}` is not supported (only silu)"));
@@ -174,6 +203,8 @@ impl HfConfig {
             qkv_bias: qkv_bias_family || self.attention_bias,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+            num_experts,
+            num_experts_per_tok,
         };
         cfg.validate(path)?;
         Ok(cfg)

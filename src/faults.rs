@@ -24,6 +24,9 @@ pub enum Fault {
     SamplerTemperature,
     QkvBiasDropped,
     TiedHead,
+    // Mixtral-style sparse MoE (crate::models::mixtral).
+    RouterRenormSkipped,
+    ExpertOffByOne,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -90,6 +93,14 @@ pub enum Diagnosis {
     /// The logits differ while the final norm passes: the output head (tied to the embedding
     /// or its own matrix) differs.
     OutputHead,
+    /// MoE: the chosen experts' weights do not sum to 1 (the top-k renormalisation skipped).
+    RouterRenorm,
+    /// MoE: the experts applied are not the ones the (agreeing) router logits choose.
+    ExpertIndex,
+    /// MoE: another expert choice, decided by router logits that differ (the margin named).
+    ExpertChoice,
+    /// MoE: the expert weights differ, unnamed.
+    Routing,
     /// No rule names it.
     Unclassified,
 }
@@ -126,6 +137,10 @@ impl Diagnosis {
             Diagnosis::SamplerMismatch => "sampler-mismatch",
             Diagnosis::Bias => "bias",
             Diagnosis::OutputHead => "output-head",
+            Diagnosis::RouterRenorm => "router-renorm",
+            Diagnosis::ExpertIndex => "expert-index",
+            Diagnosis::ExpertChoice => "expert-choice",
+            Diagnosis::Routing => "routing",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -346,6 +361,28 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "logits",
         diagnosis: Diagnosis::OutputHead,
         needs: "a model with its own output head (tie_word_embeddings = false: tiny-qwen2, Qwen2.5)",
+    // Mixtral-style sparse MoE.
+    FaultInfo {
+        fault: Fault::RouterRenormSkipped,
+        name: "router-renorm-skipped",
+        bug: "MoE top-k weights not renormalised: the chosen experts' softmax probabilities (summing to < 1) weight their outputs",
+        code_path: "mixtral::sparse_moe: route() without the top-k renormalisation",
+        step: 0,
+        layer: Layer::First,
+        site: "expert_weights",
+        diagnosis: Diagnosis::RouterRenorm,
+        needs: "a mixture-of-experts model with top-k < n_experts",
+    },
+    FaultInfo {
+        fault: Fault::ExpertOffByOne,
+        name: "expert-off-by-one",
+        bug: "MoE expert index off by one: each position runs the expert after the one its router chose",
+        code_path: "mixtral::sparse_moe: the chosen expert e dispatched to (e + 1) % n_experts",
+        step: 0,
+        layer: Layer::First,
+        site: "expert_weights",
+        diagnosis: Diagnosis::ExpertIndex,
+        needs: "a mixture-of-experts model",
     },
 ];
 

@@ -180,7 +180,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     };
     let mut g = GgufFile::open(path)?;
     g.drop_q41_min = opts.faults.has(Fault::Q41Min);
-    let family = models::for_gguf_arch(g.md_str("general.architecture")?, path)?;
+    let family = models::for_gguf(&g)?;
     let tokenizer = Tokenizer::from_gguf(&g)?;
     let (model, lora) = (family.load)(Checkpoint::Gguf { file: &mut g, mode }, opts)?;
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })

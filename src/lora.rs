@@ -44,8 +44,10 @@ use crate::layout::QkLayout;
 use crate::quant::Linear;
 use crate::weights::LayerWeights;
 
-/// The projections an adapter can target: (name, module path inside a decoder layer).
-pub const PROJECTIONS: [(&str, &str); 7] = [
+/// The projections an adapter can target: (name, module path inside a decoder layer). A
+/// dense layer has the `mlp.*` ones, a mixture-of-experts layer (Mixtral) the router `gate`
+/// instead (mlx-lm's default LoRA keys for Mixtral include it); [`model_projections`].
+pub const PROJECTIONS: [(&str, &str); 8] = [
     ("q_proj", "self_attn.q_proj"),
     ("k_proj", "self_attn.k_proj"),
     ("v_proj", "self_attn.v_proj"),
@@ -53,7 +55,19 @@ pub const PROJECTIONS: [(&str, &str); 7] = [
     ("gate_proj", "mlp.gate_proj"),
     ("up_proj", "mlp.up_proj"),
     ("down_proj", "mlp.down_proj"),
+    // Mixtral's router.
+    ("gate", "block_sparse_moe.gate"),
 ];
+
+/// The projections of [`PROJECTIONS`] a layer of this model has.
+pub fn model_projections(cfg: &Config) -> impl Iterator<Item = &'static str> {
+    let moe = cfg.num_experts > 0;
+    PROJECTIONS.iter().map(|(m, _)| *m).filter(move |m| match *m {
+        "gate_proj" | "up_proj" | "down_proj" => !moe,
+        "gate" => moe,
+        _ => true,
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -321,7 +335,14 @@ impl LoraAdapter {
         for p in &self.pairs {
             let scale = if double { p.scale * p.scale } else { p.scale };
             let lw = layers.get_mut(p.layer).ok_or_else(|| EngineError::Input(format!("no layer {}", p.layer)))?;
-            let slot = module_slot(lw, p.module);
+            let slot = module_slot(lw, p.module).ok_or_else(|| {
+                EngineError::Input(format!(
+                    "{}: the adapter targets `{}`, which layer {} of this model does not have",
+                    self.dir.display(),
+                    p.module,
+                    p.layer
+                ))
+            })?;
             let mut b = p.b.clone();
             if matches!(p.module, "q_proj" | "k_proj") {
                 // B's rows are output rows: into the model's Q/K order.
@@ -364,17 +385,21 @@ impl LoraAdapter {
     }
 }
 
-/// The adapter-bearing matrix of `module` in a layer.
-fn module_slot<'a>(lw: &'a mut LayerWeights, module: &str) -> &'a mut Linear {
-    match module {
-        "q_proj" => &mut lw.wq,
-        "k_proj" => &mut lw.wk,
-        "v_proj" => &mut lw.wv,
-        "o_proj" => &mut lw.wo,
-        "gate_proj" => &mut lw.w_gate,
-        "up_proj" => &mut lw.w_up,
-        _ => &mut lw.w_down,
-    }
+/// The adapter-bearing matrix of `module` in a layer (`None`: the layer has no such matrix,
+/// e.g. `gate_proj` in a mixture-of-experts layer, or the router `gate` in a dense one).
+fn module_slot<'a>(lw: &'a mut LayerWeights, module: &str) -> Option<&'a mut Linear> {
+    use crate::weights::Ffn;
+    Some(match (module, &mut lw.ffn) {
+        ("q_proj", _) => &mut lw.wq,
+        ("k_proj", _) => &mut lw.wk,
+        ("v_proj", _) => &mut lw.wv,
+        ("o_proj", _) => &mut lw.wo,
+        ("gate_proj", Ffn::Dense(m)) => &mut m.gate,
+        ("up_proj", Ffn::Dense(m)) => &mut m.up,
+        ("down_proj", Ffn::Dense(m)) => &mut m.down,
+        ("gate", Ffn::Moe(moe)) => &mut moe.router,
+        _ => return None,
+    })
 }
 
 /// `(out, in)` of a projection.
@@ -385,6 +410,7 @@ pub fn module_dims(cfg: &Config, module: &str) -> (usize, usize) {
         "k_proj" | "v_proj" => (cfg.num_kv_heads * hd, h),
         "o_proj" => (h, cfg.num_heads * hd),
         "gate_proj" | "up_proj" => (i, h),
+        "gate" => (cfg.num_experts, h),
         _ => (h, i),
     }
 }
@@ -512,7 +538,7 @@ fn mlx_config(j: &serde_json::Value, path: &Path, cfg: &Config) -> Result<LoraCo
         bad(path, "missing `lora_parameters.scale` (mlx-lm's LoRA config uses `scale`, not `alpha`)")
     })?;
     let targets = match p.get("keys") {
-        None | Some(serde_json::Value::Null) => PROJECTIONS.iter().map(|(m, _)| m.to_string()).collect(),
+        None | Some(serde_json::Value::Null) => model_projections(cfg).map(String::from).collect(),
         Some(serde_json::Value::Array(a)) => {
             let names: Vec<String> =
                 a.iter().map(|v| v.as_str().map(String::from)).collect::<Option<_>>().ok_or_else(|| bad(path, "`lora_parameters.keys` must be a list of names"))?;
@@ -555,6 +581,8 @@ mod tests {
             qkv_bias: false,
             bos_token_id: None,
             eos_token_ids: vec![],
+            num_experts: 0,
+            num_experts_per_tok: 0,
         }
     }
 
@@ -565,7 +593,7 @@ mod tests {
         assert_eq!(parse_key("model.layers.11.self_attn.v_proj.lora_a", LoraFormat::Mlx), Some((11, "v_proj", false)));
         assert_eq!(parse_key("model.layers.1.self_attn.q_proj.lora_A.weight", LoraFormat::Mlx), None);
         assert_eq!(parse_key("lm_head.lora_a", LoraFormat::Mlx), None);
-        assert_eq!(parse_key("model.layers.1.block_sparse_moe.gate.lora_a", LoraFormat::Mlx), None);
+        assert_eq!(parse_key("model.layers.1.block_sparse_moe.gate.lora_a", LoraFormat::Mlx), Some((1, "gate", false)));
     }
 
     #[test]

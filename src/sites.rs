@@ -15,8 +15,9 @@
 //! | `layers.{i}.attn` | attention output, heads merged, before the output projection |
 //! | `layers.{i}.attn_out` | after the output projection |
 //! | `layers.{i}.mlp_norm` | post-attention norm output |
-//! | `layers.{i}.mlp_gate`, `.mlp_up`, `.mlp_act`, `.mlp_out` | gate, up, act(gate)*up, down |
-//! | `layers.{i}.router` | MoE router logits (MoE families only) |
+//! | `layers.{i}.mlp_gate`, `.mlp_up`, `.mlp_act`, `.mlp_out` | gate, up, act(gate)*up, down (MoE: `mlp_out` only, the weighted sum of the experts) |
+//! | `layers.{i}.router` | MoE router logits (MoE families only), `(seq, n_experts)` |
+//! | `layers.{i}.expert_weights` | MoE: the weight each expert received, `(seq, n_experts)`, zero where not chosen (the chosen experts and their weights) |
 //! | `layers.{i}.out` | the block's residual output |
 //! | `final_norm` | final norm output |
 //! | `logits` | logits of the positions fed in the step, `(seq, vocab)` |
@@ -45,6 +46,10 @@ pub enum SiteKind {
     Activation,
     /// MoE router logits.
     Router,
+    /// MoE routing: the weight each expert received per position (zero where not chosen).
+    Routing,
+    /// MoE output: the routing-weighted sum of the chosen experts' outputs.
+    Experts,
     /// A residual stream (a block's output).
     Residual,
     /// The model's logits.
@@ -62,6 +67,8 @@ impl SiteKind {
             SiteKind::Attention => "attention",
             SiteKind::Activation => "activation",
             SiteKind::Router => "router",
+            SiteKind::Routing => "routing",
+            SiteKind::Experts => "experts",
             SiteKind::Residual => "residual",
             SiteKind::Logits => "logits",
         }

@@ -6,6 +6,12 @@
 //!
 //! GGUF tensors are dequantized to the requested dtype at load. GGUF stores Q/K rows in
 //! the interleaved-RoPE order; they are kept that way (see [`crate::layout`]).
+//!
+//! A layer's feed-forward part is a dense SwiGLU MLP or, for a sparse mixture of experts
+//! (Mixtral: a config with `num_experts` > 0), a router and one SwiGLU MLP per expert ([`Ffn`]): Hugging Face
+//! `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down);
+//! GGUF `blk.{i}.ffn_gate_inp` and the merged `blk.{i}.ffn_{gate,up,down}_exps`
+//! `(n_experts, out, in)`, split per expert at load (quantized blocks are split whole).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -33,9 +39,48 @@ pub struct LayerWeights {
     pub bk: Option<Tensor>,
     pub bv: Option<Tensor>,
     pub mlp_norm: Tensor,  // (hidden)
-    pub w_gate: Linear,    // (intermediate, hidden)
-    pub w_up: Linear,      // (intermediate, hidden)
-    pub w_down: Linear,    // (hidden, intermediate)
+    pub ffn: Ffn,
+}
+
+/// The feed-forward part of a block.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// One SwiGLU MLP (`mlp.{gate,up,down}_proj`).
+    Dense(SwiGlu),
+    /// A router and a SwiGLU MLP per expert (Mixtral's `block_sparse_moe`).
+    Moe(MoeWeights),
+}
+
+/// A SwiGLU MLP: `down(silu(gate x) * up x)`.
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    pub gate: Linear, // (intermediate, hidden)
+    pub up: Linear,   // (intermediate, hidden)
+    pub down: Linear, // (hidden, intermediate)
+}
+
+/// A sparse mixture of experts: the router (`block_sparse_moe.gate`, no bias) and the experts
+/// (`w1` = gate, `w3` = up, `w2` = down).
+#[derive(Debug, Clone)]
+pub struct MoeWeights {
+    pub router: Linear, // (n_experts, hidden)
+    pub experts: Vec<SwiGlu>,
+}
+
+impl Ffn {
+    /// The dense MLP (`None` for a mixture of experts).
+    pub fn dense(&self) -> Option<&SwiGlu> {
+        match self {
+            Ffn::Dense(m) => Some(m),
+            Ffn::Moe(_) => None,
+        }
+    }
+    pub fn dense_mut(&mut self) -> Option<&mut SwiGlu> {
+        match self {
+            Ffn::Dense(m) => Some(m),
+            Ffn::Moe(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -54,16 +99,23 @@ impl LlamaWeights {
     pub fn matrices(&self) -> Vec<(String, &Linear)> {
         let mut v = vec![];
         for (i, l) in self.layers.iter().enumerate() {
-            for (n, m) in [
-                ("q", &l.wq),
-                ("k", &l.wk),
-                ("v", &l.wv),
-                ("o", &l.wo),
-                ("gate", &l.w_gate),
-                ("up", &l.w_up),
-                ("down", &l.w_down),
-            ] {
+            for (n, m) in [("q", &l.wq), ("k", &l.wk), ("v", &l.wv), ("o", &l.wo)] {
                 v.push((format!("layers.{i}.{n}"), m));
+            }
+            match &l.ffn {
+                Ffn::Dense(m) => {
+                    for (n, w) in [("gate", &m.gate), ("up", &m.up), ("down", &m.down)] {
+                        v.push((format!("layers.{i}.{n}"), w));
+                    }
+                }
+                Ffn::Moe(moe) => {
+                    v.push((format!("layers.{i}.router"), &moe.router));
+                    for (e, m) in moe.experts.iter().enumerate() {
+                        for (n, w) in [("gate", &m.gate), ("up", &m.up), ("down", &m.down)] {
+                            v.push((format!("layers.{i}.experts.{e}.{n}"), w));
+                        }
+                    }
+                }
             }
         }
         v.push(("lm_head".into(), &self.lm_head));
@@ -102,6 +154,16 @@ struct Naming {
     bias: fn(usize, Part) -> String,
     /// Tensors that may be present and are legitimately unused.
     ignorable: fn(&str) -> bool,
+    /// A mixture-of-experts layer's tensors.
+    moe: MoeNaming,
+}
+
+/// Names of a mixture-of-experts layer in one checkpoint format.
+enum MoeNaming {
+    /// One tensor per expert and matrix (Hugging Face): router name, and expert `e`'s matrix.
+    PerExpert { router: fn(usize) -> String, expert: fn(usize, usize, Part) -> String },
+    /// The experts' matrices merged into one `(n_experts, out, in)` tensor each (GGUF).
+    Merged { router: fn(usize) -> String, merged: fn(usize, Part) -> String },
 }
 
 #[derive(Clone, Copy)]
@@ -137,6 +199,17 @@ const HF: Naming = Naming {
     },
     bias: |i, p| (HF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |n| n.ends_with("rotary_emb.inv_freq"),
+    moe: MoeNaming::PerExpert {
+        router: |i| format!("model.layers.{i}.block_sparse_moe.gate.weight"),
+        expert: |i, e, p| {
+            let w = match p {
+                Part::Gate => "w1",
+                Part::Up => "w3",
+                _ => "w2",
+            };
+            format!("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight")
+        },
+    },
 };
 
 const GGUF: Naming = Naming {
@@ -159,6 +232,10 @@ const GGUF: Naming = Naming {
     },
     bias: |i, p| (GGUF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |_| false,
+    moe: MoeNaming::Merged {
+        router: |i| format!("blk.{i}.ffn_gate_inp.weight"),
+        merged: |i, p| (GGUF.layer)(i, p).replace(".weight", "_exps.weight"),
+    },
 };
 
 /// A checkpoint opened for reading tensors by name.
@@ -173,6 +250,12 @@ trait TensorSource {
     fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
         let _ = mode;
         Ok(Linear::Dense(self.load(name, dtype)?))
+    }
+    /// The `n` matrices of a merged `(n, out, in)` tensor, one per expert.
+    fn load_experts(&mut self, name: &str, n: usize, dtype: DType, mode: WeightsMode) -> Result<Vec<Linear>> {
+        let _ = mode;
+        let t = self.load(name, dtype)?;
+        (0..n).map(|e| Ok(Linear::Dense(t.get(e)?.contiguous()?))).collect()
     }
 }
 
@@ -338,6 +421,9 @@ impl GgufFile {
             qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
             bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            // llama.cpp writes Mixtral as `llama` with these two keys.
+            num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
+            num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
         };
         cfg.validate(&self.path)?;
         Ok(cfg)
@@ -380,6 +466,33 @@ impl TensorSource for GgufFile {
             .map_err(|e| EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {e}") })?;
         self.report_nonfinite(name, lin.first_nonfinite()?, dt)?;
         Ok(lin)
+    }
+    fn load_experts(&mut self, name: &str, n: usize, dtype: DType, mode: WeightsMode) -> Result<Vec<Linear>> {
+        let q = self.qtensor(name)?;
+        let dt = q.dtype();
+        if mode == WeightsMode::Dequant || matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let t = self.load(name, dtype)?;
+            return (0..n).map(|e| Ok(Linear::Dense(t.get(e)?.contiguous()?))).collect();
+        }
+        // Each expert's rows are whole blocks, contiguous in the merged tensor: split the raw
+        // bytes and wrap each part as its own quantized matrix.
+        let gguf_err = |m: String| EngineError::Gguf { path: self.path.clone(), message: format!("tensor `{name}`: {m}") };
+        let dims = q.shape().dims().to_vec();
+        let (out, inp) = (dims[1], dims[2]);
+        let raw = q.data().map_err(|e| gguf_err(candle_message(&e)))?;
+        if raw.len() % n != 0 {
+            return Err(gguf_err(format!("{} bytes do not split into {n} experts", raw.len())));
+        }
+        let per = raw.len() / n;
+        let mut experts = Vec::with_capacity(n);
+        for e in 0..n {
+            let part = candle_core::quantized::ggml_file::qtensor_from_ggml(dt, &raw[e * per..(e + 1) * per], vec![out, inp], &Device::Cpu)
+                .map_err(|err| gguf_err(format!("expert {e}: {}", candle_message(&err))))?;
+            let lin = Linear::from_qtensor(part).map_err(|err| gguf_err(format!("expert {e}: {err}")))?;
+            self.report_nonfinite(name, lin.first_nonfinite()?, dt)?;
+            experts.push(lin);
+        }
+        Ok(experts)
     }
 }
 
@@ -498,6 +611,8 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
         src.load_linear(&name, dtype, mode)
     };
     let u = &mut used;
+    // The stored types of merged expert tensors (counted once each, like a matrix).
+    let mut merged_types: Vec<String> = vec![];
     let embed = take(src, u, n.embed.into(), vec![cfg.vocab_size, h])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -518,9 +633,51 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
             wv: mat(src, u, l(Part::V), vec![cfg.num_kv_heads * hd, h])?,
             wo: mat(src, u, l(Part::O), vec![h, cfg.num_heads * hd])?,
             mlp_norm: take(src, u, l(Part::MlpNorm), vec![h])?,
-            w_gate: mat(src, u, l(Part::Gate), vec![cfg.intermediate_size, h])?,
-            w_up: mat(src, u, l(Part::Up), vec![cfg.intermediate_size, h])?,
-            w_down: mat(src, u, l(Part::Down), vec![h, cfg.intermediate_size])?,
+            // A config with experts (Mixtral) has a mixture of experts in every layer.
+            ffn: match cfg.num_experts > 0 {
+                false => Ffn::Dense(SwiGlu {
+                    gate: mat(src, u, l(Part::Gate), vec![cfg.intermediate_size, h])?,
+                    up: mat(src, u, l(Part::Up), vec![cfg.intermediate_size, h])?,
+                    down: mat(src, u, l(Part::Down), vec![h, cfg.intermediate_size])?,
+                }),
+                true => {
+                    let (ne, f) = (cfg.num_experts, cfg.intermediate_size);
+                    let shape = |p: Part| if matches!(p, Part::Down) { vec![h, f] } else { vec![f, h] };
+                    match &n.moe {
+                        MoeNaming::PerExpert { router, expert } => {
+                            let router = mat(src, u, router(i), vec![ne, h])?;
+                            let mut experts = Vec::with_capacity(ne);
+                            for e in 0..ne {
+                                experts.push(SwiGlu {
+                                    gate: mat(src, u, expert(i, e, Part::Gate), shape(Part::Gate))?,
+                                    up: mat(src, u, expert(i, e, Part::Up), shape(Part::Up))?,
+                                    down: mat(src, u, expert(i, e, Part::Down), shape(Part::Down))?,
+                                });
+                            }
+                            Ffn::Moe(MoeWeights { router, experts })
+                        }
+                        MoeNaming::Merged { router, merged } => {
+                            let router = mat(src, u, router(i), vec![ne, h])?;
+                            let mut parts = vec![];
+                            for p in [Part::Gate, Part::Up, Part::Down] {
+                                let name = merged(i, p);
+                                check_shape(src, u, &name, &[vec![ne], shape(p)].concat())?;
+                                merged_types.push(src.stored_type(&name));
+                                parts.push(src.load_experts(&name, ne, dtype, mode)?);
+                            }
+                            let (down, up, gate) = (parts.pop(), parts.pop(), parts.pop());
+                            let experts = gate
+                                .into_iter()
+                                .flatten()
+                                .zip(up.into_iter().flatten())
+                                .zip(down.into_iter().flatten())
+                                .map(|((gate, up), down)| SwiGlu { gate, up, down })
+                                .collect();
+                            Ffn::Moe(MoeWeights { router, experts })
+                        }
+                    }
+                }
+            },
         });
     }
     let norm = take(src, u, n.norm.into(), vec![h])?;
@@ -537,6 +694,9 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
     } else {
         mat(src, u, n.lm_head.into(), vec![cfg.vocab_size, h])?
     };
+    for t in merged_types {
+        *stored_types.entry(t).or_insert(0usize) += 1;
+    }
     let mut extra: Vec<String> = src
         .names()
         .into_iter()

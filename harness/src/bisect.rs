@@ -223,9 +223,9 @@ pub fn check_catalog(
     let prompt_has_bos = bos.is_some()
         && crate::lockstep::options::engine_prompt_ids(&engine, &base.prompt)?.first().copied() == bos;
     // (layer, site) of the adapter's first projection in forward order.
-    const FORWARD: [(&str, &str); 7] = [
+    const FORWARD: [(&str, &str); 8] = [
         ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out"),
-        ("gate_proj", "mlp_gate"), ("up_proj", "mlp_up"), ("down_proj", "mlp_out"),
+        ("gate", "router"), ("gate_proj", "mlp_gate"), ("up_proj", "mlp_up"), ("down_proj", "mlp_out"),
     ];
     let first_adapted: Option<(usize, &str)> = engine.lora.as_ref().and_then(|(a, _)| {
         a.pairs
@@ -241,6 +241,9 @@ pub fn check_catalog(
             Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
             Fault::QkvBiasDropped if !engine.model.info().config.qkv_bias => Some("the model's q/k/v projections have no biases"),
             Fault::TiedHead if engine.model.info().config.tie_word_embeddings => Some("the model's head is tied to the embedding already"),
+            Fault::RouterRenormSkipped | Fault::ExpertOffByOne if engine.model.info().config.num_experts == 0 => {
+                Some("not a mixture-of-experts model")
+            }
             Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
                 Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
             }
@@ -329,6 +332,7 @@ fn d_is_tokens(run: &RunResult) -> bool {
 
 fn site_detail(s: &SiteRecord) -> String {
     match (&s.note, &s.metrics) {
+        (Some(n), Some(m)) if s.routing.is_some() => format!("{n}; rel-L2 {:.3e}, verdict {}", m.rel_l2, s.verdict.as_str()),
         (Some(n), _) => n.clone(),
         (None, Some(m)) => format!("rel-L2 {:.3e}, cosine {:.6}, verdict {}", m.rel_l2, m.cosine, s.verdict.as_str()),
         _ => "differs".into(),

@@ -14,6 +14,8 @@
 //! 3. **Dataflow.** The site's kind (the family's site graph) when every site it reads
 //!    passes: the cause is that operation (RoPE, attention, norm, activation, a weight
 //!    matrix). When an input fails too, nothing is named.
+//! 4. **MoE routing**, within 3: at a `router` / `expert_weights` site, what the per-position
+//!    expert choice says ([`routing`]).
 
 use lockstep_engine::faults::Diagnosis;
 use lockstep_engine::sites::{SiteGraph, SiteKind as EngineKind};
@@ -122,6 +124,9 @@ pub fn classify(at: &At) -> Finding {
         return finding(Diagnosis::Unclassified, format!("{} fails but its input does too", site.site), ev);
     }
     ev.push(format!("{} fails while what it reads ({}) passes", site.site, gs.reads.join(", ")));
+    if let Some(f) = routing(at, gs, &mut ev) {
+        return f;
+    }
     match gs.kind {
         EngineKind::Rope => finding(Diagnosis::Rope, "RoPE (convention, base or positions) differs", ev),
         EngineKind::Attention => finding(Diagnosis::Attention, "the attention (scores, softmax or mask) differs", ev),
@@ -138,10 +143,80 @@ pub fn classify(at: &At) -> Finding {
             "the output head differs (tied to the embedding where the checkpoint has its own head, or its weights)",
             ev,
         ),
-        EngineKind::Projection | EngineKind::Router => {
+        EngineKind::Routing => finding(Diagnosis::Routing, format!("the expert weights `{}` differ while the router logits agree", site.site), ev),
+        EngineKind::Projection | EngineKind::Router | EngineKind::Experts => {
             finding(Diagnosis::Weights, format!("the weights of `{}` differ (loading, layout or dequantization)", site.site), ev)
         }
         EngineKind::Cache | EngineKind::Residual => finding(Diagnosis::Unclassified, format!("first failure at {}", site.site), ev),
+    }
+}
+
+/// 4. **MoE routing** (a `router` or `expert_weights` site whose inputs pass). Router logits
+///    that change the expert choice: the choice named with its margin. Expert weights that
+///    choose other experts than the agreeing router logits do: an expert index slip, unless
+///    the router margin there is a near-tie. The same experts with weights that do not sum to 1
+///    (where the reference's do): the top-k renormalisation skipped.
+fn routing(at: &At, gs: &lockstep_engine::Site, ev: &mut Vec<String>) -> Option<Finding> {
+    use crate::compare::routing::NEAR_TIE_MARGIN;
+    let r = at.site.routing.as_ref()?;
+    let site = &at.site.site;
+    let first = r.choice_diffs.first();
+    let named = |d: &crate::compare::routing::ChoiceDiff, margin: Option<f64>| {
+        format!(
+            "position {}: the engine routes to experts {:?}, the reference to {:?}{}",
+            d.position,
+            d.engine,
+            d.reference,
+            margin.map(|m| format!(" (router margin {m:.4})")).unwrap_or_default()
+        )
+    };
+    match gs.kind {
+        EngineKind::Router => {
+            let d = first?;
+            ev.push(format!("{} position(s) route to other experts; first at {}", r.n_choice_diffs, named(d, d.reference_margin)));
+            Some(finding(
+                Diagnosis::ExpertChoice,
+                format!(
+                    "the router logits of `{site}` differ and change the expert choice at {}",
+                    named(d, d.reference_margin)
+                ),
+                std::mem::take(ev),
+            ))
+        }
+        EngineKind::Routing => {
+            let layer = at.site.layer;
+            let router = at.rs.sites.iter().find(|s| s.layer == layer && s.routing.as_ref().is_some_and(|x| x.min_margin.is_some()));
+            let margin_at = |p: usize| router.and_then(|s| s.routing.as_ref()).and_then(|x| x.margins.get(p).copied());
+            if let Some(d) = first {
+                let m = margin_at(d.position);
+                ev.push(format!("{} position(s) route to other experts; first at {}", r.n_choice_diffs, named(d, m)));
+                if m.is_some_and(|m| m < NEAR_TIE_MARGIN) {
+                    return Some(finding(
+                        Diagnosis::ExpertChoice,
+                        format!("a near-tie of the router flips the expert choice at {}", named(d, m)),
+                        std::mem::take(ev),
+                    ));
+                }
+                return Some(finding(
+                    Diagnosis::ExpertIndex,
+                    format!("the experts applied are not those the (agreeing) router logits choose: {}", named(d, m)),
+                    std::mem::take(ev),
+                ));
+            }
+            let (e, rf) = (r.engine_sum_error?, r.reference_sum_error?);
+            if e > 1e-3 && rf <= 1e-3 {
+                ev.push(format!(
+                    "the same experts on both sides; the engine's weights per position sum to 1 +- {e:.3}, the reference's to 1 +- {rf:.1e}"
+                ));
+                return Some(finding(
+                    Diagnosis::RouterRenorm,
+                    format!("the top-{} expert weights of `{site}` are not renormalised to sum 1", r.top_k),
+                    std::mem::take(ev),
+                ));
+            }
+            None
+        }
+        _ => None,
     }
 }
 
@@ -181,6 +256,7 @@ mod tests {
             oracle: None,
             transform: None,
             note: None,
+            routing: None,
         }
     }
 
@@ -213,6 +289,57 @@ mod tests {
         assert_eq!(classify_cache(1, 14, 1, 14, CacheKind::Window(4)), Diagnosis::ContextDropped);
         assert_eq!(classify_cache(13, 14, 1, 14, CacheKind::AppendOnly), Diagnosis::StaleCache);
         assert_eq!(classify_cache(27, 14, 1, 14, CacheKind::AppendOnly), Diagnosis::HistoryRefed);
+    }
+
+    /// The sites of a Mixtral layer around its router, with the router's and the expert
+    /// weights' routing records from these logits / weights (seq 2, 4 experts, top-2).
+    fn moe_step(engine_router: &[f64], reference_router: &[f64], engine_w: &[f64], reference_w: &[f64]) -> (SiteGraph, RefStep) {
+        use crate::compare::routing::{compare_expert_weights, compare_router};
+        let graph = SiteGraph::new(1, lockstep_engine::models::mixtral::LAYER_SITES);
+        let router_rec = compare_router(engine_router, reference_router, 4, 2);
+        let w_rec = compare_expert_weights(engine_w, reference_w, 4);
+        let pass = |s: &str| rec(s, Verdict::Pass, None);
+        let mut router = rec("layers.0.router", if engine_router == reference_router { Verdict::Pass } else { Verdict::Fail }, None);
+        router.note = router_rec.note();
+        router.routing = Some(router_rec);
+        let mut weights = rec("layers.0.expert_weights", Verdict::Fail, None);
+        weights.note = w_rec.note();
+        weights.routing = Some(w_rec);
+        (graph, step(vec![pass("embed"), pass("layers.0.attn_out"), pass("layers.0.mlp_norm"), router, weights]))
+    }
+
+    #[test]
+    fn expert_weights_name_the_index_slip_the_renormalisation_and_a_router_that_changes_the_choice() {
+        // p = [0.1, 0.2, 0.3, 0.4] at both positions: experts {2, 3}, margin 0.1.
+        let r = [0.0, 2f64.ln(), 3f64.ln(), 4f64.ln()];
+        let logits = [r, r].concat();
+        let right = [0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0, 0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0];
+        let at = |graph: &'static SiteGraph, rs: &'static RefStep, i: usize| At {
+            step: 0,
+            rs,
+            site: &rs.sites[i],
+            fed: 2,
+            total: 2,
+            graph,
+            cache: CacheKind::AppendOnly,
+        };
+        let leak = |x: (SiteGraph, RefStep)| -> (&'static SiteGraph, &'static RefStep) { (Box::leak(Box::new(x.0)), Box::leak(Box::new(x.1))) };
+        // Off by one: experts {3, 0} applied where the agreeing router chose {2, 3}.
+        let shifted = [4.0 / 7.0, 0.0, 0.0, 3.0 / 7.0, 4.0 / 7.0, 0.0, 0.0, 3.0 / 7.0];
+        let (g, rs) = leak(moe_step(&logits, &logits, &shifted, &right));
+        let f = classify(&at(g, rs, 4));
+        assert_eq!(f.kind, Diagnosis::ExpertIndex, "{f:?}");
+        assert!(f.title.contains("position 0: the engine routes to experts [0, 3], the reference to [2, 3] (router margin 0.1000)"), "{}", f.title);
+        // Not renormalised: the same experts, weights summing to 0.7.
+        let raw = [0.0, 0.0, 0.3, 0.4, 0.0, 0.0, 0.3, 0.4];
+        let (g, rs) = leak(moe_step(&logits, &logits, &raw, &right));
+        assert_eq!(classify(&at(g, rs, 4)).kind, Diagnosis::RouterRenorm);
+        // The engine's router logits differ and flip position 1 to {1, 3}: named at the router.
+        let flipped = [r.to_vec(), vec![0.0, 3f64.ln(), 2f64.ln(), 4f64.ln()]].concat();
+        let (g, rs) = leak(moe_step(&flipped, &logits, &right, &right));
+        let f = classify(&at(g, rs, 3));
+        assert_eq!(f.kind, Diagnosis::ExpertChoice, "{f:?}");
+        assert!(f.title.contains("position 1: the engine routes to experts [1, 3], the reference to [2, 3] (router margin 0.1000)"), "{}", f.title);
     }
 
     #[test]

@@ -18,6 +18,12 @@ const FIXTURES: &[(&str, &[(&str, &str)])] =
     &[
         ("llama", &[("tiny", "transformers,mlx"), ("tiny-gguf", "transformers,mlx,llamacpp")]),
         ("qwen2", &[("tiny-qwen2", "transformers,mlx"), ("tiny-qwen2-gguf", "transformers,mlx,llamacpp")]),
+        // Mixtral-style sparse MoE: transformers' GGUF loader has no Mixtral mapping, so the
+        // GGUF files run against MLX (lockstep's own GGUF loader for it) and llama.cpp.
+        (
+            "mixtral",
+            &[("tiny-mixtral", "transformers,mlx"), ("tiny-mixtral-gguf", "mlx,llamacpp"), ("tiny-mixtral-q8_0", "mlx,llamacpp")],
+        ),
     ];
 
 fn fixtures(family: &str) -> &'static [(&'static str, &'static str)] {

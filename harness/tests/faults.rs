@@ -12,10 +12,10 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 16] = [
+const ALL_FAULTS: [&str; 18] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
     "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
-    "qkv-bias-dropped", "tied-head",
+    "qkv-bias-dropped", "tied-head", "router-renorm-skipped", "expert-off-by-one",
 ];
 
 #[test]

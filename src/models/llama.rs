@@ -24,7 +24,7 @@ use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
 use crate::taps::{tap, Capture};
 use super::{Checkpoint, FamilyModel};
 use crate::options::LoadOptions;
-use crate::weights::{self, LayerWeights, LlamaWeights};
+use crate::weights::{self, Ffn, LayerWeights, LlamaWeights};
 
 pub struct Llama {
     pub cfg: Config,
@@ -197,16 +197,21 @@ impl Llama {
         tap(cap, || format!("layers.{i}.attn_out"), &attn_out);
         let x = (x + attn_out)?;
 
-        // --- MLP ---
+        // --- MLP (or the sparse mixture of experts of crate::models::mixtral) ---
         let h = rms_norm(&x, &lw.mlp_norm, self.eps())?;
         tap(cap, || format!("layers.{i}.mlp_norm"), &h);
-        let gu = Linear::forward_group(&[&lw.w_gate, &lw.w_up], &h)?;
-        let (gate, up) = (&gu[0], &gu[1]);
-        tap(cap, || format!("layers.{i}.mlp_gate"), gate);
-        tap(cap, || format!("layers.{i}.mlp_up"), up);
-        let act = silu_mul(gate, up)?;
-        tap(cap, || format!("layers.{i}.mlp_act"), &act);
-        let mlp_out = linear(&act, &lw.w_down)?;
+        let mlp_out = match &lw.ffn {
+            Ffn::Dense(m) => {
+                let gu = Linear::forward_group(&[&m.gate, &m.up], &h)?;
+                let (gate, up) = (&gu[0], &gu[1]);
+                tap(cap, || format!("layers.{i}.mlp_gate"), gate);
+                tap(cap, || format!("layers.{i}.mlp_up"), up);
+                let act = silu_mul(gate, up)?;
+                tap(cap, || format!("layers.{i}.mlp_act"), &act);
+                linear(&act, &m.down)?
+            }
+            Ffn::Moe(moe) => super::mixtral::sparse_moe(i, moe, &h, cfg.num_experts_per_tok, &self.faults, cap)?,
+        };
         tap(cap, || format!("layers.{i}.mlp_out"), &mlp_out);
         let out = (x + mlp_out)?;
         tap(cap, || format!("layers.{i}.out"), &out);
@@ -265,9 +270,13 @@ impl Decoder for Llama {
             "k_proj" => (&lw.wk, self.bias(&lw.bk)),
             "v_proj" => (&lw.wv, self.bias(&lw.bv)),
             "o_proj" => (&lw.wo, None),
-            "gate_proj" => (&lw.w_gate, None),
-            "up_proj" => (&lw.w_up, None),
-            "down_proj" => (&lw.w_down, None),
+            "gate_proj" | "up_proj" | "down_proj" | "gate" => match (&lw.ffn, module) {
+                (Ffn::Dense(m), "gate_proj") => (&m.gate, None),
+                (Ffn::Dense(m), "up_proj") => (&m.up, None),
+                (Ffn::Dense(m), "down_proj") => (&m.down, None),
+                (Ffn::Moe(moe), "gate") => (&moe.router, None),
+                (_, other) => return Err(EngineError::Input(format!("a {} layer has no projection `{other}`", self.family.name))),
+            },
             other => return Err(EngineError::Input(format!("a {} layer has no projection `{other}`", self.family.name))),
         };
         let y = with_bias(&linear(&x.to_dtype(self.dtype)?, w)?, b)?;

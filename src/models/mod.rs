@@ -18,6 +18,8 @@ use crate::weights::GgufFile;
 
 pub mod llama;
 pub mod qwen2;
+// Mixtral-style sparse MoE.
+pub mod mixtral;
 
 /// Where a family's loader reads the weights from.
 pub enum Checkpoint<'a> {
@@ -52,7 +54,30 @@ impl std::fmt::Debug for Family {
 }
 
 /// Every family the engine runs.
-pub const FAMILIES: &[Family] = &[llama::FAMILY, qwen2::FAMILY];
+pub const FAMILIES: &[Family] = &[
+    llama::FAMILY,
+    qwen2::FAMILY,
+    // Mixtral-style sparse MoE.
+    mixtral::FAMILY,
+];
+
+/// GGUF architectures whose files with `{arch}.expert_count` > 0 are a sparse mixture of
+/// experts of another family: llama.cpp writes Mixtral as `llama`.
+const MOE_GGUF: &[(&str, &Family)] = &[("llama", &mixtral::FAMILY)];
+
+/// The family of an open GGUF file: its `general.architecture`, or the mixture-of-experts
+/// family of that architecture when the file has experts.
+pub fn for_gguf(file: &GgufFile) -> Result<&'static Family> {
+    let arch = file.md_str("general.architecture")?;
+    let key = format!("{arch}.expert_count");
+    if file.has(&key) && file.md_u32(&key)? > 0 {
+        return MOE_GGUF.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f).ok_or_else(|| EngineError::Unsupported {
+            path: file.path.clone(),
+            message: format!("general.architecture `{arch}` with experts ({key}) is not supported (only llama's: Mixtral)"),
+        });
+    }
+    for_gguf_arch(arch, &file.path)
+}
 
 fn known(list: impl Fn(&Family) -> &'static [&'static str]) -> String {
     FAMILIES.iter().flat_map(|f| list(f).iter().copied()).collect::<Vec<_>>().join(", ")
@@ -86,7 +111,7 @@ pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
     }
     let g = GgufFile::open(path)?;
     let cfg = g.config()?;
-    let family = for_gguf_arch(g.md_str("general.architecture")?, path)?;
+    let family = for_gguf(&g)?;
     Ok((family, cfg.num_layers))
 }
 

@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod metrics;
+pub mod routing;
 pub mod sketch;
 pub mod tolerance;
 

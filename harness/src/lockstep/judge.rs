@@ -14,6 +14,7 @@ use crate::compare::tolerance::{
     tensor_verdict_with_floor, tolerance, tolerance_layer, LogitTolerance, Precision, QuantBounds, SiteKind, Verdict,
     WeightsMode, FLOOR_MULTIPLE,
 };
+use crate::compare::routing::{self, RoutingRecord};
 use crate::compare::{metrics_data, Data};
 use crate::reference::Reference;
 use crate::results::run::{OracleDistance, RefStep, SiteRecord};
@@ -34,6 +35,8 @@ pub struct Judge {
     layer0_exact: bool,
     ltol: LogitTolerance,
     precision: Precision,
+    /// Experts per position of an MoE model (0: dense).
+    top_k: usize,
 }
 
 impl Judge {
@@ -53,6 +56,7 @@ impl Judge {
             layer0_exact: same_quant_layer0_exact(&info.matrix_types),
             ltol: logit_tolerance(WeightsMode::SameWeights, precision),
             precision,
+            top_k: info.config.num_experts_per_tok,
         }
     }
 
@@ -73,6 +77,7 @@ impl Judge {
             oracle,
             transform: es.transform,
             note: None,
+            routing: None,
         };
         if rshape != es.shape.as_slice() {
             return SiteRecord { note: Some(shape_note(kind, &es.shape, rshape)), ..base };
@@ -81,7 +86,25 @@ impl Judge {
         let m = metrics_data(Data::F64(&es.data), rdata);
         // Against itself, another reference's disagreement excuses nothing.
         let floor = if self.modes[i] == WeightsMode::SameEngine { None } else { floor };
-        SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), ..base }
+        let routing = self.routing(es, rdata);
+        let note = routing.as_ref().and_then(|r| r.note());
+        SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), note, routing, ..base }
+    }
+
+    /// An MoE site's routing comparison (`None` for other sites, or a sketched reference).
+    fn routing(&self, es: &EngineSite, rdata: Data<'_>) -> Option<RoutingRecord> {
+        let leaf = lockstep_engine::sites::leaf_of(&es.site);
+        let n = *es.shape.last()?;
+        let r: Vec<f64> = match rdata {
+            Data::F32(x) => x.iter().map(|&v| v as f64).collect(),
+            Data::F64(x) => x.to_vec(),
+            Data::Sketch(_) => return None,
+        };
+        match leaf {
+            "router" if self.top_k > 0 => Some(routing::compare_router(&es.data, &r, n, self.top_k)),
+            "expert_weights" => Some(routing::compare_expert_weights(&es.data, &r, n)),
+            _ => None,
+        }
     }
 
     /// The next-token distribution's verdict against reference `i`, given the smallest KL
@@ -195,6 +218,7 @@ mod tests {
             layer0_exact: false,
             ltol: logit_tolerance(WeightsMode::SameWeights, Precision::F32),
             precision: Precision::F32,
+            top_k: 0,
         };
         let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v], transform: None };
         let r = [1.0f32, 1.0];

@@ -56,6 +56,7 @@ pub fn find_first_divergence(
         }
         if let Some((_, rs, site)) = best {
             let detail = match (&site.note, &site.metrics) {
+                (Some(n), Some(m)) if site.routing.is_some() => format!("{n}; rel-L2 {:.3e}", m.rel_l2),
                 (Some(n), _) => n.clone(),
                 (None, Some(m)) if m.nonfinite_engine || m.nonfinite_reference => {
                     format!("NaN/Inf in the {}", if m.nonfinite_engine { "engine" } else { "reference" })

@@ -42,6 +42,9 @@ pub struct SiteRecord {
     pub transform: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// MoE sites (`router`, `expert_weights`): the chosen experts compared per position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<crate::compare::routing::RoutingRecord>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
