@@ -22,6 +22,8 @@ pub enum Fault {
     LoraNotAttached,
     LoraScale,
     SamplerTemperature,
+    // SentencePiece tokenizers (issue 17).
+    SpmSpacePrefix,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -82,6 +84,8 @@ pub enum Diagnosis {
     LogitsOnly,
     /// The sampler differs.
     SamplerMismatch,
+    /// The prompt's ids spell the reference's text without SentencePiece's `▁` space prefix.
+    SpacePrefix,
     /// No rule names it.
     Unclassified,
 }
@@ -116,6 +120,7 @@ impl Diagnosis {
             Diagnosis::AdapterNoEffect => "adapter-no-effect",
             Diagnosis::LogitsOnly => "logits-only",
             Diagnosis::SamplerMismatch => "sampler-mismatch",
+            Diagnosis::SpacePrefix => "space-prefix",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -314,6 +319,18 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "sampler",
         diagnosis: Diagnosis::SamplerMismatch,
         needs: "--sampler with a temperature other than 0 and 1 (faults --check uses temp=0.8,top_p=0.95,seed=0)",
+    },
+    // SentencePiece tokenizers (issue 17).
+    FaultInfo {
+        fault: Fault::SpmSpacePrefix,
+        name: "spm-space-prefix",
+        bug: "SentencePiece space handling dropped: no `▁` in front of the text (\"The\" encoded as \"The\", not \"▁The\")",
+        code_path: "Tokenizer::from_gguf_spm / from_hf_dir_with: the tokenizer is built without its ▁ prefix (add_space_prefix, Prepend(\"▁\"))",
+        step: 0,
+        layer: Layer::None,
+        site: "tokens",
+        diagnosis: Diagnosis::SpacePrefix,
+        needs: "a SentencePiece tokenizer (the tiny-spm fixtures, Llama 2 / TinyLlama files)",
     },
 ];
 
