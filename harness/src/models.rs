@@ -22,6 +22,9 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-k-q6_k", "the same in Q6_K (llama.cpp quantize; snapshots/models/tiny-llama-k.Q6_K.gguf)"),
     ("tiny-qwen2", "the tiny random qwen2-family fixture (q/k/v biases, RoPE base 1e6), Hugging Face directory (snapshots/models/tiny-qwen2)"),
     ("tiny-qwen2-gguf", "the same tiny qwen2 model as an F32 GGUF, Q/K rows in Hugging Face order (snapshots/models/tiny-qwen2.gguf)"),
+    // SentencePiece tokenizers (issue 17).
+    ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (Llama 2 / TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
+    ("tiny-spm-gguf", "the same tiny SentencePiece model as an F32 GGUF, tokenizer.ggml.model = llama (snapshots/models/tiny-spm.gguf)"),
 ];
 
 /// Alias -> file under snapshots/models/ for the committed fixtures.
@@ -35,6 +38,9 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-k-q6_k", "tiny-llama-k.Q6_K.gguf"),
     ("tiny-qwen2", "tiny-qwen2"),
     ("tiny-qwen2-gguf", "tiny-qwen2.gguf"),
+    // SentencePiece tokenizers (issue 17).
+    ("tiny-spm", "tiny-spm"),
+    ("tiny-spm-gguf", "tiny-spm.gguf"),
 ];
 
 /// Resolves a `--model` argument: an existing path is used as is; otherwise it must be
