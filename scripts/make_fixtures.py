@@ -37,6 +37,13 @@ What it makes (under snapshots/models/):
                          `--mixtral-only` writes and checks just these (transformers on the HF
                          directory; llama.cpp on both GGUFs: its F32 logits must equal
                          transformers', which also proves the GGUF's expert and Q/K layout)
+  tiny-spm/              a tiny Llama (hidden 32, 2 layers, head_dim 8) whose tokenizer is SentencePiece,
+  tiny-spm.gguf          Llama 2 / TinyLlama style: a 512-piece BPE model trained here by the
+                         sentencepiece package (byte fallback, <unk> <s> </s> = 0 1 2, add-BOS, a
+                         Llama 2 [INST] chat template), as tokenizer.model + tokenizer.json (HF) and as
+                         tokenizer.ggml.model = llama (tokens, scores, token types) in the F32 GGUF.
+                         `--spm-only` writes and checks just these; the self-check compares
+                         sentencepiece, the tokenizer.json and llama.cpp's tokenizer of the GGUF
 
 Why: the engine's and the harness's tests need a model that loads in a second, runs on any
 machine, and still exercises everything a real Llama does (grouped-query attention, RoPE,
@@ -1156,6 +1163,184 @@ def self_check_mixtral() -> bool:
     MAX_Q8_0_LOGITS_DIFF with top-1 agreement >= 0.95; the greedy continuation is not degenerate, and the router's top-2
     choice is clear: the smallest margin (2nd minus 3rd router probability) over every layer and
     position of the chat prompt, its continuation and MIXTRAL_PROMPTS is at least MIN_ROUTER_MARGIN."""
+# =============================================================================================
+# the SentencePiece fixture (issue 17): tiny-spm/ and tiny-spm.gguf
+# =============================================================================================
+
+# A tiny Llama whose tokenizer is SentencePiece (Llama 2 / TinyLlama style): trained here by the
+# sentencepiece package (BPE, byte fallback, digits split, a dummy-prefix space, whitespace kept
+# as it is, no normalization: Llama 2's trainer settings) on a corpus of its own, so that " The"
+# is one token (▁The) and rarer characters (é, CJK, emoji) fall back to <0xNN> byte tokens.
+# Smaller than TINY (hidden 32, 2 layers, head_dim 8) to keep the files and their golden traces
+# inside snapshots/'s size budget. Seed 21 (the first tried); the self-check asserts the margins.
+SPM = ModelSpec("tiny-spm", hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=8, weight_seed=21)
+SPM_DIR = OUT_DIR / "tiny-spm"
+SPM_GGUF = OUT_DIR / "tiny-spm.gguf"
+SPM_CORPUS_SEED = 20261202
+SPM_CORPUS_LINES = 2000
+SPM_THE_LINES = 600  # extra sentences starting with "The", so that ▁The is learned
+SPM_VOCAB_SIZE = 512  # <unk> <s> </s>, 256 byte tokens, 253 learned pieces and characters
+SPM_CHARACTER_COVERAGE = 0.995
+# Llama 2's template (without its system-prompt branch): BOS before every user turn.
+SPM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+SPM_CHECK_TEXTS = CHECK_TEXTS + [
+    "The", " The capital", "  two spaces", "a<s>b</s> c", "emoji 🦀 and é and 日本語", "", " ", "\n\nx",
+]
+
+
+def make_spm_corpus() -> list[str]:
+    rng = random.Random(SPM_CORPUS_SEED)
+    lines = make_corpus(SPM_CORPUS_SEED, SPM_CORPUS_LINES)
+    lines += ["The " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + "." for _ in range(SPM_THE_LINES)]
+    return lines
+
+
+def train_spm() -> bytes:
+    """The serialized SentencePiece model (tokenizer.model); deterministic (one thread, no
+    sampling of the input)."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_spm_corpus()), model_writer=out, model_type="bpe", vocab_size=SPM_VOCAB_SIZE,
+        character_coverage=SPM_CHARACTER_COVERAGE, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, shuffle_input_sentence=False,
+        input_sentence_size=0, max_sentence_length=100000,
+    )
+    proto = out.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert sp.get_piece_size() == SPM_VOCAB_SIZE, sp.get_piece_size()
+    assert sp.encode(" The", out_type=str)[-1] == "\u2581The", sp.encode(" The", out_type=str)
+    return proto
+
+
+def spm_tokenizer_json(model_path: Path) -> dict:
+    """tokenizer.json for the SentencePiece model, as transformers converts tokenizer.model (its
+    LlamaConverter: BPE with byte fallback, merges from the vocabulary), with the legacy Llama 2 /
+    TinyLlama normalizer Prepend("▁") + Replace(" ", "▁") and no pre-tokenizer (transformers 5
+    writes a Metaspace pre-tokenizer instead, which adds no ▁ in front of a text that starts with
+    a space; llama.cpp and sentencepiece do)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lockstep-spm-") as tmp:
+        shutil.copy(model_path, Path(tmp) / "tokenizer.model")
+        write_json(Path(tmp) / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "legacy": True,
+                                                              "add_bos_token": True, "add_eos_token": False})
+        tok = AutoTokenizer.from_pretrained(tmp)
+        tok.save_pretrained(Path(tmp) / "out")
+        tj = json.loads((Path(tmp) / "out" / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tj["pre_tokenizer"] = None
+    return tj
+
+
+def write_spm(proto: bytes) -> list[Path]:
+    """The tiny SentencePiece Llama: its HF directory (tokenizer.model, tokenizer.json, f32
+    safetensors) and its F32 GGUF with tokenizer.ggml.model = llama (tokens, scores, token
+    types as convert_hf_to_gguf.py's _set_vocab_sentencepiece writes them, add_bos_token true,
+    no add_space_prefix key: llama.cpp's default, true, as in the TinyLlama GGUFs)."""
+    import gguf
+    import sentencepiece as spm
+    import torch
+    from safetensors.torch import save_file
+
+    SPM_DIR.mkdir(parents=True, exist_ok=True)
+    model_path = SPM_DIR / "tokenizer.model"
+    model_path.write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    n = sp.get_piece_size()
+    bos, eos, unk = sp.bos_id(), sp.eos_id(), sp.unk_id()
+    weights = make_weights(SPM, n)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": bos, "eos_token_id": eos, "head_dim": SPM.head_dim,
+        "hidden_act": "silu", "hidden_size": SPM.hidden_size, "initializer_range": 0.02,
+        "intermediate_size": SPM.intermediate_size, "max_position_embeddings": MAX_POSITIONS, "mlp_bias": False,
+        "num_attention_heads": SPM.num_heads, "num_hidden_layers": SPM.num_layers,
+        "num_key_value_heads": SPM.num_kv_heads, "pretraining_tp": 1, "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": ROPE_THETA, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
+        "vocab_size": n,
+    }
+    # PreTrainedTokenizerFast: transformers uses tokenizer.json as it is. With "LlamaTokenizer"
+    # transformers 5 swaps in its own Metaspace pre-tokenizer (docs/traps.md).
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "legacy": True, "model_max_length": MODEL_MAX_LENGTH, "chat_template": SPM_CHAT_TEMPLATE,
+    }
+    special_tokens_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    generation_config = {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}
+    paths = [model_path]
+    for name, obj in [("config.json", config), ("tokenizer_config.json", tokenizer_config),
+                      ("special_tokens_map.json", special_tokens_map), ("generation_config.json", generation_config),
+                      ("tokenizer.json", spm_tokenizer_json(model_path))]:
+        write_json(SPM_DIR / name, obj)
+        paths.append(SPM_DIR / name)
+    save_file({k: torch.from_numpy(v).contiguous() for k, v in weights.items()}, str(SPM_DIR / "model.safetensors"),
+              metadata={"format": "pt"})
+    paths.append(SPM_DIR / "model.safetensors")
+
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+                     else gguf.TokenType.NORMAL)
+    w = gguf.GGUFWriter(str(SPM_GGUF), "llama")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(SPM.name)
+    w.add_vocab_size(n)
+    w.add_context_length(MAX_POSITIONS)
+    w.add_embedding_length(SPM.hidden_size)
+    w.add_block_count(SPM.num_layers)
+    w.add_feed_forward_length(SPM.intermediate_size)
+    w.add_rope_dimension_count(SPM.head_dim)
+    w.add_head_count(SPM.num_heads)
+    w.add_head_count_kv(SPM.num_kv_heads)
+    w.add_rope_freq_base(ROPE_THETA)
+    w.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # tokenizer.*, as _set_vocab_sentencepiece + SpecialVocab write them
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_unk_token_id(unk)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(SPM_CHAT_TEMPLATE)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, t in gguf_tensors(SPM, weights):
+        w.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return paths + [SPM_GGUF]
+
+
+def self_check_spm() -> bool:
+    """The SentencePiece fixture: sentencepiece itself, the HF directory's tokenizer, llama.cpp's
+    tokenizer of the GGUF (and transformers' GGUF tokenizer, which may differ on text that starts
+    with a space: printed, not failed) agree on the check texts; the BOS-only prompt is [1]; the
+    HF directory and the GGUF give the same logits; the greedy continuation is not degenerate."""
+    import sentencepiece as spm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -1249,6 +1434,45 @@ def self_check_mixtral() -> bool:
     # Measured 0.295 and 0.97 (2 of 64 positions, both greedy margins under 0.05, flip with Q8_0).
     if not (qdiff < MAX_Q8_0_LOGITS_DIFF and agree >= 0.95):
         fail(f"{name}: {MIXTRAL_QUANT} logits too far from F32 ({qdiff}, top-1 {agree})")
+    sp = spm.SentencePieceProcessor(model_file=str(SPM_DIR / "tokenizer.model"))
+    tok_hf = AutoTokenizer.from_pretrained(str(SPM_DIR))
+    tok_gg = AutoTokenizer.from_pretrained(str(OUT_DIR), gguf_file=SPM_GGUF.name)
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(SPM_GGUF), vocab_only=True, verbose=False)
+    for text in SPM_CHECK_TEXTS:
+        hf = tok_hf(text, add_special_tokens=False)["input_ids"]
+        lc = [int(x) for x in llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
+        if hf != lc:
+            fail(f"{SPM.name}: HF tokenizer.json and llama.cpp differ on {text!r}:\n  hf       {hf}\n  llamacpp {lc}")
+        if "<" not in text and sp.encode(text) != hf:
+            fail(f"{SPM.name}: sentencepiece and the HF tokenizer differ on {text!r}:\n  spm {sp.encode(text)}\n  hf  {hf}")
+        gg = tok_gg(text, add_special_tokens=False)["input_ids"]
+        if gg != hf:
+            print(f"{SPM.name}: transformers' GGUF tokenizer differs on {text!r} (Metaspace prepend): {gg} vs {hf}")
+    the = tok_hf(" The", add_special_tokens=False)["input_ids"]
+    print(f"{SPM.name}: ' The' -> {the} {tok_hf.convert_ids_to_tokens(the)}; BOS-only prompt {tok_hf('')['input_ids']}")
+    if tok_hf("")["input_ids"] != [sp.bos_id()] or [int(x) for x in llm.tokenize(b"", add_bos=True)] != [sp.bos_id()]:
+        fail(f"{SPM.name}: the empty prompt is not [BOS]")
+    ids = list(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
+    lc = [int(x) for x in llm.tokenize(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=False).encode(), add_bos=False, special=True)]
+    print(f"{SPM.name} chat prompt: {len(ids)} tokens: {ids}")
+    if ids != lc:
+        fail(f"{SPM.name}: chat prompt ids differ:\n  hf       {ids}\n  llamacpp {lc}")
+    m_hf = AutoModelForCausalLM.from_pretrained(str(SPM_DIR), dtype=torch.float32).eval()
+    m_gg = AutoModelForCausalLM.from_pretrained(str(OUT_DIR), gguf_file=SPM_GGUF.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for label, prompt in [("chat", ids), ("BOS only", [sp.bos_id()])]:
+            gen, margins = greedy(m_hf, prompt, CHECK_NEW_TOKENS)
+            seq = torch.tensor([prompt + gen])
+            diff = (m_hf(seq).logits[0] - m_gg(seq).logits[0]).abs().max().item()
+            print(f"{SPM.name} {label}: max |hf - gguf| logits {diff:.3e}; greedy {gen}")
+            print(f"  text: {tok_hf.decode(gen)!r}; distinct {len(set(gen))}; margins min {min(margins):.4f}")
+            if not diff < MAX_LOGITS_DIFF:
+                fail(f"{SPM.name} {label}: hf and gguf logits differ by {diff}")
+            if len(set(gen)) < MIN_DISTINCT:
+                fail(f"{SPM.name} {label}: only {len(set(gen))} distinct tokens in the greedy continuation")
+            if min(margins) < MIN_MARGIN:
+                fail(f"{SPM.name} {label}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
     return ok
 
 
@@ -1258,6 +1482,7 @@ def main() -> int:
     ap.add_argument("--adapters-only", action="store_true", help="write only the LoRA adapters")
     ap.add_argument("--qwen2-only", action="store_true", help="write (and check) only the tiny Qwen2")
     ap.add_argument("--mixtral-only", action="store_true", help="write (and check) only the tiny Mixtral")
+    ap.add_argument("--spm-only", action="store_true", help="write (and check) only the tiny SentencePiece Llama")
     args = ap.parse_args()
     if args.adapters_only:
         for p in write_adapters():
@@ -1268,6 +1493,10 @@ def main() -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    if args.spm_only:
+        for p in write_spm(train_spm()):
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_spm() else 1
     tok = train_tokenizer()
     if args.qwen2_only:
         for p in write_qwen2(tok):
@@ -1283,6 +1512,7 @@ def main() -> int:
     paths += [write_gguf(quant_path(TINY, q), TINY, tok, weights, q) for q in GGUF_QUANTS]
     paths += write_qwen2(tok)
     paths += write_mixtral(tok)
+    paths += write_spm(train_spm())
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
         k_f32 = write_gguf(Path(tmp) / f"{TINY_K.name}.gguf", TINY_K, tok, make_weights(TINY_K, vocab_size))
@@ -1302,7 +1532,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral():
+        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_spm():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")

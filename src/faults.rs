@@ -27,6 +27,8 @@ pub enum Fault {
     // Mixtral-style sparse MoE (crate::models::mixtral).
     RouterRenormSkipped,
     ExpertOffByOne,
+    // SentencePiece tokenizers (issue 17).
+    SpmSpacePrefix,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -101,6 +103,8 @@ pub enum Diagnosis {
     ExpertChoice,
     /// MoE: the expert weights differ, unnamed.
     Routing,
+    /// The prompt's ids spell the reference's text without SentencePiece's `▁` space prefix.
+    SpacePrefix,
     /// No rule names it.
     Unclassified,
 }
@@ -141,6 +145,7 @@ impl Diagnosis {
             Diagnosis::ExpertIndex => "expert-index",
             Diagnosis::ExpertChoice => "expert-choice",
             Diagnosis::Routing => "routing",
+            Diagnosis::SpacePrefix => "space-prefix",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -383,6 +388,17 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "expert_weights",
         diagnosis: Diagnosis::ExpertIndex,
         needs: "a mixture-of-experts model",
+    // SentencePiece tokenizers (issue 17).
+    FaultInfo {
+        fault: Fault::SpmSpacePrefix,
+        name: "spm-space-prefix",
+        bug: "SentencePiece space handling dropped: no `▁` in front of the text (\"The\" encoded as \"The\", not \"▁The\")",
+        code_path: "Tokenizer::from_gguf_spm / from_hf_dir_with: the tokenizer is built without its ▁ prefix (add_space_prefix, Prepend(\"▁\"))",
+        step: 0,
+        layer: Layer::None,
+        site: "tokens",
+        diagnosis: Diagnosis::SpacePrefix,
+        needs: "a SentencePiece tokenizer (the tiny-spm fixtures, Llama 2 / TinyLlama files)",
     },
 ];
 

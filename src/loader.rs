@@ -16,7 +16,7 @@ pub use crate::options::LoadOptions;
 use crate::models;
 use crate::quant::WeightsMode;
 use crate::tokenizer::ChatMessage;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerOptions};
 use crate::weights::GgufFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,11 @@ pub fn model_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf(&GgufFile::open(path)?)
 }
 
+/// The tokenizer's part of the injected faults (`spm-space-prefix`).
+fn tokenizer_options(faults: &Faults) -> TokenizerOptions {
+    TokenizerOptions { drop_space_prefix: faults.has(Fault::SpmSpacePrefix) }
+}
+
 /// Loads a model from a Hugging Face directory or a `.gguf` file.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if !matches!(opts.dtype, DType::F32 | DType::F64) {
@@ -144,7 +149,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         }
         let hf = HfConfig::from_file(&cfg_path)?;
         let family = models::for_model_type(hf.model_type.as_deref(), &cfg_path)?;
-        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        let tokenizer = Tokenizer::from_hf_dir_with(path, tokenizer_options(&opts.faults))?;
         let (model, lora) = (family.load)(Checkpoint::Hf { dir: path, config: &hf }, opts)?;
         return Ok(LoadedModel {
             model,
@@ -181,7 +186,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let mut g = GgufFile::open(path)?;
     g.drop_q41_min = opts.faults.has(Fault::Q41Min);
     let family = models::for_gguf(&g)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf_with(&g, tokenizer_options(&opts.faults))?;
     let (model, lora) = (family.load)(Checkpoint::Gguf { file: &mut g, mode }, opts)?;
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })
 }

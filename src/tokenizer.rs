@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 use crate::error::{EngineError, Result};
 use crate::weights::GgufFile;
 
+mod spm;
+pub use spm::{drop_space_prefix, merges_from_scores, TokenizerOptions, SPIECE_UNDERLINE};
+
 /// One message of a chat.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
@@ -111,12 +114,25 @@ impl Tokenizer {
     /// Loads `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` (if any)
     /// from a Hugging Face directory.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        Self::from_hf_dir_with(dir, TokenizerOptions::default())
+    }
+
+    /// [`Tokenizer::from_hf_dir`] with the tokenizer fault applied to `tokenizer.json` when
+    /// `opts` asks for it (see [`TokenizerOptions`]).
+    pub fn from_hf_dir_with(dir: &Path, opts: TokenizerOptions) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
             return Err(EngineError::io(&tj, "missing (the model directory needs a tokenizer.json)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?;
+        let inner = if opts.drop_space_prefix {
+            let text = std::fs::read_to_string(&tj).map_err(|e| EngineError::io(&tj, e))?;
+            let mut v: Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?;
+            drop_space_prefix(&mut v);
+            v.to_string().parse().map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+        } else {
+            tokenizers::Tokenizer::from_file(&tj).map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+        };
         let mut chat_template = None;
         let (mut bos_token, mut eos_token) = (None, None);
         let tc = dir.join("tokenizer_config.json");
@@ -154,12 +170,19 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = gpt2`: byte-level
     /// BPE). The pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre` ([`gpt2_pre_tokenizer`]);
     /// a value it does not know is refused, not guessed.
+    ///
+    /// `tokenizer.ggml.model = llama` (SentencePiece) is built by [`Tokenizer::from_gguf_spm`].
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let model = g.md_str("tokenizer.ggml.model")?;
+        if model == "llama" {
+            return Self::from_gguf_spm(g, TokenizerOptions::default());
+        }
         if model != "gpt2" {
             return Err(EngineError::Unsupported {
                 path: g.path.clone(),
-                message: format!("tokenizer.ggml.model `{model}` is not supported yet (only gpt2 byte-level BPE)"),
+                message: format!(
+                    "tokenizer.ggml.model `{model}` is not supported yet (only gpt2 byte-level BPE and llama SentencePiece)"
+                ),
             });
         }
         let tokens = g.md_str_array("tokenizer.ggml.tokens")?;
@@ -240,6 +263,22 @@ impl Tokenizer {
             source: g.path.display().to_string(),
             description,
         })
+    }
+
+    /// [`Tokenizer::from_gguf`] with the tokenizer fault applied when `opts` asks for it (it acts
+    /// on SentencePiece vocabularies only).
+    pub fn from_gguf_with(g: &GgufFile, opts: TokenizerOptions) -> Result<Self> {
+        if g.md_str("tokenizer.ggml.model")? == "llama" {
+            return Self::from_gguf_spm(g, opts);
+        }
+        Self::from_gguf(g)
+    }
+
+    /// Whether the tokenizer writes a word-boundary `▁` in front of a text (SentencePiece's
+    /// space prefix), probed on "a".
+    pub fn prepends_space(&self) -> Result<bool> {
+        let ids = self.encode("a", false)?;
+        Ok(ids.first().and_then(|&i| self.id_to_token(i)).is_some_and(|p| p.starts_with(SPIECE_UNDERLINE)))
     }
 
     /// Encodes `text`; `add_special_tokens` as in transformers (`tokenizer(text)` adds them,

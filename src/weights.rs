@@ -349,6 +349,13 @@ impl GgufFile {
             .collect()
     }
 
+    pub fn md_f32_array(&self, key: &str) -> Result<Vec<f32>> {
+        let v = self.metadata(key)?.to_vec().map_err(|e| self.bad_value(key, e))?;
+        v.iter()
+            .map(|x| x.to_f32().or_else(|_| x.to_f64().map(|f| f as f32)).map_err(|e| self.bad_value(key, e)))
+            .collect()
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.content.metadata.contains_key(key)
     }

@@ -222,6 +222,8 @@ pub fn check_catalog(
     let bos = engine.model.info().config.bos_token_id.or_else(|| engine.tokenizer.bos_id());
     let prompt_has_bos = bos.is_some()
         && crate::lockstep::options::engine_prompt_ids(&engine, &base.prompt)?.first().copied() == bos;
+    // spm-space-prefix needs a tokenizer that writes SentencePiece's ▁ prefix.
+    let prepends_space = engine.tokenizer.prepends_space()?;
     // (layer, site) of the adapter's first projection in forward order.
     const FORWARD: [(&str, &str); 8] = [
         ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out"),
@@ -238,6 +240,7 @@ pub fn check_catalog(
         let why_not = match info.fault {
             Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
             Fault::MissingBos if !prompt_has_bos => Some("the chat prompt does not start with a BOS id"),
+            Fault::SpmSpacePrefix if !prepends_space => Some("the tokenizer writes no ▁ space prefix (not SentencePiece)"),
             Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
             Fault::QkvBiasDropped if !engine.model.info().config.qkv_bias => Some("the model's q/k/v projections have no biases"),
             Fault::TiedHead if engine.model.info().config.tie_word_embeddings => Some("the model's head is tied to the embedding already"),
@@ -413,6 +416,10 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Finding {
         ev.push(format!("the reference starts with BOS {} and is otherwise identical", r[0]));
         return finding(Diagnosis::MissingBos, "the engine's prompt lacks the BOS token", ev);
     }
+    if let Some(why) = space_prefix_dropped(engine, e, r) {
+        ev.push(why);
+        return finding(Diagnosis::SpacePrefix, "SentencePiece space handling differs: the engine's prompt lacks the ▁ space prefix", ev);
+    }
     if p.mode == "chat" {
         let raw = engine.tokenizer.encode(&p.text, true).unwrap_or_default();
         if *e == raw {
@@ -426,6 +433,26 @@ fn diagnose_tokens(run: &RunResult, engine: &LoadedModel) -> Finding {
     let at = e.iter().zip(r).position(|(a, b)| a != b).unwrap_or(e.len().min(r.len()));
     ev.push(format!("first difference at position {at}"));
     finding(Diagnosis::TokenMismatch, "tokenizer or chat template differs (see tokcheck)", ev)
+}
+
+/// The engine's and the reference's pieces spell the same text once every SentencePiece `▁` is
+/// taken out, and the reference's has more of them: the engine's tokenizer dropped the `▁`
+/// space prefix (the spm-space-prefix fault; a hand-written SentencePiece tokenizer that forgets
+/// add_space_prefix). Returns the evidence.
+fn space_prefix_dropped(engine: &LoadedModel, e: &[u32], r: &[u32]) -> Option<String> {
+    let u = lockstep_engine::tokenizer::SPIECE_UNDERLINE;
+    let spell = |ids: &[u32]| ids.iter().map(|&i| engine.tokenizer.id_to_token(i).unwrap_or_default()).collect::<String>();
+    let (a, b) = (spell(e), spell(r));
+    let (na, nb) = (a.matches(u).count(), b.matches(u).count());
+    (a != b && nb > na && a.replace(u, "") == b.replace(u, "")).then(|| {
+        let show = |s: &str| s.chars().take(24).collect::<String>();
+        format!(
+            "the pieces spell the same text but for {} fewer ▁ on the engine's side: engine {:?}…, reference {:?}…",
+            nb - na,
+            show(&a),
+            show(&b)
+        )
+    })
 }
 
 /// The adapter checks failed (an engine that cannot run one projection alone): the inventory

@@ -31,6 +31,9 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-mixtral", "the tiny random mixtral-family fixture (4 experts, top-2, router separated), Hugging Face directory (snapshots/models/tiny-mixtral)"),
     ("tiny-mixtral-gguf", "the same tiny mixtral model as an F32 GGUF (llama architecture with experts; snapshots/models/tiny-mixtral.gguf)"),
     ("tiny-mixtral-q8_0", "the tiny mixtral model in Q8_0, router F32 as llama-quantize leaves it (snapshots/models/tiny-mixtral.Q8_0.gguf)"),
+    // SentencePiece tokenizers (issue 17).
+    ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (Llama 2 / TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
+    ("tiny-spm-gguf", "the same tiny SentencePiece model as an F32 GGUF, tokenizer.ggml.model = llama (snapshots/models/tiny-spm.gguf)"),
 ];
 
 /// Alias -> file under snapshots/models/ for the committed fixtures.
@@ -48,6 +51,9 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-mixtral", "tiny-mixtral"),
     ("tiny-mixtral-gguf", "tiny-mixtral.gguf"),
     ("tiny-mixtral-q8_0", "tiny-mixtral.Q8_0.gguf"),
+    // SentencePiece tokenizers (issue 17).
+    ("tiny-spm", "tiny-spm"),
+    ("tiny-spm-gguf", "tiny-spm.gguf"),
 ];
 
 /// Resolves a `--model` argument: an existing path is used as is; otherwise it must be

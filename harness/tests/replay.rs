@@ -158,11 +158,18 @@ fn replay_tiny_mixtral_q8_0() {
     replay("tiny-mixtral-q8-0");
 }
 
+// SentencePiece tokenizers (issue 17).
+#[test]
+fn replay_tiny_spm_bos() {
+    replay("tiny-spm-bos");
+}
+
 /// The cases above are the manifest's cases, every trace on disk belongs to one, and every
 /// parity snapshot to a case: nothing recorded is left unreplayed.
 #[test]
 fn every_case_is_replayed_and_every_trace_belongs_to_a_case() {
-    let tested = ["tiny-hf", "tiny-hf-lora", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k", "tiny-qwen2-gguf", "tiny-mixtral-hf", "tiny-mixtral-q8-0"];
+    let tested = ["tiny-hf", "tiny-hf-lora", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k", "tiny-qwen2-gguf",
+                  "tiny-mixtral-hf", "tiny-mixtral-q8-0", "tiny-spm-bos"];
     let m = Manifest::load_default().unwrap();
     let cases: Vec<&str> = m.cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(cases, tested, "add a #[test] fn replay_... to harness/tests/replay.rs for each case");
