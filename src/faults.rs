@@ -366,6 +366,7 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "logits",
         diagnosis: Diagnosis::OutputHead,
         needs: "a model with its own output head (tie_word_embeddings = false: tiny-qwen2, Qwen2.5)",
+    },
     // Mixtral-style sparse MoE.
     FaultInfo {
         fault: Fault::RouterRenormSkipped,
@@ -388,6 +389,7 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "expert_weights",
         diagnosis: Diagnosis::ExpertIndex,
         needs: "a mixture-of-experts model",
+    },
     // SentencePiece tokenizers (issue 17).
     FaultInfo {
         fault: Fault::SpmSpacePrefix,
