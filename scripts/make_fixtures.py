@@ -22,8 +22,9 @@ What it makes (under snapshots/models/):
   tiny-qwen2.gguf        biases (o_proj none), RoPE base 1e6, an untied head, the same tokenizer,
                          ChatML with Qwen's default system prompt and no BOS; its GGUF as
                          convert_hf_to_gguf.py's Qwen2Model writes it (architecture qwen2, Q/K rows
-                         NOT permuted: llama.cpp runs qwen2 with NEOX RoPE). `--qwen2-only` writes
-                         and checks just these
+                         NOT permuted: llama.cpp runs qwen2 with NEOX RoPE); tiny-qwen2.Q8_0.gguf
+                         the same with its matrices in Q8_0 (biases and norms F32). `--qwen2-only`
+                         writes and checks just these
   tiny-mixtral/          a tiny Mixtral (MixtralForCausalLM): hidden 32, 2 layers, 4 query / 2 KV
   tiny-mixtral.gguf      heads, 4 experts (SwiGLU, 32 wide) with top-2 routing, RoPE base 1e6, an
   tiny-mixtral.Q8_0.gguf untied head, the same tokenizer and ChatML template as tiny-llama. HF names as
@@ -180,6 +181,7 @@ QWEN2 = ModelSpec("tiny-qwen2", hidden_size=64, intermediate_size=160, num_layer
                   num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=17, arch="qwen2")
 QWEN2_DIR = OUT_DIR / "tiny-qwen2"
 QWEN2_GGUF = OUT_DIR / "tiny-qwen2.gguf"
+QWEN2_QUANT = "Q8_0"
 QWEN2_ROPE_THETA = 1_000_000.0
 QWEN2_RMS_NORM_EPS = 1e-6
 # q/k/v biases are N(0, BIAS_STD): of the order of the projections' own outputs (unit scale),
@@ -1068,7 +1070,11 @@ def write_adapters() -> list[Path]:
 def write_qwen2(tok) -> list[Path]:
     """The tiny Qwen2: its HF directory and its F32 GGUF."""
     weights = make_weights(QWEN2, tok.get_vocab_size())
-    return write_hf_dir(tok, weights, QWEN2, QWEN2_DIR) + [write_gguf(QWEN2_GGUF, QWEN2, tok, weights)]
+    return write_hf_dir(tok, weights, QWEN2, QWEN2_DIR) + [
+        write_gguf(QWEN2_GGUF, QWEN2, tok, weights),
+        # The quantized Qwen2: matrices Q8_0 (gguf package quantizer), norms and q/k/v biases F32.
+        write_gguf(quant_path(QWEN2, QWEN2_QUANT), QWEN2, tok, weights, QWEN2_QUANT),
+    ]
 
 
 def self_check_qwen2() -> bool:

@@ -27,6 +27,7 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-k-q6_k", "the same in Q6_K (llama.cpp quantize; snapshots/models/tiny-llama-k.Q6_K.gguf)"),
     ("tiny-qwen2", "the tiny random qwen2-family fixture (q/k/v biases, RoPE base 1e6), Hugging Face directory (snapshots/models/tiny-qwen2)"),
     ("tiny-qwen2-gguf", "the same tiny qwen2 model as an F32 GGUF, Q/K rows in Hugging Face order (snapshots/models/tiny-qwen2.gguf)"),
+    ("tiny-qwen2-q8_0", "the tiny qwen2 model in Q8_0, biases and norms F32 (gguf package quantizer; snapshots/models/tiny-qwen2.Q8_0.gguf)"),
     // Mixtral-style sparse MoE.
     ("tiny-mixtral", "the tiny random mixtral-family fixture (4 experts, top-2, router separated), Hugging Face directory (snapshots/models/tiny-mixtral)"),
     ("tiny-mixtral-gguf", "the same tiny mixtral model as an F32 GGUF (llama architecture with experts; snapshots/models/tiny-mixtral.gguf)"),
@@ -47,6 +48,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-k-q6_k", "tiny-llama-k.Q6_K.gguf"),
     ("tiny-qwen2", "tiny-qwen2"),
     ("tiny-qwen2-gguf", "tiny-qwen2.gguf"),
+    ("tiny-qwen2-q8_0", "tiny-qwen2.Q8_0.gguf"),
     // Mixtral-style sparse MoE.
     ("tiny-mixtral", "tiny-mixtral"),
     ("tiny-mixtral-gguf", "tiny-mixtral.gguf"),

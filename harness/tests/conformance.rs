@@ -22,7 +22,8 @@ const FIXTURES: &[(&str, &[(&str, &str)])] =
                     // puts no ▁ after a special token, so the Llama 2 chat prompt's ids differ
                     // between the references (tokcheck reports it; docs/traps.md).
                     ("tiny-spm", "transformers,mlx"), ("tiny-spm-gguf", "llamacpp")]),
-        ("qwen2", &[("tiny-qwen2", "transformers,mlx"), ("tiny-qwen2-gguf", "transformers,mlx,llamacpp")]),
+        ("qwen2", &[("tiny-qwen2", "transformers,mlx"), ("tiny-qwen2-gguf", "transformers,mlx,llamacpp"),
+                    ("tiny-qwen2-q8_0", "transformers,mlx,llamacpp")]),
         // Mixtral-style sparse MoE: transformers' GGUF loader has no Mixtral mapping, so the
         // GGUF files run against MLX (lockstep's own GGUF loader for it) and llama.cpp.
         (

@@ -109,6 +109,26 @@ live_test! {
 }
 
 live_test! {
+    fn tiny_qwen2_q8_0_in_both_modes() {
+        // Biases stay F32 beside the Q8_0 matrices. Quantized: llama.cpp's arithmetic, logits
+        // bit-identical (measured); dequantized: transformers' dense weights, ~1e-6.
+        let (code, out, r) = quant_run("tiny-qwen2-q8_0", "quantized", 8);
+        assert_eq!(code, 0, "{out}");
+        let ll = &r["summary"]["references"].as_array().unwrap()[1];
+        assert_eq!((ll["reference"].as_str(), ll["mode"].as_str(), ll["verdict"].as_str()), (Some("llamacpp"), Some("same-quant"), Some("pass")), "{out}");
+        assert!(ll["max_kl"].as_f64().unwrap() < 1e-9, "{out}");
+        let g = r["generate"].as_array().unwrap().iter().find(|g| g["reference"] == "llamacpp").unwrap();
+        assert_eq!(g["matches"], true, "{out}");
+        let (code, out, r) = quant_run("tiny-qwen2-q8_0", "dequant", 8);
+        assert_eq!(code, 0, "{out}");
+        let tf = &r["summary"]["references"].as_array().unwrap()[0];
+        assert_eq!((tf["mode"].as_str(), tf["verdict"].as_str()), (Some("same-weights"), Some("pass")), "{out}");
+        let worst = tf["worst_rel_l2"].as_array().unwrap().iter().map(|w| w["rel_l2"].as_f64().unwrap()).fold(0.0, f64::max);
+        assert!(worst < 1e-5, "dequantized vs transformers: rel-L2 {worst}\n{out}");
+    }
+}
+
+live_test! {
     fn smollm2_quantized_against_llamacpp_and_transformers_64_steps() {
         let (code, out, r) = quant_run("smollm2", "quantized", 64);
         assert_eq!(code, 0, "{out}");

@@ -147,6 +147,11 @@ fn replay_tiny_qwen2_gguf() {
     replay("tiny-qwen2-gguf");
 }
 
+#[test]
+fn replay_tiny_qwen2_q8_0() {
+    replay("tiny-qwen2-q8-0");
+}
+
 // Mixtral-style sparse MoE.
 #[test]
 fn replay_tiny_mixtral_hf() {
@@ -169,7 +174,7 @@ fn replay_tiny_spm_bos() {
 #[test]
 fn every_case_is_replayed_and_every_trace_belongs_to_a_case() {
     let tested = ["tiny-hf", "tiny-hf-lora", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k", "tiny-qwen2-gguf",
-                  "tiny-mixtral-hf", "tiny-mixtral-q8-0", "tiny-spm-bos"];
+                  "tiny-qwen2-q8-0", "tiny-mixtral-hf", "tiny-mixtral-q8-0", "tiny-spm-bos"];
     let m = Manifest::load_default().unwrap();
     let cases: Vec<&str> = m.cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(cases, tested, "add a #[test] fn replay_... to harness/tests/replay.rs for each case");
