@@ -431,7 +431,7 @@ fn nonexistent_model_path() {
 
 #[test]
 fn unknown_model_alias() {
-    assert_exit_2(&["run", "--model", "llama-70b", "--chat", "hi"], &[], &["llama-70b", "smollm2, tiny, tiny-gguf"]);
+    assert_exit_2(&["run", "--model", "llama-70b", "--chat", "hi"], &[], &["llama-70b", "smollm2, qwen2.5, tiny, tiny-gguf"]);
 }
 
 #[test]

@@ -390,12 +390,12 @@ fn committed_suites_parse_and_the_nightly_matrix_expands() {
         out
     };
     let ci = list("scripts/suites/ci.toml", &[]);
-    assert_eq!(ci.lines().count(), 7, "{ci}");
+    assert_eq!(ci.lines().count(), 9, "{ci}");
     assert!(ci.contains("tiny-qwen2-gguf"), "{ci}");
     assert!(ci.contains("lora=snapshots/adapters/tiny-peft"), "{ci}");
     let nightly = list("scripts/suites/nightly.toml", &[]);
     for name in ["smollm2-llamacpp-capital-greedy", "smollm2-llamacpp-count-t08", "smollm2-f32-count", "fixture-tiny-gguf-t08", "quant-tiny-k-q6_k", "canary-rope-theta", "smollm2-lora-f32", "tiny-lora-mlx",
-                 "qwen25-llamacpp-code", "qwen25-f32-code", "qwen2-fixture-tiny-qwen2-gguf"] {
+                 "qwen25-llamacpp-code", "qwen25-f32", "qwen2-fixture-tiny-qwen2-gguf"] {
         assert!(nightly.contains(name), "{name} not in\n{nightly}");
     }
     let n = nightly.lines().count();
