@@ -74,7 +74,7 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
                 return Err(EngineError::Unsupported { path, message: "the mixtral family needs model_type mixtral".into() });
             }
             let cfg = config.resolve(&path)?;
-            let w = weights::load_hf_family(dir, &cfg, opts.dtype, &ARCH)?;
+            let w = weights::load_hf_family(dir, &opts.faults.weights_config(&cfg), opts.dtype, &ARCH)?;
             (cfg, w, QkLayout::HalfSplit)
         }
         Checkpoint::Gguf { file, mode } => {
@@ -86,7 +86,7 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
                     message: "the mixtral family needs {arch}.expert_count > 0".into(),
                 });
             }
-            let w = weights::load_gguf_family(file, &cfg, opts.dtype, mode, &ARCH)?;
+            let w = weights::load_gguf_family(file, &opts.faults.weights_config(&cfg), opts.dtype, mode, &ARCH)?;
             (cfg, w, QkLayout::Interleaved)
         }
     };
