@@ -23,7 +23,10 @@ const FIXTURES: &[(&str, &[(&str, &str)])] =
                     // between the references (tokcheck reports it; docs/traps.md).
                     ("tiny-spm", "transformers,mlx"), ("tiny-spm-gguf", "llamacpp")]),
         ("qwen2", &[("tiny-qwen2", "transformers,mlx"), ("tiny-qwen2-gguf", "transformers,mlx,llamacpp"),
-                    ("tiny-qwen2-q8_0", "transformers,mlx,llamacpp")]),
+                    // Quantized against llama.cpp (same arithmetic, logits bit-identical). Against the
+                    // dense references an 8-bit rounding flips a near-tie of this random model within
+                    // 4 steps (top-1 75% < 80%); both modes vs transformers: tests/quant.rs.
+                    ("tiny-qwen2-q8_0", "llamacpp")]),
         // Mixtral-style sparse MoE: transformers' GGUF loader has no Mixtral mapping, so the
         // GGUF files run against MLX (lockstep's own GGUF loader for it) and llama.cpp.
         (
