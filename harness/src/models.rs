@@ -33,7 +33,7 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-mixtral-gguf", "the same tiny mixtral model as an F32 GGUF (llama architecture with experts; snapshots/models/tiny-mixtral.gguf)"),
     ("tiny-mixtral-q8_0", "the tiny mixtral model in Q8_0, router F32 as llama-quantize leaves it (snapshots/models/tiny-mixtral.Q8_0.gguf)"),
     // SentencePiece tokenizers (issue 17).
-    ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (Llama 2 / TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
+    ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (the TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
     ("tiny-spm-gguf", "the same tiny SentencePiece model as an F32 GGUF, tokenizer.ggml.model = llama (snapshots/models/tiny-spm.gguf)"),
 ];
 
@@ -97,7 +97,7 @@ fn fixture(p: PathBuf) -> Result<PathBuf, HarnessError> {
 
 /// A model that `make models` puts in the model store.
 fn store_model(file: &str, alias: &str) -> Result<PathBuf, HarnessError> {
-    let dir = crate::golden::trace::models_dir();
+    let dir = crate::paths::models_dir();
     let p = dir.join(file);
     if p.is_file() {
         return Ok(p);

@@ -24,3 +24,12 @@ pub fn references_dir() -> PathBuf {
     }
 }
 
+
+/// The directory of the model store: `$LOCKSTEP_MODELS`, else `~/.cache/lockstep/models`
+/// (`make models` fills it: scripts/fetch_models.sh).
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_MODELS") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")).join(".cache/lockstep/models"),
+    }
+}

@@ -601,10 +601,7 @@ pub fn model_sha256_cached(path: &Path) -> Result<String, HarnessError> {
 /// `make models` fills it (scripts/fetch_models.sh) so that replays find weights that are
 /// too large to commit without a reference environment.
 pub fn models_dir() -> PathBuf {
-    match std::env::var_os("LOCKSTEP_MODELS") {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => home().join(".cache/lockstep/models"),
-    }
+    crate::paths::models_dir()
 }
 
 fn home() -> PathBuf {
