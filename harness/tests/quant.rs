@@ -138,9 +138,12 @@ live_test! {
         assert_eq!(refs[1]["reference"], "llamacpp");
         assert_eq!(refs[1]["mode"], "same-quant");
         assert_eq!(refs[0]["mode"], "quant-vs-dense");
-        // The same greedy tokens as llama.cpp's own generate on the same file.
+        // The same greedy tokens as llama.cpp's own generate on the same file, or a first
+        // difference the harness judges a near-tie (drift): llama.cpp's AVX2 and AVX-512 kernels
+        // round differently, and on an AVX2-only CPU its own loop takes the other branch of a
+        // near-tie at token 15 of 64 (measured 2026-12-02; the AVX-512 build matched all 64).
         let g = r["generate"].as_array().unwrap().iter().find(|g| g["reference"] == "llamacpp").unwrap();
-        assert_eq!(g["matches"], true, "{out}");
+        assert!(g["matches"] == true || g["verdict"] == "drift", "{g}\n{out}");
         // KL, top-1 agreement and Δp are printed for both.
         for needle in ["mean KL", "top1 =", "max|Δp|", "same-quant", "quant-vs-dense", "Q4_1 bounds"] {
             assert!(out.contains(needle), "{needle} missing:\n{out}");
