@@ -37,9 +37,11 @@ live_test! {
         assert_eq!(g["matches"], true, "greedy text differs from llama.cpp's:\n{out}");
         // The ChatML prompt: no BOS (151643 is also <|endoftext|>), starts with <|im_start|>
         // (151644) and the template's default system turn.
-        let ids: Vec<u64> = r["tokens"]["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        let ids: Vec<u64> = r["tokens"]["prompt"]["engine_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
         assert_eq!(ids[0], 151644, "{ids:?}");
         assert!(!ids.contains(&151643), "{ids:?}");
+        let text = r["tokens"]["prompt"]["engine_rendered"].as_str().unwrap();
+        assert!(text.starts_with("<|im_start|>system\n") && text.ends_with("<|im_start|>assistant\n"), "{text:?}");
     }
 }
 
