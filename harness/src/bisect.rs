@@ -608,13 +608,20 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
     }
 }
 
-/// With a LoRA adapter on the failing projection: how much of the engine-minus-reference
-/// difference is the adapter's delta. On the reference's own input x, `D = (x A^T) B^T`;
-/// the difference `y_engine - y_reference` projected on D gives `c`; when c*D explains the
-/// difference, the engine applies the adapter with scale `s + c` where the reference applies
-/// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
-fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
-    let (adapter, _) = engine.lora.as_ref()?;
+/// A projection site's engine output on the reference's own input, against the reference's
+/// output: what the adapter and bias rules measure. Needs the engine's `project`.
+struct ReferenceInputProjection {
+    module: &'static str,
+    site: String,
+    /// The reference's input, as fed to the engine's projection.
+    x: Tensor,
+    /// (rows, cols) of the output.
+    shape: (usize, usize),
+    /// Engine output minus reference output, row-major.
+    diff: Vec<f64>,
+}
+
+fn projection_on_reference_input(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str) -> Option<ReferenceInputProjection> {
     if !engine.model.info().capabilities.project {
         return None;
     }
@@ -622,15 +629,31 @@ fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
     let graph = engine.model.site_graph();
     let site = graph.get(&sites::layer_site(l, leaf))?;
     let (module, input) = (site.module?, site.reads.first()?);
-    let pair = adapter.pairs.iter().find(|p| p.layer == l && p.module == module)?;
     let (xs, xd) = arr(k, input)?;
     let (_, yref) = arr(k, &site.name)?;
     let x = Tensor::from_vec(xd.clone(), xs.as_slice(), &Device::Cpu).ok()?;
     let y = engine.model.project(l, module, &x).ok()?;
+    let shape = y.dims2().ok()?;
     let ye: Vec<f64> = y.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
+    if ye.len() != yref.len() {
+        return None;
+    }
+    let diff = ye.iter().zip(yref).map(|(a, b)| a - *b as f64).collect();
+    Some(ReferenceInputProjection { module, site: site.name.clone(), x, shape, diff })
+}
+
+/// With a LoRA adapter on the failing projection: how much of the engine-minus-reference
+/// difference is the adapter's delta. On the reference's own input x, `D = (x A^T) B^T`;
+/// the difference `y_engine - y_reference` projected on D gives `c`; when c*D explains the
+/// difference, the engine applies the adapter with scale `s + c` where the reference applies
+/// `s`: `c = -s` is an adapter that is not attached, another c a wrong scale.
+fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
+    let (adapter, _) = engine.lora.as_ref()?;
+    let p = projection_on_reference_input(engine, k, l, leaf)?;
+    let (module, x, diff) = (p.module, &p.x, &p.diff);
+    let pair = adapter.pairs.iter().find(|p| p.layer == l && p.module == module)?;
     let d = x.matmul(&pair.a.t().ok()?).ok()?.matmul(&pair.b.t().ok()?).ok()?;
     let dv: Vec<f64> = d.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
-    let diff: Vec<f64> = ye.iter().zip(yref).map(|(a, b)| a - *b as f64).collect();
     let dd: f64 = dv.iter().map(|v| v * v).sum();
     if dd == 0.0 || diff.len() != dv.len() {
         return None;
@@ -659,22 +682,11 @@ fn lora_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
 /// at every position (on the reference's own input): an additive term, the projection's
 /// bias, is missing or differs. Needs 2+ positions and the engine's `project`.
 fn bias_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &mut Vec<String>) -> Option<Finding> {
-    if !engine.model.info().capabilities.project {
+    let p = projection_on_reference_input(engine, k, l, leaf)?;
+    let (module, site, diff, (rows, cols)) = (p.module, &p.site, &p.diff, p.shape);
+    if rows < 2 {
         return None;
     }
-    let graph = engine.model.site_graph();
-    let site = graph.get(&sites::layer_site(l, leaf))?;
-    let (module, input) = (site.module?, site.reads.first()?);
-    let (xs, xd) = arr(k, input)?;
-    let (_, yref) = arr(k, &site.name)?;
-    let x = Tensor::from_vec(xd.clone(), xs.as_slice(), &Device::Cpu).ok()?;
-    let y = engine.model.project(l, module, &x).ok()?;
-    let (rows, cols) = y.dims2().ok()?;
-    let ye: Vec<f64> = y.to_dtype(candle_core::DType::F64).ok()?.flatten_all().ok()?.to_vec1().ok()?;
-    if rows < 2 || ye.len() != yref.len() {
-        return None;
-    }
-    let diff: Vec<f64> = ye.iter().zip(yref).map(|(a, b)| a - *b as f64).collect();
     let mean: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| diff[r * cols + c]).sum::<f64>() / rows as f64).collect();
     let total: f64 = diff.iter().map(|v| v * v).sum::<f64>().sqrt();
     let resid: f64 = diff.iter().enumerate().map(|(i, v)| (v - mean[i % cols]).powi(2)).sum::<f64>().sqrt();
@@ -683,9 +695,8 @@ fn bias_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, leaf: &str, ev: &
     }
     let norm: f64 = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
     ev.push(format!(
-        "on the reference's input, the engine's `{}` minus the reference's is the same vector at all {rows} positions \
+        "on the reference's input, the engine's `{site}` minus the reference's is the same vector at all {rows} positions \
          (norm {norm:.3e}; it explains {:.1}% of the difference): an additive term, not the matrix",
-        site.name,
         100.0 * (1.0 - (resid / total).powi(2))
     ));
     Some(finding(
