@@ -215,15 +215,8 @@ pub fn check_catalog(
     });
     let g = lockstep_engine::weights::GgufFile::open(path).ok();
     let ttype = |name: &str| g.as_ref().and_then(|g| g.content.tensor_infos.get(name).map(|i| format!("{:?}", i.ggml_dtype)));
-    let has_q41 = g.as_ref().is_some_and(|g| g.content.tensor_infos.values().any(|i| format!("{:?}", i.ggml_dtype) == "Q4_1"));
     let quant_embed = ttype("token_embd.weight").as_deref() == Some("Q4_1");
-    // The missing-bos fault drops a leading BOS: it needs a prompt that has one (a ChatML
-    // template without BOS, as Qwen2's, gives none).
-    let bos = engine.model.info().config.bos_token_id.or_else(|| engine.tokenizer.bos_id());
-    let prompt_has_bos = bos.is_some()
-        && crate::lockstep::options::engine_prompt_ids(&engine, &base.prompt)?.first().copied() == bos;
-    // spm-space-prefix needs a tokenizer that writes SentencePiece's ▁ prefix.
-    let prepends_space = engine.tokenizer.prepends_space()?;
+    let prompt_ids = crate::lockstep::options::engine_prompt_ids(&engine, &base.prompt)?;
     // (layer, site) of the adapter's first projection in forward order.
     const FORWARD: [(&str, &str); 8] = [
         ("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "attn_out"),
@@ -237,29 +230,26 @@ pub fn check_catalog(
             .map(|(l, k)| (l, FORWARD[k].1))
     });
     for info in CATALOG {
-        let why_not = match info.fault {
-            Fault::Q41Min if !has_q41 => Some("no Q4_1 tensor in this model"),
-            Fault::MissingBos if !prompt_has_bos => Some("the chat prompt does not start with a BOS id"),
-            Fault::SpmSpacePrefix if !prepends_space => Some("the tokenizer writes no ▁ space prefix (not SentencePiece)"),
-            Fault::GqaMapping if engine.model.info().config.num_kv_heads == engine.model.info().config.num_heads => Some("no grouped-query attention"),
-            Fault::QkvBiasDropped if !engine.model.info().config.qkv_bias => Some("the model's q/k/v projections have no biases"),
-            Fault::TiedHead if engine.model.info().config.tie_word_embeddings => Some("the model's head is tied to the embedding already"),
-            Fault::RouterRenormSkipped | Fault::ExpertOffByOne if engine.model.info().config.num_experts == 0 => {
-                Some("not a mixture-of-experts model")
+        crate::interrupt::check()?;
+        let mut o = base.clone();
+        o.faults = Faults::parse(info.name)?;
+        if info.fault == Fault::SamplerTemperature {
+            o.sampler = Some(lockstep_engine::SamplerConfig::parse(CHECK_SAMPLER)?);
+        }
+        // What `--inject` refuses (the model, prompt and sampler), then what only this check
+        // knows (the references).
+        let why_not = crate::lockstep::options::fault_inapplicable(info.fault, DEFAULT_FAULT_LAYER, &engine, &o, &prompt_ids).or_else(|| {
+            match info.fault {
+                Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
+                    Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)".into())
+                }
+                Fault::LoraNotAttached | Fault::LoraScale if first_adapted.is_none() => Some("needs a LoRA adapter: faults --check --lora DIR".into()),
+                _ => None,
             }
-            Fault::SamplerTemperature if !refs.iter().any(crate::checks::sampler::supports) => {
-                Some("no reference runs its own sampler on given logits (llama.cpp and recorded traces do not)")
-            }
-            Fault::LoraNotAttached | Fault::LoraScale if first_adapted.is_none() => {
-                Some("needs a LoRA adapter: faults --check --lora DIR")
-            }
-            _ => None,
-        };
+        });
         // The LoRA faults enter at the first adapted projection in forward order.
-        if let (Fault::LoraNotAttached | Fault::LoraScale, Some((l, site))) = (info.fault, first_adapted) {
+        if let (Fault::LoraNotAttached | Fault::LoraScale, Some((l, site)), None) = (info.fault, first_adapted, &why_not) {
             let expected = format!("step 0, layer {l}, {site} [{}]", info.diagnosis);
-            let mut o = base.clone();
-            o.faults = Faults::parse(info.name)?;
             let eng = crate::lockstep::options::load_engine(&o)?;
             let (rep, _) = bisect(&o, &eng, refs, 256)?;
             let ok = rep.step == Some(0)
@@ -290,13 +280,8 @@ pub fn check_catalog(
         );
         let expected = if quant_embed && info.fault == Fault::Q41Min { expected.replace("layer 0, ", "") } else { expected };
         if let Some(w) = why_not {
-            out.push(CheckResult { fault: info.name.into(), applicable: false, note: w.into(), expected, found: "-".into(), ok: true, seconds: 0.0 });
+            out.push(CheckResult { fault: info.name.into(), applicable: false, note: w, expected, found: "-".into(), ok: true, seconds: 0.0 });
             continue;
-        }
-        let mut o = base.clone();
-        o.faults = Faults::parse(info.name)?;
-        if info.fault == Fault::SamplerTemperature {
-            o.sampler = Some(lockstep_engine::SamplerConfig::parse(CHECK_SAMPLER)?);
         }
         let eng = crate::lockstep::options::load_engine(&o)?;
         let (rep, _) = bisect(&o, &eng, refs, 256)?;

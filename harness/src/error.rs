@@ -1,5 +1,5 @@
-//! Errors of the harness. Every one of them is a usage or input problem (exit code 2):
-//! a divergence is not an error but a verdict (exit code 1).
+//! Errors of the harness. Every one of them is a usage or input problem (exit code 2), but
+//! Ctrl-C (130): a divergence is not an error but a verdict (exit code 1).
 
 use thiserror::Error;
 
@@ -75,14 +75,25 @@ pub enum HarnessError {
     /// The engine captured a site its own site graph does not declare.
     #[error("the engine captured `{site}`, which is not in its site graph")]
     SiteNotInGraph { site: String },
+    /// Ctrl-C (SIGINT): the run stopped at a step boundary; nothing half-done was written.
+    #[error("interrupted (Ctrl-C): stopped before the next step; nothing half-done was written")]
+    Interrupted,
+    /// A reference answered a step with something the protocol does not allow (the harness
+    /// cannot compare it, and the engine is not to blame).
+    #[error("the {reference} reference broke the protocol: {message}")]
+    Protocol { reference: String, message: String },
     /// Bisect's isolation needs a reference tensor that was not kept.
     #[error("bisect isolation: the reference did not provide `{site}`")]
     IsolationInput { site: String },
 }
 
 impl HarnessError {
+    /// 130 for Ctrl-C (128 + SIGINT, as shells report it), else 2.
     pub fn exit_code(&self) -> u8 {
-        2
+        match self {
+            HarnessError::Interrupted => 130,
+            _ => 2,
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod compare;
 pub mod diagnosis;
 pub mod error;
 pub mod golden;
+pub mod interrupt;
 pub mod lockstep;
 pub mod models;
 pub mod paths;

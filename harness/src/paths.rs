@@ -33,3 +33,16 @@ pub fn models_dir() -> PathBuf {
         _ => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/")).join(".cache/lockstep/models"),
     }
 }
+
+/// Writes `data` to `path` through a temporary file in the same directory and a rename: an
+/// interrupted or killed run leaves the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), crate::error::HarnessError> {
+    let io = |p: &Path, e: std::io::Error| crate::error::HarnessError::Io { path: p.display().to_string(), message: e.to_string() };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, data).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path, e)
+    })
+}

@@ -50,6 +50,24 @@ pub fn traces_dir() -> PathBuf {
     }
 }
 
+/// A trace name names two files in the traces directory (or `--out`): letters, digits, `-`,
+/// `_` and `.`, not starting with `.`, so that no name writes outside that directory.
+pub fn check_name(name: &str) -> Result<(), HarnessError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 200
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(HarnessError::Usage(format!(
+            "trace name `{}`: a name is letters, digits, `-`, `_` and `.` and does not start with `.` \
+             (it names NAME.json and NAME.safetensors in the traces directory; to write elsewhere use --out DIR)",
+            name.escape_debug()
+        )))
+    }
+}
+
 /// `(NAME.json, NAME.safetensors)` of a trace name, or of a path to either file.
 pub fn trace_paths(name: &str) -> (PathBuf, PathBuf) {
     let base = if name.contains('/') || name.ends_with(".json") || name.ends_with(".safetensors") {
@@ -372,6 +390,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// in. Files are written next to their final place and renamed, so an interrupted
 /// recording leaves the previous trace intact. Returns the serialized size in bytes.
 pub fn write(meta: &mut TraceMeta, tensors: &[(String, Stored)], dir: &Path, budget_bytes: Option<u64>) -> Result<u64, HarnessError> {
+    check_name(&meta.name)?;
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dtype, shape, bytes) = t.view()?;
@@ -407,9 +426,7 @@ pub fn write(meta: &mut TraceMeta, tensors: &[(String, Stored)], dir: &Path, bud
     meta.tensors = TensorsMeta { file: format!("{}.safetensors", meta.name), bytes: size, sha256: sha256_hex(&bytes) };
     let json = serde_json::to_string_pretty(meta).map_err(|e| io_err(&json_path, e))? + "\n";
     for (path, data) in [(&st_path, bytes.as_slice()), (&json_path, json.as_bytes())] {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, data).map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+        crate::paths::write_atomic(path, data)?;
     }
     Ok(size)
 }

@@ -199,13 +199,16 @@ impl Lockstep<'_> {
         let mut cache = model.new_cache();
         let (mut steps, mut generated, mut kept) = (Vec::new(), Vec::new(), None);
         let mut feed = prompt.engine_ids.clone();
+        let mut total = 0;
         // Bisect stops at a token mismatch: nothing after it is comparable.
         let n_steps = if opts.bisect && !prompt.ids_match { 0 } else { opts.steps.max(1) };
         for step in 0..n_steps {
+            crate::interrupt::check()?;
             let es = engine_step(model, &feed, &mut cache, &wanted)?;
             let history: Vec<u32> = prompt.engine_ids.iter().chain(&generated).copied().collect();
             let (engine_token, sampler_checks) = samplers.choose(refs, &es.logits, &history)?;
-            let (record, kept_now) = self.compare(step, &feed, &es, engine_token, sampler_checks)?;
+            total += feed.len();
+            let (record, kept_now) = self.compare(step, &feed, total, &es, engine_token, sampler_checks)?;
             steps.push(record);
             generated.push(engine_token);
             call_step_hook(step + 1, n_steps);
@@ -228,6 +231,7 @@ impl Lockstep<'_> {
         &self,
         step: usize,
         feed: &[u32],
+        total: usize,
         es: &EngineStep,
         engine_token: u32,
         sampler: Vec<SamplerCheck>,
@@ -235,7 +239,7 @@ impl Lockstep<'_> {
         let outputs = reference_steps(self.refs, feed)?;
         let cmp = StepCompare { judge: self.judge, refs: self.refs, ref_sites: self.ref_sites, engine: es, oracle: self.oracle };
         let (references, pairs, kept) = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<_, HarnessError> {
-            cmp.check_declared(views)?;
+            cmp.check_declared(views, total)?;
             let pairs = cmp.pairs(views)?;
             let refs = (0..self.refs.len()).map(|i| cmp.reference(i, views, &pairs, outputs[i].1)).collect::<Result<Vec<_>, _>>()?;
             let kept = if self.opts.bisect { cmp.keep(step, views, &refs)? } else { None };

@@ -22,6 +22,9 @@ pub fn format_pyerr(py: Python<'_>, e: &PyErr) -> String {
 
 /// Turns a Python error into a [`HarnessError`], with the traceback, saying what was being done.
 pub fn py_err(py: Python<'_>, e: PyErr, doing: impl std::fmt::Display) -> HarnessError {
+    if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+        return HarnessError::Interrupted;
+    }
     let (doing, traceback) = (doing.to_string(), format_pyerr(py, &e));
     if e.is_instance_of::<pyo3::exceptions::PyImportError>(py) {
         return HarnessError::PythonImport { doing, traceback };

@@ -59,8 +59,16 @@ fn start() -> Result<(), String> {
         let path = sys.getattr("path").map_err(|e| e.to_string())?;
         let path = path.cast::<PyList>().map_err(|e| e.to_string())?;
         path.insert(0, refs.to_string_lossy().as_ref()).map_err(|e| e.to_string())?;
+        if crate::interrupt::is_installed() {
+            // Python's table must name a handler for SIGINT, or the interrupt our own
+            // handler requests is dropped ("ignored due to race condition").
+            py.run(c"import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)", None, None)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
-    })
+    })?;
+    crate::interrupt::reinstall_after_python();
+    Ok(())
 }
 
 /// `references/<module>.py`'s declaration: imports the module (nothing is loaded) and calls

@@ -83,6 +83,7 @@ impl CaseResult {
             bisect: None,
             run_json: None,
             timing: Timing { run_s: seconds, bisect_s: 0.0, total_s: seconds },
+            crashed: false,
         }
     }
 
@@ -427,13 +428,16 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Runs one case; an error or a panic becomes an `error` result.
-pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> CaseResult {
+/// Runs one case; an error or a panic becomes an `error` result. Ctrl-C is not a result of
+/// the case: it is returned, and the case is not recorded.
+pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -> Result<CaseResult, HarnessError> {
     let t0 = Instant::now();
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case_inner(def, cache, full_json)));
     let secs = t0.elapsed().as_secs_f64();
     let mut c = match out {
         Ok(Ok(c)) => c,
+        // Whatever error Ctrl-C caused on its way out (a plug-in engine wraps it in its own).
+        Ok(Err(_)) if crate::interrupt::interrupted() => return Err(HarnessError::Interrupted),
         Ok(Err(e)) => CaseResult::error(def, e.to_string(), secs),
         Err(p) => {
             // The references of a panicked case may be mid-step: load them afresh.
@@ -442,7 +446,7 @@ pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -
         }
     };
     c.timing.total_s = secs;
-    c
+    Ok(c)
 }
 
 // ---------------------------------------------------------------- progress
@@ -517,9 +521,7 @@ fn write_file(p: &Path, text: &str) -> Result<(), HarnessError> {
     }
     // Written to a temporary name and renamed: a killed run never leaves half a case file
     // that a resume would trust.
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, p).map_err(|e| io_err(p, e))
+    crate::paths::write_atomic(p, text.as_bytes())
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {
@@ -574,7 +576,10 @@ pub fn build_id() -> String {
 fn finished(dir: &Path, def: &CaseDef, same_build: bool) -> Option<CaseResult> {
     let text = std::fs::read_to_string(case_path(dir, &def.name)).ok()?;
     let c: CaseResult = serde_json::from_str(&text).ok()?;
-    let ok = c.schema_version == SCHEMA_VERSION && c.fingerprint == def.fingerprint() && (!same_build || c.build == build_id());
+    // A case that killed its process is run again by a resume (the supervisor makes that safe).
+    let ok = c.schema_version == SCHEMA_VERSION
+        && c.fingerprint == def.fingerprint()
+        && (!same_build || (c.build == build_id() && !c.crashed));
     ok.then_some(c)
 }
 
@@ -585,6 +590,9 @@ pub struct RunReportOptions {
     pub history: Option<PathBuf>,
     /// Also write each case's complete run report to `DIR/runs/NAME.json`.
     pub full_json: bool,
+    /// Run again the cases that crashed (a resume does; a worker restarted after a crash
+    /// does not).
+    pub rerun_crashed: bool,
 }
 
 /// The exit code of a report (see README, "Nightly reports"): 1 when a regression against
@@ -609,7 +617,10 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
     write_file(&o.out.join("suite.json"), &to_json(&record))?;
     let mine: Vec<&CaseDef> =
         suite.cases.iter().enumerate().filter(|(k, _)| o.shard.is_none_or(|s| s.has(*k))).map(|(_, c)| c).collect();
-    let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| finished(&o.out, c, true).is_none()).collect();
+    // A case that crashed is run again, unless it crashed under this very supervisor (which
+    // restarted this worker after recording it).
+    let done = |c: &CaseDef| finished(&o.out, c, true).is_some() || (!o.rerun_crashed && finished(&o.out, c, false).is_some_and(|r| r.crashed));
+    let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| !done(c)).collect();
     let tty = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false");
     let progress = std::rc::Rc::new(std::cell::RefCell::new(Progress {
         tty,
@@ -631,7 +642,14 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         if skipped > 0 { format!(", {skipped} already finished in {} (resumed)", o.out.display()) } else { String::new() }
     ));
     let mut cache = RefCache::default();
+    let mut interrupted = false;
     for (k, def) in todo.iter().enumerate() {
+        if crate::interrupt::interrupted() {
+            interrupted = true;
+            break;
+        }
+        // The case being run, for the supervisor (`report_supervised`) should it kill us.
+        write_file(&o.out.join(RUNNING), &def.name)?;
         {
             let mut p = progress.borrow_mut();
             p.case = def.name.clone();
@@ -658,7 +676,15 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         })));
         let c = run_case(def, &mut cache, o.full_json.then_some(o.out.as_path()));
         driver::set_step_hook(None);
+        let Ok(c) = c else {
+            // Ctrl-C: this case is not recorded (a resume runs it); the page shows the rest.
+            let _ = std::fs::remove_file(o.out.join(RUNNING));
+            progress.borrow().line(&format!("[{}/{}] {}: interrupted (not recorded)", k + 1, todo.len(), def.name));
+            interrupted = true;
+            break;
+        };
         write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
+        let _ = std::fs::remove_file(o.out.join(RUNNING));
         let mut p = progress.borrow_mut();
         p.done_cases += 1;
         p.done_steps += def.steps;
@@ -666,17 +692,101 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         p.line(&format!("[{}/{}] {}: {} ({:.1} s){}", k + 1, todo.len(), def.name, case_line(&c), c.timing.total_s, if c.as_expected { "" } else { "  <- not as expected" }));
     }
     drop(cache);
+    let missing = if interrupted {
+        format!("not run: the report was interrupted (Ctrl-C); run the same command again to resume (same --out {})", o.out.display())
+    } else {
+        "no result was written for this case".to_string()
+    };
     let cases: Vec<CaseResult> = mine
         .iter()
-        .map(|d| finished(&o.out, d, true).unwrap_or_else(|| CaseResult::error(d, "no result was written for this case".into(), 0.0)))
+        .map(|d| {
+            // A crashed case's record is shown (it is what happened) though a resume re-runs it.
+            finished(&o.out, d, true).or_else(|| finished(&o.out, d, false).filter(|c| c.crashed)).unwrap_or_else(|| CaseResult::error(d, missing.clone(), 0.0))
+        })
         .collect();
     let rep = assemble(&record.suite, record.shard.clone(), cases, o.history.as_deref())?;
     write_outputs(&o.out, &rep)?;
+    if interrupted {
+        // The page shows what finished; the history is not told of a partial night.
+        return Err(HarnessError::Interrupted);
+    }
     if let Some(h) = &o.history {
         append_history(h, &rep)?;
     }
     let code = exit_code(&rep, o.history.is_some());
     Ok((rep, code))
+}
+
+/// The file naming the case a report's worker is running (removed when it is recorded).
+const RUNNING: &str = "running";
+
+/// Set in a report's worker process (see [`report_supervised`]).
+pub const WORKER_ENV: &str = "LOCKSTEP_REPORT_WORKER";
+
+/// `lockstep report` as a supervisor: the cases run in a worker process (this binary, same
+/// arguments, [`WORKER_ENV`] set), so that a case which kills its process (an allocation
+/// failure's abort, a crash in a reference's native code, the OOM killer) is recorded as that
+/// case's error and the suite goes on in a new worker; the page is always written. The worker
+/// exits with the report's own code; Ctrl-C reaches it (the supervisor ignores it) and its
+/// 130 is passed on.
+pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
+    use std::os::unix::process::ExitStatusExt;
+    let suite = Suite::load(&o.suite)?;
+    let exe = std::env::current_exe().map_err(|e| HarnessError::Env(format!("cannot find the lockstep binary to run the report's cases: {e}")))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Each restart follows a recorded crash: at most one per case, and one to write the page.
+    for attempt in 0..=suite.cases.len() + 1 {
+        let first = attempt == 0;
+        let _ = std::fs::remove_file(o.out.join(RUNNING));
+        let mut child = std::process::Command::new(&exe)
+            .args(&args)
+            .env(WORKER_ENV, if first { "1" } else { "restart" })
+            .spawn()
+            .map_err(|e| HarnessError::Env(format!("cannot start {}: {e}", exe.display())))?;
+        // Ctrl-C goes to the whole foreground process group: the worker stops cleanly and
+        // writes the page; this process waits for it.
+        // SAFETY: setting a signal's disposition to SIG_IGN.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+        let status = child.wait().map_err(|e| HarnessError::Env(format!("waiting for the report's worker: {e}")))?;
+        if let Some(code) = status.code().filter(|c| [0, 1, 2, 130].contains(c)) {
+            return Ok(code as u8);
+        }
+        let how = match (status.code(), status.signal()) {
+            (_, Some(s)) => format!("killed by signal {s} ({})", signal_name(s)),
+            (Some(c), None) => format!("exit code {c}"),
+            (None, None) => "an unknown status".into(),
+        };
+        let case = std::fs::read_to_string(o.out.join(RUNNING)).unwrap_or_default();
+        let Some(def) = suite.cases.iter().find(|c| c.name == case.trim()) else {
+            return Err(HarnessError::Env(format!("the report's worker died ({how}) outside any case; run the command again to resume")));
+        };
+        eprintln!("lockstep report: case {} killed the process running it ({how}); recorded as an error, going on", def.name);
+        let mut c = CaseResult::error(
+            def,
+            format!(
+                "the case killed the process running it ({how}): an abort or a crash in the engine or a reference, \
+                 or the system ran out of memory; run it alone with `lockstep run` to see its messages (a resume runs it again)"
+            ),
+            0.0,
+        );
+        c.crashed = true;
+        write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
+    }
+    Err(HarnessError::Env("the report's worker kept dying; see the messages above".into()))
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGABRT => "SIGABRT: an abort, e.g. a failed allocation",
+        libc::SIGSEGV => "SIGSEGV: a crash",
+        libc::SIGBUS => "SIGBUS: a crash",
+        libc::SIGILL => "SIGILL: an instruction this CPU lacks",
+        libc::SIGFPE => "SIGFPE: an arithmetic fault",
+        libc::SIGKILL => "SIGKILL: killed, often by the kernel's OOM killer",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "a signal",
+    }
 }
 
 /// The one-line verdict of a case: `pass`, `diverged at step 1 layer 0 q_rope (KL ...)`, `error: ...`.

@@ -166,6 +166,10 @@ pub struct CaseResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_json: Option<String>,
     pub timing: Timing,
+    /// The case killed the process that ran it (an abort, a crash, the kernel's OOM killer):
+    /// the report's supervisor recorded the error, and a resume runs the case again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crashed: bool,
 }
 
 /// What a report directory holds about its suite (`DIR/suite.json`), for resume and merge.

@@ -220,6 +220,13 @@ impl CaseDef {
         if self.steps == 0 {
             return Err(bad("`steps` must be at least 1".into()));
         }
+        if !crate::models::names_a_model(&self.model) {
+            return Err(bad(format!(
+                "model `{}` is neither an existing path nor a known model alias; aliases: {}",
+                self.model,
+                crate::models::ALIASES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+            )));
+        }
         if self.references.is_empty() {
             return Err(bad("`references` is empty".into()));
         }

@@ -70,7 +70,7 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
         path: path.display().to_string(),
         message: format!("serializing the report: {e}"),
     })?;
-    std::fs::write(path, text).map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
+    crate::paths::write_atomic(path, text.as_bytes())
 }
 
 /// The run's JSON report (what `--json` writes) as a value.
