@@ -51,8 +51,11 @@ pub enum EngineError {
 /// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE`
 /// is set: users get what went wrong and where in their file, not our stack.
 pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
     match e {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
         other => other.to_string(),
     }
 }

@@ -468,6 +468,12 @@ impl Faults {
         self.active.clone()
     }
 
+    /// These faults without the adapter's (`lora-*`): what a model loaded without the
+    /// adapter can carry.
+    pub fn without_lora(&self) -> Faults {
+        Faults { active: self.active.iter().copied().filter(|(f, _)| !matches!(f, Fault::LoraNotAttached | Fault::LoraScale)).collect() }
+    }
+
     /// The config the weights are loaded with: the model's own, except that the `tied-head`
     /// fault loads them as if the head were tied to the embedding.
     pub fn weights_config(&self, cfg: &crate::config::Config) -> crate::config::Config {

@@ -58,6 +58,12 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-spm-gguf", "tiny-spm.gguf"),
 ];
 
+/// Whether `arg` is an existing path or a known alias (what a suite checks before anything
+/// runs; whether the alias's file is installed is [`resolve`]'s to say).
+pub fn names_a_model(arg: &str) -> bool {
+    Path::new(arg).exists() || ALIASES.iter().any(|(a, _)| *a == arg)
+}
+
 /// Resolves a `--model` argument: an existing path is used as is; otherwise it must be
 /// an alias. Errors name the path or list the aliases.
 pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {

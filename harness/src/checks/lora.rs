@@ -169,7 +169,7 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 /// The engine's adapted model against its base model on `tokens` (one prefill), judged
 /// against `floor`.
 pub fn effect(opts: &RunOptions, engine: &LoadedModel, tokens: &[u32], floor: f64, floor_source: String) -> Result<AdapterEffect, HarnessError> {
-    let base = crate::lockstep::options::load_engine(&RunOptions { lora: None, ..opts.clone() })?;
+    let base = crate::lockstep::options::load_engine(&RunOptions { lora: None, faults: opts.faults.without_lora(), ..opts.clone() })?;
     let run = |m: &LoadedModel| -> Result<(Capture, Tensor), HarnessError> {
         let mut cap = Capture::new();
         let mut cache = m.model.new_cache();

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cli::output::{out, outln};
 use crate::compare::tolerance::Precision;
 use crate::error::HarnessError;
 use crate::golden::manifest::{Expect, Manifest};
@@ -25,6 +26,8 @@ use super::args::*;
 pub enum Outcome {
     Pass,
     Diverged,
+    /// The exit code of a worker process (`lockstep report`'s supervisor passes it on).
+    Exit(u8),
 }
 
 impl Outcome {
@@ -38,6 +41,11 @@ impl Outcome {
 }
 
 pub fn dispatch(cmd: Cmd) -> Result<Outcome, HarnessError> {
+    // The commands that run references stop cleanly on Ctrl-C (crate::interrupt); the others
+    // keep the default (the process ends at once: they write nothing).
+    if !matches!(cmd, Cmd::Generate(_) | Cmd::Models | Cmd::Inspect(_)) {
+        crate::interrupt::install();
+    }
     match cmd {
         Cmd::Run(a) => run(a),
         Cmd::Inspect(a) => inspect(a),
@@ -53,7 +61,7 @@ pub fn dispatch(cmd: Cmd) -> Result<Outcome, HarnessError> {
         Cmd::Report(a) => report_cmd(a),
         Cmd::Models => {
             for (a, what) in models::ALIASES {
-                println!("{a:<10} {what}");
+                outln!("{a:<10} {what}");
             }
             Ok(Outcome::Pass)
         }
@@ -102,18 +110,25 @@ impl RunFlags<'_> {
 
 /// Every reference of `specs`, loaded for `model` (with the adapter, if any).
 fn load_references(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
-    specs.iter().map(|s| Reference::load_with_lora(s, model, lora)).collect()
+    specs
+        .iter()
+        .map(|s| {
+            let r = Reference::load_with_lora(s, model, lora)?;
+            crate::interrupt::check()?;
+            Ok(r)
+        })
+        .collect()
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), HarnessError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| HarnessError::Usage(e.to_string()))?;
-    std::fs::write(path, text + "\n").map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })
+    crate::paths::write_atomic(path, (text + "\n").as_bytes())
 }
 
 fn print_replay_notes(refs: &[Reference]) {
     for r in refs {
         for n in r.replay().map(|x| x.notes()).unwrap_or_default() {
-            println!("{}: {n}", r.name);
+            outln!("{}: {n}", r.name);
         }
     }
 }
@@ -121,9 +136,9 @@ fn print_replay_notes(refs: &[Reference]) {
 /// Records, prints the run's report, and says what was written.
 fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessError> {
     let rec = record::record(req)?;
-    print!("{}", report::render_table(&rec.result, &rec.refs, &rec.model, &rec.sha256));
+    out!("{}", report::render_table(&rec.result, &rec.refs, &rec.model, &rec.sha256));
     for (name, bytes) in &rec.written {
-        println!("wrote trace {name}: {}.safetensors ({:.2} MB) + .json", req.dir.join(name).display(), *bytes as f64 / 1e6);
+        outln!("wrote trace {name}: {}.safetensors ({:.2} MB) + .json", req.dir.join(name).display(), *bytes as f64 / 1e6);
     }
     Ok(rec)
 }
@@ -154,11 +169,11 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
     }
     let result = driver::run(&opts, &engine, &refs)?;
     let sha = trace::model_sha256_cached(&opts.model)?;
-    print!("{}", report::render_table(&result, &refs, &opts.model, &sha));
+    out!("{}", report::render_table(&result, &refs, &opts.model, &sha));
     print_replay_notes(&refs);
     if let Some(j) = a.json {
         report::write_json(&j, &result, &refs, &opts.model, &sha)?;
-        println!("report: {}", j.display());
+        outln!("report: {}", j.display());
     }
     Ok(Outcome::of(result.verdict_pass))
 }
@@ -167,6 +182,7 @@ fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
     if a.steps == 0 {
         return Err(HarnessError::ZeroSteps);
     }
+    trace::check_name(&a.name)?;
     let specs = RefSpec::parse_list(&a.reference)?;
     let names: Vec<String> = if specs.len() == 1 {
         vec![a.name.clone()]
@@ -202,7 +218,7 @@ fn snapshots(a: SnapshotsArgs) -> Result<Outcome, HarnessError> {
     let t0 = std::time::Instant::now();
     let mut total = 0u64;
     for c in m.cases.iter().filter(|c| a.cases.is_empty() || a.cases.contains(&c.name)) {
-        println!("== case {} ==", c.name);
+        outln!("== case {} ==", c.name);
         let t = std::time::Instant::now();
         let req = RecordRequest {
             model_arg: c.model.clone(),
@@ -219,7 +235,7 @@ fn snapshots(a: SnapshotsArgs) -> Result<Outcome, HarnessError> {
         };
         let rec = record_and_report(&req)?;
         total += rec.written.iter().map(|(_, b)| b).sum::<u64>();
-        println!("case {}: recorded in {:.1} s", c.name, t.elapsed().as_secs_f64());
+        outln!("case {}: recorded in {:.1} s", c.name, t.elapsed().as_secs_f64());
         let expected = match c.expect {
             Expect::Pass => rec.result.verdict_pass,
             Expect::Diverged => !rec.result.verdict_pass,
@@ -243,7 +259,7 @@ fn snapshots(a: SnapshotsArgs) -> Result<Outcome, HarnessError> {
             orphans.join(", ")
         );
     }
-    println!("recorded {:.2} MB of traces in {:.1} s", total as f64 / 1e6, t0.elapsed().as_secs_f64());
+    outln!("recorded {:.2} MB of traces in {:.1} s", total as f64 / 1e6, t0.elapsed().as_secs_f64());
     Ok(Outcome::Pass)
 }
 
@@ -254,14 +270,14 @@ fn replay(a: ReplayArgs) -> Result<Outcome, HarnessError> {
         None => vec![a.name.clone()],
     };
     let r = parity::replay_traces(&a.name, &traces)?;
-    print!("{}", report::render_table(&r.result, &r.refs, &r.model, &r.sha256));
+    out!("{}", report::render_table(&r.result, &r.refs, &r.model, &r.sha256));
     print_replay_notes(&r.refs);
     if a.summary {
-        println!("\n{}", r.summary);
+        outln!("\n{}", r.summary);
     }
     if let Some(j) = a.json {
         report::write_json(&j, &r.result, &r.refs, &r.model, &r.sha256)?;
-        println!("report: {}", j.display());
+        outln!("report: {}", j.display());
     }
     Ok(Outcome::of(r.result.verdict_pass))
 }
@@ -288,7 +304,7 @@ fn generate(a: GenerateArgs) -> Result<Outcome, HarnessError> {
             lockstep_engine::generate::generate_sampled(m.model.as_ref(), &ids, a.n, &m.stop_ids(), &mut s)?
         }
     };
-    println!("{}", m.tokenizer.decode(&out, true)?);
+    outln!("{}", m.tokenizer.decode(&out, true)?);
     Ok(Outcome::Pass)
 }
 
@@ -323,7 +339,7 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
         eprintln!("  {}: prefill {:.1} tok/s, decode {:.1} tok/s", r.name, r.prefill_tps(), r.decode_tps());
         rows.push(r);
     }
-    print!("{}", bench::render(&rows, a.threads, &path));
+    out!("{}", bench::render(&rows, a.threads, &path));
     Ok(Outcome::Pass)
 }
 
@@ -331,7 +347,7 @@ fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
     use crate::checks::quantcheck::{self, Status};
     let path = models::resolve(&a.file)?;
     let c = quantcheck::run(&path)?;
-    print!("{}", quantcheck::render(&c));
+    out!("{}", quantcheck::render(&c));
     if let Some(j) = a.json {
         write_json(&j, &c)?;
     }
@@ -367,7 +383,7 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
     let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
     let (mut rep, _run) = crate::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?;
     rep.steps_requested = a.steps;
-    print!("{}", crate::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
+    out!("{}", crate::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
     if let Some(j) = a.json {
         write_json(&j, &rep)?;
     }
@@ -377,15 +393,15 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
 fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
     use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
     if !a.check {
-        println!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
+        outln!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
         for f in CATALOG {
             let layer = match f.layer {
                 Layer::None => "-".to_string(),
                 Layer::First => "0".to_string(),
                 Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
             };
-            println!("{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
-            println!("{:<64} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
+            outln!("{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+            outln!("{:<64} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
         }
         return Ok(Outcome::Pass);
     }
@@ -393,7 +409,7 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
     let specs = RefSpec::parse_list(&a.reference)?;
     let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
     let results = crate::bisect::check_catalog(&path, &specs, &refs, a.steps, a.weights.map(WeightsArg::mode), a.lora.options())?;
-    print!("{}", crate::bisect::render_check(&results, &path.display().to_string(), &a.reference));
+    out!("{}", crate::bisect::render_check(&results, &path.display().to_string(), &a.reference));
     if let Some(j) = a.json {
         write_json(&j, &results)?;
     }
@@ -411,7 +427,7 @@ fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
     let tok = lockstep_engine::Tokenizer::load(&path)?;
     let (sides, notes) = tokcheck::load_sides(&specs, &path)?;
     let r = tokcheck::run(&path, &tok, &sides, notes, &strings)?;
-    print!("{}", tokcheck::render(&r));
+    out!("{}", tokcheck::render(&r));
     if let Some(j) = a.json {
         write_json(&j, &r)?;
     }
@@ -432,17 +448,21 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
             if a.list {
                 let s = Suite::load(&suite)?;
                 for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
-                    println!("{k:>3} {}", c.list_line());
+                    outln!("{k:>3} {}", c.list_line());
                 }
                 return Ok(Outcome::Pass);
             }
-            let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json };
+            let rerun_crashed = std::env::var_os(nightly::WORKER_ENV).is_none_or(|v| v != "restart");
+            let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json, rerun_crashed };
+            if std::env::var_os(nightly::WORKER_ENV).is_none() {
+                return nightly::report_supervised(&o).map(Outcome::Exit);
+            }
             let (rep, code) = nightly::run_report(&o)?;
             (rep, code, out)
         }
     };
-    print!("{}", crate::report::html::summary_md(&rep));
-    println!("\nreport: {}", out.join("index.html").display());
+    out!("{}", crate::report::html::summary_md(&rep));
+    outln!("\nreport: {}", out.join("index.html").display());
     Ok(Outcome::of(code == 0))
 }
 
@@ -451,7 +471,7 @@ fn inspect(a: InspectArgs) -> Result<Outcome, HarnessError> {
     let specs = RefSpec::parse_list(&a.reference)?;
     let path = models::resolve(&a.model)?;
     let Some(lopts) = a.lora.options() else {
-        println!("lockstep inspect\n  model      {}\n  adapter    none (give --lora DIR)", path.display());
+        outln!("lockstep inspect\n  model      {}\n  adapter    none (give --lora DIR)", path.display());
         return Ok(Outcome::Pass);
     };
     let engine = lockstep_engine::load(
@@ -460,13 +480,13 @@ fn inspect(a: InspectArgs) -> Result<Outcome, HarnessError> {
     )?;
     let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
     let rep = lora::inventory_report(&engine, &refs)?;
-    println!("lockstep inspect\n  model      {}", path.display());
+    outln!("lockstep inspect\n  model      {}", path.display());
     for s in &rep.sides {
-        println!("  config     {:<12} {}", s.side, s.config);
+        outln!("  config     {:<12} {}", s.side, s.config);
     }
-    print!("{}", lora::render_inventory(&rep));
-    print!("{}", lora::render_modules(&rep));
-    print!("{}", lora::render_checks(&rep));
+    out!("{}", lora::render_inventory(&rep));
+    out!("{}", lora::render_modules(&rep));
+    out!("{}", lora::render_checks(&rep));
     if let Some(j) = a.json {
         write_json(&j, &rep)?;
     }

@@ -4,6 +4,7 @@
 //! and `replay` check that engine.
 
 pub mod args;
+pub mod output;
 pub mod commands;
 
 use std::process::ExitCode;
@@ -27,6 +28,13 @@ pub fn main_with(plugin: Plugin) -> ExitCode {
 }
 
 fn run_cli(plugin: Option<Plugin>) -> ExitCode {
+    // Errors are for users: candle captures a backtrace into every error value when
+    // RUST_BACKTRACE is set, and some of them reach messages. RUST_LIB_BACKTRACE=0 stops
+    // that capture while a panic (a bug of ours) still prints its backtrace.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first thing the process does, before any other thread starts.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     let cli = Cli::parse();
     let spec = match (cli.engine.as_deref(), plugin) {
         (Some(s), _) => EngineSpec::parse(s),
@@ -37,9 +45,23 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         EngineSpec::set_under_test(s);
         dispatch(cli.cmd)
     });
+    // stdout closed early is quiet; stdout failing otherwise (a full disk) is an error.
+    if let Some(e) = output::finish() {
+        if outcome.is_ok() {
+            eprintln!("error: writing to standard output: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match outcome {
         Ok(Outcome::Pass) => ExitCode::from(0),
         Ok(Outcome::Diverged) => ExitCode::from(1),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
+        // An error that Ctrl-C caused on its way out is the interruption.
+        Err(e) if crate::interrupt::interrupted() && !matches!(e, crate::error::HarnessError::Interrupted) => {
+            let e = crate::error::HarnessError::Interrupted;
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

@@ -42,14 +42,114 @@ pub struct RunOptions {
     pub engine: EngineSpec,
 }
 
-/// Loads the engine the options name (model, dtype, weights mode, faults, adapter).
+/// Loads the engine the options name (model, dtype, weights mode, faults, adapter), and
+/// checks, before anything runs, that the run fits the model's context window and that
+/// every injected fault can act on this model, prompt and sampler.
 pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
     let dtype = match opts.precision {
         Precision::F32 => DType::F32,
         Precision::F64 => DType::F64,
     };
     crate::plugin::set_run_weights(opts.weights);
-    opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })
+    let engine =
+        opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?;
+    let ids = engine_prompt_ids(&engine, &opts.prompt)?;
+    check_context(&engine, ids.len(), opts.steps)?;
+    for (fault, layer) in opts.faults.list() {
+        if let Some(why) = fault_inapplicable(fault, layer, &engine, opts, &ids) {
+            let name = if fault.info().layer == lockstep_engine::faults::Layer::Injected {
+                format!("{}:{layer}", fault.info().name)
+            } else {
+                fault.info().name.to_string()
+            };
+            return Err(HarnessError::Usage(format!(
+                "--inject {name}: this fault cannot act on this run: {why}; it would change nothing and every check would pass \
+                 (`lockstep faults` lists what each fault needs)"
+            )));
+        }
+    }
+    Ok(engine)
+}
+
+/// The prompt and the steps must fit the model's context window: step 0 feeds the prompt and
+/// each later step one token, so `steps` steps feed `prompt + steps - 1` positions.
+pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> Result<(), HarnessError> {
+    let window = engine.model.info().config.max_position_embeddings;
+    let needed = prompt_len + steps.max(1) - 1;
+    if needed <= window {
+        return Ok(());
+    }
+    let fits = (window + 1).saturating_sub(prompt_len);
+    Err(HarnessError::Usage(format!(
+        "the run needs {needed} positions (a prompt of {prompt_len} tokens and {steps} steps) but {}'s context window is {window} \
+         positions (max_position_embeddings / context_length): {}",
+        engine.path.display(),
+        if fits == 0 {
+            format!("the prompt alone is longer than the window; shorten it to at most {window} tokens")
+        } else {
+            format!("ask for {fits} steps or fewer (--steps, or -n for generate), or use a shorter prompt")
+        }
+    )))
+}
+
+/// Why `fault` cannot act on this engine and run, if it cannot: a fault that changes
+/// nothing would let a check pass for the wrong reason (`faults --check` skips these as
+/// n/a; `--inject` refuses them). The reference-dependent cases are `faults --check`'s.
+pub fn fault_inapplicable(
+    fault: lockstep_engine::faults::Fault,
+    layer: usize,
+    engine: &LoadedModel,
+    opts: &RunOptions,
+    prompt_ids: &[u32],
+) -> Option<String> {
+    use lockstep_engine::faults::{Fault, Layer};
+    let cfg = &engine.model.info().config;
+    let steps = opts.steps.max(1);
+    if fault.info().layer == Layer::Injected && layer >= cfg.num_layers {
+        return Some(format!("layer {layer} does not exist: the model has {} layers (0..{})", cfg.num_layers, cfg.num_layers.saturating_sub(1)));
+    }
+    let gguf_types = || -> Vec<String> {
+        lockstep_engine::weights::GgufFile::open(&engine.path)
+            .map(|g| g.content.tensor_infos.values().map(|i| format!("{:?}", i.ggml_dtype)).collect())
+            .unwrap_or_default()
+    };
+    let bos = cfg.bos_token_id.or_else(|| engine.tokenizer.bos_id());
+    let why: Option<String> = match fault {
+        Fault::DropContext | Fault::RefeedHistory | Fault::StaleCache if steps < 2 => {
+            Some(format!("it acts from step 1 and the run has {steps} step"))
+        }
+        Fault::RopeConvention | Fault::RopeTheta | Fault::CausalMask if prompt_ids.len() < 2 => {
+            Some(format!("the prompt has {} token: at one position it changes nothing", prompt_ids.len()))
+        }
+        Fault::Q41Min if !gguf_types().iter().any(|t| t == "Q4_1") => Some("the model has no Q4_1 tensor".into()),
+        Fault::MissingBos if bos.is_none() || prompt_ids.first().copied() != bos => Some("the prompt does not start with a BOS id".into()),
+        Fault::RawPrompt if !matches!(opts.prompt, Prompt::Chat(_)) => Some("the prompt is not a chat prompt (--chat)".into()),
+        Fault::SpmSpacePrefix if !engine.tokenizer.prepends_space().unwrap_or(false) => {
+            Some("the tokenizer writes no ▁ space prefix (not SentencePiece)".into())
+        }
+        Fault::GqaMapping if cfg.num_kv_heads == cfg.num_heads || cfg.num_kv_heads == 1 => {
+            Some(format!("with {} query heads on {} KV heads every mapping reads the same heads", cfg.num_heads, cfg.num_kv_heads))
+        }
+        Fault::QkvBiasDropped if !cfg.qkv_bias => Some("the model's q/k/v projections have no biases".into()),
+        Fault::TiedHead if cfg.tie_word_embeddings => Some("the model's head is tied to the embedding already".into()),
+        Fault::RouterRenormSkipped | Fault::ExpertOffByOne if cfg.num_experts == 0 => Some("not a mixture-of-experts model".into()),
+        Fault::RouterRenormSkipped if cfg.num_experts_per_tok >= cfg.num_experts => {
+            Some(format!("all {} experts are chosen: their weights sum to 1 without renormalisation", cfg.num_experts))
+        }
+        Fault::LoraNotAttached | Fault::LoraScale if engine.lora.is_none() => Some("no adapter is attached (--lora DIR)".into()),
+        Fault::LoraScale if engine.lora.as_ref().is_some_and(|(a, _)| a.pairs.iter().all(|p| p.scale == 1.0)) => {
+            Some("the adapter's scale is 1: applied twice it is the same".into())
+        }
+        Fault::SamplerTemperature => match &opts.sampler {
+            None => Some("the run is greedy (no --sampler)".into()),
+            Some(c) if c.temperature == 0.0 || c.temperature == 1.0 => {
+                Some(format!("the sampler's temperature is {}: inverted it is the same", c.temperature))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    why
 }
 
 /// Encodes the prompt on the engine side.

@@ -107,9 +107,11 @@ pub struct StepCompare<'a> {
 impl StepCompare<'_> {
     /// Every declared site must be there, with logits of every position fed or of the last
     /// one only (an engine as a reference, or a reference, that returns the last row).
-    pub fn check_declared(&self, views: &[StepArrays<'_, '_>]) -> Result<(), HarnessError> {
+    /// `total`: positions fed to every side up to and including this step.
+    pub fn check_declared(&self, views: &[StepArrays<'_, '_>], total: usize) -> Result<(), HarnessError> {
         let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
         for (i, v) in views.iter().enumerate() {
+            self.check_caches(i, v, total)?;
             for s in &self.ref_sites[i] {
                 if !v.has(s)? {
                     return Err(HarnessError::SiteNotReturned { reference: self.refs[i].name.clone(), site: s.clone() });
@@ -118,6 +120,40 @@ impl StepCompare<'_> {
             let shape = v.with_site("logits", |sh, _| sh.to_vec())?.unwrap_or_default();
             if shape != [n_pos, vocab] && shape != [1, vocab] {
                 return Err(HarnessError::LogitsShape { reference: self.refs[i].name.clone(), n_pos, vocab, shape });
+            }
+        }
+        Ok(())
+    }
+
+    /// A reference's `layers.N.cache_k` / `cache_v` is `[kv_heads, cached_len, head_dim]` with
+    /// the engine's heads and head size, and holds at least one and at most `total` positions
+    /// (a window holds fewer: that is its kind, not a protocol error). Anything else is the
+    /// reference breaking the protocol, not a finding about the engine.
+    fn check_caches(&self, i: usize, v: &StepArrays<'_, '_>, total: usize) -> Result<(), HarnessError> {
+        for es in self.engine.sites.iter().filter(|s| s.site.ends_with(".cache_k") || s.site.ends_with(".cache_v")) {
+            if !self.ref_sites[i].contains(&es.site) {
+                continue;
+            }
+            let Some(shape) = v.with_site(&es.site, |sh, _| sh.to_vec())? else { continue };
+            let broke = |what: String| HarnessError::Protocol {
+                reference: self.refs[i].name.clone(),
+                message: format!(
+                    "`{}` has shape {shape:?}: {what} (a cache is [kv_heads, cached_len, head_dim]; \
+                     the reference's code that returns its cache is wrong, not the engine)",
+                    es.site
+                ),
+            };
+            if shape.len() != 3 {
+                return Err(broke(format!("{} dimensions, not 3", shape.len())));
+            }
+            if es.shape.len() == 3 && (shape[0] != es.shape[0] || shape[2] != es.shape[2]) {
+                return Err(broke(format!(
+                    "the model has {} KV heads of size {} (the engine's cache is {:?})",
+                    es.shape[0], es.shape[2], es.shape
+                )));
+            }
+            if shape[1] == 0 || shape[1] > total {
+                return Err(broke(format!("{} cached positions after {total} fed", shape[1])));
             }
         }
         Ok(())
