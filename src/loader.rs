@@ -52,10 +52,15 @@ impl LoadedModel {
     /// with the generation prompt, plain text with the tokenizer's special tokens. The
     /// `raw-prompt` and `missing-bos` faults live here.
     pub fn encode_prompt(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        self.encode_prompt_with(text, chat, &self.faults)
+    }
+
+    /// [`LoadedModel::encode_prompt`] with other prompt faults than the injected ones
+    /// (`Faults::none()`: the prompt a clean engine feeds).
+    pub fn encode_prompt_with(&self, text: &str, chat: bool, f: &Faults) -> Result<Vec<u32>> {
         if let Some(ids) = self.model.tokenize(text, chat) {
             return ids;
         }
-        let f = &self.faults;
         let mut ids = if chat && !f.has(Fault::RawPrompt) {
             self.tokenizer.encode_chat(&[ChatMessage::user(text.to_string())])?
         } else {

@@ -55,8 +55,14 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
         opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?;
     let ids = engine_prompt_ids(&engine, &opts.prompt)?;
     check_context(&engine, ids.len(), opts.steps)?;
+    // Whether a fault can act is judged on the prompt a clean engine feeds (missing-bos
+    // removes the very BOS it needs).
+    let clean_ids = match &opts.prompt {
+        Prompt::Text(t) => engine.encode_prompt_with(t, false, &lockstep_engine::Faults::none())?,
+        Prompt::Chat(t) => engine.encode_prompt_with(t, true, &lockstep_engine::Faults::none())?,
+    };
     for (fault, layer) in opts.faults.list() {
-        if let Some(why) = fault_inapplicable(fault, layer, &engine, opts, &ids) {
+        if let Some(why) = fault_inapplicable(fault, layer, &engine, opts, &clean_ids) {
             let name = if fault.info().layer == lockstep_engine::faults::Layer::Injected {
                 format!("{}:{layer}", fault.info().name)
             } else {

@@ -360,19 +360,21 @@ mod tests {
 
     #[test]
     fn matrix_expands_and_names_cases() {
+        let q41 = crate::paths::repo_dir().join("snapshots/models/tiny-llama.Q4_1.gguf");
         let s = Suite::parse(
-            r#"
+            &r#"
 [suite]
 name = "t"
 [[matrix]]
 name = "m"
-models = ["tiny", "snapshots/models/tiny-llama.Q4_1.gguf"]
+models = ["tiny", "Q41"]
 references = ["transformers"]
 weights = ["quantized", "dequant"]
 prompts = [{ name = "p", prompt = "Hi" }]
 samplers = [{ name = "greedy" }, { name = "t08", spec = "temp=0.8,seed=0" }]
 steps = 4
-"#,
+"#
+            .replace("Q41", &q41.display().to_string()),
             Path::new("t.toml"),
         )
         .unwrap();
@@ -380,6 +382,14 @@ steps = 4
         assert_eq!(names.len(), 8);
         assert_eq!(names[0], "m-tiny-quantized-greedy");
         assert_eq!(names[7], "m-tiny-llama.q4_1-dequant-t08");
+    }
+
+    #[test]
+    fn a_model_that_is_neither_a_path_nor_an_alias_is_refused() {
+        let e = Suite::parse("[suite]\nname='t'\n[[case]]\nname='a'\nmodel='tinyy'\nchat='x'\nreferences=['transformers']\nsteps=2\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml") && e.contains("`a`") && e.contains("model `tinyy`") && e.contains("tiny-gguf"), "{e}");
     }
 
     #[test]
