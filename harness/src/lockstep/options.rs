@@ -130,7 +130,11 @@ pub fn fault_inapplicable(
         Fault::Q41Min if !gguf_types().iter().any(|t| t == "Q4_1") => Some("the model has no Q4_1 tensor".into()),
         Fault::MissingBos if bos.is_none() || prompt_ids.first().copied() != bos => Some("the prompt does not start with a BOS id".into()),
         Fault::RawPrompt if !matches!(opts.prompt, Prompt::Chat(_)) => Some("the prompt is not a chat prompt (--chat)".into()),
-        Fault::SpmSpacePrefix if !engine.tokenizer.prepends_space().unwrap_or(false) => {
+        // Judged on the model's own tokenizer: the loaded one already lacks the prefix when
+        // the fault is injected.
+        Fault::SpmSpacePrefix
+            if !lockstep_engine::loader::model_tokenizer(&engine.path).and_then(|t| t.prepends_space()).unwrap_or(false) =>
+        {
             Some("the tokenizer writes no ▁ space prefix (not SentencePiece)".into())
         }
         Fault::GqaMapping if cfg.num_kv_heads == cfg.num_heads || cfg.num_kv_heads == 1 => {
