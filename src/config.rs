@@ -49,6 +49,22 @@ impl Config {
                 return bad(format!("{name} is 0"));
             }
         }
+        // A backstop where no tensor table is at hand to check the sizes against
+        // (`crate::weights` checks them against the file first): sizes no model has.
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("num_hidden_layers", self.num_layers, 1 << 16),
+            ("num_attention_heads", self.num_heads, 1 << 16),
+            ("num_key_value_heads", self.num_kv_heads, 1 << 16),
+            ("head_dim", self.head_dim, 1 << 16),
+            ("vocab_size", self.vocab_size, 1 << 28),
+            ("num_local_experts", self.num_experts, 1 << 16),
+        ] {
+            if v > max {
+                return bad(format!("{name} is {v}, more than any model has (at most {max} here): the config is corrupt"));
+            }
+        }
         if self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -188,6 +204,18 @@ impl HfConfig {
                 return unsupported(format!("rope_type `{t}` is not supported (only default)"));
             }
         }
+        if self.head_dim.is_none() {
+            let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });
+            if self.num_attention_heads == 0 {
+                return bad("num_attention_heads is 0: a model needs at least one attention head".into());
+            }
+            if self.hidden_size % self.num_attention_heads != 0 {
+                return bad(format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim gives the head width)",
+                    self.hidden_size, self.num_attention_heads
+                ));
+            }
+        }
         let cfg = Config {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
@@ -206,6 +234,9 @@ impl HfConfig {
             num_experts,
             num_experts_per_tok,
         };
+        // Sizes against the safetensors headers next to the config, before anything is
+        // allocated from them (a corrupt num_hidden_layers of 1e12 stops here).
+        crate::weights::check_hf_sizes(&cfg, path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -25,6 +25,14 @@ pub enum EngineError {
     #[error("{path}: unexpected tensor `{tensor}` ({count} unused in all; not part of a {arch} model): refusing to ignore it")]
     UnexpectedTensor { path: PathBuf, tensor: String, count: usize, arch: String },
 
+    /// A tensor whose contents are unusable (NaN/Inf in a weight): the file is corrupted.
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    BadTensor { path: PathBuf, tensor: String, message: String },
+
+    /// An adapter (`--lora DIR`) that does not fit the model it is given to.
+    #[error("{path}: {message}")]
+    Adapter { path: PathBuf, message: String },
+
     #[error("{path}: {message}")]
     Unsupported { path: PathBuf, message: String },
 

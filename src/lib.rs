@@ -19,6 +19,7 @@ pub mod decoder;
 pub mod error;
 pub mod faults;
 pub mod generate;
+pub mod gguf;
 pub mod layout;
 pub mod models;
 pub mod options;

@@ -128,6 +128,36 @@ pub fn model_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf(&GgufFile::open(path)?)
 }
 
+/// A Hugging Face tokenizer against the config it runs with: every id the tokenizer produces
+/// has an embedding row, and the config's BOS/EOS ids are inside the vocabulary. (An
+/// embedding with more rows than the tokenizer has tokens is common: vocabularies padded to a
+/// multiple of 64 or 128.)
+fn check_hf_vocabulary(tok: &Tokenizer, cfg: &crate::Config, dir: &Path) -> Result<()> {
+    let n = cfg.vocab_size;
+    if let Some(max) = tok.max_id() {
+        if max as usize >= n {
+            return Err(EngineError::Config {
+                path: dir.join("tokenizer.json"),
+                message: format!(
+                    "the tokenizer has token id {max} (`{}`), the model's vocab_size is {n} (config.json, the embedding's rows): \
+                     the tokenizer and the model do not match",
+                    tok.id_to_token(max).unwrap_or_default().escape_debug()
+                ),
+            });
+        }
+    }
+    let ids = cfg.bos_token_id.iter().map(|i| ("bos_token_id", *i)).chain(cfg.eos_token_ids.iter().map(|i| ("eos_token_id", *i)));
+    for (key, id) in ids {
+        if id as usize >= n {
+            return Err(EngineError::Config {
+                path: dir.join("config.json"),
+                message: format!("{key} {id} is not a token id (vocab_size {n})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The tokenizer's part of the injected faults (`spm-space-prefix`).
 fn tokenizer_options(faults: &Faults) -> TokenizerOptions {
     TokenizerOptions { drop_space_prefix: faults.has(Fault::SpmSpacePrefix) }
@@ -155,6 +185,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let hf = HfConfig::from_file(&cfg_path)?;
         let family = models::for_model_type(hf.model_type.as_deref(), &cfg_path)?;
         let tokenizer = Tokenizer::from_hf_dir_with(path, tokenizer_options(&opts.faults))?;
+        // Sizes against the safetensors headers, and the tokenizer against the config, before
+        // any weight is read.
+        check_hf_vocabulary(&tokenizer, &hf.resolve(&cfg_path)?, path)?;
         let (model, lora) = (family.load)(Checkpoint::Hf { dir: path, config: &hf }, opts)?;
         return Ok(LoadedModel {
             model,
@@ -191,6 +224,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let mut g = GgufFile::open(path)?;
     g.drop_q41_min = opts.faults.has(Fault::Q41Min);
     let family = models::for_gguf(&g)?;
+    // The hyper-parameters against the tensor table and the vocabulary against the
+    // embedding, before the tokenizer is built from that vocabulary or any weight is read.
+    g.config()?;
     let tokenizer = Tokenizer::from_gguf_with(&g, tokenizer_options(&opts.faults))?;
     let (model, lora) = (family.load)(Checkpoint::Gguf { file: &mut g, mode }, opts)?;
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })

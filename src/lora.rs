@@ -311,6 +311,60 @@ impl LoraAdapter {
                 });
             }
         }
+        let mut all_names: Vec<&String> = tensors.keys().collect();
+        all_names.sort();
+        // Every tensor that names a projection must fit this model, targeted or not: an
+        // adapter made for another model (more layers, other widths, a projection this model
+        // does not have) is refused, not attached in part or not at all.
+        let mut model_modules: Vec<&str> = model_projections(cfg).collect();
+        model_modules.sort();
+        for name in &all_names {
+            let Some((layer, module, is_b)) = parse_key(name, format) else { continue };
+            let other = |m: String| Err(EngineError::Adapter { path: wpath.clone(), message: format!("{m}: the adapter was made for another model") });
+            if layer >= cfg.num_layers {
+                return other(format!("tensor `{name}` is for layer {layer}, the model has {} layers (0..{})", cfg.num_layers, cfg.num_layers - 1));
+            }
+            if !model_modules.contains(&module) {
+                return other(format!("tensor `{name}` adapts `{module}`, which this model's layers do not have (they have {})", model_modules.join(", ")));
+            }
+            let t = &tensors[name.as_str()];
+            let (out, inp) = module_dims(cfg, module);
+            // PEFT: A (r, in), B (out, r); mlx-lm: A (in, r), B (r, out). The rank is the file's.
+            let (fixed, at) = match (format, is_b) {
+                (LoraFormat::Peft, false) => (inp, 1),
+                (LoraFormat::Peft, true) => (out, 0),
+                (LoraFormat::Mlx, false) => (inp, 0),
+                (LoraFormat::Mlx, true) => (out, 1),
+            };
+            if t.dims().len() != 2 || t.dims()[at] != fixed {
+                let mut expected = vec![config.rank; 2];
+                expected[at] = fixed;
+                return Err(EngineError::Adapter {
+                    path: wpath.clone(),
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, expected {expected:?} for `{module}` of this model ({} in, {} out, rank {}): \
+                         the adapter was made for another model",
+                        t.dims(),
+                        inp,
+                        out,
+                        config.rank
+                    ),
+                });
+            }
+        }
+        if pairs.is_empty() {
+            return Err(EngineError::Adapter {
+                path: dir.into(),
+                message: format!(
+                    "the adapter attaches to nothing in this model: its configuration targets {} of layers {:?}, its file has {} tensor(s) ({}); \
+                     was it made for another model?",
+                    config.targets.join(", "),
+                    config.layers,
+                    tensors.len(),
+                    unattached.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
         let mut config = config;
         config.file_dtype = pairs.first().map(|p| p.file_dtype.clone()).unwrap_or_default();
         Ok(LoraAdapter { dir: dir.into(), config, pairs, unattached, missing })

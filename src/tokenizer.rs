@@ -181,19 +181,32 @@ impl Tokenizer {
             return Err(EngineError::Unsupported {
                 path: g.path.clone(),
                 message: format!(
-                    "tokenizer.ggml.model `{model}` is not supported yet (only gpt2 byte-level BPE and llama SentencePiece)"
+                    "tokenizer.ggml.model {model:?} is not supported yet (only gpt2 byte-level BPE and llama SentencePiece)"
                 ),
             });
         }
         let tokens = g.md_str_array("tokenizer.ggml.tokens")?;
         let merges = g.md_str_array("tokenizer.ggml.merges")?;
+        let bad = |message: String| EngineError::Gguf { path: g.path.clone(), message };
+        if tokens.is_empty() {
+            return Err(bad("tokenizer.ggml.tokens is empty".into()));
+        }
         let types = if g.has("tokenizer.ggml.token_type") {
-            g.md_i32_array("tokenizer.ggml.token_type")?
+            let t = g.md_i32_array("tokenizer.ggml.token_type")?;
+            if t.len() != tokens.len() {
+                return Err(bad(format!("tokenizer.ggml.token_type has {} entries for {} tokens", t.len(), tokens.len())));
+            }
+            t
         } else {
             vec![1; tokens.len()]
         };
         let pre = if g.has("tokenizer.ggml.pre") { g.md_str("tokenizer.ggml.pre")?.to_string() } else { "default".into() };
-        let opt_id = |k: &str| -> Result<Option<u32>> { if g.has(k) { g.md_u32(k).map(Some) } else { Ok(None) } };
+        let opt_id = |k: &str| -> Result<Option<u32>> {
+            match if g.has(k) { Some(g.md_u32(k)?) } else { None } {
+                Some(i) if i as usize >= tokens.len() => Err(bad(format!("{k} = {i} is not a token id (vocabulary of {})", tokens.len()))),
+                id => Ok(id),
+            }
+        };
         let bos_id = opt_id("tokenizer.ggml.bos_token_id")?;
         let eos_id = opt_id("tokenizer.ggml.eos_token_id")?;
         let add_bos = match g.content.metadata.get("tokenizer.ggml.add_bos_token") {
@@ -221,7 +234,7 @@ impl Tokenizer {
         let pre_tokenizer = gpt2_pre_tokenizer(&pre).ok_or_else(|| EngineError::Unsupported {
             path: g.path.clone(),
             message: format!(
-                "tokenizer.ggml.pre `{pre}` is not known to this engine (it knows {}); its split regex decides the \
+                "tokenizer.ggml.pre {pre:?} is not known to this engine (it knows {}); its split regex decides the \
                  token ids, so guessing one would give wrong ids silently",
                 KNOWN_PRE.join(", ")
             ),
@@ -299,6 +312,11 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The highest token id the tokenizer can produce (added tokens included).
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).values().copied().max()
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -156,6 +156,8 @@ struct Naming {
     ignorable: fn(&str) -> bool,
     /// A mixture-of-experts layer's tensors.
     moe: MoeNaming,
+    /// What every tensor of layer `i` starts with, before `{i}.`.
+    layer_prefix: &'static str,
 }
 
 /// Names of a mixture-of-experts layer in one checkpoint format.
@@ -199,6 +201,7 @@ const HF: Naming = Naming {
     },
     bias: |i, p| (HF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |n| n.ends_with("rotary_emb.inv_freq"),
+    layer_prefix: "model.layers.",
     moe: MoeNaming::PerExpert {
         router: |i| format!("model.layers.{i}.block_sparse_moe.gate.weight"),
         expert: |i, e, p| {
@@ -232,6 +235,7 @@ const GGUF: Naming = Naming {
     },
     bias: |i, p| (GGUF.layer)(i, p).replace(".weight", ".bias"),
     ignorable: |_| false,
+    layer_prefix: "blk.",
     moe: MoeNaming::Merged {
         router: |i| format!("blk.{i}.ffn_gate_inp.weight"),
         merged: |i, p| (GGUF.layer)(i, p).replace(".weight", "_exps.weight"),
@@ -262,6 +266,8 @@ trait TensorSource {
 struct SafetensorsSource {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// The file each tensor was read from.
+    origin: HashMap<String, PathBuf>,
 }
 
 impl TensorSource for SafetensorsSource {
@@ -282,28 +288,67 @@ impl TensorSource for SafetensorsSource {
             path: self.dir.clone(),
             tensor: name.to_string(),
         })?;
+        // A NaN/Inf in a weight is a corrupted file, as in a GGUF (GgufFile::report_nonfinite).
+        if let Some((i, v)) = crate::quant::first_nonfinite(t, 1)? {
+            let file = self.origin.get(name).cloned().unwrap_or_else(|| self.dir.clone());
+            return Err(EngineError::BadTensor {
+                path: file,
+                tensor: name.to_string(),
+                message: format!(
+                    "element {i} (of shape {:?}, {:?}) holds a non-finite value ({v}): the tensor data is corrupted \
+                     (re-download or re-convert the model)",
+                    t.dims(),
+                    t.dtype()
+                ),
+            });
+        }
         Ok(t.to_dtype(dtype)?)
     }
 }
+
+/// What a GGUF file's tensor data is read from: the file, or bytes in memory.
+pub trait GgufReader: std::io::Read + std::io::Seek + Send {}
+impl<T: std::io::Read + std::io::Seek + Send> GgufReader for T {}
 
 /// An opened GGUF file: its parsed header and a reader for tensor data.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
-    reader: BufReader<File>,
+    reader: Box<dyn GgufReader>,
     /// The `q4_1-min` fault: Q4_1 blocks lose their minimum (both weight modes).
     pub drop_q41_min: bool,
 }
 
 impl GgufFile {
+    /// Opens a GGUF file: its header is read and checked by [`crate::gguf::read_content`]
+    /// (alignment, counts and lengths against the file size, the tensor table's offsets and
+    /// ranges), not by candle's reader.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Gguf {
-            path: path.to_path_buf(),
-            message: format!("{} (is the file complete? a truncated download fails here)", candle_message(&e)),
-        })?;
+        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        Self::from_reader(path, Box::new(BufReader::new(file)), len)
+    }
+
+    /// A GGUF file held in memory (`path` only names it in messages): the entry point for
+    /// fuzzing everything past the header ([`GgufFile::config`], the tokenizer, the weights).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len() as u64;
+        Self::from_reader(path, Box::new(std::io::Cursor::new(bytes)), len)
+    }
+
+    /// A GGUF file read from `reader`, positioned at its start, `len` bytes long.
+    pub fn from_reader(path: &Path, mut reader: Box<dyn GgufReader>, len: u64) -> Result<Self> {
+        let content = crate::gguf::read_content(&mut reader, len)
+            .map_err(|message| EngineError::Gguf { path: path.to_path_buf(), message })?;
         Ok(Self { path: path.to_path_buf(), content, reader, drop_q41_min: false })
+    }
+
+    /// Checks a GGUF header held in memory (the whole file, or at least its header and
+    /// enough bytes for the tensor data it declares) and returns it parsed. Never panics on
+    /// any bytes: the entry point a fuzzer calls.
+    pub fn validate_header(bytes: &[u8]) -> Result<gguf_file::Content> {
+        crate::gguf::read_content(&mut std::io::Cursor::new(bytes), bytes.len() as u64)
+            .map_err(|message| EngineError::Gguf { path: PathBuf::from("<memory>"), message })
     }
 
     pub fn metadata(&self, key: &str) -> Result<&gguf_file::Value> {
@@ -317,12 +362,23 @@ impl GgufFile {
         EngineError::Gguf { path: self.path.clone(), message: format!("metadata {key}: {e}") }
     }
 
+    /// An unsigned integer of any width that fits in a u32 (a u64 or a negative i32 that
+    /// does not is an error, never truncated or wrapped).
     pub fn md_u32(&self, key: &str) -> Result<u32> {
+        use gguf_file::Value as V;
         let v = self.metadata(key)?;
-        v.to_u32()
-            .or_else(|_| v.to_u64().map(|x| x as u32))
-            .or_else(|_| v.to_i32().map(|x| x as u32))
-            .map_err(|e| self.bad_value(key, e))
+        let x: i128 = match v {
+            V::U8(x) => *x as i128,
+            V::U16(x) => *x as i128,
+            V::U32(x) => *x as i128,
+            V::U64(x) => *x as i128,
+            V::I8(x) => *x as i128,
+            V::I16(x) => *x as i128,
+            V::I32(x) => *x as i128,
+            V::I64(x) => *x as i128,
+            other => return Err(self.bad_value(key, format!("has type {}, expected an integer", crate::gguf::type_name(other)))),
+        };
+        u32::try_from(x).map_err(|_| self.bad_value(key, format!("{x} is not a count or id (0 to {})", u32::MAX)))
     }
 
     pub fn md_f32(&self, key: &str) -> Result<f32> {
@@ -366,21 +422,36 @@ impl GgufFile {
         if !matches!(arch, "llama" | "qwen2") {
             return Err(EngineError::Unsupported {
                 path: self.path.clone(),
-                message: format!("general.architecture `{arch}` is not supported (only llama, qwen2)"),
+                message: format!("general.architecture {arch:?} is not supported (only llama, qwen2)"),
             });
         }
         let k = |key: &str| format!("{arch}.{key}");
+        let bad = |message: String| EngineError::Config { path: self.path.clone(), message };
         let hidden = self.md_u32(&k("embedding_length"))? as usize;
         let heads = self.md_u32(&k("attention.head_count"))? as usize;
+        if heads == 0 {
+            return Err(bad(format!("{} 0: head_count 0, a model needs at least one attention head", k("attention.head_count"))));
+        }
         let kv_heads = if self.has(&k("attention.head_count_kv")) {
             self.md_u32(&k("attention.head_count_kv"))? as usize
         } else {
             heads
         };
+        if kv_heads == 0 {
+            return Err(bad(format!("{} 0: a model needs at least one key/value head", k("attention.head_count_kv"))));
+        }
         let head_dim = if self.has(&k("attention.key_length")) {
             self.md_u32(&k("attention.key_length"))? as usize
         } else {
-            hidden / heads.max(1)
+            if hidden % heads != 0 {
+                return Err(bad(format!(
+                    "embedding_length {hidden} is not a multiple of head_count {heads} ({}, {}; no {} gives the head width)",
+                    k("embedding_length"),
+                    k("attention.head_count"),
+                    k("attention.key_length")
+                )));
+            }
+            hidden / heads
         };
         if self.has(&k("rope.dimension_count")) {
             let rd = self.md_u32(&k("rope.dimension_count"))? as usize;
@@ -432,8 +503,49 @@ impl GgufFile {
             num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
             num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
         };
+        let infos = &self.content.tensor_infos;
+        check_sizes(&cfg, &self.path, &mut infos.keys().map(|s| s.as_str()), &|n| infos.get(n).map(|i| i.shape.dims().to_vec()), &GGUF, &SizeKeys::gguf(arch))?;
         cfg.validate(&self.path)?;
+        self.check_vocabulary(&cfg)?;
         Ok(cfg)
+    }
+
+    /// The tokenizer metadata against the model: as many tokens (and token types, scores)
+    /// as the embedding has rows, BOS/EOS/unknown/padding ids inside the vocabulary.
+    fn check_vocabulary(&self, cfg: &Config) -> Result<()> {
+        let bad = |message: String| Err(EngineError::Gguf { path: self.path.clone(), message });
+        let len = |key: &str| -> Result<Option<usize>> {
+            match self.content.metadata.get(key) {
+                None => Ok(None),
+                Some(v) => Ok(Some(v.to_vec().map_err(|e| self.bad_value(key, e))?.len())),
+            }
+        };
+        let n_tokens = len("tokenizer.ggml.tokens")?;
+        if let Some(n) = n_tokens {
+            if n != cfg.vocab_size {
+                return bad(format!(
+                    "tokenizer.ggml.tokens has {n} tokens, the embedding `{}` has {} rows: the vocabulary and the model do not match",
+                    GGUF.embed, cfg.vocab_size
+                ));
+            }
+        }
+        for key in ["tokenizer.ggml.token_type", "tokenizer.ggml.scores"] {
+            if let (Some(n), Some(t)) = (len(key)?, n_tokens) {
+                if n != t {
+                    return bad(format!("{key} has {n} entries for {t} tokens (tokenizer.ggml.tokens)"));
+                }
+            }
+        }
+        for key in ["bos_token_id", "eos_token_id", "unknown_token_id"] {
+            let key = format!("tokenizer.ggml.{key}");
+            if self.has(&key) {
+                let id = self.md_u32(&key)?;
+                if id as usize >= cfg.vocab_size {
+                    return bad(format!("{key} = {id} is not a token id (vocabulary of {})", cfg.vocab_size));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -574,22 +686,19 @@ impl Arch {
 
 /// [`load_hf`] for the family `arch`.
 pub fn load_hf_family(dir: &Path, cfg: &Config, dtype: DType, arch: &Arch) -> Result<LlamaWeights> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
+    let files = safetensors_files(dir)?;
     if files.is_empty() {
         return Err(EngineError::io(dir, "no *.safetensors file in the model directory"));
     }
     let mut tensors = HashMap::new();
+    let mut origin = HashMap::new();
     for f in &files {
         let part = candle_core::safetensors::load(f, &Device::Cpu)
             .map_err(|e| EngineError::io(f, format!("cannot read safetensors: {e}")))?;
+        origin.extend(part.keys().map(|k| (k.clone(), f.clone())));
         tensors.extend(part);
     }
-    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors };
+    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors, origin };
     build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
 }
 
@@ -719,4 +828,161 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
         });
     }
     Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })
+}
+
+/// The config keys of one checkpoint format, for messages.
+pub(crate) struct SizeKeys {
+    pub layers: String,
+    pub hidden: String,
+    pub heads: String,
+    pub kv_heads: String,
+    pub ffn: String,
+    pub vocab: String,
+    pub experts: String,
+}
+
+impl SizeKeys {
+    pub(crate) fn hf() -> Self {
+        let s = |k: &str| k.to_string();
+        SizeKeys {
+            layers: s("num_hidden_layers"),
+            hidden: s("hidden_size"),
+            heads: s("num_attention_heads"),
+            kv_heads: s("num_key_value_heads"),
+            ffn: s("intermediate_size"),
+            vocab: s("vocab_size"),
+            experts: s("num_local_experts"),
+        }
+    }
+    fn gguf(arch: &str) -> Self {
+        let k = |key: &str| format!("{arch}.{key}");
+        SizeKeys {
+            layers: k("block_count"),
+            hidden: k("embedding_length"),
+            heads: k("attention.head_count"),
+            kv_heads: k("attention.head_count_kv"),
+            ffn: k("feed_forward_length"),
+            vocab: "the vocabulary (token_embd.weight rows)".into(),
+            experts: k("expert_count"),
+        }
+    }
+}
+
+/// Checks a config's sizes against the checkpoint's tensor table (`names`, `shape`) before
+/// anything is allocated from them: the layer count against the layers the table holds,
+/// the widths against the embedding and layer 0's projections. An absurd size (a corrupt
+/// `block_count`, a `num_hidden_layers` of 1e12) is refused here, naming the key and the
+/// tensor it disagrees with.
+fn check_sizes(cfg: &Config, path: &Path, names: &mut dyn Iterator<Item = &str>, shape: &dyn Fn(&str) -> Option<Vec<usize>>, n: &Naming, keys: &SizeKeys) -> Result<()> {
+    let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });
+    let mut layers = BTreeSet::new();
+    for name in names {
+        if let Some(i) = name.strip_prefix(n.layer_prefix).and_then(|r| r.split_once('.')).and_then(|(i, _)| i.parse::<usize>().ok()) {
+            layers.insert(i);
+        }
+    }
+    let held = layers.last().map_or(0, |l| l + 1);
+    if cfg.num_layers != held || layers.len() != held {
+        let what = match (held, layers.len() == held) {
+            (0, _) => "no layer tensors".to_string(),
+            (h, true) => format!("layers 0..{} ({h} layers)", h - 1),
+            (_, false) => format!("{} layers with gaps (highest index {})", layers.len(), held - 1),
+        };
+        return bad(format!("{} {} does not match the weights: they hold {what}", keys.layers, cfg.num_layers));
+    }
+    let shape_of = |name: &str| shape(name).ok_or_else(|| EngineError::MissingTensor { path: path.to_path_buf(), tensor: name.to_string() });
+    let embed = shape_of(n.embed)?;
+    if embed.len() != 2 || embed[1] != cfg.hidden_size || embed[0] != cfg.vocab_size {
+        return bad(format!(
+            "{} {} and {} {} do not match the embedding `{}`, shape {embed:?} (vocabulary, hidden)",
+            keys.vocab, cfg.vocab_size, keys.hidden, cfg.hidden_size, n.embed
+        ));
+    }
+    let rows = |name: String, want: Option<usize>, what: String| -> Result<()> {
+        let got = shape_of(&name)?;
+        match want {
+            Some(w) if got.first() == Some(&w) => Ok(()),
+            _ => bad(format!("{what} does not match `{name}`, shape {got:?}")),
+        }
+    };
+    let hd = cfg.head_dim;
+    rows((n.layer)(0, Part::Q), cfg.num_heads.checked_mul(hd), format!("{} {} x head width {hd}", keys.heads, cfg.num_heads))?;
+    rows((n.layer)(0, Part::K), cfg.num_kv_heads.checked_mul(hd), format!("{} {} x head width {hd}", keys.kv_heads, cfg.num_kv_heads))?;
+    if cfg.num_experts == 0 {
+        rows((n.layer)(0, Part::Gate), Some(cfg.intermediate_size), format!("{} {}", keys.ffn, cfg.intermediate_size))?;
+    } else {
+        let router = match &n.moe {
+            MoeNaming::PerExpert { router, .. } | MoeNaming::Merged { router, .. } => router(0),
+        };
+        rows(router, Some(cfg.num_experts), format!("{} {}", keys.experts, cfg.num_experts))?;
+        let gate = match &n.moe {
+            MoeNaming::PerExpert { expert, .. } => expert(0, 0, Part::Gate),
+            MoeNaming::Merged { merged, .. } => merged(0, Part::Gate),
+        };
+        let got = shape_of(&gate)?;
+        let f = if matches!(n.moe, MoeNaming::Merged { .. }) { got.get(1) } else { got.first() };
+        if f != Some(&cfg.intermediate_size) {
+            return bad(format!("{} {} does not match `{gate}`, shape {got:?}", keys.ffn, cfg.intermediate_size));
+        }
+    }
+    Ok(())
+}
+
+/// The tensor shapes of a Hugging Face directory's `*.safetensors` files, read from their
+/// headers alone (each header's length checked against its file before it is read).
+pub fn safetensors_shapes(dir: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    use std::io::Read;
+    let mut out = HashMap::new();
+    for f in safetensors_files(dir)? {
+        let bad = |m: String| EngineError::io(&f, format!("cannot read safetensors: {m}"));
+        let mut file = File::open(&f).map_err(|e| EngineError::io(&f, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io(&f, e))?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(|e| bad(format!("no header ({e})")))?;
+        let n = u64::from_le_bytes(n);
+        if n > len - 8 {
+            return Err(bad(format!("the header says it is {n} bytes long, the file has {len}")));
+        }
+        let mut h = vec![0u8; n as usize];
+        file.read_exact(&mut h).map_err(|e| bad(e.to_string()))?;
+        let j: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h).map_err(|e| bad(format!("header: {e}")))?;
+        for (name, v) in j {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dims = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<usize>>>())
+                .ok_or_else(|| bad(format!("header: tensor {name:?} has no valid shape")))?;
+            out.insert(name, dims);
+        }
+    }
+    Ok(out)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// [`check_sizes`] for a Hugging Face directory: the config at `cfg_path` against the
+/// headers of the directory's safetensors files (skipped when it has none: such a directory
+/// is refused where its weights are loaded).
+pub(crate) fn check_hf_sizes(cfg: &Config, cfg_path: &Path) -> Result<()> {
+    let dir = match cfg_path.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => return Ok(()),
+    };
+    if !dir.is_dir() || safetensors_files(dir)?.is_empty() {
+        return Ok(());
+    }
+    let shapes = safetensors_shapes(dir)?;
+    check_sizes(cfg, cfg_path, &mut shapes.keys().map(|s| s.as_str()), &|n| shapes.get(n).cloned(), &HF, &SizeKeys::hf())
 }

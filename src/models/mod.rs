@@ -73,7 +73,7 @@ pub fn for_gguf(file: &GgufFile) -> Result<&'static Family> {
     if file.has(&key) && file.md_u32(&key)? > 0 {
         return MOE_GGUF.iter().find(|(a, _)| *a == arch).map(|(_, f)| *f).ok_or_else(|| EngineError::Unsupported {
             path: file.path.clone(),
-            message: format!("general.architecture `{arch}` with experts ({key}) is not supported (only llama's: Mixtral)"),
+            message: format!("general.architecture {arch:?} with experts ({key}) is not supported (only llama's: Mixtral)"),
         });
     }
     for_gguf_arch(arch, &file.path)
@@ -97,7 +97,7 @@ pub fn for_model_type(model_type: Option<&str>, path: &Path) -> Result<&'static 
 pub fn for_gguf_arch(arch: &str, path: &Path) -> Result<&'static Family> {
     FAMILIES.iter().find(|f| f.gguf_archs.contains(&arch)).ok_or_else(|| EngineError::Unsupported {
         path: path.into(),
-        message: format!("general.architecture `{arch}` is not supported (only {})", known(|f| f.gguf_archs)),
+        message: format!("general.architecture {arch:?} is not supported (only {})", known(|f| f.gguf_archs)),
     })
 }
 
@@ -107,7 +107,9 @@ pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
         let cfg_path = path.join("config.json");
         let hf = HfConfig::from_file(&cfg_path)?;
         let family = for_model_type(hf.model_type.as_deref(), &cfg_path)?;
-        return Ok((family, hf.num_hidden_layers));
+        // Resolved, so that the layer count is checked against the weights before a site
+        // graph is built from it.
+        return Ok((family, hf.resolve(&cfg_path)?.num_layers));
     }
     let g = GgufFile::open(path)?;
     let cfg = g.config()?;
