@@ -124,22 +124,40 @@ impl Tokenizer {
         if !tj.is_file() {
             return Err(EngineError::io(&tj, "missing (the model directory needs a tokenizer.json)"));
         }
-        let inner = if opts.drop_space_prefix {
-            let text = std::fs::read_to_string(&tj).map_err(|e| EngineError::io(&tj, e))?;
-            let mut v: Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?;
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| EngineError::io(p, e));
+        let tokenizer_json = read(&tj)?;
+        let tc = dir.join("tokenizer_config.json");
+        let tokenizer_config = if tc.is_file() { Some(read(&tc)?) } else { None };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() { Some(read(&jinja)?) } else { None };
+        Self::from_hf_parts(dir, &tokenizer_json, tokenizer_config.as_deref(), chat_template, opts)
+    }
+
+    /// [`Tokenizer::from_hf_dir_with`] on the files' texts: `tokenizer.json`,
+    /// `tokenizer_config.json` and `chat_template.jinja` (which wins over the config's
+    /// template) when the directory has them. `dir` names the files in messages.
+    pub fn from_hf_parts(
+        dir: &Path,
+        tokenizer_json: &str,
+        tokenizer_config: Option<&str>,
+        chat_template_file: Option<String>,
+        opts: TokenizerOptions,
+    ) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        let cannot = |e: &dyn std::fmt::Display| EngineError::io(&tj, format!("cannot load tokenizer: {e}"));
+        let inner: tokenizers::Tokenizer = if opts.drop_space_prefix {
+            let mut v: Value = serde_json::from_str(tokenizer_json).map_err(|e| cannot(&e))?;
             drop_space_prefix(&mut v);
-            v.to_string().parse().map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+            v.to_string().parse().map_err(|e| cannot(&e))?
         } else {
-            tokenizers::Tokenizer::from_file(&tj).map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+            tokenizer_json.parse().map_err(|e| cannot(&e))?
         };
         let mut chat_template = None;
         let (mut bos_token, mut eos_token) = (None, None);
-        let tc = dir.join("tokenizer_config.json");
-        if tc.is_file() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| EngineError::io(&tc, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::Config { path: tc.clone(), message: e.to_string() })?;
+        if let Some(text) = tokenizer_config {
+            let tc = dir.join("tokenizer_config.json");
+            let v: Value =
+                serde_json::from_str(text).map_err(|e| EngineError::Config { path: tc, message: e.to_string() })?;
             bos_token = token_str(v.get("bos_token"));
             eos_token = token_str(v.get("eos_token"));
             chat_template = match v.get("chat_template") {
@@ -153,9 +171,8 @@ impl Tokenizer {
                 _ => None,
             };
         }
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+        if chat_template_file.is_some() {
+            chat_template = chat_template_file;
         }
         Ok(Self {
             inner,
@@ -311,22 +328,13 @@ impl Tokenizer {
         let src = self.chat_template.as_deref().ok_or_else(|| {
             EngineError::Template(format!("{} has no chat template; use a plain prompt instead", self.source))
         })?;
-        let mut env = minijinja::Environment::new();
-        let mut syntax = minijinja::syntax::SyntaxConfig::builder();
-        syntax.trim_blocks(true).lstrip_blocks(true);
-        env.set_syntax(syntax.build().map_err(|e| EngineError::Template(e.to_string()))?);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        let tmpl = env.template_from_str(src).map_err(|e| EngineError::Template(format!("{e:#}")))?;
-        let ctx = minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
-        tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+        render_chat_template(
+            src,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -362,4 +370,38 @@ impl Tokenizer {
         let text = self.render_chat(messages, true)?;
         self.encode(&text, false)
     }
+}
+
+/// How much work one chat-template rendering may do, in minijinja's fuel units (about one
+/// per instruction): a template comes with the model, so it is untrusted input, and
+/// `{% for a in range(99999) %}{% for b in range(99999) %}` would otherwise run for hours.
+/// Real templates are far below it (a long chat with ChatML needs a few thousand).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Renders the chat template `src` like transformers' `apply_chat_template(messages,
+/// tokenize=False, add_generation_prompt=...)`, within [`TEMPLATE_FUEL`].
+pub fn render_chat_template(
+    src: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    let mut syntax = minijinja::syntax::SyntaxConfig::builder();
+    syntax.trim_blocks(true).lstrip_blocks(true);
+    env.set_syntax(syntax.build().map_err(|e| EngineError::Template(e.to_string()))?);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    let tmpl = env.template_from_str(src).map_err(|e| EngineError::Template(format!("{e:#}")))?;
+    let ctx = minijinja::context! {
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
 }

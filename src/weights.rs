@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -286,11 +286,15 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// Where a [`GgufFile`] reads tensor data from: the file, or bytes in memory.
+pub trait GgufReader: Read + Seek + Send + Sync {}
+impl<T: Read + Seek + Send + Sync> GgufReader for T {}
+
 /// An opened GGUF file: its parsed header and a reader for tensor data.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
-    reader: BufReader<File>,
+    reader: Box<dyn GgufReader>,
     /// The `q4_1-min` fault: Q4_1 blocks lose their minimum (both weight modes).
     pub drop_q41_min: bool,
 }
@@ -298,7 +302,16 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let mut reader = BufReader::new(file);
+        Self::from_reader(path, Box::new(BufReader::new(file)))
+    }
+
+    /// A GGUF file's bytes held in memory (`path` names it in messages): the same parse as
+    /// [`GgufFile::open`], without a file (the fuzz targets use it).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_reader(path, Box::new(Cursor::new(bytes)))
+    }
+
+    fn from_reader(path: &Path, mut reader: Box<dyn GgufReader>) -> Result<Self> {
         let content = gguf_file::Content::read(&mut reader).map_err(|e| EngineError::Gguf {
             path: path.to_path_buf(),
             message: format!("{} (is the file complete? a truncated download fails here)", candle_message(&e)),
@@ -585,10 +598,27 @@ pub fn load_hf_family(dir: &Path, cfg: &Config, dtype: DType, arch: &Arch) -> Re
     }
     let mut tensors = HashMap::new();
     for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| EngineError::io(f, format!("cannot read safetensors: {e}")))?;
-        tensors.extend(part);
+        let bytes = std::fs::read(f).map_err(|e| EngineError::io(f, e))?;
+        tensors.extend(safetensors_from_bytes(f, &bytes)?);
     }
+    hf_weights_from_tensors(dir, tensors, cfg, dtype, arch)
+}
+
+/// The tensors of a safetensors file's bytes (`path` names it in messages): how the engine
+/// reads every safetensors file (model weights, LoRA adapters).
+pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| EngineError::io(path, format!("cannot read safetensors: {e}")))
+}
+
+/// [`load_hf_family`] on tensors already read (the union of the directory's files).
+pub fn hf_weights_from_tensors(
+    dir: &Path,
+    tensors: HashMap<String, Tensor>,
+    cfg: &Config,
+    dtype: DType,
+    arch: &Arch,
+) -> Result<LlamaWeights> {
     let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors };
     build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
 }
