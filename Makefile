@@ -14,7 +14,7 @@ LOCKSTEP := target/release/lockstep
 
 DEMO_ARGS := run --model smollm2 --weights dequant --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env browser build demo test report-ci nightly fixtures snapshots models bench help
+.PHONY: setup env browser build demo test report-ci nightly fixtures snapshots models bench fuzz help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
@@ -24,6 +24,7 @@ help:
 	@echo "make models - put the weights that golden traces need but are not committed into the model store"
 	@echo "make bench  - prefill/decode speed of the engine, llama.cpp and transformers (SmolLM2 Q4_1, 2 threads)"
 	@echo "make nightly - the nightly parity report (scripts/suites/nightly.toml) into reports/nightly, with history"
+	@echo "make fuzz   - coverage-guided fuzzing of every parser, FUZZ_SECONDS (600) per target (FUZZ_TARGETS to pick)"
 
 env:
 	@bash scripts/setup_env.sh
@@ -76,3 +77,11 @@ models:
 BENCH_ARGS ?= --model smollm2 --threads 2 --prefill 128 --decode 64
 bench: setup
 	$(LOCKSTEP) bench $(BENCH_ARGS)
+
+# Coverage-guided fuzzing (libFuzzer on stable Rust; fuzz/, scripts/fuzz.sh) of every parser
+# lockstep feeds untrusted bytes to, one target after another, FUZZ_SECONDS each. `make test`
+# runs the same target bodies briefly over the seed corpus (harness/tests/fuzz_smoke.rs).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= gguf safetensors hf_config tokenizer chat_template lora_config suite trace
+fuzz: env
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_TARGETS="$(FUZZ_TARGETS)" bash scripts/fuzz.sh

@@ -159,8 +159,12 @@ pub struct HfConfig {
 impl HfConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
+        Self::parse(&text, path)
+    }
+
+    /// A `config.json`'s text (`path` names it in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
     }
 
     pub fn resolve(&self, path: &Path) -> Result<Config> {

@@ -31,11 +31,11 @@
 //! file lacks, are kept by name ([`LoraAdapter::unattached`], [`LoraAdapter::missing`]);
 //! a target name that matches no projection of the model is an error.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -221,16 +221,18 @@ impl LoraAdapter {
             }
         };
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Config { path: cfg_path.clone(), message: e.to_string() })?;
-        let config = match format {
-            LoraFormat::Peft => peft_config(&json, &cfg_path, cfg)?,
-            LoraFormat::Mlx => mlx_config(&json, &cfg_path, cfg)?,
-        };
+        let config = LoraConfig::parse(&text, format, &cfg_path, cfg)?;
         let wpath = dir.join(format.weights_file());
-        let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
-            .map_err(|e| EngineError::io(&wpath, format!("cannot read safetensors: {e}")))?;
+        let bytes = std::fs::read(&wpath).map_err(|e| EngineError::io(&wpath, e))?;
+        let tensors = crate::weights::safetensors_from_bytes(&wpath, &bytes)?;
+        Self::from_parts(dir, config, tensors, cfg)
+    }
 
+    /// [`LoraAdapter::load`] on a configuration and tensors already read (the directory `dir`
+    /// names them in messages).
+    pub fn from_parts(dir: &Path, config: LoraConfig, tensors: HashMap<String, Tensor>, cfg: &Config) -> Result<LoraAdapter> {
+        let format = config.format;
+        let wpath = dir.join(format.weights_file());
         // (layer, module) -> (key of A, key of B)
         let mut found: BTreeMap<(usize, &'static str), KeyPair> = BTreeMap::new();
         let mut unattached = vec![];
@@ -521,6 +523,19 @@ fn resolve_targets(names: &[String], path: &Path) -> Result<Vec<String>> {
 
 fn bad(path: &Path, message: impl Into<String>) -> EngineError {
     EngineError::Config { path: path.into(), message: message.into() }
+}
+
+impl LoraConfig {
+    /// An `adapter_config.json`'s text in `format`, resolved against the model's config
+    /// (`path` names the file in messages).
+    pub fn parse(text: &str, format: LoraFormat, path: &Path, cfg: &Config) -> Result<LoraConfig> {
+        let json: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| EngineError::Config { path: path.into(), message: e.to_string() })?;
+        match format {
+            LoraFormat::Peft => peft_config(&json, path, cfg),
+            LoraFormat::Mlx => mlx_config(&json, path, cfg),
+        }
+    }
 }
 
 fn peft_config(j: &serde_json::Value, path: &Path, cfg: &Config) -> Result<LoraConfig> {

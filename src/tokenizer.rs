@@ -124,22 +124,43 @@ impl Tokenizer {
         if !tj.is_file() {
             return Err(EngineError::io(&tj, "missing (the model directory needs a tokenizer.json)"));
         }
-        let inner = if opts.drop_space_prefix {
-            let text = std::fs::read_to_string(&tj).map_err(|e| EngineError::io(&tj, e))?;
-            let mut v: Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?;
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| EngineError::io(p, e));
+        let tokenizer_json = read(&tj)?;
+        let tc = dir.join("tokenizer_config.json");
+        let tokenizer_config = if tc.is_file() { Some(read(&tc)?) } else { None };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() { Some(read(&jinja)?) } else { None };
+        Self::from_hf_parts(dir, &tokenizer_json, tokenizer_config.as_deref(), chat_template, opts)
+    }
+
+    /// [`Tokenizer::from_hf_dir_with`] on the files' texts: `tokenizer.json`,
+    /// `tokenizer_config.json` and `chat_template.jinja` (which wins over the config's
+    /// template) when the directory has them. `dir` names the files in messages.
+    /// Parses tokenizer.json. The tokenizers library panics on some malformed files
+    /// (`expect("Helper")` in its decoder deserializer, found by the fuzz target `tokenizer`):
+    /// that panic is caught here and becomes an error, without its message on stderr.
+    pub fn from_hf_parts(
+        dir: &Path,
+        tokenizer_json: &str,
+        tokenizer_config: Option<&str>,
+        chat_template_file: Option<String>,
+        opts: TokenizerOptions,
+    ) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        let cannot = |e: &dyn std::fmt::Display| EngineError::io(&tj, format!("cannot load tokenizer: {e}"));
+        let inner: tokenizers::Tokenizer = if opts.drop_space_prefix {
+            let mut v: Value = serde_json::from_str(tokenizer_json).map_err(|e| cannot(&e))?;
             drop_space_prefix(&mut v);
-            v.to_string().parse().map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+            parse_tokenizer_json(&v.to_string()).map_err(|e| cannot(&e))?
         } else {
-            tokenizers::Tokenizer::from_file(&tj).map_err(|e| EngineError::io(&tj, format!("cannot load tokenizer: {e}")))?
+            parse_tokenizer_json(tokenizer_json).map_err(|e| cannot(&e))?
         };
         let mut chat_template = None;
         let (mut bos_token, mut eos_token) = (None, None);
-        let tc = dir.join("tokenizer_config.json");
-        if tc.is_file() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| EngineError::io(&tc, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| EngineError::Config { path: tc.clone(), message: e.to_string() })?;
+        if let Some(text) = tokenizer_config {
+            let tc = dir.join("tokenizer_config.json");
+            let v: Value =
+                serde_json::from_str(text).map_err(|e| EngineError::Config { path: tc, message: e.to_string() })?;
             bos_token = token_str(v.get("bos_token"));
             eos_token = token_str(v.get("eos_token"));
             chat_template = match v.get("chat_template") {
@@ -153,9 +174,8 @@ impl Tokenizer {
                 _ => None,
             };
         }
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+        if chat_template_file.is_some() {
+            chat_template = chat_template_file;
         }
         Ok(Self {
             inner,
@@ -263,9 +283,7 @@ impl Tokenizer {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges}
         });
-        let inner: tokenizers::Tokenizer = tj
-            .to_string()
-            .parse()
+        let inner: tokenizers::Tokenizer = parse_tokenizer_json(&tj.to_string())
             .map_err(|e| EngineError::Gguf { path: g.path.clone(), message: format!("tokenizer metadata: {e}") })?;
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         Ok(Self {
@@ -329,22 +347,13 @@ impl Tokenizer {
         let src = self.chat_template.as_deref().ok_or_else(|| {
             EngineError::Template(format!("{} has no chat template; use a plain prompt instead", self.source))
         })?;
-        let mut env = minijinja::Environment::new();
-        let mut syntax = minijinja::syntax::SyntaxConfig::builder();
-        syntax.trim_blocks(true).lstrip_blocks(true);
-        env.set_syntax(syntax.build().map_err(|e| EngineError::Template(e.to_string()))?);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        let tmpl = env.template_from_str(src).map_err(|e| EngineError::Template(format!("{e:#}")))?;
-        let ctx = minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
-        tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+        render_chat_template(
+            src,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -379,5 +388,55 @@ impl Tokenizer {
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let text = self.render_chat(messages, true)?;
         self.encode(&text, false)
+    }
+}
+
+/// How much work one chat-template rendering may do, in minijinja's fuel units (about one
+/// per instruction): a template comes with the model, so it is untrusted input, and
+/// `{% for a in range(99999) %}{% for b in range(99999) %}` would otherwise run for hours.
+/// Real templates are far below it (a long chat with ChatML needs a few thousand).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Renders the chat template `src` like transformers' `apply_chat_template(messages,
+/// tokenize=False, add_generation_prompt=...)`, within [`TEMPLATE_FUEL`].
+pub fn render_chat_template(
+    src: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    let mut syntax = minijinja::syntax::SyntaxConfig::builder();
+    syntax.trim_blocks(true).lstrip_blocks(true);
+    env.set_syntax(syntax.build().map_err(|e| EngineError::Template(e.to_string()))?);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    let tmpl = env.template_from_str(src).map_err(|e| EngineError::Template(format!("{e:#}")))?;
+    let ctx = minijinja::context! {
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    tmpl.render(ctx).map_err(|e| EngineError::Template(format!("{e:#}")))
+}
+
+/// `tokenizer_json.parse::<tokenizers::Tokenizer>()`, with a panic of the library an error.
+pub(crate) fn parse_tokenizer_json(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    std::panic::set_hook(quiet);
+    match r {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(format!("malformed tokenizer.json (the tokenizers library could not read it: {msg})"))
+        }
     }
 }

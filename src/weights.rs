@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -307,8 +307,8 @@ impl TensorSource for SafetensorsSource {
 }
 
 /// What a GGUF file's tensor data is read from: the file, or bytes in memory.
-pub trait GgufReader: std::io::Read + std::io::Seek + Send {}
-impl<T: std::io::Read + std::io::Seek + Send> GgufReader for T {}
+pub trait GgufReader: std::io::Read + std::io::Seek + Send + Sync {}
+impl<T: std::io::Read + std::io::Seek + Send + Sync> GgufReader for T {}
 
 /// An opened GGUF file: its parsed header and a reader for tensor data.
 pub struct GgufFile {
@@ -699,6 +699,25 @@ pub fn load_hf_family(dir: &Path, cfg: &Config, dtype: DType, arch: &Arch) -> Re
         tensors.extend(part);
     }
     let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors, origin };
+    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
+}
+
+/// The tensors of a safetensors file's bytes (`path` names it in messages): how the engine
+/// reads every safetensors file (model weights, LoRA adapters).
+pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| EngineError::io(path, format!("cannot read safetensors: {e}")))
+}
+
+/// [`load_hf_family`] on tensors already read (the union of the directory's files).
+pub fn hf_weights_from_tensors(
+    dir: &Path,
+    tensors: HashMap<String, Tensor>,
+    cfg: &Config,
+    dtype: DType,
+    arch: &Arch,
+) -> Result<LlamaWeights> {
+    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors, origin: HashMap::new() };
     build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
 }
 

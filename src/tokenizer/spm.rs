@@ -271,7 +271,7 @@ impl Tokenizer {
                       "ignore_merges": false, "vocab": vocab, "merges": merges}
         });
         let inner: tokenizers::Tokenizer =
-            tj.to_string().parse().map_err(|e| bad(format!("tokenizer metadata (SentencePiece): {e}")))?;
+            super::parse_tokenizer_json(&tj.to_string()).map_err(|e| bad(format!("tokenizer metadata (SentencePiece): {e}")))?;
         let description = format!(
             "GGUF tokenizer.ggml.model=llama: SentencePiece as BPE with byte fallback, merges from the scores, {}",
             match (add_space_prefix, space_prefix) {

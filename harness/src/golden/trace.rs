@@ -226,7 +226,12 @@ pub struct TensorsMeta {
 impl TraceMeta {
     pub fn read(path: &Path) -> Result<TraceMeta, HarnessError> {
         let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        let meta: TraceMeta = serde_json::from_str(&text)
+        TraceMeta::parse(&text, path)
+    }
+
+    /// A trace's JSON text (`path` names it in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<TraceMeta, HarnessError> {
+        let meta: TraceMeta = serde_json::from_str(text)
             .map_err(|e| HarnessError::Io { path: path.display().to_string(), message: format!("not a lockstep trace: {e}") })?;
         if meta.format != FORMAT {
             return Err(HarnessError::Io {
