@@ -174,7 +174,7 @@ fn smoke(target: &str) {
             fail(format!("seed {}", path.display()), data, msg);
         }
     }
-    let iters = env_num("LOCKSTEP_FUZZ_SMOKE_ITERS", 2000);
+    let iters = env_num("LOCKSTEP_FUZZ_SMOKE_ITERS", 5000);
     let budget = Duration::from_secs_f64(env_num("LOCKSTEP_FUZZ_SMOKE_SECONDS", 3) as f64);
     let start = Instant::now();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ target.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)));
