@@ -5,12 +5,12 @@ Deterministic (a second run changes nothing). Run with the reference environment
 
     $LOCKSTEP_VENV/bin/python fuzz/make_corpus.py
 
-Kept small (well under 2 MB): GGUF seeds are a micro model written here (complete: the whole
+Files named `regress-*` are inputs the fuzzers found (each one a bug, now fixed): this script
+keeps them. Kept small (well under 2 MB): GGUF seeds are a micro model written here (complete: the whole
 load runs) and the fixtures' headers and tensor tables with their tensor data cut off.
 """
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -128,8 +128,10 @@ def micro_gguf(name: str, alignment=None, arch="llama", experts=0) -> bytes:
 
 
 def main() -> None:
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    # Seeds named regress-* are inputs the fuzzer found (a bug, fixed): kept, never regenerated.
+    for p in sorted(OUT.rglob("*")) if OUT.exists() else []:
+        if p.is_file() and not p.name.startswith("regress-"):
+            p.unlink()
 
     # gguf: micro models (complete), the fixtures' headers (tensor data cut to 64 bytes).
     put("gguf", "micro-llama.gguf", micro_gguf("a"))

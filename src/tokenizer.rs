@@ -148,13 +148,16 @@ impl Tokenizer {
     ) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let cannot = |e: &dyn std::fmt::Display| EngineError::io(&tj, format!("cannot load tokenizer: {e}"));
-        let inner: tokenizers::Tokenizer = if opts.drop_space_prefix {
-            let mut v: Value = serde_json::from_str(tokenizer_json).map_err(|e| cannot(&e))?;
+        // The text is parsed as JSON first (a syntax error is reported as such), and the
+        // tokenizer built from that JSON through parse_tokenizer_json: tokenizers 0.22 panics
+        // (`expect("Helper")` in its decoder's Deserialize) on a malformed `decoder` object
+        // instead of returning an error (found by the `tokenizer` fuzz target; seed
+        // fuzz/corpus/tokenizer/regress-decoder-syntax-error.json).
+        let mut v: Value = serde_json::from_str(tokenizer_json).map_err(|e| cannot(&e))?;
+        if opts.drop_space_prefix {
             drop_space_prefix(&mut v);
-            parse_tokenizer_json(&v.to_string()).map_err(|e| cannot(&e))?
-        } else {
-            parse_tokenizer_json(tokenizer_json).map_err(|e| cannot(&e))?
-        };
+        }
+        let inner: tokenizers::Tokenizer = parse_tokenizer_json(&v.to_string()).map_err(|e| cannot(&e))?;
         let mut chat_template = None;
         let (mut bos_token, mut eos_token) = (None, None);
         if let Some(text) = tokenizer_config {
