@@ -157,6 +157,7 @@ impl Tokenizer {
         if opts.drop_space_prefix {
             drop_space_prefix(&mut v);
         }
+        check_template_processing(&v["post_processor"]).map_err(|e| cannot(&e))?;
         let inner: tokenizers::Tokenizer = parse_tokenizer_json(&v.to_string()).map_err(|e| cannot(&e))?;
         let mut chat_template = None;
         let (mut bos_token, mut eos_token) = (None, None);
@@ -318,7 +319,11 @@ impl Tokenizer {
     /// Encodes `text`; `add_special_tokens` as in transformers (`tokenizer(text)` adds them,
     /// `apply_chat_template` does not).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
+        // The library indexes maps it trusts its file to fill: a panic in it is the file's
+        // fault, reported as an error (the known case is refused at load already).
+        let enc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.encode(text, add_special_tokens)))
+            .map_err(|_| EngineError::Tokenizer("the tokenizers library failed on this tokenizer.json (a malformed file)".into()))?
+            .map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -442,4 +447,30 @@ pub(crate) fn parse_tokenizer_json(text: &str) -> std::result::Result<tokenizers
             Err(format!("malformed tokenizer.json (the tokenizers library could not read it: {msg})"))
         }
     }
+}
+
+/// A `TemplateProcessing` post-processor (alone or in a `Sequence`) may only name special
+/// tokens its `special_tokens` define: tokenizers 0.22 loads such a file and then panics when
+/// it encodes ("no entry found for key", processors/template.rs; found by the `tokenizer`
+/// fuzz target, seed fuzz/corpus/tokenizer/regress-template-special-token.json).
+fn check_template_processing(pp: &Value) -> std::result::Result<(), String> {
+    if let Some(list) = pp.get("processors").and_then(Value::as_array) {
+        return list.iter().try_for_each(check_template_processing);
+    }
+    if pp.get("type").and_then(Value::as_str) != Some("TemplateProcessing") {
+        return Ok(());
+    }
+    let defined = pp.get("special_tokens").and_then(Value::as_object);
+    for which in ["single", "pair"] {
+        for piece in pp.get(which).and_then(Value::as_array).into_iter().flatten() {
+            if let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(Value::as_str) {
+                if !defined.is_some_and(|d| d.contains_key(id)) {
+                    return Err(format!(
+                        "post_processor: its {which} template uses the special token {id:?}, which its special_tokens do not define"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }

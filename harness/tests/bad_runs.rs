@@ -371,3 +371,31 @@ live_test! {
         assert_eq!(code, 0, "{out}\n{err}");
     }
 }
+
+// ----------------------------------------------------------------- found by fuzzing
+
+/// A tokenizer.json whose post-processor template names a special token it does not define
+/// (the `tokenizer` fuzz target): the tokenizers library loads it and panics on encode.
+#[test]
+fn a_post_processor_naming_an_undefined_special_token_is_exit_2() {
+    let d = tmp("bad-post-processor");
+    let m = d.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(repo().join("snapshots/models/tiny-llama")).unwrap().flatten() {
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    let mut tj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer.json")).unwrap()).unwrap();
+    tj["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<?s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+    });
+    std::fs::write(m.join("tokenizer.json"), tj.to_string()).unwrap();
+    let v = no_venv();
+    assert_exit_2(
+        &["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital of France is"],
+        &[("LOCKSTEP_VENV", v.as_str())],
+        &["tokenizer.json", "post_processor", "\"<s>\"", "special_tokens do not define"],
+    );
+}
