@@ -2,6 +2,7 @@
 //! report`: suites of cases ([`suite`]), running them with resume, shards and history
 //! ([`nightly`]), and the self-contained HTML page ([`html`]).
 
+pub mod bounds;
 pub mod html;
 pub mod nightly;
 pub mod records;

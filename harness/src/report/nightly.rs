@@ -51,7 +51,7 @@ fn fin(x: f64) -> Option<f64> {
 }
 
 impl CaseResult {
-    fn error(def: &CaseDef, message: String, seconds: f64) -> CaseResult {
+    pub(crate) fn error(def: &CaseDef, message: String, seconds: f64) -> CaseResult {
         CaseResult {
             schema_version: SCHEMA_VERSION,
             name: def.name.clone(),
@@ -81,15 +81,17 @@ impl CaseResult {
             generate: vec![],
             config: vec![],
             bisect: None,
+            worst: None,
             run_json: None,
             timing: Timing { run_s: seconds, bisect_s: 0.0, total_s: seconds },
             crashed: false,
         }
     }
 
-    /// `step/layer/site` of the first divergence, for one-line summaries.
+    /// `step/layer/site` of *the* first divergence ([`CaseResult::divergence`]: bisect's
+    /// localization when it found one), for one-line summaries.
     pub fn where_short(&self) -> String {
-        match &self.first_divergence {
+        match self.divergence() {
             None => "-".into(),
             Some(d) => format!("step {} {}{}", d.step, d.layer.map(|l| format!("layer {l} ")).unwrap_or_default(), d.site),
         }
@@ -141,6 +143,8 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
             top1: fin(s.same_top1_share),
             verdict: v(s.verdict),
             sites_not_compared: s.sites_not_compared.clone(),
+            pass_kl: None,
+            fail_kl: None,
         });
         c.mean_kl = max_opt(c.mean_kl, fin(s.mean_kl));
         c.max_kl = max_opt(c.max_kl, fin(s.max_kl));
@@ -150,7 +154,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
         .summary
         .pairs
         .iter()
-        .map(|p| PairNumbers { a: p.a.clone(), b: p.b.clone(), mean_kl: fin(p.mean_kl), max_kl: fin(p.max_kl), top1: fin(p.same_top1_share) })
+        .map(|p| PairNumbers { a: p.a.clone(), b: p.b.clone(), mean_kl: fin(p.mean_kl), max_kl: fin(p.max_kl), top1: fin(p.same_top1_share), kl: vec![] })
         .collect();
     c.drift = r.steps.iter().any(|s| s.verdict == Verdict::Drift) || r.summary.references.iter().any(|s| s.verdict == Verdict::Drift);
     for st in &r.steps {
@@ -191,7 +195,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
             }
             grid.push(row);
         }
-        c.layer_error.push(LayerError { reference: r.steps[0].references[ri].reference.clone(), steps: grid });
+        c.layer_error.push(LayerError { reference: r.steps[0].references[ri].reference.clone(), steps: grid, pass_bound: vec![], fail_bound: vec![], floor: vec![] });
     }
     // Heatmap: the per-layer site kind with the largest rel-L2 anywhere, vs the first reference.
     if n_refs > 0 {
@@ -221,7 +225,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
                     row
                 })
                 .collect();
-            c.heatmap = Some(Heatmap { reference: r.steps[0].references[0].reference.clone(), site: leaf, cells });
+            c.heatmap = Some(Heatmap { reference: r.steps[0].references[0].reference.clone(), site: leaf, cells, pass_bound: vec![], fail_bound: vec![] });
         }
     }
     c.generate = r
@@ -241,6 +245,7 @@ fn summarize(def: &CaseDef, r: &RunResult, refs: &[Reference], model: &Path) -> 
             info: row.info,
         })
         .collect();
+    crate::report::bounds::annotate(&mut c, r);
     c.verdict = if r.verdict_pass { "pass" } else { "diverged" }.into();
     // The strict profile: a drift is a divergence too.
     if def.tolerance == "strict" && r.verdict_pass && c.drift {

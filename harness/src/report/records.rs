@@ -29,6 +29,12 @@ pub struct RefNumbers {
     pub top1: Option<f64>,
     pub verdict: String,
     pub sites_not_compared: Vec<String>,
+    /// The next-token KL bounds this reference was judged with (per step: pass at or under
+    /// `pass_kl`, fail over `fail_kl`): the f32 logit tolerance, or the quantized row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_kl: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_kl: Option<f64>,
 }
 
 /// One reference against another: the noise floor.
@@ -39,6 +45,10 @@ pub struct PairNumbers {
     pub mean_kl: Option<f64>,
     pub max_kl: Option<f64>,
     pub top1: Option<f64>,
+    /// Per step: KL between the two references' next-token distributions (the noise floor
+    /// drawn on the KL chart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kl: Vec<Option<f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +79,16 @@ pub struct StepNumbers {
 pub struct LayerError {
     pub reference: String,
     pub steps: Vec<Vec<Option<f64>>>,
+    /// Per layer: the rel-L2 bounds of the layer's sites against this reference (pass at or
+    /// under `pass_bound`, fail over `fail_bound`; the tightest over the layer's sites).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_bound: Vec<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_bound: Vec<Option<f64>>,
+    /// Per layer: the noise floor, the largest over steps and the layer's sites of the
+    /// smallest rel-L2 between this reference and another one (empty with one reference).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub floor: Vec<Option<f64>>,
 }
 
 /// `[step][layer]` rel-L2 of the site kind (leaf name, e.g. `mlp_out`) that is worst over
@@ -78,6 +98,30 @@ pub struct Heatmap {
     pub reference: String,
     pub site: String,
     pub cells: Vec<Vec<Option<f64>>>,
+    /// Per layer: the site's rel-L2 bounds (the page colours each cell by rel-L2 ÷ pass
+    /// bound, on one scale for every case).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_bound: Vec<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fail_bound: Vec<Option<f64>>,
+}
+
+/// The case's largest error relative to its bound, over every reference, step and compared
+/// site (rel-L2 ÷ the site's pass bound) and every step's next-token KL (KL ÷ its pass
+/// bound): how wrong the case is, what the page sorts by within a verdict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorstError {
+    /// `value / pass_bound`: at most 1 within the pass bound.
+    pub ratio: f64,
+    pub value: f64,
+    /// `rel-l2` (a site) or `kl` (the next-token distribution).
+    pub metric: String,
+    pub pass_bound: f64,
+    pub fail_bound: f64,
+    pub step: usize,
+    pub layer: Option<usize>,
+    pub site: String,
+    pub reference: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +205,9 @@ pub struct CaseResult {
     pub generate: Vec<GenerateNumbers>,
     pub config: Vec<ConfigRow>,
     pub bisect: Option<BisectNumbers>,
+    /// The largest error relative to its bound (absent when nothing was compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst: Option<WorstError>,
     /// With `--full-json`: the case's complete run report (`lockstep run --json`: every site
     /// of every step), relative to the report directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,3 +286,150 @@ pub struct Thresholds {
     pub kl_noise_nats: f64,
 }
 
+
+/// *The* first divergence of a case ([`CaseResult::divergence`]) and who located it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located<'a> {
+    pub step: usize,
+    pub layer: Option<usize>,
+    pub site: &'a str,
+    pub reference: &'a str,
+    pub detail: &'a str,
+    /// Bisect's localization (`false`: the run's first failing site).
+    pub by_bisect: bool,
+}
+
+impl CaseResult {
+    /// Where the case first diverged: bisect's localization when bisect ran and found one
+    /// (it follows the data flow: a cache whose length differs, then the first site in forward
+    /// order over its pass bound, checked by running the layer in isolation), otherwise the
+    /// run's first site over its fail bound. The other one, when both exist, is evidence.
+    pub fn divergence(&self) -> Option<Located<'_>> {
+        if let Some(b) = self.bisect.as_ref().filter(|b| b.found && b.error.is_none()) {
+            if let (Some(step), Some(site)) = (b.step, b.site.as_deref()) {
+                return Some(Located {
+                    step,
+                    layer: b.layer,
+                    site,
+                    reference: b.reference.as_deref().unwrap_or(""),
+                    detail: b.detail.as_deref().unwrap_or(""),
+                    by_bisect: true,
+                });
+            }
+        }
+        self.first_divergence.as_ref().map(|d| Located {
+            step: d.step,
+            layer: d.layer,
+            site: &d.site,
+            reference: &d.reference,
+            detail: &d.detail,
+            by_bisect: false,
+        })
+    }
+
+    /// The verdict class, most wrong first: 0 error (nothing could be compared), 1 diverged,
+    /// 2 drift (passed, but over the noise floor somewhere), 3 pass.
+    pub fn verdict_rank(&self) -> u8 {
+        match self.verdict.as_str() {
+            "diverged" => 1,
+            "pass" if self.drift => 2,
+            "pass" => 3,
+            _ => 0,
+        }
+    }
+}
+
+/// The cases in the order the page shows them: by verdict class ([`CaseResult::verdict_rank`]),
+/// within a class by the worst error relative to its bound, largest first (cases with no
+/// compared numbers last), then in the suite's order.
+pub fn by_severity(cases: &[CaseResult]) -> Vec<&CaseResult> {
+    let mut v: Vec<&CaseResult> = cases.iter().collect();
+    let ratio = |c: &CaseResult| c.worst.as_ref().map(|w| w.ratio).unwrap_or(f64::NEG_INFINITY);
+    // A stable sort: equal keys keep the suite's order.
+    v.sort_by(|a, b| a.verdict_rank().cmp(&b.verdict_rank()).then(ratio(b).total_cmp(&ratio(a))));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(name: &str, verdict: &str, drift: bool, ratio: Option<f64>) -> CaseResult {
+        let def: CaseDef =
+            toml::from_str(&format!("name = '{name}'\nmodel = 'tiny'\nreferences = ['transformers']\nprompt = 'x'\nsteps = 2\n")).unwrap();
+        let mut c = CaseResult::error(&def, String::new(), 0.0);
+        c.verdict = verdict.into();
+        c.drift = drift;
+        c.worst = ratio.map(|ratio| WorstError {
+            ratio,
+            value: ratio * 1e-4,
+            metric: "rel-l2".into(),
+            pass_bound: 1e-4,
+            fail_bound: 1e-2,
+            step: 0,
+            layer: Some(0),
+            site: "layers.0.q".into(),
+            reference: "transformers".into(),
+        });
+        c
+    }
+
+    #[test]
+    fn cases_sort_by_verdict_class_then_worst_error_over_its_bound() {
+        let cases = vec![
+            case("pass-half", "pass", false, Some(0.5)),
+            case("diverged-10", "diverged", false, Some(10.0)),
+            case("pass-clean", "pass", false, Some(0.01)),
+            case("drift", "pass", true, Some(0.2)),
+            case("pass-unknown", "pass", false, None),
+            case("diverged-1e6", "diverged", false, Some(1e6)),
+            case("error", "error", false, None),
+            case("pass-half-later", "pass", false, Some(0.5)),
+        ];
+        let order: Vec<&str> = by_severity(&cases).iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            order,
+            ["error", "diverged-1e6", "diverged-10", "drift", "pass-half", "pass-half-later", "pass-clean", "pass-unknown"],
+            "errors, diverged, drift, pass; within a class the worst ratio first, ties in the suite's order"
+        );
+    }
+
+    #[test]
+    fn the_first_divergence_is_bisects_when_it_localized_one() {
+        let mut c = case("c", "diverged", false, Some(1e3));
+        assert_eq!(c.divergence(), None);
+        c.first_divergence = Some(FirstDivergence {
+            step: 1,
+            layer: Some(0),
+            site: "layers.0.q_rope".into(),
+            reference: "transformers".into(),
+            detail: "rel-L2 0.9".into(),
+        });
+        let run = c.divergence().unwrap();
+        assert!(!run.by_bisect && run.site == "layers.0.q_rope");
+        let mut b = BisectNumbers {
+            found: true,
+            step: Some(1),
+            layer: Some(0),
+            site: Some("layers.0.cache_k".into()),
+            reference: Some("transformers".into()),
+            detail: Some("the engine's cache holds 1 position".into()),
+            isolation: None,
+            diagnosis: Some("context-dropped".into()),
+            diagnosis_title: None,
+            evidence: vec![],
+            error: None,
+        };
+        c.bisect = Some(b.clone());
+        let d = c.divergence().unwrap();
+        assert!(d.by_bisect && d.site == "layers.0.cache_k" && d.step == 1 && d.layer == Some(0), "{d:?}");
+        // Bisect found nothing, or failed: the run's first failing site stands.
+        b.found = false;
+        c.bisect = Some(b.clone());
+        assert_eq!(c.divergence().unwrap().site, "layers.0.q_rope");
+        b.found = true;
+        b.error = Some("out of memory".into());
+        c.bisect = Some(b);
+        assert_eq!(c.divergence().unwrap().site, "layers.0.q_rope");
+    }
+}
