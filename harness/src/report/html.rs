@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::records::{BisectNumbers, CaseResult, HistoryLine, Report};
+use crate::report::records::{by_severity, BisectNumbers, CaseResult, HistoryLine, Report};
 
 /// HTML text escaping.
 pub fn esc(s: &str) -> String {
@@ -45,16 +45,48 @@ fn ramp(i: usize, n: usize) -> String {
     format!("#{:02x}{:02x}{:02x}", r as u8, g as u8, b as u8)
 }
 
-/// Viridis-like colour for t in [0, 1].
-fn heat(t: f64) -> String {
-    const STOPS: [(f64, f64, f64); 5] =
-        [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
-    let t = t.clamp(0.0, 1.0) * 4.0;
-    let i = (t.floor() as usize).min(3);
-    let f = t - i as f64;
-    let (a, b) = (STOPS[i], STOPS[i + 1]);
-    let m = |x: f64, y: f64| (x + (y - x) * f) as u8;
+/// The heatmap's colour scale, the same for every case: log10 of rel-L2 ÷ the site's pass
+/// bound, from `SCALE_LO` to `SCALE_HI` decades. Within the pass bound (ratio ≤ 1) the cool
+/// half, dark to pale blue; over it the hot half, pale yellow (just over) to dark red.
+const SCALE_LO: f64 = -4.0;
+const SCALE_HI: f64 = 4.0;
+
+/// Where a ratio (error ÷ pass bound) sits on the fixed scale, in [0, 1]; 0.5 is the pass bound.
+fn scale_t(ratio: f64) -> f64 {
+    if ratio <= 0.0 {
+        return 0.0;
+    }
+    ((ratio.log10() - SCALE_LO) / (SCALE_HI - SCALE_LO)).clamp(0.0, 1.0)
+}
+
+/// The colour of `t` on the fixed scale; `hot` picks the half over the pass bound.
+fn scale_colour(t: f64, hot: bool) -> String {
+    const COOL: [(f64, f64, f64); 3] = [(8.0, 48.0, 107.0), (66.0, 146.0, 198.0), (198.0, 219.0, 239.0)];
+    const HOT: [(f64, f64, f64); 3] = [(254.0, 224.0, 139.0), (244.0, 109.0, 67.0), (165.0, 0.0, 38.0)];
+    let (stops, u) = if hot { (HOT, ((t - 0.5) * 2.0).clamp(0.0, 1.0)) } else { (COOL, (t * 2.0).clamp(0.0, 1.0)) };
+    let x = u * 2.0;
+    let i = (x.floor() as usize).min(1);
+    let f = x - i as f64;
+    let (a, b) = (stops[i], stops[i + 1]);
+    let m = |x: f64, y: f64| (x + (y - x) * f).round() as u8;
     format!("#{:02x}{:02x}{:02x}", m(a.0, b.0), m(a.1, b.1), m(a.2, b.2))
+}
+
+/// A reference line drawn under a chart's series: a bound or the noise floor, one value per
+/// x (`None`: none there). A line whose values are all equal spans the whole chart.
+pub struct Guide {
+    /// `bound-pass`, `bound-fail` or `floor`: the SVG class the page's check and CSS use.
+    pub class: &'static str,
+    pub label: String,
+    pub values: Vec<Option<f64>>,
+}
+
+fn guide_style(class: &str) -> (&'static str, &'static str) {
+    match class {
+        "bound-pass" => ("#2ca02c", "7 4"),
+        "bound-fail" => ("#d62728", "7 4"),
+        _ => ("#7f7f7f", "2 3"),
+    }
 }
 
 /// log10 range of the finite positive values, widened to whole decades.
@@ -108,7 +140,7 @@ fn frame(o: &mut String, lo: f64, hi: f64, x_label: &str, y_label: &str) {
 }
 
 /// A line chart with a log y axis; one series per (label, colour, values by x).
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series: &[(String, String, Vec<Option<f64>>)]) -> String {
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series: &[(String, String, Vec<Option<f64>>)], guides: &[Guide]) -> String {
     let mut o = String::new();
     let _ = write!(
         o,
@@ -116,7 +148,7 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series:
         esc(title),
         esc(title)
     );
-    let Some((lo, hi)) = decades(series.iter().flat_map(|s| s.2.iter())) else {
+    let Some((lo, hi)) = decades(series.iter().flat_map(|s| s.2.iter()).chain(guides.iter().flat_map(|g| g.values.iter()))) else {
         frame(&mut o, -1.0, 0.0, x_label, y_label);
         let _ = write!(o, r##"<text x="{}" y="{}" text-anchor="middle" class="axis">no positive values (exact agreement)</text></svg></figure>"##, W / 2.0, H / 2.0);
         return o;
@@ -129,6 +161,28 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series:
     let every = n_x.div_ceil(12).max(1);
     for i in (0..n_x).step_by(every) {
         let _ = write!(o, r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" class="tick">{i}</text>"##, xs(i), y1 + 14.0);
+    }
+    for g in guides {
+        let (colour, dash) = guide_style(g.class);
+        let pts: Vec<(usize, f64)> =
+            g.values.iter().enumerate().filter_map(|(i, v)| v.filter(|v| *v >= 0.0 && v.is_finite()).map(|v| (i, v))).collect();
+        let Some(&(_, first)) = pts.first() else { continue };
+        let d = if n_x <= 1 || pts.iter().all(|(_, v)| *v == first) {
+            format!("M{x0:.1},{:.1} L{x1:.1},{:.1}", ys(first), ys(first))
+        } else {
+            // A staircase: a bound holds per x, it does not slope between two.
+            let mut d = format!("M{:.1},{:.1}", xs(pts[0].0), ys(pts[0].1));
+            for w in pts.windows(2) {
+                let _ = write!(d, " L{:.1},{:.1} L{:.1},{:.1}", xs(w[1].0), ys(w[0].1), xs(w[1].0), ys(w[1].1));
+            }
+            d
+        };
+        let _ = write!(
+            o,
+            r##"<path class="guide {}" d="{d}" fill="none" stroke="{colour}" stroke-width="1.4" stroke-dasharray="{dash}"><title>{}</title></path>"##,
+            g.class,
+            esc(&g.label)
+        );
     }
     for (label, colour, vals) in series {
         let mut d = String::new();
@@ -154,6 +208,14 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series:
         }
     }
     o.push_str("</svg>");
+    if !guides.is_empty() {
+        o.push_str(r#"<div class="legend guides">"#);
+        for g in guides {
+            let (colour, _) = guide_style(g.class);
+            let _ = write!(o, r#"<span class="{}"><i class="dash" style="border-color:{colour}"></i>{}</span>"#, g.class, esc(&g.label));
+        }
+        o.push_str("</div>");
+    }
     if series.len() <= 8 {
         o.push_str(r#"<div class="legend">"#);
         for (label, colour, _) in series {
@@ -174,36 +236,47 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, n_x: usize, series:
     o
 }
 
-/// A step × layer heatmap of one site's rel-L2 (log colour scale).
-pub fn heatmap(title: &str, cells: &[Vec<Option<f64>>]) -> String {
+/// A step × layer heatmap of one site's rel-L2 ÷ its pass bound, on the fixed scale
+/// ([`SCALE_LO`]..[`SCALE_HI`] decades, the pass bound in the middle) shared by every case:
+/// a clean case is all cool, a case over its bounds has hot cells. `fail_ratio` marks this
+/// case's fail bound on the legend.
+pub fn heatmap(title: &str, cells: &[Vec<Option<f64>>], pass_bound: &[Option<f64>], fail_bound: &[Option<f64>]) -> String {
     let mut o = String::new();
     let rows = cells.len();
     let cols = cells.iter().map(|r| r.len()).max().unwrap_or(0);
     let _ = write!(
         o,
-        r##"<figure><figcaption>{}</figcaption><svg class="chart heatmap" viewBox="0 0 {W} {H}" role="img" aria-label="{}" xmlns="http://www.w3.org/2000/svg">"##,
+        r##"<figure><figcaption>{}</figcaption><svg class="chart heatmap" data-scale="{SCALE_LO},{SCALE_HI}" viewBox="0 0 {W} {H}" role="img" aria-label="{}" xmlns="http://www.w3.org/2000/svg">"##,
         esc(title),
         esc(title)
     );
-    let (x0, x1, y0, y1) = (ML, W - MR - 60.0, MT, H - MB);
+    let (x0, x1, y0, y1) = (ML, W - MR - 84.0, MT, H - MB);
     let _ = write!(o, r##"<path class="frame" d="M{x0},{y0} L{x0},{y1} L{x1},{y1}" fill="none" stroke="#555"/>"##);
-    let range = decades(cells.iter().flat_map(|r| r.iter()));
-    if rows == 0 || cols == 0 || range.is_none() {
+    if rows == 0 || cols == 0 || cells.iter().flatten().all(|v| v.is_none()) {
         let _ = write!(o, r##"<text x="{}" y="{}" text-anchor="middle" class="axis">no data</text></svg></figure>"##, W / 2.0, H / 2.0);
         return o;
     }
-    let (lo, hi) = range.expect("checked");
     let (cw, ch) = ((x1 - x0) / cols as f64, (y1 - y0) / rows as f64);
     for (s, row) in cells.iter().enumerate() {
         for (l, v) in row.iter().enumerate() {
-            let (fill, tip) = match v {
-                Some(v) if *v > 0.0 => (heat((v.log10() - lo) / (hi - lo)), format!("step {s}, layer {l}: {v:.2e}")),
-                Some(_) => (heat(0.0), format!("step {s}, layer {l}: 0")),
-                None => ("#eee".to_string(), format!("step {s}, layer {l}: not compared")),
+            let bound = pass_bound.get(l).copied().flatten().filter(|b| *b > 0.0);
+            let (class, fill, ratio, tip) = match (v, bound) {
+                (Some(v), Some(b)) => {
+                    let r = v / b;
+                    let hot = r > 1.0;
+                    (
+                        if hot { "cell hot" } else { "cell cool" },
+                        scale_colour(scale_t(r), hot),
+                        format!("{r:.3e}"),
+                        format!("step {s}, layer {l}: rel-L2 {v:.2e} = {r:.2e} × the pass bound {b:.0e}"),
+                    )
+                }
+                (Some(v), None) => ("cell unbounded", "#ccc".to_string(), String::new(), format!("step {s}, layer {l}: rel-L2 {v:.2e} (no bound recorded)")),
+                (None, _) => ("cell none", "#eee".to_string(), String::new(), format!("step {s}, layer {l}: not compared")),
             };
             let _ = write!(
                 o,
-                r##"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="{:.2}" fill="{fill}"><title>{tip}</title></rect>"##,
+                r##"<rect class="{class}" data-ratio="{ratio}" x="{:.2}" y="{:.2}" width="{:.2}" height="{:.2}" fill="{fill}"><title>{tip}</title></rect>"##,
                 x0 + l as f64 * cw,
                 y0 + s as f64 * ch,
                 cw + 0.3,
@@ -227,16 +300,41 @@ pub fn heatmap(title: &str, cells: &[Vec<Option<f64>>]) -> String {
         (y0 + y1) / 2.0,
         (y0 + y1) / 2.0
     );
-    // Colour scale.
-    let (sx, sw) = (x1 + 18.0, 14.0);
-    let n = 20;
+    // The fixed colour scale: error ÷ pass bound, 1e-4 .. 1e4, the pass bound in the middle.
+    let (sx, sw) = (x1 + 30.0, 14.0);
+    let n = 32;
+    let yt = |t: f64| y1 - (y1 - y0) * t;
     for k in 0..n {
-        let t = k as f64 / (n - 1) as f64;
-        let y = y1 - (y1 - y0) * (k + 1) as f64 / n as f64;
-        let _ = write!(o, r##"<rect x="{sx}" y="{y:.1}" width="{sw}" height="{:.2}" fill="{}"/>"##, (y1 - y0) / n as f64 + 0.3, heat(t));
+        let t = (k as f64 + 0.5) / n as f64;
+        let _ = write!(
+            o,
+            r##"<rect class="scale" x="{sx}" y="{:.1}" width="{sw}" height="{:.2}" fill="{}"/>"##,
+            yt((k + 1) as f64 / n as f64),
+            (y1 - y0) / n as f64 + 0.3,
+            scale_colour(t, t > 0.5)
+        );
     }
-    let _ = write!(o, r##"<text x="{:.1}" y="{:.1}" class="tick">1e{}</text><text x="{:.1}" y="{:.1}" class="tick">1e{}</text>"##, sx + sw + 3.0, y0 + 8.0, hi as i64, sx + sw + 3.0, y1, lo as i64);
-    o.push_str("</svg></figure>");
+    let mut d = SCALE_LO as i64;
+    while d <= SCALE_HI as i64 {
+        let y = yt(scale_t(10f64.powi(d as i32)));
+        let label = if d == 0 { "pass".to_string() } else { format!("1e{d}") };
+        let _ = write!(o, r##"<text x="{:.1}" y="{:.1}" class="tick">{label}</text>"##, sx + sw + 3.0, y + 4.0);
+        d += 2;
+    }
+    let fail_ratio = pass_bound.iter().zip(fail_bound).filter_map(|(p, f)| Some(f.as_ref()? / p.as_ref()?)).fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.min(r))));
+    if let Some(fr) = fail_ratio.filter(|r| r.is_finite() && *r > 0.0) {
+        let y = yt(scale_t(fr));
+        let _ = write!(
+            o,
+            r##"<path class="scale-fail" d="M{:.1},{y:.1} L{:.1},{y:.1}" stroke="#000" stroke-width="2"><title>this case's fail bound: {fr:.0} × its pass bound</title></path><text x="{:.1}" y="{:.1}" text-anchor="end" class="tick">fail</text>"##,
+            sx - 3.0,
+            sx + sw + 3.0,
+            sx - 4.0,
+            y + 4.0
+        );
+    }
+    o.push_str("</svg>");
+    o.push_str(r#"<div class="legend">colour: rel-L2 ÷ the site's pass bound, one scale for every case: blue within the pass bound, yellow to red over it (“fail”: this case's fail bound)</div></figure>"#);
     o
 }
 
@@ -340,6 +438,75 @@ fn badge(c: &CaseResult) -> String {
     format!(r#"<span class="badge {cls}{exp}">{text}</span>"#)
 }
 
+/// `error`, `diverged`, `drift` or `pass`: the class a case sorts in.
+fn verdict_class(c: &CaseResult) -> &'static str {
+    match c.verdict_rank() {
+        0 => "error",
+        1 => "diverged",
+        2 => "drift",
+        _ => "pass",
+    }
+}
+
+/// The summary's diagnosis: bisect's named cause when it found one, what bisect said
+/// otherwise, the error of a case that did not run, and for a passing case where it is
+/// closest to its bound.
+fn diagnosis(c: &CaseResult) -> String {
+    if let Some(e) = &c.error {
+        return format!("error: {}", e.lines().next().unwrap_or("").chars().take(90).collect::<String>());
+    }
+    match &c.bisect {
+        Some(b) if b.error.is_some() => format!("bisect failed: {}", b.error.as_deref().unwrap_or("").lines().next().unwrap_or("")),
+        Some(b) if b.diagnosis_title.is_some() => {
+            format!("{} [{}]", b.diagnosis_title.as_deref().unwrap_or(""), b.diagnosis.as_deref().unwrap_or(""))
+        }
+        Some(b) if !b.found => "bisect found nothing over its bounds".into(),
+        Some(_) => "localized by bisect, no named cause".into(),
+        None if c.verdict == "diverged" => "not bisected".into(),
+        None if c.drift => drift_diagnosis(c),
+        None if c.worst.is_some() => "within bounds".into(),
+        None => "–".into(),
+    }
+}
+
+/// What drifted first: a top-1 token that differs on a near tie, a next-token distribution
+/// or a site over its pass bound but not failed (under the fail bound, or within the noise
+/// floor).
+fn drift_diagnosis(c: &CaseResult) -> String {
+    for s in &c.steps {
+        if let Some(r) = s.references.iter().find(|r| r.verdict == "drift") {
+            return if !r.top1_agree {
+                format!("drift: at step {} the top-1 token differs from {}'s on a near tie", s.step, r.reference)
+            } else {
+                format!("drift: at step {} vs {}, over a pass bound but not failed", s.step, r.reference)
+            };
+        }
+    }
+    match c.references.iter().find(|r| r.verdict == "drift") {
+        Some(r) => format!("drift: over the run vs {}, over a pass bound but not failed", r.reference),
+        None => "drift: over a pass bound but not failed".into(),
+    }
+}
+
+/// The worst error ÷ its pass bound, with where it is as a tooltip.
+fn worst_cell(c: &CaseResult) -> String {
+    match &c.worst {
+        None => "–".into(),
+        Some(w) => format!(
+            r#"<span title="{} {:.2e} at step {}, {}{} vs {} (pass bound {:.0e}, fail bound {:.0e})">{}×</span>"#,
+            if w.metric == "kl" { "KL" } else { "rel-L2" },
+            w.value,
+            w.step,
+            w.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+            esc(&w.site),
+            esc(&w.reference),
+            w.pass_bound,
+            w.fail_bound,
+            sci(Some(w.ratio))
+        ),
+    }
+}
+
 fn anchor(name: &str) -> String {
     format!("case-{}", name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"))
 }
@@ -374,27 +541,62 @@ svg .tick{font-size:12px;fill:#555}svg .axis{font-size:13px;fill:#333}
 pre{white-space:pre-wrap;word-break:break-word;background:#f4f4f4;padding:8px;border-radius:4px;font-size:.85rem}
 .diff td{background:#fff4e5}.agree{color:#2ca02c}.flip{color:#d62728;font-weight:700}
 code{font-size:.88em}
+.first-divergence{background:#fff4e5;border-left:4px solid #ff7f0e;padding:6px 10px}.first-divergence .by{color:#555;font-size:.85rem}
+.secondary-evidence{margin-top:-.4em}
+.legend.guides i.dash{width:18px;height:0;border-top:2px dashed;background:none}
+td.diagnosis{min-width:12em}#summary td.wrap:nth-child(3){min-width:9em}
 @media (max-width:640px){body{font-size:14px}main{padding:8px}th,td{padding:4px 5px}.hide-sm{display:none}}
 "#;
 
 /// After load, the page checks itself: every chart has drawn paths with a real size (what
-/// the headless-browser test reads back from `data-render`).
+/// the headless-browser test reads back from `data-render`; closed cases are opened for the
+/// measurement and closed again), and it writes what it shows as JSON into
+/// `<script id="self-check">` for the test: the summary rows in order with their verdict
+/// class, rank, worst ratio and diagnosis, and per case card whether it is open, how many
+/// "first divergence" lines it has, its secondary evidence, the bound and floor lines of
+/// its charts and its heatmap's cool and hot cells.
 const JS: &str = r#"
 (function(){
+  var cards=Array.prototype.slice.call(document.querySelectorAll('details.case'));
+  var wasOpen=cards.map(function(d){return d.open;});
+  cards.forEach(function(d){d.open=true;});
   var charts=document.querySelectorAll('svg.chart'),bad=0,drawn=0;
   charts.forEach(function(s){
     var ps=s.querySelectorAll('path'),ok=false;
     ps.forEach(function(p){var d=p.getAttribute('d')||'';var b=p.getBBox();if(d.trim().length>0&&(b.width>0||b.height>0))ok=true;});
     if(ok)drawn++;else bad++;
   });
-  var rows=document.querySelectorAll('#summary tbody tr').length;
+  var guides=0,guidesDrawn=0;
+  document.querySelectorAll('svg.chart path.guide').forEach(function(p){guides++;var b=p.getBBox();if(b.width>0||b.height>0)guidesDrawn++;});
+  cards.forEach(function(d,i){d.open=wasOpen[i];});
+  var rows=document.querySelectorAll('#summary tbody tr');
+  var count=function(re,t){var m=t.match(re);return m?m.length:0;};
+  var n=function(el,sel){return el?el.querySelectorAll(sel).length:0;};
+  var check={guides:guides,guides_drawn:guidesDrawn,summary:[],cases:[]};
+  rows.forEach(function(r){
+    var dg=r.querySelector('td.diagnosis');
+    check.summary.push({case:r.getAttribute('data-case'),verdict:r.getAttribute('data-verdict'),rank:Number(r.getAttribute('data-rank')),
+      ratio:r.getAttribute('data-ratio')===''?null:Number(r.getAttribute('data-ratio')),diagnosis:dg?dg.textContent:null});
+  });
+  cards.forEach(function(d){
+    var line=d.querySelector('svg.chart.line'),heat=d.querySelector('svg.chart.heatmap'),kl=d.querySelectorAll('svg.chart.line')[1];
+    var lines=function(s){return s?{pass:n(s,'path.guide.bound-pass'),fail:n(s,'path.guide.bound-fail'),floor:n(s,'path.guide.floor')}:null;};
+    check.cases.push({case:d.getAttribute('data-case'),verdict:d.getAttribute('data-verdict'),open:d.open,
+      first_divergence:n(d,'.first-divergence'),first_divergence_text:count(/first divergence/gi,d.textContent),
+      secondary:n(d,'.secondary-evidence'),layer_chart:lines(line),kl_chart:lines(kl),
+      heatmap:heat?{scale:heat.getAttribute('data-scale'),cool:n(heat,'rect.cell.cool'),hot:n(heat,'rect.cell.hot'),unbounded:n(heat,'rect.cell.unbounded')}:null});
+  });
+  var out=document.createElement('script');
+  out.type='application/json';out.id='self-check';
+  out.textContent=JSON.stringify(check).replace(/</g,'\\u003c');
+  document.body.appendChild(out);
   document.body.setAttribute('data-charts',String(charts.length));
   document.body.setAttribute('data-charts-drawn',String(drawn));
-  document.body.setAttribute('data-summary-rows',String(rows));
-  document.body.setAttribute('data-render',bad===0&&charts.length>0&&rows>0?'ok':'fail');
+  document.body.setAttribute('data-summary-rows',String(rows.length));
+  document.body.setAttribute('data-render',bad===0&&charts.length>0&&rows.length>0&&guidesDrawn===guides?'ok':'fail');
   var f=document.getElementById('only-bad');
   if(f)f.addEventListener('change',function(){
-    document.querySelectorAll('#summary tbody tr').forEach(function(r){r.style.display=f.checked&&!r.classList.contains('unexpected')?'none':'';});
+    rows.forEach(function(r){r.style.display=f.checked&&!r.classList.contains('unexpected')?'none':'';});
   });
 })();
 "#;
@@ -402,7 +604,18 @@ const JS: &str = r#"
 /// One case's section of the page: a `<details>` block with everything known about the case.
 fn case_section(c: &CaseResult, trend: Option<&Vec<HistoryLine>>) -> String {
     let mut o = String::new();
-    let _ = write!(o, r#"<details class="case" id="{}" open><summary>{} {}</summary>"#, anchor(&c.name), esc(&c.name), badge(c));
+    // Failures open, passing cases (drift included) closed: the page leads with what is wrong.
+    let open = c.verdict != "pass" || !c.as_expected;
+    let _ = write!(
+        o,
+        r#"<details class="case" id="{}" data-case="{}" data-verdict="{}"{}><summary>{} {}</summary>"#,
+        anchor(&c.name),
+        esc(&c.name),
+        verdict_class(c),
+        if open { " open" } else { "" },
+        esc(&c.name),
+        badge(c)
+    );
     o.push_str(&case_meta(c));
     o.push_str(&case_notices(c));
     if let Some(t) = trend.filter(|t| !t.is_empty()) {
@@ -466,16 +679,47 @@ fn case_notices(c: &CaseResult) -> String {
     if let Some(j) = &c.run_json {
         let _ = write!(o, r#"<p class="meta">every site of every step: <a href="{}">{}</a></p>"#, esc(j), esc(j));
     }
-    if let Some(f) = &c.first_divergence {
+    if let Some(d) = c.divergence() {
+        let by = if d.by_bisect {
+            "localized by bisect".to_string()
+        } else {
+            match &c.bisect {
+                Some(b) if b.error.is_some() => "the run's first site over its fail bound; bisect failed".into(),
+                Some(_) => "the run's first site over its fail bound; bisect found nothing over its bounds".into(),
+                None => "the run's first site over its fail bound".into(),
+            }
+        };
         let _ = write!(
             o,
-            "<p><b>First divergence</b>: step {}, {}site <code>{}</code> vs {}: {}</p>",
-            f.step,
-            f.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
-            esc(&f.site),
-            esc(&f.reference),
-            esc(&f.detail)
+            r#"<p class="first-divergence"><b>First divergence</b>: step {}, {}site <code>{}</code> vs {}{} <span class="by">({by})</span></p>"#,
+            d.step,
+            d.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+            esc(d.site),
+            esc(d.reference),
+            if d.detail.is_empty() { String::new() } else { format!(": {}", esc(d.detail)) },
         );
+        // The run's own first failing site is evidence next to bisect's localization, not
+        // another "first": it is the first over the fail bound in the order the run compares
+        // sites, where bisect follows the data flow (a cache whose length differs first).
+        if let (true, Some(f)) = (d.by_bisect, &c.first_divergence) {
+            let same = f.step == d.step && f.layer == d.layer && f.site == d.site;
+            let _ = write!(
+                o,
+                r#"<p class="secondary-evidence meta"><b>Secondary evidence</b>, the run's comparison: {}</p>"#,
+                if same {
+                    "its first site over the fail bound is the same site".to_string()
+                } else {
+                    format!(
+                        "its first site over the fail bound, in the order it compares sites, is step {}, {}<code>{}</code> vs {}: {}",
+                        f.step,
+                        f.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+                        esc(&f.site),
+                        esc(&f.reference),
+                        esc(&f.detail)
+                    )
+                }
+            );
+        }
     }
     if let Some(s) = &c.stopped_before_step0 {
         let _ = write!(o, "<p><b>Stopped before step 0</b>: {}</p>", esc(s));
@@ -488,7 +732,7 @@ fn case_trend(t: &[HistoryLine]) -> String {
     let mut o = String::new();
     let _ = write!(
         o,
-        r#"<details><summary>Trend over the last {} report(s), mean KL: {}</summary><div class="scroll"><table class="trend"><thead><tr><th>date</th><th>verdict</th><th>first divergence</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th></tr></thead><tbody>"#,
+        r#"<details><summary>Trend over the last {} report(s), mean KL: {}</summary><div class="scroll"><table class="trend"><thead><tr><th>date</th><th>verdict</th><th>diverged at</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th></tr></thead><tbody>"#,
         t.len(),
         sparkline(t)
     );
@@ -543,6 +787,54 @@ fn case_references(c: &CaseResult) -> String {
     o
 }
 
+/// The guides of the error-per-layer chart: the pass and fail bounds and the noise floor.
+fn layer_guides(le: &crate::report::records::LayerError) -> Vec<Guide> {
+    let mut g = vec![];
+    let label = |what: &str, v: &[Option<f64>]| {
+        let vals: Vec<f64> = v.iter().flatten().copied().collect();
+        match (vals.iter().cloned().fold(f64::INFINITY, f64::min), vals.iter().cloned().fold(0.0, f64::max)) {
+            (a, b) if a == b => format!("{what} {a:.0e}"),
+            (a, b) => format!("{what} {a:.0e}..{b:.0e} (per layer)"),
+        }
+    };
+    if le.pass_bound.iter().any(|b| b.is_some()) {
+        g.push(Guide { class: "bound-pass", label: label("pass bound", &le.pass_bound), values: le.pass_bound.clone() });
+    }
+    if le.fail_bound.iter().any(|b| b.is_some()) {
+        g.push(Guide { class: "bound-fail", label: label("fail bound", &le.fail_bound), values: le.fail_bound.clone() });
+    }
+    if !le.floor.is_empty() {
+        g.push(Guide { class: "floor", label: "noise floor (reference vs reference, worst step)".into(), values: le.floor.clone() });
+    }
+    g
+}
+
+/// The guides of the KL chart: each distinct (pass, fail) KL bound of the references, and
+/// each pair of references' KL per step (the noise floor).
+fn kl_guides(c: &CaseResult) -> Vec<Guide> {
+    let n = c.steps.len();
+    let mut g = vec![];
+    let mut bounds: Vec<(f64, f64, Vec<&str>)> = vec![];
+    for r in &c.references {
+        if let (Some(p), Some(f)) = (r.pass_kl, r.fail_kl) {
+            match bounds.iter_mut().find(|b| b.0 == p && b.1 == f) {
+                Some(b) => b.2.push(&r.reference),
+                None => bounds.push((p, f, vec![&r.reference])),
+            }
+        }
+    }
+    let many = bounds.len() > 1;
+    for (p, f, who) in &bounds {
+        let whom = if many { format!(" ({})", who.join(", ")) } else { String::new() };
+        g.push(Guide { class: "bound-pass", label: format!("pass bound KL {p:.0e}{whom}"), values: vec![Some(*p); n] });
+        g.push(Guide { class: "bound-fail", label: format!("fail bound KL {f:.0e}{whom}"), values: vec![Some(*f); n] });
+    }
+    for p in c.pairs.iter().filter(|p| !p.kl.is_empty()) {
+        g.push(Guide { class: "floor", label: format!("noise floor: {} vs {}", p.a, p.b), values: p.kl.clone() });
+    }
+    g
+}
+
 /// The case's charts: error per layer and step, the step × layer heatmap, KL, margins.
 fn case_charts(c: &CaseResult) -> String {
     let mut o = String::new();
@@ -556,15 +848,21 @@ fn case_charts(c: &CaseResult) -> String {
             .map(|(s, row)| (if s == 0 { "step 0 (prefill)".to_string() } else { format!("step {s}") }, ramp(s, n), row.clone()))
             .collect();
         o.push_str(&line_chart(
-            &format!("error per layer for each step (worst rel-L2 of the layer's sites vs {})", le.reference),
+            &format!("error per layer for each step (worst rel-L2 of the layer's sites vs {}), with its bounds and the noise floor", le.reference),
             "layer",
             "rel-L2",
             c.num_layers,
             &series,
+            &layer_guides(le),
         ));
     }
     if let Some(h) = &c.heatmap {
-        o.push_str(&heatmap(&format!("step × layer rel-L2 of the worst site, {} (vs {})", h.site, h.reference), &h.cells));
+        o.push_str(&heatmap(
+            &format!("step × layer rel-L2 ÷ pass bound of the worst site, {} (vs {})", h.site, h.reference),
+            &h.cells,
+            &h.pass_bound,
+            &h.fail_bound,
+        ));
     }
     let n_refs = c.steps[0].references.len();
     let kl: Vec<(String, String, Vec<Option<f64>>)> = (0..n_refs)
@@ -576,7 +874,7 @@ fn case_charts(c: &CaseResult) -> String {
             )
         })
         .collect();
-    o.push_str(&line_chart("KL(reference ‖ engine) of the next token, per step", "step", "KL (nats)", c.steps.len(), &kl));
+    o.push_str(&line_chart("KL(reference ‖ engine) of the next token, per step", "step", "KL (nats)", c.steps.len(), &kl, &kl_guides(c)));
     o.push_str(&margin_chart(c));
     o.push_str("</div>");
     o
@@ -623,7 +921,7 @@ fn case_texts(c: &CaseResult) -> String {
     o
 }
 
-/// The case's bisect: its error, or the first failing site, isolation and diagnosis.
+/// The case's bisect: its error, or where it localized, isolation and diagnosis.
 fn case_bisect(b: &BisectNumbers) -> String {
     let mut o = String::new();
     o.push_str("<h3>Bisect</h3>");
@@ -634,12 +932,11 @@ fn case_bisect(b: &BisectNumbers) -> String {
     } else {
         let _ = write!(
             o,
-            "<p>first failing site <code>{}</code>{} at step {} (vs {}){}</p>",
+            "<p>localized to <code>{}</code>{} at step {} (vs {}), the divergence shown above</p>",
             esc(b.site.as_deref().unwrap_or("-")),
             b.layer.map(|l| format!(", layer {l}")).unwrap_or_default(),
             b.step.map(|s| s.to_string()).unwrap_or("-".into()),
             esc(b.reference.as_deref().unwrap_or("-")),
-            b.detail.as_deref().map(|d| format!(": {}", esc(d))).unwrap_or_default()
         );
         if let Some(i) = &b.isolation {
             let _ = write!(o, "<p>isolation: {}</p>", esc(i));
@@ -720,24 +1017,30 @@ pub fn page(rep: &Report) -> String {
         o.push_str(r#"<div class="ok">No regression since the last report.</div>"#);
     }
     let with_trend = !rep.trend.is_empty();
-    o.push_str(r#"<h2>Summary</h2><label class="meta"><input type="checkbox" id="only-bad"> only cases not as expected</label><div class="scroll"><table id="summary"><thead><tr><th>case</th><th>verdict</th><th>first divergence</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th>"#);
+    o.push_str(r#"<h2>Summary</h2><label class="meta"><input type="checkbox" id="only-bad"> only cases not as expected</label><div class="scroll"><table id="summary"><thead><tr><th>case</th><th>verdict</th><th>first divergence</th><th>diagnosis</th><th class="num" title="the largest rel-L2 ÷ its pass bound over the sites, or KL ÷ its pass bound (at most 1: within the bounds)">worst ÷<br>pass bound</th><th class="num">mean KL</th><th class="num">max KL</th><th class="num">top-1</th><th class="num">time</th>"#);
     if with_trend {
         o.push_str("<th class=\"hide-sm\">trend (mean KL)</th>");
     }
     o.push_str("</tr></thead><tbody>");
-    for c in &rep.cases {
-        let fd = match (&c.first_divergence, &c.error) {
-            (_, Some(e)) => esc(&e.lines().next().unwrap_or("").chars().take(90).collect::<String>()),
-            (Some(_), None) => esc(&c.where_short()),
-            (None, None) => "–".into(),
+    let order = by_severity(&rep.cases);
+    for c in &order {
+        let fd = match c.divergence() {
+            Some(_) => esc(&c.where_short()),
+            None => "–".into(),
         };
         let _ = write!(
             o,
-            r##"<tr class="{}"><td><a href="#{}">{}</a></td><td>{}</td><td class="wrap">{fd}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{:.1} s</td>"##,
+            r##"<tr class="{}" data-case="{}" data-verdict="{}" data-rank="{}" data-ratio="{}"><td><a href="#{}">{}</a></td><td>{}</td><td class="wrap">{fd}</td><td class="wrap diagnosis">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{}</td><td class="num">{:.1} s</td>"##,
             if c.as_expected { "expected" } else { "unexpected" },
+            esc(&c.name),
+            verdict_class(c),
+            c.verdict_rank(),
+            c.worst.as_ref().map(|w| format!("{:e}", w.ratio)).unwrap_or_default(),
             anchor(&c.name),
             esc(&c.name),
             badge(c),
+            esc(&diagnosis(c)),
+            worst_cell(c),
             sci(c.mean_kl),
             sci(c.max_kl),
             pct(c.top1),
@@ -751,11 +1054,11 @@ pub fn page(rep: &Report) -> String {
     o.push_str("</tbody></table></div>");
     let _ = write!(
         o,
-        r#"<p class="meta">KL is KL(reference ‖ engine) of the next-token distribution in nats, worst over the case's references; top-1 is the share of steps where the engine and the reference pick the same token. A regression is a case that was as expected last time and is not now, or whose mean KL grew more than ×{} and above {:e} nats.</p>"#,
+        r#"<p class="meta">KL is KL(reference ‖ engine) of the next-token distribution in nats, worst over the case's references; top-1 is the share of steps where the engine and the reference pick the same token. Cases are sorted most wrong first: errors, then diverged, drifted and passing cases, each by its worst error ÷ pass bound. A regression is a case that was as expected last time and is not now, or whose mean KL grew more than ×{} and above {:e} nats.</p>"#,
         rep.thresholds.kl_growth_factor, rep.thresholds.kl_noise_nats
     );
     o.push_str("<h2>Cases</h2>");
-    for c in &rep.cases {
+    for c in &order {
         o.push_str(&case_section(c, rep.trend.get(&c.name)));
     }
     let _ = write!(o, "</main><script>{JS}</script></body></html>\n");
@@ -779,27 +1082,73 @@ pub fn summary_md(rep: &Report) -> String {
         }
         o.push('\n');
     }
-    let _ = writeln!(o, "| case | verdict | first divergence | mean KL | max KL | top-1 | time |");
-    let _ = writeln!(o, "|---|---|---|---:|---:|---:|---:|");
-    for c in &rep.cases {
+    let _ = writeln!(o, "| case | verdict | first divergence | diagnosis | worst ÷ pass bound | mean KL | max KL | top-1 | time |");
+    let _ = writeln!(o, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for c in by_severity(&rep.cases) {
         let v = match (c.verdict.as_str(), c.as_expected) {
             ("pass", true) if c.drift => "pass (drift)".to_string(),
             (v, true) => v.to_string(),
             (v, false) => format!("**{v}** (expected {})", c.def.expect),
         };
-        let fd = match &c.error {
-            Some(e) => e.lines().next().unwrap_or("").chars().take(80).collect::<String>().replace('|', "\\|"),
-            None => c.where_short(),
-        };
-        let _ = writeln!(o, "| {} | {v} | {fd} | {} | {} | {} | {:.1} s |", c.name, sci(c.mean_kl), sci(c.max_kl), pct(c.top1), c.timing.total_s);
-    }
-    let diagnosed: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.bisect.as_ref().is_some_and(|b| b.diagnosis.is_some())).collect();
-    if !diagnosed.is_empty() {
-        o.push('\n');
-        for c in diagnosed {
-            let b = c.bisect.as_ref().expect("filtered");
-            let _ = writeln!(o, "- `{}`: bisect: {} [{}]", c.name, b.diagnosis_title.as_deref().unwrap_or(""), b.diagnosis.as_deref().unwrap_or(""));
-        }
+        let cell = |s: String| s.replace('|', "\\|").replace('\n', " ");
+        let worst = c.worst.as_ref().map(|w| format!("{}×", sci(Some(w.ratio)))).unwrap_or("–".into());
+        let _ = writeln!(
+            o,
+            "| {} | {v} | {} | {} | {worst} | {} | {} | {} | {:.1} s |",
+            c.name,
+            cell(c.where_short()),
+            cell(diagnosis(c)),
+            sci(c.mean_kl),
+            sci(c.max_kl),
+            pct(c.top1),
+            c.timing.total_s
+        );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_colour_scale_is_the_error_over_its_pass_bound_the_same_for_every_case() {
+        // The pass bound sits in the middle of the fixed scale; its ends are fixed decades.
+        assert_eq!(scale_t(1.0), 0.5);
+        assert_eq!(scale_t(10f64.powf(SCALE_LO)), 0.0);
+        assert_eq!(scale_t(10f64.powf(SCALE_HI)), 1.0);
+        assert_eq!(scale_t(0.0), 0.0);
+        assert_eq!(scale_t(1e30), 1.0);
+        // One rel-L2 of 1e-3: cool against a quantized pass bound (0.5), hot against f32's (1e-4).
+        let cells = vec![vec![Some(1e-3)]];
+        let quant = heatmap("q", &cells, &[Some(0.5)], &[Some(1.0)]);
+        let f32 = heatmap("f", &cells, &[Some(1e-4)], &[Some(1e-2)]);
+        assert!(quant.contains(r#"class="cell cool""#) && !quant.contains(r#"class="cell hot""#), "{quant}");
+        assert!(f32.contains(r#"class="cell hot""#) && !f32.contains(r#"class="cell cool""#), "{f32}");
+        // A clean case (1e-6 under 1e-4) gets the same colour in any case with the same ratio:
+        // nothing is rescaled per case.
+        let a = heatmap("a", &[vec![Some(1e-6), Some(1e-6)]], &[Some(1e-4), Some(1e-4)], &[None, None]);
+        let b = heatmap("b", &[vec![Some(1e-6), Some(0.9)]], &[Some(1e-4), Some(1e-4)], &[None, None]);
+        let fill = |h: &str| h.split(r#"class="cell "#).nth(1).and_then(|s| s.split("fill=\"").nth(1)).map(|s| s[..7].to_string());
+        assert_eq!(fill(&a), fill(&b), "the first cell's colour does not depend on the other cells");
+        assert!(scale_colour(0.49, false) != scale_colour(0.51, true));
+    }
+
+    #[test]
+    fn bound_and_floor_lines_are_drawn_under_the_series() {
+        let series = vec![("step 0".to_string(), "#000".to_string(), vec![Some(1e-6), Some(2e-6), Some(3e-6)])];
+        let guides = vec![
+            Guide { class: "bound-pass", label: "pass".into(), values: vec![Some(1e-4); 3] },
+            Guide { class: "bound-fail", label: "fail".into(), values: vec![Some(1e-4), Some(0.5), Some(0.5)] },
+            Guide { class: "floor", label: "floor".into(), values: vec![Some(0.0), Some(1e-7), None] },
+        ];
+        let svg = line_chart("t", "layer", "rel-L2", 3, &series, &guides);
+        for class in ["guide bound-pass", "guide bound-fail", "guide floor"] {
+            assert_eq!(svg.matches(&format!(r#"class="{class}""#)).count(), 1, "{class}: {svg}");
+        }
+        // The axis covers the bounds, not only the data: the fail bound's decade is on it.
+        assert!(svg.contains(">1e0<") || svg.contains(">1e-1<"), "{svg}");
+        // Drawn before the series (underneath).
+        assert!(svg.find("guide bound-pass").unwrap() < svg.find(r#"class="series""#).unwrap());
+    }
 }
