@@ -78,6 +78,100 @@ fn attr(dom: &str, name: &str) -> String {
     dom[i + key.len()..].split('"').next().unwrap().to_string()
 }
 
+/// What the page's script read back from the rendered DOM (`<script id="self-check">`): the
+/// summary rows in order, and per case card its open state, first-divergence lines, chart
+/// guides and heatmap cells.
+fn self_check(dom: &str) -> Value {
+    let key = r#"<script type="application/json" id="self-check">"#;
+    let i = dom.find(key).unwrap_or_else(|| panic!("no self-check in the rendered DOM"));
+    let body = &dom[i + key.len()..];
+    serde_json::from_str(&body[..body.find("</script>").expect("self-check closed")]).expect("self-check is JSON")
+}
+
+/// The report page leads with failures, one first divergence per card, charts with their
+/// bounds and floor, one colour scale: checked on the DOM Chromium rendered from `rep`.
+fn assert_page_leads_with_failures(dom: &str, rep: &Value) {
+    let chk = self_check(dom);
+    assert_eq!(chk["guides"], chk["guides_drawn"], "every bound/floor line has a drawn size: {}", chk["guides"]);
+    let rows = chk["summary"].as_array().unwrap();
+    let cases = rep["cases"].as_array().unwrap();
+    assert_eq!(rows.len(), cases.len());
+    // Sorted: by verdict class (error, diverged, drift, pass), then worst error ÷ pass bound, largest first.
+    let rank = |v: &str| ["error", "diverged", "drift", "pass"].iter().position(|x| *x == v).unwrap_or_else(|| panic!("verdict class {v}"));
+    for w in rows.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let (ra, rb) = (rank(a["verdict"].as_str().unwrap()), rank(b["verdict"].as_str().unwrap()));
+        assert_eq!(a["rank"].as_u64().unwrap() as usize, ra);
+        assert!(ra <= rb, "{} ({ra}) above {} ({rb})", a["case"], b["case"]);
+        if ra == rb {
+            let (x, y) = (a["ratio"].as_f64().unwrap_or(f64::NEG_INFINITY), b["ratio"].as_f64().unwrap_or(f64::NEG_INFINITY));
+            assert!(x >= y, "within a class the worse case first: {} {x} above {} {y}", a["case"], b["case"]);
+        }
+    }
+    let pos = |v: &str| rows.iter().position(|r| r["verdict"] == v);
+    let last_diverged = rows.iter().rposition(|r| r["verdict"] == "diverged").expect("a diverged case on the page");
+    assert!(pos("pass").is_none_or(|p| p > last_diverged), "a failing case above the passing ones: {rows:?}");
+    for r in rows {
+        let c = case(rep, r["case"].as_str().unwrap());
+        let d = r["diagnosis"].as_str().expect("a diagnosis cell");
+        match c["verdict"].as_str().unwrap() {
+            // Bisect's named cause, as report.json has it.
+            "diverged" => {
+                let title = c["bisect"]["diagnosis_title"].as_str().unwrap_or_else(|| panic!("{} diverged without a diagnosis: {}", c["name"], c["bisect"]));
+                assert!(d.contains(title) && d.contains(c["bisect"]["diagnosis"].as_str().unwrap()), "{d}");
+            }
+            "error" => assert!(d.starts_with("error: "), "{d}"),
+            _ if c["drift"] == true => assert!(d.starts_with("drift"), "{d}"),
+            _ => assert_eq!(d, "within bounds"),
+        }
+        // The worst ratio is report.json's.
+        assert_eq!(r["ratio"].as_f64(), c["worst"]["ratio"].as_f64(), "{}", c["name"]);
+    }
+    // The cards, in the summary's order: failures open, passing cases closed.
+    let cards = chk["cases"].as_array().unwrap();
+    let names = |v: &[Value]| v.iter().map(|x| x["case"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(names(cards), names(rows), "cards in the summary's order");
+    let (mut cool_seen, mut hot_seen) = (false, false);
+    let scales: std::collections::BTreeSet<String> = cards.iter().filter_map(|k| k["heatmap"]["scale"].as_str().map(String::from)).collect();
+    assert_eq!(scales.len(), 1, "one colour scale for every heatmap: {scales:?}");
+    for k in cards {
+        let c = case(rep, k["case"].as_str().unwrap());
+        let failed = c["verdict"] != "pass" || c["as_expected"] == false;
+        assert_eq!(k["open"], failed, "{}: failures open, passing cases closed", c["name"]);
+        // Exactly one first divergence per diverged card; none on a passing one.
+        let want = u64::from(c["verdict"] == "diverged");
+        assert_eq!(k["first_divergence"], want, "{}", c["name"]);
+        assert_eq!(k["first_divergence_text"], want, "{}: the words \"first divergence\" once", c["name"]);
+        if c["bisect"]["found"] == true && !c["first_divergence"].is_null() {
+            assert_eq!(k["secondary"], 1, "{}: the run's first failing site shown as secondary evidence", c["name"]);
+        }
+        if c["steps"].as_array().unwrap().is_empty() {
+            continue;
+        }
+        // Bound lines on the error-per-layer and KL charts; the noise floor where two references ran.
+        for chart in ["layer_chart", "kl_chart"] {
+            let g = &k[chart];
+            assert!(g["pass"].as_u64().unwrap() >= 1 && g["fail"].as_u64().unwrap() >= 1, "{} {chart}: {g}", c["name"]);
+            let two = c["references"].as_array().unwrap().len() >= 2;
+            assert_eq!(g["floor"].as_u64().unwrap() >= 1, two, "{} {chart}: a noise floor with two references: {g}", c["name"]);
+        }
+        // The fixed scale: a clean case all cool, a case over its bounds with hot cells.
+        let h = &k["heatmap"];
+        assert_eq!(h["unbounded"], 0, "{}: every cell has its bound", c["name"]);
+        let (cool, hot) = (h["cool"].as_u64().unwrap(), h["hot"].as_u64().unwrap());
+        let worst = c["worst"]["ratio"].as_f64().unwrap();
+        if c["verdict"] == "pass" && c["drift"] == false {
+            assert!(cool > 0 && hot == 0, "{}: a clean case is all cool ({cool} cool, {hot} hot)", c["name"]);
+            cool_seen = true;
+        }
+        if c["verdict"] == "diverged" && worst > 1.0 {
+            assert!(hot > 0, "{}: a case over its bounds has hot cells ({cool} cool, {hot} hot)", c["name"]);
+            hot_seen = true;
+        }
+    }
+    assert!(cool_seen && hot_seen, "the page shows a clean case and a failing one");
+}
+
 live_test! {
     /// What `make test` runs: the CI suite into reports/ci (finished cases are reused: `make
     /// test` ran it just before), then the page in headless Chromium: the summary table and
@@ -86,13 +180,19 @@ live_test! {
     fn ci_suite_report_renders_in_headless_chromium() {
         let out = repo().join("reports/ci");
         let (code, stdout, stderr) = run(report_cmd().current_dir(repo()).args(["report", "--suite", "scripts/suites/ci.toml", "--out", "reports/ci"]));
-        assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert_eq!(code, 0, "every case as expected (the canary diverges):\nstdout:\n{stdout}\nstderr:\n{stderr}");
         assert!(!stderr.contains('\r'), "no progress bar without a terminal:\n{stderr}");
         let rep = read_json(&out.join("report.json"));
         assert_eq!(rep["schema_version"], 1);
         let n = rep["cases"].as_array().unwrap().len();
         assert!(n >= 4, "{n} cases");
-        assert_eq!(rep["totals"]["pass"], n, "{stdout}");
+        // All pass but the canary, whose fault bisect localizes to the cache.
+        assert_eq!(rep["totals"]["pass"], n - 1, "{stdout}");
+        assert_eq!(rep["totals"]["diverged"], 1, "{stdout}");
+        assert_eq!(rep["totals"]["not_as_expected"], 0, "{stdout}");
+        let canary = case(&rep, "canary-drop-context");
+        assert_eq!(canary["bisect"]["diagnosis"], "context-dropped", "{}", canary["bisect"]);
+        assert!(canary["bisect"]["site"].as_str().unwrap().ends_with("cache_k"), "{}", canary["bisect"]);
         assert!(std::fs::read_to_string(out.join("summary.md")).unwrap().contains("| case | verdict |"));
         let html = std::fs::read_to_string(out.join("index.html")).unwrap();
         // Self-contained: nothing fetched from anywhere.
@@ -118,6 +218,7 @@ live_test! {
         for c in rep["cases"].as_array().unwrap() {
             assert!(dom.contains(&format!(">{}</a>", c["name"].as_str().unwrap())), "summary row of {}", c["name"]);
         }
+        assert_page_leads_with_failures(&dom, &rep);
 
         let shot = out.join("screenshot.png");
         let _ = std::fs::remove_file(&shot);
@@ -234,6 +335,7 @@ live_test! {
         assert_eq!(attr(&dom, "data-charts"), "8", "four charts for each case that ran steps (the fault and tiny-ok)");
         assert_eq!(attr(&dom, "data-charts-drawn"), "8");
         assert!(dom.contains("<b>diagnosis</b>") && dom.contains("panicked:"));
+        assert_page_leads_with_failures(&dom, &rep);
         let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
         assert!(md.contains("**error**") && md.contains("**diverged**"), "{md}");
 
@@ -390,7 +492,8 @@ fn committed_suites_parse_and_the_nightly_matrix_expands() {
         out
     };
     let ci = list("scripts/suites/ci.toml", &[]);
-    assert_eq!(ci.lines().count(), 9, "{ci}");
+    assert_eq!(ci.lines().count(), 10, "{ci}");
+    assert!(ci.contains("canary-drop-context"), "the CI suite has a failing case for the page: {ci}");
     assert!(ci.contains("tiny-qwen2-gguf"), "{ci}");
     assert!(ci.contains("lora=snapshots/adapters/tiny-peft"), "{ci}");
     let nightly = list("scripts/suites/nightly.toml", &[]);
