@@ -401,8 +401,78 @@ fn the_docs_examples_follow_the_convention() {
     }
 }
 
+/// GitHub's anchor of a heading: lower case, punctuation dropped (but `-` and `_`), spaces
+/// as `-`.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// Every link from a page to a page (`[text](docs/x.md#anchor)`, relative to the linking
+/// page) names a file that exists and, with an anchor, a heading of that file. Images and
+/// web links are not followed.
+#[test]
+fn the_docs_links_between_pages_resolve() {
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let mut in_code = false;
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if in_code {
+                continue;
+            }
+            // Inline code is not a link: `[text](page.md)` written as an example.
+            let prose: String = line.split('`').step_by(2).collect::<Vec<_>>().join(" ");
+            let mut rest = prose.as_str();
+            while let Some(p) = rest.find("](") {
+                let after = &rest[p + 2..];
+                let Some(end) = after.find(')') else { break };
+                let target = &after[..end];
+                rest = &after[end..];
+                if target.starts_with("http") {
+                    continue;
+                }
+                let (file, frag) = match target.split_once('#') {
+                    Some((f, a)) => (f, Some(a)),
+                    None => (target, None),
+                };
+                let dest = if file.is_empty() { page.clone() } else { page.parent().unwrap().join(file) };
+                if !file.is_empty() && !file.ends_with(".md") {
+                    continue;
+                }
+                checked += 1;
+                let Ok(dest_text) = std::fs::read_to_string(&dest) else {
+                    broken.push(format!("{}:{}: {target}: no such page", rel(&page), n + 1));
+                    continue;
+                };
+                if let Some(a) = frag {
+                    let anchors: Vec<String> =
+                        dest_text.lines().filter(|l| l.starts_with('#')).map(|l| anchor(l.trim_start_matches('#'))).collect();
+                    if !anchors.iter().any(|x| x == a) {
+                        broken.push(format!("{}:{}: {target}: no heading with that anchor in {}", rel(&page), n + 1, rel(&dest)));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} links between pages: is the parsing still right?");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
 #[test]
 fn the_matching_rules_hold() {
+    assert_eq!(anchor(" Exit codes and the JSON report"), "exit-codes-and-the-json-report");
+    assert_eq!(anchor(" `lockstep tokcheck`"), "lockstep-tokcheck");
     assert_eq!(words(r#"lockstep run --chat "What is it?" --steps 4   # exit 1"#), ["lockstep", "run", "--chat", "What is it?", "--steps", "4"]);
     assert_eq!(words("lockstep a \\\n    b"), ["lockstep", "a", "b"]);
     assert_eq!(exit_marker("lockstep run x   # exit 2"), 2);
