@@ -62,7 +62,7 @@ fixtures: env
 
 # Re-records every case of snapshots/traces/manifest.toml with the live references
 # (deterministic: a second run leaves `git status` clean). Then `cargo test` replays them;
-# if a parity summary changed, review it with `cargo insta review` (see README).
+# if a parity summary changed, review it with `cargo insta review` (see docs/golden.md).
 snapshots: setup models
 	$(LOCKSTEP) snapshots
 

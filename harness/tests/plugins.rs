@@ -233,11 +233,11 @@ live_test! {
     }
 }
 
-/// The README's complete example is harness/examples/my_engine.rs, verbatim (cargo builds
-/// the example, so the README's code compiles).
+/// The complete example of docs/your-engine.md is harness/examples/my_engine.rs, verbatim
+/// (cargo builds the example, so the page's code compiles).
 #[test]
-fn the_readme_example_is_the_compiled_one() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+fn the_docs_example_is_the_compiled_one() {
+    let page = std::fs::read_to_string(repo().join("docs/your-engine.md")).unwrap();
     let example = std::fs::read_to_string(repo().join("harness/examples/my_engine.rs")).unwrap();
-    assert!(readme.contains(&format!("```rust\n{example}```")), "README.md's example differs from harness/examples/my_engine.rs: copy the file into the README block");
+    assert!(page.contains(&format!("```rust\n{example}```")), "docs/your-engine.md's example differs from harness/examples/my_engine.rs: copy the file into the page's rust block");
 }

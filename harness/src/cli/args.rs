@@ -66,7 +66,7 @@ pub enum LoraModeArg {
 #[derive(Args, Clone)]
 pub struct LoraArgs {
     /// A LoRA adapter directory, PEFT (adapter_model.safetensors) or mlx-lm
-    /// (adapters.safetensors) format; every side loads it (see README, "LoRA adapters").
+    /// (adapters.safetensors) format; every side loads it (see docs/lora.md).
     #[arg(long)]
     pub lora: Option<PathBuf>,
     /// How the engine applies the adapter: unmerged (y = Wx + s*B(Ax)) or merged

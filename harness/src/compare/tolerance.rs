@@ -452,7 +452,7 @@ mod tests {
 /// Largest total-variation distance between the engine's processed distribution (f64 from
 /// the f32 logits) and a reference's (its own float32 code on the same logits) that passes
 /// when both keep the same tokens. The references' float32 softmax alone puts them ~1e-7
-/// apart (measured on SmolLM2: see README, "Sampling"); 1e-5 leaves two orders of margin and
+/// apart (measured on SmolLM2: see docs/sampling.md); 1e-5 leaves two orders of margin and
 /// still fails any real change (temperature 0.8 vs 0.7 moves TV by ~1e-2).
 pub const SAMPLER_TV_PASS: f64 = 1e-5;
 

@@ -600,7 +600,7 @@ pub struct RunReportOptions {
     pub rerun_crashed: bool,
 }
 
-/// The exit code of a report (see README, "Nightly reports"): 1 when a regression against
+/// The exit code of a report (see docs/reports.md, "Exit codes"): 1 when a regression against
 /// the history was found, or — without history — when any case is not as expected; else 0.
 pub fn exit_code(rep: &Report, with_history: bool) -> u8 {
     let bad = if with_history { !rep.regressions.is_empty() } else { rep.totals.not_as_expected > 0 };
