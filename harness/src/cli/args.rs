@@ -142,9 +142,12 @@ pub struct RunArgs {
     /// Number of steps: the prefill, then one token per step.
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// Write the JSON report here.
+    /// Write the JSON report here (`-`: standard output; the table then goes to stderr).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a JUnit XML report here (`-`: standard output): one test case per step, a failed step carries the first divergence and its likely cause.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
     /// Run the engine in f64 (the reference stays f32).
     #[arg(long)]
     pub f64: bool,
@@ -179,7 +182,7 @@ pub struct InspectArgs {
     pub weights: Option<WeightsArg>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Write the inventories as JSON here.
+    /// Write the inventories as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -196,9 +199,12 @@ pub struct BisectArgs {
     pub prompt: PromptArgs,
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// Write the bisect report as JSON here.
+    /// Write the bisect report as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a JUnit XML report here (`-`: standard output): one test case, failed with the step, layer, site and diagnosis when bisect finds a divergence.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
     /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
@@ -227,9 +233,13 @@ pub struct FaultsArgs {
     pub steps: usize,
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
-    /// Write the results as JSON here.
+    /// Write the results as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// With --check: write a JUnit XML report here (`-`: standard output), one test case per
+    /// fault, failed when bisect does not localize it where the catalog says.
+    #[arg(long, requires = "check")]
+    pub junit: Option<PathBuf>,
     /// Run every fault with this LoRA adapter on every side (the LoRA faults need one).
     #[command(flatten)]
     pub lora: LoraArgs,
@@ -293,7 +303,7 @@ pub struct ReplayArgs {
     /// Print the parity summary that `cargo test` snapshots.
     #[arg(long)]
     pub summary: bool,
-    /// Write the JSON report here.
+    /// Write the JSON report here (`-`: standard output; the table then goes to stderr).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -335,7 +345,7 @@ pub struct TokcheckArgs {
     /// More strings: a .json array of strings, or one string per line (\\n, \\t escapes).
     #[arg(long)]
     pub corpus: Option<PathBuf>,
-    /// Write the result as JSON here.
+    /// Write the result as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -366,7 +376,7 @@ pub struct BenchArgs {
 pub struct QuantCheckArgs {
     /// A .gguf file or an alias (smollm2, tiny-gguf, ...).
     pub file: String,
-    /// Write the result as JSON here.
+    /// Write the result as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -396,6 +406,11 @@ pub struct ReportArgs {
     /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
     #[arg(long)]
     pub list: bool,
+    /// Also write a JUnit XML report here (`-`: standard output), one test case per case of
+    /// the suite (of the shard): failed when the case is not as expected or regressed, with
+    /// the first divergence and bisect's diagnosis.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -411,6 +426,37 @@ pub enum ReportCmd {
         /// As for `report`: append the merged cases and check for regressions.
         #[arg(long)]
         history: Option<PathBuf>,
+        /// As for `report`: a JUnit XML report of the merged cases (`-`: standard output).
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
 }
 
+
+impl Cmd {
+    /// Whether a report of this command goes to standard output (`--json -` or `--junit -`):
+    /// then the human output goes to stderr. Both at once is a usage error.
+    pub fn report_to_stdout(&self) -> Result<bool, crate::error::HarnessError> {
+        let (json, junit) = match self {
+            Cmd::Run(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Bisect(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Faults(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Inspect(a) => (a.json.as_ref(), None),
+            Cmd::Replay(a) => (a.json.as_ref(), None),
+            Cmd::Tokcheck(a) => (a.json.as_ref(), None),
+            Cmd::QuantCheck(a) => (a.json.as_ref(), None),
+            Cmd::Report(a) => match &a.cmd {
+                Some(ReportCmd::Merge { junit, .. }) => (None, junit.as_ref()),
+                None => (None, a.junit.as_ref()),
+            },
+            Cmd::Record(_) | Cmd::Snapshots(_) | Cmd::Generate(_) | Cmd::Bench(_) | Cmd::Models => (None, None),
+        };
+        let dash = |p: Option<&PathBuf>| p.is_some_and(|p| crate::paths::is_stdout(p));
+        if dash(json) && dash(junit) {
+            return Err(crate::error::HarnessError::Usage(
+                "--json - and --junit - both ask for standard output: write one of them to a file".into(),
+            ));
+        }
+        Ok(dash(json) || dash(junit))
+    }
+}

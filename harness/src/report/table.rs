@@ -70,7 +70,7 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
         path: path.display().to_string(),
         message: format!("serializing the report: {e}"),
     })?;
-    crate::paths::write_atomic(path, text.as_bytes())
+    crate::paths::write_output(path, (text + "\n").as_bytes())
 }
 
 /// The run's JSON report (what `--json` writes) as a value.
