@@ -123,7 +123,7 @@ live_test! {
         let pass: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not the JSON report alone ({e}):\n{stdout}"));
         assert_eq!(pass["verdict"], "pass");
         assert_eq!(pass["schema_version"], schema_const("run-report.schema.json", None));
-        assert!(stderr.contains("verdict") || stderr.contains("PASS") || stderr.contains("pass"), "the human output went to stderr:\n{stderr}");
+        assert!(stderr.contains("verdict: PASS"), "the table went to stderr:\n{stderr}");
         assert!(!stderr.contains("report: -"), "{stderr}");
 
         // An injected fault: exit 1, a diverged report, and the JUnit file on stdout.
@@ -351,6 +351,16 @@ steps = 3
         bad_bisect["bisect"]["found"] = Value::from("yes");
         assert!(rejected("suite-report.schema.json", &bad_bisect).contains("at /bisect"));
 
+        let strip = |s: &Value| cases(s).iter().map(|c| (c["name"].clone(), c["outcome"].clone(), c["message"].clone())).collect::<Vec<_>>();
+        // A resume with --junit -: every case is finished; the worker writes the same JUnit
+        // on stdout, the summary on stderr.
+        let (code, stdout, stderr) = run(lockstep().env("CI", "true").args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out).args(["--junit", "-"]));
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("4 already finished") && stderr.contains("report:"), "{stderr}");
+        let rx = dir.join("resumed.xml");
+        std::fs::write(&rx, &stdout).unwrap();
+        assert_eq!(strip(&junit(&[&rx])[0]), strip(s), "stdout:\n{stdout}");
+
         // merge --junit -: stdout is the JUnit XML alone, with the same test cases.
         let merged = dir.join("merged");
         let (code, stdout, stderr) = run(lockstep().args(["report", "merge"]).arg(&out).arg("--out").arg(&merged).args(["--junit", "-"]));
@@ -360,7 +370,6 @@ steps = 3
         let mx = dir.join("merged.xml");
         std::fs::write(&mx, &stdout).unwrap();
         let m = &junit(&[&mx])[0];
-        let strip = |s: &Value| cases(s).iter().map(|c| (c["name"].clone(), c["outcome"].clone(), c["message"].clone())).collect::<Vec<_>>();
         assert_eq!(strip(m), strip(s));
     }
 }
