@@ -11,15 +11,15 @@ use lockstep_engine::WeightsMode;
 /// docs/environment.md).
 pub const ENV_HELP: &str = "\
 Environment (all of them: docs/environment.md):
-  LOCKSTEP_VENV        the reference environment, a Python venv (default: .venv in the repository)
-  LOCKSTEP_MODELS      the model store (default: ~/.cache/lockstep/models)
-  LOCKSTEP_REFERENCES  the Python reference modules (default: references/ in the repository)
-  LOCKSTEP_TRACES      golden traces (default: snapshots/traces in the repository)
-  LOCKSTEP_THREADS     the engine's threads (default: RAYON_NUM_THREADS, else every CPU)
-  LOCKSTEP_NO_VNNI     set: the quantized kernels do not use AVX-512 VNNI
-  LOCKSTEP_REPORT_DATE `report`: the date written into the report and the history
-  CI                   set (not `false`): `report` prints one line per case, no progress line
-  RUST_LIB_BACKTRACE   lockstep sets it to 0 when unset (no library backtraces in messages)
+  LOCKSTEP_VENV         the reference environment, a Python venv (default: .venv in the repository)
+  LOCKSTEP_MODELS       the model store (default: ~/.cache/lockstep/models)
+  LOCKSTEP_REFERENCES   the Python reference modules (default: references/ in the repository)
+  LOCKSTEP_TRACES       golden traces (default: snapshots/traces in the repository)
+  LOCKSTEP_THREADS      the engine's threads (default: RAYON_NUM_THREADS, else every CPU)
+  LOCKSTEP_NO_VNNI      set: the quantized kernels do not use AVX-512 VNNI
+  LOCKSTEP_REPORT_DATE  `report`: the date written into the report and the history
+  CI                    set (not `false`): `report` prints one line per case, no progress line
+  RUST_LIB_BACKTRACE    lockstep sets it to 0 when unset (no library backtraces in messages)
 
 Reports: --json - and --junit - write to standard output; the human output then goes to stderr.
 Exit codes: 0 pass, 1 diverged, 2 usage or input error, 130 interrupted.";
