@@ -260,7 +260,8 @@ live_test! {
     /// `report --junit`: one test case per case (a passing one, a fault that is expected to
     /// pass, so fails with bisect's diagnosis, a fault expected to diverge, and a case that
     /// cannot run: an error). DIR/report.json and every DIR/cases/*.json are valid against
-    /// docs/schema/suite-report.schema.json, and broken copies are rejected. `report merge
+    /// docs/schema/suite-report.schema.json (DIR/runs/*.json, with --full-json, against the
+    /// run report's), and broken copies are rejected. `report merge
     /// --junit -` writes the same test cases on stdout.
     fn report_json_is_valid_and_junit_leads_with_failures() {
         let dir = tmp("ci-formats-report");
@@ -307,7 +308,8 @@ steps = 3
         );
         let out = dir.join("out");
         let xml = dir.join("report.xml");
-        let (code, stdout, stderr) = run(lockstep().env("CI", "true").args(["report", "--suite"]).arg(&suite).arg("--out").arg(&out).arg("--junit").arg(&xml));
+        let (code, stdout, stderr) =
+            run(lockstep().env("CI", "true").args(["report", "--full-json", "--suite"]).arg(&suite).arg("--out").arg(&out).arg("--junit").arg(&xml));
         assert_eq!(code, 1, "cases not as expected:\n{stdout}\n{stderr}");
         let rep: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
         assert_eq!(rep["schema_version"], schema_const("suite-report.schema.json", Some("report")));
@@ -341,6 +343,10 @@ steps = 3
         }
         assert_eq!(files.len(), 5);
         assert_valid("suite-report.schema.json", &files.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        // --full-json: each case that ran has its run report, valid against the run schema.
+        let runs: Vec<PathBuf> = std::fs::read_dir(out.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_valid("run-report.schema.json", &runs.iter().map(PathBuf::as_path).collect::<Vec<_>>());
         let mut no_totals = rep.clone();
         no_totals["totals"].as_object_mut().unwrap().remove("pass");
         assert!(rejected("suite-report.schema.json", &no_totals).contains("'pass' is a required property"));
