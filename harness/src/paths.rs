@@ -46,3 +46,25 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), crate::error::Harnes
         io(path, e)
     })
 }
+
+/// `-` as an output path (`--json -`, `--junit -`): standard output.
+pub fn is_stdout(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Writes a report file: to standard output when `path` is `-` (the command line then sends
+/// its human output to stderr), else as [`write_atomic`]. A closed pipe is no error (the
+/// reader has what it wanted).
+pub fn write_output(path: &Path, data: &[u8]) -> Result<(), crate::error::HarnessError> {
+    use std::io::Write as _;
+    if !is_stdout(path) {
+        return write_atomic(path, data);
+    }
+    let mut o = std::io::stdout().lock();
+    match o.write_all(data).and_then(|_| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(crate::error::HarnessError::Io { path: "standard output".into(), message: e.to_string() })
+        }
+        _ => Ok(()),
+    }
+}

@@ -7,8 +7,25 @@ use clap::{Args, Parser, Subcommand};
 use crate::lockstep::options::Prompt;
 use lockstep_engine::WeightsMode;
 
+/// The environment variables of `lockstep --help` (all of them, with the test-suite ones:
+/// docs/environment.md).
+pub const ENV_HELP: &str = "\
+Environment (all of them: docs/environment.md):
+  LOCKSTEP_VENV         the reference environment, a Python venv (default: .venv in the repository)
+  LOCKSTEP_MODELS       the model store (default: ~/.cache/lockstep/models)
+  LOCKSTEP_REFERENCES   the Python reference modules (default: references/ in the repository)
+  LOCKSTEP_TRACES       golden traces (default: snapshots/traces in the repository)
+  LOCKSTEP_THREADS      the engine's threads (default: RAYON_NUM_THREADS, else every CPU)
+  LOCKSTEP_NO_VNNI      set: the quantized kernels do not use AVX-512 VNNI
+  LOCKSTEP_REPORT_DATE  `report`: the date written into the report and the history
+  CI                    set (not `false`): `report` prints one line per case, no progress line
+  RUST_LIB_BACKTRACE    lockstep sets it to 0 when unset (no library backtraces in messages)
+
+Reports: --json - and --junit - write to standard output; the human output then goes to stderr.
+Exit codes: 0 pass, 1 diverged, 2 usage or input error, 130 interrupted.";
+
 #[derive(Parser)]
-#[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.")]
+#[command(name = "lockstep", version, about = "Differential testing of LLM inference: the lockstep engine against Python references, layer by layer, step by step.", after_help = ENV_HELP)]
 pub struct Cli {
     /// The engine under test: `bundled` (the default: lockstep-engine), or
     /// `python:PATH.py[:FACTORY]`, a Python implementation of the reference protocol (see
@@ -142,9 +159,12 @@ pub struct RunArgs {
     /// Number of steps: the prefill, then one token per step.
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// Write the JSON report here.
+    /// Write the JSON report here (`-`: standard output; the table then goes to stderr).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a JUnit XML report here (`-`: standard output): one test case per step, a failed step carries the first divergence and its likely cause.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
     /// Run the engine in f64 (the reference stays f32).
     #[arg(long)]
     pub f64: bool,
@@ -179,7 +199,7 @@ pub struct InspectArgs {
     pub weights: Option<WeightsArg>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Write the inventories as JSON here.
+    /// Write the inventories as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -196,9 +216,12 @@ pub struct BisectArgs {
     pub prompt: PromptArgs,
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// Write the bisect report as JSON here.
+    /// Write the bisect report as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write a JUnit XML report here (`-`: standard output): one test case, failed with the step, layer, site and diagnosis when bisect finds a divergence.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
     /// Inject faults into the engine: NAME[:LAYER], comma-separated (`lockstep faults`).
@@ -227,9 +250,13 @@ pub struct FaultsArgs {
     pub steps: usize,
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
-    /// Write the results as JSON here.
+    /// Write the results as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// With --check: write a JUnit XML report here (`-`: standard output), one test case per
+    /// fault, failed when bisect does not localize it where the catalog says.
+    #[arg(long, requires = "check")]
+    pub junit: Option<PathBuf>,
     /// Run every fault with this LoRA adapter on every side (the LoRA faults need one).
     #[command(flatten)]
     pub lora: LoraArgs,
@@ -293,7 +320,7 @@ pub struct ReplayArgs {
     /// Print the parity summary that `cargo test` snapshots.
     #[arg(long)]
     pub summary: bool,
-    /// Write the JSON report here.
+    /// Write the JSON report here (`-`: standard output; the table then goes to stderr).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -335,7 +362,7 @@ pub struct TokcheckArgs {
     /// More strings: a .json array of strings, or one string per line (\\n, \\t escapes).
     #[arg(long)]
     pub corpus: Option<PathBuf>,
-    /// Write the result as JSON here.
+    /// Write the result as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -366,7 +393,7 @@ pub struct BenchArgs {
 pub struct QuantCheckArgs {
     /// A .gguf file or an alias (smollm2, tiny-gguf, ...).
     pub file: String,
-    /// Write the result as JSON here.
+    /// Write the result as JSON here (`-`: standard output).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -396,6 +423,11 @@ pub struct ReportArgs {
     /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
     #[arg(long)]
     pub list: bool,
+    /// Also write a JUnit XML report here (`-`: standard output), one test case per case of
+    /// the suite (of the shard): failed when the case is not as expected or regressed, with
+    /// the first divergence and bisect's diagnosis.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -411,6 +443,37 @@ pub enum ReportCmd {
         /// As for `report`: append the merged cases and check for regressions.
         #[arg(long)]
         history: Option<PathBuf>,
+        /// As for `report`: a JUnit XML report of the merged cases (`-`: standard output).
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
 }
 
+
+impl Cmd {
+    /// Whether a report of this command goes to standard output (`--json -` or `--junit -`):
+    /// then the human output goes to stderr. Both at once is a usage error.
+    pub fn report_to_stdout(&self) -> Result<bool, crate::error::HarnessError> {
+        let (json, junit) = match self {
+            Cmd::Run(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Bisect(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Faults(a) => (a.json.as_ref(), a.junit.as_ref()),
+            Cmd::Inspect(a) => (a.json.as_ref(), None),
+            Cmd::Replay(a) => (a.json.as_ref(), None),
+            Cmd::Tokcheck(a) => (a.json.as_ref(), None),
+            Cmd::QuantCheck(a) => (a.json.as_ref(), None),
+            Cmd::Report(a) => match &a.cmd {
+                Some(ReportCmd::Merge { junit, .. }) => (None, junit.as_ref()),
+                None => (None, a.junit.as_ref()),
+            },
+            Cmd::Record(_) | Cmd::Snapshots(_) | Cmd::Generate(_) | Cmd::Bench(_) | Cmd::Models => (None, None),
+        };
+        let dash = |p: Option<&PathBuf>| p.is_some_and(|p| crate::paths::is_stdout(p));
+        if dash(json) && dash(junit) {
+            return Err(crate::error::HarnessError::Usage(
+                "--json - and --junit - both ask for standard output: write one of them to a file".into(),
+            ));
+        }
+        Ok(dash(json) || dash(junit))
+    }
+}

@@ -122,7 +122,15 @@ fn load_references(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Resu
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), HarnessError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| HarnessError::Usage(e.to_string()))?;
-    crate::paths::write_atomic(path, (text + "\n").as_bytes())
+    crate::paths::write_output(path, (text + "\n").as_bytes())
+}
+
+/// `--junit PATH`: the JUnit XML report (`-`: standard output).
+fn write_junit(path: Option<&Path>, xml: impl FnOnce() -> String) -> Result<(), HarnessError> {
+    match path {
+        Some(p) => crate::paths::write_output(p, xml().as_bytes()),
+        None => Ok(()),
+    }
 }
 
 fn print_replay_notes(refs: &[Reference]) {
@@ -173,8 +181,11 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
     print_replay_notes(&refs);
     if let Some(j) = a.json {
         report::write_json(&j, &result, &refs, &opts.model, &sha)?;
-        outln!("report: {}", j.display());
+        if !crate::paths::is_stdout(&j) {
+            outln!("report: {}", j.display());
+        }
     }
+    write_junit(a.junit.as_deref(), || crate::report::junit::from_run(&result, &opts.model.display().to_string(), &a.reference))?;
     Ok(Outcome::of(result.verdict_pass))
 }
 
@@ -277,7 +288,9 @@ fn replay(a: ReplayArgs) -> Result<Outcome, HarnessError> {
     }
     if let Some(j) = a.json {
         report::write_json(&j, &r.result, &r.refs, &r.model, &r.sha256)?;
-        outln!("report: {}", j.display());
+        if !crate::paths::is_stdout(&j) {
+            outln!("report: {}", j.display());
+        }
     }
     Ok(Outcome::of(r.result.verdict_pass))
 }
@@ -387,6 +400,7 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
     if let Some(j) = a.json {
         write_json(&j, &rep)?;
     }
+    write_junit(a.junit.as_deref(), || crate::report::junit::from_bisect(&rep, &opts.model.display().to_string(), &a.reference))?;
     Ok(Outcome::of(!rep.found))
 }
 
@@ -413,6 +427,7 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
     if let Some(j) = a.json {
         write_json(&j, &results)?;
     }
+    write_junit(a.junit.as_deref(), || crate::report::junit::from_faults(&results, &path.display().to_string(), &a.reference))?;
     Ok(Outcome::of(results.iter().all(|r| r.ok)))
 }
 
@@ -437,8 +452,12 @@ fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
 fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
     use crate::report::nightly;
     use crate::report::suite::{Shard, Suite};
+    let junit = match &a.cmd {
+        Some(ReportCmd::Merge { junit, .. }) => junit.clone(),
+        None => a.junit.clone(),
+    };
     let (rep, code, out) = match a.cmd {
-        Some(ReportCmd::Merge { dirs, out, history }) => {
+        Some(ReportCmd::Merge { dirs, out, history, .. }) => {
             let (rep, code) = nightly::merge(&dirs, &out, history.as_deref())?;
             (rep, code, out)
         }
@@ -461,6 +480,8 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
             (rep, code, out)
         }
     };
+    // (Under the supervisor this is the worker: it writes the JUnit file too.)
+    write_junit(junit.as_deref(), || crate::report::junit::from_report(&rep))?;
     out!("{}", crate::report::html::summary_md(&rep));
     outln!("\nreport: {}", out.join("index.html").display());
     Ok(Outcome::of(code == 0))

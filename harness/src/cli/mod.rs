@@ -43,6 +43,10 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
     };
     let outcome = spec.and_then(|s| {
         EngineSpec::set_under_test(s);
+        // A report on stdout (`--json -`, `--junit -`): stdout carries it alone.
+        if cli.cmd.report_to_stdout()? {
+            output::human_to_stderr();
+        }
         dispatch(cli.cmd)
     });
     // stdout closed early is quiet; stdout failing otherwise (a full disk) is an error.

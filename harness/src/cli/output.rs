@@ -6,16 +6,32 @@
 //!   quietly and the command ends with its own exit code (the verdict is not lost);
 //! - any other write error (a full disk): the output stops, and the command ends with exit
 //!   code 2 and one message naming the error ([`finish`]).
+//!
+//! When a report goes to standard output (`--json -`, `--junit -`), [`human_to_stderr`] sends
+//! this human output to stderr instead, so that stdout holds the report alone.
 
 use std::fmt;
 use std::io::{ErrorKind, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// The first write error that was not a closed pipe; `Some("")` once the pipe closed.
 static FAILED: Mutex<Option<String>> = Mutex::new(None);
 
+/// The human output goes to stderr: stdout carries a report (`--json -`, `--junit -`).
+static TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// From now on [`out!`] and [`outln!`] write to stderr (see the module).
+pub fn human_to_stderr() {
+    TO_STDERR.store(true, Ordering::Relaxed);
+}
+
 /// Writes to stdout unless an earlier write failed.
 pub fn write(args: fmt::Arguments<'_>) {
+    if TO_STDERR.load(Ordering::Relaxed) {
+        let _ = std::io::stderr().lock().write_fmt(args);
+        return;
+    }
     let mut failed = FAILED.lock().unwrap_or_else(|e| e.into_inner());
     if failed.is_some() {
         return;

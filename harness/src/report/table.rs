@@ -14,6 +14,7 @@ use crate::compare::tolerance::Verdict;
 
 #[derive(Serialize)]
 struct JsonReport<'a> {
+    schema_version: u32,
     verdict: &'static str,
     first_divergence: &'a Option<crate::results::run::Divergence>,
     steps: &'a [StepRecord],
@@ -70,8 +71,12 @@ pub fn write_json(path: &Path, r: &RunResult, refs: &[Reference], model: &Path, 
         path: path.display().to_string(),
         message: format!("serializing the report: {e}"),
     })?;
-    crate::paths::write_atomic(path, text.as_bytes())
+    crate::paths::write_output(path, (text + "\n").as_bytes())
 }
+
+/// The version of the run report (its `schema_version` key) and of its JSON Schema,
+/// docs/schema/run-report.schema.json. Bump both when a key changes meaning or goes away.
+pub const RUN_SCHEMA_VERSION: u32 = 1;
 
 /// The run's JSON report (what `--json` writes) as a value.
 pub fn json_report(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> Result<serde_json::Value, HarnessError> {
@@ -86,6 +91,7 @@ pub fn json_report(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -
     tols.insert("quantized_sites".into(), serde_json::to_value(tolerance(WeightsMode::QuantVsDense, r.engine.dtype, SiteKind::Activation, None)).unwrap_or_default());
     tols.insert("quantized_next_token".into(), serde_json::to_value(QUANT_BOUNDS).unwrap_or_default());
     let report = JsonReport {
+        schema_version: RUN_SCHEMA_VERSION,
         verdict: if r.verdict_pass { "pass" } else { "diverged" },
         first_divergence: &r.first_divergence,
         steps: &r.steps,
