@@ -185,8 +185,9 @@ pub struct RunArgs {
     /// default for GGUF) or `dequant` (f32).
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
-    /// Sample instead of greedy, e.g. temp=0.8,top_p=0.95,top_k=40,min_p=0.05,rep_penalty=1.1,seed=0
-    /// (also order=transformers|mlx|STAGE>STAGE..., rep_window=N|all). Each reference's own
+    /// Sample instead of greedy: KEY=VALUE pairs joined by commas, e.g. temp=0.8,seed=0; keys temp,
+    /// top_p, top_k, min_p, rep_penalty, seed, order (transformers | mlx | STAGE>STAGE...),
+    /// rep_window (N | all). Each reference's own
     /// sampler is compared with the engine's at every step.
     #[arg(long)]
     pub sampler: Option<String>,

@@ -243,17 +243,18 @@ pub fn render_tail(r: &RunResult, refs: &[Reference]) -> String {
     let _ = writeln!(o);
     write_texts(&mut o, r);
     let _ = writeln!(o);
-    let mut v = String::new();
-    write_verdict(&mut v, r, multi);
-    // The verdict line is never cut (it is what a person reads first).
-    crate::ui::fit(&o) + &v
+    // The verdict is never cut (it is what a person reads first): word-wrapped instead.
+    crate::ui::fit(&o) + &render_verdict(r, refs)
 }
 
 /// The verdict line(s) alone (what `--quiet` prints).
 pub fn render_verdict(r: &RunResult, refs: &[Reference]) -> String {
     let mut v = String::new();
     write_verdict(&mut v, r, refs.len() > 1);
-    v
+    match crate::ui::get().width {
+        Some(w) => v.lines().map(|l| crate::ui::wrap(l, w, 4) + "\n").collect(),
+        None => v,
+    }
 }
 
 /// The title, model and engine lines of the run's header, and the faults injected.
