@@ -1110,4 +1110,25 @@ mod tests {
         assert_eq!(d.len(), 20, "{d}");
         assert!(d.starts_with("20") && d.ends_with('Z') && &d[10..11] == "T", "{d}");
     }
+
+    #[test]
+    fn the_eta_counts_the_loading_of_the_cases_left() {
+        use std::time::Duration;
+        let ago = |s: u64| Instant::now() - Duration::from_secs(s);
+        // Three cases of 10 steps. The first took 20 s to load and 9 s for its other 9 steps.
+        let mut p = Progress::new(false, false, 3, 30);
+        p.case_started = ago(29);
+        p.case_first_step = Some(ago(9));
+        p.case_steps_done = 10;
+        p.end_case(10);
+        // The second is loading since 5 s: 15 s of its load left, then 10 steps of 1 s,
+        // then the third case's load (20 s) and steps (10 s).
+        p.start_case("b");
+        p.case_started = ago(5);
+        let left = p.seconds_left().expect("measured");
+        assert!((left - (15.0 + 10.0 + 20.0 + 10.0)).abs() < 1.0, "{left}");
+        assert!(left > 40.0);
+        // Nothing measured yet: no ETA.
+        assert!(Progress::new(false, false, 2, 8).seconds_left().is_none());
+    }
 }
