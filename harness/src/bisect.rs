@@ -303,10 +303,26 @@ pub fn render_check(rows: &[CheckResult], model: &str, reference: &str) -> Strin
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(o, "lockstep faults --check: {model} vs {reference}\n");
-    let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
-    for r in rows {
-        let mark = if !r.applicable { "n/a" } else if r.ok { "ok" } else { "MISS" };
-        let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark, r.expected, r.found, r.seconds, r.note);
+    let mark = |r: &CheckResult| if !r.applicable { "n/a" } else if r.ok { "ok" } else { "MISS" };
+    let wide = rows.iter().map(|r| 20 + 1 + 5 + 1 + 42 + 1 + 42 + 1 + 6 + 2 + r.note.chars().count()).max().unwrap_or(0);
+    match crate::ui::get().width.filter(|&w| w < wide) {
+        None => {
+            let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
+            for r in rows {
+                let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark(r), r.expected, r.found, r.seconds, r.note);
+            }
+        }
+        // Narrow: one block per fault, the long fields on lines of their own.
+        Some(w) => {
+            for r in rows {
+                let _ = writeln!(o, "{:<20} {:<5} {:>6.2} s", r.fault, mark(r), r.seconds);
+                for (label, text) in [("expected", &r.expected), ("found", &r.found), ("note", &r.note)] {
+                    if !text.is_empty() {
+                        let _ = writeln!(o, "{}", crate::ui::wrap(&format!("  {label:<9}{text}"), w, 11));
+                    }
+                }
+            }
+        }
     }
     let applicable = rows.iter().filter(|r| r.applicable).count();
     let ok = rows.iter().filter(|r| r.applicable && r.ok).count();
@@ -908,7 +924,8 @@ pub fn render(rep: &BisectReport, model: &str, references: &str) -> String {
         rep.reference.as_deref().unwrap_or("-")
     );
     if let Some(d) = &rep.detail {
-        let _ = writeln!(o, "                        {d}");
+        let line = format!("                        {d}");
+        let _ = writeln!(o, "{}", crate::ui::get().width.map(|w| crate::ui::wrap(&line, w, 24)).unwrap_or(line));
     }
     if let Some(i) = &rep.isolation {
         let worst = i.sites.iter().filter(|s| s.rel_l2.is_finite()).map(|s| s.rel_l2).fold(0.0, f64::max);
@@ -926,10 +943,26 @@ pub fn render(rep: &BisectReport, model: &str, references: &str) -> String {
     if let Some(d) = &rep.diagnosis {
         let _ = writeln!(o, "\n  diagnosis: {} [{}]", d.title, d.kind);
         for e in &d.evidence {
-            let _ = writeln!(o, "    - {e}");
+            let line = format!("    - {e}");
+            let _ = writeln!(o, "{}", crate::ui::get().width.map(|w| crate::ui::wrap(&line, w, 6)).unwrap_or(line));
         }
     }
     o
+}
+
+/// One line: what bisect found (what `--quiet` prints).
+pub fn verdict_line(rep: &BisectReport) -> String {
+    if !rep.found {
+        return format!("bisect: nothing found in {} of {} steps", rep.steps_run, rep.steps_requested);
+    }
+    format!(
+        "bisect: step {}, {}site `{}` (vs {}){}",
+        rep.step.map(|s| s.to_string()).unwrap_or("-".into()),
+        rep.layer.map(|l| format!("layer {l}, ")).unwrap_or_default(),
+        rep.site.as_deref().unwrap_or("-"),
+        rep.reference.as_deref().unwrap_or("-"),
+        rep.diagnosis.as_ref().map(|d| format!(": {} [{}]", d.title, d.kind)).unwrap_or_default()
+    )
 }
 
 /// For `lockstep faults --check`: does a bisect report match a catalog entry?

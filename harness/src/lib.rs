@@ -32,6 +32,7 @@ pub mod plugin;
 pub mod reference;
 pub mod report;
 pub mod results;
+pub mod ui;
 
 pub use api::{Lockstep, Report};
 pub use error::HarnessError;

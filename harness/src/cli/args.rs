@@ -34,8 +34,41 @@ pub struct Cli {
     /// `--reference bundled` is always lockstep-engine.
     #[arg(long, global = true)]
     pub engine: Option<String>,
+    /// Print the verdict line only (and errors); the exit code says the rest.
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Also print how long each phase took and, under each step's row, the sites that did
+    /// not pass; the per-site table with one reference too.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    /// Never cut or fold a table to the terminal's width (a pipe or a file is never cut).
+    #[arg(long, global = true)]
+    pub wide: bool,
+    /// Lay tables out for N columns (default: the terminal's width; none on a pipe).
+    #[arg(long, global = true, value_name = "N", conflicts_with = "wide")]
+    pub width: Option<usize>,
+    /// Colour the verdicts: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, global = true, value_enum, default_value = "auto", value_name = "WHEN")]
+    pub color: ColorArg,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorArg {
+    pub fn choice(self) -> crate::ui::ColorChoice {
+        match self {
+            ColorArg::Auto => crate::ui::ColorChoice::Auto,
+            ColorArg::Always => crate::ui::ColorChoice::Always,
+            ColorArg::Never => crate::ui::ColorChoice::Never,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -172,8 +205,9 @@ pub struct RunArgs {
     /// default for GGUF) or `dequant` (f32).
     #[arg(long, value_enum)]
     pub weights: Option<WeightsArg>,
-    /// Sample instead of greedy, e.g. temp=0.8,top_p=0.95,top_k=40,min_p=0.05,rep_penalty=1.1,seed=0
-    /// (also order=transformers|mlx|STAGE>STAGE..., rep_window=N|all). Each reference's own
+    /// Sample instead of greedy: KEY=VALUE pairs joined by commas, e.g. temp=0.8,seed=0; keys temp,
+    /// top_p, top_k, min_p, rep_penalty, seed, order (transformers | mlx | STAGE>STAGE...),
+    /// rep_window (N | all). Each reference's own
     /// sampler is compared with the engine's at every step.
     #[arg(long)]
     pub sampler: Option<String>,

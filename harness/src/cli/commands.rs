@@ -15,6 +15,9 @@ use crate::lockstep::run as driver;
 use crate::models;
 use crate::reference::{Capability, RefSpec, Reference};
 use crate::report::table as report;
+use crate::results::run::LoadTime;
+use crate::ui::Phase;
+use crate::cli::live::{self, Head};
 use lockstep_engine::{Faults, WeightsMode};
 use serde::Serialize;
 
@@ -108,16 +111,40 @@ impl RunFlags<'_> {
     }
 }
 
+/// Every reference of `specs`, loaded for `model` (with the adapter, if any), each with a
+/// spinner on a terminal; their load times.
+fn load_references_timed(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<(Vec<Reference>, Vec<LoadTime>), HarnessError> {
+    let mut refs = vec![];
+    let mut times = vec![];
+    for s in specs {
+        let phase = Phase::start(format!("loading the {} reference ({})", s.label(), short_path(model)));
+        let r = Reference::load_with_lora(s, model, lora);
+        let secs = phase.done();
+        let r = r?;
+        crate::interrupt::check()?;
+        times.push(LoadTime { side: r.name.clone(), seconds: secs });
+        refs.push(r);
+    }
+    Ok((refs, times))
+}
+
 /// Every reference of `specs`, loaded for `model` (with the adapter, if any).
 fn load_references(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
-    specs
-        .iter()
-        .map(|s| {
-            let r = Reference::load_with_lora(s, model, lora)?;
-            crate::interrupt::check()?;
-            Ok(r)
-        })
-        .collect()
+    load_references_timed(specs, model, lora).map(|(r, _)| r)
+}
+
+/// The engine under test, loaded with a spinner on a terminal; its load time.
+fn load_engine_timed(opts: &RunOptions) -> Result<(lockstep_engine::LoadedModel, LoadTime), HarnessError> {
+    let phase = Phase::start(format!("loading the engine ({})", short_path(&opts.model)));
+    let e = load_engine(opts);
+    let secs = phase.done();
+    Ok((e?, LoadTime { side: "engine".into(), seconds: secs }))
+}
+
+/// The last two components of a path (what a spinner has room for).
+fn short_path(p: &Path) -> String {
+    let parts: Vec<_> = p.components().rev().take(2).collect();
+    parts.iter().rev().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), HarnessError> {
@@ -141,11 +168,24 @@ fn print_replay_notes(refs: &[Reference]) {
     }
 }
 
-/// Records, prints the run's report, and says what was written.
+/// The end of a streamed run's report: everything after the rows (the verdict alone with
+/// `--quiet`).
+fn print_run_end(r: &crate::results::run::RunResult, refs: &[Reference]) {
+    if crate::ui::get().quiet {
+        out!("{}", report::render_verdict(r, refs));
+    } else {
+        crate::ui::print_above(&crate::ui::paint_verdicts(&report::render_tail(r, refs)));
+    }
+}
+
+/// Records, prints the run's report (its rows as they come), and says what was written.
 fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessError> {
-    let rec = record::record(req)?;
-    out!("{}", report::render_table(&rec.result, &rec.refs, &rec.model, &rec.sha256));
-    for (name, bytes) in &rec.written {
+    let rec = {
+        let _stream = live::stream(Head::Full);
+        record::record(req)?
+    };
+    print_run_end(&rec.result, &rec.refs);
+    for (name, bytes) in rec.written.iter().filter(|_| !crate::ui::get().quiet) {
         outln!("wrote trace {name}: {}.safetensors ({:.2} MB) + .json", req.dir.join(name).display(), *bytes as f64 / 1e6);
     }
     Ok(rec)
@@ -166,8 +206,8 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
         lora: &a.lora,
     };
     let mut opts = flags.options(false, a.strict_config)?;
-    let engine = load_engine(&opts)?;
-    let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
+    let (engine, engine_load) = load_engine_timed(&opts)?;
+    let (refs, ref_loads) = load_references_timed(&opts.references, &opts.model, a.lora.lora.as_deref())?;
     // A trace holds the steps it recorded: run no further than the shortest.
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
         if held < opts.steps {
@@ -175,10 +215,16 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
             opts.steps = held;
         }
     }
-    let result = driver::run(&opts, &engine, &refs)?;
+    let mut result = {
+        let _stream = live::stream(Head::Full);
+        driver::run(&opts, &engine, &refs)?
+    };
+    result.summary.load = std::iter::once(engine_load).chain(ref_loads).collect();
     let sha = trace::model_sha256_cached(&opts.model)?;
-    out!("{}", report::render_table(&result, &refs, &opts.model, &sha));
-    print_replay_notes(&refs);
+    print_run_end(&result, &refs);
+    if !crate::ui::get().quiet {
+        print_replay_notes(&refs);
+    }
     if let Some(j) = a.json {
         report::write_json(&j, &result, &refs, &opts.model, &sha)?;
         if !crate::paths::is_stdout(&j) {
@@ -281,7 +327,11 @@ fn replay(a: ReplayArgs) -> Result<Outcome, HarnessError> {
         None => vec![a.name.clone()],
     };
     let r = parity::replay_traces(&a.name, &traces)?;
-    out!("{}", report::render_table(&r.result, &r.refs, &r.model, &r.sha256));
+    if crate::ui::get().quiet {
+        out!("{}", report::render_verdict(&r.result, &r.refs));
+        return Ok(Outcome::of(r.result.verdict_pass));
+    }
+    out!("{}", crate::ui::paint_verdicts(&report::render_table(&r.result, &r.refs, &r.model, &r.sha256)));
     print_replay_notes(&r.refs);
     if a.summary {
         outln!("\n{}", r.summary);
@@ -360,7 +410,11 @@ fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
     use crate::checks::quantcheck::{self, Status};
     let path = models::resolve(&a.file)?;
     let c = quantcheck::run(&path)?;
-    out!("{}", quantcheck::render(&c));
+    if crate::ui::get().quiet {
+        outln!("quant-check: {} tensors, {} differ", c.tensors.len(), c.count(|s| matches!(s, Status::Differs { .. })));
+    } else {
+        out!("{}", crate::ui::fit(&quantcheck::render(&c)));
+    }
     if let Some(j) = a.json {
         write_json(&j, &c)?;
     }
@@ -392,11 +446,19 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
         lora: &a.lora,
     };
     let opts = flags.options(true, false)?;
-    let engine = load_engine(&opts)?;
+    let (engine, _) = load_engine_timed(&opts)?;
     let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
-    let (mut rep, _run) = crate::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?;
+    let (mut rep, _run) = {
+        let _stream = live::stream(Head::RowsOnly);
+        crate::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?
+    };
     rep.steps_requested = a.steps;
-    out!("{}", crate::bisect::render(&rep, &opts.model.display().to_string(), &a.reference));
+    if crate::ui::get().quiet {
+        outln!("{}", crate::bisect::verdict_line(&rep));
+    } else {
+        let text = crate::bisect::render(&rep, &opts.model.display().to_string(), &a.reference);
+        crate::ui::print_above(&crate::ui::paint_verdicts(&format!("\n{}", crate::ui::fit(&text))));
+    }
     if let Some(j) = a.json {
         write_json(&j, &rep)?;
     }
@@ -407,23 +469,46 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
 fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
     use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
     if !a.check {
-        outln!("{:<20} {:<5} {:<8} {:<10} {:<17} bug / where injected", "fault", "step", "layer", "site", "diagnosis");
+        // The full table needs ~240 columns; narrower, the bug and the code path go on
+        // lines of their own, word-wrapped.
+        let wide = CATALOG.iter().map(|f| 65 + f.bug.chars().count().max(f.code_path.chars().count() + f.needs.chars().count() + 10)).max().unwrap_or(0);
+        let narrow = crate::ui::get().width.filter(|&w| w < wide);
+        let mut o = String::new();
+        use std::fmt::Write as _;
+        let _ = writeln!(o, "{:<20} {:<5} {:<8} {:<10} {:<17} {}", "fault", "step", "layer", "site", "diagnosis", if narrow.is_some() { "" } else { "bug / where injected" });
         for f in CATALOG {
             let layer = match f.layer {
                 Layer::None => "-".to_string(),
                 Layer::First => "0".to_string(),
                 Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
             };
-            outln!("{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
-            outln!("{:<64} in {}{}", "", f.code_path, if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) });
+            let needs = if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) };
+            match narrow {
+                None => {
+                    let _ = writeln!(o, "{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+                    let _ = writeln!(o, "{:<64} in {}{needs}", "", f.code_path);
+                }
+                Some(w) => {
+                    let _ = writeln!(o, "{}", format!("{:<20} {:<5} {:<8} {:<10} {}", f.name, f.step, layer, f.site, f.diagnosis).trim_end());
+                    let _ = writeln!(o, "{}", crate::ui::wrap(&format!("    {}", f.bug), w, 4));
+                    let _ = writeln!(o, "{}", crate::ui::wrap(&format!("    in {}{needs}", f.code_path), w, 7));
+                }
+            }
         }
+        out!("{}", crate::ui::fit(&o));
         return Ok(Outcome::Pass);
     }
     let path = models::resolve(&a.model)?;
     let specs = RefSpec::parse_list(&a.reference)?;
     let refs = load_references(&specs, &path, a.lora.lora.as_deref())?;
     let results = crate::bisect::check_catalog(&path, &specs, &refs, a.steps, a.weights.map(WeightsArg::mode), a.lora.options())?;
-    out!("{}", crate::bisect::render_check(&results, &path.display().to_string(), &a.reference));
+    if crate::ui::get().quiet {
+        let applicable = results.iter().filter(|r| r.applicable).count();
+        let ok = results.iter().filter(|r| r.applicable && r.ok).count();
+        outln!("faults --check: {ok} of {applicable} applicable checks as the catalog says");
+    } else {
+        out!("{}", crate::ui::paint_verdicts(&crate::ui::fit(&crate::bisect::render_check(&results, &path.display().to_string(), &a.reference))));
+    }
     if let Some(j) = a.json {
         write_json(&j, &results)?;
     }
@@ -442,7 +527,11 @@ fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
     let tok = lockstep_engine::Tokenizer::load(&path)?;
     let (sides, notes) = tokcheck::load_sides(&specs, &path)?;
     let r = tokcheck::run(&path, &tok, &sides, notes, &strings)?;
-    out!("{}", tokcheck::render(&r));
+    if crate::ui::get().quiet {
+        outln!("tokcheck: {}", if r.pass { "PASS" } else { "DIFFERS (run without --quiet for the strings)" });
+    } else {
+        out!("{}", crate::ui::fit(&tokcheck::render(&r)));
+    }
     if let Some(j) = a.json {
         write_json(&j, &r)?;
     }
@@ -482,6 +571,11 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
     };
     // (Under the supervisor this is the worker: it writes the JUnit file too.)
     write_junit(junit.as_deref(), || crate::report::junit::from_report(&rep))?;
+    if crate::ui::get().quiet {
+        let t = &rep.totals;
+        outln!("report: {} cases: {} pass, {} diverged, {} error; {} not as expected", t.cases, t.pass, t.diverged, t.error, t.not_as_expected);
+        return Ok(Outcome::of(code == 0));
+    }
     out!("{}", crate::report::html::summary_md(&rep));
     outln!("\nreport: {}", out.join("index.html").display());
     Ok(Outcome::of(code == 0))

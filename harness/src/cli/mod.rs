@@ -6,6 +6,7 @@
 pub mod args;
 pub mod output;
 pub mod commands;
+pub mod live;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,12 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let cli = Cli::parse();
+    let mut ui = crate::ui::Ui::from_flags(cli.quiet, cli.verbose, cli.wide, cli.width, cli.color.choice());
+    // A report's worker draws the report's own progress (report::nightly), not a spinner.
+    if std::env::var_os(crate::report::nightly::WORKER_ENV).is_some() {
+        ui.live = false;
+    }
+    crate::ui::set(ui);
     let spec = match (cli.engine.as_deref(), plugin) {
         (Some(s), _) => EngineSpec::parse(s),
         (None, Some(p)) => Ok(EngineSpec::Plugin(p)),
@@ -49,6 +56,7 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         }
         dispatch(cli.cmd)
     });
+    crate::ui::live_done();
     // stdout closed early is quiet; stdout failing otherwise (a full disk) is an error.
     if let Some(e) = output::finish() {
         if outcome.is_ok() {

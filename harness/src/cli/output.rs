@@ -42,6 +42,11 @@ pub fn write(args: fmt::Arguments<'_>) {
     }
 }
 
+/// Writes `text` to stdout (as [`write`]).
+pub fn write_stdout(text: &str) {
+    write(format_args!("{text}"))
+}
+
 /// The error to end with, if stdout failed for another reason than a closed pipe.
 pub fn finish() -> Option<String> {
     let _ = std::io::stdout().flush();

@@ -376,7 +376,10 @@ use crate::lockstep::options::{RunOptions};
         strict_config: false,
         lora: req.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
     };
-    let engine = crate::lockstep::options::load_engine(&opts)?;
+    let phase = crate::ui::Phase::start(format!("loading the engine ({})", path.display()));
+    let engine = crate::lockstep::options::load_engine(&opts);
+    phase.done();
+    let engine = engine?;
     let mut policy = req.policy.clone();
     if req.engine_sites {
         policy.only = Some(engine.model.site_graph().names());
@@ -384,7 +387,12 @@ use crate::lockstep::options::{RunOptions};
     let refs = req
         .references
         .iter()
-        .map(|s| Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, policy.clone())))
+        .map(|s| {
+            let phase = crate::ui::Phase::start(format!("loading the {} reference", s.label()));
+            let r = Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, policy.clone()));
+            phase.done();
+            r
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let result = driver::run(&opts, &engine, &refs)?;
     let sha256 = trace::model_sha256_cached(&path)?;

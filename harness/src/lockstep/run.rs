@@ -49,11 +49,38 @@ pub fn call_step_hook(done: usize, planned: usize) {
     });
 }
 
+/// What a run tells its observer as it goes (`lockstep run` prints its table from these).
+pub enum RunEvent<'a> {
+    /// The prompt was checked; nothing has been fed yet.
+    Started { opts: &'a RunOptions, engine: &'a LoadedModel, refs: &'a [Reference], prompt: &'a PromptCheck },
+    /// A step was computed and compared (`planned`: the steps the run will do at most).
+    Step { record: &'a StepRecord, planned: usize },
+}
+
+thread_local! {
+    /// Told of every [`RunEvent`] of the runs on this thread (see `set_observer`).
+    static OBSERVER: std::cell::RefCell<Option<Box<dyn FnMut(RunEvent<'_>)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Sets (or clears) this thread's run observer.
+pub fn set_observer(observer: Option<Box<dyn FnMut(RunEvent<'_>)>>) {
+    OBSERVER.with(|o| *o.borrow_mut() = observer);
+}
+
+fn tell(event: RunEvent<'_>) {
+    OBSERVER.with(|o| {
+        if let Some(f) = o.borrow_mut().as_mut() {
+            f(event)
+        }
+    });
+}
+
 /// Runs the engine and the references in lockstep.
 pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Result<RunResult, HarnessError> {
     assert!(!refs.is_empty(), "run() needs at least one reference");
     let model = engine.model.as_ref();
     let prompt = check_prompt(opts, engine, refs)?;
+    tell(RunEvent::Started { opts, engine, refs, prompt: &prompt });
     // The generation config of every side; stop before step 0 on a prompt mismatch.
     let sampler_cfg = opts.sampler.clone().unwrap_or_default();
     let chat = matches!(opts.prompt, Prompt::Chat(_));
@@ -209,6 +236,7 @@ impl Lockstep<'_> {
             let (engine_token, sampler_checks) = samplers.choose(refs, &es.logits, &history)?;
             total += feed.len();
             let (record, kept_now) = self.compare(step, &feed, total, &es, engine_token, sampler_checks)?;
+            tell(RunEvent::Step { record: &record, planned: n_steps });
             steps.push(record);
             generated.push(engine_token);
             call_step_hook(step + 1, n_steps);

@@ -314,6 +314,7 @@ pub fn summarize(
         references,
         pairs,
         oracle,
+        load: vec![],
     }
 }
 
@@ -360,6 +361,7 @@ pub fn stopped_before_step0(
             references: vec![],
             pairs: vec![],
             oracle: vec![],
+            load: vec![],
         },
         engine: engine_info(engine, opts),
         num_layers: model.info().config.num_layers,

@@ -456,27 +456,116 @@ pub fn run_case(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>) -
 
 // ---------------------------------------------------------------- progress
 
-/// A progress bar on a terminal, plain log lines otherwise (CI, pipes).
+/// A progress bar on a terminal, plain log lines otherwise (CI, pipes). The bar is cut to
+/// the terminal's width (a longer line would wrap, and `\r` would redraw it on a new line);
+/// its ETA counts the loading of each case (measured: the time from a case's start to its
+/// first step) apart from the steps.
 struct Progress {
     tty: bool,
+    quiet: bool,
     total_cases: usize,
     done_cases: usize,
     planned_steps: usize,
     done_steps: usize,
     case_steps_done: usize,
     case: String,
-    started: Instant,
+    /// When the current case started, and when its first step ended (its loading before).
+    case_started: Instant,
+    case_first_step: Option<Instant>,
+    /// Seconds spent loading and stepping, over the cases finished.
+    load_seconds: f64,
+    loads: usize,
+    step_seconds: f64,
 }
 
 impl Progress {
-    fn eta(&self) -> String {
-        let done = self.done_steps + self.case_steps_done;
-        if done == 0 {
-            return "--:--".into();
+    fn new(tty: bool, quiet: bool, total_cases: usize, planned_steps: usize) -> Progress {
+        Progress {
+            tty,
+            quiet,
+            total_cases,
+            done_cases: 0,
+            planned_steps,
+            done_steps: 0,
+            case_steps_done: 0,
+            case: String::new(),
+            case_started: Instant::now(),
+            case_first_step: None,
+            load_seconds: 0.0,
+            loads: 0,
+            step_seconds: 0.0,
         }
-        let per = self.started.elapsed().as_secs_f64() / done as f64;
-        let left = (self.planned_steps.saturating_sub(done)) as f64 * per;
-        format!("{}:{:02}", (left / 60.0) as u64, left as u64 % 60)
+    }
+
+    fn start_case(&mut self, name: &str) {
+        self.case = name.to_string();
+        self.case_steps_done = 0;
+        self.case_started = Instant::now();
+        self.case_first_step = None;
+    }
+
+    /// A step of the current case ended.
+    fn step(&mut self, done: usize, planned: usize) {
+        if self.case_first_step.is_none() {
+            self.case_first_step = Some(Instant::now());
+        }
+        self.case_steps_done = done.min(planned);
+    }
+
+    fn end_case(&mut self, steps: usize) {
+        let end = Instant::now();
+        match self.case_first_step {
+            Some(first) => {
+                // The first step is counted with the load (it is mostly the prompt's prefill).
+                self.load_seconds += (first - self.case_started).as_secs_f64();
+                self.loads += 1;
+                self.step_seconds += (end - first).as_secs_f64();
+            }
+            None => {
+                self.load_seconds += (end - self.case_started).as_secs_f64();
+                self.loads += 1;
+            }
+        }
+        self.done_cases += 1;
+        self.done_steps += steps;
+        self.case_steps_done = 0;
+    }
+
+    /// Seconds left: the steps left at the measured seconds per step, plus the loading of
+    /// every case not started at the measured seconds per load.
+    fn seconds_left(&self) -> Option<f64> {
+        let now = Instant::now();
+        let (mut load, mut loads, mut step, mut steps) = (self.load_seconds, self.loads, self.step_seconds, self.done_steps.saturating_sub(self.done_cases));
+        match self.case_first_step {
+            Some(first) => {
+                load += (first - self.case_started).as_secs_f64();
+                loads += 1;
+                step += (now - first).as_secs_f64();
+                steps += self.case_steps_done.saturating_sub(1);
+            }
+            None if loads == 0 => return None,
+            None => {}
+        }
+        let per_load = load / loads.max(1) as f64;
+        let per_step = if steps > 0 { step / steps as f64 } else { 0.0 };
+        let done = self.done_steps + self.case_steps_done;
+        let steps_left = self.planned_steps.saturating_sub(done) as f64;
+        let cases_left = self.total_cases.saturating_sub(self.done_cases + 1) as f64;
+        let this_load = if self.case_first_step.is_none() { (per_load - (now - self.case_started).as_secs_f64()).max(0.0) } else { 0.0 };
+        Some(steps_left * per_step + cases_left * per_load + this_load)
+    }
+
+    fn eta(&self) -> String {
+        match self.seconds_left() {
+            None => "--:--".into(),
+            Some(left) => format!("{}:{:02}", (left / 60.0) as u64, left as u64 % 60),
+        }
+    }
+
+    fn show(&self, text: &str) {
+        let width = crate::ui::terminal_width().unwrap_or(80).saturating_sub(1).max(20);
+        eprint!("\r\x1b[2K{}", crate::ui::truncate(text, width));
+        let _ = std::io::stderr().flush();
     }
 
     fn draw(&self, step: usize, planned: usize) {
@@ -486,27 +575,29 @@ impl Progress {
         let frac = (self.done_steps + self.case_steps_done) as f64 / self.planned_steps.max(1) as f64;
         let w = 24usize;
         let fill = ((frac.min(1.0)) * w as f64) as usize;
-        eprint!(
-            "\r\x1b[2K[{}{}] case {}/{} {} step {step}/{planned} ETA {}",
+        let phase = if self.case_first_step.is_none() { "loading".to_string() } else { format!("step {step}/{planned}") };
+        self.show(&format!(
+            "[{}{}] ETA {} case {}/{} {} {phase}",
             "#".repeat(fill),
             "-".repeat(w - fill),
+            self.eta(),
             self.done_cases + 1,
             self.total_cases,
             self.case,
-            self.eta()
-        );
-        let _ = std::io::stderr().flush();
+        ));
     }
 
     fn draw_phase(&self, phase: &str, step: usize) {
         if !self.tty {
             return;
         }
-        eprint!("\r\x1b[2K case {}/{} {} {phase} step {step} ETA {}", self.done_cases + 1, self.total_cases, self.case, self.eta());
-        let _ = std::io::stderr().flush();
+        self.show(&format!("ETA {} case {}/{} {} {phase} step {step}", self.eta(), self.done_cases + 1, self.total_cases, self.case));
     }
 
     fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
         if self.tty {
             eprint!("\r\x1b[2K");
         }
@@ -627,16 +718,8 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
     let done = |c: &CaseDef| finished(&o.out, c, true).is_some() || (!o.rerun_crashed && finished(&o.out, c, false).is_some_and(|r| r.crashed));
     let todo: Vec<&CaseDef> = mine.iter().copied().filter(|c| !done(c)).collect();
     let tty = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none_or(|v| v.is_empty() || v == "false");
-    let progress = std::rc::Rc::new(std::cell::RefCell::new(Progress {
-        tty,
-        total_cases: todo.len(),
-        done_cases: 0,
-        planned_steps: todo.iter().map(|c| c.steps).sum(),
-        done_steps: 0,
-        case_steps_done: 0,
-        case: String::new(),
-        started: Instant::now(),
-    }));
+    let quiet = crate::ui::get().quiet;
+    let progress = std::rc::Rc::new(std::cell::RefCell::new(Progress::new(tty && !quiet, quiet, todo.len(), todo.iter().map(|c| c.steps).sum())));
     let skipped = mine.len() - todo.len();
     progress.borrow().line(&format!(
         "lockstep report: suite {} ({}), {} case(s){}{}",
@@ -657,8 +740,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         write_file(&o.out.join(RUNNING), &def.name)?;
         {
             let mut p = progress.borrow_mut();
-            p.case = def.name.clone();
-            p.case_steps_done = 0;
+            p.start_case(&def.name);
             if !p.tty {
                 p.line(&format!("[{}/{}] {}: running ({} steps vs {})", k + 1, todo.len(), def.name, def.steps, def.references.join(",")));
             }
@@ -675,7 +757,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
                 // Bisect re-runs the case: show it, without moving the ETA.
                 p.draw_phase("bisect", done);
             } else {
-                p.case_steps_done = done.min(planned);
+                p.step(done, planned);
                 p.draw(done, planned);
             }
         })));
@@ -691,9 +773,7 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
         let _ = std::fs::remove_file(o.out.join(RUNNING));
         let mut p = progress.borrow_mut();
-        p.done_cases += 1;
-        p.done_steps += def.steps;
-        p.case_steps_done = 0;
+        p.end_case(def.steps);
         p.line(&format!("[{}/{}] {}: {} ({:.1} s){}", k + 1, todo.len(), def.name, case_line(&c), c.timing.total_s, if c.as_expected { "" } else { "  <- not as expected" }));
     }
     drop(cache);
@@ -1034,5 +1114,26 @@ mod tests {
         let d = now_utc();
         assert_eq!(d.len(), 20, "{d}");
         assert!(d.starts_with("20") && d.ends_with('Z') && &d[10..11] == "T", "{d}");
+    }
+
+    #[test]
+    fn the_eta_counts_the_loading_of_the_cases_left() {
+        use std::time::Duration;
+        let ago = |s: u64| Instant::now() - Duration::from_secs(s);
+        // Three cases of 10 steps. The first took 20 s to load and 9 s for its other 9 steps.
+        let mut p = Progress::new(false, false, 3, 30);
+        p.case_started = ago(29);
+        p.case_first_step = Some(ago(9));
+        p.case_steps_done = 10;
+        p.end_case(10);
+        // The second is loading since 5 s: 15 s of its load left, then 10 steps of 1 s,
+        // then the third case's load (20 s) and steps (10 s).
+        p.start_case("b");
+        p.case_started = ago(5);
+        let left = p.seconds_left().expect("measured");
+        assert!((left - (15.0 + 10.0 + 20.0 + 10.0)).abs() < 1.0, "{left}");
+        assert!(left > 40.0);
+        // Nothing measured yet: no ETA.
+        assert!(Progress::new(false, false, 2, 8).seconds_left().is_none());
     }
 }

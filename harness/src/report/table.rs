@@ -108,13 +108,15 @@ pub fn json_report(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -
     serde_json::to_value(&report).map_err(|e| HarnessError::Usage(format!("serializing the report: {e}")))
 }
 
-/// One character per layer: how many leading digits of agreement its worst site has,
+/// One character per layer (per `group` layers on a narrow terminal): how many leading digits of agreement its worst site has,
 /// floor(-log10(rel-L2)) capped to 0..9; `!` marks a failed site, `~` drift, `.` a layer
 /// with no compared site.
-fn layer_strip(rs: &RefStep, num_layers: usize) -> String {
+fn layer_strip(rs: &RefStep, num_layers: usize, group: usize) -> String {
+    let group = group.max(1);
     let mut out = String::with_capacity(num_layers);
-    for l in 0..num_layers {
-        let sites: Vec<_> = rs.sites.iter().filter(|x| x.layer == Some(l)).collect();
+    for g in 0..num_layers.div_ceil(group) {
+        let in_group = |l: usize| l / group == g;
+        let sites: Vec<_> = rs.sites.iter().filter(|x| x.layer.is_some_and(in_group)).collect();
         let verdict = sites.iter().map(|x| x.verdict).max().unwrap_or(Verdict::Pass);
         let worst = sites.iter().map(|x| x.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY)).fold(0.0, f64::max);
         out.push(match verdict {
@@ -137,10 +139,10 @@ fn worst_cell(worst: &[WorstSite], kind: SiteKind) -> String {
     worst.iter().find(|x| x.kind == kind).map(|x| format!("{:.1e}", x.rel_l2)).unwrap_or_else(|| "-".into())
 }
 
-fn show_token(t: &str) -> String {
+fn show_token(t: &str, width: usize) -> String {
     let s: String = format!("{t:?}");
-    if s.chars().count() > 14 {
-        format!("{}…\"", s.chars().take(12).collect::<String>())
+    if crate::ui::width_of(&s) > width {
+        format!("{}\"", crate::ui::truncate(&s, width - 1))
     } else {
         s
     }
@@ -184,29 +186,62 @@ fn not_compared(sites: &[String], num_layers: usize) -> String {
     parts.join(", ")
 }
 
-/// The human-readable report of a run.
+/// The human-readable report of a run: [`render_head`], the step table ([`RowLayout`]) and
+/// [`render_tail`]. `lockstep run` prints the same three parts as the run goes (the rows as
+/// each step is computed); this is all of it at once.
 pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -> String {
+    let mut o = render_head(&r.engine, refs, model, sha);
+    o.push_str(&render_prompt(&r.prompt));
+    if r.stopped_before_step0.is_none() {
+        let layout = RowLayout::new(refs, r.num_layers, crate::ui::get().width);
+        o.push_str(&layout.header());
+        for st in &r.steps {
+            o.push_str(&layout.row(st));
+        }
+    }
+    o.push_str(&render_tail(r, refs));
+    o
+}
+
+/// The run's header: title, model, engine (and faults), one line per reference.
+pub fn render_head(engine: &crate::results::run::EngineInfo, refs: &[Reference], model: &Path, sha: &str) -> String {
+    let mut o = String::new();
+    write_header(&mut o, engine, model, sha);
+    write_references(&mut o, refs);
+    crate::ui::fit(&o)
+}
+
+/// The `prompt` line (after the prompt check, before step 0).
+pub fn render_prompt(p: &crate::results::run::PromptCheck) -> String {
+    let mut o = String::new();
+    write_prompt(&mut o, p);
+    crate::ui::fit(&o)
+}
+
+/// Everything after the step table: what was compared, the generation config, the
+/// summaries, the times, the texts and the verdict.
+pub fn render_tail(r: &RunResult, refs: &[Reference]) -> String {
     let mut o = String::new();
     let multi = refs.len() > 1;
-    write_header(&mut o, r, model, sha);
-    write_references(&mut o, refs);
-    write_prompt(&mut o, r);
-    write_compared(&mut o, r);
-    o.push_str(&crate::checks::sampler::render_prelude(r));
     if r.stopped_before_step0.is_some() {
+        write_compared(&mut o, r);
+        o.push_str(&crate::checks::sampler::render_prelude(r));
         o.push_str(&crate::checks::sampler::render_stopped(r));
-        return o;
+        return crate::ui::fit(&o);
     }
-    let _ = writeln!(o);
-    let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
-    write_step_rows(&mut o, r, multi, rw);
     write_eos_note(&mut o, r);
     o.push_str(&crate::checks::sampler::render_steps(r));
-    write_legend(&mut o, multi);
+    write_legend(&mut o, multi, &RowLayout::new(refs, r.num_layers, crate::ui::get().width));
+    let _ = writeln!(o);
+    write_compared(&mut o, r);
+    o.push_str(&crate::checks::sampler::render_prelude(r));
+    let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
     write_reference_summary(&mut o, r, rw);
     write_quant_bounds(&mut o, r);
     if !r.summary.pairs.is_empty() {
         write_pairs(&mut o, r);
+    }
+    if !r.summary.pairs.is_empty() || crate::ui::get().verbose {
         write_per_site(&mut o, r, refs);
     }
     write_oracles(&mut o, r);
@@ -214,31 +249,41 @@ pub fn render_table(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) 
     let _ = writeln!(o);
     write_texts(&mut o, r);
     let _ = writeln!(o);
-    write_verdict(&mut o, r, multi);
-    o
+    // The verdict is never cut (it is what a person reads first): word-wrapped instead.
+    crate::ui::fit(&o) + &render_verdict(r, refs)
+}
+
+/// The verdict line(s) alone (what `--quiet` prints).
+pub fn render_verdict(r: &RunResult, refs: &[Reference]) -> String {
+    let mut v = String::new();
+    write_verdict(&mut v, r, refs.len() > 1);
+    match crate::ui::get().width {
+        Some(w) => v.lines().map(|l| crate::ui::wrap(l, w, 4) + "\n").collect(),
+        None => v,
+    }
 }
 
 /// The title, model and engine lines of the run's header, and the faults injected.
-fn write_header(o: &mut String, r: &RunResult, model: &Path, sha: &str) {
+fn write_header(o: &mut String, engine: &crate::results::run::EngineInfo, model: &Path, sha: &str) {
     let _ = writeln!(o, "lockstep run");
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
         o,
         "  engine     {}, weights {} ({}: {}), {:?}, Q/K {}{}",
-        if r.engine.name == "lockstep-engine" { format!("lockstep-engine {}", env!("CARGO_PKG_VERSION")) } else { r.engine.name.clone() },
-        r.engine.weights,
-        r.engine.weights_mode,
-        r.engine.matrix_types.join("+"),
-        r.engine.dtype,
-        r.engine.qk_layout,
-        if r.engine.transforms.is_empty() {
+        if engine.name == "lockstep-engine" { format!("lockstep-engine {}", env!("CARGO_PKG_VERSION")) } else { engine.name.clone() },
+        engine.weights,
+        engine.weights_mode,
+        engine.matrix_types.join("+"),
+        engine.dtype,
+        engine.qk_layout,
+        if engine.transforms.is_empty() {
             String::new()
         } else {
-            format!(" (compared through {})", r.engine.transforms.join(", "))
+            format!(" (compared through {})", engine.transforms.join(", "))
         }
     );
-    if !r.engine.faults.is_empty() {
-        let _ = writeln!(o, "  FAULTS     injected into the engine: {}", r.engine.faults.join(", "));
+    if !engine.faults.is_empty() {
+        let _ = writeln!(o, "  FAULTS     injected into the engine: {}", engine.faults.join(", "));
     }
 }
 
@@ -257,8 +302,7 @@ fn write_references(o: &mut String, refs: &[Reference]) {
 }
 
 /// The `prompt` line: mode, text, token count and whether each reference's ids agree.
-fn write_prompt(o: &mut String, r: &RunResult) {
-    let p = &r.prompt;
+fn write_prompt(o: &mut String, p: &crate::results::run::PromptCheck) {
     let agree: Vec<String> = p
         .reference_ids
         .iter()
@@ -310,41 +354,207 @@ fn write_compared(o: &mut String, r: &RunResult) {
     }
 }
 
-/// The per-step table: its column header, then one row per step and reference.
-fn write_step_rows(o: &mut String, r: &RunResult, multi: bool, rw: usize) {
-    let lw = r.num_layers.max(6);
-    let _ = writeln!(
-        o,
-        "{:>4} {:>4}  {:<14}  {:<rw$}  {:<lw$}  {:<22} {:>8} {:>8}  {:>8}  {:>5} {:>7}",
-        "step", "fed", "token", "reference", "layers", "worst site", "rel-L2", if multi { "floor" } else { "" }, "KL", "top1", "margin"
-    );
-    for st in &r.steps {
+/// The layout of the per-step table for a width: the full table when it fits (or without a
+/// width), else, in this order until it fits: no empty floor column, no margin column, a
+/// shorter token and site column, no `fed` column, then several layers per character of the
+/// layer strip; a line still too wide is cut with `…`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowLayout {
+    multi: bool,
+    rw: usize,
+    num_layers: usize,
+    width: Option<usize>,
+    floor: bool,
+    margin: bool,
+    fed: bool,
+    token_w: usize,
+    site_w: usize,
+    /// Layers per character of the layer strip.
+    group: usize,
+}
+
+/// The columns of the tag after a row (`  [drift]`).
+const TAG_W: usize = 9;
+
+impl RowLayout {
+    pub fn new(refs: &[Reference], num_layers: usize, width: Option<usize>) -> RowLayout {
+        let multi = refs.len() > 1;
+        let rw = refs.iter().map(|x| x.name.len()).max().unwrap_or(8).max(9);
+        Self::for_names(multi, rw, num_layers, width)
+    }
+
+    fn for_names(multi: bool, rw: usize, num_layers: usize, width: Option<usize>) -> RowLayout {
+        let mut l = RowLayout { multi, rw, num_layers, width, floor: true, margin: true, fed: true, token_w: 14, site_w: 22, group: 1 };
+        let Some(w) = width else { return l };
+        let shrinks: [fn(&mut RowLayout); 5] = [
+            |l| l.floor = l.multi,
+            |l| l.margin = false,
+            |l| l.token_w = 8,
+            |l| l.site_w = 14,
+            |l| l.fed = false,
+        ];
+        for shrink in shrinks {
+            if l.total() <= w {
+                return l;
+            }
+            shrink(&mut l);
+        }
+        while l.total() > w && l.strip_w() > 6 {
+            l.group += 1;
+        }
+        if l.total() > w {
+            l.rw = l.rw.min(8);
+            l.site_w = 10;
+        }
+        l
+    }
+
+    fn strip_w(&self) -> usize {
+        self.num_layers.div_ceil(self.group).max(6)
+    }
+
+    /// The columns of a row with a tag.
+    fn total(&self) -> usize {
+        let mut t = 4 + 2 + self.token_w + 2 + self.rw + 2 + self.strip_w() + 2 + self.site_w + 1 + 8 + 2 + 8 + 2 + 5 + TAG_W;
+        if self.fed {
+            t += 5;
+        }
+        if self.floor {
+            t += 9;
+        }
+        if self.margin {
+            t += 8;
+        }
+        t
+    }
+
+    /// Layers per character of the layer strip (1 unless the width asked for fewer).
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    fn line(&self, c: [&str; 11], tag: &str) -> String {
+        let [step, fed, token, reference, layers, site, rel, floor, kl, top1, margin] = c;
+        use crate::ui::truncate_left;
+        // Without a width nothing is cut: a long cell pushes the rest right, as `format!` does.
+        let cut = self.width.is_some();
+        let pad = |s: &str, w: usize| if cut { crate::ui::pad(s, w) } else { format!("{s:<w$}") };
+        let pad_left = |s: &str, w: usize| if cut { crate::ui::pad_left(s, w) } else { format!("{s:>w$}") };
+        // Narrow: `layers.23.mlp_act` is `L23.mlp_act` (the legend says so).
+        let site = match site.strip_prefix("layers.") {
+            Some(rest) if cut && self.site_w < 22 => format!("L{rest}"),
+            _ => site.to_string(),
+        };
+        let site = if cut { truncate_left(&site, self.site_w) } else { site };
+        let mut o = pad_left(step, 4);
+        if self.fed {
+            o.push(' ');
+            o.push_str(&pad_left(fed, 4));
+        }
+        o.push_str("  ");
+        o.push_str(&pad(token, self.token_w));
+        o.push_str("  ");
+        o.push_str(&pad(reference, self.rw));
+        o.push_str("  ");
+        o.push_str(&pad(layers, self.strip_w()));
+        o.push_str("  ");
+        o.push_str(&pad(&site, self.site_w));
+        o.push(' ');
+        o.push_str(&pad_left(rel, 8));
+        if self.floor {
+            o.push(' ');
+            o.push_str(&pad_left(floor, 8));
+        }
+        o.push_str("  ");
+        o.push_str(&pad_left(kl, 8));
+        o.push_str("  ");
+        o.push_str(&pad_left(top1, 5));
+        if self.margin {
+            o.push(' ');
+            o.push_str(&pad_left(margin, 7));
+        }
+        let mut o = match self.width {
+            Some(w) => crate::ui::truncate(&o, w.saturating_sub(crate::ui::width_of(tag))),
+            None => o,
+        };
+        if tag.is_empty() {
+            // No trailing blanks on a row without a tag.
+            o.truncate(o.trim_end().len());
+        }
+        o.push_str(&crate::ui::paint_verdicts(tag));
+        o.push('\n');
+        o
+    }
+
+    /// A blank line and the column header of the step table.
+    pub fn header(&self) -> String {
+        let layers = if self.group > 1 { format!("layers/{}", self.group) } else { "layers".to_string() };
+        let head = [
+            "step", "fed", "token", "reference", layers.as_str(), "worst site", "rel-L2",
+            if self.multi { "floor" } else { "" }, "KL", "top1", "margin",
+        ];
+        format!("\n{}", self.line(head, ""))
+    }
+
+    /// One step's rows: one per reference.
+    pub fn row(&self, st: &StepRecord) -> String {
+        let mut o = String::new();
         for (k, rs) in st.references.iter().enumerate() {
             let (wname, wrel, wfloor) = worst_of(rs);
             let lm = &rs.logits;
             let top1 = if lm.top1_agree { "=".to_string() } else { format!("≠{}", lm.reference_top1) };
             let (stepc, fedc, tokc) = if k == 0 {
-                (st.step.to_string(), st.fed.len().to_string(), show_token(&st.engine_token_text))
+                (st.step.to_string(), st.fed.len().to_string(), show_token(&st.engine_token_text, self.token_w))
             } else {
                 (String::new(), String::new(), String::new())
             };
-            let _ = writeln!(
-                o,
-                "{:>4} {:>4}  {:<14}  {:<rw$}  {:<lw$}  {:<22} {:>8} {:>8}  {:>8.1e}  {:>5} {:>7.3}{}",
-                stepc,
-                fedc,
-                tokc,
-                rs.reference,
-                layer_strip(rs, r.num_layers),
-                wname,
-                wrel,
-                if multi { wfloor } else { String::new() },
-                rs.kl_max_positions,
-                top1,
-                lm.engine_margin,
-                if rs.verdict == Verdict::Pass { String::new() } else { format!("  [{}]", rs.verdict.as_str()) }
-            );
+            let tag = if rs.verdict == Verdict::Pass { String::new() } else { format!("  [{}]", rs.verdict.as_str()) };
+            let cells = [
+                stepc.as_str(),
+                fedc.as_str(),
+                tokc.as_str(),
+                rs.reference.as_str(),
+                &layer_strip(rs, self.num_layers, self.group),
+                &wname,
+                &wrel,
+                if self.multi { wfloor.as_str() } else { "" },
+                &format!("{:.1e}", rs.kl_max_positions),
+                &top1,
+                &format!("{:.3}", lm.engine_margin),
+            ];
+            o.push_str(&self.line(cells, &tag));
+            if crate::ui::get().verbose {
+                o.push_str(&self.verbose_sites(rs));
+            }
         }
+        o
+    }
+
+    /// `-v`: the sites of a reference's step that did not pass, worst first.
+    fn verbose_sites(&self, rs: &RefStep) -> String {
+        let mut bad: Vec<_> = rs.sites.iter().filter(|x| x.verdict != Verdict::Pass).collect();
+        bad.sort_by(|a, b| {
+            let ra = a.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+            let rb = b.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+            (b.verdict, rb).partial_cmp(&(a.verdict, ra)).unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let mut o = String::new();
+        for x in bad.iter().take(8) {
+            let line = format!(
+                "{:>10}{} {}: rel-L2 {} [{}]",
+                "",
+                rs.reference,
+                x.site,
+                x.metrics.map(|m| format!("{:.2e}", m.rel_l2)).unwrap_or_else(|| "shape".into()),
+                x.verdict.as_str()
+            );
+            o.push_str(&crate::ui::fit_to(&line, self.width));
+            o.push('\n');
+        }
+        if bad.len() > 8 {
+            let _ = writeln!(o, "{:>10}… and {} more", "", bad.len() - 8);
+        }
+        o
     }
 }
 
@@ -356,30 +566,53 @@ fn write_eos_note(o: &mut String, r: &RunResult) {
     }
 }
 
-/// The legend of the per-step table's columns.
-fn write_legend(o: &mut String, multi: bool) {
-    let _ = writeln!(
-        o,
-        "\nlayers: one digit per layer = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared.\n\
-         KL(ref||engine) in nats, max over the positions fed; margin = engine top-1 minus top-2 log-prob.{}",
-        if multi { "\nfloor: rel-L2 between this reference and the nearest other one at the worst site (the noise floor)." } else { "" }
-    );
+/// The legend of the per-step table's columns (word-wrapped to the width).
+fn write_legend(o: &mut String, multi: bool, layout: &RowLayout) {
+    let per = if layout.group() > 1 {
+        format!("one digit per {} layers (at this width; --wide for one per layer)", layout.group())
+    } else {
+        "one digit per layer".to_string()
+    };
+    let mut lines = vec![
+        format!("layers: {per} = floor(-log10(worst rel-L2 of its sites)), '~' drift, '!' fail, '.' nothing compared."),
+        "KL(ref||engine) in nats, max over the positions fed; margin = engine top-1 minus top-2 log-prob.".to_string(),
+    ];
+    if layout.site_w < 22 && layout.width.is_some() {
+        lines.push("worst site: L23.mlp_act is layers.23.mlp_act.".into());
+    }
+    if multi {
+        lines.push("floor: rel-L2 between this reference and the nearest other one at the worst site (the noise floor).".into());
+    }
+    let _ = writeln!(o);
+    for l in lines {
+        match crate::ui::get().width {
+            Some(w) => {
+                let _ = writeln!(o, "{}", crate::ui::wrap(&l, w, 2));
+            }
+            None => {
+                let _ = writeln!(o, "{l}");
+            }
+        }
+    }
 }
 
 /// The `engine vs reference` table: one row of the run's worst numbers per reference.
 fn write_reference_summary(o: &mut String, r: &RunResult, rw: usize) {
     let s = &r.summary;
     let _ = writeln!(o, "\nengine vs reference, over {} steps:", s.steps);
+    // Narrow terminals get narrower number columns and single gaps (same columns).
+    let full = 2 + rw + 2 + 8 + 2 + 14 + 2 + 10 + 1 + 10 + 1 + 10 + 2 + 9 + 1 + 9 + 2 + 6 + 2 + 7;
+    let (g, n, k) = if crate::ui::get().width.is_some_and(|w| w < full) { (" ", 8, 8) } else { ("  ", 10, 9) };
     let _ = writeln!(
         o,
-        "  {:<rw$}  {:>8}  {:<14}  {:>10} {:>10} {:>10}  {:>9} {:>9}  {:>6}  {:>7}",
-        "reference", "verdict", "mode", "act rel-L2", "cache", "logits", "mean KL", "max KL", "top1 =", "max|Δp|"
+        "  {:<rw$}{g}{:>8}{g}{:<14}{g}{:>n$} {:>n$} {:>n$}{g}{:>k$} {:>k$}{g}{:>6}{g}{:>7}",
+        "reference", "verdict", "mode", if n < 10 { "act" } else { "act rel-L2" }, "cache", "logits", "mean KL", "max KL", "top1 =", "max|Δp|"
     );
     for rs in &s.references {
         let w = |k: SiteKind| worst_cell(&rs.worst_rel_l2, k);
         let _ = writeln!(
             o,
-            "  {:<rw$}  {:>8}  {:<14}  {:>10} {:>10} {:>10}  {:>9.1e} {:>9.1e}  {:>5.1}%  {:>7.3}",
+            "  {:<rw$}{g}{:>8}{g}{:<14}{g}{:>n$} {:>n$} {:>n$}{g}{:>k$.1e} {:>k$.1e}{g}{:>5.1}%{g}{:>7.3}",
             rs.reference,
             rs.verdict.as_str(),
             rs.mode.name(),
@@ -522,8 +755,18 @@ fn write_oracles(o: &mut String, r: &RunResult) {
 /// The `time` line: the engine's and each reference's seconds.
 fn write_time(o: &mut String, r: &RunResult) {
     let s = &r.summary;
-    let _ = writeln!(o, "\ntime: engine {:.2} s{} (capture and compare included)", s.engine_seconds,
-        s.references.iter().map(|x| format!(", {} {:.2} s", x.reference, x.seconds)).collect::<String>());
+    let steps = format!(
+        "engine {:.2} s{}",
+        s.engine_seconds,
+        s.references.iter().map(|x| format!(", {} {:.2} s", x.reference, x.seconds)).collect::<String>()
+    );
+    if s.load.is_empty() {
+        let _ = writeln!(o, "\ntime: {steps} (capture and compare included)");
+    } else {
+        let load = s.load.iter().map(|l| format!("{} {:.2} s", l.side, l.seconds)).collect::<Vec<_>>().join(", ");
+        let line = format!("time: loading {load}; steps {steps} (capture and compare included)");
+        let _ = writeln!(o, "\n{}", crate::ui::get().width.map(|w| crate::ui::wrap(&line, w, 6)).unwrap_or(line));
+    }
 }
 
 /// The engine's generated text, each reference's own greedy generate, and the LoRA checks.
@@ -563,5 +806,62 @@ fn write_verdict(o: &mut String, r: &RunResult, multi: bool) {
                 let _ = writeln!(o, "  likely cause: {c}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    fn widest_line(l: &RowLayout) -> usize {
+        let cells = [
+            "31", "1024", "\"abcdefghijk…\"", "transformers", &"9".repeat(l.strip_w()), "layers.29.expert_weights", "shape", "3.3e-7",
+            "1.8e-12", "≠123456", "12.345",
+        ];
+        let row = l.line(cells, "  [drift]");
+        crate::ui::width_of(row.trim_end_matches('\n'))
+    }
+
+    #[test]
+    fn rows_fit_every_width_down_to_the_minimum() {
+        for layers in [3, 30, 64] {
+            for multi in [false, true] {
+                for w in [crate::ui::MIN_WIDTH, 80, 100, 120, 140] {
+                    let l = RowLayout::for_names(multi, 12, layers, Some(w));
+                    assert!(widest_line(&l) <= w, "{layers} layers, multi {multi}, width {w}: {}", widest_line(&l));
+                    let h = l.header();
+                    assert!(h.lines().all(|x| crate::ui::width_of(x) <= w), "{h}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wide_terminal_gets_the_whole_table() {
+        let l = RowLayout::for_names(true, 12, 30, Some(200));
+        assert!(l.fed && l.margin && l.floor && l.group == 1 && l.site_w == 22);
+        // Unlimited is the same layout, and nothing is cut.
+        let u = RowLayout::for_names(true, 12, 30, None);
+        assert_eq!(l.header(), u.header());
+        assert!(widest_line(&u) > 140);
+    }
+
+    #[test]
+    fn a_narrow_terminal_shrinks_in_order_and_groups_layers_last() {
+        // 30 layers at 100 columns: the optional columns go before the strip is grouped.
+        let l = RowLayout::for_names(false, 12, 30, Some(100));
+        assert!(!l.fed && !l.margin && !l.floor, "{l:?}");
+        assert_eq!(l.group, 2, "{l:?}");
+        // 3 layers at 100 columns: nothing grouped, and the margin column stays.
+        let l = RowLayout::for_names(true, 12, 3, Some(100));
+        assert_eq!(l.group, 1);
+        assert!(l.floor, "several references keep their floor column: {l:?}");
+    }
+
+    #[test]
+    fn narrow_site_names_are_abbreviated_not_cut_blindly() {
+        let l = RowLayout::for_names(false, 12, 30, Some(100));
+        let row = l.line(["1", "1", "\"x\"", "transformers", "55", "layers.23.mlp_act", "1e-6", "", "1e-9", "=", "0.1"], "");
+        assert!(row.contains("L23.mlp_act"), "{row}");
     }
 }

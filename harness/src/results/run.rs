@@ -191,6 +191,16 @@ pub struct RunSummary {
     /// With an f64 oracle: per f32 reference, at how many (step, site) the engine is
     /// closer to the oracle than that reference is.
     pub oracle: Vec<OracleSummary>,
+    /// Seconds each side took to load (engine first), when the command measured it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load: Vec<LoadTime>,
+}
+
+/// How long one side (the engine, a reference) took to load.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadTime {
+    pub side: String,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
