@@ -125,6 +125,11 @@ pub enum Cmd {
     Report(ReportArgs),
     /// List the model aliases.
     Models,
+    /// Check the environment: the reference environment (Python, each reference package and
+    /// its version, llama.cpp's build against this CPU), the fixtures, the model store, the
+    /// traces directory, Chromium; for each gap, the command to run. Loads no model. Exit 0
+    /// when everything needed is there, 1 when something is missing.
+    Doctor,
 }
 
 #[derive(Args)]
