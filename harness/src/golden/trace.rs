@@ -538,7 +538,11 @@ fn unknown_trace(name: &str, json_path: &Path) -> HarnessError {
         "no trace `{name}` ({} does not exist); traces in {}: {}",
         json_path.display(),
         dir.display(),
-        if known.is_empty() { "none (record them with `make snapshots`)".to_string() } else { known.join(", ") }
+        if known.is_empty() {
+            "none (record one with `lockstep record ... --name NAME`; a trace elsewhere is named by its path, DIR/NAME.json)".to_string()
+        } else {
+            known.join(", ")
+        }
     ))
 }
 
