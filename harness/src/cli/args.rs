@@ -151,7 +151,8 @@ pub enum Cmd {
     /// List the fault catalog; with --check, inject each fault and bisect it.
     Faults(FaultsArgs),
     /// Run in lockstep with live references and record their answers as golden traces
-    /// (snapshots/traces/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*).
+    /// (DIR/NAME.safetensors + NAME.json; with several references NAME.REFERENCE.*), DIR as
+    /// --out says; replay one with `lockstep replay DIR/NAME.json` or `--reference trace:DIR/NAME`.
     Record(RecordArgs),
     /// Re-record every case of snapshots/traces/manifest.toml (what `make snapshots` runs).
     Snapshots(SnapshotsArgs),
@@ -174,6 +175,11 @@ pub enum Cmd {
     Report(ReportArgs),
     /// List the model aliases.
     Models,
+    /// Check the environment: the reference environment (Python, each reference package and
+    /// its version, llama.cpp's build against this CPU), the fixtures, the model store, the
+    /// traces directory, Chromium; for each gap, the command to run. Loads no model. Exit 0
+    /// when everything needed is there, 1 when something is missing.
+    Doctor,
 }
 
 #[derive(Args)]
@@ -324,7 +330,9 @@ pub struct RecordArgs {
     /// then hold the logits alone); replays of such traces compare those sites only.
     #[arg(long)]
     pub engine_sites: bool,
-    /// Directory to write the traces to (default: snapshots/traces, or $LOCKSTEP_TRACES).
+    /// Directory to write the traces to. Default: $LOCKSTEP_TRACES, else the checkout's
+    /// snapshots/traces when this binary runs from one, else ~/.local/share/lockstep/traces
+    /// (`lockstep doctor` shows which); `trace:NAME` reads from the same directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// GGUF weights: quantized (default for GGUF) or dequant (f32). Recorded in the trace;
@@ -349,7 +357,8 @@ pub struct SnapshotsArgs {
 
 #[derive(Args)]
 pub struct ReplayArgs {
-    /// A case of snapshots/traces/manifest.toml, or a trace name.
+    /// A case of snapshots/traces/manifest.toml, a trace name (in the traces directory, as for
+    /// `record`), or a trace's path (DIR/NAME.json).
     pub name: String,
     /// Print the parity summary that `cargo test` snapshots.
     #[arg(long)]

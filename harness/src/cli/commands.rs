@@ -46,7 +46,7 @@ impl Outcome {
 pub fn dispatch(cmd: Cmd) -> Result<Outcome, HarnessError> {
     // The commands that run references stop cleanly on Ctrl-C (crate::interrupt); the others
     // keep the default (the process ends at once: they write nothing).
-    if !matches!(cmd, Cmd::Generate(_) | Cmd::Models | Cmd::Inspect(_)) {
+    if !matches!(cmd, Cmd::Generate(_) | Cmd::Models | Cmd::Inspect(_) | Cmd::Doctor) {
         crate::interrupt::install();
     }
     match cmd {
@@ -62,6 +62,7 @@ pub fn dispatch(cmd: Cmd) -> Result<Outcome, HarnessError> {
         Cmd::Bench(a) => bench(a),
         Cmd::QuantCheck(a) => quant_check(a),
         Cmd::Report(a) => report_cmd(a),
+        Cmd::Doctor => crate::doctor::run().map(Outcome::of),
         Cmd::Models => {
             for (a, what) in models::ALIASES {
                 outln!("{a:<10} {what}");

@@ -137,9 +137,9 @@ impl Manifest {
 }
 
 impl Case {
-    /// The adapter directory, resolved against the repository.
+    /// The adapter directory, resolved against lockstep's files (the checkout, or the embedded copy).
     pub fn lora_dir(&self) -> Option<std::path::PathBuf> {
-        self.lora.as_ref().map(|l| crate::paths::repo_dir().join(l))
+        self.lora.as_ref().map(|l| crate::paths::data_dir().join(l))
     }
 
     pub fn weights_mode(&self) -> Option<lockstep_engine::WeightsMode> {

@@ -115,7 +115,7 @@ pub fn replay_with(name: &str, traces: &[String], given: Option<&LoadedModel>) -
     }
     let model = trace::locate_model(&first.model)?;
     // The adapter the traces were recorded with (its sha256 is checked by each trace).
-    let lora = first.adapter.as_ref().map(|a| crate::paths::repo_dir().join(&a.path));
+    let lora = first.adapter.as_ref().map(|a| crate::paths::data_dir().join(&a.path));
     let prompt = match first.prompt.mode.as_str() {
         "chat" => crate::lockstep::options::Prompt::Chat(first.prompt.text.clone()),
         _ => crate::lockstep::options::Prompt::Text(first.prompt.text.clone()),

@@ -37,17 +37,15 @@ use crate::compare::Data;
 use std::any::Any;
 
 use crate::reference::{Backend, Description, RefSpec, Reference, SiteArrays, StepOutput};
-use crate::paths::{repo_dir, venv_dir};
+use crate::paths::{data_dir, venv_dir};
 use crate::compare::sketch::{Sketch, K};
 
 pub const FORMAT: &str = "lockstep-trace/1";
 
-/// Where traces live: `$LOCKSTEP_TRACES`, else the repository's `snapshots/traces`.
+/// Where traces live: `$LOCKSTEP_TRACES`, else the checkout's `snapshots/traces`, else
+/// `~/.local/share/lockstep/traces` (crate::paths).
 pub fn traces_dir() -> PathBuf {
-    match std::env::var_os("LOCKSTEP_TRACES") {
-        Some(v) if !v.is_empty() => PathBuf::from(v),
-        _ => repo_dir().join("snapshots/traces"),
-    }
+    crate::paths::traces_dir()
 }
 
 /// A trace name names two files in the traces directory (or `--out`): letters, digits, `-`,
@@ -540,7 +538,11 @@ fn unknown_trace(name: &str, json_path: &Path) -> HarnessError {
         "no trace `{name}` ({} does not exist); traces in {}: {}",
         json_path.display(),
         dir.display(),
-        if known.is_empty() { "none (record them with `make snapshots`)".to_string() } else { known.join(", ") }
+        if known.is_empty() {
+            "none (record one with `lockstep record ... --name NAME`; a trace elsewhere is named by its path, DIR/NAME.json)".to_string()
+        } else {
+            known.join(", ")
+        }
     ))
 }
 
@@ -630,10 +632,11 @@ fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"))
 }
 
-/// How a trace names its model: repository-relative, `$LOCKSTEP_VENV/...`, or absolute.
+/// How a trace names its model: relative to lockstep's files (the checkout, or the copy
+/// embedded in the binary: `snapshots/models/...`), `$LOCKSTEP_VENV/...`, or absolute.
 pub fn portable_model_path(path: &Path) -> String {
     let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    for (base, prefix) in [(repo_dir(), ""), (venv_dir(), "$LOCKSTEP_VENV/")] {
+    for (base, prefix) in [(data_dir(), ""), (venv_dir(), "$LOCKSTEP_VENV/")] {
         if let Ok(b) = std::fs::canonicalize(&base) {
             if let Ok(rel) = canon.strip_prefix(&b) {
                 return format!("{prefix}{}", rel.display());
@@ -644,22 +647,24 @@ pub fn portable_model_path(path: &Path) -> String {
 }
 
 /// Finds the model a trace was recorded from, by path and sha256: the recorded path (in
-/// the repository, or in any reference environment lockstep knows: `$LOCKSTEP_VENV`, the
-/// repository's `.venv`, `~/.cache/lockstep/venv`, for a path recorded inside one of them),
-/// then the model store. No Python.
+/// lockstep's files — the checkout, or the copy embedded in the binary —, or in any reference
+/// environment lockstep knows: `$LOCKSTEP_VENV`, the checkout's `.venv`,
+/// `~/.cache/lockstep/venv`, for a path recorded inside one of them), then the model store.
+/// No Python.
 pub fn locate_model(m: &ModelMeta) -> Result<PathBuf, HarnessError> {
     let mut candidates: Vec<PathBuf> = vec![];
     // A path in the repository's own `.venv` was recorded where the reference environment
     // lived in the repository: it is a path inside a reference environment.
     let in_venv = m.path.strip_prefix("$LOCKSTEP_VENV/").or_else(|| m.path.strip_prefix(".venv/"));
     if let Some(rest) = in_venv {
-        for v in [venv_dir(), repo_dir().join(".venv"), home().join(".cache/lockstep/venv")] {
+        let checkout_venv = crate::paths::checkout_dir().map(|c| c.join(".venv"));
+        for v in [Some(venv_dir()), checkout_venv, Some(home().join(".cache/lockstep/venv"))].into_iter().flatten() {
             candidates.push(v.join(rest));
         }
     } else if Path::new(&m.path).is_absolute() {
         candidates.push(PathBuf::from(&m.path));
     } else {
-        candidates.push(repo_dir().join(&m.path));
+        candidates.push(data_dir().join(&m.path));
     }
     candidates.push(models_dir().join(&m.file));
     let mut seen = vec![];

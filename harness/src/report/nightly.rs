@@ -317,13 +317,14 @@ impl RefCache {
 }
 
 /// A suite's `lora = PATH`: as given when it exists from the working directory, else
-/// relative to the repository (the committed adapters are `snapshots/adapters/...`).
+/// relative to lockstep's files (the checkout or the embedded copy: the committed adapters
+/// are `snapshots/adapters/...`).
 fn resolve_adapter(l: &str) -> PathBuf {
     let p = PathBuf::from(l);
     if p.is_absolute() || p.exists() {
         p
     } else {
-        crate::paths::repo_dir().join(p)
+        crate::paths::data_dir().join(p)
     }
 }
 
@@ -649,26 +650,15 @@ fn case_path(dir: &Path, name: &str) -> PathBuf {
     dir.join("cases").join(format!("{name}.json"))
 }
 
-/// Identifies the running lockstep binary: the size and modification time of the
-/// executable (cheap, and it changes with every rebuild).
+/// Identifies the code that runs the cases: the engine under test and the engine's, the
+/// harness's and the references' code (crate::identity). A rebuild, copy or install of the
+/// same code keeps it, so a resume reuses the finished cases; changed code re-runs them.
 pub fn build_id() -> String {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let meta = std::env::current_exe().and_then(std::fs::metadata);
-        let stamp = match meta {
-            Ok(m) => {
-                let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
-                format!("{} {t}", m.len())
-            }
-            Err(_) => "unknown".into(),
-        };
-        crate::checks::genconfig::sha12(&stamp)
-    })
-    .clone()
+    crate::identity::engine_identity()
 }
 
 /// A finished case in `dir`, if it is for this definition (and, with `same_build`, was run
-/// by this very binary: what resume requires; merge accepts any build).
+/// by the same code ([`build_id`]): what resume requires; merge accepts any build).
 fn finished(dir: &Path, def: &CaseDef, same_build: bool) -> Option<CaseResult> {
     let text = std::fs::read_to_string(case_path(dir, &def.name)).ok()?;
     let c: CaseResult = serde_json::from_str(&text).ok()?;

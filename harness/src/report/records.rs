@@ -171,8 +171,9 @@ pub struct CaseResult {
     /// The case's definition and the lockstep version (`CaseDef::fingerprint`): shards merge
     /// only when these agree.
     pub fingerprint: String,
-    /// The lockstep binary that ran the case ([`build_id`]): a resumed run reuses a finished
-    /// case only from the same build, so a rebuilt engine never reports stale numbers.
+    /// The identity of the code that ran the case ([`build_id`], crate::identity): a resumed
+    /// run reuses a finished case only from the same code, so a changed engine never reports
+    /// stale numbers, and a rebuild of the same code re-runs nothing.
     pub build: String,
     pub def: CaseDef,
     /// `pass`, `diverged` or `error`.

@@ -18,7 +18,7 @@
 //! steps = 12
 //! tolerance = "default"    # default | strict (a drift counts as a divergence)
 //! inject = "rope-theta"    # optional: engine faults (`lockstep faults`)
-//! lora = "path/to/adapter" # a LoRA adapter on every side (relative: to the working directory, else the repository)
+//! lora = "path/to/adapter" # a LoRA adapter on every side (relative: to the working directory, else lockstep's files: snapshots/adapters/...)
 //! expect = "pass"          # pass (default) | diverged: what the case is meant to show
 //!
 //! [[matrix]]               # the cross product of its lists, one case per combination
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn matrix_expands_and_names_cases() {
-        let q41 = crate::paths::repo_dir().join("snapshots/models/tiny-llama.Q4_1.gguf");
+        let q41 = crate::paths::data_dir().join("snapshots/models/tiny-llama.Q4_1.gguf");
         let s = Suite::parse(
             &r#"
 [suite]
