@@ -509,7 +509,7 @@ impl Cmd {
                 Some(ReportCmd::Merge { junit, .. }) => (None, junit.as_ref()),
                 None => (None, a.junit.as_ref()),
             },
-            Cmd::Record(_) | Cmd::Snapshots(_) | Cmd::Generate(_) | Cmd::Bench(_) | Cmd::Models => (None, None),
+            Cmd::Record(_) | Cmd::Snapshots(_) | Cmd::Generate(_) | Cmd::Bench(_) | Cmd::Models | Cmd::Doctor => (None, None),
         };
         let dash = |p: Option<&PathBuf>| p.is_some_and(|p| crate::paths::is_stdout(p));
         if dash(json) && dash(junit) {
