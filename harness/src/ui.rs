@@ -184,7 +184,7 @@ pub fn fit(text: &str) -> String {
     fit_to(text, get().width)
 }
 
-/// Every line of `text` cut to `width` columns.
+/// Every line of `text` fitted to `width` columns ([`fit_line`]).
 pub fn fit_to(text: &str, width: Option<usize>) -> String {
     let Some(w) = width else { return text.to_string() };
     let mut out = String::with_capacity(text.len());
@@ -193,10 +193,46 @@ pub fn fit_to(text: &str, width: Option<usize>) -> String {
             Some(b) => (b, "\n"),
             None => (line, ""),
         };
-        out.push_str(&truncate(body, w));
+        out.push_str(&fit_line(body, w));
         out.push_str(nl);
     }
     out
+}
+
+/// One line fitted to `width` columns. Prose (no gap of two spaces after its indentation) is
+/// word-wrapped under itself; a `key   value` line whose value is prose is wrapped under its
+/// value; anything else (a table row) is cut with `…`.
+pub fn fit_line(line: &str, width: usize) -> String {
+    if width_of(line) <= width {
+        return line.to_string();
+    }
+    let indent = line.len() - line.trim_start().len();
+    let body = &line[indent..];
+    let gaps: Vec<usize> = body.match_indices("  ").map(|(i, _)| i).collect();
+    // Where the wrapped part starts, and how far its continuation lines are indented.
+    let (head, rest, hang) = if gaps.is_empty() {
+        ("", line, indent + 2)
+    } else {
+        let first_gap = gaps[0];
+        let value_at = indent + first_gap + body[first_gap..].len() - body[first_gap..].trim_start().len();
+        let value = &line[value_at..];
+        if value.contains("  ") || width_of(&line[..value_at]) + 12 > width {
+            return truncate(line, width);
+        }
+        (&line[..value_at], value, width_of(&line[..value_at]))
+    };
+    let room = width.saturating_sub(width_of(head));
+    let wrapped = wrap(rest, if head.is_empty() { width } else { room }, if head.is_empty() { hang } else { 0 });
+    let pad = " ".repeat(hang);
+    let lines: Vec<String> = wrapped
+        .lines()
+        .enumerate()
+        .map(|(k, l)| {
+            let l = if k == 0 { format!("{head}{l}") } else if head.is_empty() { l.to_string() } else { format!("{pad}{l}") };
+            truncate(&l, width)
+        })
+        .collect();
+    lines.join("\n")
 }
 
 /// `text` word-wrapped to `width` columns, every line after the first indented by `indent`.
@@ -398,6 +434,20 @@ mod tests {
         let t = "0123456789\nabc\n0123456789abcdef";
         assert_eq!(fit_to(t, Some(8)), "0123456…\nabc\n0123456…");
         assert_eq!(fit_to(t, None), t);
+    }
+
+    #[test]
+    fn fit_wraps_prose_and_values_and_cuts_table_rows() {
+        let prose = "sampler parity: the engine's processed distribution vs each reference's own sampling code";
+        let f = fit_line(prose, 40);
+        assert!(f.lines().count() > 1 && f.lines().all(|l| width_of(l) <= 40), "{f}");
+        assert_eq!(f.split_whitespace().collect::<Vec<_>>(), prose.split_whitespace().collect::<Vec<_>>(), "nothing lost");
+        let kv = "  compared   transformers: 51 sites per step (embed, 3 layers x 16 incl. cache_k/cache_v)";
+        let f = fit_line(kv, 50);
+        assert!(f.starts_with("  compared   transformers:"), "{f}");
+        assert!(f.lines().skip(1).all(|l| l.starts_with("             ") && width_of(l) <= 50), "under the value:\n{f}");
+        let row = "  chat template      sha256 86c79f00d708 (331 chars)   sha256 86c79f00d708 (331 chars)";
+        assert_eq!(fit_line(row, 40), truncate(row, 40), "a table row is cut, not folded");
     }
 
     #[test]

@@ -180,9 +180,16 @@ fn fmt_f(x: f64) -> String {
 pub fn render(g: &GenConfig) -> String {
     let mut o = String::new();
     let nw = g.rows.iter().map(|r| r.name.len()).max().unwrap_or(8) + 2;
-    let ew = g.rows.iter().map(|r| r.engine.chars().count()).max().unwrap_or(6).clamp(6, 44);
+    // Each value column holds up to 44 characters; on a narrower terminal every side gets an
+    // equal share of the width (at least 8), the rest of a value cut with `…`.
+    let sides = 1 + g.references.len();
+    let cap = match crate::ui::get().width {
+        Some(w) => ((w.saturating_sub(2 + nw + 9)) / sides).saturating_sub(2).clamp(8, 44),
+        None => 44,
+    };
+    let ew = g.rows.iter().map(|r| r.engine.chars().count()).max().unwrap_or(6).clamp(6, cap);
     let rw: Vec<usize> = (0..g.references.len())
-        .map(|i| g.rows.iter().map(|r| r.references[i].chars().count()).max().unwrap_or(0).max(g.references[i].len()).clamp(6, 44))
+        .map(|i| g.rows.iter().map(|r| r.references[i].chars().count()).max().unwrap_or(0).max(g.references[i].len()).clamp(6, cap))
         .collect();
     let cut = |s: &str, w: usize| -> String {
         if s.chars().count() > w {
