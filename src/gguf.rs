@@ -201,12 +201,9 @@ fn ggml_type(id: u32) -> Res<GgmlDType> {
 }
 
 /// `general.alignment`, checked: an integer that is a power of two.
-fn alignment(metadata: &HashMap<String, Value>) -> Res<u64> {
-    let v = match metadata.get("general.alignment") {
-        None => return Ok(DEFAULT_ALIGNMENT),
-        Some(v) => v,
-    };
-    let a: i128 = match v {
+/// An integer metadata value of any width and sign, widened; `None` for other types.
+pub fn as_integer(v: &Value) -> Option<i128> {
+    Some(match v {
         Value::U8(x) => *x as i128,
         Value::I8(x) => *x as i128,
         Value::U16(x) => *x as i128,
@@ -215,9 +212,17 @@ fn alignment(metadata: &HashMap<String, Value>) -> Res<u64> {
         Value::I32(x) => *x as i128,
         Value::U64(x) => *x as i128,
         Value::I64(x) => *x as i128,
-        other => {
-            return Err(format!("metadata general.alignment has type {}, expected an integer (u32)", type_name(other)));
-        }
+        _ => return None,
+    })
+}
+
+fn alignment(metadata: &HashMap<String, Value>) -> Res<u64> {
+    let v = match metadata.get("general.alignment") {
+        None => return Ok(DEFAULT_ALIGNMENT),
+        Some(v) => v,
+    };
+    let Some(a) = as_integer(v) else {
+        return Err(format!("metadata general.alignment has type {}, expected an integer (u32)", type_name(v)));
     };
     if a <= 0 || a > (1i128 << 62) || (a & (a - 1)) != 0 {
         return Err(format!(

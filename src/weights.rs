@@ -365,18 +365,9 @@ impl GgufFile {
     /// An unsigned integer of any width that fits in a u32 (a u64 or a negative i32 that
     /// does not is an error, never truncated or wrapped).
     pub fn md_u32(&self, key: &str) -> Result<u32> {
-        use gguf_file::Value as V;
         let v = self.metadata(key)?;
-        let x: i128 = match v {
-            V::U8(x) => *x as i128,
-            V::U16(x) => *x as i128,
-            V::U32(x) => *x as i128,
-            V::U64(x) => *x as i128,
-            V::I8(x) => *x as i128,
-            V::I16(x) => *x as i128,
-            V::I32(x) => *x as i128,
-            V::I64(x) => *x as i128,
-            other => return Err(self.bad_value(key, format!("has type {}, expected an integer", crate::gguf::type_name(other)))),
+        let Some(x) = crate::gguf::as_integer(v) else {
+            return Err(self.bad_value(key, format!("has type {}, expected an integer", crate::gguf::type_name(v))));
         };
         u32::try_from(x).map_err(|_| self.bad_value(key, format!("{x} is not a count or id (0 to {})", u32::MAX)))
     }
