@@ -45,6 +45,7 @@ pub fn stream(head: Head) -> Streaming {
             ui::print_above(&l.row(record));
             ui::step_done(record.step + 1);
         }
+        RunEvent::Bisecting => {}
     })));
     Streaming
 }

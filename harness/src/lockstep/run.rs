@@ -30,31 +30,16 @@ use crate::results::run::{KeptStep, PromptCheck, RunResult, StepRecord};
 
 use lockstep_engine::sites::layer_of;
 
-thread_local! {
-    /// Called after every step with (steps done, steps planned): `lockstep report`'s progress.
-    static STEP_HOOK: std::cell::RefCell<Option<Box<dyn FnMut(usize, usize)>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Sets (or clears) this thread's step hook (see `STEP_HOOK`).
-pub fn set_step_hook(hook: Option<Box<dyn FnMut(usize, usize)>>) {
-    STEP_HOOK.with(|h| *h.borrow_mut() = hook);
-}
-
-/// Calls this thread's step hook, if any (for callers that report phases of their own).
-pub fn call_step_hook(done: usize, planned: usize) {
-    STEP_HOOK.with(|h| {
-        if let Some(f) = h.borrow_mut().as_mut() {
-            f(done, planned)
-        }
-    });
-}
-
-/// What a run tells its observer as it goes (`lockstep run` prints its table from these).
+/// What a run tells its observer as it goes (`lockstep run` prints its table from these,
+/// `lockstep report` draws its progress).
 pub enum RunEvent<'a> {
     /// The prompt was checked; nothing has been fed yet.
     Started { opts: &'a RunOptions, engine: &'a LoadedModel, refs: &'a [Reference], prompt: &'a PromptCheck },
     /// A step was computed and compared (`planned`: the steps the run will do at most).
     Step { record: &'a StepRecord, planned: usize },
+    /// The next runs on this thread are bisect's re-runs of a case (`lockstep report` says
+    /// so in its progress line).
+    Bisecting,
 }
 
 thread_local! {
@@ -67,7 +52,9 @@ pub fn set_observer(observer: Option<Box<dyn FnMut(RunEvent<'_>)>>) {
     OBSERVER.with(|o| *o.borrow_mut() = observer);
 }
 
-fn tell(event: RunEvent<'_>) {
+/// Tells this thread's observer, if any, of `event` (the driver's own events, and the
+/// phases its callers run, such as [`RunEvent::Bisecting`]).
+pub fn tell(event: RunEvent<'_>) {
     OBSERVER.with(|o| {
         if let Some(f) = o.borrow_mut().as_mut() {
             f(event)
@@ -239,7 +226,6 @@ impl Lockstep<'_> {
             tell(RunEvent::Step { record: &record, planned: n_steps });
             steps.push(record);
             generated.push(engine_token);
-            call_step_hook(step + 1, n_steps);
             // Bisect: a failing sampler step is the divergence (the forward pass passed).
             let sampler_failed = steps.last().is_some_and(|s: &StepRecord| s.sampler.iter().any(|c| c.verdict == Verdict::Fail));
             if kept_now.is_some() || (opts.bisect && sampler_failed) {

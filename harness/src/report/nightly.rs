@@ -419,7 +419,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
 }
 
 fn notify_bisect() {
-    driver::call_step_hook(0, 0);
+    driver::tell(driver::RunEvent::Bisecting);
 }
 
 /// Where `--full-json` puts a case's run report, relative to the report directory.
@@ -738,21 +738,24 @@ pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
         }
         let hook_p = progress.clone();
         let mut bisecting = false;
-        driver::set_step_hook(Some(Box::new(move |done, planned| {
+        driver::set_observer(Some(Box::new(move |e: driver::RunEvent<'_>| {
             let mut p = hook_p.borrow_mut();
-            if planned == 0 {
-                bisecting = true;
-            }
-            if bisecting {
+            match e {
+                driver::RunEvent::Bisecting => {
+                    bisecting = true;
+                    p.draw_phase("bisect", 0);
+                }
                 // Bisect re-runs the case: show it, without moving the ETA.
-                p.draw_phase("bisect", done);
-            } else {
-                p.step(done, planned);
-                p.draw(done, planned);
+                driver::RunEvent::Step { record, .. } if bisecting => p.draw_phase("bisect", record.step + 1),
+                driver::RunEvent::Step { record, planned } => {
+                    p.step(record.step + 1, planned);
+                    p.draw(record.step + 1, planned);
+                }
+                driver::RunEvent::Started { .. } => {}
             }
         })));
         let c = run_case(def, &mut cache, o.full_json.then_some(o.out.as_path()));
-        driver::set_step_hook(None);
+        driver::set_observer(None);
         let Ok(c) = c else {
             // Ctrl-C: this case is not recorded (a resume runs it); the page shows the rest.
             let _ = std::fs::remove_file(o.out.join(RUNNING));
