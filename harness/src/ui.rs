@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use unicode_width::UnicodeWidthChar;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `--color WHEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ColorChoice {
     Auto,
     Always,
@@ -266,8 +267,6 @@ pub enum Tone {
     Good,
     Warn,
     Bad,
-    Dim,
-    Bold,
 }
 
 /// `s` in the colour of `tone` when colour is on.
@@ -279,19 +278,8 @@ pub fn paint(s: &str, tone: Tone) -> String {
         Tone::Good => "32",
         Tone::Warn => "33",
         Tone::Bad => "31;1",
-        Tone::Dim => "2",
-        Tone::Bold => "1",
     };
     format!("\x1b[{code}m{s}\x1b[0m")
-}
-
-/// The tone of a verdict word (`pass`, `drift`, `fail`, `diverged`, `PASS`, …).
-pub fn verdict_tone(word: &str) -> Tone {
-    match word.to_ascii_lowercase().as_str() {
-        "pass" | "ok" | "found" | "as expected" => Tone::Good,
-        "drift" | "n/a" => Tone::Warn,
-        _ => Tone::Bad,
-    }
 }
 
 /// Colours the verdict words of a rendered report (after its layout is done, so that the

@@ -49,26 +49,9 @@ pub struct Cli {
     pub width: Option<usize>,
     /// Colour the verdicts: auto (on a terminal, unless NO_COLOR is set), always, never.
     #[arg(long, global = true, value_enum, default_value = "auto", value_name = "WHEN")]
-    pub color: ColorArg,
+    pub color: crate::ui::ColorChoice,
     #[command(subcommand)]
     pub cmd: Cmd,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum ColorArg {
-    Auto,
-    Always,
-    Never,
-}
-
-impl ColorArg {
-    pub fn choice(self) -> crate::ui::ColorChoice {
-        match self {
-            ColorArg::Auto => crate::ui::ColorChoice::Auto,
-            ColorArg::Always => crate::ui::ColorChoice::Always,
-            ColorArg::Never => crate::ui::ColorChoice::Never,
-        }
-    }
 }
 
 #[derive(Args, Clone)]

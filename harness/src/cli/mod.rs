@@ -37,7 +37,7 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let cli = Cli::parse();
-    let mut ui = crate::ui::Ui::from_flags(cli.quiet, cli.verbose, cli.wide, cli.width, cli.color.choice());
+    let mut ui = crate::ui::Ui::from_flags(cli.quiet, cli.verbose, cli.wide, cli.width, cli.color);
     // A report's worker draws the report's own progress (report::nightly), not a spinner.
     if std::env::var_os(crate::report::nightly::WORKER_ENV).is_some() {
         ui.live = false;
