@@ -8,6 +8,22 @@ export LOCKSTEP_VENV
 # pyo3 links the venv's libpython: build and test with the same interpreter so cargo
 # does not rebuild pyo3 between them.
 export PYO3_PYTHON := $(LOCKSTEP_VENV)/bin/python
+# LOCKSTEP_SIMD=avx2: on an AVX-512 machine, every part takes the code paths of a CPU without
+# AVX-512 (docs/golden.md, "Every CPU"): llama.cpp built without it (scripts/setup_env.sh; give
+# it its own LOCKSTEP_VENV), PyTorch, MKL, oneDNN, NumPy and OpenBLAS told to stop at AVX2, and
+# the engine's quantized kernels without VNNI. The suite must pass both ways.
+LOCKSTEP_SIMD ?=
+export LOCKSTEP_SIMD
+ifeq ($(LOCKSTEP_SIMD),avx2)
+export LOCKSTEP_NO_VNNI := 1
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_ENABLE_INSTRUCTIONS := AVX2
+export ONEDNN_MAX_CPU_ISA := AVX2
+export NPY_DISABLE_CPU_FEATURES := AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR
+export OPENBLAS_CORETYPE := Haswell
+else ifneq ($(LOCKSTEP_SIMD),)
+$(error LOCKSTEP_SIMD=$(LOCKSTEP_SIMD): the one value is avx2 (or leave it unset for the CPU's own))
+endif
 # Debug-built dependencies are ~60x slower (docs/traps.md): everything runs in release.
 CARGO ?= cargo
 LOCKSTEP := target/release/lockstep
@@ -47,9 +63,10 @@ report-ci: setup
 	rm -rf reports/ci
 	$(LOCKSTEP) report --suite scripts/suites/ci.toml --out reports/ci
 
-# LOCKSTEP_REQUIRE_LIVE: the live-reference tests must run here, never be ignored.
+# LOCKSTEP_REQUIRE_LIVE: the live-reference tests must run here, never be ignored. Every test
+# binary runs even when one fails, and the failing tests are listed at the end (scripts/test.sh).
 test: setup models report-ci
-	LOCKSTEP_REQUIRE_LIVE=1 $(CARGO) test --release --locked --workspace
+	LOCKSTEP_REQUIRE_LIVE=1 CARGO=$(CARGO) bash scripts/test.sh --release --locked --workspace
 
 # The nightly matrix with its history (exit 1 on a regression since the last night).
 NIGHTLY_ARGS ?= --history reports/history.jsonl

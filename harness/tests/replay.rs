@@ -26,33 +26,13 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The engine's f32 matrix products take the widest SIMD the CPU has (gemm's dispatch), and
-/// the order of accumulation moves the last bits: on SmolLM2's 30 layers a few error decades
-/// sit on a 1e-5/1e-6 boundary and read one digit apart on an AVX-512 machine and an AVX2
-/// one (measured: 3 digits of 180 in smollm2's summary; tokens, top-5, KL and verdicts the
-/// same). A case with such digits keeps one snapshot per class, `CASE@avx512.snap`, used
-/// where the CPU has AVX-512; every other case has one snapshot for all machines.
-fn simd_class() -> Option<&'static str> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return Some("avx512");
-    }
-    None
-}
-
+/// The summary against `snapshots/parity/CASE.snap`, at the precision lockstep claims: one
+/// snapshot for every CPU (golden::printed says what may move between CPU classes).
 fn snapshot(name: &str, r: &Replayed) {
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(repo().join("snapshots/parity"));
-    if let Some(class) = simd_class().filter(|c| repo().join(format!("snapshots/parity/{name}@{c}.snap")).is_file()) {
-        settings.set_snapshot_suffix(class);
-    }
-    settings.set_prepend_module_to_snapshot(false);
-    settings.set_omit_expression(true);
-    settings.set_description(format!(
+    let description = format!(
         "parity summary of golden case `{name}` (snapshots/traces/manifest.toml); accept an intended change with `cargo insta review`"
-    ));
-    settings.set_info(&r.info);
-    settings.bind(|| insta::assert_snapshot!(name, r.summary));
+    );
+    lockstep::golden::assert_summary(&repo().join("snapshots/parity"), name, &r.summary, &r.info, &description);
 }
 
 /// Every non-passing site, logits and generate check of a run, one line each.
@@ -207,12 +187,11 @@ fn every_case_is_replayed_and_every_trace_belongs_to_a_case() {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".snap")).map(String::from))
-        // A CPU-class variant (`CASE@avx512`, see simd_class) belongs to its case.
-        .filter(|n| !n.split_once('@').is_some_and(|(case, _)| repo().join(format!("snapshots/parity/{case}.snap")).is_file()))
         .collect();
     snaps.sort();
     let mut names: Vec<String> = tested.iter().map(|s| s.to_string()).collect();
     names.sort();
+    // One snapshot per case for every CPU: no `CASE@avx512.snap` variants (golden::printed).
     assert_eq!(snaps, names, "snapshots/parity/*.snap vs the cases");
 }
 

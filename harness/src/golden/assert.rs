@@ -104,14 +104,41 @@ impl Golden {
                 d.likely_cause.as_ref().map(|c| format!("; likely cause: {c}")).unwrap_or_default()
             );
         }
-        let mut settings = insta::Settings::clone_current();
-        settings.set_snapshot_path(&self.parity);
-        settings.set_prepend_module_to_snapshot(false);
-        settings.set_omit_expression(true);
-        settings.set_description(format!("parity summary of golden case `{case}`; accept an intended change with `cargo insta review`"));
-        settings.set_info(&r.info);
-        settings.bind(|| insta::assert_snapshot!(case.to_string(), r.summary));
+        let description = format!("parity summary of golden case `{case}`; accept an intended change with `cargo insta review`");
+        assert_summary(&self.parity, case, &r.summary, &r.info, &description);
     }
+}
+
+/// The body of an insta snapshot file (what follows its `---` header), if it exists.
+fn snapshot_body(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let rest = text.strip_prefix("---\n")?;
+    let end = rest.find("\n---\n")?;
+    Some(rest[end + 5..].to_string())
+}
+
+/// Asserts a parity summary against the insta snapshot `DIR/CASE.snap` at the precision
+/// lockstep claims ([`printed`](crate::golden::printed)): a summary whose numbers moved in
+/// their last printed digit (another CPU's SIMD kernels) matches the committed snapshot as it
+/// is, so one snapshot serves every CPU. Any other difference, or no snapshot yet, goes to
+/// insta's own assertion: it fails with insta's diff and leaves `CASE.snap.new` for
+/// `cargo insta review` (or writes the snapshot under `INSTA_UPDATE=always`).
+pub fn assert_summary<I: serde::Serialize>(dir: &Path, case: &str, summary: &str, info: &I, description: &str) {
+    if let Some(body) = snapshot_body(&dir.join(format!("{case}.snap"))) {
+        if crate::golden::printed::text_matches(&body, summary) {
+            return;
+        }
+        if let Some((line, want, got)) = crate::golden::printed::first_difference(&body, summary) {
+            eprintln!("parity summary of `{case}` differs beyond lockstep's precision at line {line}:\n  snapshot: {want}\n  now:      {got}");
+        }
+    }
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(dir);
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    settings.set_description(description);
+    settings.set_info(info);
+    settings.bind(|| insta::assert_snapshot!(case.to_string(), summary));
 }
 
 /// [`Golden::assert_parity`] in the crate's default place ([`Golden::for_crate`]).
