@@ -386,14 +386,14 @@ def _load_hf(path: Path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     cfg = json.loads(cfg_path.read_text())
     mt = cfg.get("model_type")
-    if mt not in ("llama", "qwen2", "mixtral"):
-        raise ValueError(f"{path}: model_type {mt!r} is not supported by the mlx reference "
-                         "(only 'llama', 'qwen2', 'mixtral')")
+    # Any model type mlx-lm has a model for (its models/<model_type>.py): the sites of any
+    # decoder (embed, each layer's output and cache, final_norm, logits) are read the same way
+    # in all of them; the detailed ones where the layer has the Llama module names.
     from mlx_lm.utils import load_model
     try:
         model, _ = load_model(path, lazy=True)
     except Exception as e:
-        raise ValueError(f"{path}: mlx-lm could not load it: {e}") from e
+        raise ValueError(f"{path}: mlx-lm could not load it (model_type {mt!r}): {e}") from e
     model.set_dtype(mx.float32)  # float weights (and any quantization scales) in float32
     model.eval()
     mx.eval(model.parameters())

@@ -38,6 +38,12 @@ What it makes (under snapshots/models/):
                          `--mixtral-only` writes and checks just these (transformers on the HF
                          directory; llama.cpp on both GGUFs: its F32 logits must equal
                          transformers', which also proves the GGUF's expert and Q/K layout)
+  tiny-qwen3/            a tiny Qwen3 (Qwen3ForCausalLM): TINY's dimensions with 3 layers, RMSNorm
+                         over each head of q and k (q_norm / k_norm), RoPE base 1e6, no biases, an
+                         untied head, tiny-qwen2's tokenizer setup. No GGUF: a model the bundled
+                         engine does not run, for engines under test that bring their own
+                         (examples/python/hf_engine.py). `--qwen3-only` writes and checks it
+                         (transformers, and mlx-lm's qwen3 with the same logits)
   tiny-spm/              a tiny Llama (hidden 32, 2 layers, head_dim 8) whose tokenizer is SentencePiece,
   tiny-spm.gguf          Llama 2 / TinyLlama style: a 512-piece BPE model trained here by the
                          sentencepiece package (byte fallback, <unk> <s> </s> = 0 1 2, add-BOS, a
@@ -196,6 +202,14 @@ QWEN2_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# The tiny Qwen3 (HF directory tiny-qwen3/): a decoder the bundled engine does not run (an
+# RMSNorm over each head of q and k before RoPE, `q_norm` / `k_norm`), for the engines under test
+# that bring their own model (examples/python/hf_engine.py; issue 33). Qwen2's settings otherwise,
+# without the biases; 3 layers, so that a bug in the middle one has a layer before and after it.
+QWEN3 = ModelSpec("tiny-qwen3", hidden_size=64, intermediate_size=160, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=19, arch="qwen3")
+QWEN3_DIR = OUT_DIR / "tiny-qwen3"
 
 # The tiny Mixtral (tiny-mixtral/, tiny-mixtral.gguf, tiny-mixtral.Q8_0.gguf): small enough that
 # the three files and its golden traces fit in 1 MB of snapshots/.
@@ -385,6 +399,9 @@ def make_weights(spec: ModelSpec, vocab_size: int) -> dict[str, np.ndarray]:
             w[p + "self_attn.k_proj.bias"] = normal((nkv * hd,), BIAS_STD)
             w[p + "self_attn.v_proj.bias"] = normal((nkv * hd,), BIAS_STD)
         w[p + "self_attn.o_proj.weight"] = normal((h, nh * hd), (nh * hd) ** -0.5)
+        if spec.arch == "qwen3":
+            w[p + "self_attn.q_norm.weight"] = (1.0 + NORM_NOISE * rng.standard_normal(hd)).astype(np.float32)
+            w[p + "self_attn.k_norm.weight"] = (1.0 + NORM_NOISE * rng.standard_normal(hd)).astype(np.float32)
         w[p + "post_attention_layernorm.weight"] = norm_weight()
         if spec.arch == "mixtral":
             # Router rows in opposite pairs (expert e + n/2 = -expert e): each position picks one
@@ -480,6 +497,35 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, ou
             "use_sliding_window": False,
             "vocab_size": len(vocab),
         }
+    if spec.arch == "qwen3":
+        # As Qwen3-0.6B's config.json (head_dim explicit, no biases, sliding window off), with
+        # the tokenizer's own BOS as tiny-qwen2 has it.
+        config = {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": pad,
+            "eos_token_id": eos,
+            "head_dim": spec.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": spec.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": spec.intermediate_size,
+            "max_position_embeddings": MAX_POSITIONS,
+            "max_window_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_hidden_layers": spec.num_layers,
+            "num_key_value_heads": spec.num_kv_heads,
+            "rms_norm_eps": QWEN2_RMS_NORM_EPS,
+            "rope_theta": QWEN2_ROPE_THETA,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": len(vocab),
+        }
     if spec.arch == "mixtral":
         # As Mixtral-8x7B's config.json (sliding window off), at tiny-llama's other settings.
         config = {
@@ -524,7 +570,7 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, ou
         "chat_template": CHAT_TEMPLATE,
         "additional_special_tokens": SPECIAL_TOKENS,
     }
-    if spec.arch == "qwen2":
+    if spec.arch in ("qwen2", "qwen3"):
         tokenizer_config.update(bos_token=None, chat_template=QWEN2_CHAT_TEMPLATE)
     special_tokens_map = {
         "bos_token": BOS_TOKEN,
@@ -532,7 +578,7 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, ou
         "pad_token": PAD_TOKEN,
         "additional_special_tokens": SPECIAL_TOKENS,
     }
-    if spec.arch == "qwen2":
+    if spec.arch in ("qwen2", "qwen3"):
         del special_tokens_map["bos_token"]
     generation_config = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
 
@@ -1148,6 +1194,68 @@ def self_check_qwen2() -> bool:
     return ok
 
 
+def write_qwen3(tok) -> list[Path]:
+    """The tiny Qwen3: its HF directory (no GGUF: the point is a model the engine cannot load)."""
+    return write_hf_dir(tok, make_weights(QWEN3, tok.get_vocab_size()), QWEN3, QWEN3_DIR)
+
+
+def self_check_qwen3() -> bool:
+    """transformers loads the tiny Qwen3 as Qwen3ForCausalLM; its q/k norms matter (set to one,
+    the logits move); the greedy continuation of the chat prompt is not degenerate and has no
+    near tie; and mlx-lm loads it too (its own qwen3 model) with the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ok = True
+
+    def fail(msg):
+        nonlocal ok
+        ok = False
+        print(f"CHECK FAILED: {msg}", file=sys.stderr)
+
+    tok_hf = AutoTokenizer.from_pretrained(str(QWEN3_DIR))
+    ids = list(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
+    m = AutoModelForCausalLM.from_pretrained(str(QWEN3_DIR), dtype=torch.float32).eval()
+    if type(m).__name__ != "Qwen3ForCausalLM":
+        fail(f"{QWEN3.name}: transformers built {type(m).__name__}")
+    with torch.no_grad():
+        gen, margins = greedy(m, ids, CHECK_NEW_TOKENS)
+        seq = torch.tensor([ids + gen])
+        lh = m(seq).logits[0]
+        attn = m.model.layers[0].self_attn
+        saved = [attn.q_norm.weight.clone(), attn.k_norm.weight.clone()]
+        attn.q_norm.weight.fill_(1.0)
+        attn.k_norm.weight.fill_(1.0)
+        moved = (m(seq).logits[0] - lh).abs().max().item()
+        attn.q_norm.weight.copy_(saved[0])
+        attn.k_norm.weight.copy_(saved[1])
+    print(f"{QWEN3.name}: layer 0 with unit q/k norms moves the logits by up to {moved:.3f}")
+    if not moved > 0.01:
+        fail(f"{QWEN3.name}: the q/k norms barely matter ({moved})")
+    try:
+        import mlx.core as mx
+        from mlx_lm.utils import load_model
+
+        mm, _ = load_model(QWEN3_DIR)
+        lm = np.array(mm(mx.array([ids + gen])).astype(mx.float32))[0]
+        diff = float(np.abs(lm - lh.numpy()).max())
+        print(f"{QWEN3.name}: mlx-lm ({type(mm).__module__}) logits vs transformers: max |diff| = {diff:.3e}")
+        if not diff < MAX_LOGITS_DIFF:
+            fail(f"{QWEN3.name}: mlx-lm and transformers logits differ by {diff}")
+    except ImportError as e:
+        print(f"{QWEN3.name}: mlx-lm not checked ({e})")
+    distinct = len(set(gen))
+    print(f"{QWEN3.name}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
+    print(f"  distinct tokens: {distinct}; margins min {min(margins):.4f}, median {float(np.median(margins)):.4f}")
+    if distinct < MIN_DISTINCT:
+        fail(f"{QWEN3.name}: only {distinct} distinct tokens in the greedy continuation")
+    if min(margins) < MIN_MARGIN:
+        fail(f"{QWEN3.name}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
+    return ok
+
+
 def write_mixtral(tok) -> list[Path]:
     """The tiny Mixtral: its HF directory, its F32 GGUF and its MIXTRAL_QUANT GGUF."""
     weights = make_weights(MIXTRAL, tok.get_vocab_size())
@@ -1488,6 +1596,7 @@ def main() -> int:
     ap.add_argument("--adapters-only", action="store_true", help="write only the LoRA adapters")
     ap.add_argument("--qwen2-only", action="store_true", help="write (and check) only the tiny Qwen2")
     ap.add_argument("--mixtral-only", action="store_true", help="write (and check) only the tiny Mixtral")
+    ap.add_argument("--qwen3-only", action="store_true", help="write (and check) only the tiny Qwen3")
     ap.add_argument("--spm-only", action="store_true", help="write (and check) only the tiny SentencePiece Llama")
     args = ap.parse_args()
     if args.adapters_only:
@@ -1508,6 +1617,10 @@ def main() -> int:
         for p in write_qwen2(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
         return 0 if args.no_check or self_check_qwen2() else 1
+    if args.qwen3_only:
+        for p in write_qwen3(tok):
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_qwen3() else 1
     if args.mixtral_only:
         for p in write_mixtral(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
@@ -1518,6 +1631,7 @@ def main() -> int:
     paths += [write_gguf(quant_path(TINY, q), TINY, tok, weights, q) for q in GGUF_QUANTS]
     paths += write_qwen2(tok)
     paths += write_mixtral(tok)
+    paths += write_qwen3(tok)
     paths += write_spm(train_spm())
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
@@ -1538,7 +1652,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_spm():
+        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_spm():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")

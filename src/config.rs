@@ -208,6 +208,31 @@ impl HfConfig {
                 return unsupported(format!("rope_type `{t}` is not supported (only default)"));
             }
         }
+        let cfg = self.shape(path, qkv_bias_family || self.attention_bias, num_experts, num_experts_per_tok)?;
+        // Sizes against the safetensors headers next to the config, before anything is
+        // allocated from them (a corrupt num_hidden_layers of 1e12 stops here).
+        crate::weights::check_hf_sizes(&cfg, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The shape of any decoder-only model of this `config.json`, without this engine's
+    /// family checks (activation, RoPE kind, biases, windows): what the harness needs to
+    /// describe a model that an engine under test other than the bundled one runs. Checked by
+    /// [`Config::validate`] only (its backstop refuses sizes no model has): the tensors are
+    /// the engine under test's to check.
+    pub fn resolve_shape(&self, path: &Path) -> Result<Config> {
+        let moe = self.num_local_experts.zip(self.num_experts_per_tok).unwrap_or((0, 0));
+        let cfg = self.shape(path, self.attention_bias, moe.0, moe.1)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The hyper-parameters as given, unchecked (see [`HfConfig::resolve`] and
+    /// [`HfConfig::resolve_shape`], which check them).
+
+    fn shape(&self, path: &Path, qkv_bias: bool, num_experts: usize, num_experts_per_tok: usize) -> Result<Config> {
+        let rope_params = self.rope_parameters.clone().unwrap_or_default();
         if self.head_dim.is_none() {
             let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });
             if self.num_attention_heads == 0 {
@@ -232,16 +257,12 @@ impl HfConfig {
             rope_theta: self.rope_theta.or(rope_params.rope_theta).unwrap_or(10_000.0),
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: self.tie_word_embeddings,
-            qkv_bias: qkv_bias_family || self.attention_bias,
+            qkv_bias,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
             num_experts,
             num_experts_per_tok,
         };
-        // Sizes against the safetensors headers next to the config, before anything is
-        // allocated from them (a corrupt num_hidden_layers of 1e12 stops here).
-        crate::weights::check_hf_sizes(&cfg, path)?;
-        cfg.validate(path)?;
         Ok(cfg)
     }
 }

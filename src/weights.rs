@@ -407,6 +407,51 @@ impl GgufFile {
         self.content.metadata.contains_key(key)
     }
 
+    /// The shape of any decoder-only model in this file, from its architecture's metadata
+    /// (`{arch}.block_count`, `.embedding_length`, `.attention.head_count[_kv]`,
+    /// `.attention.key_length`, `.feed_forward_length`) and the embedding's rows, without this
+    /// engine's checks of what it runs: what the harness needs to describe a model that an
+    /// engine under test other than the bundled one runs (Gemma 3, Phi-3, ...). Checked by
+    /// [`Config::validate`] only.
+    pub fn shape_config(&self) -> Result<Config> {
+        let arch = self.md_str("general.architecture")?;
+        let k = |key: &str| format!("{arch}.{key}");
+        let opt_u32 = |k: &str| -> Result<Option<u32>> {
+            if self.has(k) { self.md_u32(k).map(Some) } else { Ok(None) }
+        };
+        let hidden = self.md_u32(&k("embedding_length"))? as usize;
+        let heads = self.md_u32(&k("attention.head_count"))? as usize;
+        let head_dim = match opt_u32(&k("attention.key_length"))? {
+            Some(d) => d as usize,
+            None => hidden / heads.max(1),
+        };
+        let vocab = match self.content.tensor_infos.get(GGUF.embed) {
+            Some(info) => info.shape.dims()[0],
+            None => return Err(EngineError::MissingTensor { path: self.path.clone(), tensor: GGUF.embed.into() }),
+        };
+        let eps = k("attention.layer_norm_rms_epsilon");
+        let cfg = Config {
+            hidden_size: hidden,
+            intermediate_size: opt_u32(&k("feed_forward_length"))?.unwrap_or(0).max(1) as usize,
+            num_layers: self.md_u32(&k("block_count"))? as usize,
+            num_heads: heads,
+            num_kv_heads: opt_u32(&k("attention.head_count_kv"))?.map_or(heads, |v| v as usize),
+            head_dim,
+            vocab_size: vocab,
+            rms_norm_eps: if self.has(&eps) { self.md_f32(&eps)? as f64 } else { 1e-6 },
+            rope_theta: if self.has(&k("rope.freq_base")) { self.md_f32(&k("rope.freq_base"))? as f64 } else { 10_000.0 },
+            max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
+            tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
+            qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
+            bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
+            num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+
     /// Resolves hyper-parameters from the architecture's metadata (`llama.*`, `qwen2.*`).
     pub fn config(&self) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;

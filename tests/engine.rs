@@ -260,3 +260,31 @@ fn quantized_and_dequantized_modes_agree_on_every_quant_fixture() {
         assert!(r < MODES_AGREE_LOGITS_REL_L2, "{file}: rel-L2 {r} >= {MODES_AGREE_LOGITS_REL_L2}");
     }
 }
+
+/// Any decoder (issue 33): a model the bundled engine does not run is still described, by its
+/// shape and the sites every decoder has, for an engine under test that runs it; a model it
+/// runs keeps its family's detailed sites.
+#[test]
+fn a_model_the_engine_does_not_run_is_described_by_its_shape_and_the_generic_sites() {
+    use lockstep_engine::models::{describe_at, site_graph_at};
+    let qwen3 = fixture("tiny-qwen3");
+    let err = load(&qwen3, &LoadOptions::default()).err().expect("the bundled engine refuses qwen3");
+    assert!(err.to_string().contains("model_type `qwen3` is not supported"), "{err}");
+    let d = describe_at(&qwen3).unwrap();
+    assert!(d.family.is_none());
+    assert_eq!(d.model_type, "qwen3");
+    assert_eq!((d.config.num_layers, d.config.hidden_size, d.config.num_heads, d.config.num_kv_heads, d.config.head_dim), (3, 64, 4, 2, 16));
+    let mut want = vec!["embed".to_string()];
+    for l in 0..3 {
+        want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
+    }
+    want.extend(["final_norm".into(), "logits".into()]);
+    assert_eq!(d.graph.names(), want);
+    assert_eq!(d.graph.localizes_to(), "site");
+
+    for known in ["tiny-llama", "tiny-llama.gguf", "tiny-qwen2", "tiny-mixtral"] {
+        let d = describe_at(&fixture(known)).unwrap();
+        assert!(d.family.is_some(), "{known}");
+        assert_eq!(d.graph, site_graph_at(&fixture(known)).unwrap(), "{known}: the family's own graph");
+    }
+}

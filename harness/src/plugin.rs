@@ -109,7 +109,20 @@ impl EngineSpec {
     /// Loads this engine for `model`.
     pub fn load(&self, model: &Path, opts: &LoadOptions) -> Result<LoadedModel, HarnessError> {
         match self {
-            EngineSpec::Bundled => Ok(lockstep_engine::load(model, opts)?),
+            EngineSpec::Bundled => lockstep_engine::load(model, opts).map_err(|e| match e {
+                // A model the bundled engine does not run is still one lockstep checks: with
+                // the user's own engine, at the sites every decoder has (issue 33).
+                lockstep_engine::EngineError::Unsupported { path, message } if lockstep_engine::models::describe_at(model).is_ok_and(|d| d.family.is_none()) => {
+                    HarnessError::Usage(format!(
+                        "{}: {message}. The bundled engine does not run this model; lockstep checks an engine of \
+                         your own that does, against the references, at the sites every decoder has: --engine \
+                         python:FILE.py (examples/python/hf_engine.py runs any model transformers has) or a Rust \
+                         plug-in (docs/your-engine.md)",
+                        path.display()
+                    ))
+                }
+                e => e.into(),
+            }),
             EngineSpec::Python { path, factory } => {
                 if !opts.faults.is_empty() {
                     return Err(HarnessError::Usage(format!(

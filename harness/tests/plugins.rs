@@ -233,6 +233,53 @@ live_test! {
     }
 }
 
+live_test! {
+    /// Any decoder, any engine (issue 33): the tiny Qwen3 (per-head q/k norms) is a model the
+    /// bundled engine refuses, and examples/python/hf_engine.py runs it. The model is described
+    /// by the engine under test, so the run goes ahead against transformers and MLX at the sites
+    /// every decoder has, and passes; with the engine's bug switch (layer 1 drops its residual)
+    /// bisect names that layer's output.
+    fn a_python_engine_on_a_model_the_bundled_engine_does_not_load() {
+        let model = "snapshots/models/tiny-qwen3";
+        let (code, out, err) = run(lockstep().current_dir(repo()).args(["run", "--model", model, "--reference", "transformers", "--prompt", "x", "--steps", "2"]));
+        assert_eq!(code, 2, "the bundled engine does not run qwen3: {out}\n{err}");
+        assert!(err.contains("model_type `qwen3` is not supported"), "{err}");
+
+        let json = tmp("qwen3-generic").join("run.json");
+        let (code, out, err) = run(lockstep().current_dir(repo()).args([
+            "run", "--engine", "python:examples/python/hf_engine.py", "--model", model, "--reference", "transformers,mlx",
+            "--prompt", "The capital of France is", "--steps", "4", "--json", json.to_str().unwrap(),
+        ]));
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("engine     python:hf_engine.py (hf-engine)"), "{out}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["verdict"], "pass", "{out}");
+        // Every step compares the generic sites against both references: embed, each layer's
+        // cache and output, final_norm, logits (3 + 3 x 3), and not one site more.
+        let mut want: Vec<String> = vec!["embed".into()];
+        for l in 0..3 {
+            want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
+        }
+        want.extend(["final_norm".into(), "logits".into()]);
+        for st in report["steps"].as_array().unwrap() {
+            for rs in st["references"].as_array().unwrap() {
+                let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+                assert_eq!(sites, want, "step {} vs {}", st["step"], rs["reference"]);
+                assert!(rs["sites"].as_array().unwrap().iter().all(|s| s["verdict"] == "pass"), "{rs}");
+            }
+        }
+
+        let (code, out, err) = run(lockstep().current_dir(repo()).args([
+            "bisect", "--engine", "python:examples/python/hf_engine.py:load_dropped_residual", "--model", model,
+            "--reference", "transformers", "--prompt", "The capital of France is", "--steps", "4",
+        ]));
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("first divergent step  0"), "{out}");
+        assert!(out.contains("first failing site    layers.1.out, layer 1"), "{out}");
+        assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
+    }
+}
+
 /// The complete example of docs/your-engine.md is harness/examples/my_engine.rs, verbatim
 /// (cargo builds the example, so the page's code compiles).
 #[test]

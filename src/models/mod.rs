@@ -13,7 +13,7 @@ use crate::decoder::Decoder;
 use crate::lora::{LoraAdapter, LoraMode};
 use crate::options::LoadOptions;
 use crate::quant::WeightsMode;
-use crate::sites::{LayerSite, SiteGraph};
+use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT, OUT};
 use crate::weights::GgufFile;
 
 pub mod llama;
@@ -118,8 +118,64 @@ pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
 }
 
 /// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
-/// from its config alone: what the harness hands to references before any weights load.
+/// from its config alone: the bundled engine's graph of a model it runs.
 pub fn site_graph_at(path: &Path) -> Result<SiteGraph> {
     let (family, layers) = family_at(path)?;
     Ok(SiteGraph::new(layers, family.layer_sites))
+}
+
+/// The per-layer sites every decoder-only model has, whatever its family: the KV cache the
+/// layer keeps and the block's residual output. With `embed`, `final_norm` and `logits`
+/// around them, they are what every reference offers for a model no family mapping knows.
+pub const GENERIC_LAYER_SITES: &[LayerSite] = &[
+    LayerSite::new("cache_k", SiteKind::Cache, &[INPUT]),
+    LayerSite::new("cache_v", SiteKind::Cache, &[INPUT]),
+    LayerSite::new(OUT, SiteKind::Residual, &[INPUT]),
+];
+
+/// A model as any engine under test may run it: its shape, and the sites references are asked
+/// for. The bundled engine's family where one runs its `model_type` / architecture (its
+/// detailed sites), else the generic sites of any decoder.
+#[derive(Debug, Clone)]
+pub struct ModelDescription {
+    /// The bundled engine's family of this model type, if it has one.
+    pub family: Option<&'static Family>,
+    /// `model_type` (Hugging Face) or `general.architecture` (GGUF).
+    pub model_type: String,
+    /// The shape (layers, widths, vocabulary); for a family the bundled engine runs, checked
+    /// as its loader checks it.
+    pub config: crate::Config,
+    /// The sites: the family's, or [`GENERIC_LAYER_SITES`] per layer.
+    pub graph: SiteGraph,
+}
+
+/// Describes the model at `path` from its config alone, for an engine under test that is not
+/// (necessarily) the bundled one: a model type the bundled engine does not run (Qwen3, Gemma 3,
+/// Phi-3) gets the generic sites and its shape, where [`family_at`] refuses it. A family whose
+/// `model_type` the bundled engine knows but whose config it refuses (Llama 3's `rope_scaling`)
+/// keeps its family's sites.
+pub fn describe_at(path: &Path) -> Result<ModelDescription> {
+    let (family, model_type, config) = if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let hf = HfConfig::from_file(&cfg_path)?;
+        let model_type = hf.model_type.clone().unwrap_or_else(|| "llama".into());
+        let family = for_model_type(hf.model_type.as_deref(), &cfg_path).ok();
+        let config = match family.map(|_| hf.resolve(&cfg_path)) {
+            Some(Ok(c)) => c,
+            _ => hf.resolve_shape(&cfg_path)?,
+        };
+        (family, model_type, config)
+    } else {
+        let g = GgufFile::open(path)?;
+        let arch = g.md_str("general.architecture")?.to_string();
+        let family = for_gguf(&g).ok();
+        let config = match family.map(|_| g.config()) {
+            Some(Ok(c)) => c,
+            _ => g.shape_config()?,
+        };
+        (family, arch, config)
+    };
+    let layer_sites = family.map_or(GENERIC_LAYER_SITES, |f| f.layer_sites);
+    let graph = SiteGraph::new(config.num_layers, layer_sites);
+    Ok(ModelDescription { family, model_type, config, graph })
 }

@@ -396,7 +396,7 @@ pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
 /// would let bisect localize further.
 pub fn engine_taps(engine: &LoadedModel) -> EngineTaps {
     let graph = engine.model.site_graph();
-    let canonical = lockstep_engine::models::site_graph_at(&engine.path).ok();
+    let canonical = lockstep_engine::models::describe_at(&engine.path).ok().map(|d| d.graph);
     let not_declared: Vec<String> =
         canonical.as_ref().map(|c| c.names().into_iter().filter(|n| graph.get(n).is_none()).collect()).unwrap_or_default();
     let localizes_to = graph.localizes_to();

@@ -159,7 +159,9 @@ impl PyReference {
     }
 
     fn load_from(source: &Source<'_>, factory: &str, name: &str, dtype: &str, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
-        let sites = lockstep_engine::models::site_graph_at(model)?.names();
+        // The sites of the model as any engine under test may run it: its family's where the
+        // bundled engine knows the model type, the generic sites of any decoder where not.
+        let sites = lockstep_engine::models::describe_at(model)?.graph.names();
         ensure_python()?;
         Python::attach(|py| {
             let (m, what) = match source {

@@ -40,18 +40,25 @@ impl PyEngine {
     pub fn load(path: &Path, factory: &str, model: &Path, dtype: &str, lora: Option<&Path>) -> Result<LoadedModel, HarnessError> {
         let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let label = format!("python:{file}");
-        let (family, _) = lockstep_engine::models::family_at(model)?;
-        let canonical = lockstep_engine::models::site_graph_at(model)?;
+        // Any decoder: a model type the bundled engine does not run is described by its shape
+        // and the generic sites (embed, each layer's cache and output, final_norm, logits).
+        let model_desc = lockstep_engine::models::describe_at(model)?;
         let (py, description) = PyReference::load_file(path, factory, &label, model, lora)?;
         if dtype != "float32" && description.dtype != dtype {
             return Err(HarnessError::Usage(format!("{label} runs {} only (asked for {dtype})", description.dtype)));
         }
         let declared: HashSet<&str> = description.sites.iter().map(String::as_str).collect();
-        let graph = canonical.restrict(|s| declared.contains(s.name.as_str()));
+        let graph = model_desc.graph.restrict(|s| declared.contains(s.name.as_str()));
         if graph.get(lockstep_engine::sites::LOGITS).is_none() {
             return Err(HarnessError::NoLogits { reference: label });
         }
-        let mut info = ModelInfo::new(family.name, lockstep_engine::loader::model_config(model)?);
+        // ModelInfo names the family for the life of the process: a model type no family of
+        // the bundled engine runs is leaked once per load (a few bytes).
+        let family: &'static str = match model_desc.family {
+            Some(f) => f.name,
+            None => Box::leak(model_desc.model_type.clone().into_boxed_str()),
+        };
+        let mut info = ModelInfo::new(family, model_desc.config.clone());
         info.engine = format!("{label} ({})", description.name);
         info.quantized_kernels = description.quantized_activations;
         let engine = PyEngine { py, label, description, info, graph };

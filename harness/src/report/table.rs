@@ -346,7 +346,10 @@ fn write_compared(o: &mut String, r: &RunResult) {
             if rs.sites_not_compared.is_empty() && partial {
                 " (what the engine taps) and the next-token logits".to_string()
             } else if rs.sites_not_compared.is_empty() {
-                format!(" (embed, {} layers x 16 incl. cache_k/cache_v, final_norm, logits); nothing skipped", r.num_layers)
+                // embed, final_norm and logits around the layers' own sites (16 per Llama layer;
+                // 3 for the generic sites of any decoder: cache_k, cache_v, out).
+                let per_layer = rs.sites_compared_per_step.saturating_sub(3) / r.num_layers.max(1);
+                format!(" (embed, {} layers x {per_layer} incl. cache_k/cache_v, final_norm, logits); nothing skipped", r.num_layers)
             } else {
                 format!("; NOT compared: {}", not_compared(&rs.sites_not_compared, r.num_layers))
             }
