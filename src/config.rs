@@ -167,7 +167,11 @@ impl HfConfig {
         serde_json::from_str(text).map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
     }
 
-    pub fn resolve(&self, path: &Path) -> Result<Config> {
+    /// The hyper-parameters of a model this engine's families run: the family checks
+    /// (activation, RoPE kind, biases, windows, experts), not yet checked against the weights
+    /// nor validated. [`HfConfig::resolve`] (in `crate::weights`, which reads the safetensors
+    /// headers it checks the sizes against) is the checked one every loader calls.
+    pub fn resolve_family(&self, path: &Path) -> Result<Config> {
         let unsupported = |message: String| {
             Err(EngineError::Unsupported { path: path.to_path_buf(), message })
         };
@@ -208,12 +212,7 @@ impl HfConfig {
                 return unsupported(format!("rope_type `{t}` is not supported (only default)"));
             }
         }
-        let cfg = self.shape(path, qkv_bias_family || self.attention_bias, num_experts, num_experts_per_tok)?;
-        // Sizes against the safetensors headers next to the config, before anything is
-        // allocated from them (a corrupt num_hidden_layers of 1e12 stops here).
-        crate::weights::check_hf_sizes(&cfg, path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        self.shape(path, qkv_bias_family || self.attention_bias, num_experts, num_experts_per_tok)
     }
 
     /// The shape of any decoder-only model of this `config.json`, without this engine's

@@ -22,6 +22,7 @@ pub mod generate;
 pub mod gguf;
 pub mod layout;
 pub mod models;
+pub mod moe;
 pub mod options;
 pub use models::llama;
 pub mod loader;

@@ -1029,7 +1029,22 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// [`check_sizes`] for a Hugging Face directory: the config at `cfg_path` against the
 /// headers of the directory's safetensors files (skipped when it has none: such a directory
 /// is refused where its weights are loaded).
-pub(crate) fn check_hf_sizes(cfg: &Config, cfg_path: &Path) -> Result<()> {
+impl crate::config::HfConfig {
+    /// Resolves a `config.json` into the checked [`Config`] of a model this engine runs: the
+    /// family checks ([`HfConfig::resolve_family`](crate::config::HfConfig::resolve_family)),
+    /// then the sizes against the safetensors headers next to the config, before anything is
+    /// allocated from them (a corrupt num_hidden_layers of 1e12 stops here), then
+    /// [`Config::validate`]. It lives here, beside the headers it reads, so that `config` does
+    /// not import `weights` (the arrow points one way).
+    pub fn resolve(&self, path: &Path) -> Result<Config> {
+        let cfg = self.resolve_family(path)?;
+        check_hf_sizes(&cfg, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+}
+
+fn check_hf_sizes(cfg: &Config, cfg_path: &Path) -> Result<()> {
     let dir = match cfg_path.parent() {
         Some(d) if d.as_os_str().is_empty() => Path::new("."),
         Some(d) => d,

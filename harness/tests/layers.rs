@@ -83,11 +83,12 @@ fn parent_of(module: &str, _is_mod_rs: bool) -> String {
     module.rsplit_once("::").map(|(p, _)| p.to_string()).unwrap_or_default()
 }
 
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// The module graph of the crate whose sources are in `src` (the harness's `harness/src`, the
+/// engine's `src`).
+fn graph_of(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = vec![];
-    rs_files(&src, &mut files);
-    let modules: BTreeMap<String, PathBuf> = files.iter().map(|f| (module_of(&src, f), f.clone())).collect();
+    rs_files(src, &mut files);
+    let modules: BTreeMap<String, PathBuf> = files.iter().map(|f| (module_of(src, f), f.clone())).collect();
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (m, f) in &modules {
         if m.is_empty() {
@@ -171,9 +172,17 @@ fn cycles(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     s.out
 }
 
-#[test]
-fn no_import_cycle_between_harness_modules() {
-    let g = graph();
+fn harness_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+fn engine_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("src")
+}
+
+/// Fails with every cycle of the module graph of `src`, module by module.
+fn assert_no_cycle(src: &Path, crate_name: &str) {
+    let g = graph_of(src);
     let found = cycles(&g);
     let mut msg = String::new();
     for c in &found {
@@ -183,7 +192,19 @@ fn no_import_cycle_between_harness_modules() {
             msg.push_str(&format!("  {m} -> {}\n", inside.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")));
         }
     }
-    assert!(found.is_empty(), "import cycles among harness modules (arrows must point one way, down):\n{msg}");
+    assert!(found.is_empty(), "import cycles among {crate_name} modules (arrows must point one way, down):\n{msg}");
+}
+
+#[test]
+fn no_import_cycle_between_harness_modules() {
+    assert_no_cycle(&harness_src(), "harness");
+}
+
+/// The engine (`src/`) too: a family file does not reach into another family's file, the
+/// config does not call back into the loader.
+#[test]
+fn no_import_cycle_between_engine_modules() {
+    assert_no_cycle(&engine_src(), "engine");
 }
 
 #[test]
@@ -216,4 +237,23 @@ fn the_harness_names_no_concrete_engine_type() {
         }
     }
     assert!(hits.is_empty(), "the harness drives the engine only through `Decoder`; it names a family's types:\n{}", hits.join("\n"));
+}
+
+#[test]
+fn the_check_finds_a_cycle_between_two_made_up_module_files() {
+    // Two files of a made-up crate that import each other, and a third that only imports:
+    // the same reading of sources as the engine's and the harness's checks.
+    let dir = std::env::temp_dir().join(format!("lockstep-layers-{}", std::process::id()));
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("models")).unwrap();
+    std::fs::write(src.join("lib.rs"), "pub mod config;\npub mod models;\npub mod weights;\n").unwrap();
+    std::fs::write(src.join("config.rs"), "use crate::weights::check_sizes;\n").unwrap();
+    std::fs::write(src.join("weights.rs"), "pub fn f() { crate::config::Config::default(); }\n").unwrap();
+    std::fs::write(src.join("models/mod.rs"), "pub mod llama;\npub use llama::Llama;\n").unwrap();
+    std::fs::write(src.join("models/llama.rs"), "use crate::{config::Config, weights};\n").unwrap();
+    let g = graph_of(&src);
+    assert_eq!(cycles(&g), vec![vec!["config".to_string(), "weights".to_string()]]);
+    assert!(g["models::llama"].contains("config") && g["models::llama"].contains("weights"));
+    assert!(g["models"].is_empty(), "a mod.rs re-exporting its child is not an edge: {:?}", g["models"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -210,7 +210,7 @@ impl Llama {
                 tap(cap, || format!("layers.{i}.mlp_act"), &act);
                 linear(&act, &m.down)?
             }
-            Ffn::Moe(moe) => super::mixtral::sparse_moe(i, moe, &h, cfg.num_experts_per_tok, &self.faults, cap)?,
+            Ffn::Moe(moe) => crate::moe::sparse_moe(i, moe, &h, cfg.num_experts_per_tok, &self.faults, cap)?,
         };
         tap(cap, || format!("layers.{i}.mlp_out"), &mlp_out);
         let out = (x + mlp_out)?;
