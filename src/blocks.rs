@@ -122,6 +122,17 @@ pub fn causal_mask(seq: usize, offset: usize, dtype: DType, dev: &Device) -> Res
     Ok(Tensor::from_vec(m, (seq, total), dev)?.to_dtype(dtype)?)
 }
 
+/// The mask of a sliding-window layer over an append-only cache, `(seq, offset + seq)`:
+/// position `offset + i` sees `offset + i - w + 1 ..= offset + i` (`w` positions, its own
+/// included), as transformers' sliding-window layers.
+pub fn window_mask(seq: usize, offset: usize, w: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let total = offset + seq;
+    let m: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i || j + w <= offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (seq, total), dev)?.to_dtype(dtype)?)
+}
+
 /// Which KV head a query head reads in grouped-query attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadMapping {
@@ -301,6 +312,18 @@ pub mod fast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_mask_sees_the_last_w_positions_and_a_window_wider_than_the_sequence_is_causal() {
+        let seen = |m: Tensor| -> Vec<Vec<bool>> {
+            m.to_vec2::<f32>().unwrap().into_iter().map(|r| r.into_iter().map(|x| x == 0.0).collect()).collect()
+        };
+        // 3 new positions after 2 cached, window 2: position p sees p-1 and p.
+        let w = seen(window_mask(3, 2, 2, DType::F32, &Device::Cpu).unwrap());
+        assert_eq!(w, vec![vec![false, true, true, false, false], vec![false, false, true, true, false], vec![false, false, false, true, true]]);
+        let wide = window_mask(4, 1, 100, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(seen(wide), seen(causal_mask(4, 1, DType::F32, &Device::Cpu).unwrap()));
+    }
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();

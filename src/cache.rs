@@ -43,7 +43,8 @@ impl CacheKind {
 /// after RoPE, in the layout of the model's Q/K weights.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    kind: CacheKind,
+    /// Each layer's kind (from the model's per-layer plan).
+    kinds: Vec<CacheKind>,
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// The token ids fed so far, in order.
     tokens: Vec<u32>,
@@ -55,12 +56,20 @@ impl KvCache {
         Self::with_kind(num_layers, CacheKind::AppendOnly)
     }
 
+    /// Every layer of one kind.
     pub fn with_kind(num_layers: usize, kind: CacheKind) -> Self {
-        Self { kind, layers: vec![None; num_layers], tokens: vec![] }
+        Self { kinds: vec![kind; num_layers], layers: vec![None; num_layers], tokens: vec![] }
     }
 
-    pub fn kind(&self) -> CacheKind {
-        self.kind
+    /// One layer per kind: each layer as its plan says ([`crate::plan::LayerPlan::cache`];
+    /// mlx-lm's `make_cache()`: the model decides which layer keeps what).
+    pub fn with_kinds(kinds: Vec<CacheKind>) -> Self {
+        Self { layers: vec![None; kinds.len()], kinds, tokens: vec![] }
+    }
+
+    /// How layer `layer` keeps positions.
+    pub fn kind(&self, layer: usize) -> CacheKind {
+        self.kinds.get(layer).copied().unwrap_or(CacheKind::AppendOnly)
     }
 
     /// The token ids fed so far.
@@ -99,13 +108,14 @@ impl KvCache {
     /// reads: the layer's kept positions followed by this step's. A window then keeps only
     /// its last `n` positions.
     pub fn update_and_fetch(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kind = self.kind(layer);
         let entry = &mut self.layers[layer];
         let (k, v) = match entry.take() {
             None => (k.contiguous()?, v.contiguous()?),
             Some((ck, cv)) => (Tensor::cat(&[&ck, k], 1)?, Tensor::cat(&[&cv, v], 1)?),
         };
         let len = k.dims()[1];
-        let keep = self.kind.expected_len(len);
+        let keep = kind.expected_len(len);
         *entry = if keep < len {
             Some((k.narrow(1, len - keep, keep)?.contiguous()?, v.narrow(1, len - keep, keep)?.contiguous()?))
         } else {

@@ -38,10 +38,11 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::cache::{CacheKind, KvCache};
+use crate::cache::KvCache;
 use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
+use crate::plan::{self, LayerPlan};
 use crate::sites::{Site, SiteGraph};
 use crate::taps::Capture;
 
@@ -60,8 +61,9 @@ pub struct ModelInfo {
     /// The Q/K row layout of its weights (the transform that maps its q/k/cache captures
     /// to the Hugging Face layout).
     pub qk_layout: QkLayout,
-    /// How its KV cache keeps positions.
-    pub cache: CacheKind,
+    /// Each layer's plan, one per layer: its attention span, its RoPE, how its cache keeps
+    /// positions ([`crate::plan`]). Whatever depends on one of these reads the layer's entry.
+    pub plan: Vec<LayerPlan>,
     /// The distinct storage types of its matrices (`["Q4_1", "Q8_0"]`).
     pub matrix_types: Vec<String>,
     /// The file's quantization (its most common block type), `None` for float weights.
@@ -77,22 +79,30 @@ pub struct ModelInfo {
 impl ModelInfo {
     /// The description of an engine (named `plug-in` until you set [`ModelInfo::engine`])
     /// that declares nothing beyond its family and config: f32,
-    /// Hugging Face Q/K layout (its captures need no transform), an append-only cache, float
-    /// weights, no faults, no capabilities. Set the fields that differ.
+    /// Hugging Face Q/K layout (its captures need no transform), every layer global with the
+    /// config's RoPE and an append-only cache ([`plan::uniform`]), float weights, no faults, no
+    /// capabilities. Set the fields that differ.
     pub fn new(family: &'static str, config: Config) -> Self {
+        let plan = plan::uniform(&config);
         ModelInfo {
             engine: "plug-in".into(),
             family,
             config,
             dtype: DType::F32,
             qk_layout: QkLayout::HalfSplit,
-            cache: CacheKind::AppendOnly,
+            plan,
             matrix_types: vec![],
             quant_type: None,
             quantized_kernels: false,
             faults: vec![],
             capabilities: Capabilities::default(),
         }
+    }
+
+    /// The plan of layer `layer` (the config's global plan for a layer the plan does not
+    /// list: an engine that filled in fewer entries than it has layers).
+    pub fn layer_plan(&self, layer: usize) -> LayerPlan {
+        self.plan.get(layer).copied().unwrap_or_else(|| LayerPlan::global(&self.config))
     }
 }
 
@@ -128,10 +138,12 @@ pub trait Decoder: Send + Sync {
         None
     }
 
-    /// Runs layer `layer` alone on its input `x (seq, hidden)` and the layer's cache before the
-    /// step (`(kv_heads, cached, head_dim)` each, in this model's Q/K layout; `None`: empty),
-    /// offering every site of the layer to `capture`; returns the layer's output.
-    fn isolate_layer(&self, layer: usize, _x: &Tensor, _kv: Option<(Tensor, Tensor)>, _capture: &mut Capture) -> Result<Tensor> {
+    /// Runs layer `layer` alone on its input `x (seq, hidden)` at positions `start..` (the
+    /// positions fed before this step: explicit, since a windowed layer's cache holds fewer),
+    /// with the layer's cache before the step (`(kv_heads, cached, head_dim)` each, in this
+    /// model's Q/K layout; `None`: empty), offering every site of the layer to `capture`;
+    /// returns the layer's output.
+    fn isolate_layer(&self, layer: usize, _start: usize, _x: &Tensor, _kv: Option<(Tensor, Tensor)>, _capture: &mut Capture) -> Result<Tensor> {
         Err(EngineError::Input(format!("this engine cannot run layer {layer} in isolation")))
     }
 

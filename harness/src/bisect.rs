@@ -122,13 +122,15 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         rep.reference = Some(rs.reference.clone());
         rep.detail = Some(site_detail(site));
         let mode = run.summary.references.get(k.reference).map(|r| r.mode).unwrap_or(WeightsMode::SameWeights);
+        let total: usize = run.steps.iter().map(|s| s.fed.len()).sum();
         // Isolation where the engine can run one layer alone (its declared capability).
         let iso = match site.layer {
-            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, st.fed.len(), mode)?),
+            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, st.fed.len(), total - st.fed.len(), mode)?),
             _ => None,
         };
-        let total = run.steps.iter().map(|s| s.fed.len()).sum();
-        let at = At { step: k.step, rs, site, fed: st.fed.len(), total, graph: engine.model.site_graph(), cache: engine.model.info().cache };
+        // The cache kind of the site's own layer (a model's layers may keep positions differently).
+        let cache = engine.model.info().layer_plan(site.layer.unwrap_or(0)).cache;
+        let at = At { step: k.step, rs, site, fed: st.fed.len(), total, graph: engine.model.site_graph(), cache };
         rep.diagnosis = Some(diagnose(engine, k, &at, iso.as_ref()));
         rep.isolation = iso;
     } else if rep.found {
@@ -343,8 +345,9 @@ fn site_detail(s: &SiteRecord) -> String {
     }
 }
 
-/// Runs layer `l` of the engine on the reference's input and cache; compares every site.
-fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
+/// Runs layer `l` of the engine on the reference's input and cache, at the step's positions
+/// (`start..`, `start` the positions fed before it); compares every site.
+fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
     let model = &engine.model;
     let input_name = sites::layer_input(l);
     let tensor = |name: &str| -> Option<Tensor> {
@@ -372,7 +375,7 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, mode: Weigh
         _ => None,
     };
     let mut cap = Capture::new();
-    model.isolate_layer(l, &x, kv, &mut cap)?;
+    model.isolate_layer(l, start, &x, kv, &mut cap)?;
     let mut sites = vec![];
     for (name, t) in &cap.entries {
         let Some((rshape, rv)) = k.arrays.get(name) else { continue };
@@ -567,7 +570,7 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
     let isolated_fails = iso.and_then(|i| i.sites.iter().find(|s| s.site == site.site)).is_some_and(|s| s.verdict == Verdict::Fail);
     match f.kind {
         Diagnosis::Rope => rope_evidence(engine, k, l, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
-        Diagnosis::Attention => attention_evidence(engine, k, l, at.fed, &mut ev),
+        Diagnosis::Attention => attention_evidence(engine, k, l, at, &mut ev),
         Diagnosis::Norm if site.layer.is_some() => norm_evidence(engine, k, l, at, &mut ev),
         Diagnosis::OutputHead => {
             let cfg = &engine.model.info().config;
@@ -735,13 +738,16 @@ fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, inte
 /// or another base.
 fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Finding> {
     let cfg = &engine.model.info().config;
+    // The layer's own RoPE base (its plan: layers of one model may differ).
+    let base = engine.model.info().layer_plan(l).rope.base;
     let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
     let cols = *qs.last()?;
     // The engine's own q_rope, recomputed from the reference's q by isolation.
     let mut cap = Capture::new();
     let x = arr(k, &sites::layer_input(l))?;
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
-    engine.model.isolate_layer(l, &xt, None, &mut cap).ok()?;
+    // At position 0 with no cache: q_rope of the prefill's first rows, as `apply_rope` below.
+    engine.model.isolate_layer(l, 0, &xt, None, &mut cap).ok()?;
     let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
     let (eq, _) = engine.model.to_canonical(engine.model.site_graph().get(&format!("layers.{l}.q_rope"))?, &eq).ok()?;
     // q_rope is (heads, seq, hd); q is (seq, heads*hd).
@@ -749,7 +755,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
     let eq: Vec<f32> = eq.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()?;
     // isolate_layer with no cache runs at positions 0..seq.
     let close = |cand: &[f32]| tensor_metrics(&eq, cand).rel_l2 < 1e-4;
-    let right = apply_rope(q, cols, cfg.head_dim, 0, cfg.rope_theta, false);
+    let right = apply_rope(q, cols, cfg.head_dim, 0, base, false);
     let rel_right = tensor_metrics(&eq, &right).rel_l2;
     // The other convention, applied in the engine's own row order (GGUF Q/K rows are
     // stored for interleaved RoPE; HF rows for rotate-half).
@@ -757,7 +763,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
     let other = (|| -> Option<Vec<f32>> {
         let qt = Tensor::from_vec(q.clone(), qs.as_slice(), &Device::Cpu).ok()?;
         let own: Vec<f32> = layout.from_hf(&qt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()?;
-        let rot = apply_rope(&own, cols, cfg.head_dim, 0, cfg.rope_theta, layout == QkLayout::HalfSplit);
+        let rot = apply_rope(&own, cols, cfg.head_dim, 0, base, layout == QkLayout::HalfSplit);
         let rt = Tensor::from_vec(rot, qs.as_slice(), &Device::Cpu).ok()?;
         layout.to_hf(&rt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()
     })()?;
@@ -773,19 +779,20 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
         return Some(finding(Diagnosis::RopeConvention, "RoPE convention: interleaved vs half-split pairs", std::mem::take(ev)));
     }
     for theta in [10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0] {
-        if theta != cfg.rope_theta && close(&apply_rope(q, cols, cfg.head_dim, 0, theta, false)) {
+        if theta != base && close(&apply_rope(q, cols, cfg.head_dim, 0, theta, false)) {
             ev.push(format!(
                 "the engine's q_rope equals the reference's q rotated with base theta = {theta} (the config says {})",
-                cfg.rope_theta
+                base
             ));
-            return Some(finding(Diagnosis::RopeBase, format!("RoPE base: theta {theta} instead of {}", cfg.rope_theta), std::mem::take(ev)));
+            return Some(finding(Diagnosis::RopeBase, format!("RoPE base: theta {theta} instead of {}", base), std::mem::take(ev)));
         }
     }
     ev.push(format!("neither the other convention nor a common base reproduces it (rel-L2 to the right rotation {rel_right:.2e})"));
     None
 }
 
-fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, ev: &mut Vec<String>) -> Finding {
+fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Finding {
+    let fed = at.fed;
     let cfg = &engine.model.info().config;
     let name = format!("layers.{l}.attn");
     let reference = arr(k, &name);
@@ -813,7 +820,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, 
         }
         _ => None,
     };
-    let ok = engine.model.isolate_layer(l, &xt, kv, &mut cap).is_ok();
+    let ok = engine.model.isolate_layer(l, at.total - at.fed, &xt, kv, &mut cap).is_ok();
     let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
     let (Some(e), true) = (e, ok) else {
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
@@ -868,7 +875,8 @@ fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
     if let (Some((rs, r)), Some(x)) = (arr(k, &name), arr(k, &input)) {
         let mut cap = Capture::new();
         let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
-        if engine.model.isolate_layer(l, &xt, None, &mut cap).is_ok() {
+        // A norm reads no cache and no position: the layer alone, at position 0.
+        if engine.model.isolate_layer(l, 0, &xt, None, &mut cap).is_ok() {
             if let Some(e) = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok()) {
                 let cols = *rs.last().unwrap_or(&1);
                 let (mut lo, mut hi, mut cos_min) = (f64::INFINITY, 0f64, 1f64);

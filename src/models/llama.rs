@@ -4,7 +4,8 @@
 //!
 //! Prefill and decode are the same code: [`Llama::forward`] takes any number of new
 //! tokens, appends their K/V to the explicit [`KvCache`] and attends over the whole
-//! cache. Every intermediate is offered to the optional [`Capture`] under its site name
+//! cache. Each layer reads its own plan ([`crate::plan`]: RoPE base, attention span, cache
+//! kind); the families here build every layer global ([`plan::uniform`]). Every intermediate is offered to the optional [`Capture`] under its site name
 //! (the family's [`LAYER_SITES`] table, from which its [`SiteGraph`] is generated).
 
 use std::sync::OnceLock;
@@ -12,13 +13,14 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 
 use super::Family;
-use crate::blocks::{attention, causal_mask, linear, rms_norm, rope, rope_tables, silu_mul, HeadMapping};
-use crate::cache::{CacheKind, KvCache};
+use crate::blocks::{attention, causal_mask, linear, rms_norm, rope, rope_tables, silu_mul, window_mask, HeadMapping};
+use crate::cache::KvCache;
 use crate::config::Config;
 use crate::decoder::{Capabilities, Decoder, ModelInfo};
 use crate::error::{EngineError, Result};
 use crate::faults::{Fault, Faults};
 use crate::layout::QkLayout;
+use crate::plan::{self, LayerPlan, Span};
 use crate::quant::Linear;
 use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
 use crate::taps::{tap, Capture};
@@ -38,6 +40,8 @@ pub struct Llama {
     /// architecture plus what its weights carry (Qwen2: q/k/v biases, `crate::models::qwen2`).
     family: &'static Family,
     graph: SiteGraph,
+    /// Each layer's plan (all global: [`plan::uniform`] of the config).
+    plan: Vec<LayerPlan>,
     /// Built on first use, after the loader has set the faults and attached any adapter.
     info: OnceLock<ModelInfo>,
 }
@@ -51,7 +55,8 @@ impl Llama {
     /// graph's); the layers' optional q/k/v biases are added to the projections.
     pub fn of_family(family: &'static Family, cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
         let graph = SiteGraph::new(cfg.num_layers, family.layer_sites);
-        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu, family, graph, info: OnceLock::new() }
+        let plan = plan::uniform(&cfg);
+        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu, family, graph, plan, info: OnceLock::new() }
     }
 
     fn build_info(&self) -> ModelInfo {
@@ -61,7 +66,7 @@ impl Llama {
             config: self.cfg.clone(),
             dtype: self.dtype,
             qk_layout: self.qk_layout,
-            cache: CacheKind::AppendOnly,
+            plan: self.plan.clone(),
             matrix_types: self.weights.matrix_types(),
             quant_type: self.weights.quant_type(),
             quantized_kernels: self.weights.any_quantized(),
@@ -105,10 +110,15 @@ impl Llama {
         let mut x = self.weights.embed.index_select(&ids, 0)?; // (seq, hidden)
         tap(&mut cap, || "embed".into(), &x);
 
-        let (cos, sin) = rope_tables(cfg.head_dim, self.theta(), offset, seq, self.dtype, &self.device)?;
-        let mask = if seq > 1 && !self.faults.has(Fault::CausalMask) { Some(causal_mask(seq, offset, self.dtype, &self.device)?) } else { None };
+        // RoPE tables and masks per layer plan, each computed once for the layers that share it.
+        let mut tables: Vec<(LayerPlan, (Tensor, Tensor), Option<Tensor>)> = vec![];
         for (i, lw) in self.weights.layers.iter().enumerate() {
-            x = self.block(i, lw, &x, &cos, &sin, mask.as_ref(), cache, &mut cap)?;
+            let p = self.layer_plan(i);
+            if !tables.iter().any(|(q, _, _)| *q == p) {
+                tables.push((p, self.rope_for(&p, offset, seq)?, self.mask_for(&p, offset, seq)?));
+            }
+            let (_, (cos, sin), mask) = tables.iter().find(|(q, _, _)| *q == p).expect("just added");
+            x = self.block(i, lw, &x, cos, sin, mask.as_ref(), cache, &mut cap)?;
         }
         let x = rms_norm(&x, &self.weights.norm, self.eps())?;
         tap(&mut cap, || "final_norm".into(), &x);
@@ -117,14 +127,41 @@ impl Llama {
         Ok(logits.narrow(0, seq - n_new, n_new)?)
     }
 
-    /// The RoPE base in use (the `rope-theta` fault replaces it with the 10000 default, or
-    /// with 100000 when the config already says 10000).
-    fn theta(&self) -> f64 {
+    /// Layer `i`'s plan.
+    fn layer_plan(&self, i: usize) -> LayerPlan {
+        self.plan.get(i).copied().unwrap_or_else(|| LayerPlan::global(&self.cfg))
+    }
+
+    /// The RoPE base a layer uses (the `rope-theta` fault replaces the plan's base with the
+    /// 10000 default, or with 100000 when the plan already says 10000).
+    fn theta(&self, p: &LayerPlan) -> f64 {
         match self.faults.has(Fault::RopeTheta) {
-            false => self.cfg.rope_theta,
-            true if self.cfg.rope_theta == 10_000.0 => 100_000.0,
+            false => p.rope.base,
+            true if p.rope.base == 10_000.0 => 100_000.0,
             true => 10_000.0,
         }
+    }
+
+    /// A layer's RoPE tables for positions `offset..offset + seq`.
+    fn rope_for(&self, p: &LayerPlan, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        if p.rope.dims != self.cfg.head_dim {
+            return Err(EngineError::Input(format!(
+                "partial RoPE ({} of {} dims per head) is not run by this family",
+                p.rope.dims, self.cfg.head_dim
+            )));
+        }
+        rope_tables(self.cfg.head_dim, self.theta(p), offset, seq, self.dtype, &self.device)
+    }
+
+    /// A layer's attention mask for `seq` positions after `offset` (`None`: every cached
+    /// position is visible, a one-token step of a global layer); the `causal-mask` fault drops
+    /// the causal part of a prefill.
+    fn mask_for(&self, p: &LayerPlan, offset: usize, seq: usize) -> Result<Option<Tensor>> {
+        Ok(match p.span {
+            Span::Global if seq > 1 && !self.faults.has(Fault::CausalMask) => Some(causal_mask(seq, offset, self.dtype, &self.device)?),
+            Span::Global => None,
+            Span::Window(w) => Some(window_mask(seq, offset, w, self.dtype, &self.device)?),
+        })
     }
 
     /// A q/k/v projection's bias as it is added (the `qkv-bias-dropped` fault: never).
@@ -230,7 +267,7 @@ impl Decoder for Llama {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::with_kind(self.cfg.num_layers, CacheKind::AppendOnly)
+        KvCache::with_kinds(self.plan.iter().map(|p| p.cache).collect())
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut KvCache, cap: Option<&mut Capture>) -> Result<Tensor> {
@@ -243,19 +280,28 @@ impl Decoder for Llama {
     /// input, `kv` the layer's cache before this step, `(kv_heads, cached, head_dim)` each,
     /// in this model's Q/K layout (`None`: an empty cache). Every site of the layer is
     /// offered to `cap`; returns the layer's output.
-    fn isolate_layer(&self, i: usize, x: &Tensor, kv: Option<(Tensor, Tensor)>, cap: &mut Capture) -> Result<Tensor> {
+    fn isolate_layer(&self, i: usize, start: usize, x: &Tensor, kv: Option<(Tensor, Tensor)>, cap: &mut Capture) -> Result<Tensor> {
         let lw = self.weights.layers.get(i).ok_or_else(|| {
             EngineError::Input(format!("layer {i} does not exist (the model has {})", self.cfg.num_layers))
         })?;
         crate::threads::pool().install(|| {
             let mut cache = self.new_cache();
-            let offset = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
+            let p = self.layer_plan(i);
+            let cached = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
+            // An append-only cache holds every position before the step.
+            if cached != p.cache.expected_len(start) {
+                return Err(EngineError::Input(format!(
+                    "isolating layer {i} at position {start}: its {} cache should hold {} positions, it was given {cached}",
+                    p.cache.describe(),
+                    p.cache.expected_len(start)
+                )));
+            }
             if let Some((k, v)) = kv {
                 cache.set_layer(i, k, v);
             }
             let seq = x.dims2()?.0;
-            let (cos, sin) = rope_tables(self.cfg.head_dim, self.theta(), offset, seq, self.dtype, &self.device)?;
-            let mask = if seq > 1 && !self.faults.has(Fault::CausalMask) { Some(causal_mask(seq, offset, self.dtype, &self.device)?) } else { None };
+            let (cos, sin) = self.rope_for(&p, start, seq)?;
+            let mask = self.mask_for(&p, start, seq)?;
             let x = x.to_dtype(self.dtype)?;
             self.block(i, lw, &x, &cos, &sin, mask.as_ref(), &mut cache, &mut Some(cap))
         })

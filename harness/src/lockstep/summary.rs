@@ -89,7 +89,7 @@ pub fn find_first_divergence(
                     fed: s.fed.len(),
                     total,
                     graph: engine.site_graph(),
-                    cache: engine.info().cache,
+                    cache: engine.info().layer_plan(site.layer.unwrap_or(0)).cache,
                 }),
                 detail,
             });

@@ -1,0 +1,106 @@
+//! Per-layer plans: what each layer of a model does that another layer of the same model may
+//! do differently. Today's models mix layer types: Gemma 2/3 and Mistral alternate
+//! sliding-window and global attention, Gemma 3 gives its local and global layers different
+//! RoPE bases, Llama 3.x scales RoPE. So the model states each layer's plan ([`LayerPlan`]),
+//! derived from its config when the layer is built, and everything that depends on one reads
+//! the layer's plan, never a model-wide value: the RoPE tables and the attention mask of the
+//! forward pass, the cache kind of each layer ([`crate::KvCache::with_kinds`]), isolation, and
+//! in the harness bisect's RoPE evidence and the diagnosis of cache lengths.
+//!
+//! (As mlx-lm's `make_cache()` and candle-transformers' Gemma attention, which holds an
+//! optional sliding window and a rotary embedding of its own per layer.)
+//!
+//! Llama, Qwen2 and Mixtral layers are all alike: [`uniform`] gives every layer the global
+//! plan of the config ([`LayerPlan::global`]).
+
+use serde::Serialize;
+
+use crate::cache::CacheKind;
+use crate::config::Config;
+
+/// Which positions a layer's attention sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Span {
+    /// Every earlier position (causal).
+    Global,
+    /// The last `w` positions, the query's own included (sliding-window attention: position
+    /// `i` sees `i - w + 1 ..= i`).
+    Window(usize),
+}
+
+impl Span {
+    pub fn describe(&self) -> String {
+        match self {
+            Span::Global => "global".into(),
+            Span::Window(w) => format!("window of {w}"),
+        }
+    }
+}
+
+/// A layer's rotary position embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RopePlan {
+    /// The base (theta) of the frequencies.
+    pub base: f64,
+    /// How many dimensions of each head are rotated (the head's width for full RoPE).
+    pub dims: usize,
+}
+
+/// What one layer does: its attention span, its RoPE and how its cache keeps positions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LayerPlan {
+    pub span: Span,
+    pub rope: RopePlan,
+    pub cache: CacheKind,
+}
+
+impl LayerPlan {
+    /// A global-attention layer of `cfg`: causal attention over every position, RoPE with the
+    /// config's base over the whole head, an append-only cache.
+    pub fn global(cfg: &Config) -> Self {
+        LayerPlan { span: Span::Global, rope: RopePlan { base: cfg.rope_theta, dims: cfg.head_dim }, cache: CacheKind::AppendOnly }
+    }
+
+    /// One line for reports: `global, RoPE base 10000 over 64 dims, append-only cache`.
+    pub fn describe(&self) -> String {
+        format!("{}, RoPE base {} over {} dims, {} cache", self.span.describe(), self.rope.base, self.rope.dims, self.cache.describe())
+    }
+}
+
+/// Every layer of `cfg` global ([`LayerPlan::global`]): the plan of Llama, Qwen2, Mixtral.
+pub fn uniform(cfg: &Config) -> Vec<LayerPlan> {
+    vec![LayerPlan::global(cfg); cfg.num_layers]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uniform_plan_is_the_config_for_every_layer() {
+        let cfg = Config {
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            vocab_size: 100,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            num_experts: 0,
+            num_experts_per_tok: 0,
+        };
+        let plan = uniform(&cfg);
+        assert_eq!(plan.len(), 3);
+        assert!(plan.iter().all(|p| *p == LayerPlan { span: Span::Global, rope: RopePlan { base: 1e6, dims: 16 }, cache: CacheKind::AppendOnly }));
+        assert_eq!(plan[0].describe(), "global, RoPE base 1000000 over 16 dims, append-only cache");
+        assert_eq!(Span::Window(512).describe(), "window of 512");
+    }
+}
