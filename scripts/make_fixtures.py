@@ -210,6 +210,12 @@ QWEN2_CHAT_TEMPLATE = (
 QWEN3 = ModelSpec("tiny-qwen3", hidden_size=64, intermediate_size=160, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=19, arch="qwen3")
 QWEN3_DIR = OUT_DIR / "tiny-qwen3"
+# Its config.json's keys, in the order the committed file has them.
+QWEN3_KEY_ORDER = ["architectures", "model_type", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id",
+                   "head_dim", "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+                   "max_position_embeddings", "max_window_layers", "num_attention_heads", "num_hidden_layers",
+                   "num_key_value_heads", "rms_norm_eps", "rope_theta", "sliding_window", "tie_word_embeddings",
+                   "torch_dtype", "use_cache", "use_sliding_window", "vocab_size"]
 
 # The tiny Mixtral (tiny-mixtral/, tiny-mixtral.gguf, tiny-mixtral.Q8_0.gguf): small enough that
 # the three files and its golden traces fit in 1 MB of snapshots/.
@@ -470,7 +476,7 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, ou
         "use_cache": True,
         "vocab_size": len(vocab),
     }
-    if spec.arch == "qwen2":
+    if spec.arch in ("qwen2", "qwen3"):
         # As Qwen2.5's config.json: no head_dim (derived), sliding window off, bos_token_id the
         # <|endoftext|> id while the tokenizer has no BOS token (Qwen adds none).
         config = {
@@ -498,34 +504,13 @@ def write_hf_dir(tok, weights: dict[str, np.ndarray], spec: ModelSpec = TINY, ou
             "vocab_size": len(vocab),
         }
     if spec.arch == "qwen3":
-        # As Qwen3-0.6B's config.json (head_dim explicit, no biases, sliding window off), with
-        # the tokenizer's own BOS as tiny-qwen2 has it.
-        config = {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": pad,
-            "eos_token_id": eos,
-            "head_dim": spec.head_dim,
-            "hidden_act": "silu",
-            "hidden_size": spec.hidden_size,
-            "initializer_range": 0.02,
-            "intermediate_size": spec.intermediate_size,
-            "max_position_embeddings": MAX_POSITIONS,
-            "max_window_layers": spec.num_layers,
-            "num_attention_heads": spec.num_heads,
-            "num_hidden_layers": spec.num_layers,
-            "num_key_value_heads": spec.num_kv_heads,
-            "rms_norm_eps": QWEN2_RMS_NORM_EPS,
-            "rope_theta": QWEN2_ROPE_THETA,
-            "sliding_window": None,
-            "tie_word_embeddings": False,
-            "torch_dtype": "float32",
-            "use_cache": True,
-            "use_sliding_window": False,
-            "vocab_size": len(vocab),
-        }
+        # As Qwen3-0.6B's config.json: Qwen2's, with head_dim explicit and no biases (the
+        # keys in the order of the committed file).
+        q2 = config
+        config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False}
+        config.update({k: v for k, v in q2.items() if k not in config})
+        config["head_dim"] = spec.head_dim
+        config = {k: config[k] for k in sorted(config, key=lambda k: QWEN3_KEY_ORDER.index(k))}
     if spec.arch == "mixtral":
         # As Mixtral-8x7B's config.json (sliding window off), at tiny-llama's other settings.
         config = {
