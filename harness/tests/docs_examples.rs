@@ -37,6 +37,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+// A shown line matches a real one in full; `…` in it matches any text; numbers match at the
+// precision lockstep claims, not the digits of the CPU the docs were written on (a verdict,
+// token, site or count must be equal).
+use lockstep::golden::printed::line_matches;
+
 mod common;
 use common::*;
 
@@ -251,13 +256,6 @@ fn all_examples() -> Vec<Example> {
 
 fn normalize(line: &str) -> String {
     line.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// `pattern` (one shown line) matches `line` in full; `…` in the pattern matches any text;
-/// numbers match at the precision lockstep claims, not the digits of the CPU the docs were
-/// written on (lockstep::golden::printed: a verdict, token, site or count must be equal).
-fn line_matches(pattern: &str, line: &str) -> bool {
-    lockstep::golden::printed::line_matches(pattern, line)
 }
 
 /// The shown lines missing from the output (each looked for after the previous one).

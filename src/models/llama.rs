@@ -5,8 +5,9 @@
 //! Prefill and decode are the same code: [`Llama::forward`] takes any number of new
 //! tokens, appends their K/V to the explicit [`KvCache`] and attends over the whole
 //! cache. Each layer reads its own plan ([`crate::plan`]: RoPE base, attention span, cache
-//! kind); the families here build every layer global ([`plan::uniform`]). Every intermediate is offered to the optional [`Capture`] under its site name
-//! (the family's [`LAYER_SITES`] table, from which its [`SiteGraph`] is generated).
+//! kind); the families here build every layer global ([`plan::uniform`]). Every intermediate
+//! is offered to the optional [`Capture`] under its site name (the family's [`LAYER_SITES`]
+//! table, from which its [`SiteGraph`] is generated).
 
 use std::sync::OnceLock;
 
@@ -113,11 +114,15 @@ impl Llama {
         // RoPE tables and masks per layer plan, each computed once for the layers that share it.
         let mut tables: Vec<(LayerPlan, (Tensor, Tensor), Option<Tensor>)> = vec![];
         for (i, lw) in self.weights.layers.iter().enumerate() {
-            let p = self.layer_plan(i);
-            if !tables.iter().any(|(q, _, _)| *q == p) {
-                tables.push((p, self.rope_for(&p, offset, seq)?, self.mask_for(&p, offset, seq)?));
-            }
-            let (_, (cos, sin), mask) = tables.iter().find(|(q, _, _)| *q == p).expect("just added");
+            let p = self.plan[i];
+            let t = match tables.iter().position(|(q, _, _)| *q == p) {
+                Some(t) => t,
+                None => {
+                    tables.push((p, self.rope_for(&p, offset, seq)?, self.mask_for(&p, offset, seq)?));
+                    tables.len() - 1
+                }
+            };
+            let (_, (cos, sin), mask) = &tables[t];
             x = self.block(i, lw, &x, cos, sin, mask.as_ref(), cache, &mut cap)?;
         }
         let x = rms_norm(&x, &self.weights.norm, self.eps())?;
@@ -125,11 +130,6 @@ impl Llama {
         let logits = linear(&x, &self.weights.lm_head)?; // (seq, vocab)
         tap(&mut cap, || "logits".into(), &logits);
         Ok(logits.narrow(0, seq - n_new, n_new)?)
-    }
-
-    /// Layer `i`'s plan.
-    fn layer_plan(&self, i: usize) -> LayerPlan {
-        self.plan.get(i).copied().unwrap_or_else(|| LayerPlan::global(&self.cfg))
     }
 
     /// The RoPE base a layer uses (the `rope-theta` fault replaces the plan's base with the
@@ -286,7 +286,7 @@ impl Decoder for Llama {
         })?;
         crate::threads::pool().install(|| {
             let mut cache = self.new_cache();
-            let p = self.layer_plan(i);
+            let p = self.plan[i];
             let cached = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
             // An append-only cache holds every position before the step.
             if cached != p.cache.expected_len(start) {

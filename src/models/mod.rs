@@ -162,7 +162,9 @@ pub fn describe_at(path: &Path) -> Result<ModelDescription> {
         let family = for_model_type(hf.model_type.as_deref(), &cfg_path).ok();
         let config = match family.map(|_| hf.resolve(&cfg_path)) {
             Some(Ok(c)) => c,
-            _ => hf.resolve_shape(&cfg_path)?,
+            // What the bundled engine does not run is still a model; a corrupt config is not.
+            None | Some(Err(EngineError::Unsupported { .. })) => hf.resolve_shape(&cfg_path)?,
+            Some(Err(e)) => return Err(e),
         };
         (family, model_type, config)
     } else {
@@ -171,7 +173,8 @@ pub fn describe_at(path: &Path) -> Result<ModelDescription> {
         let family = for_gguf(&g).ok();
         let config = match family.map(|_| g.config()) {
             Some(Ok(c)) => c,
-            _ => g.shape_config()?,
+            None | Some(Err(EngineError::Unsupported { .. })) => g.shape_config()?,
+            Some(Err(e)) => return Err(e),
         };
         (family, arch, config)
     };
