@@ -146,14 +146,11 @@ pub struct HfConfig {
     #[serde(default)]
     pub mlp_bias: bool,
     pub hidden_act: Option<String>,
-    /// Qwen2's sliding-window attention (off in the released checkpoints).
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    /// Mixtral's sliding-window attention size (`null` in the released Mixtral configs).
-    pub sliding_window: Option<serde_json::Value>,
-    /// Mixtral: experts per layer and experts per position.
-    pub num_local_experts: Option<usize>,
-    pub num_experts_per_tok: Option<usize>,
+    /// Every other key of the file, for the family that reads it (Qwen2's
+    /// `use_sliding_window`, Mixtral's `num_local_experts`, ...): a family's own keys and
+    /// checks live in its file (`crate::models`), read through [`HfConfig::key`].
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl HfConfig {
@@ -167,52 +164,14 @@ impl HfConfig {
         serde_json::from_str(text).map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
     }
 
-    /// The hyper-parameters of a model this engine's families run: the family checks
-    /// (activation, RoPE kind, biases, windows, experts), not yet checked against the weights
-    /// nor validated. [`HfConfig::resolve`] (in `crate::weights`, which reads the safetensors
-    /// headers it checks the sizes against) is the checked one every loader calls.
-    pub fn resolve_family(&self, path: &Path) -> Result<Config> {
-        let unsupported = |message: String| {
-            Err(EngineError::Unsupported { path: path.to_path_buf(), message })
-        };
-        // Qwen2's q/k/v projections carry biases (implied by model_type qwen2; its configs
-        // usually omit the key); other families run without any.
-        let qkv_bias_family = self.model_type.as_deref() == Some("qwen2");
-        if (self.attention_bias && !qkv_bias_family) || self.mlp_bias {
-            return unsupported("attention_bias/mlp_bias = true is not supported".into());
+    /// A key of the file beyond the common ones, parsed as `T`; `None` when absent or `null`.
+    pub fn key<T: serde::de::DeserializeOwned>(&self, name: &str, path: &Path) -> Result<Option<T>> {
+        match self.extra.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| EngineError::Config { path: path.to_path_buf(), message: format!("{name}: {e}") }),
         }
-        if self.use_sliding_window {
-            return unsupported("use_sliding_window = true is not supported".into());
-        }
-        let moe = self.model_type.as_deref() == Some("mixtral");
-        if moe && self.sliding_window.as_ref().is_some_and(|v| !v.is_null()) {
-            return unsupported("sliding_window (Mixtral's windowed attention) is not supported: set it to null".into());
-        }
-        let (num_experts, num_experts_per_tok) = match (moe, self.num_local_experts, self.num_experts_per_tok) {
-            (false, _, _) => (0, 0),
-            (true, Some(e), Some(k)) => (e, k),
-            (true, _, _) => {
-                return Err(EngineError::Config {
-                    path: path.to_path_buf(),
-                    message: "model_type mixtral needs num_local_experts and num_experts_per_tok".into(),
-                })
-            }
-        };
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                return unsupported(format!("hidden_act `{act}` is not supported (only silu)"));
-            }
-        }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return unsupported("rope_scaling is not supported yet".into());
-        }
-        let rope_params = self.rope_parameters.clone().unwrap_or_default();
-        if let Some(t) = &rope_params.rope_type {
-            if t != "default" {
-                return unsupported(format!("rope_type `{t}` is not supported (only default)"));
-            }
-        }
-        self.shape(path, qkv_bias_family || self.attention_bias, num_experts, num_experts_per_tok)
     }
 
     /// The shape of any decoder-only model of this `config.json`, without this engine's
@@ -221,16 +180,17 @@ impl HfConfig {
     /// [`Config::validate`] only (its backstop refuses sizes no model has): the tensors are
     /// the engine under test's to check.
     pub fn resolve_shape(&self, path: &Path) -> Result<Config> {
-        let moe = self.num_local_experts.zip(self.num_experts_per_tok).unwrap_or((0, 0));
+        let experts = self.key::<usize>("num_local_experts", path)?.or(self.key::<usize>("num_experts", path)?);
+        let moe = experts.zip(self.key::<usize>("num_experts_per_tok", path)?).unwrap_or((0, 0));
         let cfg = self.shape(path, self.attention_bias, moe.0, moe.1)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
-    /// The hyper-parameters as given, unchecked (see [`HfConfig::resolve`] and
-    /// [`HfConfig::resolve_shape`], which check them).
-
-    fn shape(&self, path: &Path, qkv_bias: bool, num_experts: usize, num_experts_per_tok: usize) -> Result<Config> {
+    /// The hyper-parameters as given, unchecked but for the head width: a family's config
+    /// function (`crate::models`) checks what its architecture needs first, and
+    /// [`crate::models::resolve_hf`] checks the result against the weights.
+    pub fn shape(&self, path: &Path, qkv_bias: bool, num_experts: usize, num_experts_per_tok: usize) -> Result<Config> {
         let rope_params = self.rope_parameters.clone().unwrap_or_default();
         if self.head_dim.is_none() {
             let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });

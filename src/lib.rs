@@ -6,8 +6,9 @@
 //! [`SiteGraph`], one layer in isolation). The crate owns: the site vocabulary ([`sites`]),
 //! the shared building blocks ([`blocks`]: norms, RoPE, attention, softmax, activations), one
 //! file per family under [`models`] with the registry that picks a family from
-//! `model_type` / `general.architecture`, configuration ([`config`]), weights from Hugging
-//! Face directories and GGUF files ([`weights`], [`quant`]), the cache ([`cache`]), the Q/K
+//! `model_type` / `general.architecture`, configuration ([`config`]), the tensor table families load
+//! their weights with ([`tensors`]), GGUF files and the Llama-shaped weights ([`weights`],
+//! [`quant`]), the cache ([`cache`]), the Q/K
 //! layout transforms ([`layout`]), the tokenizer and chat template ([`tokenizer`]), samplers
 //! ([`sample`]), generation ([`generate`]), LoRA adapters ([`lora`]), the fault catalog
 //! ([`faults`]) and model loading as one call ([`loader`]). It never imports the harness.
@@ -32,6 +33,7 @@ pub mod quant;
 pub mod sample;
 pub mod sites;
 pub mod taps;
+pub mod tensors;
 pub mod threads;
 pub mod tokenizer;
 pub mod weights;

@@ -111,7 +111,7 @@ pub fn model_config(path: &Path) -> Result<crate::Config> {
     }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        return HfConfig::from_file(&cfg_path)?.resolve(&cfg_path);
+        return models::resolve_hf(&HfConfig::from_file(&cfg_path)?, &cfg_path);
     }
     GgufFile::open(path)?.config()
 }
@@ -187,7 +187,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let tokenizer = Tokenizer::from_hf_dir_with(path, tokenizer_options(&opts.faults))?;
         // Sizes against the safetensors headers, and the tokenizer against the config, before
         // any weight is read.
-        check_hf_vocabulary(&tokenizer, &hf.resolve(&cfg_path)?, path)?;
+        check_hf_vocabulary(&tokenizer, &models::resolve_hf(&hf, &cfg_path)?, path)?;
         let (model, lora) = (family.load)(Checkpoint::Hf { dir: path, config: &hf }, opts)?;
         return Ok(LoadedModel {
             model,

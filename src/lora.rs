@@ -42,7 +42,6 @@ use crate::config::Config;
 use crate::error::{EngineError, Result};
 use crate::layout::QkLayout;
 use crate::quant::Linear;
-use crate::weights::LayerWeights;
 
 /// The projections an adapter can target: (name, module path inside a decoder layer). A
 /// dense layer has the `mlp.*` ones, a mixture-of-experts layer (Mixtral) the router `gate`
@@ -224,7 +223,7 @@ impl LoraAdapter {
         let config = LoraConfig::parse(&text, format, &cfg_path, cfg)?;
         let wpath = dir.join(format.weights_file());
         let bytes = std::fs::read(&wpath).map_err(|e| EngineError::io(&wpath, e))?;
-        let tensors = crate::weights::safetensors_from_bytes(&wpath, &bytes)?;
+        let tensors = crate::tensors::safetensors_from_bytes(&wpath, &bytes)?;
         Self::from_parts(dir, config, tensors, cfg)
     }
 
@@ -377,7 +376,7 @@ impl LoraAdapter {
     /// `lora-scale` multiplies by the scale twice.
     pub fn attach(
         &self,
-        layers: &mut [LayerWeights],
+        target: &mut dyn LoraTarget,
         cfg: &Config,
         layout: QkLayout,
         dtype: DType,
@@ -390,8 +389,7 @@ impl LoraAdapter {
         let double = faults.has(crate::faults::Fault::LoraScale);
         for p in &self.pairs {
             let scale = if double { p.scale * p.scale } else { p.scale };
-            let lw = layers.get_mut(p.layer).ok_or_else(|| EngineError::Input(format!("no layer {}", p.layer)))?;
-            let slot = module_slot(lw, p.module).ok_or_else(|| {
+            let slot = target.lora_slot(p.layer, p.module).ok_or_else(|| {
                 EngineError::Input(format!(
                     "{}: the adapter targets `{}`, which layer {} of this model does not have",
                     self.dir.display(),
@@ -441,21 +439,14 @@ impl LoraAdapter {
     }
 }
 
-/// The adapter-bearing matrix of `module` in a layer (`None`: the layer has no such matrix,
-/// e.g. `gate_proj` in a mixture-of-experts layer, or the router `gate` in a dense one).
-fn module_slot<'a>(lw: &'a mut LayerWeights, module: &str) -> Option<&'a mut Linear> {
-    use crate::weights::Ffn;
-    Some(match (module, &mut lw.ffn) {
-        ("q_proj", _) => &mut lw.wq,
-        ("k_proj", _) => &mut lw.wk,
-        ("v_proj", _) => &mut lw.wv,
-        ("o_proj", _) => &mut lw.wo,
-        ("gate_proj", Ffn::Dense(m)) => &mut m.gate,
-        ("up_proj", Ffn::Dense(m)) => &mut m.up,
-        ("down_proj", Ffn::Dense(m)) => &mut m.down,
-        ("gate", Ffn::Moe(moe)) => &mut moe.router,
-        _ => return None,
-    })
+/// What an adapter attaches to: a family's weights, which hand out the matrix of a module
+/// by the name adapters give it (PEFT's and MLX's `q_proj`, `k_proj`, `v_proj`, `o_proj`,
+/// `gate_proj`, `up_proj`, `down_proj`; Mixtral's router `gate`). A family whose weights
+/// implement it takes adapters without any change here.
+pub trait LoraTarget {
+    /// The matrix of `module` in layer `layer` (`None`: the model has no such layer or module,
+    /// e.g. `gate_proj` in a mixture-of-experts layer).
+    fn lora_slot(&mut self, layer: usize, module: &str) -> Option<&mut Linear>;
 }
 
 /// `(out, in)` of a projection.

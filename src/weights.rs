@@ -1,17 +1,22 @@
-//! Weights of a Llama model from a Hugging Face directory (`*.safetensors`) or a GGUF
-//! file. Every tensor the architecture needs is looked up by its checkpoint name
+//! GGUF files ([`GgufFile`]: metadata, the hyper-parameters any architecture writes under
+//! `{arch}.*`, tensors read in their stored format) and the weights of the Llama-shaped
+//! families (Llama, Qwen2, Mixtral: [`LlamaWeights`], taken by [`llama_weights`] from a
+//! [`TensorTable`], the loader any family builds its weights with). Every tensor the
+//! architecture needs is taken by its checkpoint name
 //! (`model.layers.{i}.self_attn.q_proj.weight` / `blk.{i}.attn_q.weight`), its shape is
 //! checked against the [`Config`], and any tensor the architecture does not use is an
 //! error: a silently ignored tensor is how an unattached adapter goes unnoticed.
 //!
-//! GGUF tensors are dequantized to the requested dtype at load. GGUF stores Q/K rows in
-//! the interleaved-RoPE order; they are kept that way (see [`crate::layout`]).
+//! GGUF tensors are dequantized to the requested dtype at load, or kept in their block
+//! format ([`WeightsMode`]). GGUF stores Q/K rows in the interleaved-RoPE order; they are
+//! kept that way (see [`crate::layout`]).
 //!
 //! A layer's feed-forward part is a dense SwiGLU MLP or, for a sparse mixture of experts
-//! (Mixtral: a config with `num_experts` > 0), a router and one SwiGLU MLP per expert ([`Ffn`]): Hugging Face
-//! `block_sparse_moe.gate` and `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down);
-//! GGUF `blk.{i}.ffn_gate_inp` and the merged `blk.{i}.ffn_{gate,up,down}_exps`
-//! `(n_experts, out, in)`, split per expert at load (quantized blocks are split whole).
+//! (Mixtral: a config with `num_experts` > 0), a router and one SwiGLU MLP per expert
+//! ([`Ffn`]): Hugging Face `block_sparse_moe.gate` and
+//! `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down); GGUF `blk.{i}.ffn_gate_inp` and
+//! the merged `blk.{i}.ffn_{gate,up,down}_exps` `(n_experts, out, in)`, split per expert at
+//! load (quantized blocks are split whole).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -24,6 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Config;
 use crate::error::{candle_message, EngineError, Result};
 use crate::quant::{Linear, WeightsMode};
+use crate::tensors::{safetensors_files, safetensors_shapes, Safetensors, TensorSource, TensorTable};
 
 /// Weights of one decoder block; matrices are `[out, in]` as in the checkpoint.
 #[derive(Debug, Clone)]
@@ -144,6 +150,23 @@ impl LlamaWeights {
     }
 }
 
+impl crate::lora::LoraTarget for LlamaWeights {
+    fn lora_slot(&mut self, layer: usize, module: &str) -> Option<&mut Linear> {
+        let lw = self.layers.get_mut(layer)?;
+        Some(match (module, &mut lw.ffn) {
+            ("q_proj", _) => &mut lw.wq,
+            ("k_proj", _) => &mut lw.wk,
+            ("v_proj", _) => &mut lw.wv,
+            ("o_proj", _) => &mut lw.wo,
+            ("gate_proj", Ffn::Dense(m)) => &mut m.gate,
+            ("up_proj", Ffn::Dense(m)) => &mut m.up,
+            ("down_proj", Ffn::Dense(m)) => &mut m.down,
+            ("gate", Ffn::Moe(moe)) => &mut moe.router,
+            _ => return None,
+        })
+    }
+}
+
 /// Names of one checkpoint format.
 struct Naming {
     embed: &'static str,
@@ -241,70 +264,6 @@ const GGUF: Naming = Naming {
         merged: |i, p| (GGUF.layer)(i, p).replace(".weight", "_exps.weight"),
     },
 };
-
-/// A checkpoint opened for reading tensors by name.
-trait TensorSource {
-    fn path(&self) -> &Path;
-    fn names(&self) -> Vec<String>;
-    fn shape(&self, name: &str) -> Option<Vec<usize>>;
-    fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor>;
-    /// The stored type of a tensor: "F32", "F16", "BF16", "Q4_1", ...
-    fn stored_type(&self, name: &str) -> String;
-    /// A matrix kept in its stored (quantized) format; dense when the source has none.
-    fn load_linear(&mut self, name: &str, dtype: DType, mode: WeightsMode) -> Result<Linear> {
-        let _ = mode;
-        Ok(Linear::Dense(self.load(name, dtype)?))
-    }
-    /// The `n` matrices of a merged `(n, out, in)` tensor, one per expert.
-    fn load_experts(&mut self, name: &str, n: usize, dtype: DType, mode: WeightsMode) -> Result<Vec<Linear>> {
-        let _ = mode;
-        let t = self.load(name, dtype)?;
-        (0..n).map(|e| Ok(Linear::Dense(t.get(e)?.contiguous()?))).collect()
-    }
-}
-
-struct SafetensorsSource {
-    dir: PathBuf,
-    tensors: HashMap<String, Tensor>,
-    /// The file each tensor was read from.
-    origin: HashMap<String, PathBuf>,
-}
-
-impl TensorSource for SafetensorsSource {
-    fn path(&self) -> &Path {
-        &self.dir
-    }
-    fn names(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors.get(name).map(|t| t.dims().to_vec())
-    }
-    fn stored_type(&self, name: &str) -> String {
-        self.tensors.get(name).map(|t| format!("{:?}", t.dtype()).to_uppercase()).unwrap_or_default()
-    }
-    fn load(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
-            path: self.dir.clone(),
-            tensor: name.to_string(),
-        })?;
-        // A NaN/Inf in a weight is a corrupted file, as in a GGUF (GgufFile::report_nonfinite).
-        if let Some((i, v)) = crate::quant::first_nonfinite(t, 1)? {
-            let file = self.origin.get(name).cloned().unwrap_or_else(|| self.dir.clone());
-            return Err(EngineError::BadTensor {
-                path: file,
-                tensor: name.to_string(),
-                message: format!(
-                    "element {i} (of shape {:?}, {:?}) holds a non-finite value ({v}): the tensor data is corrupted \
-                     (re-download or re-convert the model)",
-                    t.dims(),
-                    t.dtype()
-                ),
-            });
-        }
-        Ok(t.to_dtype(dtype)?)
-    }
-}
 
 /// What a GGUF file's tensor data is read from: the file, or bytes in memory.
 pub trait GgufReader: std::io::Read + std::io::Seek + Send + Sync {}
@@ -452,15 +411,12 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    /// Resolves hyper-parameters from the architecture's metadata (`llama.*`, `qwen2.*`).
+    /// Resolves hyper-parameters from the architecture's metadata (`{arch}.*`: `llama.*`,
+    /// `qwen2.*`, ...), checked against the tensor table and the vocabulary. Which
+    /// architectures the engine runs is the registry's to say ([`crate::models::for_gguf`]),
+    /// not this reader's.
     pub fn config(&self) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;
-        if !matches!(arch, "llama" | "qwen2") {
-            return Err(EngineError::Unsupported {
-                path: self.path.clone(),
-                message: format!("general.architecture {arch:?} is not supported (only llama, qwen2)"),
-            });
-        }
         let k = |key: &str| format!("{arch}.{key}");
         let bad = |message: String| EngineError::Config { path: self.path.clone(), message };
         let hidden = self.md_u32(&k("embedding_length"))? as usize;
@@ -685,28 +641,6 @@ impl GgufFile {
     }
 }
 
-/// Checks that `name` exists with `shape` and records it as used.
-fn check_shape(src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: &str, shape: &[usize]) -> Result<()> {
-    match src.shape(name) {
-        None => Err(EngineError::MissingTensor { path: src.path().into(), tensor: name.into() }),
-        Some(got) if got != shape => Err(EngineError::ShapeMismatch {
-            path: src.path().into(),
-            tensor: name.into(),
-            got,
-            expected: shape.to_vec(),
-        }),
-        Some(_) => {
-            used.insert(name.to_string());
-            Ok(())
-        }
-    }
-}
-
-/// Loads and checks all weights of a Hugging Face directory.
-pub fn load_hf(dir: &Path, cfg: &Config, dtype: DType) -> Result<LlamaWeights> {
-    load_hf_family(dir, cfg, dtype, &Arch::LLAMA)
-}
-
 /// What a family's checkpoint holds beyond the Llama tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct Arch {
@@ -720,128 +654,82 @@ impl Arch {
     pub const LLAMA: Arch = Arch { name: "llama", qkv_bias: false };
 }
 
-/// [`load_hf`] for the family `arch`.
-pub fn load_hf_family(dir: &Path, cfg: &Config, dtype: DType, arch: &Arch) -> Result<LlamaWeights> {
-    let files = safetensors_files(dir)?;
-    if files.is_empty() {
-        return Err(EngineError::io(dir, "no *.safetensors file in the model directory"));
+/// The tensor names of a checkpoint format a Llama-shaped family reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`).
+    Hf,
+    /// llama.cpp's GGUF names (`blk.{i}.attn_q.weight`).
+    Gguf,
+}
+
+impl Format {
+    fn naming(self) -> &'static Naming {
+        match self {
+            Format::Hf => &HF,
+            Format::Gguf => &GGUF,
+        }
     }
-    let mut tensors = HashMap::new();
-    let mut origin = HashMap::new();
-    for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu)
-            .map_err(|e| EngineError::io(f, format!("cannot read safetensors: {e}")))?;
-        origin.extend(part.keys().map(|k| (k.clone(), f.clone())));
-        tensors.extend(part);
-    }
-    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors, origin };
-    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
 }
 
-/// The tensors of a safetensors file's bytes (`path` names it in messages): how the engine
-/// reads every safetensors file (model weights, LoRA adapters).
-pub fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-        .map_err(|e| EngineError::io(path, format!("cannot read safetensors: {e}")))
-}
-
-/// [`load_hf_family`] on tensors already read (the union of the directory's files).
-pub fn hf_weights_from_tensors(
-    dir: &Path,
-    tensors: HashMap<String, Tensor>,
-    cfg: &Config,
-    dtype: DType,
-    arch: &Arch,
-) -> Result<LlamaWeights> {
-    let mut src = SafetensorsSource { dir: dir.to_path_buf(), tensors, origin: HashMap::new() };
-    build(&mut src, &HF, cfg, dtype, WeightsMode::Dequant, arch)
-}
-
-/// Loads and checks all weights of a GGUF file: matrices kept quantized or dequantized
-/// to `dtype` (`mode`), vectors and the embedding dequantized.
-pub fn load_gguf(file: &mut GgufFile, cfg: &Config, dtype: DType, mode: WeightsMode) -> Result<LlamaWeights> {
-    build(file, &GGUF, cfg, dtype, mode, &Arch::LLAMA)
-}
-
-/// [`load_gguf`] for the family `arch` (biases are vectors: dequantized in every mode).
-pub fn load_gguf_family(file: &mut GgufFile, cfg: &Config, dtype: DType, mode: WeightsMode, arch: &Arch) -> Result<LlamaWeights> {
-    build(file, &GGUF, cfg, dtype, mode, arch)
-}
-
-fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mode: WeightsMode, arch: &Arch) -> Result<LlamaWeights> {
+/// Takes the weights of a Llama-shaped decoder (Llama, and the families built on it: Qwen2's
+/// q/k/v biases, Mixtral's experts, as `arch` and `cfg` say) from `t` by the names of
+/// `format`, every shape checked against `cfg`, and refuses any tensor left unused.
+pub fn llama_weights(mut t: TensorTable<'_>, format: Format, cfg: &Config, arch: &Arch) -> Result<LlamaWeights> {
+    let n = format.naming();
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let mut used = BTreeSet::new();
-    let take = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
-        check_shape(src, used, &name, &shape)?;
-        src.load(&name, dtype)
-    };
-    let mut stored_types = std::collections::BTreeMap::new();
-    let mut mat = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, name: String, shape: Vec<usize>| {
-        check_shape(src, used, &name, &shape)?;
-        *stored_types.entry(src.stored_type(&name)).or_insert(0usize) += 1;
-        src.load_linear(&name, dtype, mode)
-    };
-    let u = &mut used;
-    // The stored types of merged expert tensors (counted once each, like a matrix).
-    let mut merged_types: Vec<String> = vec![];
-    let embed = take(src, u, n.embed.into(), vec![cfg.vocab_size, h])?;
+    let embed = t.tensor(n.embed, &[cfg.vocab_size, h])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let l = |p| (n.layer)(i, p);
-        let bias = |src: &mut dyn TensorSource, used: &mut BTreeSet<String>, p: Part, rows: usize| match arch.qkv_bias {
-            true => take(src, used, (n.bias)(i, p), vec![rows]).map(Some),
+        let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let mut bias = |p: Part, rows: usize| match arch.qkv_bias {
+            true => t.tensor(&(n.bias)(i, p), &[rows]).map(Some),
             false => Ok(None),
         };
-        let (q_rows, kv_rows) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let (bq, bk, bv) = (bias(src, u, Part::Q, q_rows)?, bias(src, u, Part::K, kv_rows)?, bias(src, u, Part::V, kv_rows)?);
+        let (bq, bk, bv) = (bias(Part::Q, q_rows)?, bias(Part::K, kv_rows)?, bias(Part::V, kv_rows)?);
         layers.push(LayerWeights {
             bq,
             bk,
             bv,
-            attn_norm: take(src, u, l(Part::AttnNorm), vec![h])?,
-            wq: mat(src, u, l(Part::Q), vec![cfg.num_heads * hd, h])?,
-            wk: mat(src, u, l(Part::K), vec![cfg.num_kv_heads * hd, h])?,
-            wv: mat(src, u, l(Part::V), vec![cfg.num_kv_heads * hd, h])?,
-            wo: mat(src, u, l(Part::O), vec![h, cfg.num_heads * hd])?,
-            mlp_norm: take(src, u, l(Part::MlpNorm), vec![h])?,
+            attn_norm: t.tensor(&l(Part::AttnNorm), &[h])?,
+            wq: t.matrix(&l(Part::Q), &[q_rows, h])?,
+            wk: t.matrix(&l(Part::K), &[kv_rows, h])?,
+            wv: t.matrix(&l(Part::V), &[kv_rows, h])?,
+            wo: t.matrix(&l(Part::O), &[h, q_rows])?,
+            mlp_norm: t.tensor(&l(Part::MlpNorm), &[h])?,
             // A config with experts (Mixtral) has a mixture of experts in every layer.
             ffn: match cfg.num_experts > 0 {
                 false => Ffn::Dense(SwiGlu {
-                    gate: mat(src, u, l(Part::Gate), vec![cfg.intermediate_size, h])?,
-                    up: mat(src, u, l(Part::Up), vec![cfg.intermediate_size, h])?,
-                    down: mat(src, u, l(Part::Down), vec![h, cfg.intermediate_size])?,
+                    gate: t.matrix(&l(Part::Gate), &[cfg.intermediate_size, h])?,
+                    up: t.matrix(&l(Part::Up), &[cfg.intermediate_size, h])?,
+                    down: t.matrix(&l(Part::Down), &[h, cfg.intermediate_size])?,
                 }),
                 true => {
                     let (ne, f) = (cfg.num_experts, cfg.intermediate_size);
-                    let shape = |p: Part| if matches!(p, Part::Down) { vec![h, f] } else { vec![f, h] };
+                    let shape = |p: Part| if matches!(p, Part::Down) { [h, f] } else { [f, h] };
                     match &n.moe {
                         MoeNaming::PerExpert { router, expert } => {
-                            let router = mat(src, u, router(i), vec![ne, h])?;
+                            let router = t.matrix(&router(i), &[ne, h])?;
                             let mut experts = Vec::with_capacity(ne);
                             for e in 0..ne {
                                 experts.push(SwiGlu {
-                                    gate: mat(src, u, expert(i, e, Part::Gate), shape(Part::Gate))?,
-                                    up: mat(src, u, expert(i, e, Part::Up), shape(Part::Up))?,
-                                    down: mat(src, u, expert(i, e, Part::Down), shape(Part::Down))?,
+                                    gate: t.matrix(&expert(i, e, Part::Gate), &shape(Part::Gate))?,
+                                    up: t.matrix(&expert(i, e, Part::Up), &shape(Part::Up))?,
+                                    down: t.matrix(&expert(i, e, Part::Down), &shape(Part::Down))?,
                                 });
                             }
                             Ffn::Moe(MoeWeights { router, experts })
                         }
                         MoeNaming::Merged { router, merged } => {
-                            let router = mat(src, u, router(i), vec![ne, h])?;
-                            let mut parts = vec![];
-                            for p in [Part::Gate, Part::Up, Part::Down] {
-                                let name = merged(i, p);
-                                check_shape(src, u, &name, &[vec![ne], shape(p)].concat())?;
-                                merged_types.push(src.stored_type(&name));
-                                parts.push(src.load_experts(&name, ne, dtype, mode)?);
-                            }
-                            let (down, up, gate) = (parts.pop(), parts.pop(), parts.pop());
+                            let router = t.matrix(&router(i), &[ne, h])?;
+                            let gate = t.experts(&merged(i, Part::Gate), ne, &shape(Part::Gate))?;
+                            let up = t.experts(&merged(i, Part::Up), ne, &shape(Part::Up))?;
+                            let down = t.experts(&merged(i, Part::Down), ne, &shape(Part::Down))?;
                             let experts = gate
                                 .into_iter()
-                                .flatten()
-                                .zip(up.into_iter().flatten())
-                                .zip(down.into_iter().flatten())
+                                .zip(up)
+                                .zip(down)
                                 .map(|((gate, up), down)| SwiGlu { gate, up, down })
                                 .collect();
                             Ffn::Moe(MoeWeights { router, experts })
@@ -851,38 +739,29 @@ fn build(src: &mut dyn TensorSource, n: &Naming, cfg: &Config, dtype: DType, mod
             },
         });
     }
-    let norm = take(src, u, n.norm.into(), vec![h])?;
+    let norm = t.tensor(n.norm, &[h])?;
     let lm_head = if cfg.tie_word_embeddings {
         // A checkpoint may still carry a copy of the tied head; it is checked, then unused.
-        if src.shape(n.lm_head).is_some() {
-            take(src, u, n.lm_head.into(), vec![cfg.vocab_size, h])?;
+        if t.has(n.lm_head) {
+            t.check(n.lm_head, &[cfg.vocab_size, h])?;
         }
-        match mode {
+        match t.mode() {
             WeightsMode::Dequant => Linear::Dense(embed.clone()),
             // The tied head multiplies with the embedding in its stored format, as llama.cpp does.
-            WeightsMode::Quantized => mat(src, u, n.embed.into(), vec![cfg.vocab_size, h])?,
+            WeightsMode::Quantized => t.matrix(n.embed, &[cfg.vocab_size, h])?,
         }
     } else {
-        mat(src, u, n.lm_head.into(), vec![cfg.vocab_size, h])?
+        t.matrix(n.lm_head, &[cfg.vocab_size, h])?
     };
-    for t in merged_types {
-        *stored_types.entry(t).or_insert(0usize) += 1;
-    }
-    let mut extra: Vec<String> = src
-        .names()
-        .into_iter()
-        .filter(|x| !used.contains(x) && !(n.ignorable)(x))
-        .collect();
-    extra.sort();
-    if let Some(first) = extra.first() {
-        return Err(EngineError::UnexpectedTensor {
-            path: src.path().into(),
-            tensor: first.clone(),
-            count: extra.len(),
-            arch: arch.name.into(),
-        });
-    }
+    let stored_types = t.finish(arch.name, n.ignorable)?;
     Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })
+}
+
+/// [`llama_weights`] from tensors already read, by Hugging Face names (the fuzz target's
+/// entry point: `dir` names them in messages).
+pub fn hf_weights_from_tensors(dir: &Path, tensors: HashMap<String, Tensor>, cfg: &Config, dtype: DType, arch: &Arch) -> Result<LlamaWeights> {
+    let t = TensorTable::new(Safetensors::from_tensors(dir, tensors), dtype, WeightsMode::Dequant);
+    llama_weights(t, Format::Hf, cfg, arch)
 }
 
 /// The config keys of one checkpoint format, for messages.
@@ -983,68 +862,12 @@ fn check_sizes(cfg: &Config, path: &Path, names: &mut dyn Iterator<Item = &str>,
     Ok(())
 }
 
-/// The tensor shapes of a Hugging Face directory's `*.safetensors` files, read from their
-/// headers alone (each header's length checked against its file before it is read).
-pub fn safetensors_shapes(dir: &Path) -> Result<HashMap<String, Vec<usize>>> {
-    use std::io::Read;
-    let mut out = HashMap::new();
-    for f in safetensors_files(dir)? {
-        let bad = |m: String| EngineError::io(&f, format!("cannot read safetensors: {m}"));
-        let mut file = File::open(&f).map_err(|e| EngineError::io(&f, e))?;
-        let len = file.metadata().map_err(|e| EngineError::io(&f, e))?.len();
-        let mut n = [0u8; 8];
-        file.read_exact(&mut n).map_err(|e| bad(format!("no header ({e})")))?;
-        let n = u64::from_le_bytes(n);
-        if n > len - 8 {
-            return Err(bad(format!("the header says it is {n} bytes long, the file has {len}")));
-        }
-        let mut h = vec![0u8; n as usize];
-        file.read_exact(&mut h).map_err(|e| bad(e.to_string()))?;
-        let j: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&h).map_err(|e| bad(format!("header: {e}")))?;
-        for (name, v) in j {
-            if name == "__metadata__" {
-                continue;
-            }
-            let dims = v
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<usize>>>())
-                .ok_or_else(|| bad(format!("header: tensor {name:?} has no valid shape")))?;
-            out.insert(name, dims);
-        }
-    }
-    Ok(out)
-}
-
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// [`check_sizes`] for a Hugging Face directory: the config at `cfg_path` against the
-/// headers of the directory's safetensors files (skipped when it has none: such a directory
-/// is refused where its weights are loaded).
-impl crate::config::HfConfig {
-    /// Resolves a `config.json` into the checked [`Config`] of a model this engine runs: the
-    /// family checks ([`HfConfig::resolve_family`](crate::config::HfConfig::resolve_family)),
-    /// then the sizes against the safetensors headers next to the config, before anything is
-    /// allocated from them (a corrupt num_hidden_layers of 1e12 stops here), then
-    /// [`Config::validate`]. It lives here, beside the headers it reads, so that `config` does
-    /// not import `weights` (the arrow points one way).
-    pub fn resolve(&self, path: &Path) -> Result<Config> {
-        let cfg = self.resolve_family(path)?;
-        check_hf_sizes(&cfg, path)?;
-        cfg.validate(path)?;
-        Ok(cfg)
-    }
-}
-
-fn check_hf_sizes(cfg: &Config, cfg_path: &Path) -> Result<()> {
+/// [`check_sizes`] for a Hugging Face directory: the config of `cfg_path` (resolved by its
+/// family) against the headers of the directory's safetensors files, before anything is
+/// allocated from it (a corrupt num_hidden_layers of 1e12 stops here). Skipped when the
+/// directory has no safetensors file: such a directory is refused where its weights are
+/// loaded.
+pub fn check_hf_sizes(cfg: &Config, cfg_path: &Path) -> Result<()> {
     let dir = match cfg_path.parent() {
         Some(d) if d.as_os_str().is_empty() => Path::new("."),
         Some(d) => d,

@@ -91,7 +91,7 @@ fn tiny_config() -> &'static Config {
     static CFG: OnceLock<Config> = OnceLock::new();
     CFG.get_or_init(|| {
         let text = include_str!("../../snapshots/models/tiny-llama/config.json");
-        HfConfig::parse(text, Path::new("config.json")).unwrap().resolve(Path::new("config.json")).unwrap()
+        models::resolve_hf(&HfConfig::parse(text, Path::new("config.json")).unwrap(), Path::new("config.json")).unwrap()
     })
 }
 
@@ -99,7 +99,7 @@ fn tiny_config() -> &'static Config {
 /// adapters, then checked and converted as the weights of the tiny Llama.
 pub fn safetensors(data: &[u8]) {
     let path = Path::new("model.safetensors");
-    let Ok(tensors) = weights::safetensors_from_bytes(path, data) else { return };
+    let Ok(tensors) = lockstep_engine::tensors::safetensors_from_bytes(path, data) else { return };
     let _ = weights::hf_weights_from_tensors(Path::new("fuzz"), tensors, tiny_config(), DType::F32, &Arch::LLAMA);
 }
 
@@ -108,7 +108,7 @@ pub fn hf_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let path = Path::new("config.json");
     if let Ok(hf) = HfConfig::parse(text, path) {
-        if let Ok(cfg) = hf.resolve(path) {
+        if let Ok(cfg) = models::resolve_hf(&hf, path) {
             let _ = models::for_model_type(hf.model_type.as_deref(), path);
             let _ = cfg.n_rep();
         }

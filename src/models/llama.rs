@@ -28,6 +28,10 @@ use crate::taps::{tap, Capture};
 use super::{Checkpoint, FamilyModel};
 use crate::options::LoadOptions;
 use crate::weights::{self, Ffn, LayerWeights, LlamaWeights};
+use crate::config::HfConfig;
+use crate::quant::WeightsMode;
+use crate::tensors::{Safetensors, TensorTable};
+use std::path::Path;
 
 pub struct Llama {
     pub cfg: Config,
@@ -342,26 +346,67 @@ fn with_bias(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// The family's registration.
-pub const FAMILY: Family = Family { name: "llama", model_types: &["llama"], gguf_archs: &["llama"], layer_sites: LAYER_SITES, load };
+pub const FAMILY: Family = Family {
+    name: "llama",
+    model_types: &["llama"],
+    gguf_archs: &["llama"],
+    layer_sites: LAYER_SITES,
+    hf_config: |hf, path| llama_config(hf, path, false, (0, 0)),
+    load,
+};
+
+/// The hyper-parameters of a Llama-architecture `config.json` (Llama, and the families built
+/// on it, which say whether the q/k/v projections carry biases and how many experts a layer
+/// has): what this decoder computes is checked here (SiLU, no MLP bias, unscaled RoPE), not
+/// yet against the weights ([`crate::models::resolve_hf`] does that).
+pub(crate) fn llama_config(hf: &HfConfig, path: &Path, qkv_bias: bool, (experts, per_tok): (usize, usize)) -> Result<Config> {
+    let unsupported = |message: String| Err(EngineError::Unsupported { path: path.to_path_buf(), message });
+    if (hf.attention_bias && !qkv_bias) || hf.mlp_bias {
+        return unsupported("attention_bias/mlp_bias = true is not supported".into());
+    }
+    if let Some(act) = &hf.hidden_act {
+        if act != "silu" {
+            return unsupported(format!("hidden_act `{act}` is not supported (only silu)"));
+        }
+    }
+    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return unsupported("rope_scaling is not supported yet".into());
+    }
+    if let Some(t) = hf.rope_parameters.as_ref().and_then(|r| r.rope_type.as_ref()) {
+        if t != "default" {
+            return unsupported(format!("rope_type `{t}` is not supported (only default)"));
+        }
+    }
+    hf.shape(path, qkv_bias || hf.attention_bias, experts, per_tok)
+}
 
 /// Loads the weights (Hugging Face names or GGUF names, every shape checked), sets the
 /// faults and attaches the adapter. GGUF Q/K rows stay in their interleaved-RoPE order
 /// (`crate::layout`); Hugging Face rows are half-split.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    let (cfg, weights, layout) = match ckpt {
+    let (cfg, weights, layout) = load_weights(ckpt, opts, &FAMILY, &weights::Arch::LLAMA)?;
+    finish(Llama::new(cfg, weights, layout, opts.dtype), layout, opts)
+}
+
+/// The config and weights of a Llama-architecture checkpoint of `family` (its `hf_config`
+/// resolves a `config.json`), faults that act on the weights set; the Q/K row layout of the
+/// format (Hugging Face half-split, GGUF interleaved as llama.cpp's converter permutes Llama's
+/// rows: a family whose GGUF rows stay half-split, Qwen2's, says so itself).
+pub(crate) fn load_weights(ckpt: Checkpoint<'_>, opts: &LoadOptions, family: &Family, arch: &weights::Arch) -> Result<(Config, LlamaWeights, QkLayout)> {
+    match ckpt {
         Checkpoint::Hf { dir, config } => {
-            let cfg = config.resolve(&dir.join("config.json"))?;
-            let w = weights::load_hf(dir, &opts.faults.weights_config(&cfg), opts.dtype)?;
-            (cfg, w, QkLayout::HalfSplit)
+            let cfg = super::checked_hf((family.hf_config)(config, &dir.join("config.json"))?, &dir.join("config.json"))?;
+            let t = TensorTable::new(Safetensors::open(dir)?, opts.dtype, WeightsMode::Dequant);
+            let w = weights::llama_weights(t, weights::Format::Hf, &opts.faults.weights_config(&cfg), arch)?;
+            Ok((cfg, w, QkLayout::HalfSplit))
         }
         Checkpoint::Gguf { file, mode } => {
             file.drop_q41_min = opts.faults.has(Fault::Q41Min);
             let cfg = file.config()?;
-            let w = weights::load_gguf(file, &opts.faults.weights_config(&cfg), opts.dtype, mode)?;
-            (cfg, w, QkLayout::Interleaved)
+            let w = weights::llama_weights(TensorTable::new(file, opts.dtype, mode), weights::Format::Gguf, &opts.faults.weights_config(&cfg), arch)?;
+            Ok((cfg, w, QkLayout::Interleaved))
         }
-    };
-    finish(Llama::new(cfg, weights, layout, opts.dtype), layout, opts)
+    }
 }
 
 /// The last step of loading a model of the shared decoder (Llama, and the families built on
@@ -370,7 +415,7 @@ pub(crate) fn finish(mut model: Llama, layout: QkLayout, opts: &LoadOptions) -> 
     model.faults = opts.faults.clone();
     let lora = match (opts.adapter(&model.cfg)?, &opts.lora) {
         (Some(adapter), Some(l)) => {
-            adapter.attach(&mut model.weights.layers, &model.cfg, layout, opts.dtype, l.mode, &opts.faults)?;
+            adapter.attach(&mut model.weights, &model.cfg, layout, opts.dtype, l.mode, &opts.faults)?;
             Some((adapter, l.mode))
         }
         _ => None,

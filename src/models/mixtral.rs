@@ -24,14 +24,15 @@
 //! ([`QkLayout::Interleaved`]). Quantized expert tensors stay quantized in that mode, split
 //! per expert (the engine's block kernels).
 
-use super::llama::{Llama, LAYER_SITES as LLAMA_LAYER_SITES};
+use std::path::Path;
+
+use super::llama::{finish, llama_config, load_weights, Llama, LAYER_SITES as LLAMA_LAYER_SITES};
 use super::{Checkpoint, Family, FamilyModel};
+use crate::config::{Config, HfConfig};
 use crate::error::{EngineError, Result};
-use crate::faults::Fault;
-use crate::layout::QkLayout;
 use crate::options::LoadOptions;
 use crate::sites::{LayerSite, SiteKind, INPUT};
-use crate::weights::{self, Arch};
+use crate::weights::Arch;
 
 // The mixture itself is a shared block (crate::moe): any family with experts runs it.
 pub use crate::moe::{route, sparse_moe, Route};
@@ -41,7 +42,7 @@ const ARCH: Arch = Arch { name: "mixtral", qkv_bias: false };
 
 /// The family's registration. Its GGUF files say `general.architecture = llama`: they are
 /// told from Llama by their expert count ([`crate::models::for_gguf`]).
-pub const FAMILY: Family = Family { name: "mixtral", model_types: &["mixtral"], gguf_archs: &[], layer_sites: LAYER_SITES, load };
+pub const FAMILY: Family = Family { name: "mixtral", model_types: &["mixtral"], gguf_archs: &[], layer_sites: LAYER_SITES, hf_config, load };
 
 /// Per-layer sites: Llama's attention, then the mixture (router, expert weights, their sum).
 pub const LAYER_SITES: &[LayerSite] = &[
@@ -62,31 +63,41 @@ pub const LAYER_SITES: &[LayerSite] = &[
     LayerSite::new("out", SiteKind::Residual, &["mlp_out", "attn_out", INPUT]),
 ];
 
+/// Mixtral's `config.json`: the Llama architecture's checks, the experts
+/// (`num_local_experts`, `num_experts_per_tok`, both required), and its sliding window
+/// refused while set.
+fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
+    if hf.key::<serde_json::Value>("sliding_window", path)?.is_some() {
+        return Err(EngineError::Unsupported {
+            path: path.into(),
+            message: "sliding_window (Mixtral's windowed attention) is not supported: set it to null".into(),
+        });
+    }
+    let experts = match (hf.key::<usize>("num_local_experts", path)?, hf.key::<usize>("num_experts_per_tok", path)?) {
+        (Some(e), Some(k)) => (e, k),
+        _ => {
+            return Err(EngineError::Config {
+                path: path.into(),
+                message: "model_type mixtral needs num_local_experts and num_experts_per_tok".into(),
+            })
+        }
+    };
+    llama_config(hf, path, false, experts)
+}
+
 /// Loads the weights (router and experts included, every shape checked), sets the faults and
 /// attaches the adapter.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    let (cfg, weights, layout) = match ckpt {
-        Checkpoint::Hf { dir, config } => {
+    match &ckpt {
+        Checkpoint::Hf { dir, config } if config.model_type.as_deref() != Some("mixtral") => {
             let path = dir.join("config.json");
-            if config.model_type.as_deref() != Some("mixtral") {
-                return Err(EngineError::Unsupported { path, message: "the mixtral family needs model_type mixtral".into() });
-            }
-            let cfg = config.resolve(&path)?;
-            let w = weights::load_hf_family(dir, &opts.faults.weights_config(&cfg), opts.dtype, &ARCH)?;
-            (cfg, w, QkLayout::HalfSplit)
+            return Err(EngineError::Unsupported { path, message: "the mixtral family needs model_type mixtral".into() });
         }
-        Checkpoint::Gguf { file, mode } => {
-            file.drop_q41_min = opts.faults.has(Fault::Q41Min);
-            let cfg = file.config()?;
-            if cfg.num_experts == 0 {
-                return Err(EngineError::Unsupported {
-                    path: file.path.clone(),
-                    message: "the mixtral family needs {arch}.expert_count > 0".into(),
-                });
-            }
-            let w = weights::load_gguf_family(file, &opts.faults.weights_config(&cfg), opts.dtype, mode, &ARCH)?;
-            (cfg, w, QkLayout::Interleaved)
+        Checkpoint::Gguf { file, .. } if file.config()?.num_experts == 0 => {
+            return Err(EngineError::Unsupported { path: file.path.clone(), message: "the mixtral family needs {arch}.expert_count > 0".into() });
         }
-    };
-    super::llama::finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
+        _ => {}
+    }
+    let (cfg, weights, layout) = load_weights(ckpt, opts, &FAMILY, &ARCH)?;
+    finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
 }

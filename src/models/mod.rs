@@ -2,12 +2,15 @@
 //! and the registry that picks a family from a checkpoint's `model_type` (Hugging Face
 //! `config.json`) or `general.architecture` (GGUF).
 //!
-//! Adding a family: a new file here with its weights, forward pass and per-layer site table,
-//! and one [`Family`] entry in [`FAMILIES`].
+//! Adding a family: a new file here with its config function (its own `config.json` keys and
+//! checks), its weights (taken from a [`crate::tensors::TensorTable`] by the checkpoint's
+//! names), its forward pass (from [`crate::blocks`]), its per-layer plan and site table, a
+//! [`crate::lora::LoraTarget`] impl if adapters attach to it, and one [`Family`] entry in
+//! [`FAMILIES`] (which also lists the GGUF architectures it runs). No shared file changes.
 
 use std::path::Path;
 
-use crate::config::HfConfig;
+use crate::config::{Config, HfConfig};
 use crate::error::{EngineError, Result};
 use crate::decoder::Decoder;
 use crate::lora::{LoraAdapter, LoraMode};
@@ -43,6 +46,10 @@ pub struct Family {
     pub gguf_archs: &'static [&'static str],
     /// The per-layer sites, in forward order, with their dataflow.
     pub layer_sites: &'static [LayerSite],
+    /// Resolves a `config.json` of this family: its own keys (read with [`HfConfig::key`]) and
+    /// the checks of what its forward pass computes, not yet against the weights
+    /// ([`resolve_hf`] adds that).
+    pub hf_config: fn(&HfConfig, &Path) -> Result<Config>,
     /// Builds the decoder from a checkpoint (faults set, the adapter of `opts.lora` attached).
     pub load: fn(Checkpoint<'_>, &LoadOptions) -> Result<FamilyModel>,
 }
@@ -101,6 +108,22 @@ pub fn for_gguf_arch(arch: &str, path: &Path) -> Result<&'static Family> {
     })
 }
 
+/// Resolves a `config.json` (at `path`) into the checked [`Config`] of a model this engine
+/// runs: its family's config function, then [`checked_hf`].
+pub fn resolve_hf(hf: &HfConfig, path: &Path) -> Result<Config> {
+    let family = for_model_type(hf.model_type.as_deref(), path)?;
+    checked_hf((family.hf_config)(hf, path)?, path)
+}
+
+/// A family's resolved config of the `config.json` at `path`, checked against the safetensors
+/// headers beside it before anything is allocated from it (a corrupt num_hidden_layers of
+/// 1e12 stops here), then [`Config::validate`]d.
+pub fn checked_hf(cfg: Config, path: &Path) -> Result<Config> {
+    crate::weights::check_hf_sizes(&cfg, path)?;
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
 /// The family of the model at `path` and its number of layers, read from its config alone.
 pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
     if path.is_dir() {
@@ -109,12 +132,11 @@ pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
         let family = for_model_type(hf.model_type.as_deref(), &cfg_path)?;
         // Resolved, so that the layer count is checked against the weights before a site
         // graph is built from it.
-        return Ok((family, hf.resolve(&cfg_path)?.num_layers));
+        return Ok((family, resolve_hf(&hf, &cfg_path)?.num_layers));
     }
     let g = GgufFile::open(path)?;
-    let cfg = g.config()?;
     let family = for_gguf(&g)?;
-    Ok((family, cfg.num_layers))
+    Ok((family, g.config()?.num_layers))
 }
 
 /// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
@@ -160,7 +182,7 @@ pub fn describe_at(path: &Path) -> Result<ModelDescription> {
         let hf = HfConfig::from_file(&cfg_path)?;
         let model_type = hf.model_type.clone().unwrap_or_else(|| "llama".into());
         let family = for_model_type(hf.model_type.as_deref(), &cfg_path).ok();
-        let config = match family.map(|_| hf.resolve(&cfg_path)) {
+        let config = match family.map(|_| resolve_hf(&hf, &cfg_path)) {
             Some(Ok(c)) => c,
             // What the bundled engine does not run is still a model; a corrupt config is not.
             None | Some(Err(EngineError::Unsupported { .. })) => hf.resolve_shape(&cfg_path)?,

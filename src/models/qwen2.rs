@@ -14,45 +14,46 @@
 //! Checkpoints: Hugging Face `model_type: qwen2` (`self_attn.{q,k,v}_proj.bias`) and GGUF
 //! `general.architecture = qwen2` (`qwen2.*` metadata, `blk.N.attn_{q,k,v}.bias`).
 
-use super::llama::{Llama, LAYER_SITES as LLAMA_LAYER_SITES};
+use std::path::Path;
+
+use super::llama::{finish, llama_config, load_weights, Llama, LAYER_SITES as LLAMA_LAYER_SITES};
 use super::{Checkpoint, Family, FamilyModel};
+use crate::config::{Config, HfConfig};
 use crate::error::{EngineError, Result};
-use crate::faults::Fault;
 use crate::layout::QkLayout;
 use crate::options::LoadOptions;
 use crate::sites::LayerSite;
-use crate::weights::{self, Arch};
+use crate::weights::Arch;
 
 /// What Qwen2 checkpoints hold beyond the Llama tensors.
 const ARCH: Arch = Arch { name: "qwen2", qkv_bias: true };
 
 /// The family's registration.
-pub const FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], gguf_archs: &["qwen2"], layer_sites: LAYER_SITES, load };
+pub const FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], gguf_archs: &["qwen2"], layer_sites: LAYER_SITES, hf_config, load };
 
 /// Per-layer sites: Llama's, in the same order and with the same dataflow (the bias is part
 /// of the projection sites `q`, `k`, `v`).
 pub const LAYER_SITES: &[LayerSite] = LLAMA_LAYER_SITES;
 
+/// Qwen2's `config.json`: the Llama architecture's checks, q/k/v biases implied by the model
+/// type (its configs usually omit `attention_bias`), and its sliding window refused while on.
+fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
+    if hf.key::<bool>("use_sliding_window", path)? == Some(true) {
+        return Err(EngineError::Unsupported { path: path.into(), message: "use_sliding_window = true is not supported".into() });
+    }
+    llama_config(hf, path, true, (0, 0))
+}
+
 /// Loads the weights (biases included, every shape checked), sets the faults and attaches the
 /// adapter. Q/K rows are half-split in both formats.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    let (cfg, weights) = match ckpt {
-        Checkpoint::Hf { dir, config } => {
+    if let Checkpoint::Hf { dir, config } = &ckpt {
+        if config.model_type.as_deref() != Some("qwen2") {
             let path = dir.join("config.json");
-            if config.model_type.as_deref() != Some("qwen2") {
-                return Err(EngineError::Unsupported { path, message: "the qwen2 family needs model_type qwen2".into() });
-            }
-            let cfg = config.resolve(&path)?;
-            let w = weights::load_hf_family(dir, &opts.faults.weights_config(&cfg), opts.dtype, &ARCH)?;
-            (cfg, w)
+            return Err(EngineError::Unsupported { path, message: "the qwen2 family needs model_type qwen2".into() });
         }
-        Checkpoint::Gguf { file, mode } => {
-            file.drop_q41_min = opts.faults.has(Fault::Q41Min);
-            let cfg = file.config()?;
-            let w = weights::load_gguf_family(file, &opts.faults.weights_config(&cfg), opts.dtype, mode, &ARCH)?;
-            (cfg, w)
-        }
-    };
+    }
+    let (cfg, weights, _) = load_weights(ckpt, opts, &FAMILY, &ARCH)?;
     let layout = QkLayout::HalfSplit;
-    crate::models::llama::finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
+    finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
 }
