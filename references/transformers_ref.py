@@ -108,8 +108,10 @@ class TransformersReference(HfSideMixin):
         torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
         p = Path(model)
         kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+        self.load_notes: list[str] = []
         if p.is_file():
             src, extra = str(p.parent), dict(gguf_file=p.name)
+            kwargs["config"] = self._gguf_config(p)
         else:
             src, extra = str(p), {}
         self.tok = AutoTokenizer.from_pretrained(src, **extra)
@@ -129,6 +131,27 @@ class TransformersReference(HfSideMixin):
         self._out: dict[str, torch.Tensor] = {}
         self._install_hooks(protocol.requested_sites(sites, self.num_layers, "the transformers reference"))
         self.reset()
+
+    def _gguf_config(self, p: Path):
+        """The model config transformers' GGUF loader reads from the file, with the head width
+        the file states where that loader leaves its config class's default: transformers 5's
+        mapping for ``qwen3`` does not read ``qwen3.attention.key_length`` (its qwen3_moe,
+        gemma2/3 mappings do), so a Qwen3 GGUF whose heads are not 128 wide would load as
+        another model (every attention matrix re-initialised)."""
+        import gguf
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        reader = gguf.GGUFReader(str(p))
+        arch_field = reader.fields.get("general.architecture")
+        arch = bytes(arch_field.parts[-1]).decode() if arch_field else ""
+        key = reader.fields.get(f"{arch}.attention.key_length")
+        if key is not None and hasattr(cfg, "head_dim"):
+            width = int(key.parts[-1][0])
+            if cfg.head_dim != width:
+                self.load_notes.append(f"transformers' GGUF loader does not read {arch}.attention.key_length: "
+                                       f"head_dim set to the file's {width} (the loader left {cfg.head_dim})")
+                cfg.head_dim = width
+        return cfg
 
     def _attach_lora(self, path: str, torch_dtype):
         from peft import PeftModel
@@ -264,7 +287,7 @@ class TransformersReference(HfSideMixin):
             "num_layers": self.num_layers,
             "sites": list(self.sites),
             "threads": torch.get_num_threads(),
-            "notes": [f"LoRA adapter {self.lora_path}: {self.lora_how}, unmerged"] if self.lora_path else [],
+            "notes": self.load_notes + ([f"LoRA adapter {self.lora_path}: {self.lora_how}, unmerged"] if self.lora_path else []),
         }
 
     def reset(self) -> None:

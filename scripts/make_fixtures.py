@@ -40,10 +40,11 @@ What it makes (under snapshots/models/):
                          transformers', which also proves the GGUF's expert and Q/K layout)
   tiny-qwen3/            a tiny Qwen3 (Qwen3ForCausalLM): TINY's dimensions with 3 layers, RMSNorm
                          over each head of q and k (q_norm / k_norm), RoPE base 1e6, no biases, an
-                         untied head, tiny-qwen2's tokenizer setup. No GGUF: a model the bundled
-                         engine does not run, for engines under test that bring their own
-                         (examples/python/hf_engine.py). `--qwen3-only` writes and checks it
-                         (transformers, and mlx-lm's qwen3 with the same logits)
+  tiny-qwen3.gguf         untied head, tiny-qwen2's tokenizer setup, and its F32 GGUF (llama.cpp's
+                         `qwen3` architecture): a model the bundled engine does not run, for
+                         engines under test that bring their own (examples/python/hf_engine.py).
+                         `--qwen3-only` writes and checks it (transformers, mlx-lm's qwen3 and
+                         llama.cpp's qwen3 on the GGUF with the same logits)
   tiny-spm/              a tiny Llama (hidden 32, 2 layers, head_dim 8) whose tokenizer is SentencePiece,
   tiny-spm.gguf          Llama 2 / TinyLlama style: a 512-piece BPE model trained here by the
                          sentencepiece package (byte fallback, <unk> <s> </s> = 0 1 2, add-BOS, a
@@ -210,6 +211,7 @@ QWEN2_CHAT_TEMPLATE = (
 QWEN3 = ModelSpec("tiny-qwen3", hidden_size=64, intermediate_size=160, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=16, weight_seed=19, arch="qwen3")
 QWEN3_DIR = OUT_DIR / "tiny-qwen3"
+QWEN3_GGUF = OUT_DIR / "tiny-qwen3.gguf"
 # Its config.json's keys, in the order the committed file has them.
 QWEN3_KEY_ORDER = ["architectures", "model_type", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id",
                    "head_dim", "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
@@ -624,6 +626,14 @@ def gguf_tensors(spec: ModelSpec, weights: dict[str, np.ndarray]) -> list[tuple[
                     out += mixtral_gguf_experts(spec, weights, i)
                 continue
             w = weights[f"model.layers.{i}.{hf}"]
+            if spec.arch == "qwen3":
+                # Qwen3Model (a Qwen2Model): rows unpermuted, and the per-head q/k norms after k.
+                out.append((f"blk.{i}.{gg}", np.ascontiguousarray(w, dtype=np.float32)))
+                if gg == "attn_k.weight":
+                    for n in ("q", "k"):
+                        norm = weights[f"model.layers.{i}.self_attn.{n}_norm.weight"]
+                        out.append((f"blk.{i}.attn_{n}_norm.weight", np.ascontiguousarray(norm, dtype=np.float32)))
+                continue
             if spec.arch == "qwen2":
                 out.append((f"blk.{i}.{gg}", np.ascontiguousarray(w, dtype=np.float32)))
                 bias = weights.get(f"model.layers.{i}.{hf[:-len('weight')]}bias")
@@ -705,8 +715,12 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     w.add_rope_dimension_count(spec.head_dim)
     w.add_head_count(spec.num_heads)
     w.add_head_count_kv(spec.num_kv_heads)
-    w.add_rope_freq_base({"qwen2": QWEN2_ROPE_THETA, "mixtral": MIXTRAL_ROPE_THETA}.get(spec.arch, ROPE_THETA))
-    w.add_layer_norm_rms_eps(QWEN2_RMS_NORM_EPS if spec.arch == "qwen2" else RMS_NORM_EPS)
+    if spec.arch == "qwen3":
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    qwen = spec.arch in ("qwen2", "qwen3")
+    w.add_rope_freq_base(QWEN2_ROPE_THETA if qwen else MIXTRAL_ROPE_THETA if spec.arch == "mixtral" else ROPE_THETA)
+    w.add_layer_norm_rms_eps(QWEN2_RMS_NORM_EPS if qwen else RMS_NORM_EPS)
     if spec.arch == "mixtral":
         w.add_expert_count(spec.num_experts)
         w.add_expert_used_count(spec.top_k)
@@ -719,11 +733,11 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     w.add_token_list(tokens)
     w.add_token_types(token_types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(vocab[PAD_TOKEN] if spec.arch == "qwen2" else vocab[BOS_TOKEN])
+    w.add_bos_token_id(vocab[PAD_TOKEN] if qwen else vocab[BOS_TOKEN])
     w.add_eos_token_id(vocab[EOS_TOKEN])
     w.add_pad_token_id(vocab[PAD_TOKEN])
     w.add_add_bos_token(False)
-    w.add_chat_template(QWEN2_CHAT_TEMPLATE if spec.arch == "qwen2" else CHAT_TEMPLATE)
+    w.add_chat_template(QWEN2_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if quantized:
         w.add_file_type(file_type)  # where llama-quantize puts it
@@ -1180,8 +1194,10 @@ def self_check_qwen2() -> bool:
 
 
 def write_qwen3(tok) -> list[Path]:
-    """The tiny Qwen3: its HF directory (no GGUF: the point is a model the engine cannot load)."""
-    return write_hf_dir(tok, make_weights(QWEN3, tok.get_vocab_size()), QWEN3, QWEN3_DIR)
+    """The tiny Qwen3: its HF directory and its F32 GGUF, as convert_hf_to_gguf.py writes them
+    (a model the bundled engine does not run, in both formats)."""
+    weights = make_weights(QWEN3, tok.get_vocab_size())
+    return write_hf_dir(tok, weights, QWEN3, QWEN3_DIR) + [write_gguf(QWEN3_GGUF, QWEN3, tok, weights)]
 
 
 def self_check_qwen3() -> bool:
@@ -1231,6 +1247,33 @@ def self_check_qwen3() -> bool:
             fail(f"{QWEN3.name}: mlx-lm and transformers logits differ by {diff}")
     except ImportError as e:
         print(f"{QWEN3.name}: mlx-lm not checked ({e})")
+    # llama.cpp's qwen3 graph on the GGUF (an f32 KV cache), and transformers' GGUF loader: the
+    # same logits as the HF directory, which proves the GGUF's names, norms and row order.
+    llama_cpp = import_llama_cpp()
+    seq = ids + gen
+    llm = llama_cpp.Llama(model_path=str(QWEN3_GGUF), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                          type_k=0, type_v=0, verbose=False)
+    llm.eval(seq)
+    lc = np.array(llm.scores[: len(seq)], dtype=np.float32)
+    llm.close()
+    diff = float(np.abs(lc - lh.numpy()).max())
+    print(f"{QWEN3.name}: llama.cpp(gguf F32) logits vs transformers(hf): max |diff| = {diff:.3e}")
+    if not diff < MIXTRAL_LLAMACPP_DIFF:
+        fail(f"{QWEN3.name}: llama.cpp and transformers logits differ by {diff}")
+    # transformers' qwen3 GGUF mapping does not read qwen3.attention.key_length (its
+    # Qwen3Config default head_dim is 128): the head width is given, as the transformers
+    # reference gives it (references/transformers_ref.py, _gguf_config).
+    from transformers import AutoConfig
+    gcfg = AutoConfig.from_pretrained(str(OUT_DIR), gguf_file=QWEN3_GGUF.name)
+    gcfg.head_dim = QWEN3.head_dim
+    mg = AutoModelForCausalLM.from_pretrained(str(OUT_DIR), gguf_file=QWEN3_GGUF.name, config=gcfg,
+                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        lg = mg(torch.tensor([seq])).logits[0]
+    gdiff = float((lg - lh).abs().max())
+    print(f"{QWEN3.name}: transformers(gguf) vs transformers(hf): max |diff| = {gdiff:.3e}")
+    if not gdiff < MAX_LOGITS_DIFF:
+        fail(f"{QWEN3.name}: transformers reads the GGUF as another model ({gdiff})")
     distinct = len(set(gen))
     print(f"{QWEN3.name}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
     print(f"  distinct tokens: {distinct}; margins min {min(margins):.4f}, median {float(np.median(margins)):.4f}")

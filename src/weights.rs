@@ -373,17 +373,63 @@ impl GgufFile {
     /// engine under test other than the bundled one runs (Gemma 3, Phi-3, ...). Checked by
     /// [`Config::validate`] only.
     pub fn shape_config(&self) -> Result<Config> {
+        self.read_config(false)
+    }
+
+    /// Resolves hyper-parameters from the architecture's metadata (`{arch}.*`: `llama.*`,
+    /// `qwen2.*`, ...), checked against the tensor table and the vocabulary, with what the
+    /// engine's decoder needs (full-width, unscaled RoPE; the feed-forward width and the norm
+    /// epsilon given). Which architectures the engine runs is the registry's to say
+    /// ([`crate::models::for_gguf`]), not this reader's.
+    pub fn config(&self) -> Result<Config> {
+        self.read_config(true)
+    }
+
+    /// [`GgufFile::config`] (`strict`) or [`GgufFile::shape_config`].
+    fn read_config(&self, strict: bool) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;
         let k = |key: &str| format!("{arch}.{key}");
+        let bad = |message: String| EngineError::Config { path: self.path.clone(), message };
         let opt_u32 = |k: &str| -> Result<Option<u32>> {
             if self.has(k) { self.md_u32(k).map(Some) } else { Ok(None) }
         };
         let hidden = self.md_u32(&k("embedding_length"))? as usize;
         let heads = self.md_u32(&k("attention.head_count"))? as usize;
+        if heads == 0 {
+            return Err(bad(format!("{} 0: head_count 0, a model needs at least one attention head", k("attention.head_count"))));
+        }
+        let kv_heads = opt_u32(&k("attention.head_count_kv"))?.map_or(heads, |v| v as usize);
+        if kv_heads == 0 {
+            return Err(bad(format!("{} 0: a model needs at least one key/value head", k("attention.head_count_kv"))));
+        }
         let head_dim = match opt_u32(&k("attention.key_length"))? {
             Some(d) => d as usize,
-            None => hidden / heads.max(1),
+            None if hidden % heads != 0 => {
+                return Err(bad(format!(
+                    "embedding_length {hidden} is not a multiple of head_count {heads} ({}, {}; no {} gives the head width)",
+                    k("embedding_length"),
+                    k("attention.head_count"),
+                    k("attention.key_length")
+                )))
+            }
+            None => hidden / heads,
         };
+        if strict {
+            if let Some(rd) = opt_u32(&k("rope.dimension_count"))? {
+                if rd as usize != head_dim {
+                    return Err(EngineError::Unsupported {
+                        path: self.path.clone(),
+                        message: format!("partial RoPE (rope.dimension_count {rd} != head_dim {head_dim})"),
+                    });
+                }
+            }
+            if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+                return Err(EngineError::Unsupported {
+                    path: self.path.clone(),
+                    message: "rope_freqs.weight (Llama 3 RoPE scaling) is not supported yet".into(),
+                });
+            }
+        }
         let vocab = match self.content.tensor_infos.get(GGUF.embed) {
             Some(info) => info.shape.dims()[0],
             None => return Err(EngineError::MissingTensor { path: self.path.clone(), tensor: GGUF.embed.into() }),
@@ -391,101 +437,20 @@ impl GgufFile {
         let eps = k("attention.layer_norm_rms_epsilon");
         let cfg = Config {
             hidden_size: hidden,
-            intermediate_size: opt_u32(&k("feed_forward_length"))?.unwrap_or(0).max(1) as usize,
-            num_layers: self.md_u32(&k("block_count"))? as usize,
-            num_heads: heads,
-            num_kv_heads: opt_u32(&k("attention.head_count_kv"))?.map_or(heads, |v| v as usize),
-            head_dim,
-            vocab_size: vocab,
-            rms_norm_eps: if self.has(&eps) { self.md_f32(&eps)? as f64 } else { 1e-6 },
-            rope_theta: if self.has(&k("rope.freq_base")) { self.md_f32(&k("rope.freq_base"))? as f64 } else { 10_000.0 },
-            max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
-            tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
-            qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
-            bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
-            num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
-            num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
-        };
-        cfg.validate(&self.path)?;
-        Ok(cfg)
-    }
-
-    /// Resolves hyper-parameters from the architecture's metadata (`{arch}.*`: `llama.*`,
-    /// `qwen2.*`, ...), checked against the tensor table and the vocabulary. Which
-    /// architectures the engine runs is the registry's to say ([`crate::models::for_gguf`]),
-    /// not this reader's.
-    pub fn config(&self) -> Result<Config> {
-        let arch = self.md_str("general.architecture")?;
-        let k = |key: &str| format!("{arch}.{key}");
-        let bad = |message: String| EngineError::Config { path: self.path.clone(), message };
-        let hidden = self.md_u32(&k("embedding_length"))? as usize;
-        let heads = self.md_u32(&k("attention.head_count"))? as usize;
-        if heads == 0 {
-            return Err(bad(format!("{} 0: head_count 0, a model needs at least one attention head", k("attention.head_count"))));
-        }
-        let kv_heads = if self.has(&k("attention.head_count_kv")) {
-            self.md_u32(&k("attention.head_count_kv"))? as usize
-        } else {
-            heads
-        };
-        if kv_heads == 0 {
-            return Err(bad(format!("{} 0: a model needs at least one key/value head", k("attention.head_count_kv"))));
-        }
-        let head_dim = if self.has(&k("attention.key_length")) {
-            self.md_u32(&k("attention.key_length"))? as usize
-        } else {
-            if hidden % heads != 0 {
-                return Err(bad(format!(
-                    "embedding_length {hidden} is not a multiple of head_count {heads} ({}, {}; no {} gives the head width)",
-                    k("embedding_length"),
-                    k("attention.head_count"),
-                    k("attention.key_length")
-                )));
-            }
-            hidden / heads
-        };
-        if self.has(&k("rope.dimension_count")) {
-            let rd = self.md_u32(&k("rope.dimension_count"))? as usize;
-            if rd != head_dim {
-                return Err(EngineError::Unsupported {
-                    path: self.path.clone(),
-                    message: format!("partial RoPE (rope.dimension_count {rd} != head_dim {head_dim})"),
-                });
-            }
-        }
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(EngineError::Unsupported {
-                path: self.path.clone(),
-                message: "rope_freqs.weight (Llama 3 RoPE scaling) is not supported yet".into(),
-            });
-        }
-        let vocab = match self.content.tensor_infos.get(GGUF.embed) {
-            Some(info) => info.shape.dims()[0],
-            None => {
-                return Err(EngineError::MissingTensor {
-                    path: self.path.clone(),
-                    tensor: GGUF.embed.into(),
-                })
-            }
-        };
-        let opt_u32 = |k: &str| -> Result<Option<u32>> {
-            if self.has(k) { self.md_u32(k).map(Some) } else { Ok(None) }
-        };
-        let cfg = Config {
-            hidden_size: hidden,
-            intermediate_size: self.md_u32(&k("feed_forward_length"))? as usize,
+            intermediate_size: match strict {
+                true => self.md_u32(&k("feed_forward_length"))? as usize,
+                false => opt_u32(&k("feed_forward_length"))?.unwrap_or(0).max(1) as usize,
+            },
             num_layers: self.md_u32(&k("block_count"))? as usize,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
             vocab_size: vocab,
-            rms_norm_eps: self.md_f32(&k("attention.layer_norm_rms_epsilon"))? as f64,
-            rope_theta: if self.has(&k("rope.freq_base")) {
-                self.md_f32(&k("rope.freq_base"))? as f64
-            } else {
-                10_000.0
+            rms_norm_eps: match (strict, self.has(&eps)) {
+                (true, _) | (false, true) => self.md_f32(&eps)? as f64,
+                (false, false) => 1e-6,
             },
+            rope_theta: if self.has(&k("rope.freq_base")) { self.md_f32(&k("rope.freq_base"))? as f64 } else { 10_000.0 },
             max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
             qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
@@ -495,10 +460,14 @@ impl GgufFile {
             num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
             num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
         };
-        let infos = &self.content.tensor_infos;
-        check_sizes(&cfg, &self.path, &mut infos.keys().map(|s| s.as_str()), &|n| infos.get(n).map(|i| i.shape.dims().to_vec()), &GGUF, &SizeKeys::gguf(arch))?;
+        if strict {
+            let infos = &self.content.tensor_infos;
+            check_sizes(&cfg, &self.path, &mut infos.keys().map(|s| s.as_str()), &|n| infos.get(n).map(|i| i.shape.dims().to_vec()), &GGUF, &SizeKeys::gguf(arch))?;
+        }
         cfg.validate(&self.path)?;
-        self.check_vocabulary(&cfg)?;
+        if strict {
+            self.check_vocabulary(&cfg)?;
+        }
         Ok(cfg)
     }
 

@@ -252,6 +252,7 @@ live_test! {
         ]));
         assert_eq!(code, 0, "{out}\n{err}");
         assert!(out.contains("engine     python:hf_engine.py (hf-engine)"), "{out}");
+        assert!(out.contains("no family mapping knows model type `qwen3`, so the sites inside a layer (q, k, attn, mlp_*) are not compared"), "{out}");
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(report["verdict"], "pass", "{out}");
         // Every step compares the generic sites against both references: embed, each layer's
@@ -276,6 +277,46 @@ live_test! {
         assert_eq!(code, 1, "{out}\n{err}");
         assert!(out.contains("first divergent step  0"), "{out}");
         assert!(out.contains("first failing site    layers.1.out, layer 1"), "{out}");
+        assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
+    }
+}
+
+live_test! {
+    /// The same model as a GGUF (llama.cpp's `qwen3` architecture, which the bundled engine
+    /// does not run): llama.cpp offers the generic sites of its graph, the engine passes
+    /// against it and transformers, and the dropped residual is found at its layer.
+    fn a_python_engine_on_a_gguf_architecture_the_bundled_engine_does_not_load_against_llamacpp() {
+        let model = "snapshots/models/tiny-qwen3.gguf";
+        let (code, out, err) = run(lockstep().current_dir(repo()).args(["run", "--model", model, "--reference", "llamacpp", "--prompt", "x", "--steps", "2"]));
+        assert_eq!(code, 2, "the bundled engine does not run qwen3: {out}\n{err}");
+        assert!(err.contains("general.architecture \"qwen3\" is not supported (only llama, qwen2)"), "{err}");
+
+        let json = tmp("qwen3-gguf-generic").join("run.json");
+        let (code, out, err) = run(lockstep().current_dir(repo()).args([
+            "run", "--engine", "python:examples/python/hf_engine.py", "--model", model, "--reference", "llamacpp,transformers",
+            "--prompt", "The capital of France is", "--steps", "4", "--json", json.to_str().unwrap(),
+        ]));
+        assert_eq!(code, 0, "{out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["verdict"], "pass", "{out}");
+        let mut want: Vec<String> = vec!["embed".into()];
+        for l in 0..3 {
+            want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
+        }
+        want.extend(["final_norm".into(), "logits".into()]);
+        for st in report["steps"].as_array().unwrap() {
+            for rs in st["references"].as_array().unwrap() {
+                let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+                assert_eq!(sites, want, "step {} vs {}", st["step"], rs["reference"]);
+            }
+        }
+
+        let (code, out, err) = run(lockstep().current_dir(repo()).args([
+            "bisect", "--engine", "python:examples/python/hf_engine.py:load_dropped_residual", "--model", model,
+            "--reference", "llamacpp", "--prompt", "The capital of France is", "--steps", "4",
+        ]));
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("first failing site    layers.1.out, layer 1 (vs llamacpp)"), "{out}");
         assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
     }
 }

@@ -396,7 +396,9 @@ pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
 /// would let bisect localize further.
 pub fn engine_taps(engine: &LoadedModel) -> EngineTaps {
     let graph = engine.model.site_graph();
-    let canonical = lockstep_engine::models::describe_at(&engine.path).ok().map(|d| d.graph);
+    let described = lockstep_engine::models::describe_at(&engine.path).ok();
+    let generic = described.as_ref().filter(|d| d.family.is_none()).map(|d| d.model_type.clone());
+    let canonical = described.map(|d| d.graph);
     let not_declared: Vec<String> =
         canonical.as_ref().map(|c| c.names().into_iter().filter(|n| graph.get(n).is_none()).collect()).unwrap_or_default();
     let localizes_to = graph.localizes_to();
@@ -405,5 +407,5 @@ pub fn engine_taps(engine: &LoadedModel) -> EngineTaps {
         "layer" => Some("add the per-layer sites (q, k, v, q_rope, k_rope, cache_k, cache_v, attn, mlp_*) to localize to the site".to_string()),
         _ => None,
     };
-    EngineTaps { declared: graph.sites().len(), canonical: canonical.map(|c| c.sites().len()), not_declared, localizes_to, hint }
+    EngineTaps { declared: graph.sites().len(), canonical: canonical.map(|c| c.sites().len()), not_declared, localizes_to, hint, generic }
 }

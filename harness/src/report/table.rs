@@ -269,11 +269,14 @@ fn write_header(o: &mut String, engine: &crate::results::run::EngineInfo, model:
     let _ = writeln!(o, "  model      {} (sha256 {}…)", model.display(), &sha[..12.min(sha.len())]);
     let _ = writeln!(
         o,
-        "  engine     {}, weights {} ({}: {}), {:?}, Q/K {}{}",
+        "  engine     {}, weights {}{}, {:?}, Q/K {}{}",
         if engine.name == "lockstep-engine" { format!("lockstep-engine {}", env!("CARGO_PKG_VERSION")) } else { engine.name.clone() },
         engine.weights,
-        engine.weights_mode,
-        engine.matrix_types.join("+"),
+        // A plug-in does not say how it holds its matrices.
+        match engine.matrix_types.is_empty() {
+            true => String::new(),
+            false => format!(" ({}: {})", engine.weights_mode, engine.matrix_types.join("+")),
+        },
         engine.dtype,
         engine.qk_layout,
         if engine.transforms.is_empty() {
@@ -335,6 +338,13 @@ fn write_compared(o: &mut String, r: &RunResult) {
             r.engine.name,
             t.localizes_to,
             t.hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default()
+        );
+    }
+    if let Some(mt) = &t.generic {
+        let _ = writeln!(
+            o,
+            "  sites      the generic sites of any decoder: no family mapping knows model type `{mt}`, so the sites inside \
+             a layer (q, k, attn, mlp_*) are not compared; bisect localizes to the layer (docs/models.md#adding-a-family)"
         );
     }
     for rs in &r.summary.references {

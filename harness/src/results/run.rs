@@ -265,6 +265,10 @@ pub struct EngineTaps {
     pub localizes_to: &'static str,
     /// Which taps would let bisect localize further (`None`: it already reaches the site).
     pub hint: Option<String>,
+    /// The model type (`qwen3`, `gemma3`) when no family mapping knows it: only the generic
+    /// sites of any decoder are compared (`None`: the family's detailed sites are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generic: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
