@@ -52,8 +52,8 @@ use crate::taps::Capture;
 pub struct ModelInfo {
     /// The engine's name in reports (`lockstep-engine` for the bundled one).
     pub engine: String,
-    /// The family (`llama`).
-    pub family: &'static str,
+    /// The family (`llama`), or the model type a plug-in runs (`qwen3`).
+    pub family: std::borrow::Cow<'static, str>,
     /// The validated hyper-parameters.
     pub config: Config,
     /// The compute dtype (f32, or f64 for an oracle run).
@@ -82,11 +82,11 @@ impl ModelInfo {
     /// Hugging Face Q/K layout (its captures need no transform), every layer global with the
     /// config's RoPE and an append-only cache ([`plan::uniform`]), float weights, no faults, no
     /// capabilities. Set the fields that differ.
-    pub fn new(family: &'static str, config: Config) -> Self {
+    pub fn new(family: impl Into<std::borrow::Cow<'static, str>>, config: Config) -> Self {
         let plan = plan::uniform(&config);
         ModelInfo {
             engine: "plug-in".into(),
-            family,
+            family: family.into(),
             config,
             dtype: DType::F32,
             qk_layout: QkLayout::HalfSplit,

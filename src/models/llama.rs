@@ -67,7 +67,7 @@ impl Llama {
     fn build_info(&self) -> ModelInfo {
         ModelInfo {
             engine: "lockstep-engine".into(),
-            family: self.family.name,
+            family: self.family.name.into(),
             config: self.cfg.clone(),
             dtype: self.dtype,
             qk_layout: self.qk_layout,

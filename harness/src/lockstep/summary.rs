@@ -377,7 +377,7 @@ pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
     let info = engine.model.info();
     EngineInfo {
         name: info.engine.clone(),
-        family: info.family,
+        family: info.family.to_string(),
         taps: engine_taps(engine),
         weights: engine.origin.name(),
         weights_mode: engine.weights.name(),

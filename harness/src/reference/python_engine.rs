@@ -52,11 +52,10 @@ impl PyEngine {
         if graph.get(lockstep_engine::sites::LOGITS).is_none() {
             return Err(HarnessError::NoLogits { reference: label });
         }
-        // ModelInfo names the family for the life of the process: a model type no family of
-        // the bundled engine runs is leaked once per load (a few bytes).
-        let family: &'static str = match model_desc.family {
-            Some(f) => f.name,
-            None => Box::leak(model_desc.model_type.clone().into_boxed_str()),
+        // The family's name where the bundled engine knows the model type, else the type.
+        let family = match model_desc.family {
+            Some(f) => std::borrow::Cow::Borrowed(f.name),
+            None => std::borrow::Cow::Owned(model_desc.model_type.clone()),
         };
         let mut info = ModelInfo::new(family, model_desc.config.clone());
         info.engine = format!("{label} ({})", description.name);

@@ -276,7 +276,7 @@ pub struct EngineInfo {
     /// The engine under test (`lockstep-engine`, or a plug-in's name).
     pub name: String,
     /// Its family (`llama`).
-    pub family: &'static str,
+    pub family: String,
     /// What it taps.
     pub taps: EngineTaps,
     /// Where the weights came from (hf-safetensors, gguf).
