@@ -370,6 +370,22 @@ class LlamaCppReference:
         self.reset()
         self._probe_sites()
 
+    def _rope_notes(self) -> list[str]:
+        """Which RoPE scaling llama.cpp applies to this file: {arch}.rope.scaling.* from the
+        metadata, llama.cpp's per-frequency factors (rope_freqs.weight) from the tensors."""
+        arch = self.metadata.get("general.architecture", "llama")
+        out = []
+        stype = self.metadata.get(f"{arch}.rope.scaling.type")
+        if stype and stype != "none":
+            factor = self.metadata.get(f"{arch}.rope.scaling.factor")
+            out.append(f"RoPE scaling {stype} x{factor} from the GGUF metadata, as llama.cpp computes it")
+        import gguf
+        names = {t.name for t in gguf.GGUFReader(self.model_path).tensors}
+        for t in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            if t in names:
+                out.append(f"RoPE per-frequency factors {t}, as llama.cpp applies them")
+        return out
+
     def _probe_sites(self) -> None:
         """Keeps only the sites this architecture's graph gives. llama.cpp's graph builders
         differ per architecture (qwen2's leaves the output projection unnamed; it is found
@@ -459,6 +475,7 @@ class LlamaCppReference:
         if self.not_in_graph:
             notes.append("not in llama.cpp's graph for this architecture (no named node): "
                          + ", ".join(self.not_in_graph))
+        notes += self._rope_notes()
         return {
             **PROTOCOL,
             "versions": versions,

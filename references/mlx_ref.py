@@ -390,14 +390,28 @@ def _load_hf(path: Path):
     # decoder (embed, each layer's output and cache, final_norm, logits) are read the same way
     # in all of them; the detailed ones where the layer has the Llama module names.
     from mlx_lm.utils import load_model
+    notes = ["loaded with mlx_lm.utils.load_model; float parameters cast to float32"]
+    # transformers 5 writes RoPE as `rope_parameters`; mlx-lm's Llama-style models read
+    # `rope_theta` and `rope_scaling` only, and would run such a model unscaled. A flat
+    # rope_parameters (one RoPE for every layer) is handed to them in that form.
+    overrides = {}
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and ("rope_type" in rp or "rope_theta" in rp) and cfg.get("rope_scaling") is None:
+        if "rope_theta" in rp:
+            overrides["rope_theta"] = rp["rope_theta"]
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            overrides["rope_scaling"] = scaling
+        notes.append("rope_parameters given to mlx-lm as rope_theta/rope_scaling"
+                     + (f" ({scaling['rope_type']})" if "rope_scaling" in overrides else ""))
     try:
-        model, _ = load_model(path, lazy=True)
+        model, _ = load_model(path, lazy=True, model_config=overrides)
     except Exception as e:
         raise ValueError(f"{path}: mlx-lm could not load it (model_type {mt!r}): {e}") from e
     model.set_dtype(mx.float32)  # float weights (and any quantization scales) in float32
     model.eval()
     mx.eval(model.parameters())
-    return model, ["loaded with mlx_lm.utils.load_model; float parameters cast to float32"]
+    return model, notes
 
 
 # -- capture -----------------------------------------------------------------------------------
@@ -496,6 +510,11 @@ class MlxReference(HfSideMixin):
         notes.append(f"device: {mx.default_device()}")
         self.notes = notes
         args = self.model.args
+        rope = self._rope_module()
+        if rope is not None:
+            scale = getattr(rope, "scale", None)
+            if type(rope).__name__ != "RoPE" or (scale not in (None, 1.0)):
+                self.notes.append(f"RoPE: mlx-lm's {type(rope).__name__}" + (f" (scale {scale})" if scale not in (None, 1.0) else ""))
         self.num_layers = args.num_hidden_layers
         self.head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         self.transforms = [TRANSFORM_QK] if self.qk_permuted else []
@@ -639,6 +658,13 @@ class MlxReference(HfSideMixin):
             "transforms": list(self.transforms),
             "notes": list(self.notes),
         }
+
+    def _rope_module(self):
+        """The first layer's rotary embedding, where the model has the Llama module names."""
+        try:
+            return self.model.model.layers[0].self_attn.rope
+        except AttributeError:
+            return None
 
     def reset(self) -> None:
         self.cache = make_prompt_cache(self.model)

@@ -121,6 +121,12 @@ class TransformersReference(HfSideMixin):
         self.sampling = TransformersSampling(self.model)
         self.attn_implementation = attn_implementation
         cfg = self.model.config
+        rp = getattr(cfg, "rope_parameters", None) or {}
+        types = {rp.get("rope_type")} if "rope_type" in rp else {v.get("rope_type") for v in rp.values() if isinstance(v, dict)}
+        scaled = sorted(t for t in types if t and t != "default")
+        if scaled:
+            self.load_notes.append(f"RoPE scaling {', '.join(scaled)}, as transformers computes it (modeling_rope_utils)"
+                                   + ("; the dynamic base is reset to the original at each reset and generate" if "dynamic" in scaled else ""))
         self.num_layers = cfg.num_hidden_layers
         self.lora_path = lora
         self.lora_how = None
@@ -144,6 +150,20 @@ class TransformersReference(HfSideMixin):
         reader = gguf.GGUFReader(str(p))
         arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[-1]).decode() if arch_field else ""
+        # transformers' GGUF loader reads no RoPE scaling: neither llama.cpp's per-frequency
+        # tensors nor {arch}.rope.scaling.*. Run unscaled, the model would agree with a scaled
+        # engine up to the original context and drift after: refused instead.
+        scaled = sorted(t.name for t in reader.tensors
+                        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"))
+        stype = reader.fields.get(f"{arch}.rope.scaling.type")
+        stype = bytes(stype.parts[-1]).decode() if stype is not None else "none"
+        if stype != "none":
+            scaled.append(f"{arch}.rope.scaling.type = {stype}")
+        rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        if scaled and rope_type == "default":
+            raise ValueError(f"{p}: the file scales its RoPE ({', '.join(scaled)}), which transformers' GGUF loader "
+                             "does not read (it would run the model unscaled): use the Hugging Face checkpoint with "
+                             "the transformers reference, or --reference llamacpp for this file")
         key = reader.fields.get(f"{arch}.attention.key_length")
         if key is not None and hasattr(cfg, "head_dim"):
             width = int(key.parts[-1][0])
@@ -293,6 +313,17 @@ class TransformersReference(HfSideMixin):
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
         self.pos = 0
+        self._reset_rope()
+
+    def _reset_rope(self) -> None:
+        """transformers' dynamic-NTK RoPE keeps the base grown by the longest sequence it has
+        seen (``dynamic_rope_update``: it grows, and shrinks back only below the original
+        length), so a run after a longer one would rotate with another base: every rotary
+        embedding is put back to its original frequencies, as a fresh model has them."""
+        for m in self.model.modules():
+            if hasattr(m, "original_inv_freq") and hasattr(m, "max_seq_len_cached") and hasattr(m, "original_max_seq_len"):
+                m.inv_freq = m.original_inv_freq.clone()
+                m.max_seq_len_cached = m.original_max_seq_len
 
     def step(self, token_ids: list[int]) -> dict[str, np.ndarray]:
         ids = torch.tensor([token_ids], dtype=torch.long)
@@ -334,6 +365,7 @@ class TransformersReference(HfSideMixin):
 
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         ids = torch.tensor([token_ids], dtype=torch.long)
+        self._reset_rope()  # a fresh model's RoPE, whatever the steps before grew
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=max_new_tokens, do_sample=False,

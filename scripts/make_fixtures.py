@@ -677,7 +677,8 @@ def quant_path(spec: ModelSpec, qtype: str) -> Path:
     return OUT_DIR / f"{spec.name}.{qtype}.gguf"
 
 
-def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray], qtype: str = "F32") -> Path:
+def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray], qtype: str = "F32",
+               rope_freqs: np.ndarray | None = None) -> Path:
     """Writes `spec`'s model and the tokenizer `tok` as a GGUF file.
 
     qtype "F32": as convert_hf_to_gguf.py writes it (--outtype f32). Any other gguf quant type
@@ -742,6 +743,9 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     if quantized:
         w.add_file_type(file_type)  # where llama-quantize puts it
     tensors = gguf_tensors(spec, weights)
+    if rope_freqs is not None:
+        # LlamaModel.generate_extra_tensors yields it before the model's own tensors.
+        tensors.insert(0, ("rope_freqs.weight", np.ascontiguousarray(rope_freqs, dtype=np.float32)))
     for name, t in llama_quantize_order(tensors) if quantized else tensors:
         # llama-quantize never quantizes an MoE router (ffn_gate_inp); 3-D merged experts are
         # matrices like the others.
@@ -1200,6 +1204,111 @@ def write_qwen3(tok) -> list[Path]:
     return write_hf_dir(tok, weights, QWEN3, QWEN3_DIR) + [write_gguf(QWEN3_GGUF, QWEN3, tok, weights)]
 
 
+# RoPE-scaling variants of the tiny Llama (tiny-llama-rope/TYPE/): its weights and tokenizer
+# (symlinks into tiny-llama/) with one scaling each in config.json, the original context (64
+# positions) short enough that a ~150-token prompt is past it. `yarn` is written in transformers
+# 5's `rope_parameters` form, the others as `rope_scaling` beside `rope_theta` (Llama 3.1's form).
+# `dynamic` scales past max_position_embeddings, so its config says 64 there (its factor x 64 =
+# 256 positions served). And tiny-llama-rope-llama3.gguf: tiny-llama.gguf with llama.cpp's
+# rope_freqs.weight for the llama3 variant, as convert_hf_to_gguf.py computes it.
+ROPE_DIR = OUT_DIR / "tiny-llama-rope"
+ROPE_ORIGINAL = 64
+ROPE_VARIANTS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ROPE_ORIGINAL},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": ROPE_ORIGINAL},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": ROPE_ORIGINAL,
+                 "short_factor": [1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5],
+                 "long_factor": [1.0, 1.1, 1.4, 2.0, 3.0, 4.5, 6.0, 8.0]},
+}
+ROPE_GGUF = OUT_DIR / "tiny-llama-rope-llama3.gguf"
+
+
+def llama3_rope_freqs(scaling: dict, head_dim: int, base: float) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: the divisor of each frequency."""
+    import math
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_rope_variants(tok) -> list[Path]:
+    base = json.loads((HF_DIR / "config.json").read_text())
+    paths = []
+    for name, scaling in ROPE_VARIANTS.items():
+        d = ROPE_DIR / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in sorted(HF_DIR.iterdir()):
+            if f.name == "config.json":
+                continue
+            link = d / f.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("..") / ".." / HF_DIR.name / f.name)
+        cfg = dict(base)
+        if name == "yarn":
+            del cfg["rope_theta"]
+            cfg["rope_parameters"] = {"rope_theta": ROPE_THETA, **scaling}
+        else:
+            cfg["rope_scaling"] = scaling
+        if name == "dynamic":
+            cfg["max_position_embeddings"] = ROPE_ORIGINAL
+        write_json(d / "config.json", cfg)
+        paths.append(d / "config.json")
+    weights = make_weights(TINY, tok.get_vocab_size())
+    freqs = llama3_rope_freqs(ROPE_VARIANTS["llama3"], TINY.head_dim, ROPE_THETA)
+    paths.append(write_gguf(ROPE_GGUF, TINY, tok, weights, rope_freqs=freqs))
+    return paths
+
+
+def self_check_rope() -> bool:
+    """transformers loads every variant with its scaling, and it matters past the original
+    context (the logits at ~150 positions move against the unscaled tiny Llama); llama.cpp runs
+    the rope_freqs GGUF as transformers runs the llama3 variant."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    ok = True
+    seq = [1] + [(7 * i) % 500 + 3 for i in range(150)]
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(HF_DIR), dtype=torch.float32).eval()(torch.tensor([seq])).logits[0]
+        for name in ROPE_VARIANTS:
+            m = AutoModelForCausalLM.from_pretrained(str(ROPE_DIR / name), dtype=torch.float32).eval()
+            rt = m.config.rope_parameters.get("rope_type")
+            lh = m(torch.tensor([seq])).logits[0]
+            early = float((lh[:16] - plain[:16]).abs().max())
+            late = float((lh[-16:] - plain[-16:]).abs().max())
+            print(f"tiny-llama-rope/{name}: transformers rope_type {rt}; |logits - unscaled| first 16 positions {early:.3e}, last 16 {late:.3e}")
+            if rt != name or not late > 0.05:
+                ok = False
+                print(f"CHECK FAILED: tiny-llama-rope/{name}: rope_type {rt}, scaling moves the late logits by {late}", file=sys.stderr)
+            if name == "llama3":
+                llama_cpp = import_llama_cpp()
+                llm = llama_cpp.Llama(model_path=str(ROPE_GGUF), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                                      type_k=0, type_v=0, verbose=False)
+                llm.eval(seq)
+                lc = np.array(llm.scores[: len(seq)], dtype=np.float32)
+                llm.close()
+                diff = float(np.abs(lc - lh.numpy()).max())
+                print(f"tiny-llama-rope-llama3.gguf: llama.cpp vs transformers (llama3 config): max |diff| = {diff:.3e}")
+                if not diff < MIXTRAL_LLAMACPP_DIFF:
+                    ok = False
+                    print(f"CHECK FAILED: llama.cpp's rope_freqs run differs from transformers' llama3 by {diff}", file=sys.stderr)
+    return ok
+
+
 def self_check_qwen3() -> bool:
     """transformers loads the tiny Qwen3 as Qwen3ForCausalLM; its q/k norms matter (set to one,
     the logits move); the greedy continuation of the chat prompt is not degenerate and has no
@@ -1625,6 +1734,7 @@ def main() -> int:
     ap.add_argument("--qwen2-only", action="store_true", help="write (and check) only the tiny Qwen2")
     ap.add_argument("--mixtral-only", action="store_true", help="write (and check) only the tiny Mixtral")
     ap.add_argument("--qwen3-only", action="store_true", help="write (and check) only the tiny Qwen3")
+    ap.add_argument("--rope-only", action="store_true", help="write (and check) only the tiny Llama's RoPE-scaling variants")
     ap.add_argument("--spm-only", action="store_true", help="write (and check) only the tiny SentencePiece Llama")
     args = ap.parse_args()
     if args.adapters_only:
@@ -1649,6 +1759,10 @@ def main() -> int:
         for p in write_qwen3(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
         return 0 if args.no_check or self_check_qwen3() else 1
+    if args.rope_only:
+        for p in write_rope_variants(tok):
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_rope() else 1
     if args.mixtral_only:
         for p in write_mixtral(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
@@ -1660,6 +1774,7 @@ def main() -> int:
     paths += write_qwen2(tok)
     paths += write_mixtral(tok)
     paths += write_qwen3(tok)
+    paths += write_rope_variants(tok)
     paths += write_spm(train_spm())
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
@@ -1680,7 +1795,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_spm():
+        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_rope() or not self_check_spm():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::layout::QkLayout;
+use crate::plan::RopePlan;
 use crate::quant::Linear;
 
 /// `x @ w.T` for `x (seq, in)`, `w (out, in)`, dense or quantized.
@@ -48,33 +49,36 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
-/// cos/sin tables `(seq, head_dim/2)` for positions `offset..offset+seq`, computed in the
-/// model dtype the way transformers' `LlamaRotaryEmbedding` does (inv_freq, then
-/// position * inv_freq, then cos/sin).
-pub fn rope_tables(head_dim: usize, theta: f64, offset: usize, seq: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+/// cos/sin tables `(seq, dims/2)` for positions `offset..offset+seq` of a layer's RoPE
+/// (`rope`: base, rotated width, scaling), computed in the model dtype the way transformers'
+/// rotary embeddings do: the frequencies ([`RopePlan::frequencies`], for a call whose largest
+/// position is `offset + seq - 1`), then position x frequency, then cos/sin, multiplied by the
+/// scaling's attention factor.
+pub fn rope_tables(rope: &RopePlan, offset: usize, seq: usize, dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let half = rope.dims / 2;
+    let (inv, attention_factor) = rope.frequencies(offset + seq, dtype != DType::F64);
     let (cos, sin) = if dtype == DType::F64 {
         let mut c = Vec::with_capacity(seq * half);
         let mut s = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
-            for i in 0..half {
-                let inv = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            for inv in &inv {
                 let f = p as f64 * inv;
-                c.push(f.cos());
-                s.push(f.sin());
+                c.push(f.cos() * attention_factor);
+                s.push(f.sin() * attention_factor);
             }
         }
         (Tensor::from_vec(c, (seq, half), dev)?, Tensor::from_vec(s, (seq, half), dev)?)
     } else {
-        let theta = theta as f32;
+        let inv: Vec<f32> = inv.iter().map(|&f| f as f32).collect();
+        let a = attention_factor as f32;
         let mut c = Vec::with_capacity(seq * half);
         let mut s = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
-            for i in 0..half {
-                let inv = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
+            for inv in &inv {
                 let f = p as f32 * inv;
-                c.push(f.cos());
-                s.push(f.sin());
+                // transformers: `emb.cos() * attention_scaling` (an unscaled RoPE multiplies by 1).
+                c.push(if a == 1.0 { f.cos() } else { f.cos() * a });
+                s.push(if a == 1.0 { f.sin() } else { f.sin() * a });
             }
         }
         (Tensor::from_vec(c, (seq, half), dev)?, Tensor::from_vec(s, (seq, half), dev)?)
@@ -383,7 +387,7 @@ mod tests {
     fn f32_fast_paths_match_the_f64_candle_chains() {
         let x = rand(&[3, 8], 5);
         let w = rand(&[8], 6);
-        let (cos, sin) = rope_tables(8, 10_000.0, 2, 3, DType::F32, &Device::Cpu).unwrap();
+        let (cos, sin) = rope_tables(&RopePlan::unscaled(10_000.0, 8), 2, 3, DType::F32, &Device::Cpu).unwrap();
         let xh = rand(&[2, 3, 8], 7);
         let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();

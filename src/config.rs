@@ -20,6 +20,8 @@ pub struct Config {
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// How the RoPE frequencies are scaled ([`crate::rope`]); the default for an unscaled model.
+    pub rope_scaling: crate::rope::RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// The q/k/v projections carry biases (Qwen2).
@@ -65,6 +67,7 @@ impl Config {
                 return bad(format!("{name} is {v}, more than any model has (at most {max} here): the config is corrupt"));
             }
         }
+        crate::rope::RopeParams { theta: self.rope_theta, scaling: self.rope_scaling.clone() }.check(self.head_dim, path)?;
         if self.num_heads % self.num_kv_heads != 0 {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
@@ -87,6 +90,12 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The positions the model serves: `max_position_embeddings`, extended by dynamic NTK
+    /// scaling's factor.
+    pub fn context_window(&self) -> usize {
+        self.rope_scaling.context(self.max_position_embeddings)
     }
 
     /// Number of query heads served by each KV head.
@@ -112,14 +121,6 @@ impl OneOrMany {
     }
 }
 
-/// transformers 5 writes RoPE settings as `rope_parameters`; older files use
-/// `rope_theta` + `rope_scaling`. Both are read.
-#[derive(Debug, Deserialize, Clone, Default)]
-pub struct RopeParameters {
-    pub rope_theta: Option<f64>,
-    pub rope_type: Option<String>,
-}
-
 /// Serde mirror of a Hugging Face Llama `config.json`: required fields are plain,
 /// optional ones carry the defaults of transformers' `LlamaConfig`.
 #[derive(Debug, Deserialize, Clone)]
@@ -135,7 +136,9 @@ pub struct HfConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<serde_json::Value>,
-    pub rope_parameters: Option<RopeParameters>,
+    /// transformers 5's form of the RoPE settings (flat, or nested per layer type); older files
+    /// use `rope_theta` + `rope_scaling`. Both are read by [`crate::rope::from_hf`].
+    pub rope_parameters: Option<serde_json::Value>,
     pub max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -162,6 +165,25 @@ impl HfConfig {
     /// A `config.json`'s text (`path` names it in messages).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| EngineError::Config { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// The RoPE base of `rope_parameters` without checking the rest of it (the shape of a model
+    /// only): its `rope_theta`, or the first layer type's.
+    fn loose_rope_theta(&self) -> Option<f64> {
+        let p = self.rope_parameters.as_ref()?.as_object()?;
+        p.get("rope_theta").and_then(|v| v.as_f64()).or_else(|| p.values().find_map(|v| v.get("rope_theta")?.as_f64()))
+    }
+
+    /// The RoPE of this config ([`crate::rope::from_hf`]): base and scaling, for every layer or
+    /// per layer type.
+    pub fn rope(&self, path: &Path) -> Result<crate::rope::HfRope> {
+        let ctx = crate::rope::RopeContext {
+            rope_theta: self.rope_theta,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            original_max_position_embeddings: self.key("original_max_position_embeddings", path)?,
+            partial_rotary_factor: self.key("partial_rotary_factor", path)?,
+        };
+        crate::rope::from_hf(self.rope_parameters.as_ref(), self.rope_scaling.as_ref(), ctx, path)
     }
 
     /// A key of the file beyond the common ones, parsed as `T`; `None` when absent or `null`.
@@ -191,7 +213,6 @@ impl HfConfig {
     /// function (`crate::models`) checks what its architecture needs first, and
     /// [`crate::models::resolve_hf`] checks the result against the weights.
     pub fn shape(&self, path: &Path, qkv_bias: bool, num_experts: usize, num_experts_per_tok: usize) -> Result<Config> {
-        let rope_params = self.rope_parameters.clone().unwrap_or_default();
         if self.head_dim.is_none() {
             let bad = |message: String| Err(EngineError::Config { path: path.to_path_buf(), message });
             if self.num_attention_heads == 0 {
@@ -213,7 +234,8 @@ impl HfConfig {
             head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta.or(rope_params.rope_theta).unwrap_or(10_000.0),
+            rope_theta: self.rope_theta.or_else(|| self.loose_rope_theta()).unwrap_or(10_000.0),
+            rope_scaling: crate::rope::RopeScaling::Default,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias,

@@ -102,7 +102,7 @@ impl ModelInfo {
     /// The plan of layer `layer` (the config's global plan for a layer the plan does not
     /// list: an engine that filled in fewer entries than it has layers).
     pub fn layer_plan(&self, layer: usize) -> LayerPlan {
-        self.plan.get(layer).copied().unwrap_or_else(|| LayerPlan::global(&self.config))
+        self.plan.get(layer).cloned().unwrap_or_else(|| LayerPlan::global(&self.config))
     }
 }
 

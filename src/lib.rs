@@ -30,6 +30,7 @@ pub use models::llama;
 pub mod loader;
 pub mod lora;
 pub mod quant;
+pub mod rope;
 pub mod sample;
 pub mod sites;
 pub mod taps;

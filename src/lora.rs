@@ -636,6 +636,7 @@ mod tests {
             vocab_size: 512,
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
+            rope_scaling: Default::default(),
             max_position_embeddings: 256,
             tie_word_embeddings: false,
             qkv_bias: false,

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::cache::CacheKind;
 use crate::config::Config;
+use crate::rope::RopeScaling;
 
 /// Which positions a layer's attention sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,16 +40,44 @@ impl Span {
 }
 
 /// A layer's rotary position embedding.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RopePlan {
     /// The base (theta) of the frequencies.
     pub base: f64,
     /// How many dimensions of each head are rotated (the head's width for full RoPE).
     pub dims: usize,
+    /// How the frequencies are scaled ([`crate::rope`]).
+    #[serde(skip_serializing_if = "RopeScaling::is_default")]
+    pub scaling: RopeScaling,
+}
+
+impl RopePlan {
+    /// The unscaled RoPE of `base` over `dims`.
+    pub fn unscaled(base: f64, dims: usize) -> Self {
+        RopePlan { base, dims, scaling: RopeScaling::Default }
+    }
+
+    /// The frequencies (`dims / 2` of them) for a call whose largest position is `len - 1`, and
+    /// the factor cos and sin are multiplied by: the unscaled frequencies of the base (dynamic
+    /// NTK's grown base past its length) computed in the dtype's precision as transformers
+    /// does (`f32`: `1 / base^(2i/d)` in f32), then scaled in f64 and rounded once.
+    pub fn frequencies(&self, len: usize, f32: bool) -> (Vec<f64>, f64) {
+        let base = self.scaling.base_at(self.base, self.dims, len);
+        let half = self.dims / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| match f32 {
+                true => (1.0f32 / (base as f32).powf((2 * i) as f32 / self.dims as f32)) as f64,
+                false => 1.0 / base.powf((2 * i) as f64 / self.dims as f64),
+            })
+            .collect();
+        let scaled = self.scaling.scale(&inv, base, self.dims, len);
+        let scaled = if f32 { scaled.into_iter().map(|f| f as f32 as f64).collect() } else { scaled };
+        (scaled, self.scaling.attention_factor())
+    }
 }
 
 /// What one layer does: its attention span, its RoPE and how its cache keeps positions.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerPlan {
     pub span: Span,
     pub rope: RopePlan,
@@ -59,12 +88,20 @@ impl LayerPlan {
     /// A global-attention layer of `cfg`: causal attention over every position, RoPE with the
     /// config's base over the whole head, an append-only cache.
     pub fn global(cfg: &Config) -> Self {
-        LayerPlan { span: Span::Global, rope: RopePlan { base: cfg.rope_theta, dims: cfg.head_dim }, cache: CacheKind::AppendOnly }
+        LayerPlan {
+            span: Span::Global,
+            rope: RopePlan { base: cfg.rope_theta, dims: cfg.head_dim, scaling: cfg.rope_scaling.clone() },
+            cache: CacheKind::AppendOnly,
+        }
     }
 
     /// One line for reports: `global, RoPE base 10000 over 64 dims, append-only cache`.
     pub fn describe(&self) -> String {
-        format!("{}, RoPE base {} over {} dims, {} cache", self.span.describe(), self.rope.base, self.rope.dims, self.cache.describe())
+        let scaled = match self.rope.scaling {
+            RopeScaling::Default => String::new(),
+            ref s => format!(" ({})", s.describe()),
+        };
+        format!("{}, RoPE base {} over {} dims{scaled}, {} cache", self.span.describe(), self.rope.base, self.rope.dims, self.cache.describe())
     }
 }
 
@@ -89,6 +126,7 @@ mod tests {
             vocab_size: 100,
             rms_norm_eps: 1e-5,
             rope_theta: 1e6,
+            rope_scaling: Default::default(),
             max_position_embeddings: 2048,
             tie_word_embeddings: false,
             qkv_bias: false,
@@ -99,7 +137,7 @@ mod tests {
         };
         let plan = uniform(&cfg);
         assert_eq!(plan.len(), 3);
-        assert!(plan.iter().all(|p| *p == LayerPlan { span: Span::Global, rope: RopePlan { base: 1e6, dims: 16 }, cache: CacheKind::AppendOnly }));
+        assert!(plan.iter().all(|p| *p == LayerPlan { span: Span::Global, rope: RopePlan::unscaled(1e6, 16), cache: CacheKind::AppendOnly }));
         assert_eq!(plan[0].describe(), "global, RoPE base 1000000 over 16 dims, append-only cache");
         assert_eq!(Span::Window(512).describe(), "window of 512");
     }

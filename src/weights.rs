@@ -95,6 +95,9 @@ pub struct LlamaWeights {
     pub layers: Vec<LayerWeights>,
     pub norm: Tensor,    // (hidden)
     pub lm_head: Linear, // (vocab, hidden); the embedding itself when tied
+    /// llama.cpp's `rope_freqs.weight` `(head_dim / 2)`: Llama 3's RoPE scaling as
+    /// per-frequency divisors (GGUF only).
+    pub rope_freqs: Option<Tensor>,
     /// How many of the matrices are stored in each type in the file ("F32", "Q4_1", ...),
     /// whatever mode they were loaded in.
     pub stored_types: std::collections::BTreeMap<String, usize>,
@@ -385,6 +388,75 @@ impl GgufFile {
         self.read_config(true)
     }
 
+    /// The RoPE scaling the metadata states (`{arch}.rope.scaling.*`): none, linear or YaRN as
+    /// llama.cpp computes them; every other `{arch}.rope.*` key this engine does not compute is
+    /// refused by name. (`rope_freqs.weight`, Llama 3's per-frequency divisors, is a tensor:
+    /// the weights' loader takes it.)
+    fn rope_scaling(&self, arch: &str) -> Result<crate::rope::RopeScaling> {
+        use crate::rope::RopeScaling;
+        let k = |key: &str| format!("{arch}.rope.{key}");
+        let unsupported = |message: String| EngineError::Unsupported { path: self.path.clone(), message };
+        const READ: &[&str] = &[
+            "freq_base",
+            "dimension_count",
+            "scaling.type",
+            "scaling.factor",
+            "scaling.original_context_length",
+            "scaling.finetuned",
+            "scaling.attn_factor",
+            "scaling.yarn_beta_fast",
+            "scaling.yarn_beta_slow",
+        ];
+        let prefix = k("");
+        let mut unread: Vec<&str> = self.content.metadata.keys().filter_map(|key| key.strip_prefix(&prefix)).filter(|rest| !READ.contains(rest)).collect();
+        unread.sort();
+        if let Some(first) = unread.first() {
+            return Err(unsupported(format!("{prefix}{first} is not computed by this engine's RoPE: refused rather than ignored")));
+        }
+        let opt_f32 = |key: &str| -> Result<Option<f64>> { if self.has(key) { self.md_f32(key).map(|v| Some(v as f64)) } else { Ok(None) } };
+        let ty = if self.has(&k("scaling.type")) { self.md_str(&k("scaling.type"))?.to_string() } else { "none".into() };
+        let factor = || -> Result<f64> {
+            match opt_f32(&k("scaling.factor"))? {
+                Some(f) if f >= 1.0 && f.is_finite() => Ok(f),
+                Some(f) => Err(EngineError::Config { path: self.path.clone(), message: format!("{} = {f}: a RoPE scaling factor is at least 1", k("scaling.factor")) }),
+                None => Err(EngineError::MissingMetadata { path: self.path.clone(), key: k("scaling.factor") }),
+            }
+        };
+        let scaling = match ty.as_str() {
+            "none" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "yarn" => {
+                let factor = factor()?;
+                let orig = self.md_u32(&k("scaling.original_context_length"))? as usize;
+                // llama.cpp: mscale = attn_factor * (1 + 0.1 ln(factor)).
+                let attn = opt_f32(&k("scaling.attn_factor"))?.unwrap_or(1.0);
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: orig,
+                    beta_fast: opt_f32(&k("scaling.yarn_beta_fast"))?.unwrap_or(32.0),
+                    beta_slow: opt_f32(&k("scaling.yarn_beta_slow"))?.unwrap_or(1.0),
+                    attention_factor: attn * (0.1 * factor.ln() + 1.0),
+                    truncate: true,
+                }
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "{} `{other}` is not computed by this engine for GGUF files (it computes none, linear, yarn and rope_freqs.weight)",
+                    k("scaling.type")
+                )))
+            }
+        };
+        if scaling != RopeScaling::Default && self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(unsupported(format!("{} `{ty}` and rope_freqs.weight together: the file scales its RoPE twice", k("scaling.type"))));
+        }
+        for t in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if self.content.tensor_infos.contains_key(t) {
+                return Err(unsupported(format!("{t} (LongRoPE in a GGUF) is not run by this engine yet: use the Hugging Face checkpoint")));
+            }
+        }
+        Ok(scaling)
+    }
+
     /// [`GgufFile::config`] (`strict`) or [`GgufFile::shape_config`].
     fn read_config(&self, strict: bool) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;
@@ -423,12 +495,6 @@ impl GgufFile {
                     });
                 }
             }
-            if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-                return Err(EngineError::Unsupported {
-                    path: self.path.clone(),
-                    message: "rope_freqs.weight (Llama 3 RoPE scaling) is not supported yet".into(),
-                });
-            }
         }
         let vocab = match self.content.tensor_infos.get(GGUF.embed) {
             Some(info) => info.shape.dims()[0],
@@ -451,6 +517,10 @@ impl GgufFile {
                 (false, false) => 1e-6,
             },
             rope_theta: if self.has(&k("rope.freq_base")) { self.md_f32(&k("rope.freq_base"))? as f64 } else { 10_000.0 },
+            rope_scaling: match strict {
+                true => self.rope_scaling(arch)?,
+                false => crate::rope::RopeScaling::Default,
+            },
             max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key(GGUF.lm_head),
             qkv_bias: self.content.tensor_infos.contains_key(&(GGUF.bias)(0, Part::Q)),
@@ -722,8 +792,12 @@ pub fn llama_weights(mut t: TensorTable<'_>, format: Format, cfg: &Config, arch:
     } else {
         t.matrix(n.lm_head, &[cfg.vocab_size, h])?
     };
+    let rope_freqs = match format {
+        Format::Gguf => t.optional_tensor("rope_freqs.weight", &[hd / 2])?,
+        Format::Hf => None,
+    };
     let stored_types = t.finish(arch.name, n.ignorable)?;
-    Ok(LlamaWeights { embed, layers, norm, lm_head, stored_types })
+    Ok(LlamaWeights { embed, layers, norm, lm_head, rope_freqs, stored_types })
 }
 
 /// [`llama_weights`] from tensors already read, by Hugging Face names (the fuzz target's

@@ -21,7 +21,7 @@ use crate::decoder::{Capabilities, Decoder, ModelInfo};
 use crate::error::{EngineError, Result};
 use crate::faults::{Fault, Faults};
 use crate::layout::QkLayout;
-use crate::plan::{self, LayerPlan, Span};
+use crate::plan::{self, LayerPlan, RopePlan, Span};
 use crate::quant::Linear;
 use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
 use crate::taps::{tap, Capture};
@@ -29,6 +29,7 @@ use super::{Checkpoint, FamilyModel};
 use crate::options::LoadOptions;
 use crate::weights::{self, Ffn, LayerWeights, LlamaWeights};
 use crate::config::HfConfig;
+use crate::rope::{HfRope, RopeScaling};
 use crate::quant::WeightsMode;
 use crate::tensors::{Safetensors, TensorTable};
 use std::path::Path;
@@ -116,13 +117,13 @@ impl Llama {
         tap(&mut cap, || "embed".into(), &x);
 
         // RoPE tables and masks per layer plan, each computed once for the layers that share it.
-        let mut tables: Vec<(LayerPlan, (Tensor, Tensor), Option<Tensor>)> = vec![];
+        let mut tables: Vec<(&LayerPlan, (Tensor, Tensor), Option<Tensor>)> = vec![];
         for (i, lw) in self.weights.layers.iter().enumerate() {
-            let p = self.plan[i];
+            let p = &self.plan[i];
             let t = match tables.iter().position(|(q, _, _)| *q == p) {
                 Some(t) => t,
                 None => {
-                    tables.push((p, self.rope_for(&p, offset, seq)?, self.mask_for(&p, offset, seq)?));
+                    tables.push((p, self.rope_for(p, offset, seq)?, self.mask_for(p, offset, seq)?));
                     tables.len() - 1
                 }
             };
@@ -154,7 +155,8 @@ impl Llama {
                 p.rope.dims, self.cfg.head_dim
             )));
         }
-        rope_tables(self.cfg.head_dim, self.theta(p), offset, seq, self.dtype, &self.device)
+        let rope = RopePlan { base: self.theta(p), ..p.rope.clone() };
+        rope_tables(&rope, offset, seq, self.dtype, &self.device)
     }
 
     /// A layer's attention mask for `seq` positions after `offset` (`None`: every cached
@@ -290,7 +292,7 @@ impl Decoder for Llama {
         })?;
         crate::threads::pool().install(|| {
             let mut cache = self.new_cache();
-            let p = self.plan[i];
+            let p = &self.plan[i];
             let cached = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
             // An append-only cache holds every position before the step.
             if cached != p.cache.expected_len(start) {
@@ -304,8 +306,8 @@ impl Decoder for Llama {
                 cache.set_layer(i, k, v);
             }
             let seq = x.dims2()?.0;
-            let (cos, sin) = self.rope_for(&p, start, seq)?;
-            let mask = self.mask_for(&p, start, seq)?;
+            let (cos, sin) = self.rope_for(p, start, seq)?;
+            let mask = self.mask_for(p, start, seq)?;
             let x = x.to_dtype(self.dtype)?;
             self.block(i, lw, &x, &cos, &sin, mask.as_ref(), &mut cache, &mut Some(cap))
         })
@@ -369,15 +371,24 @@ pub(crate) fn llama_config(hf: &HfConfig, path: &Path, qkv_bias: bool, (experts,
             return unsupported(format!("hidden_act `{act}` is not supported (only silu)"));
         }
     }
-    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        return unsupported("rope_scaling is not supported yet".into());
-    }
-    if let Some(t) = hf.rope_parameters.as_ref().and_then(|r| r.rope_type.as_ref()) {
-        if t != "default" {
-            return unsupported(format!("rope_type `{t}` is not supported (only default)"));
+    // Every layer of this architecture attends globally with one RoPE: a config that states one
+    // per layer type may only state it for full attention.
+    let rope = match hf.rope(path)? {
+        HfRope::Uniform(r) => r,
+        HfRope::PerLayerType(mut types) if types.len() == 1 && types[0].0 == "full_attention" => types.remove(0).1,
+        HfRope::PerLayerType(types) => {
+            let names: Vec<&str> = types.iter().map(|(t, _)| t.as_str()).collect();
+            return unsupported(format!(
+                "rope_parameters per layer type ({}) is not run by the {} family, whose layers are all full attention",
+                names.join(", "),
+                hf.model_type.as_deref().unwrap_or("llama")
+            ));
         }
-    }
-    hf.shape(path, qkv_bias || hf.attention_bias, experts, per_tok)
+    };
+    let mut cfg = hf.shape(path, qkv_bias || hf.attention_bias, experts, per_tok)?;
+    cfg.rope_theta = rope.theta;
+    cfg.rope_scaling = rope.scaling;
+    Ok(cfg)
 }
 
 /// Loads the weights (Hugging Face names or GGUF names, every shape checked), sets the
@@ -402,8 +413,13 @@ pub(crate) fn load_weights(ckpt: Checkpoint<'_>, opts: &LoadOptions, family: &Fa
         }
         Checkpoint::Gguf { file, mode } => {
             file.drop_q41_min = opts.faults.has(Fault::Q41Min);
-            let cfg = file.config()?;
+            let mut cfg = file.config()?;
             let w = weights::llama_weights(TensorTable::new(file, opts.dtype, mode), weights::Format::Gguf, &opts.faults.weights_config(&cfg), arch)?;
+            // llama.cpp's Llama 3 scaling: per-frequency divisors stored as a tensor.
+            if let Some(f) = &w.rope_freqs {
+                let factors: Vec<f64> = f.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+                cfg.rope_scaling = RopeScaling::FreqFactors { factors };
+            }
             Ok((cfg, w, QkLayout::Interleaved))
         }
     }

@@ -48,7 +48,7 @@ fn logits_are_one_row_of_the_vocabulary() {
     let path = smollm2();
     let engine = candle_quantized_llama::load(&path).unwrap();
     let info = engine.info();
-    assert_eq!((info.family, info.config.vocab_size, info.config.num_layers), ("llama", 49152, 30));
+    assert_eq!((info.family.as_ref(), info.config.vocab_size, info.config.num_layers), ("llama", 49152, 30));
     assert!(info.quantized_kernels);
     // 210 Q4_1 layer matrices; the tied output head is the Q8_0 token embedding.
     assert_eq!(info.matrix_types, ["Q4_1", "Q8_0"]);

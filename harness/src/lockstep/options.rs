@@ -80,7 +80,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
 /// The prompt and the steps must fit the model's context window: step 0 feeds the prompt and
 /// each later step one token, so `steps` steps feed `prompt + steps - 1` positions.
 pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> Result<(), HarnessError> {
-    let window = engine.model.info().config.max_position_embeddings;
+    let window = engine.model.info().config.context_window();
     let needed = prompt_len + steps.max(1) - 1;
     if needed <= window {
         return Ok(());
@@ -88,7 +88,7 @@ pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> R
     let fits = (window + 1).saturating_sub(prompt_len);
     Err(HarnessError::Usage(format!(
         "the run needs {needed} positions (a prompt of {prompt_len} tokens and {steps} steps) but {}'s context window is {window} \
-         positions (max_position_embeddings / context_length): {}",
+         positions (max_position_embeddings / context_length, times a dynamic RoPE scaling's factor): {}",
         engine.path.display(),
         if fits == 0 {
             format!("the prompt alone is longer than the window; shorten it to at most {window} tokens")

@@ -372,6 +372,29 @@ pub fn stopped_before_step0(
     }
 }
 
+/// The RoPE scalings of a plan and the layers each applies to (`None` when no layer scales).
+fn rope_scaling(plan: &[lockstep_engine::LayerPlan]) -> Option<String> {
+    let mut groups: Vec<(String, Vec<usize>)> = vec![];
+    for (l, p) in plan.iter().enumerate() {
+        if p.rope.scaling.is_default() {
+            continue;
+        }
+        let d = p.rope.scaling.describe();
+        match groups.iter_mut().find(|(g, _)| *g == d) {
+            Some((_, layers)) => layers.push(l),
+            None => groups.push((d, vec![l])),
+        }
+    }
+    let parts: Vec<String> = groups
+        .into_iter()
+        .map(|(d, layers)| match layers.len() == plan.len() {
+            true => format!("{d} on every layer"),
+            false => format!("{d} on layers {layers:?}"),
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 /// The engine's side of the report header: weights, kernels, faults, dtype, Q/K layout.
 pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
     let info = engine.model.info();
@@ -383,6 +406,7 @@ pub fn engine_info(engine: &LoadedModel, opts: &RunOptions) -> EngineInfo {
         weights_mode: engine.weights.name(),
         matrix_types: info.matrix_types.clone(),
         faults: info.faults.clone(),
+        rope: rope_scaling(&info.plan),
         dtype: opts.precision,
         qk_layout: match info.qk_layout {
             QkLayout::HalfSplit => "half-split",

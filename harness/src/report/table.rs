@@ -285,6 +285,9 @@ fn write_header(o: &mut String, engine: &crate::results::run::EngineInfo, model:
             format!(" (compared through {})", engine.transforms.join(", "))
         }
     );
+    if let Some(r) = &engine.rope {
+        let _ = writeln!(o, "  rope       {r}");
+    }
     if !engine.faults.is_empty() {
         let _ = writeln!(o, "  FAULTS     injected into the engine: {}", engine.faults.join(", "));
     }

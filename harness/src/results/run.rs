@@ -287,6 +287,9 @@ pub struct EngineInfo {
     pub matrix_types: Vec<String>,
     /// Faults injected with `--inject` (empty in normal use).
     pub faults: Vec<String>,
+    /// The RoPE scaling the engine applies and on which layers (`None`: unscaled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope: Option<String>,
     pub dtype: Precision,
     pub qk_layout: &'static str,
     pub transforms: Vec<&'static str>,
