@@ -12,6 +12,8 @@ pub enum Fault {
     RefeedHistory,
     RopeConvention,
     RopeTheta,
+    /// The config's RoPE scaling not applied (issue 34).
+    RopeScalingIgnored,
     RmsEps,
     GqaMapping,
     CausalMask,
@@ -51,6 +53,8 @@ pub enum Diagnosis {
     RopeConvention,
     /// RoPE with another base (theta).
     RopeBase,
+    /// RoPE without the config's scaling (or with another type's).
+    RopeScaling,
     /// RoPE differs (convention, base or positions), unnamed.
     Rope,
     /// A norm's epsilon differs.
@@ -120,6 +124,7 @@ impl Diagnosis {
             Diagnosis::CacheKind => "cache-kind",
             Diagnosis::RopeConvention => "rope-convention",
             Diagnosis::RopeBase => "rope-base",
+            Diagnosis::RopeScaling => "rope-scaling",
             Diagnosis::Rope => "rope",
             Diagnosis::NormEpsilon => "norm-epsilon",
             Diagnosis::Norm => "norm",
@@ -234,6 +239,17 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "q_rope",
         diagnosis: Diagnosis::RopeBase,
         needs: "a prompt of 2+ tokens",
+    },
+    FaultInfo {
+        fault: Fault::RopeScalingIgnored,
+        name: "rope-scaling-ignored",
+        bug: "the config's RoPE scaling (llama3, yarn, linear, dynamic, longrope) not applied: the unscaled frequencies used, right at position 0 and wrong more and more after",
+        code_path: "Llama::rope_for: the plan's scaling replaced by none",
+        step: 0,
+        layer: Layer::First,
+        site: "q_rope",
+        diagnosis: Diagnosis::RopeScaling,
+        needs: "a model whose RoPE is scaled, and a run past where the scaling acts",
     },
     FaultInfo {
         fault: Fault::RmsEps,

@@ -569,7 +569,7 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
     let l = site.layer.unwrap_or(0);
     let isolated_fails = iso.and_then(|i| i.sites.iter().find(|s| s.site == site.site)).is_some_and(|s| s.verdict == Verdict::Fail);
     match f.kind {
-        Diagnosis::Rope => rope_evidence(engine, k, l, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
+        Diagnosis::Rope => rope_evidence(engine, k, l, at, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
         Diagnosis::Attention => attention_evidence(engine, k, l, at, &mut ev),
         Diagnosis::Norm if site.layer.is_some() => norm_evidence(engine, k, l, at, &mut ev),
         Diagnosis::OutputHead => {
@@ -715,15 +715,16 @@ fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
 }
 
 /// RoPE in the HF convention (rotate-half) or the interleaved one, on `(rows, heads*hd)`
-/// rows at positions `offset..`.
-fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, interleaved: bool) -> Vec<f32> {
+/// rows at positions `offset..`, with the frequencies `inv` (`hd / 2` of them) and cos/sin
+/// multiplied by `attn` (a scaling's attention factor).
+fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, inv: &[f64], attn: f64, interleaved: bool) -> Vec<f32> {
     let mut out = x.to_vec();
     for (row, chunk) in x.chunks(cols).enumerate() {
         let pos = (offset + row) as f64;
         for h in 0..cols / hd {
-            for i in 0..hd / 2 {
-                let f = pos / theta.powf((2 * i) as f64 / hd as f64);
-                let (c, s) = (f.cos(), f.sin());
+            for (i, f) in inv.iter().enumerate().take(hd / 2) {
+                let a_ = pos * f;
+                let (c, s) = (a_.cos() * attn, a_.sin() * attn);
                 let (a, b) = if interleaved { (h * hd + 2 * i, h * hd + 2 * i + 1) } else { (h * hd + i, h * hd + i + hd / 2) };
                 let (xa, xb) = (chunk[a] as f64, chunk[b] as f64);
                 out[row * cols + a] = (xa * c - xb * s) as f32;
@@ -734,28 +735,48 @@ fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, theta: f64, inte
     out
 }
 
-/// Which RoPE reproduces the engine's q_rope from the reference's q: the other convention,
-/// or another base.
-fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Finding> {
+/// The layer's cache before the step, from the reference's (kept) cache of the step: what
+/// isolation at the step's own positions needs. `None` at a prefill from position 0.
+fn cache_before(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize) -> Option<(Tensor, Tensor)> {
+    let (Some((ks, kvv)), Some((vs, vv))) = (arr(k, &format!("layers.{l}.cache_k")), arr(k, &format!("layers.{l}.cache_v"))) else {
+        return None;
+    };
+    if ks[1] <= fed {
+        return None;
+    }
+    let before = ks[1] - fed;
+    let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous()).ok()?;
+    let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous()).ok()?;
+    let site = engine.model.site_graph().get(&format!("layers.{l}.cache_k"))?;
+    Some((engine.model.to_model_layout(site, &kt).ok()?, vt))
+}
+
+/// Which RoPE reproduces the engine's q_rope from the reference's q, at the step's own
+/// positions: the other convention, the rotation without the layer's scaling, or another base.
+fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Option<Finding> {
     let cfg = &engine.model.info().config;
-    // The layer's own RoPE base (its plan: layers of one model may differ).
-    let base = engine.model.info().layer_plan(l).rope.base;
+    // The layer's own RoPE (its plan: layers of one model may differ).
+    let plan = engine.model.info().layer_plan(l);
+    let base = plan.rope.base;
     let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
     let cols = *qs.last()?;
-    // The engine's own q_rope, recomputed from the reference's q by isolation.
+    // The engine's own q_rope, recomputed from the reference's q by isolation at the step's
+    // positions (on the reference's cache before the step).
+    let start = at.total - at.fed;
     let mut cap = Capture::new();
     let x = arr(k, &sites::layer_input(l))?;
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
-    // At position 0 with no cache: q_rope of the prefill's first rows, as `apply_rope` below.
-    engine.model.isolate_layer(l, 0, &xt, None, &mut cap).ok()?;
+    let kv = cache_before(engine, k, l, at.fed);
+    let start = if kv.is_some() { start } else { 0 };
+    engine.model.isolate_layer(l, start, &xt, kv, &mut cap).ok()?;
     let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
     let (eq, _) = engine.model.to_canonical(engine.model.site_graph().get(&format!("layers.{l}.q_rope"))?, &eq).ok()?;
     // q_rope is (heads, seq, hd); q is (seq, heads*hd).
     let (nh, seq, hd) = eq.dims3().ok()?;
     let eq: Vec<f32> = eq.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()?;
-    // isolate_layer with no cache runs at positions 0..seq.
     let close = |cand: &[f32]| tensor_metrics(&eq, cand).rel_l2 < 1e-4;
-    let right = apply_rope(q, cols, cfg.head_dim, 0, base, false);
+    let (inv, attn) = plan.rope.frequencies(start + seq, false);
+    let right = apply_rope(q, cols, cfg.head_dim, start, &inv, attn, false);
     let rel_right = tensor_metrics(&eq, &right).rel_l2;
     // The other convention, applied in the engine's own row order (GGUF Q/K rows are
     // stored for interleaved RoPE; HF rows for rotate-half).
@@ -763,7 +784,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
     let other = (|| -> Option<Vec<f32>> {
         let qt = Tensor::from_vec(q.clone(), qs.as_slice(), &Device::Cpu).ok()?;
         let own: Vec<f32> = layout.from_hf(&qt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()?;
-        let rot = apply_rope(&own, cols, cfg.head_dim, 0, base, layout == QkLayout::HalfSplit);
+        let rot = apply_rope(&own, cols, cfg.head_dim, start, &inv, attn, layout == QkLayout::HalfSplit);
         let rt = Tensor::from_vec(rot, qs.as_slice(), &Device::Cpu).ok()?;
         layout.to_hf(&rt, cfg.head_dim).ok()?.flatten_all().ok()?.to_vec1().ok()
     })()?;
@@ -778,8 +799,40 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<Stri
         ));
         return Some(finding(Diagnosis::RopeConvention, "RoPE convention: interleaved vs half-split pairs", std::mem::take(ev)));
     }
+    // The rotation without the layer's scaling: undo the scaling and the computation matches.
+    if !plan.rope.scaling.is_default() {
+        let (plain, _) = lockstep_engine::RopePlan::unscaled(base, plan.rope.dims).frequencies(start + seq, false);
+        let unscaled = apply_rope(q, cols, cfg.head_dim, start, &plain, 1.0, false);
+        if close(&unscaled) {
+            // How the error grows with the position: the engine's rows against the right rotation.
+            let rows = row_errors(&eq, &right, cols);
+            let first = rows.iter().position(|&e| e > 1e-4).map(|r| start + r);
+            let at_pos: Vec<String> = [0, rows.len() / 4, rows.len() / 2, rows.len() - 1]
+                .iter()
+                .filter(|&&r| r < rows.len())
+                .map(|&r| format!("{:.1e} at position {}", rows[r], start + r))
+                .collect();
+            ev.push(format!(
+                "the engine's q_rope equals the reference's q rotated without the config's RoPE scaling ({}): rel-L2 {:.1e} \
+                 to the unscaled rotation, {rel_right:.2e} to the scaled one",
+                plan.rope.scaling.describe(),
+                tensor_metrics(&eq, &unscaled).rel_l2
+            ));
+            ev.push(format!("the error grows with the position: {}", at_pos.join(", ")));
+            let from = first.map(|p| format!(", from position {p}")).unwrap_or_default();
+            return Some(finding(
+                Diagnosis::RopeScaling,
+                format!("RoPE scaling not applied: the engine rotates unscaled where the config says {}{from}", plan.rope.scaling.describe()),
+                std::mem::take(ev),
+            ));
+        }
+    }
     for theta in [10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0] {
-        if theta != base && close(&apply_rope(q, cols, cfg.head_dim, 0, theta, false)) {
+        if theta == base {
+            continue;
+        }
+        let (inv, attn) = lockstep_engine::RopePlan { base: theta, ..plan.rope.clone() }.frequencies(start + seq, false);
+        if close(&apply_rope(q, cols, cfg.head_dim, start, &inv, attn, false)) {
             ev.push(format!(
                 "the engine's q_rope equals the reference's q rotated with base theta = {theta} (the config says {})",
                 base
@@ -803,23 +856,7 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
-    let kv = match (arr(k, &format!("layers.{l}.cache_k")), arr(k, &format!("layers.{l}.cache_v"))) {
-        (Some((ks, kvv)), Some((vs, vv))) if ks[1] > fed => {
-            let before = ks[1] - fed;
-            let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
-            let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous());
-            match (kt, vt) {
-                (Ok(kt), Ok(vt)) => engine
-                    .model
-                    .site_graph()
-                    .get(&format!("layers.{l}.cache_k"))
-                    .and_then(|s| engine.model.to_model_layout(s, &kt).ok())
-                    .map(|kt| (kt, vt)),
-                _ => None,
-            }
-        }
-        _ => None,
-    };
+    let kv = cache_before(engine, k, l, fed);
     let ok = engine.model.isolate_layer(l, at.total - at.fed, &xt, kv, &mut cap).is_ok();
     let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
     let (Some(e), true) = (e, ok) else {

@@ -12,8 +12,8 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 19] = [
-    "drop-context", "refeed-history", "rope-convention", "rope-theta", "rms-eps", "gqa-mapping", "causal-mask",
+const ALL_FAULTS: [&str; 20] = [
+    "drop-context", "refeed-history", "rope-convention", "rope-theta", "rope-scaling-ignored", "rms-eps", "gqa-mapping", "causal-mask",
     "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
     "qkv-bias-dropped", "tied-head", "router-renorm-skipped", "expert-off-by-one",
     // SentencePiece tokenizers: not applicable on the byte-level BPE fixtures and SmolLM2.
@@ -28,7 +28,7 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
         assert!(out.lines().any(|l| l.starts_with(f)), "{f} missing:\n{out}");
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
-                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached",
+                   "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached", "rope-scaling",
                    "adapter-scale", "sampler-mismatch", "bias", "output-head", "space-prefix"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }

@@ -77,6 +77,30 @@ live_test! {
     }
 }
 
+live_test! {
+    /// `rope-scaling-ignored` (the engine rotates with the unscaled frequencies) is found by
+    /// bisect on every type at layer 0's q_rope, named with the scaling the config states, the
+    /// evidence being the undone scaling: the engine's q_rope is the reference's q rotated
+    /// unscaled. The first position where it matters and the growth are shown.
+    fn bisect_names_an_ignored_rope_scaling_of_every_type() {
+        for ty in ["linear", "dynamic", "yarn", "llama3", "longrope"] {
+            let model = fixture(&format!("tiny-llama-rope/{ty}"));
+            let (code, out, err) = run(lockstep().args([
+                "bisect", "--model", model.to_str().unwrap(), "--reference", "transformers", "--prompt", LONG_PROMPT, "--steps", "4",
+                "--inject", "rope-scaling-ignored",
+            ]));
+            assert_eq!(code, 1, "{ty}: {out}\n{err}");
+            assert!(out.contains("first failing site    layers.0.q_rope, layer 0"), "{ty}: {out}");
+            assert!(out.contains("diagnosis: RoPE scaling not applied: the engine rotates unscaled where the config says "), "{ty}: {out}");
+            assert!(out.contains("[rope-scaling]"), "{ty}: {out}");
+            assert!(out.contains("rotated without the config's RoPE scaling"), "{ty}: {out}");
+            assert!(out.contains("the error grows with the position: "), "{ty}: {out}");
+        }
+        // On an unscaled model the fault would change nothing: refused, not run.
+        assert_exit_2(&["run", "--model", "tiny", "--prompt", LONG_PROMPT, "--inject", "rope-scaling-ignored"], &[], &["the model's RoPE is unscaled"]);
+    }
+}
+
 /// The tiny Llama's GGUF with `edit` applied, written to a temp file.
 fn gguf_with(tag: &str, edit: impl FnOnce(&mut Gguf)) -> PathBuf {
     let mut g = Gguf::read(&fixture("tiny-llama.gguf"));
@@ -155,4 +179,78 @@ fn rope_settings_the_engine_does_not_compute_are_refused_by_name() {
         g.set("llama.rope.scaling.yarn_log_multiplier", Val::F32(0.1));
     });
     gen(&key, &["llama.rope.scaling.yarn_log_multiplier is not computed by this engine's RoPE"]);
+}
+
+live_test! {
+    /// The engine's RoPE tables against transformers' rotary embedding, positions 0..8192, for
+    /// every type (the tiny variants' configs with max_position_embeddings 8192, so that the
+    /// length-dependent types run their long form): the largest |cos - cos'| and |sin - sin'|
+    /// per position range, printed (the closing note's "error by position") and bounded. Both
+    /// compute in f32 the same way (inv_freq, then position x inv_freq rounded to f32, then
+    /// cos/sin); against the exact f64 angles each is off by up to half an f32 ulp of the
+    /// angle (2.4e-4 at position 8191), which the bound leaves room for.
+    fn rope_tables_match_transformers_up_to_8k_positions() {
+        let n = 8192usize;
+        // One Python process for every type: (directory, max_position_embeddings or "-") pairs.
+        let script = r#"
+import json, sys, torch
+from transformers import AutoConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+n = int(sys.argv[1])
+out = []
+for d, m in zip(sys.argv[2::2], sys.argv[3::2]):
+    cfg = AutoConfig.from_pretrained(d)
+    if m != "-":
+        cfg.max_position_embeddings = int(m)
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1, n, 16), torch.arange(n)[None, :])
+    half = cos.shape[-1] // 2
+    out.append({"cos": cos[0, :, :half].flatten().tolist(), "sin": sin[0, :, :half].flatten().tolist()})
+json.dump(out, sys.stdout)
+"#;
+        let types = ["default", "linear", "dynamic", "yarn", "llama3", "longrope"];
+        let dir = |ty: &str| if ty == "default" { fixture("tiny-llama") } else { fixture(&format!("tiny-llama-rope/{ty}")) };
+        let mut args = vec!["-c".to_string(), script.to_string(), n.to_string()];
+        for ty in types {
+            // dynamic keeps its own max_position_embeddings (64): past it the base grows.
+            args.extend([dir(ty).to_str().unwrap().to_string(), if ty == "dynamic" { "-".into() } else { n.to_string() }]);
+        }
+        let out = std::process::Command::new(venv().join("bin/python")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (t, ty) in types.into_iter().enumerate() {
+            let dir = dir(ty);
+            let v = &all[t];
+            let theirs = |k: &str| -> Vec<f32> { v[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+            let (tc, ts) = (theirs("cos"), theirs("sin"));
+            // The engine's plan of the same config (its max_position_embeddings set alike).
+            let mut hf = lockstep_engine::config::HfConfig::from_file(&dir.join("config.json")).unwrap();
+            if ty != "dynamic" {
+                hf.max_position_embeddings = Some(n);
+            }
+            let cfg = lockstep_engine::models::llama::FAMILY.hf_config;
+            let cfg = cfg(&hf, &dir.join("config.json")).unwrap();
+            let plan = lockstep_engine::RopePlan { base: cfg.rope_theta, dims: cfg.head_dim, scaling: cfg.rope_scaling.clone() };
+            let (c, s) = lockstep_engine::blocks::rope_tables(&plan, 0, n, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+            let (c, s): (Vec<f32>, Vec<f32>) = (c.flatten_all().unwrap().to_vec1().unwrap(), s.flatten_all().unwrap().to_vec1().unwrap());
+            // The exact tables: the same plan in f64 throughout.
+            let (ec, es) = lockstep_engine::blocks::rope_tables(&plan, 0, n, candle_core::DType::F64, &candle_core::Device::Cpu).unwrap();
+            let (ec, es): (Vec<f64>, Vec<f64>) = (ec.flatten_all().unwrap().to_vec1().unwrap(), es.flatten_all().unwrap().to_vec1().unwrap());
+            let half = cfg.head_dim / 2;
+            let (mut ours, mut exact_ours, mut exact_theirs) = (vec![], vec![], vec![]);
+            let mut worst = 0f64;
+            for (lo, hi) in [(0, 64), (64, 512), (512, 2048), (2048, 4096), (4096, 8192)] {
+                let max = |a: &dyn Fn(usize) -> f64| (lo * half..hi * half).map(a).fold(0f64, f64::max);
+                let d = max(&|i| ((c[i] - tc[i]).abs().max((s[i] - ts[i]).abs())) as f64);
+                let eo = max(&|i| (c[i] as f64 - ec[i]).abs().max((s[i] as f64 - es[i]).abs()));
+                let et = max(&|i| (tc[i] as f64 - ec[i]).abs().max((ts[i] as f64 - es[i]).abs()));
+                worst = worst.max(d);
+                ours.push(format!("{lo}..{hi}: {d:.1e}"));
+                exact_ours.push(format!("{eo:.1e}"));
+                exact_theirs.push(format!("{et:.1e}"));
+            }
+            println!("{ty:9} engine vs transformers, max |Δcos|,|Δsin| by position: {}", ours.join(", "));
+            println!("{:9} vs exact (f64): engine {}; transformers {}", "", exact_ours.join(" "), exact_theirs.join(" "));
+            assert!(worst < 1e-3, "{ty}: the engine's RoPE tables differ from transformers' by {worst}");
+        }
+    }
 }

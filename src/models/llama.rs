@@ -155,7 +155,11 @@ impl Llama {
                 p.rope.dims, self.cfg.head_dim
             )));
         }
-        let rope = RopePlan { base: self.theta(p), ..p.rope.clone() };
+        let scaling = match self.faults.has(Fault::RopeScalingIgnored) {
+            true => RopeScaling::Default,
+            false => p.rope.scaling.clone(),
+        };
+        let rope = RopePlan { base: self.theta(p), scaling, ..p.rope.clone() };
         rope_tables(&rope, offset, seq, self.dtype, &self.device)
     }
 

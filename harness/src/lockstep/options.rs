@@ -128,6 +128,7 @@ pub fn fault_inapplicable(
             Some(format!("the prompt has {} token: at one position it changes nothing", prompt_ids.len()))
         }
         Fault::Q41Min if !gguf_types().iter().any(|t| t == "Q4_1") => Some("the model has no Q4_1 tensor".into()),
+        Fault::RopeScalingIgnored => rope_scaling_inapplicable(engine, prompt_ids.len() + steps - 1),
         Fault::MissingBos if bos.is_none() || prompt_ids.first().copied() != bos => Some("the prompt does not start with a BOS id".into()),
         Fault::RawPrompt if !matches!(opts.prompt, Prompt::Chat(_)) => Some("the prompt is not a chat prompt (--chat)".into()),
         // Judged on the model's own tokenizer: the loaded one already lacks the prefix when
@@ -160,6 +161,27 @@ pub fn fault_inapplicable(
         _ => None,
     };
     why
+}
+
+/// Why ignoring the RoPE scaling changes nothing in a run that reaches `positions`: no layer
+/// scales, or every scaling acts only past where the run goes.
+fn rope_scaling_inapplicable(engine: &LoadedModel, positions: usize) -> Option<String> {
+    use lockstep_engine::rope::RopeScaling;
+    let plan = &engine.model.info().plan;
+    let acts = |s: &RopeScaling| match s {
+        RopeScaling::Default => false,
+        RopeScaling::Dynamic { max_position_embeddings, .. } => positions > *max_position_embeddings,
+        RopeScaling::LongRope { short_factor, original_max_position_embeddings, .. } => {
+            positions > *original_max_position_embeddings || short_factor.iter().any(|f| *f != 1.0)
+        }
+        _ => positions > 1,
+    };
+    if plan.iter().all(|p| p.rope.scaling.is_default()) {
+        return Some("the model's RoPE is unscaled".into());
+    }
+    (!plan.iter().any(|p| acts(&p.rope.scaling))).then(|| {
+        format!("the model's RoPE scaling ({}) acts only past the {positions} positions this run reaches", plan[0].rope.scaling.describe())
+    })
 }
 
 /// Encodes the prompt on the engine side.
