@@ -30,7 +30,7 @@ LOCKSTEP := target/release/lockstep
 
 DEMO_ARGS := run --model smollm2 --weights dequant --reference transformers --chat "What is the capital of France?" --steps 32
 
-.PHONY: setup env browser build demo test report-ci nightly fixtures snapshots models bench fuzz help
+.PHONY: setup env browser build demo test report-ci nightly rope-variants fixtures snapshots models bench fuzz help
 
 help:
 	@echo "make demo   - set up (if needed) and run SmolLM2 in lockstep with transformers"
@@ -40,6 +40,7 @@ help:
 	@echo "make models - put the weights that golden traces need but are not committed into the model store"
 	@echo "make bench  - prefill/decode speed of the engine, llama.cpp and transformers (SmolLM2 Q4_1, 2 threads)"
 	@echo "make nightly - the nightly parity report (scripts/suites/nightly.toml) into reports/nightly, with history"
+	@echo "make rope-variants - SmolLM2 under RoPE-scaling configs in the model store (aliases smollm2-llama3, smollm2-dynamic)"
 	@echo "make fuzz   - coverage-guided fuzzing of every parser, FUZZ_SECONDS (600) per target (FUZZ_TARGETS to pick)"
 
 env:
@@ -70,8 +71,13 @@ test: setup models report-ci
 
 # The nightly matrix with its history (exit 1 on a regression since the last night).
 NIGHTLY_ARGS ?= --history reports/history.jsonl
-nightly: setup
+nightly: setup models rope-variants
 	$(LOCKSTEP) report --suite scripts/suites/nightly.toml --out reports/nightly-$$(date -u +%F) $(NIGHTLY_ARGS)
+
+# SmolLM2's weights under RoPE-scaling configs (aliases smollm2-llama3, smollm2-dynamic), made
+# once in the model store from its dequantized Hugging Face directory (scripts/rope_variants.py).
+rope-variants: setup models
+	$(LOCKSTEP_VENV)/bin/python scripts/rope_variants.py "$${LOCKSTEP_MODELS:-$$HOME/.cache/lockstep/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Regenerates the committed tiny fixtures (deterministic; the self-check runs transformers).
 fixtures: env

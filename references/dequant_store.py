@@ -71,13 +71,18 @@ def hf_dir_for(gguf: Path, log=lambda msg: print(msg, file=sys.stderr, flush=Tru
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
         # save_pretrained refuses a GGUF-loaded model ("quantized with gguf and is not
         # serializable"): the weights are plain float32 tensors by now, so write them and the
-        # config (without its gguf quantization_config) directly.
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # config (without its gguf quantization_config) directly. A tied head is stored as
+        # Hugging Face checkpoints store it: the embedding only (safetensors' save_model would
+        # keep whichever name of the shared tensor it meets first, lm_head.weight).
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", 0o644)
         model.config.save_pretrained(tmp)
         cfg_path = tmp / "config.json"

