@@ -388,6 +388,52 @@ impl GgufFile {
         self.read_config(true)
     }
 
+    /// Every `{arch}.*` key outside RoPE's (checked by [`GgufFile::rope_scaling`]) is one the
+    /// engine reads, or the file states something the engine would not compute (a sliding
+    /// window, logit soft-capping, another value width) and is refused, naming the key.
+    fn check_keys_read(&self, arch: &str, head_dim: usize) -> Result<()> {
+        const READ: &[&str] = &[
+            "block_count",
+            "context_length",
+            "embedding_length",
+            "feed_forward_length",
+            "vocab_size",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+            "attention.value_length",
+            "attention.layer_norm_rms_epsilon",
+            "expert_count",
+            "expert_used_count",
+        ];
+        let prefix = format!("{arch}.");
+        let mut unread: Vec<&str> = self
+            .content
+            .metadata
+            .keys()
+            .filter_map(|key| key.strip_prefix(&prefix))
+            .filter(|rest| !rest.starts_with("rope.") && !READ.contains(rest))
+            .collect();
+        unread.sort();
+        if let Some(first) = unread.first() {
+            return Err(EngineError::Unsupported {
+                path: self.path.clone(),
+                message: format!(
+                    "{prefix}{first} is not computed by this engine ({}): refused rather than ignored",
+                    if unread.len() > 1 { format!("nor {} more such key(s)", unread.len() - 1) } else { "a model the engine would run without it".into() }
+                ),
+            });
+        }
+        let value = format!("{prefix}attention.value_length");
+        if self.has(&value) && self.md_u32(&value)? as usize != head_dim {
+            return Err(EngineError::Unsupported {
+                path: self.path.clone(),
+                message: format!("{value} {} differs from the key width {head_dim}: not run by this engine", self.md_u32(&value)?),
+            });
+        }
+        Ok(())
+    }
+
     /// The RoPE scaling the metadata states (`{arch}.rope.scaling.*`): none, linear or YaRN as
     /// llama.cpp computes them; every other `{arch}.rope.*` key this engine does not compute is
     /// refused by name. (`rope_freqs.weight`, Llama 3's per-frequency divisors, is a tensor:
@@ -487,6 +533,7 @@ impl GgufFile {
             None => hidden / heads,
         };
         if strict {
+            self.check_keys_read(arch, head_dim)?;
             if let Some(rd) = opt_u32(&k("rope.dimension_count"))? {
                 if rd as usize != head_dim {
                     return Err(EngineError::Unsupported {

@@ -399,3 +399,92 @@ fn a_post_processor_naming_an_undefined_special_token_is_exit_2() {
         &["tokenizer.json", "post_processor", "\"<s>\"", "special_tokens do not define"],
     );
 }
+
+live_test! {
+    /// Issue 35: a Python engine that prints and returns its prefill logits in Fortran order
+    /// (np.asfortranarray, as any `.T` view is) computes the right numbers: the run passes
+    /// (the array is read in its logical order, not its memory order, which was reported as a
+    /// divergence at the output head), and `--json -` holds the JSON alone (the print goes to
+    /// stderr).
+    fn a_python_engine_that_prints_and_returns_fortran_ordered_arrays_passes_with_clean_json() {
+        let dir = tmp("fortran-engine");
+        let engine = dir.join("fortran_engine.py");
+        std::fs::write(
+            &engine,
+            r#"import numpy as np
+import transformers_ref
+
+
+class FortranEngine(transformers_ref.TransformersReference):
+    def step(self, token_ids):
+        out = super().step(token_ids)
+        print("a print from the engine under test")
+        return {k: (np.asfortranarray(v) if v.ndim >= 2 else v) for k, v in out.items()}
+
+
+def load(model, dtype="float32", sites=None, lora=None, **options):
+    return FortranEngine(model, dtype=dtype, sites=sites)
+"#,
+        )
+        .unwrap();
+        let spec = format!("python:{}", engine.display());
+        let (code, out, err) = run(lockstep().args([
+            "run", "--engine", &spec, "--model", "tiny", "--reference", "transformers", "--prompt", "The capital of France is", "--steps",
+            "3", "--json", "-",
+        ]));
+        assert_eq!(code, 0, "{out}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("stdout is not the JSON alone ({e}):\n{out}"));
+        assert_eq!(report["verdict"], "pass", "{out}");
+        assert!(err.contains("a print from the engine under test"), "the print goes to stderr:\n{err}");
+    }
+}
+
+/// Issue 35: a trace whose JSON declares 2^40 steps (a 26 TB allocation, abort 134) or 10^9
+/// (14.6 GB in 40 s) is refused before anything is allocated from the count: exit 2, the file
+/// and the count named.
+#[test]
+fn a_trace_declaring_absurd_steps_is_exit_2_before_allocating() {
+    let src = repo().join("snapshots/traces");
+    let name = "tiny-hf.transformers";
+    for (tag, steps) in [("2e40", 1u64 << 40), ("1e9", 1_000_000_000)] {
+        let d = tmp(&format!("trace-steps-{tag}"));
+        std::fs::copy(src.join(format!("{name}.safetensors")), d.join(format!("{name}.safetensors"))).unwrap();
+        let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join(format!("{name}.json"))).unwrap()).unwrap();
+        j["steps"] = serde_json::json!(steps);
+        std::fs::write(d.join(format!("{name}.json")), j.to_string()).unwrap();
+        let start = std::time::Instant::now();
+        let (code, out, err) = run(lockstep().args(["replay", name]).env("LOCKSTEP_TRACES", &d));
+        assert_eq!(code, 2, "{tag}: {out}\n{err}");
+        assert!(err.contains(&format!("{steps} steps but tokens for")) && err.contains(&format!("{name}.json")), "{tag}: {err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "{tag}: took {:?}", start.elapsed());
+    }
+}
+
+/// Issue 35: a suite of a few hundred bytes whose matrix expands to a million cases is refused
+/// before anything runs (exit 2, the count, the matrix and the flag named); `--max-cases`
+/// raises the limit (here `--list` then shows them without running any).
+#[test]
+fn a_suite_expanding_to_a_million_cases_is_refused_unless_max_cases_allows_it() {
+    let d = tmp("suite-million");
+    let names = |p: &str, n: usize| (0..n).map(|i| format!("{{ name = \"{p}{i}\", prompt = \"x{i}\" }}")).collect::<Vec<_>>().join(", ");
+    let samplers = (0..100).map(|i| format!("{{ name = \"s{i}\", spec = \"temp=0.5,seed={i}\" }}")).collect::<Vec<_>>().join(", ");
+    let suite = format!(
+        "[suite]\nname = \"big\"\n[[matrix]]\nname = \"m\"\nmodels = [\"tiny\"]\nreferences = [\"transformers\"]\nweights = [\"default\"]\n\
+         prompts = [{}]\nsamplers = [{samplers}]\nadapters = [{}]\nsteps = 2\n",
+        names("p", 100),
+        (0..100).map(|i| format!("{{ name = \"a{i}\" }}")).collect::<Vec<_>>().join(", ")
+    );
+    let path = d.join("big.toml");
+    std::fs::write(&path, suite).unwrap();
+    let p = path.to_str().unwrap();
+    let out_dir = d.join("out");
+    assert_exit_2(
+        &["report", "--suite", p, "--out", out_dir.to_str().unwrap()],
+        &[],
+        &["the suite expands to 1000000 cases, more than 1000", "matrix `m`: 1 models x 1 weights x 100 adapters x 100 prompts x 100 samplers", "--max-cases 1000000"],
+    );
+    assert!(!out_dir.exists(), "nothing is written for a refused suite");
+    let (code, out, err) = run(lockstep().args(["report", "--suite", p, "--out", "unused", "--list", "--max-cases", "1000000"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1_000_000);
+}

@@ -179,6 +179,13 @@ fn rope_settings_the_engine_does_not_compute_are_refused_by_name() {
         g.set("llama.rope.scaling.yarn_log_multiplier", Val::F32(0.1));
     });
     gen(&key, &["llama.rope.scaling.yarn_log_multiplier is not computed by this engine's RoPE"]);
+    // Issue 35: nothing else a file says is ignored either (a window, logit soft-capping).
+    for (key, v) in [("llama.attention.sliding_window", Val::U32(32)), ("llama.final_logit_softcapping", Val::F32(30.0))] {
+        let p = gguf_with(&format!("gguf-{key}"), |g| {
+            g.set(key, v);
+        });
+        gen(&p, &[&format!("{key} is not computed by this engine"), "refused rather than ignored"]);
+    }
 }
 
 live_test! {

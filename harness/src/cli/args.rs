@@ -446,6 +446,10 @@ pub struct ReportArgs {
     /// every step) to DIR/runs/NAME.json; the page links it.
     #[arg(long)]
     pub full_json: bool,
+    /// The most cases the suite may expand to (its matrices multiplied out): a larger suite is
+    /// refused before anything runs.
+    #[arg(long, value_name = "N", default_value_t = crate::report::suite::MAX_CASES)]
+    pub max_cases: usize,
     /// List the suite's cases (the matrices expanded) with their shard, and run nothing.
     #[arg(long)]
     pub list: bool,

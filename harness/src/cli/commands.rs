@@ -555,14 +555,14 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
             let (suite, out) = (a.suite.expect("clap requires --suite"), a.out.expect("clap requires --out"));
             let shard = a.shard.as_deref().map(Shard::parse).transpose()?;
             if a.list {
-                let s = Suite::load(&suite)?;
+                let s = Suite::load_capped(&suite, a.max_cases)?;
                 for (k, c) in s.cases.iter().enumerate().filter(|(k, _)| shard.is_none_or(|sh| sh.has(*k))) {
                     outln!("{k:>3} {}", c.list_line());
                 }
                 return Ok(Outcome::Pass);
             }
             let rerun_crashed = std::env::var_os(nightly::WORKER_ENV).is_none_or(|v| v != "restart");
-            let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json, rerun_crashed };
+            let o = nightly::RunReportOptions { suite, out: out.clone(), shard, history: a.history, full_json: a.full_json, rerun_crashed, max_cases: a.max_cases };
             if std::env::var_os(nightly::WORKER_ENV).is_none() {
                 return nightly::report_supervised(&o).map(Outcome::Exit);
             }

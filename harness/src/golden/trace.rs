@@ -237,6 +237,18 @@ impl TraceMeta {
                 message: format!("trace format `{}`, this lockstep reads `{FORMAT}`; re-record it (`make snapshots`)", meta.format),
             });
         }
+        // A count read from the file is checked against the data that backs it before anything
+        // uses it (a run of that many steps, a table per step): `steps` against the tokens fed.
+        if meta.tokens_fed.len() != meta.steps {
+            return Err(HarnessError::Io {
+                path: path.display().to_string(),
+                message: format!(
+                    "{} steps but tokens for {}: the trace is corrupt (re-record it with `make snapshots` or `lockstep record`)",
+                    meta.steps,
+                    meta.tokens_fed.len()
+                ),
+            });
+        }
         Ok(meta)
     }
 

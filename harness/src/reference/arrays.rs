@@ -100,15 +100,27 @@ impl<'a, 'py> StepArrays<'a, 'py> {
         let borrow_err = |e: &dyn std::fmt::Display| {
             HarnessError::Python(format!("{reference}: site `{site}` cannot be read without a copy ({e})"))
         };
+        // A C-contiguous array is read in place. Any other layout (Fortran order, a `.T` view,
+        // a strided slice) is read in its logical row-major order, copied: rust-numpy's
+        // `as_slice` also accepts Fortran-contiguous memory, which read as row-major would be
+        // the transpose.
         if let Ok(arr) = obj.cast::<numpy::PyArrayDyn<f32>>() {
             let ro = arr.try_readonly().map_err(|e| borrow_err(&e))?;
-            let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
-            return Ok(Some(f(ro.shape(), Data::F32(data))));
+            if ro.is_c_contiguous() {
+                let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
+                return Ok(Some(f(ro.shape(), Data::F32(data))));
+            }
+            let owned: Vec<f32> = ro.as_array().iter().copied().collect();
+            return Ok(Some(f(ro.shape(), Data::F32(&owned))));
         }
         if let Ok(arr) = obj.cast::<numpy::PyArrayDyn<f64>>() {
             let ro = arr.try_readonly().map_err(|e| borrow_err(&e))?;
-            let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
-            return Ok(Some(f(ro.shape(), Data::F64(data))));
+            if ro.is_c_contiguous() {
+                let data = ro.as_slice().map_err(|e| borrow_err(&e))?;
+                return Ok(Some(f(ro.shape(), Data::F64(data))));
+            }
+            let owned: Vec<f64> = ro.as_array().iter().copied().collect();
+            return Ok(Some(f(ro.shape(), Data::F64(&owned))));
         }
         Err(HarnessError::Python(format!(
             "{reference}: site `{site}` is a {}, not a float32/float64 numpy array (the protocol requires C-contiguous float32, \

@@ -59,6 +59,9 @@ fn start() -> Result<(), String> {
         let path = sys.getattr("path").map_err(|e| e.to_string())?;
         let path = path.cast::<PyList>().map_err(|e| e.to_string())?;
         path.insert(0, refs.to_string_lossy().as_ref()).map_err(|e| e.to_string())?;
+        // stdout is lockstep's (its tables, `--json -`): a print() in an engine or reference
+        // goes to stderr with the other diagnostics instead of into the JSON.
+        py.run(c"import sys\nsys.stdout = sys.stderr", None, None).map_err(|e| e.to_string())?;
         if crate::interrupt::is_installed() {
             // Python's table must name a handler for SIGINT, or the interrupt our own
             // handler requests is dropped ("ignored due to race condition").

@@ -679,6 +679,8 @@ pub struct RunReportOptions {
     /// Run again the cases that crashed (a resume does; a worker restarted after a crash
     /// does not).
     pub rerun_crashed: bool,
+    /// The most cases the suite may expand to (`--max-cases`, default [`crate::report::suite::MAX_CASES`]).
+    pub max_cases: usize,
 }
 
 /// The exit code of a report (see docs/reports.md, "Exit codes"): 1 when a regression against
@@ -690,7 +692,7 @@ pub fn exit_code(rep: &Report, with_history: bool) -> u8 {
 
 /// `lockstep report --suite FILE --out DIR`.
 pub fn run_report(o: &RunReportOptions) -> Result<(Report, u8), HarnessError> {
-    let suite = Suite::load(&o.suite)?;
+    let suite = Suite::load_capped(&o.suite, o.max_cases)?;
     std::fs::create_dir_all(o.out.join("cases")).map_err(|e| io_err(&o.out, e))?;
     let record = SuiteRecord {
         schema_version: SCHEMA_VERSION,
@@ -809,7 +811,7 @@ pub const WORKER_ENV: &str = "LOCKSTEP_REPORT_WORKER";
 /// 130 is passed on.
 pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
     use std::os::unix::process::ExitStatusExt;
-    let suite = Suite::load(&o.suite)?;
+    let suite = Suite::load_capped(&o.suite, o.max_cases)?;
     let exe = std::env::current_exe().map_err(|e| HarnessError::Env(format!("cannot find the lockstep binary to run the report's cases: {e}")))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Each restart follows a recorded crash: at most one per case, and one to write the page.

@@ -303,16 +303,47 @@ fn slug(model: &str) -> String {
     stem.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '-' }).collect()
 }
 
+/// The most cases a suite may expand to unless `--max-cases` raises it: a few hundred bytes of
+/// matrix can describe a million cases (weeks of runs, gigabytes of report).
+pub const MAX_CASES: usize = 1000;
+
 impl Suite {
     pub fn load(path: &Path) -> Result<Suite, HarnessError> {
+        Suite::load_capped(path, MAX_CASES)
+    }
+
+    /// [`Suite::load`] allowing up to `max_cases` cases.
+    pub fn load_capped(path: &Path, max_cases: usize) -> Result<Suite, HarnessError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| HarnessError::Io { path: path.display().to_string(), message: e.to_string() })?;
-        Suite::parse(&text, path)
+        Suite::parse_capped(&text, path, max_cases)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Suite, HarnessError> {
+        Suite::parse_capped(text, path, MAX_CASES)
+    }
+
+    /// [`Suite::parse`] allowing up to `max_cases` cases; the count is taken before anything
+    /// is expanded.
+    pub fn parse_capped(text: &str, path: &Path, max_cases: usize) -> Result<Suite, HarnessError> {
         let f: SuiteFile =
             toml::from_str(text).map_err(|e| HarnessError::Suite { path: path.display().to_string(), message: e.to_string().trim().to_string() })?;
+        let sizes: Vec<(String, [usize; 5])> =
+            f.matrix.iter().map(|m| (m.name.clone(), [m.models.len(), m.weights.len(), m.adapters.len(), m.prompts.len(), m.samplers.len()])).collect();
+        let total = sizes.iter().fold(f.cases.len(), |acc, (_, d)| acc.saturating_add(d.iter().fold(1usize, |p, n| p.saturating_mul(*n))));
+        if total > max_cases {
+            let biggest = sizes.iter().max_by_key(|(_, d)| d.iter().fold(1usize, |p, n| p.saturating_mul(*n)));
+            return Err(HarnessError::Suite {
+                path: path.display().to_string(),
+                message: format!(
+                    "the suite expands to {total} cases, more than {max_cases}{}: shorten the lists, or raise the limit with \
+                     --max-cases {total} if you mean to run them all",
+                    biggest
+                        .map(|(n, d)| format!(" (matrix `{n}`: {} models x {} weights x {} adapters x {} prompts x {} samplers)", d[0], d[1], d[2], d[3], d[4]))
+                        .unwrap_or_default()
+                ),
+            });
+        }
         let mut cases = f.cases;
         for m in &f.matrix {
             cases.extend(m.expand());
