@@ -74,6 +74,12 @@ impl LoadedModel {
                 ids.remove(0);
             }
         }
+        if ids.is_empty() && !f.has(Fault::MissingBos) {
+            return Err(EngineError::Input(format!(
+                "the prompt {text:?} encodes to no tokens{}",
+                if chat { ": the chat template rendered nothing (check the model's chat_template)" } else { "" }
+            )));
+        }
         Ok(ids)
     }
 

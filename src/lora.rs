@@ -300,6 +300,16 @@ impl LoraAdapter {
                 };
                 check(&ta, &ka, vec![r, inp], na)?;
                 check(&tb, &kb, vec![out, r], nb)?;
+                // A NaN/Inf in A or B is a corrupted adapter (it would turn every output NaN).
+                for (t, key) in [(&ta, &ka), (&tb, &kb)] {
+                    if let Some((i, v)) = crate::quant::first_nonfinite(t, 1)? {
+                        return Err(EngineError::BadTensor {
+                            path: wpath.clone(),
+                            tensor: key.clone(),
+                            message: format!("element {i} holds a non-finite value ({v}): the adapter is corrupted (re-save or re-train it)"),
+                        });
+                    }
+                }
                 pairs.push(LoraPair {
                     layer,
                     module,

@@ -512,6 +512,9 @@ impl GgufFile {
             if self.has(k) { self.md_u32(k).map(Some) } else { Ok(None) }
         };
         let hidden = self.md_u32(&k("embedding_length"))? as usize;
+        if hidden == 0 {
+            return Err(bad(format!("{} 0: a model's hidden state has at least one dimension", k("embedding_length"))));
+        }
         let heads = self.md_u32(&k("attention.head_count"))? as usize;
         if heads == 0 {
             return Err(bad(format!("{} 0: head_count 0, a model needs at least one attention head", k("attention.head_count"))));
@@ -604,6 +607,17 @@ impl GgufFile {
                 return bad(format!(
                     "tokenizer.ggml.tokens has {n} tokens, the embedding `{}` has {} rows: the vocabulary and the model do not match",
                     GGUF.embed, cfg.vocab_size
+                ));
+            }
+        }
+        // llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+        // 6 byte (0 undefined); anything else is no vocabulary llama.cpp or this engine reads.
+        if self.has("tokenizer.ggml.token_type") {
+            let types = self.md_i32_array("tokenizer.ggml.token_type")?;
+            if let Some((i, v)) = types.iter().enumerate().find(|(_, v)| !(0..=6).contains(*v)) {
+                return bad(format!(
+                    "tokenizer.ggml.token_type[{i}] = {v} is not a token type (0..6: undefined, normal, unknown, control, \
+                     user-defined, unused, byte)"
                 ));
             }
         }

@@ -131,6 +131,36 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), crate::error::Harnes
     })
 }
 
+/// Checks, before a run, that `path` (an output file, `-` for standard output) can be written:
+/// its directory exists and takes a file. A run of minutes must not end in "cannot write".
+pub fn check_writable_file(path: &Path, flag: &str) -> Result<(), crate::error::HarnessError> {
+    if is_stdout(path) {
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    check_writable_dir(&dir, &format!("{flag} {}", path.display()))
+}
+
+/// Checks, before a run, that files can be created in `dir` (`what` names the option in the
+/// message).
+pub fn check_writable_dir(dir: &Path, what: &str) -> Result<(), crate::error::HarnessError> {
+    let err = |m: String| crate::error::HarnessError::Io { path: dir.display().to_string(), message: format!("{m} ({what}): nothing was run") };
+    if !dir.is_dir() {
+        return Err(err("no such directory: create it first, or write elsewhere".into()));
+    }
+    let probe = dir.join(format!(".lockstep-write-check.{}", std::process::id()));
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(err(format!("cannot create a file here: {e}"))),
+    }
+}
+
 /// `-` as an output path (`--json -`, `--junit -`): standard output.
 pub fn is_stdout(path: &Path) -> bool {
     path.as_os_str() == "-"

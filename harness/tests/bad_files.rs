@@ -326,3 +326,63 @@ fn gguf_version_1_and_bad_head_counts_say_what_is_wrong() {
     });
     generate_exit_2(&p, &["general.architecture", "\\u{1b}[2Jama\\u{7}", "not supported"]);
 }
+
+// --- issue 35: last round's POOR rows ------------------------------------------------------------
+
+#[test]
+fn gguf_embedding_length_zero_is_exit_2_naming_the_key() {
+    // Was "partial RoPE (rope.dimension_count 16 != head_dim 0)".
+    let arch = Gguf::read(&fixture("tiny-llama.gguf")).arch();
+    let key = format!("{arch}.embedding_length");
+    let p = bad_gguf("tiny-llama.gguf", "embd0", |g| {
+        g.set(&key, Val::U32(0));
+    });
+    generate_exit_2(&p, &[&format!("{key} 0")]);
+}
+
+#[test]
+fn an_empty_chat_template_is_exit_2_saying_it_rendered_nothing() {
+    // Was "forward called with no tokens".
+    let d = hf_copy("tiny-llama", "empty-template");
+    edit_json(&d.join("tokenizer_config.json"), |v| v["chat_template"] = "".into());
+    let m = d.to_str().unwrap();
+    assert_exit_2(&["generate", "--model", m, "--chat", "hi", "-n", "2"], &[], &["encodes to no tokens", "chat template rendered nothing"]);
+}
+
+#[test]
+fn a_lora_adapter_with_a_nan_is_exit_2_naming_the_tensor() {
+    // Was exit 0 with an empty text (every logit NaN).
+    let src = repo().join("snapshots/adapters/tiny-peft");
+    let d = tmp("lora-nan").join("adapter");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(src.join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    owned.sort_by(|a, b| a.0.cmp(&b.0));
+    let target = owned.iter().position(|(n, d, ..)| n.contains("lora_B") && *d == safetensors::Dtype::F32).expect("a float32 B matrix");
+    owned[target].3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let name = owned[target].0.clone();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        owned.iter().map(|(n, dt, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap())).collect();
+    std::fs::write(d.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    assert_exit_2(
+        &["generate", "--model", "tiny", "--prompt", "hi", "-n", "2", "--lora", d.to_str().unwrap()],
+        &[],
+        &[&name, "non-finite value", "adapter is corrupted"],
+    );
+}
+
+#[test]
+fn a_sentencepiece_token_type_outside_llama_cpps_is_exit_2() {
+    for (tag, bad) in [("tt99", 99), ("ttneg", -1)] {
+        let p = bad_gguf("tiny-spm.gguf", tag, |g| {
+            let Some(Val::Arr(ty, items)) = g.get("tokenizer.ggml.token_type").cloned() else { panic!("token types") };
+            let mut items = items;
+            items[5] = Val::I32(bad);
+            g.set("tokenizer.ggml.token_type", Val::Arr(ty, items));
+        });
+        generate_exit_2(&p, &[&format!("tokenizer.ggml.token_type[5] = {bad}"), "is not a token type"]);
+    }
+}

@@ -488,3 +488,35 @@ fn a_suite_expanding_to_a_million_cases_is_refused_unless_max_cases_allows_it() 
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1_000_000);
 }
+
+/// Issue 35: what can be checked before a run is checked before it: an empty prompt (it was
+/// refused only after the references loaded), a `--json` file in a directory that does not
+/// exist and a `record --out` that is not a directory (both failed after the whole run, naming
+/// a hidden .tmp file), `record --full-layers` naming a layer the model lacks (accepted).
+#[test]
+fn what_can_be_checked_before_a_run_is_checked_before_it() {
+    let d = tmp("before-run");
+    for flag in ["--prompt", "--chat"] {
+        assert_exit_2(&["run", "--model", "tiny", "--reference", "transformers", flag, ""], &[], &[&format!("{flag} is empty")]);
+    }
+    let missing = d.join("no-such-dir").join("run.json");
+    assert_exit_2(
+        &["run", "--model", "tiny", "--reference", "transformers", "--prompt", "hi", "--json", missing.to_str().unwrap()],
+        &[],
+        &["no-such-dir", "no such directory", "--json", "nothing was run"],
+    );
+    let file = d.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    assert_exit_2(
+        &["record", "--model", "tiny", "--reference", "transformers", "--prompt", "hi", "--name", "t", "--out", file.to_str().unwrap()],
+        &[],
+        &["a-file", "record --out", "nothing was run"],
+    );
+    let out = d.join("traces");
+    std::fs::create_dir_all(&out).unwrap();
+    assert_exit_2(
+        &["record", "--model", "tiny", "--reference", "transformers", "--prompt", "hi", "--name", "t", "--out", out.to_str().unwrap(), "--full-layers", "0,99"],
+        &[],
+        &["--full-layers names layer 99", "the model has 3 layers"],
+    );
+}

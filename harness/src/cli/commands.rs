@@ -99,7 +99,7 @@ impl RunFlags<'_> {
             engine: crate::plugin::EngineSpec::under_test(),
             model: models::resolve(self.model)?,
             references,
-            prompt: self.prompt.to_prompt(),
+            prompt: self.prompt.to_prompt()?,
             steps: self.steps,
             precision: self.precision,
             weights: self.weights.map(WeightsArg::mode),
@@ -195,6 +195,9 @@ fn record_and_report(req: &RecordRequest) -> Result<record::Recorded, HarnessErr
 // ------------------------------------------------------------------ commands
 
 fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     let flags = RunFlags {
         model: &a.model,
         reference: &a.reference,
@@ -241,6 +244,9 @@ fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
         return Err(HarnessError::ZeroSteps);
     }
     trace::check_name(&a.name)?;
+    if let Some(out) = &a.out {
+        crate::paths::check_writable_dir(out, "record --out")?;
+    }
     let specs = RefSpec::parse_list(&a.reference)?;
     let names: Vec<String> = if specs.len() == 1 {
         vec![a.name.clone()]
@@ -250,7 +256,7 @@ fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
     let req = RecordRequest {
         model_arg: a.model,
         references: specs,
-        prompt: a.prompt.to_prompt(),
+        prompt: a.prompt.to_prompt()?,
         steps: a.steps,
         names,
         policy: KeepPolicy { full_layers: a.full_layers, only: None },
@@ -322,6 +328,9 @@ fn snapshots(a: SnapshotsArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn replay(a: ReplayArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     let case = Manifest::load_default().ok().and_then(|m| m.case(&a.name).ok().cloned());
     let traces = match &case {
         Some(c) => c.trace_names(),
@@ -408,6 +417,9 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     use crate::checks::quantcheck::{self, Status};
     let path = models::resolve(&a.file)?;
     let c = quantcheck::run(&path)?;
@@ -435,6 +447,9 @@ fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     let flags = RunFlags {
         model: &a.model,
         reference: &a.reference,
@@ -468,6 +483,9 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     use lockstep_engine::faults::{Layer, CATALOG, DEFAULT_FAULT_LAYER};
     if !a.check {
         // The full table needs ~240 columns; narrower, the bug and the code path go on
@@ -518,6 +536,9 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn tokcheck(a: TokcheckArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     use crate::checks::tokcheck;
     let specs = RefSpec::parse_list(&a.reference)?;
     let path = models::resolve(&a.model)?;
@@ -583,6 +604,9 @@ fn report_cmd(a: ReportArgs) -> Result<Outcome, HarnessError> {
 }
 
 fn inspect(a: InspectArgs) -> Result<Outcome, HarnessError> {
+    if let Some(j) = &a.json {
+        crate::paths::check_writable_file(j, "--json")?;
+    }
     use crate::checks::lora;
     let specs = RefSpec::parse_list(&a.reference)?;
     let path = models::resolve(&a.model)?;

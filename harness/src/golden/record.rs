@@ -380,6 +380,14 @@ use crate::lockstep::options::{RunOptions};
     let engine = crate::lockstep::options::load_engine(&opts);
     phase.done();
     let engine = engine?;
+    // Layers kept in full that the model does not have: said before any reference loads.
+    let layers = engine.model.info().config.num_layers;
+    if let Some(bad) = req.policy.full_layers.as_ref().and_then(|f| f.iter().find(|&&l| l >= layers)) {
+        return Err(HarnessError::Usage(format!(
+            "--full-layers names layer {bad}, and the model has {layers} layers (0..{}): keep layers that exist",
+            layers.saturating_sub(1)
+        )));
+    }
     let mut policy = req.policy.clone();
     if req.engine_sites {
         policy.only = Some(engine.model.site_graph().names());
