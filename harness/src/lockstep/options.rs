@@ -80,7 +80,12 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
 /// The prompt and the steps must fit the model's context window: step 0 feeds the prompt and
 /// each later step one token, so `steps` steps feed `prompt + steps - 1` positions.
 pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> Result<(), HarnessError> {
-    let window = engine.model.info().config.context_window();
+    let cfg = &engine.model.info().config;
+    let window = cfg.context_window();
+    let dynamic = match window != cfg.max_position_embeddings {
+        true => format!(" times its dynamic RoPE scaling's factor, {}", cfg.rope_scaling.describe()),
+        false => String::new(),
+    };
     let needed = prompt_len + steps.max(1) - 1;
     if needed <= window {
         return Ok(());
@@ -88,7 +93,7 @@ pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> R
     let fits = (window + 1).saturating_sub(prompt_len);
     Err(HarnessError::Usage(format!(
         "the run needs {needed} positions (a prompt of {prompt_len} tokens and {steps} steps) but {}'s context window is {window} \
-         positions (max_position_embeddings / context_length, times a dynamic RoPE scaling's factor): {}",
+         positions (max_position_embeddings / context_length{dynamic}): {}",
         engine.path.display(),
         if fits == 0 {
             format!("the prompt alone is longer than the window; shorten it to at most {window} tokens")
