@@ -520,3 +520,59 @@ fn what_can_be_checked_before_a_run_is_checked_before_it() {
         &["--full-layers names layer 99", "the model has 3 layers"],
     );
 }
+
+/// Every file under `dir` with its size and modification time.
+fn listing(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+live_test! {
+    /// Issue 35: `kill -INT PID` and `kill -TERM PID` to `lockstep report` (a process manager
+    /// signals the PID, not the group) stop the suite: exit 130 or 143, and no worker outlives
+    /// the command (nothing in --out changes after it returned). SIGINT was ignored (the suite
+    /// ran on, exit 0); SIGTERM orphaned the worker, which kept writing case files.
+    fn signals_to_report_stop_the_worker_with_it() {
+        for (sig, code) in [("-INT", 130), ("-TERM", 143)] {
+            let d = tmp(&format!("report-signal{sig}"));
+            let suite = d.join("s.toml");
+            std::fs::write(
+                &suite,
+                "[suite]\nname = \"sig\"\n[[matrix]]\nname = \"long\"\nmodels = [\"tiny\"]\nreferences = [\"transformers\"]\nweights = [\"default\"]\n\
+                 prompts = [{ name = \"a\", prompt = \"The capital of France is\" }, { name = \"b\", prompt = \"One, two, three,\" }, { name = \"c\", prompt = \"Once upon a time\" }]\n\
+                 samplers = [{ name = \"greedy\" }]\nsteps = 200\n",
+            )
+            .unwrap();
+            let out = d.join("out");
+            let mut child = lockstep()
+                .args(["report", "--suite", suite.to_str().unwrap(), "--out", out.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The worker is running the first case (200 steps take far longer than this).
+            std::thread::sleep(Duration::from_millis(6000));
+            let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+            assert!(ok);
+            let status = wait_with_timeout(&mut child, Duration::from_secs(90));
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            assert_eq!(status.code(), Some(code), "kill {sig}: {err}");
+            let before = listing(&out);
+            std::thread::sleep(Duration::from_millis(4000));
+            assert_eq!(listing(&out), before, "kill {sig}: files under --out changed after the command returned:\n{err}");
+        }
+    }
+}

@@ -810,7 +810,7 @@ pub const WORKER_ENV: &str = "LOCKSTEP_REPORT_WORKER";
 /// exits with the report's own code; Ctrl-C reaches it (the supervisor ignores it) and its
 /// 130 is passed on.
 pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     let suite = Suite::load_capped(&o.suite, o.max_cases)?;
     let exe = std::env::current_exe().map_err(|e| HarnessError::Env(format!("cannot find the lockstep binary to run the report's cases: {e}")))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -818,16 +818,27 @@ pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
     for attempt in 0..=suite.cases.len() + 1 {
         let first = attempt == 0;
         let _ = std::fs::remove_file(o.out.join(RUNNING));
+        // The worker runs in a process group of its own, so that a terminal's Ctrl-C reaches
+        // this process alone, which passes it (and SIGTERM, SIGHUP) on to the worker once and
+        // waits for it: a process manager signals this PID, not the group, and the worker must
+        // never outlive the command (it would write case files after it returned).
+        forward::install();
         let mut child = std::process::Command::new(&exe)
             .args(&args)
             .env(WORKER_ENV, if first { "1" } else { "restart" })
+            .process_group(0)
             .spawn()
             .map_err(|e| HarnessError::Env(format!("cannot start {}: {e}", exe.display())))?;
-        // Ctrl-C goes to the whole foreground process group: the worker stops cleanly and
-        // writes the page; this process waits for it.
-        // SAFETY: setting a signal's disposition to SIG_IGN.
-        unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+        forward::set_child(child.id());
         let status = child.wait().map_err(|e| HarnessError::Env(format!("waiting for the report's worker: {e}")))?;
+        forward::set_child(0);
+        match forward::received() {
+            // Ctrl-C: the worker stopped at a step boundary and wrote the page (130).
+            Some(libc::SIGINT) => return Ok(130),
+            // 128 + the signal, as a shell reports a process the signal ended.
+            Some(sig) => return Ok((128 + sig) as u8),
+            None => {}
+        }
         if let Some(code) = status.code().filter(|c| [0, 1, 2, 130].contains(c)) {
             return Ok(code as u8);
         }
@@ -853,6 +864,52 @@ pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
         write_file(&case_path(&o.out, &def.name), &to_json(&c))?;
     }
     Err(HarnessError::Env("the report's worker kept dying; see the messages above".into()))
+}
+
+/// The supervisor's signal handling: SIGINT, SIGTERM and SIGHUP are recorded and passed on to
+/// the worker (whose own handler stops it at a step boundary on SIGINT).
+mod forward {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        RECEIVED.store(sig, Ordering::SeqCst);
+        let pid = CHILD.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill is async-signal-safe.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    pub fn install() {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: a plain sigaction whose handler touches atomics and calls kill only.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as usize;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    }
+
+    /// The worker signals are passed to (0: none); a signal that came before it was known is
+    /// passed on now.
+    pub fn set_child(pid: u32) {
+        CHILD.store(pid as i32, Ordering::SeqCst);
+        let sig = RECEIVED.load(Ordering::SeqCst);
+        if pid > 0 && sig != 0 {
+            // SAFETY: kill on our own child.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
+    pub fn received() -> Option<i32> {
+        Some(RECEIVED.load(Ordering::SeqCst)).filter(|s| *s != 0)
+    }
 }
 
 fn signal_name(s: i32) -> &'static str {
