@@ -200,6 +200,26 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def check_runnable(path: Path) -> None:
+    """Refuses a file llama.cpp would abort the whole process on, before handing it over: a
+    SentencePiece vocabulary (``tokenizer.ggml.model = llama``) without the 256 byte tokens
+    ``<0x00>``..``<0xFF>`` that its byte fallback indexes (llama.cpp: SIGABRT in tokcheck,
+    SIGSEGV in a run)."""
+    import gguf
+    reader = gguf.GGUFReader(str(path))
+    model = reader.fields.get("tokenizer.ggml.model")
+    if model is None or bytes(model.parts[-1]).decode("utf-8", "replace") != "llama":
+        return
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    have = {bytes(tokens.parts[i]).decode("utf-8", "replace") for i in tokens.data} if tokens is not None else set()
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in have]
+    if missing:
+        raise ValueError(f"{path}: the SentencePiece vocabulary lacks {len(missing)} of the 256 byte tokens "
+                         f"<0x00>..<0xFF> (first {missing[0]}), which llama.cpp's byte fallback needs: llama.cpp "
+                         "would abort the process on this file, so the llamacpp reference refuses it (re-convert "
+                         "the model with its byte tokens)")
+
+
 class LlamaCppTokenizerSide:
     """llama.cpp's own tokenizer (the GGUF's ``tokenizer.ggml.*``, with its ``pre`` type) and
     llama-cpp-python's chat formatter (``Jinja2ChatFormatter``), for tokcheck and the
@@ -273,6 +293,7 @@ class LlamaCppReference:
         kv_types = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}
         if kv_type not in kv_types:
             raise ValueError(f"llama.cpp reference: kv_type must be one of {sorted(kv_types)}")
+        check_runnable(p)
         self.model_path = str(model)
         self.dtype_name = dtype
         self.threads = int(threads or 2)
@@ -704,5 +725,6 @@ def load_tokenizer(model: str, **options) -> LlamaCppTokenizerSide:
     p = Path(model)
     if not p.is_file():
         raise ValueError(f"llama.cpp needs a .gguf file, got: {model}")
+    check_runnable(p)
     llm = llama_cpp.Llama(model_path=str(p), vocab_only=True, verbose=False)
     return LlamaCppTokenizerSide(llm, dict(llm.metadata), str(p))

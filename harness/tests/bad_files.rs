@@ -386,3 +386,29 @@ fn a_sentencepiece_token_type_outside_llama_cpps_is_exit_2() {
         generate_exit_2(&p, &[&format!("tokenizer.ggml.token_type[5] = {bad}"), "is not a token type"]);
     }
 }
+
+live_test! {
+    /// Issue 35: a SentencePiece GGUF without its byte tokens `<0x00>`..`<0xFF>` made llama.cpp
+    /// abort the process (tokcheck: SIGABRT 134, run: SIGSEGV 139); the llamacpp reference
+    /// refuses it before handing it over (exit 2, the file and the missing tokens named).
+    fn a_sentencepiece_gguf_without_byte_tokens_is_refused_before_llamacpp_sees_it() {
+        let p = bad_gguf("tiny-spm.gguf", "spm-no-bytes", |g| {
+            let Some(Val::Arr(ty, items)) = g.get("tokenizer.ggml.tokens").cloned() else { panic!("tokens") };
+            let items = items
+                .into_iter()
+                .map(|v| match v {
+                    Val::Str(s) if s.starts_with(b"<0x") && s.len() == 6 => Val::Str(format!("<b{}>", String::from_utf8_lossy(&s[3..5])).into_bytes()),
+                    v => v,
+                })
+                .collect();
+            g.set("tokenizer.ggml.tokens", Val::Arr(ty, items));
+        });
+        let m = p.to_str().unwrap();
+        for args in [
+            vec!["tokcheck", "--model", m, "--reference", "llamacpp"],
+            vec!["run", "--model", m, "--reference", "llamacpp", "--prompt", "hi", "--steps", "2"],
+        ] {
+            assert_exit_2(&args, &[], &["lacks 256 of the 256 byte tokens", "llamacpp reference refuses it"]);
+        }
+    }
+}
