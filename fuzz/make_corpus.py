@@ -156,7 +156,8 @@ def main() -> None:
         )
     put("safetensors", "empty.safetensors", save({}))
 
-    for d in sorted(MODELS.iterdir()):
+    # Every Hugging Face directory, the RoPE-scaling variants (tiny-llama-rope/TYPE/) included.
+    for d in sorted(p.parent for p in MODELS.rglob("config.json")):
         if d.is_dir():
             put("hf_config", f"{d.name}.json", (d / "config.json").read_bytes())
             put("tokenizer", f"{d.name}.json", (d / "tokenizer.json").read_bytes())
@@ -188,6 +189,9 @@ def main() -> None:
 
     for name in ["tiny-hf-lora.transformers", "tiny-spm-bos.llamacpp", "tiny-mixtral-hf.mlx", "tiny-k-q4-k-m.transformers"]:
         put("trace", f"{name}.json", (TRACES / f"{name}.json").read_bytes())
+    # A whole trace: its JSON, a NUL byte, its tensors file (the smallest trace, 81 KB).
+    name = "tiny-mixtral-hf.mlx"
+    put("trace", f"{name}.whole", (TRACES / f"{name}.json").read_bytes() + b"\0" + (TRACES / f"{name}.safetensors").read_bytes())
 
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"fuzz corpus: {sum(1 for p in OUT.rglob('*') if p.is_file())} files, {total} bytes in {OUT}")

@@ -176,10 +176,23 @@ pub fn suite(data: &[u8]) {
     }
 }
 
-/// A golden trace's JSON (`snapshots/traces/*.json`): parsed and checked, then the values a
-/// replay reads from it.
+/// A golden trace: its JSON (`snapshots/traces/*.json`), and after a NUL byte the bytes of its
+/// tensors file. The JSON is parsed and checked, then the values a replay reads from it; the
+/// tensors (their sha256 set to match, so that the fuzzer gets past that check) are read into
+/// the trace's steps as a replay reads them, and every step's sites are taken.
 pub fn trace(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(meta) = lockstep::golden::trace::TraceMeta::parse(text, Path::new("trace.json")) else { return };
+    use lockstep::golden::trace::{sha256_hex, Trace, TraceMeta};
+    let (json, tensors) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], Some(&data[i + 1..])),
+        None => (data, None),
+    };
+    let Ok(text) = std::str::from_utf8(json) else { return };
+    let Ok(mut meta) = TraceMeta::parse(text, Path::new("trace.json")) else { return };
     let _ = (meta.description(), meta.weights_mode());
+    let Some(bytes) = tensors else { return };
+    meta.tensors.sha256 = sha256_hex(bytes);
+    let Ok(t) = Trace::from_bytes(meta, bytes, "trace.json".into(), "trace.safetensors".into()) else { return };
+    for s in &t.steps {
+        let _ = format!("{s:?}").len();
+    }
 }

@@ -465,6 +465,12 @@ impl Trace {
         }
         let meta = TraceMeta::read(&json_path)?;
         let bytes = std::fs::read(&tensors_path).map_err(|e| io_err(&tensors_path, e))?;
+        Trace::from_bytes(meta, &bytes, json_path, tensors_path)
+    }
+
+    /// A trace from its parsed JSON and the bytes of its tensors file (the paths name them in
+    /// messages): the entry point the `trace` fuzz target calls.
+    pub fn from_bytes(meta: TraceMeta, bytes: &[u8], json_path: PathBuf, tensors_path: PathBuf) -> Result<Trace, HarnessError> {
         let bad = |m: String| HarnessError::Io { path: tensors_path.display().to_string(), message: m };
         let sha = sha256_hex(&bytes);
         if sha != meta.tensors.sha256 {
