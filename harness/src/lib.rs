@@ -36,6 +36,7 @@ pub mod plugin;
 pub mod reference;
 pub mod report;
 pub mod results;
+pub mod supervise;
 pub mod ui;
 
 pub use api::{Lockstep, Report};

@@ -576,3 +576,44 @@ live_test! {
         }
     }
 }
+
+live_test! {
+    /// Issue 35: a Python engine under test that ends the process (os._exit(3)) or crashes it
+    /// (a segfault in native code) made `run` and `bisect` exit 3 or 139 with no message. It
+    /// runs in a worker process now: exit 2, the engine and how the process ended named.
+    fn a_python_engine_that_kills_its_process_is_exit_2_naming_it() {
+        let dir = tmp("killer-engine");
+        let engine = dir.join("killer.py");
+        std::fs::write(
+            &engine,
+            r#"import ctypes, os
+import transformers_ref
+
+
+class Killer(transformers_ref.TransformersReference):
+    def step(self, token_ids):
+        if self.pos > 0:
+            how = os.environ["LOCKSTEP_TEST_KILLER"]
+            if how == "exit":
+                os._exit(3)
+            ctypes.string_at(0)
+        return super().step(token_ids)
+
+
+def load(model, dtype="float32", sites=None, lora=None, **options):
+    return Killer(model, dtype=dtype, sites=sites)
+"#,
+        )
+        .unwrap();
+        let spec = format!("python:{}", engine.display());
+        for (how, needle) in [("exit", "ended lockstep's process with exit code 3"), ("segv", "killed by signal 11 (SIGSEGV")] {
+            for cmd in ["run", "bisect"] {
+                assert_exit_2(
+                    &[cmd, "--engine", &spec, "--model", "tiny", "--reference", "transformers", "--prompt", "The capital of France is", "--steps", "3"],
+                    &[("LOCKSTEP_TEST_KILLER", how)],
+                    &[&format!("the engine under test ({spec})"), needle, "no verdict"],
+                );
+            }
+        }
+    }
+}

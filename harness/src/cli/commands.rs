@@ -245,6 +245,11 @@ fn record_cmd(a: RecordArgs) -> Result<Outcome, HarnessError> {
     }
     trace::check_name(&a.name)?;
     if let Some(out) = &a.out {
+        // Made if missing (as the traces are written there), checked before anything runs.
+        std::fs::create_dir_all(out).map_err(|e| HarnessError::Io {
+            path: out.display().to_string(),
+            message: format!("cannot create this directory: {e} (record --out): nothing was run"),
+        })?;
         crate::paths::check_writable_dir(out, "record --out")?;
     }
     let specs = RefSpec::parse_list(&a.reference)?;

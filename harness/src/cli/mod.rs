@@ -49,6 +49,17 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         (None, None) => Ok(EngineSpec::Bundled),
     };
     let outcome = spec.and_then(|s| {
+        // A Python engine under test is user code: it runs in a worker process whose crash is
+        // reported, not lockstep's own (`report` supervises its cases itself).
+        if let EngineSpec::Python { path, .. } = &s {
+            let supervised = std::env::var_os(crate::supervise::ENGINE_WORKER_ENV).is_some()
+                || std::env::var_os(crate::report::nightly::WORKER_ENV).is_some()
+                || matches!(cli.cmd, args::Cmd::Report(_));
+            if !supervised {
+                let name = format!("python:{}", path.display());
+                return crate::supervise::run_engine_worker(&name).map(Outcome::Exit);
+            }
+        }
         EngineSpec::set_under_test(s);
         // A report on stdout (`--json -`, `--junit -`): stdout carries it alone.
         if cli.cmd.report_to_stdout()? {

@@ -822,17 +822,17 @@ pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
         // this process alone, which passes it (and SIGTERM, SIGHUP) on to the worker once and
         // waits for it: a process manager signals this PID, not the group, and the worker must
         // never outlive the command (it would write case files after it returned).
-        forward::install();
+        crate::supervise::forward::install();
         let mut child = std::process::Command::new(&exe)
             .args(&args)
             .env(WORKER_ENV, if first { "1" } else { "restart" })
             .process_group(0)
             .spawn()
             .map_err(|e| HarnessError::Env(format!("cannot start {}: {e}", exe.display())))?;
-        forward::set_child(child.id());
+        crate::supervise::forward::set_child(child.id());
         let status = child.wait().map_err(|e| HarnessError::Env(format!("waiting for the report's worker: {e}")))?;
-        forward::set_child(0);
-        match forward::received() {
+        crate::supervise::forward::set_child(0);
+        match crate::supervise::forward::received() {
             // Ctrl-C: the worker stopped at a step boundary and wrote the page (130).
             Some(libc::SIGINT) => return Ok(130),
             // 128 + the signal, as a shell reports a process the signal ended.
@@ -843,7 +843,7 @@ pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
             return Ok(code as u8);
         }
         let how = match (status.code(), status.signal()) {
-            (_, Some(s)) => format!("killed by signal {s} ({})", signal_name(s)),
+            (_, Some(s)) => format!("killed by signal {s} ({})", crate::supervise::signal_name(s)),
             (Some(c), None) => format!("exit code {c}"),
             (None, None) => "an unknown status".into(),
         };
@@ -866,65 +866,6 @@ pub fn report_supervised(o: &RunReportOptions) -> Result<u8, HarnessError> {
     Err(HarnessError::Env("the report's worker kept dying; see the messages above".into()))
 }
 
-/// The supervisor's signal handling: SIGINT, SIGTERM and SIGHUP are recorded and passed on to
-/// the worker (whose own handler stops it at a step boundary on SIGINT).
-mod forward {
-    use std::sync::atomic::{AtomicI32, Ordering};
-
-    static CHILD: AtomicI32 = AtomicI32::new(0);
-    static RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-    extern "C" fn on_signal(sig: libc::c_int) {
-        RECEIVED.store(sig, Ordering::SeqCst);
-        let pid = CHILD.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill is async-signal-safe.
-            unsafe { libc::kill(pid, sig) };
-        }
-    }
-
-    pub fn install() {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: a plain sigaction whose handler touches atomics and calls kill only.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as usize;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
-    }
-
-    /// The worker signals are passed to (0: none); a signal that came before it was known is
-    /// passed on now.
-    pub fn set_child(pid: u32) {
-        CHILD.store(pid as i32, Ordering::SeqCst);
-        let sig = RECEIVED.load(Ordering::SeqCst);
-        if pid > 0 && sig != 0 {
-            // SAFETY: kill on our own child.
-            unsafe { libc::kill(pid as i32, sig) };
-        }
-    }
-
-    pub fn received() -> Option<i32> {
-        Some(RECEIVED.load(Ordering::SeqCst)).filter(|s| *s != 0)
-    }
-}
-
-fn signal_name(s: i32) -> &'static str {
-    match s {
-        libc::SIGABRT => "SIGABRT: an abort, e.g. a failed allocation",
-        libc::SIGSEGV => "SIGSEGV: a crash",
-        libc::SIGBUS => "SIGBUS: a crash",
-        libc::SIGILL => "SIGILL: an instruction this CPU lacks",
-        libc::SIGFPE => "SIGFPE: an arithmetic fault",
-        libc::SIGKILL => "SIGKILL: killed, often by the kernel's OOM killer",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        _ => "a signal",
-    }
-}
 
 /// The one-line verdict of a case: `pass`, `diverged at step 1 layer 0 q_rope (KL ...)`, `error: ...`.
 pub fn case_line(c: &CaseResult) -> String {
