@@ -193,6 +193,16 @@ def main() -> None:
     name = "tiny-mixtral-hf.mlx"
     put("trace", f"{name}.whole", (TRACES / f"{name}.json").read_bytes() + b"\0" + (TRACES / f"{name}.safetensors").read_bytes())
 
+    # arrays: dtype, ndim, layout, dims, values (fuzz/src/lib.rs, `arrays`): a float32 (2, 3) in
+    # every layout, a float64 (3, 2, 2) Fortran array, a float16 and an int32 one, a 0-d array.
+    values = bytes(range(1, 97))
+    for layout in range(7):
+        put("arrays", f"f32-2x3-layout{layout}", bytes([0, 2, layout, 2, 3]) + values)
+    put("arrays", "f64-3x2x2-fortran", bytes([1, 3, 1, 3, 2, 2]) + values)
+    put("arrays", "f16-4", bytes([2, 1, 0, 4]) + values[:8])
+    put("arrays", "i32-2x2", bytes([3, 2, 2, 2, 2]) + values[:16])
+    put("arrays", "f32-0d", bytes([0, 0, 5]) + values[:4])
+
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"fuzz corpus: {sum(1 for p in OUT.rglob('*') if p.is_file())} files, {total} bytes in {OUT}")
 

@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL="gguf safetensors hf_config tokenizer chat_template lora_config suite trace"
+ALL="gguf safetensors hf_config tokenizer chat_template lora_config suite trace arrays"
 TARGETS=${FUZZ_TARGETS:-$ALL}
 SECS=${FUZZ_SECONDS:-600}
 : "${PYO3_PYTHON:=${LOCKSTEP_VENV:-$PWD/.venv}/bin/python}"

@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("lora_config", lora_config),
     ("suite", suite),
     ("trace", trace),
+    ("arrays", arrays),
 ];
 
 /// Texts every tokenizer encodes: ASCII, a digit run, whitespace, a special token, non-ASCII.
@@ -195,4 +196,69 @@ pub fn trace(data: &[u8]) {
     for s in &t.steps {
         let _ = format!("{s:?}").len();
     }
+}
+
+/// The boundary where a Python engine's or reference's arrays enter the harness
+/// (`StepOutput::python`, `StepArrays::with_site`): the input chooses a dtype, a shape, a memory
+/// layout (C order, Fortran order, a transposed view, a strided or reversed slice, a 0-d array,
+/// a list) and the values. Whatever is accepted must come out with as many values as its shape
+/// holds, in its logical (row-major) order: the values numpy's `ascontiguousarray` gives.
+pub fn arrays(data: &[u8]) {
+    use lockstep::compare::Data;
+    use lockstep::reference::arrays::StepOutput;
+    use pyo3::prelude::*;
+    use pyo3::types::PyDict;
+    if data.len() < 4 {
+        return;
+    }
+    lockstep::reference::python::ensure_python().expect("the reference environment (LOCKSTEP_VENV) for the arrays target");
+    let (dtype, ndim, layout) = (data[0] % 6, (data[1] % 4) as usize, data[2] % 7);
+    let dims: Vec<usize> = data[3..].iter().take(ndim).map(|d| (d % 6) as usize).collect();
+    let payload = data.get(3 + ndim..).unwrap_or_default().to_vec();
+    Python::attach(|py| {
+        let locals = PyDict::new(py);
+        locals.set_item("dtype", dtype).unwrap();
+        locals.set_item("dims", dims.clone()).unwrap();
+        locals.set_item("layout", layout).unwrap();
+        locals.set_item("payload", pyo3::types::PyBytes::new(py, &payload)).unwrap();
+        let made = py.run(
+            c"import numpy as np
+dt = [np.float32, np.float64, np.float16, np.int32, np.bool_, np.float32][dtype]
+n = int(np.prod(dims)) if dims else 1
+raw = (payload * (n * 8 // max(len(payload), 1) + 1))[: n * np.dtype(dt).itemsize] if payload else bytes(n * np.dtype(dt).itemsize)
+base = np.frombuffer(raw, dtype=dt).copy().reshape(dims if dims else ())
+if dt in (np.float32, np.float64, np.float16):
+    base = np.nan_to_num(base)
+arr = [base, np.asfortranarray(base), base.T, base[::2] if base.ndim else base, base[::-1] if base.ndim else base,
+       base.reshape(()) if base.size == 1 else base, base.tolist()][layout]
+want = np.ascontiguousarray(arr).ravel().astype(np.float64).tolist() if isinstance(arr, np.ndarray) else None
+",
+            None,
+            Some(&locals),
+        );
+        if made.is_err() {
+            return;
+        }
+        let arr = locals.get_item("arr").unwrap().unwrap();
+        let want: Option<Vec<f64>> = locals.get_item("want").unwrap().unwrap().extract().unwrap();
+        let dict = PyDict::new(py);
+        dict.set_item("logits", arr).unwrap();
+        let out = StepOutput::python(dict.unbind(), "fuzz");
+        let got = StepOutput::with_views([&out], |v| {
+            v[0].with_site("logits", |shape, data| {
+                let values: Vec<f64> = match data {
+                    Data::F32(d) => d.iter().map(|&x| x as f64).collect(),
+                    Data::F64(d) => d.to_vec(),
+                    Data::Sketch(_) => return None,
+                };
+                Some((shape.to_vec(), values))
+            })
+        });
+        // Refused (another dtype, a list) is fine; accepted must be whole and in order.
+        if let Ok(Some(Some((shape, values)))) = got {
+            assert_eq!(shape.iter().product::<usize>(), values.len(), "shape {shape:?} and {} values", values.len());
+            let want = want.expect("an accepted site is a numpy array");
+            assert_eq!(values, want, "the array's values in logical order (layout {layout}, shape {shape:?})");
+        }
+    });
 }

@@ -229,6 +229,13 @@ fn fuzz_smoke_trace() {
     smoke("trace");
 }
 
+/// The arrays target embeds Python (the reference environment): run where it exists.
+#[test]
+#[cfg_attr(not(lockstep_live), ignore = "needs the reference environment: run `make setup` or `make test` (or set LOCKSTEP_VENV)")]
+fn fuzz_smoke_arrays() {
+    smoke("arrays");
+}
+
 /// Every target the library lists has a smoke test above and a seed corpus.
 #[test]
 fn every_target_has_a_smoke_test_and_seeds() {

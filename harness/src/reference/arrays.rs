@@ -32,7 +32,9 @@ enum StepInner {
 }
 
 impl StepOutput {
-    pub(crate) fn python(dict: Py<PyDict>, reference: &str) -> StepOutput {
+    /// A live reference's (or Python engine's) `{site: array}` (public for the `arrays` fuzz
+    /// target, which feeds it arrays of every dtype, shape and memory layout).
+    pub fn python(dict: Py<PyDict>, reference: &str) -> StepOutput {
         StepOutput { inner: StepInner::Python(dict), reference: reference.to_string() }
     }
 
