@@ -1204,6 +1204,18 @@ def write_qwen3(tok) -> list[Path]:
     return write_hf_dir(tok, weights, QWEN3, QWEN3_DIR) + [write_gguf(QWEN3_GGUF, QWEN3, tok, weights)]
 
 
+def llamacpp_f32_logits(path: Path, seq: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `seq` on the GGUF at `path`, with an f32 KV cache
+    (llama.cpp's default f16 cache alone moves the logits by ~5e-3)."""
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                          type_k=0, type_v=0, verbose=False)
+    llm.eval(seq)
+    out = np.array(llm.scores[: len(seq)], dtype=np.float32)
+    llm.close()
+    return out
+
+
 # RoPE-scaling variants of the tiny Llama (tiny-llama-rope/TYPE/): its weights and tokenizer
 # (symlinks into tiny-llama/) with one scaling each in config.json, the original context (64
 # positions) short enough that a ~150-token prompt is past it. `yarn` is written in transformers
@@ -1295,12 +1307,7 @@ def self_check_rope() -> bool:
                 ok = False
                 print(f"CHECK FAILED: tiny-llama-rope/{name}: rope_type {rt}, scaling moves the late logits by {late}", file=sys.stderr)
             if name == "llama3":
-                llama_cpp = import_llama_cpp()
-                llm = llama_cpp.Llama(model_path=str(ROPE_GGUF), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                                      type_k=0, type_v=0, verbose=False)
-                llm.eval(seq)
-                lc = np.array(llm.scores[: len(seq)], dtype=np.float32)
-                llm.close()
+                lc = llamacpp_f32_logits(ROPE_GGUF, seq)
                 diff = float(np.abs(lc - lh.numpy()).max())
                 print(f"tiny-llama-rope-llama3.gguf: llama.cpp vs transformers (llama3 config): max |diff| = {diff:.3e}")
                 if not diff < MIXTRAL_LLAMACPP_DIFF:
@@ -1358,13 +1365,8 @@ def self_check_qwen3() -> bool:
         print(f"{QWEN3.name}: mlx-lm not checked ({e})")
     # llama.cpp's qwen3 graph on the GGUF (an f32 KV cache), and transformers' GGUF loader: the
     # same logits as the HF directory, which proves the GGUF's names, norms and row order.
-    llama_cpp = import_llama_cpp()
     seq = ids + gen
-    llm = llama_cpp.Llama(model_path=str(QWEN3_GGUF), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)
-    llm.eval(seq)
-    lc = np.array(llm.scores[: len(seq)], dtype=np.float32)
-    llm.close()
+    lc = llamacpp_f32_logits(QWEN3_GGUF, seq)
     diff = float(np.abs(lc - lh.numpy()).max())
     print(f"{QWEN3.name}: llama.cpp(gguf F32) logits vs transformers(hf): max |diff| = {diff:.3e}")
     if not diff < MIXTRAL_LLAMACPP_DIFF:
@@ -1414,6 +1416,91 @@ def self_check_mixtral() -> bool:
     MAX_Q8_0_LOGITS_DIFF with top-1 agreement >= 0.95; the greedy continuation is not degenerate, and the router's top-2
     choice is clear: the smallest margin (2nd minus 3rd router probability) over every layer and
     position of the chat prompt, its continuation and MIXTRAL_PROMPTS is at least MIN_ROUTER_MARGIN."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    ok = True
+    name = MIXTRAL.name
+
+    def fail(msg):
+        nonlocal ok
+        ok = False
+        print(f"CHECK FAILED: {msg}", file=sys.stderr)
+
+    tok_hf = AutoTokenizer.from_pretrained(str(MIXTRAL_DIR))
+    ids = list(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
+    m_hf = AutoModelForCausalLM.from_pretrained(str(MIXTRAL_DIR), dtype=torch.float32).eval()
+    if type(m_hf).__name__ != "MixtralForCausalLM":
+        fail(f"{name}: transformers built {type(m_hf).__name__}")
+    weights = make_weights(MIXTRAL, len(tok_hf))
+    routers = [torch.from_numpy(weights[f"model.layers.{i}.block_sparse_moe.gate.weight"]) for i in range(MIXTRAL.num_layers)]
+    norms: dict[int, torch.Tensor] = {}
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda _m, _i, out, i=i: norms.__setitem__(i, out[0].detach())) for i, layer in enumerate(m_hf.model.layers)]
+
+    def min_margin(seq: list[int]) -> float:
+        with torch.no_grad():
+            m_hf(torch.tensor([seq]))
+        worst = 1.0
+        for i, w in enumerate(routers):
+            p = torch.softmax(norms[i] @ w.T, dim=-1)
+            top = torch.sort(p, dim=-1, descending=True).values
+            worst = min(worst, (top[:, MIXTRAL.top_k - 1] - top[:, MIXTRAL.top_k]).min().item())
+        return worst
+
+    with torch.no_grad():
+        gen, margins = greedy(m_hf, ids, CHECK_NEW_TOKENS)
+        seq = ids + gen
+        lh = m_hf(torch.tensor([seq])).logits[0].numpy()
+    router_margin = min_margin(seq)
+    for text in MIXTRAL_PROMPTS:
+        router_margin = min(router_margin, min_margin(tok_hf(text)["input_ids"]))
+    # With the adapter merged (q_proj and the router of both layers): the router still clear.
+    from safetensors.numpy import load_file
+    ad = load_file(str(MIXTRAL_ADAPTER / "adapters.safetensors"))
+    with torch.no_grad():
+        lh_base = lh
+        for i, layer in enumerate(m_hf.model.layers):
+            for key, mod in (("self_attn.q_proj", layer.self_attn.q_proj), ("block_sparse_moe.gate", layer.mlp.gate)):
+                a, b = ad[f"model.layers.{i}.{key}.lora_a"], ad[f"model.layers.{i}.{key}.lora_b"]
+                mod.weight += torch.from_numpy(2.0 * (a @ b).T)
+            routers[i] = layer.mlp.gate.weight.detach().clone()
+        moved = float(np.abs(m_hf(torch.tensor([seq])).logits[0].numpy() - lh_base).max())
+    lora_margin = min_margin(seq)
+    print(f"{name}: with the tiny-mixtral-mlx adapter merged: logits move by up to {moved:.3f}; "
+          f"smallest router margin {lora_margin:.4f}")
+    if moved < 0.1 or lora_margin < MIN_ROUTER_MARGIN:
+        fail(f"{name}: the adapter barely matters ({moved}) or brings a router near-tie ({lora_margin})")
+    for h in hooks:
+        h.remove()
+    print(f"{name}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
+    print(f"  distinct tokens: {len(set(gen))}; margins min {min(margins):.4f}; "
+          f"smallest router margin (top-{MIXTRAL.top_k} vs next probability) {router_margin:.4f}")
+    if len(set(gen)) < MIN_DISTINCT:
+        fail(f"{name}: only {len(set(gen))} distinct tokens in the greedy continuation")
+    if min(margins) < MIN_MARGIN:
+        fail(f"{name}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
+    if router_margin < MIN_ROUTER_MARGIN:
+        fail(f"{name}: smallest router margin {router_margin:.4f} < {MIN_ROUTER_MARGIN}")
+
+    lf = llamacpp_f32_logits(MIXTRAL_GGUF, seq)
+    diff = float(np.abs(lf - lh).max())
+    print(f"{name} logits [{lh.shape}]: max |transformers(hf) - llama.cpp(gguf F32)| = {diff:.3e}")
+    if not diff < MIXTRAL_LLAMACPP_DIFF:
+        fail(f"{name}: transformers and llama.cpp logits differ by {diff}")
+    qpath = quant_path(MIXTRAL, MIXTRAL_QUANT)
+    lq = llamacpp_f32_logits(qpath, seq)
+    qdiff = float(np.abs(lq - lf).max())
+    agree = float(np.mean(lq.argmax(-1) == lf.argmax(-1)))
+    print(f"{name} {MIXTRAL_QUANT}: max |logit - F32| = {qdiff:.3f}, top-1 agreement {agree:.2f}")
+    # Measured 0.295 and 0.97 (2 of 64 positions, both greedy margins under 0.05, flip with Q8_0).
+    if not (qdiff < MAX_Q8_0_LOGITS_DIFF and agree >= 0.95):
+        fail(f"{name}: {MIXTRAL_QUANT} logits too far from F32 ({qdiff}, top-1 {agree})")
+    return ok
+
+
 # =============================================================================================
 # the SentencePiece fixture (issue 17): tiny-spm/ and tiny-spm.gguf
 # =============================================================================================
@@ -1598,93 +1685,12 @@ def self_check_spm() -> bool:
 
     hf_logging.disable_progress_bar()
     ok = True
-    name = MIXTRAL.name
 
     def fail(msg):
         nonlocal ok
         ok = False
         print(f"CHECK FAILED: {msg}", file=sys.stderr)
 
-    tok_hf = AutoTokenizer.from_pretrained(str(MIXTRAL_DIR))
-    ids = list(tok_hf.apply_chat_template(CHECK_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
-    m_hf = AutoModelForCausalLM.from_pretrained(str(MIXTRAL_DIR), dtype=torch.float32).eval()
-    if type(m_hf).__name__ != "MixtralForCausalLM":
-        fail(f"{name}: transformers built {type(m_hf).__name__}")
-    weights = make_weights(MIXTRAL, len(tok_hf))
-    routers = [torch.from_numpy(weights[f"model.layers.{i}.block_sparse_moe.gate.weight"]) for i in range(MIXTRAL.num_layers)]
-    norms: dict[int, torch.Tensor] = {}
-    hooks = [layer.post_attention_layernorm.register_forward_hook(
-        lambda _m, _i, out, i=i: norms.__setitem__(i, out[0].detach())) for i, layer in enumerate(m_hf.model.layers)]
-
-    def min_margin(seq: list[int]) -> float:
-        with torch.no_grad():
-            m_hf(torch.tensor([seq]))
-        worst = 1.0
-        for i, w in enumerate(routers):
-            p = torch.softmax(norms[i] @ w.T, dim=-1)
-            top = torch.sort(p, dim=-1, descending=True).values
-            worst = min(worst, (top[:, MIXTRAL.top_k - 1] - top[:, MIXTRAL.top_k]).min().item())
-        return worst
-
-    with torch.no_grad():
-        gen, margins = greedy(m_hf, ids, CHECK_NEW_TOKENS)
-        seq = ids + gen
-        lh = m_hf(torch.tensor([seq])).logits[0].numpy()
-    router_margin = min_margin(seq)
-    for text in MIXTRAL_PROMPTS:
-        router_margin = min(router_margin, min_margin(tok_hf(text)["input_ids"]))
-    # With the adapter merged (q_proj and the router of both layers): the router still clear.
-    from safetensors.numpy import load_file
-    ad = load_file(str(MIXTRAL_ADAPTER / "adapters.safetensors"))
-    with torch.no_grad():
-        lh_base = lh
-        for i, layer in enumerate(m_hf.model.layers):
-            for key, mod in (("self_attn.q_proj", layer.self_attn.q_proj), ("block_sparse_moe.gate", layer.mlp.gate)):
-                a, b = ad[f"model.layers.{i}.{key}.lora_a"], ad[f"model.layers.{i}.{key}.lora_b"]
-                mod.weight += torch.from_numpy(2.0 * (a @ b).T)
-            routers[i] = layer.mlp.gate.weight.detach().clone()
-        moved = float(np.abs(m_hf(torch.tensor([seq])).logits[0].numpy() - lh_base).max())
-    lora_margin = min_margin(seq)
-    print(f"{name}: with the tiny-mixtral-mlx adapter merged: logits move by up to {moved:.3f}; "
-          f"smallest router margin {lora_margin:.4f}")
-    if moved < 0.1 or lora_margin < MIN_ROUTER_MARGIN:
-        fail(f"{name}: the adapter barely matters ({moved}) or brings a router near-tie ({lora_margin})")
-    for h in hooks:
-        h.remove()
-    print(f"{name}: greedy {CHECK_NEW_TOKENS}-token continuation: {gen}")
-    print(f"  distinct tokens: {len(set(gen))}; margins min {min(margins):.4f}; "
-          f"smallest router margin (top-{MIXTRAL.top_k} vs next probability) {router_margin:.4f}")
-    if len(set(gen)) < MIN_DISTINCT:
-        fail(f"{name}: only {len(set(gen))} distinct tokens in the greedy continuation")
-    if min(margins) < MIN_MARGIN:
-        fail(f"{name}: minimum greedy margin {min(margins):.4f} < {MIN_MARGIN}")
-    if router_margin < MIN_ROUTER_MARGIN:
-        fail(f"{name}: smallest router margin {router_margin:.4f} < {MIN_ROUTER_MARGIN}")
-
-    llama_cpp = import_llama_cpp()
-
-    def llamacpp_logits(path: Path) -> np.ndarray:
-        # An f32 KV cache (llama.cpp's default f16 cache alone moves the logits by ~5e-3).
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                              type_k=0, type_v=0, verbose=False)
-        llm.eval(seq)
-        out = np.array(llm.scores[: len(seq)], dtype=np.float32)
-        llm.close()
-        return out
-
-    lf = llamacpp_logits(MIXTRAL_GGUF)
-    diff = float(np.abs(lf - lh).max())
-    print(f"{name} logits [{lh.shape}]: max |transformers(hf) - llama.cpp(gguf F32)| = {diff:.3e}")
-    if not diff < MIXTRAL_LLAMACPP_DIFF:
-        fail(f"{name}: transformers and llama.cpp logits differ by {diff}")
-    qpath = quant_path(MIXTRAL, MIXTRAL_QUANT)
-    lq = llamacpp_logits(qpath)
-    qdiff = float(np.abs(lq - lf).max())
-    agree = float(np.mean(lq.argmax(-1) == lf.argmax(-1)))
-    print(f"{name} {MIXTRAL_QUANT}: max |logit - F32| = {qdiff:.3f}, top-1 agreement {agree:.2f}")
-    # Measured 0.295 and 0.97 (2 of 64 positions, both greedy margins under 0.05, flip with Q8_0).
-    if not (qdiff < MAX_Q8_0_LOGITS_DIFF and agree >= 0.95):
-        fail(f"{name}: {MIXTRAL_QUANT} logits too far from F32 ({qdiff}, top-1 {agree})")
     sp = spm.SentencePieceProcessor(model_file=str(SPM_DIR / "tokenizer.model"))
     tok_hf = AutoTokenizer.from_pretrained(str(SPM_DIR))
     tok_gg = AutoTokenizer.from_pretrained(str(OUT_DIR), gguf_file=SPM_GGUF.name)

@@ -255,30 +255,41 @@ live_test! {
         assert!(out.contains("no family mapping knows model type `qwen3`, so the sites inside a layer (q, k, attn, mlp_*) are not compared"), "{out}");
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(report["verdict"], "pass", "{out}");
-        // Every step compares the generic sites against both references: embed, each layer's
-        // cache and output, final_norm, logits (3 + 3 x 3), and not one site more.
-        let mut want: Vec<String> = vec!["embed".into()];
-        for l in 0..3 {
-            want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
-        }
-        want.extend(["final_norm".into(), "logits".into()]);
-        for st in report["steps"].as_array().unwrap() {
-            for rs in st["references"].as_array().unwrap() {
-                let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
-                assert_eq!(sites, want, "step {} vs {}", st["step"], rs["reference"]);
-                assert!(rs["sites"].as_array().unwrap().iter().all(|s| s["verdict"] == "pass"), "{rs}");
-            }
-        }
-
-        let (code, out, err) = run(lockstep().current_dir(repo()).args([
-            "bisect", "--engine", "python:examples/python/hf_engine.py:load_dropped_residual", "--model", model,
-            "--reference", "transformers", "--prompt", "The capital of France is", "--steps", "4",
-        ]));
-        assert_eq!(code, 1, "{out}\n{err}");
+        assert_the_generic_sites_pass(&report);
+        let out = bisect_the_dropped_residual(model, "transformers");
         assert!(out.contains("first divergent step  0"), "{out}");
-        assert!(out.contains("first failing site    layers.1.out, layer 1"), "{out}");
-        assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
     }
+}
+
+/// Every step of `report` compares the generic sites of the 3-layer tiny Qwen3 against every
+/// reference: embed, each layer's cache and output, final_norm, logits (3 + 3 x 3), not one
+/// site more, each passing.
+fn assert_the_generic_sites_pass(report: &serde_json::Value) {
+    let mut want: Vec<String> = vec!["embed".into()];
+    for l in 0..3 {
+        want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
+    }
+    want.extend(["final_norm".into(), "logits".into()]);
+    for st in report["steps"].as_array().unwrap() {
+        for rs in st["references"].as_array().unwrap() {
+            let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
+            assert_eq!(sites, want, "step {} vs {}", st["step"], rs["reference"]);
+            assert!(rs["sites"].as_array().unwrap().iter().all(|s| s["verdict"] == "pass"), "{rs}");
+        }
+    }
+}
+
+/// `bisect` of hf_engine.py with its bug switch (layer 1 drops its residual) on `model` against
+/// `reference`: exit 1, layer 1's `out` named; its output.
+fn bisect_the_dropped_residual(model: &str, reference: &str) -> String {
+    let (code, out, err) = run(lockstep().current_dir(repo()).args([
+        "bisect", "--engine", "python:examples/python/hf_engine.py:load_dropped_residual", "--model", model,
+        "--reference", reference, "--prompt", "The capital of France is", "--steps", "4",
+    ]));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains(&format!("first failing site    layers.1.out, layer 1 (vs {reference})")), "{out}");
+    assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
+    out
 }
 
 live_test! {
@@ -299,25 +310,8 @@ live_test! {
         assert_eq!(code, 0, "{out}\n{err}");
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(report["verdict"], "pass", "{out}");
-        let mut want: Vec<String> = vec!["embed".into()];
-        for l in 0..3 {
-            want.extend(["cache_k", "cache_v", "out"].map(|leaf| format!("layers.{l}.{leaf}")));
-        }
-        want.extend(["final_norm".into(), "logits".into()]);
-        for st in report["steps"].as_array().unwrap() {
-            for rs in st["references"].as_array().unwrap() {
-                let sites: Vec<&str> = rs["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap()).collect();
-                assert_eq!(sites, want, "step {} vs {}", st["step"], rs["reference"]);
-            }
-        }
-
-        let (code, out, err) = run(lockstep().current_dir(repo()).args([
-            "bisect", "--engine", "python:examples/python/hf_engine.py:load_dropped_residual", "--model", model,
-            "--reference", "llamacpp", "--prompt", "The capital of France is", "--steps", "4",
-        ]));
-        assert_eq!(code, 1, "{out}\n{err}");
-        assert!(out.contains("first failing site    layers.1.out, layer 1 (vs llamacpp)"), "{out}");
-        assert!(out.contains("layers.1.out fails while what it reads (layers.0.out) passes"), "{out}");
+        assert_the_generic_sites_pass(&report);
+        bisect_the_dropped_residual(model, "llamacpp");
     }
 }
 
