@@ -74,12 +74,6 @@ impl LoadedModel {
                 ids.remove(0);
             }
         }
-        if ids.is_empty() && !f.has(Fault::MissingBos) {
-            return Err(EngineError::Input(format!(
-                "the prompt encodes to no tokens{}",
-                if chat { ": the chat template rendered nothing (check the model's chat_template)" } else { "" }
-            )));
-        }
         Ok(ids)
     }
 

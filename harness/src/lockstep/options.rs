@@ -190,11 +190,22 @@ fn rope_scaling_inapplicable(engine: &LoadedModel, positions: usize) -> Option<S
 }
 
 /// Encodes the prompt on the engine side.
+/// A prompt that encodes to no tokens is an error (a model without BOS fed `--prompt ""`, an
+/// empty chat template).
 pub fn engine_prompt_ids(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>, HarnessError> {
-    Ok(match prompt {
+    let ids = match prompt {
         Prompt::Text(t) => m.encode_prompt(t, false)?,
         Prompt::Chat(t) => m.encode_prompt(t, true)?,
-    })
+    };
+    if ids.is_empty() {
+        return Err(match prompt {
+            Prompt::Text(_) => HarnessError::EmptyPrompt,
+            Prompt::Chat(_) => HarnessError::Usage(
+                "the prompt encodes to no tokens: the chat template rendered nothing (check the model's chat_template)".into(),
+            ),
+        });
+    }
+    Ok(ids)
 }
 
 
