@@ -281,7 +281,8 @@ class LlamaCppTokenizerSide:
 
 class LlamaCppReference:
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
-                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f32", sites: list[str] | None = None):
+                 n_ctx: int | None = None, n_batch: int = 512, kv_type: str = "f32", sites: list[str] | None = None,
+                 context: int | None = None):
         p = Path(model)
         if p.is_dir():
             raise ValueError(f"llama.cpp needs a .gguf file, got a directory: {model}")
@@ -297,7 +298,9 @@ class LlamaCppReference:
         self.model_path = str(model)
         self.dtype_name = dtype
         self.threads = int(threads or 2)
-        self.n_ctx = int(n_ctx)
+        # The positions the run feeds (the harness's `context`) size llama.cpp's fixed context;
+        # an explicit n_ctx wins; 2048 without either.
+        self.n_ctx = int(n_ctx or context or 2048)
         self.n_batch = int(min(n_batch, self.n_ctx))
         self.kv_type = kv_type
 
@@ -510,6 +513,7 @@ class LlamaCppReference:
             "threads": self.threads,
             "kv_type": self.kv_type,
             "n_ctx": self.n_ctx,
+            "context": self.n_ctx,
             "notes": notes,
         }
 
@@ -681,7 +685,8 @@ class LlamaCppReference:
 
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         ids = [int(x) for x in token_ids]
-        if len(ids) + max_new_tokens > self.n_ctx:
+        # The last token generated is never fed: prompt + max_new_tokens - 1 positions.
+        if len(ids) + max_new_tokens - 1 > self.n_ctx:
             raise ValueError(f"generate_greedy: {len(ids)} + {max_new_tokens} tokens exceed "
                              f"llama.cpp's n_ctx {self.n_ctx}")
         stops = {int(s) for s in stop_ids}

@@ -470,7 +470,8 @@ def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
 
 class MlxReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, lora: str | None = None,
-                 sites: list[str] | None = None):
+                 sites: list[str] | None = None, context: int | None = None):
+        # `context`: mlx-lm's KVCache grows in steps of 256; no fixed context to size.
         if dtype != "float32":
             raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
                              f"not {dtype!r}")

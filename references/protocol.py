@@ -62,7 +62,7 @@ class ModuleFunctions:
 
     @staticmethod
     def load(model_path: str, *, dtype: str = "float32", sites: list[str], lora: str | None = None,
-             **options) -> "Reference":
+             context: int | None = None, **options) -> "Reference":
         """Every reference module: the reference object for the model at ``model_path`` (a
         Hugging Face directory or a GGUF file). ``dtype``: "float32" or "float64" (an
         oracle; a reference that cannot run it raises ValueError). ``sites``: every site
@@ -70,8 +70,12 @@ class ModuleFunctions:
         captures those it can. ``lora``: a LoRA adapter directory, given only to a
         reference declaring capability "lora" — and to a Python engine under test
         (``--engine python:PATH.py``) whenever the run has one: whether the engine applied
-        it is what lockstep's adapter-effect check measures. Other options (``threads``,
-        ...) are the reference's own."""
+        it is what lockstep's adapter-effect check measures. ``context``: the positions the run
+        feeds at most (``--context``; the prompt plus the steps by default), given to every
+        reference of ``references/`` (not to a Python engine under test): one with a fixed
+        context sizes it from this (llama.cpp's ``n_ctx``) and says how many positions it holds
+        in ``describe()["context"]``, which the harness checks before any step; one whose cache
+        grows ignores it. Other options (``threads``, ...) are the reference's own."""
 
     @staticmethod
     def load_tokenizer(model_path: str, **options) -> "TokenizerSide":
@@ -139,6 +143,8 @@ DESCRIBE_OPTIONAL = {
                           "penalty looks at (None: all of them)",
     "model": "str: the model path it loaded",
     "num_layers": "int: the decoder layers of its model",
+    "context": "int: the positions it can hold, for a reference with a fixed context (llama.cpp's n_ctx); "
+               "a run that needs more stops before step 0",
 }
 
 

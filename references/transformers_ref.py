@@ -100,7 +100,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class TransformersReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
-                 attn_implementation: str = "eager", lora: str | None = None, sites: list[str] | None = None):
+                 attn_implementation: str = "eager", lora: str | None = None, sites: list[str] | None = None,
+                 context: int | None = None):
+        # `context`: transformers' DynamicCache grows with the sequence; no fixed context to size.
         if threads:
             torch.set_num_threads(int(threads))
         self.model_path = model
@@ -366,13 +368,22 @@ class TransformersReference(HfSideMixin):
     def generate_greedy(self, token_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         ids = torch.tensor([token_ids], dtype=torch.long)
         self._reset_rope()  # a fresh model's RoPE, whatever the steps before grew
+        # A long prompt is prefilled in pieces (generate's own prefill_chunk_size): eager
+        # attention over n positions in one call holds heads x n x n scores (6,000 tokens of
+        # SmolLM2: 1.3 GB per layer).
+        chunk = GENERATE_PREFILL_CHUNK if len(token_ids) > GENERATE_PREFILL_CHUNK else None
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=list(stop_ids) or None,
                                       pad_token_id=(stop_ids[0] if stop_ids else 0),
-                                      temperature=None, top_p=None, top_k=None)
+                                      temperature=None, top_p=None, top_k=None,
+                                      prefill_chunk_size=chunk)
         return [int(x) for x in out[0, len(token_ids):]]
+
+
+# The free-running check's prefill: prompts longer than this go in pieces of this many tokens.
+GENERATE_PREFILL_CHUNK = 512
 
 
 def load(model: str, **options) -> TransformersReference:

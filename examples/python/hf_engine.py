@@ -18,6 +18,16 @@ is wrapped), not a second copy of the model, and bisect names the layer's ``out`
 
     lockstep bisect --engine python:examples/python/hf_engine.py:load_dropped_residual \\
         --model snapshots/models/tiny-qwen3 --reference transformers --prompt "The capital of France is"
+
+A third factory, ``load_old_row_rewritten``, switches on a cache bug that leaves every step's
+own rows right: at each decode step, layer ``BUG_LAYER``'s cache update also writes the new
+position's keys and values over an old position (``OLD_ROW``: a slot index computed from the
+wrong length, as ring-buffer and compaction slips do). What the step appends is right; the
+cache it keeps, and what later steps attend over, is not. lockstep compares the whole cache
+at every step, so the rewritten row is caught at the step that rewrote it::
+
+    lockstep run --engine python:examples/python/hf_engine.py:load_old_row_rewritten \\
+        --model snapshots/models/tiny-qwen3 --reference transformers --prompt "The capital of France is"
 """
 from __future__ import annotations
 
@@ -26,16 +36,43 @@ import transformers_ref
 
 PROTOCOL = protocol.declare(name="hf-engine", main_package="transformers", capabilities=[])
 
-# The layer whose residual the bug switch drops.
+# The layer whose residual (or whose cache, with the cache bug) the bug switches break.
 BUG_LAYER = 1
+# The old position the cache bug overwrites at each decode step.
+OLD_ROW = 1
 
 
 class HfEngine(transformers_ref.TransformersReference):
-    def __init__(self, model: str, dtype: str = "float32", sites: list[str] | None = None, drop_residual_of: int | None = None):
-        super().__init__(model, dtype=dtype, sites=sites)
+    def __init__(self, model: str, dtype: str = "float32", sites: list[str] | None = None, drop_residual_of: int | None = None,
+                 rewrite_old_row_of: int | None = None):
         self.engine_notes: list[str] = []
+        self.rewrite_old_row_of = rewrite_old_row_of
+        super().__init__(model, dtype=dtype, sites=sites)
         if drop_residual_of is not None:
             self._drop_residual(drop_residual_of)
+        if rewrite_old_row_of is not None:
+            self.engine_notes.append(f"bug switch on: at each decode step, layer {rewrite_old_row_of}'s cache update "
+                                     f"also overwrites position {OLD_ROW} with the new position")
+
+    def reset(self) -> None:
+        super().reset()
+        if self.rewrite_old_row_of is not None:
+            self._rewrite_old_row(self.cache.layers[self.rewrite_old_row_of])
+
+    @staticmethod
+    def _rewrite_old_row(layer) -> None:
+        """Layer's cache update, with the slot slip: a one-token update after a cached prefix
+        longer than OLD_ROW also lands on OLD_ROW."""
+        update = layer.update
+
+        def slipped(key_states, value_states, *args, **kwargs):
+            keys, values = update(key_states, value_states, *args, **kwargs)
+            if key_states.shape[-2] == 1 and keys.shape[-2] > OLD_ROW + 1:
+                layer.keys[..., OLD_ROW, :] = key_states[..., 0, :]
+                layer.values[..., OLD_ROW, :] = value_states[..., 0, :]
+            return layer.keys, layer.values
+
+        layer.update = slipped
 
     def _drop_residual(self, i: int) -> None:
         layer = self.model.model.layers[i]
@@ -69,3 +106,11 @@ def load_dropped_residual(model_path: str, dtype: str = "float32", sites: list[s
     if lora:
         raise ValueError("hf-engine: this example takes no LoRA adapter")
     return HfEngine(model_path, dtype=dtype, sites=sites, drop_residual_of=BUG_LAYER)
+
+
+def load_old_row_rewritten(model_path: str, dtype: str = "float32", sites: list[str] | None = None,
+                           lora: str | None = None, **options) -> HfEngine:
+    """The same engine with its cache bug on: layer BUG_LAYER's decode steps overwrite OLD_ROW."""
+    if lora:
+        raise ValueError("hf-engine: this example takes no LoRA adapter")
+    return HfEngine(model_path, dtype=dtype, sites=sites, rewrite_old_row_of=BUG_LAYER)

@@ -44,6 +44,8 @@ pub struct Lockstep {
     lora: Option<PathBuf>,
     sampler: Option<String>,
     inject: String,
+    context: Option<usize>,
+    prefill_chunk: usize,
 }
 
 /// What a run found: its records, the references that answered, the model and its hash.
@@ -91,6 +93,8 @@ impl Lockstep {
             lora: None,
             sampler: None,
             inject: String::new(),
+            context: None,
+            prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
         }
     }
 
@@ -161,6 +165,18 @@ impl Lockstep {
         self
     }
 
+    /// The positions the run may feed (`--context N`; default: the prompt plus the steps).
+    pub fn context(mut self, positions: usize) -> Lockstep {
+        self.context = Some(positions);
+        self
+    }
+
+    /// Feed a longer prompt in pieces of this many tokens (`--prefill-chunk`).
+    pub fn prefill_chunk(mut self, tokens: usize) -> Lockstep {
+        self.prefill_chunk = tokens;
+        self
+    }
+
     /// The validated options (what the CLI builds from its flags).
     pub fn options(&self, bisect: bool) -> Result<RunOptions, HarnessError> {
         if self.steps == 0 {
@@ -181,6 +197,8 @@ impl Lockstep {
             strict_config: false,
             lora: self.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
             engine: self.engine.clone(),
+            context: self.context,
+            prefill_chunk: self.prefill_chunk,
         })
     }
 

@@ -122,15 +122,16 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         rep.reference = Some(rs.reference.clone());
         rep.detail = Some(site_detail(site));
         let mode = run.summary.references.get(k.reference).map(|r| r.mode).unwrap_or(WeightsMode::SameWeights);
-        let total: usize = run.steps.iter().map(|s| s.fed.len()).sum();
+        // The call the kept tensors come from (a long prompt is fed in pieces).
+        let total = k.start + k.fed;
         // Isolation where the engine can run one layer alone (its declared capability).
         let iso = match site.layer {
-            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, st.fed.len(), total - st.fed.len(), mode)?),
+            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, k.fed, k.start, mode)?),
             _ => None,
         };
         // The cache kind of the site's own layer (a model's layers may keep positions differently).
         let cache = engine.model.info().layer_plan(site.layer.unwrap_or(0)).cache;
-        let at = At { step: k.step, rs, site, fed: st.fed.len(), total, graph: engine.model.site_graph(), cache };
+        let at = At { step: k.step, rs, site, fed: k.fed, total, graph: engine.model.site_graph(), cache };
         rep.diagnosis = Some(diagnose(engine, k, &at, iso.as_ref()));
         rep.isolation = iso;
     } else if rep.found {
@@ -190,6 +191,8 @@ pub fn check_catalog(
         sampler: None,
         strict_config: false,
         lora,
+        context: None,
+        prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
     };
     let show = |r: &BisectReport| match &r.diagnosis {
         Some(d) => format!(

@@ -160,14 +160,17 @@ live_test! {
         }
         assert!(first["text"].as_str().unwrap().contains("lockstep bisect"), "{first}");
 
-        // Two references (the noise floor between them), an f64 oracle and a sampler.
+        // Two references (the noise floor between them), an f64 oracle and a sampler; the
+        // prompt fed in pieces (`calls`).
         let multi = dir.join("multi.json");
         let (code, _, stderr) = run(lockstep()
-            .args(["run", "--model", "tiny", "--reference", "transformers,mlx,transformers:f64", "--chat", "hi", "--steps", "3", "--sampler", "temp=0.8,top_p=0.95,seed=0", "--json"])
+            .args(["run", "--model", "tiny", "--reference", "transformers,mlx,transformers:f64", "--chat", "hi", "--steps", "3", "--sampler", "temp=0.8,top_p=0.95,seed=0"])
+            .args(["--prefill-chunk", "4", "--json"])
             .arg(&multi));
         assert_eq!(code, 0, "{stderr}");
         let m: Value = serde_json::from_str(&std::fs::read_to_string(&multi).unwrap()).unwrap();
         assert!(!m["steps"][0]["pairs"].as_array().unwrap().is_empty() && !m["summary"]["oracle"].as_array().unwrap().is_empty(), "{}", m["summary"]);
+        assert!(m["steps"][0]["calls"].as_array().is_some_and(|c| c.len() > 1), "{}", m["steps"][0]);
 
         // The reports are valid; broken copies are not.
         let passing = dir.join("pass.json");

@@ -227,7 +227,8 @@ impl Llama {
         tap(cap, || format!("layers.{i}.q_rope"), &q);
         tap(cap, || format!("layers.{i}.k_rope"), &k);
 
-        let stale = self.faults.layer(Fault::StaleCache) == Some(i) && cache.layer_len(i) > 0;
+        // The fault acts on decode steps (one token after a cached prefix), as the catalog says.
+        let stale = self.faults.layer(Fault::StaleCache) == Some(i) && cache.layer_len(i) > 0 && seq == 1;
         let (k_all, v_all) = if stale {
             cache.layer(i).cloned().expect("checked non-empty") // the fault: not updated
         } else {

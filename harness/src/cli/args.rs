@@ -77,6 +77,20 @@ impl PromptArgs {
     }
 }
 
+/// How long a run may get, and how a long prompt is fed.
+#[derive(Args, Clone, Debug)]
+pub struct LengthArgs {
+    /// The positions the run may feed (default: the prompt plus the steps). Given to every
+    /// reference with a fixed context (llama.cpp's n_ctx) and checked against the model's
+    /// context window and every reference's before any step runs.
+    #[arg(long, value_name = "N")]
+    pub context: Option<usize>,
+    /// Feed a prompt longer than this to every side in pieces of this many tokens, each
+    /// compared as it comes (what one step holds stays bounded whatever the prompt's length).
+    #[arg(long, value_name = "TOKENS", default_value_t = crate::lockstep::options::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum WeightsArg {
     Quantized,
@@ -210,6 +224,8 @@ pub struct RunArgs {
     pub inject: Option<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    #[command(flatten)]
+    pub length: LengthArgs,
 }
 
 #[derive(Args)]
@@ -260,6 +276,8 @@ pub struct BisectArgs {
     pub sampler: Option<String>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    #[command(flatten)]
+    pub length: LengthArgs,
 }
 
 #[derive(Args)]

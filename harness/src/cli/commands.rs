@@ -86,12 +86,23 @@ struct RunFlags<'a> {
     inject: Option<&'a str>,
     sampler: Option<&'a str>,
     lora: &'a LoraArgs,
+    length: Option<&'a LengthArgs>,
 }
 
 impl RunFlags<'_> {
     fn options(&self, bisect: bool, strict_config: bool) -> Result<RunOptions, HarnessError> {
         if self.steps == 0 {
             return Err(HarnessError::ZeroSteps);
+        }
+        let (context, prefill_chunk) = match self.length {
+            Some(l) => (l.context, l.prefill_chunk),
+            None => (None, crate::lockstep::options::DEFAULT_PREFILL_CHUNK),
+        };
+        if prefill_chunk == 0 {
+            return Err(HarnessError::Usage("--prefill-chunk 0: a piece of a prompt holds at least one token".into()));
+        }
+        if context == Some(0) {
+            return Err(HarnessError::Usage("--context 0: a run feeds at least one position".into()));
         }
         let sampler = parse_sampler(self.sampler)?;
         let references = if self.reference.is_empty() { vec![] } else { RefSpec::parse_list(self.reference)? };
@@ -108,18 +119,25 @@ impl RunFlags<'_> {
             sampler,
             strict_config,
             lora: self.lora.options(),
+            context,
+            prefill_chunk,
         })
     }
 }
 
 /// Every reference of `specs`, loaded for `model` (with the adapter, if any), each with a
 /// spinner on a terminal; their load times.
-fn load_references_timed(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<(Vec<Reference>, Vec<LoadTime>), HarnessError> {
+fn load_references_timed(
+    specs: &[RefSpec],
+    model: &Path,
+    lora: Option<&Path>,
+    context: Option<usize>,
+) -> Result<(Vec<Reference>, Vec<LoadTime>), HarnessError> {
     let mut refs = vec![];
     let mut times = vec![];
     for s in specs {
         let phase = Phase::start(format!("loading the {} reference ({})", s.label(), short_path(model)));
-        let r = Reference::load_with_lora(s, model, lora);
+        let r = Reference::load_for_run(s, model, lora, context);
         let secs = phase.done();
         let r = r?;
         crate::interrupt::check()?;
@@ -131,7 +149,7 @@ fn load_references_timed(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -
 
 /// Every reference of `specs`, loaded for `model` (with the adapter, if any).
 fn load_references(specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
-    load_references_timed(specs, model, lora).map(|(r, _)| r)
+    load_references_timed(specs, model, lora, None).map(|(r, _)| r)
 }
 
 /// The engine under test, loaded with a spinner on a terminal; its load time.
@@ -208,12 +226,14 @@ fn run(a: RunArgs) -> Result<Outcome, HarnessError> {
         inject: a.inject.as_deref(),
         sampler: a.sampler.as_deref(),
         lora: &a.lora,
+        length: Some(&a.length),
     };
     let mut opts = flags.options(false, a.strict_config)?;
     let (engine, engine_load) = load_engine_timed(&opts)?;
     // A prompt that encodes to no tokens is said now, not after the references have loaded.
-    crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
-    let (refs, ref_loads) = load_references_timed(&opts.references, &opts.model, a.lora.lora.as_deref())?;
+    let ids = crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
+    let context = opts.context_for(ids.len());
+    let (refs, ref_loads) = load_references_timed(&opts.references, &opts.model, a.lora.lora.as_deref(), Some(context))?;
     // A trace holds the steps it recorded: run no further than the shortest.
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
         if held < opts.steps {
@@ -373,6 +393,7 @@ fn generate(a: GenerateArgs) -> Result<Outcome, HarnessError> {
         inject: a.inject.as_deref(),
         sampler: a.sampler.as_deref(),
         lora: &a.lora,
+        length: None,
     };
     let opts = flags.options(false, false)?;
     let m = load_engine(&opts)?;
@@ -467,11 +488,13 @@ fn bisect(a: BisectArgs) -> Result<Outcome, HarnessError> {
         inject: a.inject.as_deref(),
         sampler: a.sampler.as_deref(),
         lora: &a.lora,
+        length: Some(&a.length),
     };
     let opts = flags.options(true, false)?;
     let (engine, _) = load_engine_timed(&opts)?;
-    crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
-    let refs = load_references(&opts.references, &opts.model, a.lora.lora.as_deref())?;
+    let ids = crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?;
+    let context = opts.context_for(ids.len());
+    let refs = load_references_timed(&opts.references, &opts.model, a.lora.lora.as_deref(), Some(context))?.0;
     let (mut rep, _run) = {
         let _stream = live::stream(Head::RowsOnly);
         crate::bisect::bisect(&opts, &engine, &refs, a.max_capture_mb)?

@@ -133,6 +133,8 @@ pub fn replay_with(name: &str, traces: &[String], given: Option<&LoadedModel>) -
         sampler: None,
         strict_config: false,
         lora: lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
+        context: None,
+        prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
     };
     let loaded;
     let engine = match given {

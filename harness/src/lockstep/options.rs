@@ -40,7 +40,26 @@ pub struct RunOptions {
     pub lora: Option<lockstep_engine::LoraOptions>,
     /// The engine under test (the bundled one unless `--engine` or the library says otherwise).
     pub engine: EngineSpec,
+    /// The positions the run may feed (`--context N`): given to every reference with a fixed
+    /// context (llama.cpp's `n_ctx`) and checked against the engine's window and each
+    /// reference's before any step. `None`: the prompt plus the steps.
+    pub context: Option<usize>,
+    /// A step that feeds more tokens than this (a long prompt) is fed to every side in
+    /// pieces of this many tokens, each compared as it comes (`--prefill-chunk`): what one
+    /// call captures stays bounded whatever the prompt's length.
+    pub prefill_chunk: usize,
 }
+
+impl RunOptions {
+    /// The positions the run may feed: `--context`, else the prompt plus the steps (step 0
+    /// feeds the prompt, each later step one token: `prompt + steps - 1`).
+    pub fn context_for(&self, prompt_len: usize) -> usize {
+        self.context.unwrap_or(prompt_len + self.steps.max(1) - 1)
+    }
+}
+
+/// `--prefill-chunk`'s default: a prompt up to this many tokens is one call on every side.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 /// Loads the engine the options name (model, dtype, weights mode, faults, adapter), and
 /// checks, before anything runs, that the run fits the model's context window and that
@@ -54,7 +73,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
     let engine =
         opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?;
     let ids = engine_prompt_ids(&engine, &opts.prompt)?;
-    check_context(&engine, ids.len(), opts.steps)?;
+    check_context(&engine, ids.len(), opts.steps, opts.context)?;
     // Whether a fault can act is judged on the prompt a clean engine feeds (missing-bos
     // removes the very BOS it needs).
     let clean_ids = match &opts.prompt {
@@ -78,8 +97,9 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
 }
 
 /// The prompt and the steps must fit the model's context window: step 0 feeds the prompt and
-/// each later step one token, so `steps` steps feed `prompt + steps - 1` positions.
-pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> Result<(), HarnessError> {
+/// each later step one token, so `steps` steps feed `prompt + steps - 1` positions; a
+/// `--context` must hold them and fit the window too.
+pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize, context: Option<usize>) -> Result<(), HarnessError> {
     let cfg = &engine.model.info().config;
     let window = cfg.context_window();
     let dynamic = match window != cfg.max_position_embeddings {
@@ -87,6 +107,21 @@ pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize) -> R
         false => String::new(),
     };
     let needed = prompt_len + steps.max(1) - 1;
+    if let Some(c) = context {
+        if c < needed {
+            return Err(HarnessError::Usage(format!(
+                "--context {c} is smaller than the run: a prompt of {prompt_len} tokens and {steps} steps feed {needed} positions; \
+                 give --context {needed} or more, or leave it out (it defaults to what the run feeds)"
+            )));
+        }
+        if c > window {
+            return Err(HarnessError::Usage(format!(
+                "--context {c} exceeds {}'s context window of {window} positions (max_position_embeddings / context_length{dynamic}); \
+                 give --context {window} or less",
+                engine.path.display()
+            )));
+        }
+    }
     if needed <= window {
         return Ok(());
     }

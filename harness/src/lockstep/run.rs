@@ -26,7 +26,7 @@ use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompar
 use crate::lockstep::summary::{engine_info, find_first_divergence, quant_run_checks, stopped_before_step0, summarize};
 use crate::reference::{Reference, StepOutput};
 use crate::results::checks::{GenConfig, SamplerCheck};
-use crate::results::run::{KeptStep, PromptCheck, RunResult, StepRecord};
+use crate::results::run::{KeptStep, PairStep, PromptCheck, RefStep, RunResult, SiteRecord, StepRecord};
 
 use lockstep_engine::sites::layer_of;
 
@@ -67,6 +67,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     assert!(!refs.is_empty(), "run() needs at least one reference");
     let model = engine.model.as_ref();
     let prompt = check_prompt(opts, engine, refs)?;
+    check_reference_context(opts, refs, prompt.engine_ids.len())?;
     tell(RunEvent::Started { opts, engine, refs, prompt: &prompt });
     // The generation config of every side; stop before step 0 on a prompt mismatch.
     let sampler_cfg = opts.sampler.clone().unwrap_or_default();
@@ -117,6 +118,22 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         stopped_before_step0: None,
         lora,
     })
+}
+
+/// Every reference with a fixed context (`describe()["context"]`, llama.cpp's `n_ctx`) must
+/// hold the positions the run feeds: said before step 0, with the numbers.
+fn check_reference_context(opts: &RunOptions, refs: &[Reference], prompt_len: usize) -> Result<(), HarnessError> {
+    let needed = prompt_len + opts.steps.max(1) - 1;
+    for r in refs {
+        if let Some(c) = r.description.context.filter(|&c| c < needed) {
+            return Err(HarnessError::Usage(format!(
+                "the {} reference holds {c} positions (its fixed context) but the run feeds {needed} (a prompt of {prompt_len} tokens \
+                 and {} steps): give --context {needed} or more (every reference's context is sized from it), or ask for fewer steps",
+                r.name, opts.steps
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Why the run stops before step 0, if it does: the prompt's ids differ, or with
@@ -218,11 +235,9 @@ impl Lockstep<'_> {
         let n_steps = if opts.bisect && !prompt.ids_match { 0 } else { opts.steps.max(1) };
         for step in 0..n_steps {
             crate::interrupt::check()?;
-            let es = engine_step(model, &feed, &mut cache, &wanted)?;
             let history: Vec<u32> = prompt.engine_ids.iter().chain(&generated).copied().collect();
-            let (engine_token, sampler_checks) = samplers.choose(refs, &es.logits, &history)?;
-            total += feed.len();
-            let (record, kept_now) = self.compare(step, &feed, total, &es, engine_token, sampler_checks)?;
+            let (record, kept_now) = self.step(step, &feed, &mut total, &mut cache, &wanted, samplers, &history)?;
+            let engine_token = record.engine_token;
             tell(RunEvent::Step { record: &record, planned: n_steps });
             steps.push(record);
             generated.push(engine_token);
@@ -240,37 +255,117 @@ impl Lockstep<'_> {
         Ok((steps, generated, kept))
     }
 
-    /// Every reference's step on `feed`, compared with the engine's and with each other.
-    fn compare(
+    /// One step: `feed` to every side, in calls of at most `--prefill-chunk` tokens (a long
+    /// prompt; a decode step is one call), each call compared as it comes and the step's
+    /// record merged from them ([`merge_call`]). The engine's token is chosen after the last.
+    /// `total`: the positions fed before the step, advanced by each call.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
         &self,
         step: usize,
         feed: &[u32],
-        total: usize,
-        es: &EngineStep,
-        engine_token: u32,
-        sampler: Vec<SamplerCheck>,
+        total: &mut usize,
+        cache: &mut lockstep_engine::KvCache,
+        wanted: &HashSet<&str>,
+        samplers: &mut Samplers,
+        history: &[u32],
     ) -> Result<(StepRecord, Option<KeptStep>), HarnessError> {
-        let outputs = reference_steps(self.refs, feed)?;
+        let model = self.engine.model.as_ref();
+        let calls: Vec<&[u32]> = feed.chunks(self.opts.prefill_chunk.max(1)).collect();
+        let (mut merged, mut engine_seconds): (Option<(Vec<RefStep>, Vec<PairStep>)>, f64) = (None, 0.0);
+        for (c, part) in calls.iter().enumerate() {
+            if c > 0 {
+                crate::interrupt::check()?;
+            }
+            let es = engine_step(model, part, cache, wanted)?;
+            let start = *total;
+            *total += part.len();
+            engine_seconds += es.seconds;
+            let outputs = reference_steps(self.refs, part)?;
+            let (references, pairs, kept) = self.call(step, start, part.len(), &outputs, &es)?;
+            merged = Some(match merged {
+                None => (references, pairs),
+                Some((r, p)) => merge_call((r, p), (references, pairs)),
+            });
+            let last = c + 1 == calls.len();
+            // Bisect stops at the first failing call: the step's record is what was compared.
+            if last || kept.is_some() {
+                let (engine_token, sampler) = samplers.choose(self.refs, &es.logits, history)?;
+                let (references, pairs) = merged.expect("one call at least");
+                let verdict = references.iter().map(|r| r.verdict).chain(sampler.iter().map(|c| c.verdict)).max().unwrap_or(Verdict::Pass);
+                let record = StepRecord {
+                    step,
+                    fed: feed.to_vec(),
+                    calls: if calls.len() > 1 { calls.iter().map(|c| c.len()).collect() } else { vec![] },
+                    engine_token,
+                    engine_token_text: self.engine.tokenizer.decode(&[engine_token], false).unwrap_or_default(),
+                    verdict,
+                    engine_seconds,
+                    references,
+                    pairs,
+                    sampler,
+                };
+                return Ok((record, kept));
+            }
+        }
+        unreachable!("a step feeds one token at least")
+    }
+
+    /// One call of a step (`fed` tokens after `start` positions): every reference's outputs
+    /// compared with the engine's and with each other.
+    fn call(
+        &self,
+        step: usize,
+        start: usize,
+        fed: usize,
+        outputs: &[(StepOutput, f64)],
+        es: &EngineStep,
+    ) -> Result<(Vec<RefStep>, Vec<PairStep>, Option<KeptStep>), HarnessError> {
         let cmp = StepCompare { judge: self.judge, refs: self.refs, ref_sites: self.ref_sites, engine: es, oracle: self.oracle };
-        let (references, pairs, kept) = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<_, HarnessError> {
-            cmp.check_declared(views, total)?;
+        StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| -> Result<_, HarnessError> {
+            cmp.check_declared(views, start + fed)?;
             let pairs = cmp.pairs(views)?;
             let refs = (0..self.refs.len()).map(|i| cmp.reference(i, views, &pairs, outputs[i].1)).collect::<Result<Vec<_>, _>>()?;
-            let kept = if self.opts.bisect { cmp.keep(step, views, &refs)? } else { None };
+            let kept = if self.opts.bisect { cmp.keep(step, start, fed, views, &refs)? } else { None };
             Ok((refs, pairs, kept))
-        })?;
-        let verdict = references.iter().map(|r| r.verdict).chain(sampler.iter().map(|c| c.verdict)).max().unwrap_or(Verdict::Pass);
-        let record = StepRecord {
-            step,
-            fed: feed.to_vec(),
-            engine_token,
-            engine_token_text: self.engine.tokenizer.decode(&[engine_token], false).unwrap_or_default(),
-            verdict,
-            engine_seconds: es.seconds,
-            references,
-            pairs,
-            sampler,
-        };
-        Ok((record, kept))
+        })
     }
+}
+
+/// The records of a step's calls so far merged with the next call's: per reference, each
+/// site keeps the call where it was worst (verdict, then rel-L2: a site passes only if it
+/// passed on every row of every call); the next-token distribution is the last call's (the
+/// last position fed), the largest KL over positions the largest of all calls; seconds add
+/// up. Pairs of references keep, per site, their largest disagreement.
+fn merge_call(acc: (Vec<RefStep>, Vec<PairStep>), next: (Vec<RefStep>, Vec<PairStep>)) -> (Vec<RefStep>, Vec<PairStep>) {
+    let (mut refs, mut pairs) = acc;
+    for (r, n) in refs.iter_mut().zip(next.0) {
+        let worse = |a: &SiteRecord, b: &SiteRecord| {
+            let rel = |s: &SiteRecord| s.metrics.map(|m| m.rel_l2).unwrap_or(f64::INFINITY);
+            (b.verdict, rel(b)) > (a.verdict, rel(a))
+        };
+        for ns in n.sites {
+            match r.sites.iter_mut().find(|s| s.site == ns.site) {
+                Some(s) if worse(s, &ns) => *s = ns,
+                Some(_) => {}
+                None => r.sites.push(ns),
+            }
+        }
+        r.kl_max_positions = r.kl_max_positions.max(n.kl_max_positions);
+        r.logits = n.logits;
+        r.logits_verdict = n.logits_verdict;
+        r.seconds += n.seconds;
+        r.verdict = r.sites.iter().map(|s| s.verdict).chain([r.logits_verdict]).max().unwrap_or(Verdict::Pass);
+    }
+    for (p, np) in pairs.iter_mut().zip(next.1) {
+        for (site, nm) in np.sites {
+            match p.sites.iter_mut().find(|(s, _)| *s == site) {
+                Some((_, m)) if nm.rel_l2 > m.rel_l2 => *m = nm,
+                Some(_) => {}
+                None => p.sites.push((site, nm)),
+            }
+        }
+        p.logits = np.logits;
+    }
+    (refs, pairs)
 }

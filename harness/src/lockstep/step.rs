@@ -264,9 +264,9 @@ impl StepCompare<'_> {
 
     /// Bisect: at the first failing step, the reference's tensors of the suspect layer and
     /// its input (what isolation runs the engine's layer on).
-    pub fn keep(&self, step: usize, views: &[StepArrays<'_, '_>], ref_steps: &[RefStep]) -> Result<Option<KeptStep>, HarnessError> {
+    pub fn keep(&self, step: usize, start: usize, fed: usize, views: &[StepArrays<'_, '_>], ref_steps: &[RefStep]) -> Result<Option<KeptStep>, HarnessError> {
         let Some((ri, si)) = localize(ref_steps) else { return Ok(None) };
-        let mut k = KeptStep { reference: ri, step, site_index: si, ..Default::default() };
+        let mut k = KeptStep { reference: ri, step, start, fed, site_index: si, ..Default::default() };
         if let Some(l) = ref_steps[ri].sites[si].layer {
             let input = lockstep_engine::sites::layer_input(l);
             let prefix = format!("layers.{l}.");

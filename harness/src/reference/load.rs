@@ -62,6 +62,14 @@ impl Reference {
     /// As [`Reference::load`], with a LoRA adapter directory given to the reference's
     /// `load(model, dtype=..., lora=DIR)` (a trace cannot take one).
     pub fn load_with_lora(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<Reference, HarnessError> {
+        Self::load_for_run(spec, model, lora, None)
+    }
+
+    /// As [`Reference::load_with_lora`], for a run that feeds at most `context` positions (a
+    /// reference with a fixed context sizes it from this; see [`Description::context`]).
+    ///
+    /// [`Description::context`]: crate::reference::Description::context
+    pub fn load_for_run(spec: &RefSpec, model: &Path, lora: Option<&Path>, context: Option<usize>) -> Result<Reference, HarnessError> {
         if spec.trace.is_some() {
             return crate::golden::trace::load_reference_with_lora(spec, model, lora);
         }
@@ -77,7 +85,7 @@ impl Reference {
                 references_declaring(Capability::Lora).join(",")
             )));
         }
-        let (obj, description) = PyReference::load(spec, model, lora)?;
+        let (obj, description) = PyReference::load(spec, model, lora, context)?;
         Ok(Reference { name: spec.label(), spec: spec.clone(), backend: Box::new(obj), description })
     }
 

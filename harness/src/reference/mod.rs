@@ -160,6 +160,10 @@ pub struct Description {
     /// at (`None`: all of them).
     #[serde(default)]
     pub sampler_rep_window: Option<usize>,
+    /// The positions it can hold, for a reference with a fixed context (llama.cpp's `n_ctx`):
+    /// a run that needs more stops before step 0. `None`: its cache grows.
+    #[serde(default)]
+    pub context: Option<usize>,
 }
 
 impl Description {

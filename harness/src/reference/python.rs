@@ -147,10 +147,12 @@ impl PyReference {
     /// Imports `references/<module>.py`, calls its `load(model, dtype=..., sites=[...])` with
     /// every site name of the engine's site graph of `model`, and checks the object against
     /// the protocol (`protocol.check`), which gives its `describe()`.
-    pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
+    /// `context`: the positions the run feeds at most (`--context`), for a reference with a
+    /// fixed context to size it.
+    pub fn load(spec: &RefSpec, model: &Path, lora: Option<&Path>, context: Option<usize>) -> Result<(PyReference, Description), HarnessError> {
         let name = spec.label();
         let source = Source::Module(spec.module);
-        Self::load_from(&source, "load", &name, spec.dtype, model, lora)
+        Self::load_from(&source, "load", &name, spec.dtype, model, lora, context)
     }
 
     /// Imports the Python file `path` as a module (with `references/` on `sys.path`, so it
@@ -158,10 +160,18 @@ impl PyReference {
     /// sites=[...], lora=DIR)` and checks the object against the protocol: a Python engine
     /// under test (`--engine python:PATH.py[:FACTORY]`).
     pub fn load_file(path: &Path, factory: &str, label: &str, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
-        Self::load_from(&Source::File(path), factory, label, "float32", model, lora)
+        Self::load_from(&Source::File(path), factory, label, "float32", model, lora, None)
     }
 
-    fn load_from(source: &Source<'_>, factory: &str, name: &str, dtype: &str, model: &Path, lora: Option<&Path>) -> Result<(PyReference, Description), HarnessError> {
+    fn load_from(
+        source: &Source<'_>,
+        factory: &str,
+        name: &str,
+        dtype: &str,
+        model: &Path,
+        lora: Option<&Path>,
+        context: Option<usize>,
+    ) -> Result<(PyReference, Description), HarnessError> {
         // The sites of the model as any engine under test may run it: its family's where the
         // bundled engine knows the model type, the generic sites of any decoder where not.
         let sites = lockstep_engine::models::describe_at(model)?.graph.names();
@@ -181,6 +191,9 @@ impl PyReference {
                 .map_err(|e| py_err(py, e, "building arguments"))?;
             if let Some(l) = lora {
                 kwargs.set_item("lora", l.to_string_lossy().as_ref()).map_err(|e| py_err(py, e, "building arguments"))?;
+            }
+            if let Some(c) = context {
+                kwargs.set_item("context", c).map_err(|e| py_err(py, e, "building arguments"))?;
             }
             if !m.hasattr(factory).unwrap_or(false) {
                 return Err(HarnessError::Usage(format!(
@@ -205,6 +218,7 @@ impl PyReference {
                 main_package: get_or_default(py, &d, "main_package")?,
                 sampler_order: get_or_default(py, &d, "sampler_order")?,
                 sampler_rep_window: get_or_default(py, &d, "sampler_rep_window")?,
+                context: get_or_default(py, &d, "context")?,
             };
             Ok((PyReference { name: name.to_string(), obj: obj.unbind() }, description))
         })

@@ -232,6 +232,7 @@ pub fn render_tail(r: &RunResult, refs: &[Reference]) -> String {
     write_eos_note(&mut o, r);
     o.push_str(&crate::checks::sampler::render_steps(r));
     write_legend(&mut o, multi, &RowLayout::new(refs, r.num_layers, crate::ui::get().width));
+    write_calls_note(&mut o, r);
     let _ = writeln!(o);
     write_compared(&mut o, r);
     o.push_str(&crate::checks::sampler::render_prelude(r));
@@ -320,7 +321,7 @@ fn write_prompt(o: &mut String, p: &crate::results::run::PromptCheck) {
             }
         })
         .collect();
-    let _ = writeln!(o, "  prompt     {} {:?}: {} tokens; token ids: {}", p.mode, p.text, p.engine_ids.len(), agree.join(", "));
+    let _ = writeln!(o, "  prompt     {} {}: {} tokens; token ids: {}", p.mode, shown_prompt(&p.text), p.engine_ids.len(), agree.join(", "));
 }
 
 /// One `compared` line per reference: sites per step and the sites not compared; for an
@@ -582,6 +583,33 @@ fn write_eos_note(o: &mut String, r: &RunResult) {
     }
 }
 
+/// The prompt as the header shows it: quoted whole up to 300 characters; a longer one (a
+/// long-context run) by its start and end, with its length.
+fn shown_prompt(text: &str) -> String {
+    const MOST: usize = 300;
+    let n = text.chars().count();
+    if n <= MOST {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(MOST / 2).collect();
+    let tail: String = text.chars().skip(n - MOST / 4).collect();
+    format!("{head:?} … {tail:?} ({n} characters)")
+}
+
+/// How a step fed in pieces was fed (`--prefill-chunk`): each row then holds its worst call.
+fn write_calls_note(o: &mut String, r: &RunResult) {
+    for s in r.steps.iter().filter(|s| !s.calls.is_empty()) {
+        let most = s.calls.iter().max().copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "step {} fed its {} tokens in {} calls of at most {most} (--prefill-chunk): every position compared, each site's worst call shown.",
+            s.step,
+            s.fed.len(),
+            s.calls.len()
+        );
+    }
+}
+
 /// The legend of the per-step table's columns (word-wrapped to the width).
 fn write_legend(o: &mut String, multi: bool, layout: &RowLayout) {
     let per = if layout.group() > 1 {
@@ -828,6 +856,15 @@ fn write_verdict(o: &mut String, r: &RunResult, multi: bool) {
 #[cfg(test)]
 mod layout_tests {
     use super::*;
+
+    #[test]
+    fn a_long_prompt_is_shown_by_its_ends_and_length() {
+        assert_eq!(shown_prompt("hello"), "\"hello\"");
+        let long = format!("start{}end", "x".repeat(1000));
+        let shown = shown_prompt(&long);
+        assert!(shown.starts_with("\"startxx") && shown.ends_with("xxend\" (1008 characters)"), "{shown}");
+        assert!(shown.chars().count() < 260, "{shown}");
+    }
 
     fn widest_line(l: &RowLayout) -> usize {
         let cells = [

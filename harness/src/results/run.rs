@@ -13,6 +13,10 @@ use crate::compare::{LogitMetrics, TensorMetrics};
 pub struct KeptStep {
     pub reference: usize,
     pub step: usize,
+    /// The positions fed before the call the tensors come from, and in it (a step is one
+    /// call, or a long prompt's pieces: `--prefill-chunk`).
+    pub start: usize,
+    pub fed: usize,
     /// Index of the localized site in that reference's `sites` of this step.
     pub site_index: usize,
     /// site -> (shape, values), HF layout.
@@ -83,6 +87,10 @@ pub struct StepRecord {
     pub step: usize,
     /// Tokens fed to every side at this step.
     pub fed: Vec<u32>,
+    /// The tokens of each call when the step was fed in pieces (`--prefill-chunk`); empty
+    /// when it was one call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<usize>,
     /// The engine's choice, fed at the next step.
     pub engine_token: u32,
     pub engine_token_text: String,
