@@ -345,6 +345,7 @@ class TransformersReference(HfSideMixin):
             _ACTIVE = None
         self.pos += n
         out = {k: _np(v) for k, v in self._out.items()}
+        self._out = {}  # the captured tensors live on in `out` only (a copy where one was made)
         for i, k_site, v_site in self._cache_sites:
             k, v = self._cache_layer(i)
             if k_site:

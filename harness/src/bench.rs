@@ -148,3 +148,141 @@ pub fn render(rows: &[Speed], threads: usize, model: &Path) -> String {
     }
     s
 }
+
+/// The engine's decode step time with `context` positions in its cache: the cache filled by
+/// a prefill in calls of 256 tokens, then `steps` one-token steps timed (the median step).
+pub fn engine_decode_at(path: &Path, mode: WeightsMode, ids: &[u32], context: usize, steps: usize) -> Result<f64, HarnessError> {
+    let m = lockstep_engine::load(path, &LoadOptions { weights: Some(mode), ..Default::default() })?;
+    let model = &m.model;
+    let mut cache = model.new_cache();
+    let fill: Vec<u32> = ids.iter().copied().cycle().take(context).collect();
+    let mut logits = None;
+    for part in fill.chunks(256) {
+        logits = Some(model.forward(part, &mut cache, None)?);
+    }
+    let logits = logits.ok_or_else(|| HarnessError::Usage("a context of 0 positions".into()))?;
+    let mut tok = lockstep_engine::generate::argmax(&logits.i(logits.dim(0)? - 1)?)?;
+    let mut times = vec![];
+    for _ in 0..steps.max(1) {
+        let t0 = Instant::now();
+        let l = model.forward(&[tok], &mut cache, None)?;
+        times.push(t0.elapsed().as_secs_f64());
+        tok = lockstep_engine::generate::argmax(&l.i(0)?)?;
+    }
+    Ok(median(times))
+}
+
+/// One `lockstep run` measured from outside: its peak resident memory and, per decode step,
+/// the step's wall time and what lockstep itself spent (the step's wall time minus the
+/// engine's and every reference's own time).
+#[derive(Debug, Clone)]
+pub struct RunCost {
+    pub prompt_tokens: usize,
+    pub peak_mb: f64,
+    pub wall_s: f64,
+    /// Median over the decode steps.
+    pub step_s: f64,
+    pub overhead_s: f64,
+}
+
+/// Runs `exe run ARGS --json FILE` as a child process and reads its cost: peak RSS from
+/// `wait4`'s resource usage, the per-step times from the JSON report.
+pub fn run_cost(exe: &Path, args: &[String], scratch: &Path) -> Result<RunCost, HarnessError> {
+    let json = scratch.join("bench-run.json");
+    let t0 = Instant::now();
+    let child = std::process::Command::new(exe)
+        .arg("run")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| HarnessError::Usage(format!("bench: could not start {}: {e}", exe.display())))?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the child's pid, valid pointers to a status and a rusage.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let wall_s = t0.elapsed().as_secs_f64();
+    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(HarnessError::Usage(format!("bench: `lockstep run {}` did not pass (status {status})", args.join(" "))));
+    }
+    let text = std::fs::read_to_string(&json).map_err(|e| HarnessError::Io { path: json.display().to_string(), message: e.to_string() })?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| HarnessError::Io { path: json.display().to_string(), message: e.to_string() })?;
+    let steps = report["steps"].as_array().cloned().unwrap_or_default();
+    let decode: Vec<&serde_json::Value> = steps.iter().skip(1).collect();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let step_s = if decode.is_empty() { 0.0 } else { median(decode.iter().map(|s| f(&s["seconds"])).collect()) };
+    let overhead: Vec<f64> = decode
+        .iter()
+        .map(|s| {
+            let refs: f64 = s["references"].as_array().map(|r| r.iter().map(|r| f(&r["seconds"])).sum()).unwrap_or(0.0);
+            (f(&s["seconds"]) - f(&s["engine_seconds"]) - refs).max(0.0)
+        })
+        .collect();
+    Ok(RunCost {
+        prompt_tokens: steps.first().and_then(|s| s["fed"].as_array()).map_or(0, |f| f.len()),
+        // Linux reports ru_maxrss in kilobytes.
+        peak_mb: usage.ru_maxrss as f64 / 1024.0,
+        wall_s,
+        step_s,
+        overhead_s: if overhead.is_empty() { 0.0 } else { median(overhead) },
+    })
+}
+
+/// A plain prompt of at least `n` tokens of `model`'s tokenizer (the fewest words of `text`
+/// repeated that reach it).
+pub fn prompt_text(model: &lockstep_engine::LoadedModel, text: &str, n: usize) -> Result<String, HarnessError> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.is_empty() {
+        return Err(HarnessError::Usage("the benchmark text has no words".into()));
+    }
+    let of = |k: usize| words.iter().cycle().take(k).copied().collect::<Vec<_>>().join(" ");
+    let tokens = |k: usize| -> Result<usize, HarnessError> { Ok(model.tokenizer.encode(&of(k), true)?.len()) };
+    let mut hi = 1;
+    while tokens(hi)? < n {
+        hi *= 2;
+    }
+    let mut lo = hi / 2;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if tokens(mid)? >= n {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(of(hi))
+}
+
+/// The long-context table `make bench` prints after the speed table.
+pub fn render_long(decode: &[(usize, f64)], runs: &[(usize, RunCost)], contexts: &[usize], prompts: &[usize]) -> String {
+    let mut s = String::from("\nlong contexts (same machine, same run)\n");
+    for (c, t) in decode {
+        s.push_str(&format!("engine (quantized) decode step at context {c:>5}: {:>8.2} ms\n", t * 1e3));
+    }
+    if let (Some(a), Some(b)) = (decode.first(), decode.last()) {
+        if decode.len() > 1 {
+            s.push_str(&format!("engine decode step, context {} / {}: {:.2}x\n", b.0, a.0, b.1 / a.1));
+        }
+    }
+    s.push_str("lockstep run --weights dequant --reference transformers, 8 decode steps:\n");
+    s.push_str(&format!("{:>8} {:>10} {:>12} {:>16} {:>8}\n", "prompt", "peak MB", "step ms", "lockstep's ms", "wall s"));
+    for (_, c) in runs {
+        s.push_str(&format!("{:>8} {:>10.0} {:>12.1} {:>16.2} {:>8.1}\n", c.prompt_tokens, c.peak_mb, c.step_s * 1e3, c.overhead_s * 1e3, c.wall_s));
+    }
+    let cost = |n: usize| runs.iter().find(|(m, _)| *m == n).map(|(_, c)| c);
+    if let (Some(a), Some(b)) = (contexts.first().and_then(|&n| cost(n)), contexts.last().and_then(|&n| cost(n))) {
+        if contexts.len() > 1 && a.overhead_s > 0.0 {
+            s.push_str(&format!("lockstep's own time per step, prompt {} / {}: {:.2}x\n", b.prompt_tokens, a.prompt_tokens, b.overhead_s / a.overhead_s));
+        }
+    }
+    if let (Some(a), Some(b)) = (prompts.first().and_then(|&n| cost(n)), prompts.last().and_then(|&n| cost(n))) {
+        if prompts.len() > 1 {
+            s.push_str(&format!("peak memory, prompt {} / {}: {:.2}x\n", b.prompt_tokens, a.prompt_tokens, b.peak_mb / a.peak_mb));
+        }
+    }
+    s
+}

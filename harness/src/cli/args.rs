@@ -433,6 +433,15 @@ pub struct BenchArgs {
     /// Which sides, comma-separated: engine, engine-dequant, llamacpp, transformers.
     #[arg(long, default_value = "engine,engine-dequant,llamacpp,transformers")]
     pub sides: String,
+    /// Long contexts: the engine's decode step time with this many positions in its cache,
+    /// and lockstep's own per-step cost (a `run --weights dequant --reference transformers`
+    /// with a prompt of this length), comma-separated; empty: skip.
+    #[arg(long, default_value = "16,4096")]
+    pub contexts: String,
+    /// Long contexts: the peak memory of a `run --weights dequant --reference transformers`
+    /// with prompts of these lengths, comma-separated; empty: skip.
+    #[arg(long, default_value = "64,2048")]
+    pub memory_prompts: String,
 }
 
 #[derive(Args)]

@@ -441,7 +441,49 @@ fn bench(a: BenchArgs) -> Result<Outcome, HarnessError> {
         rows.push(r);
     }
     out!("{}", bench::render(&rows, a.threads, &path));
+    bench_long_context(&a, &path, &ids, text)?;
     Ok(Outcome::Pass)
+}
+
+/// `bench`'s long-context part: the engine's decode step at each `--contexts` length, then
+/// `lockstep run`s (child processes) for lockstep's per-step cost and peak memory.
+fn bench_long_context(a: &BenchArgs, path: &Path, ids: &[u32], text: &str) -> Result<(), HarnessError> {
+    use crate::bench;
+    let list = |s: &str, flag: &str| -> Result<Vec<usize>, HarnessError> {
+        s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(|x| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+            HarnessError::Usage(format!("{flag}: `{x}` is not a positive number of tokens"))
+        })).collect()
+    };
+    let (contexts, prompts) = (list(&a.contexts, "--contexts")?, list(&a.memory_prompts, "--memory-prompts")?);
+    if contexts.is_empty() && prompts.is_empty() {
+        return Ok(());
+    }
+    let mut decode = vec![];
+    for &c in &contexts {
+        let s = bench::engine_decode_at(path, WeightsMode::Quantized, ids, c, 16)?;
+        eprintln!("  engine decode step at context {c}: {:.2} ms", s * 1e3);
+        decode.push((c, s));
+    }
+    let exe = std::env::current_exe().map_err(|e| HarnessError::Usage(format!("bench: where is this binary? {e}")))?;
+    let scratch = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| HarnessError::Io { path: scratch.display().to_string(), message: e.to_string() })?;
+    let tok = lockstep_engine::load(path, &lockstep_engine::LoadOptions::default())?;
+    let mut runs = vec![];
+    let mut lengths: Vec<usize> = contexts.iter().chain(&prompts).copied().collect();
+    lengths.dedup();
+    for n in lengths {
+        let prompt = bench::prompt_text(&tok, text, n)?;
+        let args: Vec<String> = ["--model", &path.to_string_lossy(), "--weights", "dequant", "--reference", "transformers", "--steps", "9", "--prompt", &prompt]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let c = bench::run_cost(&exe, &args, &scratch)?;
+        eprintln!("  lockstep run, prompt {} tokens: peak {:.0} MB, {:.1} ms per step, {:.1} ms of it lockstep's own", c.prompt_tokens, c.peak_mb, c.step_s * 1e3, c.overhead_s * 1e3);
+        runs.push((n, c));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    out!("{}", bench::render_long(&decode, &runs, &contexts, &prompts));
+    Ok(())
 }
 
 fn quant_check(a: QuantCheckArgs) -> Result<Outcome, HarnessError> {

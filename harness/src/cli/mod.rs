@@ -28,6 +28,19 @@ pub fn main_with(plugin: Plugin) -> ExitCode {
     run_cli(Some(plugin))
 }
 
+/// A lockstep step allocates and frees large buffers (every site of a call, on every side:
+/// hundreds of MB on a long prompt). glibc's malloc raises its mmap threshold after such a
+/// buffer is freed, so the next ones come from the heap and stay in the process when freed:
+/// the peak then grows with every call. A fixed threshold of 1 MiB keeps large buffers in
+/// their own mappings, returned to the system when freed (measured: see docs/long-context.md).
+fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn run_cli(plugin: Option<Plugin>) -> ExitCode {
     // Errors are for users: candle captures a backtrace into every error value when
     // RUST_BACKTRACE is set, and some of them reach messages. RUST_LIB_BACKTRACE=0 stops
@@ -36,6 +49,7 @@ fn run_cli(plugin: Option<Plugin>) -> ExitCode {
         // SAFETY: the first thing the process does, before any other thread starts.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
+    return_large_buffers_to_the_os();
     let cli = Cli::parse();
     let mut ui = crate::ui::Ui::from_flags(cli.quiet, cli.verbose, cli.wide, cli.width, cli.color);
     // A report's worker draws the report's own progress (report::nightly), not a spinner.

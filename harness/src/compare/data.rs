@@ -13,7 +13,7 @@ pub enum Data<'a> {
     Sketch(&'a Sketch),
 }
 
-impl Data<'_> {
+impl<'a> Data<'a> {
     /// The sketch of the data (a sketch is its own sketch).
     pub fn sketch(&self) -> Sketch {
         match self {
@@ -34,12 +34,54 @@ impl Data<'_> {
 
     /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
     /// the one sliced site, in full).
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Data<'_> {
+    pub fn slice(self, range: std::ops::Range<usize>) -> Data<'a> {
         match self {
             Data::F32(d) => Data::F32(&d[range]),
             Data::F64(d) => Data::F64(&d[range]),
             Data::Sketch(_) => unreachable!("a sketch cannot be sliced; traces keep logits in full"),
         }
+    }
+}
+
+/// Owned tensor data in the dtype it was computed in: an f32 engine's sites are held as f32
+/// (one copy, not a widened one), an f64 engine's as f64.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Values {
+    pub fn data(&self) -> Data<'_> {
+        match self {
+            Values::F32(v) => Data::F32(v),
+            Values::F64(v) => Data::F64(v),
+        }
+    }
+
+    /// A widened copy (the few comparisons that need f64 values: MoE routing).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Values::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Values::F64(v) => v.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<f64>> for Values {
+    fn from(v: Vec<f64>) -> Values {
+        Values::F64(v)
     }
 }
 

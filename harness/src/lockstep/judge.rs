@@ -15,15 +15,16 @@ use crate::compare::tolerance::{
     WeightsMode, FLOOR_MULTIPLE,
 };
 use crate::compare::routing::{self, RoutingRecord};
+use crate::compare::data::Values;
 use crate::compare::{metrics_data, Data};
 use crate::reference::Reference;
 use crate::results::run::{OracleDistance, RefStep, SiteRecord};
 
-/// An engine site of one step, in the Hugging Face layout, widened to f64.
+/// An engine site of one step, in the Hugging Face layout, in the engine's dtype.
 pub struct EngineSite {
     pub site: String,
     pub shape: Vec<usize>,
-    pub data: Vec<f64>,
+    pub data: Values,
     pub transform: Option<&'static str>,
 }
 
@@ -83,7 +84,7 @@ impl Judge {
             return SiteRecord { note: Some(shape_note(kind, &es.shape, rshape)), ..base };
         }
         let tol = tolerance(self.modes[i], self.precision, kind, tolerance_layer(self.modes[i], layer, self.layer0_exact));
-        let m = metrics_data(Data::F64(&es.data), rdata);
+        let m = metrics_data(es.data.data(), rdata);
         // Against itself, another reference's disagreement excuses nothing.
         let floor = if self.modes[i] == WeightsMode::SameEngine { None } else { floor };
         let routing = self.routing(es, rdata);
@@ -101,8 +102,8 @@ impl Judge {
             Data::Sketch(_) => return None,
         };
         match leaf {
-            "router" if self.top_k > 0 => Some(routing::compare_router(&es.data, &r, n, self.top_k)),
-            "expert_weights" => Some(routing::compare_expert_weights(&es.data, &r, n)),
+            "router" if self.top_k > 0 => Some(routing::compare_router(&es.data.to_f64(), &r, n, self.top_k)),
+            "expert_weights" => Some(routing::compare_expert_weights(&es.data.to_f64(), &r, n)),
             _ => None,
         }
     }
@@ -220,7 +221,7 @@ mod tests {
             precision: Precision::F32,
             top_k: 0,
         };
-        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v], transform: None };
+        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v].into(), transform: None };
         let r = [1.0f32, 1.0];
         // rel-L2 2e-2 fails the f32 bound (1e-2) by itself; within 4x a floor of 6e-3 it is
         // drift; 4x a floor of 4e-3 does not cover it.

@@ -270,6 +270,7 @@ impl Lockstep<'_> {
         samplers: &mut Samplers,
         history: &[u32],
     ) -> Result<(StepRecord, Option<KeptStep>), HarnessError> {
+        let t0 = std::time::Instant::now();
         let model = self.engine.model.as_ref();
         let calls: Vec<&[u32]> = feed.chunks(self.opts.prefill_chunk.max(1)).collect();
         let (mut merged, mut engine_seconds): (Option<(Vec<RefStep>, Vec<PairStep>)>, f64) = (None, 0.0);
@@ -301,6 +302,7 @@ impl Lockstep<'_> {
                     engine_token_text: self.engine.tokenizer.decode(&[engine_token], false).unwrap_or_default(),
                     verdict,
                     engine_seconds,
+                    seconds: t0.elapsed().as_secs_f64(),
                     references,
                     pairs,
                     sampler,

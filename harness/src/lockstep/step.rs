@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use lockstep_engine::{Capture, Decoder};
 
 use crate::compare::tolerance::Verdict;
+use crate::compare::data::Values;
 use crate::compare::{logit_metrics_data, metrics_data, Data};
 use crate::error::HarnessError;
 use crate::lockstep::judge::{floor, localize, oracle_distance, EngineSite, Judge};
@@ -27,9 +28,9 @@ pub struct EngineStep {
     /// position's only (its earlier prefill positions are not compared).
     pub rows: usize,
     pub vocab: usize,
-    /// The logits as f64, row-major `rows x vocab`, when they are not also the `logits` site
-    /// (held once: in `sites` when the engine returned every position).
-    logits_f64: Vec<f64>,
+    /// The logits, row-major `rows x vocab`, when they are not also the `logits` site (held
+    /// once: in `sites` when the engine returned every position).
+    logits_values: Values,
     /// The position of the `logits` site in `sites`, if it is there.
     logits_site: Option<usize>,
     pub seconds: f64,
@@ -37,13 +38,13 @@ pub struct EngineStep {
 
 impl EngineStep {
     /// The engine's logits row of position `p` of the step, if it returned that position.
-    pub fn logits_row(&self, p: usize) -> Option<&[f64]> {
+    pub fn logits_row(&self, p: usize) -> Option<Data<'_>> {
         let first = self.n_pos - self.rows;
         let data = match self.logits_site {
             Some(i) => &self.sites[i].data,
-            None => &self.logits_f64,
+            None => &self.logits_values,
         };
-        (p >= first && p < self.n_pos).then(|| &data[(p - first) * self.vocab..(p - first + 1) * self.vocab])
+        (p >= first && p < self.n_pos).then(|| data.data().slice((p - first) * self.vocab..(p - first + 1) * self.vocab))
     }
 }
 
@@ -54,32 +55,42 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
     let logits = model.forward(feed, cache, Some(&mut cap))?;
     let graph = model.site_graph();
     let mut sites = Vec::new();
-    for (site, t) in &cap.entries {
+    // Each captured tensor is dropped once converted: a call holds its sites once.
+    for (site, t) in std::mem::take(&mut cap.entries) {
         // The logits are taken from forward's result, whatever the engine taps.
         if !wanted.contains(site.as_str()) || site == lockstep_engine::sites::LOGITS {
             continue;
         }
         let s = graph
-            .get(site)
+            .get(&site)
             .ok_or_else(|| HarnessError::SiteNotInGraph { site: site.clone() })?;
-        let (t, transform) = model.to_canonical(s, t)?;
-        let data = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        sites.push(EngineSite { site: site.clone(), shape: t.dims().to_vec(), data, transform });
+        let (t, transform) = model.to_canonical(s, &t)?;
+        let data = values(&t)?;
+        sites.push(EngineSite { site, shape: t.dims().to_vec(), data, transform });
     }
     let seconds = t0.elapsed().as_secs_f64();
     let (rows, vocab) = logits.dims2().map_err(|_| HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() })?;
     if rows != feed.len() && rows != 1 {
         return Err(HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() });
     }
-    let mut logits_f64 = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut logits_values = values(&logits)?;
     let mut logits_site = None;
     // Every position: also the `logits` site, holding the one copy (`logits_row` reads it).
     if wanted.contains(lockstep_engine::sites::LOGITS) && rows == feed.len() {
-        let data = std::mem::take(&mut logits_f64);
+        let data = std::mem::replace(&mut logits_values, Values::F32(vec![]));
         logits_site = Some(sites.len());
         sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None });
     }
-    Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_f64, logits_site, seconds })
+    Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_values, logits_site, seconds })
+}
+
+/// A tensor's values in its own dtype (f32 stays f32: no widened copy; f64 and the half
+/// types as f64).
+fn values(t: &Tensor) -> Result<Values, HarnessError> {
+    Ok(match t.dtype() {
+        DType::F32 => Values::F32(t.flatten_all()?.to_vec1::<f32>()?),
+        _ => Values::F64(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
+    })
 }
 
 /// Every reference's step on `feed`, with its time.
@@ -219,7 +230,7 @@ impl StepCompare<'_> {
             let oracle = match self.oracle {
                 Some(o) if o != i && self.ref_sites[o].contains(&es.site) => {
                     let to_engine = views[o].with_site(&es.site, |so, dor| {
-                        (so == es.shape.as_slice()).then(|| metrics_data(Data::F64(&es.data), dor).rel_l2)
+                        (so == es.shape.as_slice()).then(|| metrics_data(es.data.data(), dor).rel_l2)
                     })?;
                     oracle_distance(to_engine.flatten(), pair_rel(o))
                 }
@@ -238,7 +249,7 @@ impl StepCompare<'_> {
                 for p in first..n_pos {
                     let Some(row) = self.engine.logits_row(p) else { continue };
                     let r = p - first;
-                    let m = logit_metrics_data(Data::F64(row), rdata.slice(r * vocab..(r + 1) * vocab));
+                    let m = logit_metrics_data(row, rdata.slice(r * vocab..(r + 1) * vocab));
                     kl_max = kl_max.max(m.kl);
                     if p == n_pos - 1 {
                         last = Some(m);

@@ -97,6 +97,10 @@ pub struct StepRecord {
     /// Worst verdict over all references.
     pub verdict: Verdict,
     pub engine_seconds: f64,
+    /// The whole step's wall time: every side's forward and capture, and lockstep's
+    /// conversions and comparisons (what is neither `engine_seconds` nor a reference's
+    /// `seconds` is lockstep's own per-step overhead).
+    pub seconds: f64,
     pub references: Vec<RefStep>,
     pub pairs: Vec<PairStep>,
     /// Sampler parity per reference that has a sampler (with `--sampler`).
