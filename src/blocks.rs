@@ -119,22 +119,62 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: QkLayout) -> Result<
 
 /// `(seq, offset+seq)`: 0 where query `i` (position offset+i) may see key `j`, -inf after.
 pub fn causal_mask(seq: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let total = offset + seq;
-    let m: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(m, (seq, total), dev)?.to_dtype(dtype)?)
+    Mask::Causal { offset }.block(0, seq, 0, offset + seq, dtype, dev)
 }
 
 /// The mask of a sliding-window layer over an append-only cache, `(seq, offset + seq)`:
 /// position `offset + i` sees `offset + i - w + 1 ..= offset + i` (`w` positions, its own
 /// included), as transformers' sliding-window layers.
 pub fn window_mask(seq: usize, offset: usize, w: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let total = offset + seq;
-    let m: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i || j + w <= offset + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(m, (seq, total), dev)?.to_dtype(dtype)?)
+    Mask::Window { offset, w }.block(0, seq, 0, offset + seq, dtype, dev)
+}
+
+/// Which keys each query row of an attention call sees, without materializing the mask:
+/// query row `i` stands at `offset + i` in the coordinates of the key columns (key column `j`
+/// is the `j`-th position the call attends over). [`attention`] builds the additive mask of
+/// the rows it is computing, a chunk at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mask {
+    /// Every key is visible (a one-token step of a global layer; the `causal-mask` fault).
+    None,
+    /// Row `i` sees columns `0 ..= offset + i`.
+    Causal { offset: usize },
+    /// Row `i` sees columns `offset + i + 1 - w ..= offset + i` (`w` of them, its own
+    /// included).
+    Window { offset: usize, w: usize },
+}
+
+impl Mask {
+    /// The same mask with the key columns starting at position `first` (a cache that no longer
+    /// holds the positions before it): `offset` counted from there.
+    pub fn from_key(self, first: usize) -> Mask {
+        match self {
+            Mask::None => Mask::None,
+            Mask::Causal { offset } => Mask::Causal { offset: offset.saturating_sub(first) },
+            Mask::Window { offset, w } => Mask::Window { offset: offset.saturating_sub(first), w },
+        }
+    }
+
+    /// The columns of `0..total` that row `i` sees.
+    pub fn visible(&self, i: usize, total: usize) -> std::ops::Range<usize> {
+        match *self {
+            Mask::None => 0..total,
+            Mask::Causal { offset } => 0..(offset + i + 1).min(total),
+            Mask::Window { offset, w } => (offset + i + 1).saturating_sub(w).min(total)..(offset + i + 1).min(total),
+        }
+    }
+
+    /// The additive mask `(rows, cols)` of rows `r0..r0 + rows` over columns
+    /// `c0..c0 + cols`: 0 where visible, -inf elsewhere.
+    pub fn block(&self, r0: usize, rows: usize, c0: usize, cols: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let total = c0 + cols;
+        let mut m = vec![f32::NEG_INFINITY; rows * cols];
+        for (i, row) in m.chunks_mut(cols.max(1)).take(rows).enumerate() {
+            let seen = self.visible(r0 + i, total);
+            row[seen.start.max(c0) - c0..seen.end.max(c0) - c0].fill(0.0);
+        }
+        Ok(Tensor::from_vec(m, (rows, cols), dev)?.to_dtype(dtype)?)
+    }
 }
 
 /// Which KV head a query head reads in grouped-query attention.
@@ -172,32 +212,78 @@ impl HeadMapping {
     }
 }
 
+/// How many query rows of a prefill are computed at once: the scores of a chunk,
+/// `(heads, rows, total)`, stay near `CHUNK_ELEMS` elements (4M: 16 MB in f32), whatever the
+/// context, between 16 and 256 rows.
+const CHUNK_ELEMS: usize = 1 << 22;
+
+fn chunk_rows(nh: usize, total: usize) -> usize {
+    (CHUNK_ELEMS / (nh * total).max(1)).clamp(16, 256)
+}
+
 /// Scaled dot-product attention of `q (nh, seq, hd)` over a layer's whole cache
-/// `k`, `v (nkv, total, hd)`, with an optional additive mask `(seq, total)`; returns
+/// `k`, `v (nkv, total, hd)`, query row `i` seeing the keys `mask` says; returns
 /// `(nh, seq, hd)`. Query head `h` reads KV head `mapping.kv_head(h)`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, mapping: HeadMapping) -> Result<Tensor> {
-    let (nh, seq, hd) = q.dims3()?;
+///
+/// A one-row step (decode) reads the cache in place ([`fast::attention_one_row`] in f32). A
+/// longer step runs its query rows in chunks: each chunk multiplies only the key columns its
+/// rows can see and masks them with its own block of the mask ([`Mask::block`]), so neither a
+/// `(seq, total)` mask nor a `(heads, seq, total)` score tensor is ever built.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64, mapping: HeadMapping) -> Result<Tensor> {
+    let (nh, seq, _) = q.dims3()?;
     let (nkv, total, _) = k.dims3()?;
     let n_rep = nh / nkv;
-    if seq == 1 && mask.is_none() && q.dtype() == DType::F32 {
-        // A decode step: one query row per head, in one pass (no gemm dispatch).
-        return fast::attention_one_row(q, k, v, scale, |h| mapping.kv_head(h, n_rep, nkv));
+    if seq == 1 && q.dtype() == DType::F32 {
+        // A decode step: one query row per head, in one pass over the visible keys.
+        let cols = mask.visible(0, total);
+        return fast::attention_one_row(q, k, v, cols, scale, |h| mapping.kv_head(h, n_rep, nkv));
     }
+    attention_chunked(q, k, v, mask, scale, mapping, chunk_rows(nh, total))
+}
+
+/// [`attention`]'s batched path, `rows` query rows at a time.
+fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64, mapping: HeadMapping, rows: usize) -> Result<Tensor> {
+    let (nh, seq, hd) = q.dims3()?;
+    let (nkv, total, _) = k.dims3()?;
+    let (n_rep, rows) = (nh / nkv, rows.max(1));
     // Grouped-query attention without copying K/V per query head: the query heads of KV
-    // head g, put next to each other, regroup as (nkv, n_rep*seq, hd) and multiply that KV
+    // head g, put next to each other, regroup as (nkv, n_rep*rows, hd) and multiply that KV
     // head's cache directly (transformers' repeat_kv, unmaterialized).
     let order = mapping.order(nh, nkv);
     let q = match &order {
         Some((o, _)) => q.index_select(&Tensor::new(o.as_slice(), q.device())?, 0)?,
         None => q.clone(),
     };
-    let qg = q.reshape((nkv, n_rep * seq, hd))?;
-    let scores = (qg.matmul(&k.t()?)? * scale)?; // (nkv, n_rep*seq, total)
-    let scores = match mask {
-        Some(m) => scores.reshape((nkv, n_rep, seq, total))?.broadcast_add(m)?.reshape((nkv, n_rep * seq, total))?,
-        None => scores,
-    };
-    let out = softmax_last(&scores)?.matmul(v)?.reshape((nh, seq, hd))?; // (nh, seq, hd)
+    let mut outs = Vec::with_capacity(seq.div_ceil(rows));
+    for r0 in (0..seq).step_by(rows) {
+        let c = rows.min(seq - r0);
+        // The key columns some row of the chunk sees (each row's range starts and ends no
+        // earlier than the row before's).
+        let (first, last) = (mask.visible(r0, total), mask.visible(r0 + c - 1, total));
+        let (lo, hi) = (first.start.min(last.start), first.end.max(last.end));
+        let (kc, vc) = (k.narrow(1, lo, hi - lo)?, v.narrow(1, lo, hi - lo)?);
+        let qc = if c == seq { q.clone() } else { q.narrow(1, r0, c)?.contiguous()? };
+        let qg = qc.reshape((nkv, n_rep * c, hd))?;
+        let scores = qg.matmul(&kc.t()?)?; // (nkv, n_rep*c, hi-lo), unscaled
+        let p = if scores.dtype() == DType::F32 {
+            fast::masked_softmax(&scores, scale, c, |i| {
+                let s = mask.visible(r0 + i, total);
+                s.start.max(lo) - lo..s.end.max(lo) - lo
+            })?
+        } else {
+            let scores = (scores * scale)?;
+            let scores = match mask {
+                Mask::None => scores,
+                m => {
+                    let b = m.block(r0, c, lo, hi - lo, scores.dtype(), scores.device())?;
+                    scores.reshape((nkv, n_rep, c, hi - lo))?.broadcast_add(&b)?.reshape((nkv, n_rep * c, hi - lo))?
+                }
+            };
+            softmax_last(&scores)?
+        };
+        outs.push(p.matmul(&vc)?.reshape((nh, c, hd))?); // (nh, c, hd)
+    }
+    let out = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 1)? };
     Ok(match &order {
         Some((_, inv)) => out.index_select(&Tensor::new(inv.as_slice(), out.device())?, 0)?,
         None => out,
@@ -208,7 +294,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
 /// allocations, which dominate a decode step's serial time). Same formulas; the f64 path
 /// keeps the candle chains.
 pub mod fast {
-    use candle_core::{Tensor, D};
+    use std::ops::Range;
+
+    use candle_core::{Storage, Tensor, D};
+    use rayon::prelude::*;
 
     use crate::error::Result;
     use crate::layout::QkLayout;
@@ -243,6 +332,12 @@ pub mod fast {
     /// As ggml's `ggml_vec_soft_max_f32`: exp(x - max) summed in f64, then scaled by the
     /// reciprocal of the sum.
     fn softmax_row(row: &mut [f32]) {
+        softmax_row_stats(row);
+    }
+
+    /// [`softmax_row`], returning the row's max and the sum of the exponentials.
+    #[inline(always)]
+    fn softmax_row_stats(row: &mut [f32]) -> (f32, f64) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
         for e in row.iter_mut() {
@@ -251,6 +346,7 @@ pub mod fast {
         }
         let inv = (1.0 / sum) as f32;
         row.iter_mut().for_each(|e| *e *= inv);
+        (m, sum)
     }
 
     pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -259,33 +355,418 @@ pub mod fast {
         Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
     }
 
-    /// Attention of one query position: `q (nh, 1, hd)`, `k`, `v (nkv, total, hd)`; query
-    /// head h reads KV head `kv_head(h)`. Scores, softmax and the weighted sum of V per head.
-    pub fn attention_one_row(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, kv_head: impl Fn(usize) -> usize) -> Result<Tensor> {
-        let (nh, _, hd) = q.dims3()?;
-        let (_, total, _) = k.dims3()?;
-        let (qs, ks, vs) = (data(q)?, data(k)?, data(v)?);
-        let scale = scale as f32;
-        let mut out = vec![0f32; nh * hd];
-        let mut p = vec![0f32; total];
-        for h in 0..nh {
-            let g = kv_head(h);
-            let qh = &qs[h * hd..(h + 1) * hd];
-            let kg = &ks[g * total * hd..(g + 1) * total * hd];
-            let vg = &vs[g * total * hd..(g + 1) * total * hd];
-            for (t, pt) in p.iter_mut().enumerate() {
-                let kt = &kg[t * hd..(t + 1) * hd];
-                *pt = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
+    /// `a · b` in eight lanes (lane `l` sums the products `8c + l` in order), the lanes summed
+    /// as `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`, then the tail: the order in
+    /// which `avx2::scores` sums its registers (the two give the same bits).
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut s = [0f32; 8];
+        let full = a.len() / 8 * 8;
+        for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
+            for l in 0..8 {
+                s[l] += x[l] * y[l];
             }
-            softmax_row(&mut p);
-            let o = &mut out[h * hd..(h + 1) * hd];
-            for (t, &w) in p.iter().enumerate() {
-                for (od, &vd) in o.iter_mut().zip(&vg[t * hd..(t + 1) * hd]) {
+        }
+        let head = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        head + a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum::<f32>()
+    }
+
+    /// The f32 elements of `t (a, b, c)` in place: the storage slice, its start and the strides
+    /// of the first two dimensions, when the last one is contiguous (`None` otherwise).
+    fn with_rows<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, usize, usize) -> R) -> Result<Option<R>> {
+        let (storage, layout) = t.storage_and_layout();
+        let stride = layout.stride();
+        match (&*storage, stride) {
+            (Storage::Cpu(cpu), &[s0, s1, 1]) => Ok(Some(f(cpu.as_slice::<f32>()?, layout.start_offset(), s0, s1))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Attention of one query position: `q (nh, 1, hd)` over the key columns `cols` of `k`,
+    /// `v (nkv, total, hd)`; query head h reads KV head `kv_head(h)`. Scores, softmax and the
+    /// weighted sum of V per head, reading K and V where they are (a cache's buffers: nothing
+    /// copied).
+    ///
+    /// The query heads of one KV head go together (each K and V row is read once per step, not
+    /// once per query head), over blocks of [`KEY_BLOCK`] keys split over the thread pool. A
+    /// context of one block is the textbook computation (softmax of the scores, then the
+    /// weighted sum); a longer one combines the blocks' softmaxes as flash-decoding does (each
+    /// block's weighted sum rescaled by its share of the total), which differs from it by f32
+    /// rounding only. The blocks do not depend on the number of threads: neither do the
+    /// results.
+    pub fn attention_one_row(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cols: Range<usize>,
+        scale: f64,
+        kv_head: impl Fn(usize) -> usize + Sync,
+    ) -> Result<Tensor> {
+        let (nh, _, hd) = q.dims3()?;
+        let nkv = k.dims3()?.0;
+        let qs = data(q)?;
+        let scale = scale as f32;
+        let n = cols.len();
+        // The query heads of each KV head.
+        let groups: Vec<Vec<usize>> = (0..nkv).map(|g| (0..nh).filter(|&h| kv_head(h) == g).collect()).collect();
+        let blocks = n.div_ceil(KEY_BLOCK).max(1);
+        let mut out = vec![0f32; nh * hd];
+        let done = with_rows(k, |ks, k0, ks0, ks1| {
+            with_rows(v, |vs, v0, vs0, vs1| {
+                let task = |i: usize, p: &mut Vec<f32>| {
+                    let (g, b) = (i / blocks, i % blocks);
+                    let t0 = cols.start + b * KEY_BLOCK;
+                    let t1 = (t0 + KEY_BLOCK).min(cols.end);
+                    let kr = Rows { data: ks, base: k0 + g * ks0, stride: ks1 };
+                    let vr = Rows { data: vs, base: v0 + g * vs0, stride: vs1 };
+                    one_row_block(&groups[g], &qs, hd, kr, vr, t0..t1, scale, p)
+                };
+                let tasks = nkv * blocks;
+                let parts: Vec<Part> = if n * nh * hd >= PARALLEL_WORK && rayon::current_num_threads() > 1 {
+                    (0..tasks).into_par_iter().map_init(|| Vec::with_capacity(KEY_BLOCK.min(n) * nh), |p, i| task(i, p)).collect()
+                } else {
+                    let mut p = Vec::with_capacity(KEY_BLOCK.min(n) * nh);
+                    (0..tasks).map(|i| task(i, &mut p)).collect()
+                };
+                for (g, heads) in groups.iter().enumerate() {
+                    combine(heads, &parts[g * blocks..(g + 1) * blocks], hd, &mut out);
+                }
+            })
+        })?;
+        if done.transpose()?.flatten().is_none() {
+            // Another layout: the same on a contiguous copy of the visible rows.
+            if k.is_contiguous() && v.is_contiguous() && cols == (0..k.dim(1)?) {
+                return Err(candle_core::Error::Msg("the one-row attention runs on f32 CPU tensors".into()).into());
+            }
+            let (k, v) = (k.narrow(1, cols.start, n)?.contiguous()?, v.narrow(1, cols.start, n)?.contiguous()?);
+            return attention_one_row(q, &k, &v, 0..n, scale as f64, kv_head);
+        }
+        Ok(Tensor::from_vec(out, (nh, 1, hd), q.device())?)
+    }
+
+    /// Keys per block of a decode step's attention.
+    pub const KEY_BLOCK: usize = 512;
+
+    /// Rows of one KV head in a storage slice: row `t` is `data[base + t * stride..][..hd]`.
+    #[derive(Clone, Copy)]
+    struct Rows<'a> {
+        data: &'a [f32],
+        base: usize,
+        stride: usize,
+    }
+
+    impl Rows<'_> {
+        #[inline(always)]
+        fn row(&self, t: usize, hd: usize) -> &[f32] {
+            let at = self.base + t * self.stride;
+            &self.data[at..at + hd]
+        }
+    }
+
+    /// One block of one KV head: for each of its query heads, the max score, the sum of the
+    /// exponentials (f64) and the softmax-weighted sum of the block's V rows, `(heads, hd)`.
+    struct Part {
+        max: Vec<f32>,
+        sum: Vec<f64>,
+        out: Vec<f32>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn one_row_block(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked); the body is the plain Rust below.
+            return unsafe { one_row_block_avx2(heads, qs, hd, k, v, keys, scale, p) };
+        }
+        one_row_block_impl(heads, qs, hd, k, v, keys, scale, p)
+    }
+
+    /// [`one_row_block_impl`] with AVX2 registers: the same operations in the same order (a
+    /// multiply then an add, never fused), so the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn one_row_block_avx2(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+        if hd % 8 != 0 {
+            return one_row_block_impl(heads, qs, hd, k, v, keys, scale, p);
+        }
+        let (r, n) = (heads.len(), keys.len());
+        p.clear();
+        p.resize(r * n, 0.0);
+        // Three query heads at a time: each K row is loaded once for the three.
+        let mut i = 0;
+        while i < r {
+            let q = |j: usize| &qs[heads[(i + j).min(r - 1)] * hd..][..hd];
+            let [p0, p1, p2] = avx2::split3(&mut p[i * n..], n);
+            match r - i {
+                1 => avx2::scores::<1>([q(0), q(0), q(0)], k, keys.clone(), scale, [p0, &mut [], &mut []]),
+                2 => avx2::scores::<2>([q(0), q(1), q(1)], k, keys.clone(), scale, [p0, p1, &mut []]),
+                _ => avx2::scores::<3>([q(0), q(1), q(2)], k, keys.clone(), scale, [p0, p1, p2]),
+            }
+            i += 3;
+        }
+        let mut max = Vec::with_capacity(r);
+        let mut sum = Vec::with_capacity(r);
+        for row in p.chunks_mut(n.max(1)).take(r) {
+            let (m, s) = softmax_row_stats(row);
+            max.push(m);
+            sum.push(s);
+        }
+        let mut out = vec![0f32; r * hd];
+        let mut i = 0;
+        while i < r {
+            let w = |j: usize| &p[(i + j).min(r - 1) * n..][..n];
+            let [o0, o1, o2] = avx2::split3(&mut out[i * hd..], hd);
+            match r - i {
+                1 => avx2::weighted_sum::<1>([w(0), w(0), w(0)], v, keys.start, [o0, &mut [], &mut []]),
+                2 => avx2::weighted_sum::<2>([w(0), w(1), w(1)], v, keys.start, [o0, o1, &mut []]),
+                _ => avx2::weighted_sum::<3>([w(0), w(1), w(2)], v, keys.start, [o0, o1, o2]),
+            }
+            i += 3;
+        }
+        Part { max, sum, out }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::Rows;
+
+        /// The first three rows of `n` elements of `p` (empty past its end).
+        pub fn split3(p: &mut [f32], n: usize) -> [&mut [f32]; 3] {
+            let (a, rest) = p.split_at_mut(n.min(p.len()));
+            let (b, rest) = rest.split_at_mut(n.min(rest.len()));
+            let (c, _) = rest.split_at_mut(n.min(rest.len()));
+            [a, b, c]
+        }
+
+        /// `out[i][j] = scale * q[i] · k.row(keys.start + j)` for the first `R` query heads
+        /// ([`super::dot`]'s bits; `q[i].len()` a multiple of 8), four keys at a time: each K
+        /// chunk loaded once for the `R` heads, the four keys' accumulators reduced together.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::needless_range_loop)]
+        pub unsafe fn scores<const R: usize>(q: [&[f32]; 3], k: Rows, keys: std::ops::Range<usize>, scale: f32, out: [&mut [f32]; 3]) {
+            let hd = q[0].len();
+            let n = keys.len();
+            assert!(R <= 3 && hd % 8 == 0 && (n == 0 || k.base + (keys.end - 1) * k.stride + hd <= k.data.len()));
+            for i in 0..R {
+                assert!(q[i].len() == hd && out[i].len() >= n);
+            }
+            let qp = q.map(|q| q.as_ptr());
+            let kp = k.data.as_ptr().add(k.base + keys.start * k.stride);
+            let sc = _mm_set1_ps(scale);
+            let mut j = 0;
+            while j + 4 <= n {
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for c in (0..hd).step_by(8) {
+                    for t in 0..4 {
+                        let kc = _mm256_loadu_ps(kp.add((j + t) * k.stride + c));
+                        for i in 0..R {
+                            acc[i][t] = _mm256_add_ps(acc[i][t], _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), kc));
+                        }
+                    }
+                }
+                for i in 0..R {
+                    // Lane sums of the four: ((s0+s1)+(s2+s3)) + ((s4+s5)+(s6+s7)) each.
+                    let t0 = _mm256_hadd_ps(acc[i][0], acc[i][1]);
+                    let t1 = _mm256_hadd_ps(acc[i][2], acc[i][3]);
+                    let u = _mm256_hadd_ps(t0, t1); // lanes 0-3 sums of the 4 keys | lanes 4-7 sums
+                    let sum = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+                    _mm_storeu_ps(out[i].as_mut_ptr().add(j), _mm_mul_ps(sum, sc));
+                }
+                j += 4;
+            }
+            while j < n {
+                for i in 0..R {
+                    let mut a = _mm256_setzero_ps();
+                    for c in (0..hd).step_by(8) {
+                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), _mm256_loadu_ps(kp.add(j * k.stride + c))));
+                    }
+                    let t = _mm256_hadd_ps(a, a); // s01 s23 . . | s45 s67 . .
+                    let u = _mm256_hadd_ps(t, t); // s0123 ... | s4567 ...
+                    let sum = _mm_add_ss(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+                    out[i][j] = _mm_cvtss_f32(sum) * scale;
+                }
+                j += 1;
+            }
+        }
+
+        /// `o[i] += sum_j w[i][j] * v.row(t0 + j)` for the first `R` heads (`o[i].len()` a
+        /// multiple of 8), over `j` in order for each element: 32 elements of the `R` heads
+        /// at a time, accumulated in registers, each V row chunk read for all of them.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn weighted_sum<const R: usize>(w: [&[f32]; 3], v: Rows, t0: usize, o: [&mut [f32]; 3]) {
+            let hd = o[0].len();
+            let n = w[0].len();
+            assert!(R <= 3 && hd % 8 == 0 && (n == 0 || v.base + (t0 + n - 1) * v.stride + hd <= v.data.len()));
+            for i in 0..R {
+                assert!(w[i].len() == n && o[i].len() == hd);
+            }
+            let vp = v.data.as_ptr().add(v.base + t0 * v.stride);
+            let mut d0 = 0;
+            while d0 < hd {
+                let width = (hd - d0).min(32) / 8; // registers per head
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                for i in 0..R {
+                    for (r, a) in acc[i].iter_mut().enumerate().take(width) {
+                        *a = _mm256_loadu_ps(o[i].as_ptr().add(d0 + 8 * r));
+                    }
+                }
+                if width == 4 {
+                    for j in 0..n {
+                        let row = vp.add(j * v.stride + d0);
+                        for i in 0..R {
+                            let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
+                            for (r, a) in acc[i].iter_mut().enumerate() {
+                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, _mm256_loadu_ps(row.add(8 * r))));
+                            }
+                        }
+                    }
+                } else {
+                    for j in 0..n {
+                        let row = vp.add(j * v.stride + d0);
+                        for i in 0..R {
+                            let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
+                            for (r, a) in acc[i].iter_mut().enumerate().take(width) {
+                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, _mm256_loadu_ps(row.add(8 * r))));
+                            }
+                        }
+                    }
+                }
+                for i in 0..R {
+                    for (r, a) in acc[i].iter().enumerate().take(width) {
+                        _mm256_storeu_ps(o[i].as_mut_ptr().add(d0 + 8 * r), *a);
+                    }
+                }
+                d0 += 8 * width;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx2() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn one_row_block_impl(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+        let (r, n) = (heads.len(), keys.len());
+        p.clear();
+        p.resize(r * n, 0.0);
+        // Scores (heads, n): each K row read once for every query head of the group.
+        for (j, t) in keys.clone().enumerate() {
+            let kt = k.row(t, hd);
+            for (i, &h) in heads.iter().enumerate() {
+                p[i * n + j] = dot(&qs[h * hd..(h + 1) * hd], kt) * scale;
+            }
+        }
+        let mut max = Vec::with_capacity(r);
+        let mut sum = Vec::with_capacity(r);
+        for row in p.chunks_mut(n.max(1)).take(r) {
+            let (m, s) = softmax_row_stats(row);
+            max.push(m);
+            sum.push(s);
+        }
+        // The weighted sum of V (heads, hd): each V row read once.
+        let mut out = vec![0f32; r * hd];
+        for (j, t) in keys.enumerate() {
+            let vt = v.row(t, hd);
+            for (i, o) in out.chunks_mut(hd).enumerate() {
+                let w = p[i * n + j];
+                for (od, &vd) in o.iter_mut().zip(vt) {
                     *od += w * vd;
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (nh, 1, hd), q.device())?)
+        Part { max, sum, out }
+    }
+
+    /// The blocks of one KV head into its query heads' rows of `out (nh, hd)`: one block is
+    /// the result; several are weighted by their share of the softmax's total,
+    /// `sum_b exp(max_b - max)` over `sum_b sum_b exp(max_b - max)`.
+    fn combine(heads: &[usize], parts: &[Part], hd: usize, out: &mut [f32]) {
+        for (i, &h) in heads.iter().enumerate() {
+            let o = &mut out[h * hd..(h + 1) * hd];
+            if let [part] = parts {
+                o.copy_from_slice(&part.out[i * hd..(i + 1) * hd]);
+                continue;
+            }
+            let m = parts.iter().map(|b| b.max[i]).fold(f32::NEG_INFINITY, f32::max);
+            let scaled: Vec<f64> = parts.iter().map(|b| b.sum[i] * ((b.max[i] - m) as f64).exp()).collect();
+            let total: f64 = scaled.iter().sum();
+            for (b, s) in parts.iter().zip(&scaled) {
+                let w = (s / total) as f32;
+                for (od, &bd) in o.iter_mut().zip(&b.out[i * hd..(i + 1) * hd]) {
+                    *od += w * bd;
+                }
+            }
+        }
+    }
+
+    /// Elements of work (scores x head width) above which a loop splits over the threads.
+    const PARALLEL_WORK: usize = 1 << 16;
+
+    /// The softmax of the last dimension of `scale * scores (groups, rows_per_group, cols)`
+    /// where row `r` of every group only sees the columns `visible(r % rows)` (the others get
+    /// weight 0, exactly as an additive -inf mask gives them), rows split over the thread pool.
+    pub fn masked_softmax(scores: &Tensor, scale: f64, rows: usize, visible: impl Fn(usize) -> Range<usize> + Sync) -> Result<Tensor> {
+        let n = scores.dim(D::Minus1)?;
+        let mut v = data(scores)?;
+        let scale = scale as f32;
+        let one = |r: usize, row: &mut [f32]| {
+            let seen = visible(r % rows);
+            row[..seen.start].fill(0.0);
+            row[seen.end..].fill(0.0);
+            let row = &mut row[seen];
+            row.iter_mut().for_each(|x| *x *= scale);
+            softmax_row(row);
+        };
+        if v.len() >= PARALLEL_WORK && rayon::current_num_threads() > 1 {
+            v.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| one(r, row));
+        } else {
+            v.chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| one(r, row));
+        }
+        Ok(Tensor::from_vec(v, scores.shape(), scores.device())?)
+    }
+
+    #[cfg(all(test, target_arch = "x86_64"))]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_avx2_decode_block_gives_the_bits_of_the_plain_one() {
+            if !avx2() {
+                return;
+            }
+            let mut x = 7u64;
+            let mut r = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                    })
+                    .collect()
+            };
+            let cases = [(64, 64, 0..29), (64, 80, 3..515), (128, 128, 0..8), (8, 8, 0..1), (24, 40, 1..50)];
+            let heads: [&[usize]; 5] = [&[2, 0, 1], &[1], &[0, 2], &[2, 0, 1, 1, 0], &[0, 1, 2, 0]];
+            for ((hd, stride, keys), heads) in cases.into_iter().zip(heads) {
+                let (ks, vs, qs) = (r(stride * keys.end + hd), r(stride * keys.end + hd), r(3 * hd));
+                let k = Rows { data: &ks, base: 5, stride };
+                let v = Rows { data: &vs, base: 3, stride };
+                let (mut p1, mut p2) = (vec![], vec![]);
+                let a = one_row_block_impl(heads, &qs, hd, k, v, keys.clone(), 0.3, &mut p1);
+                // SAFETY: AVX2 checked above.
+                let b = unsafe { one_row_block_avx2(heads, &qs, hd, k, v, keys.clone(), 0.3, &mut p2) };
+                assert_eq!(p1, p2, "scores, hd {hd}");
+                assert_eq!((a.max, a.sum, a.out), (b.max, b.sum, b.out), "hd {hd}, keys {keys:?}");
+            }
+        }
     }
 
     /// `x (heads, seq, hd)`, tables `(seq, hd/2)`.
@@ -356,9 +837,10 @@ mod tests {
         softmax_last(&s).unwrap().matmul(&v).unwrap()
     }
 
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+        let d = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+        d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
     }
 
     #[test]
@@ -369,18 +851,76 @@ mod tests {
             // Prefill: seq = total, causal mask, the batched path.
             let q = rand(&[nh, total, hd], 3);
             let mask = causal_mask(total, 0, DType::F32, &Device::Cpu).unwrap();
-            let got = attention(&q, &k, &v, Some(&mask), 0.35, mapping).unwrap();
+            let got = attention(&q, &k, &v, Mask::Causal { offset: 0 }, 0.35, mapping).unwrap();
             assert!(rel(&got, &materialized(&q, &k, &v, Some(&mask), 0.35, mapping)) < 1e-6, "{mapping:?} prefill");
             // Decode: one row, the single-row path.
             let q1 = rand(&[nh, 1, hd], 4);
-            let got = attention(&q1, &k, &v, None, 0.35, mapping).unwrap();
+            let got = attention(&q1, &k, &v, Mask::None, 0.35, mapping).unwrap();
             assert!(rel(&got, &materialized(&q1, &k, &v, None, 0.35, mapping)) < 1e-6, "{mapping:?} decode");
         }
         // The two mappings differ when heads are shared (the gqa-mapping fault shows).
         let q1 = rand(&[nh, 1, hd], 4);
-        let a = attention(&q1, &k, &v, None, 0.35, HeadMapping::Grouped).unwrap();
-        let b = attention(&q1, &k, &v, None, 0.35, HeadMapping::Tiled).unwrap();
+        let a = attention(&q1, &k, &v, Mask::None, 0.35, HeadMapping::Grouped).unwrap();
+        let b = attention(&q1, &k, &v, Mask::None, 0.35, HeadMapping::Tiled).unwrap();
         assert!(rel(&a, &b) > 1e-2);
+    }
+
+    /// `t (a, n, c)` as a view of rows `5..5 + n` of a larger buffer (as a cache hands out).
+    fn in_buffer(t: &Tensor) -> Tensor {
+        let (a, n, c) = t.dims3().unwrap();
+        let buf = Tensor::zeros((a, n + 13, c), t.dtype(), t.device()).unwrap();
+        buf.slice_set(t, 1, 5).unwrap();
+        buf.narrow(1, 5, n).unwrap()
+    }
+
+    #[test]
+    fn chunked_and_one_row_attention_match_the_materialized_mask_for_long_windows_and_chunk_edges() {
+        let (nh, nkv, hd) = (6, 2, 16);
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 2e-6 } else { 1e-12 };
+            for (seq, offset) in [(1, 0), (1, 37), (1, 1500), (40, 0), (33, 17), (300, 0), (257, 100)] {
+                let total = offset + seq;
+                let (k, v) = (rand(&[nkv, total, hd], 11).to_dtype(dtype).unwrap(), rand(&[nkv, total, hd], 12).to_dtype(dtype).unwrap());
+                let (kb, vb) = (in_buffer(&k), in_buffer(&v));
+                let q = rand(&[nh, seq, hd], 13).to_dtype(dtype).unwrap();
+                let masks = [
+                    Mask::None,
+                    Mask::Causal { offset },
+                    Mask::Window { offset, w: 1 },
+                    Mask::Window { offset, w: 7 },
+                    Mask::Window { offset, w: 1000 },
+                    Mask::Window { offset, w: 520 },
+                ];
+                for mask in masks {
+                    let m = match mask {
+                        Mask::None => None,
+                        m => Some(m.block(0, seq, 0, total, dtype, &Device::Cpu).unwrap()),
+                    };
+                    for mapping in [HeadMapping::Grouped, HeadMapping::Tiled] {
+                        let want = materialized(&q, &k, &v, m.as_ref(), 0.25, mapping);
+                        let what = format!("{dtype:?} seq {seq} offset {offset} {mask:?} {mapping:?}");
+                        let got = attention(&q, &kb, &vb, mask, 0.25, mapping).unwrap();
+                        assert!(rel(&got, &want) < tol, "{what}: {}", rel(&got, &want));
+                        for rows in [1, 7, 16, 256] {
+                            let got = attention_chunked(&q, &kb, &vb, mask, 0.25, mapping, rows).unwrap();
+                            assert!(rel(&got, &want) < tol, "{what}, {rows} rows a chunk: {}", rel(&got, &want));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_block_is_a_window_of_the_whole_mask_and_counts_keys_from_the_cache_start() {
+        let whole = window_mask(9, 4, 3, DType::F32, &Device::Cpu).unwrap();
+        let part = Mask::Window { offset: 4, w: 3 }.block(2, 5, 3, 8, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(part.to_vec2::<f32>().unwrap(), whole.narrow(0, 2, 5).unwrap().narrow(1, 3, 8).unwrap().to_vec2::<f32>().unwrap());
+        // A window cache holding positions 6.. : row 0 (position 8) sees 6..=8, columns 0..3.
+        assert_eq!(Mask::Window { offset: 8, w: 3 }.from_key(6).visible(0, 4), 0..3);
+        assert_eq!(Mask::Causal { offset: 8 }.from_key(6).visible(1, 4), 0..4);
+        assert_eq!(chunk_rows(9, 6000), 77);
+        assert_eq!((chunk_rows(9, 10), chunk_rows(64, 1 << 20)), (256, 16));
     }
 
     #[test]

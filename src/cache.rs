@@ -39,15 +39,102 @@ impl CacheKind {
     }
 }
 
+/// One layer's keys and values: buffers `(kv_heads, capacity, head_dim)` whose rows
+/// `start..start + len` are the cached positions, written in place as positions arrive.
+///
+/// Nothing handed out is ever written again: every tensor given away (what
+/// [`KvCache::layer`] and [`KvCache::update_and_fetch`] return, and so every capture of
+/// `cache_k`/`cache_v`) is a view of rows below `sealed`, and rows below `sealed` are never
+/// written; a step that would write there (after a [`KvCache::trim`]) or past the capacity
+/// moves the live rows to a new buffer first. Growth doubles, so each position is copied
+/// O(1) times in amortized terms.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    start: usize,
+    len: usize,
+    /// Rows `0..sealed` may be seen by a tensor handed out: never written in place.
+    sealed: usize,
+    /// The live rows, `(kv_heads, len, head_dim)` views of the buffers.
+    view: (Tensor, Tensor),
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims()[1]
+    }
+
+    /// A layer whose buffers are `k`, `v` themselves, every row live and sealed (they came
+    /// from outside: the first write moves them to a buffer of this cache's own).
+    fn sealed(k: Tensor, v: Tensor) -> Self {
+        let len = k.dims()[1];
+        Self { view: (k.clone(), v.clone()), k, v, start: 0, len, sealed: len }
+    }
+
+    /// Live rows `from..from + n` (relative to `start`) as views.
+    fn rows(&self, from: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(1, self.start + from, n)?, self.v.narrow(1, self.start + from, n)?))
+    }
+
+    /// Moves the live rows to the start of new buffers of `capacity` rows.
+    fn relocate(&mut self, capacity: usize) -> Result<()> {
+        let (k, v) = self.rows(0, self.len)?;
+        let nk = zeros_like_rows(&k, capacity)?;
+        let nv = zeros_like_rows(&v, capacity)?;
+        if self.len > 0 {
+            nk.slice_set(&k.contiguous()?, 1, 0)?;
+            nv.slice_set(&v.contiguous()?, 1, 0)?;
+        }
+        (self.k, self.v, self.start, self.sealed) = (nk, nv, 0, self.len);
+        self.view = self.rows(0, self.len)?;
+        Ok(())
+    }
+}
+
+/// Zero buffers shaped as `t (kv_heads, _, head_dim)` with `rows` rows (allocated zeroed, so
+/// the pages of rows never written are never touched).
+fn zeros_like_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let (h, _, d) = t.dims3()?;
+    Ok(Tensor::zeros((h, rows, d), t.dtype(), t.device())?)
+}
+
 /// Per-layer cached keys and values, each `(kv_heads, cached_len, head_dim)`, keys
 /// after RoPE, in the layout of the model's Q/K weights.
-#[derive(Debug, Clone)]
+///
+/// Each layer's K and V live in preallocated buffers written in place ([`LayerKv`]): a step
+/// costs the rows it adds, not a copy of the whole cache. [`KvCache::reserve`] sizes the
+/// buffers for a known context once; without it they grow geometrically. Cloning a cache
+/// gives an independent cache (the clone shares the rows written so far and writes its own
+/// in a buffer of its own).
+#[derive(Debug)]
 pub struct KvCache {
     /// Each layer's kind (from the model's per-layer plan).
     kinds: Vec<CacheKind>,
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// The token ids fed so far, in order.
     tokens: Vec<u32>,
+    /// Positions the caller said the sequence will reach ([`KvCache::reserve`]).
+    reserved: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| {
+                    // Shares the buffers, but every row of them sealed for the clone: its
+                    // first write moves it to buffers of its own, and the original never
+                    // writes below its own `sealed`, which covers every row the clone sees.
+                    let view = l.view.clone();
+                    LayerKv { k: l.k.clone(), v: l.v.clone(), start: l.start, len: l.len, sealed: l.capacity(), view }
+                })
+            })
+            .collect();
+        Self { kinds: self.kinds.clone(), layers, tokens: self.tokens.clone(), reserved: self.reserved }
+    }
 }
 
 impl KvCache {
@@ -58,13 +145,13 @@ impl KvCache {
 
     /// Every layer of one kind.
     pub fn with_kind(num_layers: usize, kind: CacheKind) -> Self {
-        Self { kinds: vec![kind; num_layers], layers: vec![None; num_layers], tokens: vec![] }
+        Self::with_kinds(vec![kind; num_layers])
     }
 
     /// One layer per kind: each layer as its plan says ([`crate::plan::LayerPlan::cache`];
     /// mlx-lm's `make_cache()`: the model decides which layer keeps what).
     pub fn with_kinds(kinds: Vec<CacheKind>) -> Self {
-        Self { layers: vec![None; kinds.len()], kinds, tokens: vec![] }
+        Self { layers: kinds.iter().map(|_| None).collect(), kinds, tokens: vec![], reserved: 0 }
     }
 
     /// How layer `layer` keeps positions.
@@ -94,14 +181,44 @@ impl KvCache {
     /// Cached length of one layer (0 when empty).
     pub fn layer_len(&self, layer: usize) -> usize {
         match self.layers.get(layer) {
-            Some(Some((k, _))) => k.dims()[1],
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
 
-    /// The cached `(k, v)` of a layer, `(kv_heads, len, head_dim)` each.
+    /// The cached `(k, v)` of a layer, `(kv_heads, len, head_dim)` each (views of the cache's
+    /// buffers; what they show never changes, whatever the cache does next).
     pub fn layer(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
-        self.layers.get(layer).and_then(|x| x.as_ref())
+        self.layers.get(layer).and_then(|x| x.as_ref()).map(|l| &l.view)
+    }
+
+    /// Rows a layer of `kind` should have room for when the sequence reaches `positions`: all
+    /// of them for an append-only layer; a window needs its `n` kept positions plus a step's,
+    /// and twice `n` lets it move its rows only every `n` positions.
+    fn rows_for(kind: CacheKind, positions: usize) -> usize {
+        match kind {
+            CacheKind::AppendOnly => positions,
+            CacheKind::Window(n) => positions.min(2 * n.max(1)),
+        }
+    }
+
+    /// Makes room for a sequence of `positions` positions in all (prompt and generated
+    /// tokens; e.g. the `--context` of a run): layers already holding positions move to
+    /// buffers that large now (once), the others allocate them at their first step. The
+    /// buffers then never grow or move while the sequence stays within `positions`.
+    /// Reserving less than what is held does nothing; the reservation outlives
+    /// [`KvCache::reset`].
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.reserved = self.reserved.max(positions);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let Some(l) = l {
+                let want = Self::rows_for(self.kinds[i], self.reserved);
+                if l.capacity() < want {
+                    l.relocate(want)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds this step's `k`, `v` `(kv_heads, seq, head_dim)` and returns what attention
@@ -109,28 +226,47 @@ impl KvCache {
     /// its last `n` positions.
     pub fn update_and_fetch(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let kind = self.kind(layer);
+        let seq = k.dims3()?.1;
+        let reserved = Self::rows_for(kind, self.reserved);
         let entry = &mut self.layers[layer];
-        let (k, v) = match entry.take() {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some((ck, cv)) => (Tensor::cat(&[&ck, k], 1)?, Tensor::cat(&[&cv, v], 1)?),
-        };
-        let len = k.dims()[1];
-        let keep = kind.expected_len(len);
-        *entry = if keep < len {
-            Some((k.narrow(1, len - keep, keep)?.contiguous()?, v.narrow(1, len - keep, keep)?.contiguous()?))
-        } else {
-            Some((k.clone(), v.clone()))
-        };
-        Ok((k, v))
+        if entry.is_none() {
+            let (k0, v0) = (zeros_like_rows(k, seq.max(reserved))?, zeros_like_rows(v, seq.max(reserved))?);
+            *entry = Some(LayerKv { view: (k0.narrow(1, 0, 0)?, v0.narrow(1, 0, 0)?), k: k0, v: v0, start: 0, len: 0, sealed: 0 });
+        }
+        let l = entry.as_mut().expect("allocated above");
+        let at = l.start + l.len;
+        if at < l.sealed || at + seq > l.capacity() {
+            // No room, or the rows to write may be seen by a tensor handed out: new buffers.
+            // Growth doubles (amortized O(1) copies per position); a window, whose live rows
+            // stay under n + seq, moves them to buffers twice that.
+            let need = l.len + seq;
+            let cap = match at + seq > l.capacity() {
+                true => need.max(2 * l.capacity().min(need)).max(reserved),
+                false => l.capacity().max(need),
+            };
+            l.relocate(cap)?;
+        }
+        let at = l.start + l.len;
+        l.k.slice_set(&k.contiguous()?, 1, at)?;
+        l.v.slice_set(&v.contiguous()?, 1, at)?;
+        let total = l.len + seq;
+        let fetched = l.rows(0, total)?;
+        let keep = kind.expected_len(total);
+        l.start += total - keep;
+        l.len = keep;
+        l.sealed = l.sealed.max(l.start + l.len);
+        l.view = l.rows(0, keep)?;
+        Ok(fetched)
     }
 
     /// Sets one layer's cache `(k, v)`, `(kv_heads, len, head_dim)` each (isolation runs a
-    /// layer on a reference's cache).
+    /// layer on a reference's cache). They are not copied, and never written: the layer's
+    /// next step moves them to buffers of the cache's own.
     pub fn set_layer(&mut self, layer: usize, k: Tensor, v: Tensor) {
-        self.layers[layer] = Some((k, v));
+        self.layers[layer] = Some(LayerKv::sealed(k, v));
     }
 
-    /// Drops everything (a new sequence).
+    /// Drops everything (a new sequence). A reservation stays.
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.tokens.clear();
@@ -140,11 +276,13 @@ impl KvCache {
     pub fn trim(&mut self, len: usize) -> Result<()> {
         self.tokens.truncate(len);
         for l in self.layers.iter_mut() {
-            if let Some((k, v)) = l.take() {
-                if len > 0 {
-                    let n = len.min(k.dims()[1]);
-                    *l = Some((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?));
-                }
+            if len == 0 {
+                *l = None;
+            } else if let Some(l) = l {
+                // The dropped rows stay sealed (a view handed out may show them): the next
+                // step writes to new buffers.
+                l.len = len.min(l.len);
+                l.view = l.rows(0, l.len)?;
             }
         }
         Ok(())
@@ -171,5 +309,102 @@ mod tests {
         assert_eq!(c.layer(0).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [2.0, 3.0, 4.0]);
         assert_eq!(CacheKind::Window(3).expected_len(14), 3);
         assert_eq!(CacheKind::AppendOnly.expected_len(14), 14);
+    }
+
+    fn vals(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// `(2, len, 3)` with distinct values per position (`start..start + len`).
+    fn rows(len: usize, start: usize) -> Tensor {
+        let v: Vec<f32> = (0..2).flat_map(|h| (start..start + len).flat_map(move |p| (0..3).map(move |d| (h * 100_000 + p * 10 + d) as f32))).collect();
+        Tensor::from_vec(v, (2, len, 3), &Device::Cpu).unwrap()
+    }
+
+    fn buffer_ptr(c: &KvCache, layer: usize) -> usize {
+        let l = c.layers[layer].as_ref().unwrap();
+        let (s, _) = l.k.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().unwrap().as_ptr() as usize,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn appends_in_place_and_nothing_handed_out_changes() {
+        let mut c = KvCache::new(1);
+        let mut handed = vec![];
+        let mut at = 0;
+        for n in [5, 1, 1, 3, 1, 1, 1, 8, 1, 1, 1, 1, 1, 20, 1] {
+            let (k, v) = c.update_and_fetch(0, &rows(n, at), &rows(n, at)).unwrap();
+            at += n;
+            assert_eq!(vals(&k), vals(&rows(at, 0)), "attention reads every position so far");
+            assert_eq!(vals(&v), vals(&rows(at, 0)));
+            assert_eq!(c.layer_len(0), at);
+            handed.push((at, k, c.layer(0).unwrap().clone()));
+        }
+        // Growth doubles: a few moves for 45 positions, not one per step.
+        assert!(c.layers[0].as_ref().unwrap().capacity() < 2 * 45 + 1);
+        // A trim, then new positions over the trimmed ones, and a clone that writes its own.
+        c.trim(10).unwrap();
+        assert_eq!(vals(&c.layer(0).unwrap().0), vals(&rows(10, 0)));
+        let mut d = c.clone();
+        c.update_and_fetch(0, &rows(4, 1000), &rows(4, 1000)).unwrap();
+        d.update_and_fetch(0, &rows(2, 2000), &rows(2, 2000)).unwrap();
+        let want = |tail: Tensor| vals(&Tensor::cat(&[rows(10, 0), tail], 1).unwrap());
+        assert_eq!(vals(&c.layer(0).unwrap().0), want(rows(4, 1000)));
+        assert_eq!(vals(&d.layer(0).unwrap().1), want(rows(2, 2000)));
+        for (len, fetched, (k, v)) in &handed {
+            assert_eq!(vals(fetched), vals(&rows(*len, 0)), "a fetched cache of {len} positions changed");
+            assert_eq!((vals(k), vals(v)), (vals(&rows(*len, 0)), vals(&rows(*len, 0))), "layer() of {len} changed");
+        }
+    }
+
+    #[test]
+    fn set_layer_never_writes_the_given_tensors_and_reserve_allocates_once() {
+        let (k, v) = (rows(4, 0), rows(4, 0));
+        let mut c = KvCache::new(2);
+        c.set_layer(0, k.clone(), v.clone());
+        let (fk, _) = c.update_and_fetch(0, &rows(1, 4), &rows(1, 4)).unwrap();
+        assert_eq!(vals(&fk), vals(&rows(5, 0)));
+        assert_eq!((vals(&k), vals(&v)), (vals(&rows(4, 0)), vals(&rows(4, 0))));
+
+        c.reserve(64).unwrap();
+        assert_eq!(c.layers[0].as_ref().unwrap().capacity(), 64, "a held layer moves once");
+        c.update_and_fetch(1, &rows(7, 0), &rows(7, 0)).unwrap();
+        let (p0, p1) = (buffer_ptr(&c, 0), buffer_ptr(&c, 1));
+        for at in 5..64 {
+            c.update_and_fetch(0, &rows(1, at), &rows(1, at)).unwrap();
+        }
+        for at in 7..64 {
+            c.update_and_fetch(1, &rows(1, at), &rows(1, at)).unwrap();
+        }
+        assert_eq!((buffer_ptr(&c, 0), buffer_ptr(&c, 1)), (p0, p1), "no move within the reservation");
+        assert_eq!(vals(&c.layer(0).unwrap().0), vals(&rows(64, 0)));
+        assert_eq!(vals(&c.layer(1).unwrap().1), vals(&rows(64, 0)));
+        c.reset();
+        assert_eq!((c.layer_len(0), c.offset()), (0, 0));
+        c.update_and_fetch(0, &rows(3, 0), &rows(3, 0)).unwrap();
+        assert_eq!(c.layers[0].as_ref().unwrap().capacity(), 64, "the reservation outlives a reset");
+    }
+
+    #[test]
+    fn a_window_moves_its_rows_rarely_and_keeps_its_semantics() {
+        let mut c = KvCache::with_kind(1, CacheKind::Window(4));
+        let mut at = 0;
+        let mut handed = vec![];
+        for n in [6, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 1, 1] {
+            let kept = c.layer_len(0);
+            let (k, _) = c.update_and_fetch(0, &rows(n, at), &rows(n, at)).unwrap();
+            assert_eq!(vals(&k), vals(&rows(kept + n, at - kept)), "the kept positions, then the step's");
+            at += n;
+            assert_eq!(c.layer_len(0), at.min(4));
+            assert_eq!(vals(&c.layer(0).unwrap().0), vals(&rows(at.min(4), at - at.min(4))));
+            assert!(c.layers[0].as_ref().unwrap().capacity() <= 2 * (4 + 6));
+            handed.push((at - kept - n, kept + n, k));
+        }
+        for (from, len, k) in &handed {
+            assert_eq!(vals(k), vals(&rows(*len, *from)));
+        }
     }
 }

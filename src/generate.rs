@@ -21,6 +21,8 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 /// Generates up to `max_new` tokens greedily after `prompt`; stops after an id in `stop`.
 pub fn generate_greedy(model: &dyn Decoder, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
+    // The sequence's length is known: the cache's buffers are allocated once.
+    cache.reserve(prompt.len() + max_new)?;
     let mut out = Vec::with_capacity(max_new);
     let mut feed = prompt.to_vec();
     for _ in 0..max_new {
@@ -47,6 +49,8 @@ pub fn generate_sampled(
     sampler: &mut crate::sample::Sampler,
 ) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
+    // The sequence's length is known: the cache's buffers are allocated once.
+    cache.reserve(prompt.len() + max_new)?;
     let mut out = Vec::with_capacity(max_new);
     let mut seq = prompt.to_vec();
     let mut feed = prompt.to_vec();

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 
 use super::Family;
-use crate::blocks::{attention, causal_mask, linear, rms_norm, rope, rope_tables, silu_mul, window_mask, HeadMapping};
+use crate::blocks::{attention, linear, rms_norm, rope, rope_tables, silu_mul, HeadMapping, Mask};
 use crate::cache::KvCache;
 use crate::config::Config;
 use crate::decoder::{Capabilities, Decoder, ModelInfo};
@@ -117,18 +117,18 @@ impl Llama {
         tap(&mut cap, || "embed".into(), &x);
 
         // RoPE tables and masks per layer plan, each computed once for the layers that share it.
-        let mut tables: Vec<(&LayerPlan, (Tensor, Tensor), Option<Tensor>)> = vec![];
+        let mut tables: Vec<(&LayerPlan, (Tensor, Tensor), Mask)> = vec![];
         for (i, lw) in self.weights.layers.iter().enumerate() {
             let p = &self.plan[i];
             let t = match tables.iter().position(|(q, _, _)| *q == p) {
                 Some(t) => t,
                 None => {
-                    tables.push((p, self.rope_for(p, offset, seq)?, self.mask_for(p, offset, seq)?));
+                    tables.push((p, self.rope_for(p, offset, seq)?, self.mask_for(p, offset, seq)));
                     tables.len() - 1
                 }
             };
             let (_, (cos, sin), mask) = &tables[t];
-            x = self.block(i, lw, &x, cos, sin, mask.as_ref(), cache, &mut cap)?;
+            x = self.block(i, lw, &x, offset, cos, sin, *mask, cache, &mut cap)?;
         }
         let x = rms_norm(&x, &self.weights.norm, self.eps())?;
         tap(&mut cap, || "final_norm".into(), &x);
@@ -163,15 +163,16 @@ impl Llama {
         rope_tables(&rope, offset, seq, self.dtype, &self.device)
     }
 
-    /// A layer's attention mask for `seq` positions after `offset` (`None`: every cached
-    /// position is visible, a one-token step of a global layer); the `causal-mask` fault drops
-    /// the causal part of a prefill.
-    fn mask_for(&self, p: &LayerPlan, offset: usize, seq: usize) -> Result<Option<Tensor>> {
-        Ok(match p.span {
-            Span::Global if seq > 1 && !self.faults.has(Fault::CausalMask) => Some(causal_mask(seq, offset, self.dtype, &self.device)?),
-            Span::Global => None,
-            Span::Window(w) => Some(window_mask(seq, offset, w, self.dtype, &self.device)?),
-        })
+    /// A layer's attention mask for `seq` positions after `offset`, over keys counted from
+    /// position 0 (`Mask::None`: every cached position is visible, a one-token step of a
+    /// global layer); the `causal-mask` fault drops the causal part of a prefill. A description,
+    /// never a `(seq, total)` tensor: attention builds it a chunk of rows at a time.
+    fn mask_for(&self, p: &LayerPlan, offset: usize, seq: usize) -> Mask {
+        match p.span {
+            Span::Global if seq > 1 && !self.faults.has(Fault::CausalMask) => Mask::Causal { offset },
+            Span::Global => Mask::None,
+            Span::Window(w) => Mask::Window { offset, w },
+        }
     }
 
     /// A q/k/v projection's bias as it is added (the `qkv-bias-dropped` fault: never).
@@ -194,9 +195,10 @@ impl Llama {
         i: usize,
         lw: &LayerWeights,
         x: &Tensor,
+        offset: usize,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Mask,
         cache: &mut KvCache,
         cap: &mut Option<&mut Capture>,
     ) -> Result<Tensor> {
@@ -234,6 +236,11 @@ impl Llama {
         } else {
             cache.update_and_fetch(i, &k, &v)? // (nkv, total, hd)
         };
+        // The position of the first key: a window cache no longer holds the earliest ones,
+        // and the stale cache's keys end before this step's positions.
+        let total = k_all.dims()[1];
+        let first = if stale { offset.saturating_sub(total) } else { (offset + seq).saturating_sub(total) };
+        let mask = mask.from_key(first);
         tap(cap, || format!("layers.{i}.cache_k"), &k_all);
         tap(cap, || format!("layers.{i}.cache_v"), &v_all);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -312,9 +319,9 @@ impl Decoder for Llama {
             }
             let seq = x.dims2()?.0;
             let (cos, sin) = self.rope_for(p, start, seq)?;
-            let mask = self.mask_for(p, start, seq)?;
+            let mask = self.mask_for(p, start, seq);
             let x = x.to_dtype(self.dtype)?;
-            self.block(i, lw, &x, &cos, &sin, mask.as_ref(), &mut cache, &mut Some(cap))
+            self.block(i, lw, &x, start, &cos, &sin, mask, &mut cache, &mut Some(cap))
         })
     }
 
@@ -464,3 +471,57 @@ pub const LAYER_SITES: &[LayerSite] = &[
     LayerSite::new("out", SiteKind::Residual, &["mlp_out", "attn_out", INPUT]),
 ];
 
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Tensor};
+
+    use crate::{load, LoadOptions, LoadedModel};
+
+    fn tiny(dtype: DType) -> LoadedModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots/models/tiny-llama");
+        load(&dir, &LoadOptions { dtype, ..Default::default() }).expect("the tiny fixture loads")
+    }
+
+    fn ids(n: usize) -> Vec<u32> {
+        let mut x = 12345u64;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                3 + ((x >> 33) % 490) as u32
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// A long prompt (prefill attention in several chunks of query rows, decode attention over
+    /// several key blocks) gives the logits of the same tokens fed in pieces and one at a time.
+    #[test]
+    fn a_long_prefill_in_chunks_equals_pieces_and_one_token_steps() {
+        for (dtype, n, tol) in [(DType::F32, 700, 1e-4), (DType::F64, 300, 1e-10)] {
+            let m = tiny(dtype);
+            let ids = ids(n);
+            let whole = m.model.forward(&ids, &mut m.model.new_cache(), None).unwrap();
+            // Two pieces: the second a prefill at an offset (a causal mask that starts late).
+            let mut cache = m.model.new_cache();
+            let cut = n / 2 - 7;
+            let a = m.model.forward(&ids[..cut], &mut cache, None).unwrap();
+            let b = m.model.forward(&ids[cut..], &mut cache, None).unwrap();
+            let pieces = Tensor::cat(&[a, b], 0).unwrap();
+            assert!(max_diff(&whole, &pieces) < tol, "{dtype:?}: pieces differ by {}", max_diff(&whole, &pieces));
+            // A short prefill, then one token a step (reserved, as generation does).
+            let mut cache = m.model.new_cache();
+            cache.reserve(n).unwrap();
+            let mut rows = vec![m.model.forward(&ids[..5], &mut cache, None).unwrap()];
+            for &t in &ids[5..] {
+                rows.push(m.model.forward(&[t], &mut cache, None).unwrap());
+            }
+            let steps = Tensor::cat(&rows, 0).unwrap();
+            assert!(max_diff(&whole, &steps) < tol, "{dtype:?}: steps differ by {}", max_diff(&whole, &steps));
+            assert_eq!(cache.layer_len(0), n);
+        }
+    }
+}
