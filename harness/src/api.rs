@@ -199,6 +199,7 @@ impl Lockstep {
             engine: self.engine.clone(),
             context: self.context,
             prefill_chunk: self.prefill_chunk,
+            max_memory: None,
         })
     }
 

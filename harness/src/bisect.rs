@@ -193,6 +193,7 @@ pub fn check_catalog(
         lora,
         context: None,
         prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
+        max_memory: None,
     };
     let show = |r: &BisectReport| match &r.diagnosis {
         Some(d) => format!(

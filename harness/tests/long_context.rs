@@ -128,3 +128,23 @@ fn a_context_that_cannot_hold_the_run_or_exceeds_the_model_is_exit_2_with_the_nu
     assert_exit_2(&[&run[..], &["--context", "100000"]].concat(), &[], &["--context 100000 exceeds", "context window of 256 positions"]);
     assert_exit_2(&[&run[..], &["--prefill-chunk", "0"]].concat(), &[], &["--prefill-chunk 0"]);
 }
+
+live_test! {
+    /// `--max-memory`: a run predicted past it stops before step 0 (exit 2, the prediction's
+    /// parts named); within it, the run goes on and its report holds the prediction, which is
+    /// above what was loaded.
+    fn a_run_predicted_past_max_memory_stops_before_step_0() {
+        let base = ["--model", "tiny", "--reference", "transformers", "--prompt", LONG_PROMPT, "--steps", "3"];
+        assert_exit_2(
+            &[&["run"][..], &base[..], &["--max-memory", "1"]].concat(),
+            &[],
+            &["--max-memory 1: the run is predicted peak", "MB: loaded", "x one call of 93 positions' captures", "caches of 95 positions"],
+        );
+        let (code, out, err, report) = json_of("run", &[&base[..], &["--max-memory", "100000"]].concat(), "max-memory");
+        assert_eq!(code, 0, "{out}\n{err}");
+        let m = &report["memory"];
+        assert!(m["peak"].as_u64() > m["loaded"].as_u64() && m["loaded"].as_u64() > Some(0), "{m}");
+        assert_eq!(m["positions"], 95, "{m}");
+        assert!(out.contains("memory: predicted peak"), "{out}");
+    }
+}

@@ -89,6 +89,10 @@ pub struct LengthArgs {
     /// compared as it comes (what one step holds stays bounded whatever the prompt's length).
     #[arg(long, value_name = "TOKENS", default_value_t = crate::lockstep::options::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// Refuse (exit 2, before step 0) a run predicted to need more resident memory than this
+    /// many MB: what is loaded, measured, plus one call's captures and the caches.
+    #[arg(long, value_name = "MB")]
+    pub max_memory: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -94,9 +94,9 @@ impl RunFlags<'_> {
         if self.steps == 0 {
             return Err(HarnessError::ZeroSteps);
         }
-        let (context, prefill_chunk) = match self.length {
-            Some(l) => (l.context, l.prefill_chunk),
-            None => (None, crate::lockstep::options::DEFAULT_PREFILL_CHUNK),
+        let (context, prefill_chunk, max_memory) = match self.length {
+            Some(l) => (l.context, l.prefill_chunk, l.max_memory),
+            None => (None, crate::lockstep::options::DEFAULT_PREFILL_CHUNK, None),
         };
         if prefill_chunk == 0 {
             return Err(HarnessError::Usage("--prefill-chunk 0: a piece of a prompt holds at least one token".into()));
@@ -121,6 +121,7 @@ impl RunFlags<'_> {
             lora: self.lora.options(),
             context,
             prefill_chunk,
+            max_memory,
         })
     }
 }

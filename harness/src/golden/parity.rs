@@ -135,6 +135,7 @@ pub fn replay_with(name: &str, traces: &[String], given: Option<&LoadedModel>) -
         lora: lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
         context: None,
         prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
+        max_memory: None,
     };
     let loaded;
     let engine = match given {

@@ -377,6 +377,7 @@ use crate::lockstep::options::{RunOptions};
         lora: req.lora.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
         context: None,
         prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
+        max_memory: None,
     };
     let phase = crate::ui::Phase::start(format!("loading the engine ({})", path.display()));
     let engine = crate::lockstep::options::load_engine(&opts);

@@ -6,6 +6,7 @@
 
 pub mod free_running;
 pub mod judge;
+pub mod memory;
 pub mod options;
 pub mod prompt;
 pub mod run;

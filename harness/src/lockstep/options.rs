@@ -48,6 +48,9 @@ pub struct RunOptions {
     /// pieces of this many tokens, each compared as it comes (`--prefill-chunk`): what one
     /// call captures stays bounded whatever the prompt's length.
     pub prefill_chunk: usize,
+    /// Refuse, before step 0, a run predicted to need more resident memory than this many
+    /// MB (`--max-memory`; [`crate::lockstep::memory`]).
+    pub max_memory: Option<u64>,
 }
 
 impl RunOptions {

@@ -78,6 +78,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
     let mut samplers = Samplers::new(opts, refs, &config)?;
     let ref_sites = declared_sites(model, refs)?;
+    let memory = memory_plan(opts, model, refs, &ref_sites, prompt.engine_ids.len())?;
     let judge = Judge::new(model.info(), refs, opts.precision);
     let lp = Lockstep { opts, engine, refs, judge: &judge, ref_sites: &ref_sites, oracle: refs.iter().position(|r| r.spec.is_oracle()) };
     let (steps, generated, kept) = lp.steps(&prompt, &mut samplers)?;
@@ -102,6 +103,7 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
     }
     let sampler_info = opts.sampler.as_ref().map(|c| crate::checks::sampler::info(c, refs, &samplers.refs, &samplers.without, &steps));
     Ok(RunResult {
+        memory,
         kept,
         verdict_pass: first_divergence.is_none(),
         first_divergence,
@@ -118,6 +120,47 @@ pub fn run(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference]) -> Resul
         stopped_before_step0: None,
         lora,
     })
+}
+
+/// The run's predicted memory, with `--max-memory` or a prompt fed in pieces; a run
+/// predicted past `--max-memory` stops here, before step 0 (exit 2 with the numbers).
+fn memory_plan(
+    opts: &RunOptions,
+    model: &dyn Decoder,
+    refs: &[Reference],
+    ref_sites: &[HashSet<String>],
+    prompt_len: usize,
+) -> Result<Option<crate::lockstep::memory::MemoryPlan>, HarnessError> {
+    use crate::lockstep::memory;
+    if opts.max_memory.is_none() && prompt_len <= opts.prefill_chunk {
+        return Ok(None);
+    }
+    let Some(loaded) = memory::resident_bytes() else {
+        return match opts.max_memory {
+            Some(_) => Err(HarnessError::Usage("--max-memory: this system does not say how much memory the process holds (/proc/self/status)".into())),
+            None => Ok(None),
+        };
+    };
+    let engine_sites: HashSet<&str> = ref_sites.iter().flat_map(|s| s.iter().map(|x| x.as_str())).collect();
+    let bytes = |dtype: &str| if dtype == "float64" { 8 } else { 4 };
+    let engine_bytes = if opts.precision == crate::compare::tolerance::Precision::F64 { 8 } else { 4 };
+    let per_ref: Vec<(&HashSet<String>, u64)> = ref_sites.iter().zip(refs).map(|(s, r)| (s, bytes(&r.description.dtype))).collect();
+    let plan = memory::predict(
+        &model.info().config,
+        &engine_sites,
+        engine_bytes,
+        &per_ref,
+        prompt_len.min(opts.prefill_chunk),
+        opts.context_for(prompt_len),
+        loaded,
+    );
+    if let Some(max) = opts.max_memory.filter(|&m| plan.peak > m * 1048576) {
+        return Err(HarnessError::Usage(format!(
+            "--max-memory {max}: the run is {}; a smaller --prefill-chunk bounds one call, fewer steps or a shorter prompt the caches",
+            plan.describe()
+        )));
+    }
+    Ok(Some(plan))
 }
 
 /// Every reference with a fixed context (`describe()["context"]`, llama.cpp's `n_ctx`) must
@@ -228,6 +271,8 @@ impl Lockstep<'_> {
         }
         let stop = self.engine.stop_ids();
         let mut cache = model.new_cache();
+        // The engine's cache sized once for the whole run (written in place, never moved).
+        cache.reserve(opts.context_for(prompt.engine_ids.len()))?;
         let (mut steps, mut generated, mut kept) = (Vec::new(), Vec::new(), None);
         let mut feed = prompt.engine_ids.clone();
         let mut total = 0;

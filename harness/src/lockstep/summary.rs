@@ -345,6 +345,7 @@ pub fn stopped_before_step0(
     });
     let model = &engine.model;
     RunResult {
+        memory: None,
         kept: None,
         verdict_pass: false,
         first_divergence,

@@ -357,6 +357,7 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         lora: lora_dir.clone().map(|dir| lockstep_engine::LoraOptions { dir, mode: lockstep_engine::LoraMode::Unmerged }),
         context: None,
         prefill_chunk: crate::lockstep::options::DEFAULT_PREFILL_CHUNK,
+        max_memory: None,
     };
     let engine = crate::lockstep::options::load_engine(&opts)?;
     let refs = cache.take(&specs, &path, lora_dir.as_deref())?;

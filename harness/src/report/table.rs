@@ -29,6 +29,9 @@ struct JsonReport<'a> {
     tolerances: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     lora: Option<&'a crate::results::checks::LoraReport>,
+    /// The predicted memory (`--max-memory`, or a prompt fed in pieces), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<&'a crate::lockstep::memory::MemoryPlan>,
 }
 
 #[derive(Serialize)]
@@ -104,6 +107,7 @@ pub fn json_report(r: &RunResult, refs: &[Reference], model: &Path, sha: &str) -
         summary: &r.summary,
         tolerances: serde_json::Value::Object(tols),
         lora: r.lora.as_ref(),
+        memory: r.memory.as_ref(),
     };
     serde_json::to_value(&report).map_err(|e| HarnessError::Usage(format!("serializing the report: {e}")))
 }
@@ -598,6 +602,9 @@ fn shown_prompt(text: &str) -> String {
 
 /// How a step fed in pieces was fed (`--prefill-chunk`): each row then holds its worst call.
 fn write_calls_note(o: &mut String, r: &RunResult) {
+    if let Some(m) = &r.memory {
+        let _ = writeln!(o, "memory: {}.", m.describe());
+    }
     for s in r.steps.iter().filter(|s| !s.calls.is_empty()) {
         let most = s.calls.iter().max().copied().unwrap_or(0);
         let _ = writeln!(

@@ -233,6 +233,9 @@ pub struct RunResult {
     /// Bisect's kept reference tensors (not serialized).
     #[serde(skip)]
     pub kept: Option<KeptStep>,
+    /// The run's predicted memory (`--max-memory`, or a prompt fed in pieces), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::lockstep::memory::MemoryPlan>,
     pub verdict_pass: bool,
     pub first_divergence: Option<Divergence>,
     pub prompt: PromptCheck,
