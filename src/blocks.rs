@@ -337,6 +337,11 @@ pub mod fast {
 
     /// [`softmax_row`], returning the row's max and the sum of the exponentials.
     #[inline(always)]
+    /// [`softmax_row_stats`] of the first `r` rows of `n` scores in `p`.
+    fn softmax_rows_stats(p: &mut [f32], n: usize, r: usize) -> (Vec<f32>, Vec<f64>) {
+        p.chunks_mut(n.max(1)).take(r).map(softmax_row_stats).unzip()
+    }
+
     fn softmax_row_stats(row: &mut [f32]) -> (f32, f64) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
@@ -505,13 +510,7 @@ pub mod fast {
             }
             i += 3;
         }
-        let mut max = Vec::with_capacity(r);
-        let mut sum = Vec::with_capacity(r);
-        for row in p.chunks_mut(n.max(1)).take(r) {
-            let (m, s) = softmax_row_stats(row);
-            max.push(m);
-            sum.push(s);
-        }
+        let (max, sum) = softmax_rows_stats(p, n, r);
         let mut out = vec![0f32; r * hd];
         let mut i = 0;
         while i < r {
@@ -666,13 +665,7 @@ pub mod fast {
                 p[i * n + j] = dot(&qs[h * hd..(h + 1) * hd], kt) * scale;
             }
         }
-        let mut max = Vec::with_capacity(r);
-        let mut sum = Vec::with_capacity(r);
-        for row in p.chunks_mut(n.max(1)).take(r) {
-            let (m, s) = softmax_row_stats(row);
-            max.push(m);
-            sum.push(s);
-        }
+        let (max, sum) = softmax_rows_stats(p, n, r);
         // The weighted sum of V (heads, hd): each V row read once.
         let mut out = vec![0f32; r * hd];
         for (j, t) in keys.enumerate() {

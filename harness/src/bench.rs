@@ -151,9 +151,7 @@ pub fn render(rows: &[Speed], threads: usize, model: &Path) -> String {
 
 /// The engine's decode step time with `context` positions in its cache: the cache filled by
 /// a prefill in calls of 256 tokens, then `steps` one-token steps timed (the median step).
-pub fn engine_decode_at(path: &Path, mode: WeightsMode, ids: &[u32], context: usize, steps: usize) -> Result<f64, HarnessError> {
-    let m = lockstep_engine::load(path, &LoadOptions { weights: Some(mode), ..Default::default() })?;
-    let model = &m.model;
+pub fn engine_decode_at(model: &dyn lockstep_engine::Decoder, ids: &[u32], context: usize, steps: usize) -> Result<f64, HarnessError> {
     let mut cache = model.new_cache();
     let fill: Vec<u32> = ids.iter().copied().cycle().take(context).collect();
     let mut logits = None;

@@ -101,9 +101,6 @@ impl RunFlags<'_> {
         if prefill_chunk == 0 {
             return Err(HarnessError::Usage("--prefill-chunk 0: a piece of a prompt holds at least one token".into()));
         }
-        if context == Some(0) {
-            return Err(HarnessError::Usage("--context 0: a run feeds at least one position".into()));
-        }
         let sampler = parse_sampler(self.sampler)?;
         let references = if self.reference.is_empty() { vec![] } else { RefSpec::parse_list(self.reference)? };
         Ok(RunOptions {
@@ -459,21 +456,26 @@ fn bench_long_context(a: &BenchArgs, path: &Path, ids: &[u32], text: &str) -> Re
     if contexts.is_empty() && prompts.is_empty() {
         return Ok(());
     }
+    // One load: the decode measurements and the prompts' tokenizer.
+    let engine = lockstep_engine::load(path, &lockstep_engine::LoadOptions { weights: Some(WeightsMode::Quantized), ..Default::default() })?;
     let mut decode = vec![];
     for &c in &contexts {
-        let s = bench::engine_decode_at(path, WeightsMode::Quantized, ids, c, 16)?;
+        let s = bench::engine_decode_at(engine.model.as_ref(), ids, c, 16)?;
         eprintln!("  engine decode step at context {c}: {:.2} ms", s * 1e3);
         decode.push((c, s));
     }
     let exe = std::env::current_exe().map_err(|e| HarnessError::Usage(format!("bench: where is this binary? {e}")))?;
     let scratch = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| HarnessError::Io { path: scratch.display().to_string(), message: e.to_string() })?;
-    let tok = lockstep_engine::load(path, &lockstep_engine::LoadOptions::default())?;
     let mut runs = vec![];
-    let mut lengths: Vec<usize> = contexts.iter().chain(&prompts).copied().collect();
-    lengths.dedup();
+    let mut lengths: Vec<usize> = vec![];
+    for &n in contexts.iter().chain(&prompts) {
+        if !lengths.contains(&n) {
+            lengths.push(n);
+        }
+    }
     for n in lengths {
-        let prompt = bench::prompt_text(&tok, text, n)?;
+        let prompt = bench::prompt_text(&engine, text, n)?;
         let args: Vec<String> = ["--model", &path.to_string_lossy(), "--weights", "dequant", "--reference", "transformers", "--steps", "9", "--prompt", &prompt]
             .iter()
             .map(|s| s.to_string())

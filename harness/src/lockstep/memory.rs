@@ -86,12 +86,10 @@ pub fn predict(
     positions: usize,
     loaded: u64,
 ) -> MemoryPlan {
-    let per_position = |sites: &mut dyn Iterator<Item = &str>, bytes: u64| -> u64 { sites.map(|s| width(s, c) as u64).sum::<u64>() * bytes };
-    let mut call = per_position(&mut engine_sites.iter().copied(), engine_bytes);
-    for (sites, bytes) in refs {
-        call += per_position(&mut sites.iter().map(|s| s.as_str()), *bytes);
-    }
-    let call = call * call_positions as u64;
+    let row = |sites: Vec<&str>, bytes: u64| sites.iter().map(|s| width(s, c) as u64).sum::<u64>() * bytes;
+    let engine_row = row(engine_sites.iter().copied().collect(), engine_bytes);
+    let refs_row: u64 = refs.iter().map(|(sites, bytes)| row(sites.iter().map(String::as_str).collect(), *bytes)).sum();
+    let call = (engine_row + refs_row) * call_positions as u64;
     let cache_row = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
     let compares_caches = engine_sites.iter().any(|s| s.ends_with(".cache_k") || s.ends_with(".cache_v"));
     // Each side's own cache, and (when caches are compared) the copy each call carries.

@@ -53,11 +53,16 @@ pub struct RunOptions {
     pub max_memory: Option<u64>,
 }
 
+/// The positions a run of `steps` steps feeds after a prompt of `prompt_len` tokens: step 0
+/// feeds the prompt, each later step one token.
+pub fn positions_fed(prompt_len: usize, steps: usize) -> usize {
+    prompt_len + steps.max(1) - 1
+}
+
 impl RunOptions {
-    /// The positions the run may feed: `--context`, else the prompt plus the steps (step 0
-    /// feeds the prompt, each later step one token: `prompt + steps - 1`).
+    /// The positions the run may feed: `--context`, else [`positions_fed`].
     pub fn context_for(&self, prompt_len: usize) -> usize {
-        self.context.unwrap_or(prompt_len + self.steps.max(1) - 1)
+        self.context.unwrap_or(positions_fed(prompt_len, self.steps))
     }
 }
 
@@ -109,7 +114,7 @@ pub fn check_context(engine: &LoadedModel, prompt_len: usize, steps: usize, cont
         true => format!(" times its dynamic RoPE scaling's factor, {}", cfg.rope_scaling.describe()),
         false => String::new(),
     };
-    let needed = prompt_len + steps.max(1) - 1;
+    let needed = positions_fed(prompt_len, steps);
     if let Some(c) = context {
         if c < needed {
             return Err(HarnessError::Usage(format!(
@@ -171,7 +176,7 @@ pub fn fault_inapplicable(
             Some(format!("the prompt has {} token: at one position it changes nothing", prompt_ids.len()))
         }
         Fault::Q41Min if !gguf_types().iter().any(|t| t == "Q4_1") => Some("the model has no Q4_1 tensor".into()),
-        Fault::RopeScalingIgnored => rope_scaling_inapplicable(engine, prompt_ids.len() + steps - 1),
+        Fault::RopeScalingIgnored => rope_scaling_inapplicable(engine, positions_fed(prompt_ids.len(), steps)),
         Fault::MissingBos if bos.is_none() || prompt_ids.first().copied() != bos => Some("the prompt does not start with a BOS id".into()),
         Fault::RawPrompt if !matches!(opts.prompt, Prompt::Chat(_)) => Some("the prompt is not a chat prompt (--chat)".into()),
         // Judged on the model's own tokenizer: the loaded one already lacks the prefix when

@@ -166,7 +166,7 @@ fn memory_plan(
 /// Every reference with a fixed context (`describe()["context"]`, llama.cpp's `n_ctx`) must
 /// hold the positions the run feeds: said before step 0, with the numbers.
 fn check_reference_context(opts: &RunOptions, refs: &[Reference], prompt_len: usize) -> Result<(), HarnessError> {
-    let needed = prompt_len + opts.steps.max(1) - 1;
+    let needed = crate::lockstep::options::positions_fed(prompt_len, opts.steps);
     for r in refs {
         if let Some(c) = r.description.context.filter(|&c| c < needed) {
             return Err(HarnessError::Usage(format!(
