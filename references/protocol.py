@@ -34,6 +34,8 @@ dtype="float64"; zero-copy where the framework allows), in the Hugging Face layo
     layers.{i}.attn           (seq, heads*head_dim)   heads merged, before o_proj
     layers.{i}.mlp_gate/mlp_up/mlp_act                (seq, intermediate)
     layers.{i}.cache_k/cache_v (kv_heads, cached_len, head_dim)  whole cache after the step
+                              (a view of the framework's memory where it can be: the harness
+                              reads the rows a call appended and a few earlier ones)
     logits                    (seq, vocab)            every position fed in the step
 
 A reference captures the names it can and lists exactly those in ``describe()["sites"]``

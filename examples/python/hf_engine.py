@@ -23,11 +23,17 @@ A third factory, ``load_old_row_rewritten``, switches on a cache bug that leaves
 own rows right: at each decode step, layer ``BUG_LAYER``'s cache update also writes the new
 position's keys and values over an old position (``OLD_ROW``: a slot index computed from the
 wrong length, as ring-buffer and compaction slips do). What the step appends is right; the
-cache it keeps, and what later steps attend over, is not. lockstep compares the whole cache
-at every step, so the rewritten row is caught at the step that rewrote it::
+cache it keeps, and what later steps attend over, is not. lockstep compares at each step the
+rows it appended and, in turn, 64 earlier ones (every earlier row of a short prompt), and a
+step where anything fails with every row, so the rewritten row is caught at the step that
+rewrote it::
 
     lockstep run --engine python:examples/python/hf_engine.py:load_old_row_rewritten \\
         --model snapshots/models/tiny-qwen3 --reference transformers --prompt "The capital of France is"
+
+``load_far_row_rewritten`` does the same at ``FAR_ROW``, beyond the earlier rows a decode step
+after a longer prompt compares on its own: the step still fails (attention reads the rewritten
+row), and its whole-cache comparison names the cache.
 """
 from __future__ import annotations
 
@@ -40,36 +46,41 @@ PROTOCOL = protocol.declare(name="hf-engine", main_package="transformers", capab
 BUG_LAYER = 1
 # The old position the cache bug overwrites at each decode step.
 OLD_ROW = 1
+# The row ``load_far_row_rewritten`` overwrites: past the first earlier rows lockstep compares at
+# a decode step of a long prompt (its sweep), so only the failing step's whole-cache
+# comparison finds it there.
+FAR_ROW = 120
 
 
 class HfEngine(transformers_ref.TransformersReference):
     def __init__(self, model: str, dtype: str = "float32", sites: list[str] | None = None, drop_residual_of: int | None = None,
-                 rewrite_old_row_of: int | None = None):
+                 rewrite_old_row_of: tuple[int, int] | None = None):
         self.engine_notes: list[str] = []
         self.rewrite_old_row_of = rewrite_old_row_of
         super().__init__(model, dtype=dtype, sites=sites)
         if drop_residual_of is not None:
             self._drop_residual(drop_residual_of)
         if rewrite_old_row_of is not None:
-            self.engine_notes.append(f"bug switch on: at each decode step, layer {rewrite_old_row_of}'s cache update "
-                                     f"also overwrites position {OLD_ROW} with the new position")
+            self.engine_notes.append(f"bug switch on: at each decode step, layer {rewrite_old_row_of[0]}'s cache update "
+                                     f"also overwrites position {rewrite_old_row_of[1]} with the new position")
 
     def reset(self) -> None:
         super().reset()
         if self.rewrite_old_row_of is not None:
-            self._rewrite_old_row(self.cache.layers[self.rewrite_old_row_of])
+            layer, row = self.rewrite_old_row_of
+            self._rewrite_old_row(self.cache.layers[layer], row)
 
     @staticmethod
-    def _rewrite_old_row(layer) -> None:
+    def _rewrite_old_row(layer, row: int) -> None:
         """Layer's cache update, with the slot slip: a one-token update after a cached prefix
-        longer than OLD_ROW also lands on OLD_ROW."""
+        longer than ``row`` also lands on ``row``."""
         update = layer.update
 
         def slipped(key_states, value_states, *args, **kwargs):
             keys, values = update(key_states, value_states, *args, **kwargs)
-            if key_states.shape[-2] == 1 and keys.shape[-2] > OLD_ROW + 1:
-                layer.keys[..., OLD_ROW, :] = key_states[..., 0, :]
-                layer.values[..., OLD_ROW, :] = value_states[..., 0, :]
+            if key_states.shape[-2] == 1 and keys.shape[-2] > row + 1:
+                layer.keys[..., row, :] = key_states[..., 0, :]
+                layer.values[..., row, :] = value_states[..., 0, :]
             return layer.keys, layer.values
 
         layer.update = slipped
@@ -113,4 +124,12 @@ def load_old_row_rewritten(model_path: str, dtype: str = "float32", sites: list[
     """The same engine with its cache bug on: layer BUG_LAYER's decode steps overwrite OLD_ROW."""
     if lora:
         raise ValueError("hf-engine: this example takes no LoRA adapter")
-    return HfEngine(model_path, dtype=dtype, sites=sites, rewrite_old_row_of=BUG_LAYER)
+    return HfEngine(model_path, dtype=dtype, sites=sites, rewrite_old_row_of=(BUG_LAYER, OLD_ROW))
+
+
+def load_far_row_rewritten(model_path: str, dtype: str = "float32", sites: list[str] | None = None,
+                           lora: str | None = None, **options) -> HfEngine:
+    """The same cache bug at FAR_ROW (a prompt longer than FAR_ROW + 1 tokens shows it)."""
+    if lora:
+        raise ValueError("hf-engine: this example takes no LoRA adapter")
+    return HfEngine(model_path, dtype=dtype, sites=sites, rewrite_old_row_of=(BUG_LAYER, FAR_ROW))

@@ -79,6 +79,26 @@ impl Values {
     }
 }
 
+/// Rows `rows` (along the middle axis) of a `(heads, len, width)` tensor, heads first: the
+/// part of a cache a call compares. `None` for a sketch (traces keep caches as rows).
+pub fn gather_rows(data: Data<'_>, shape: &[usize], rows: &[std::ops::Range<usize>]) -> Option<Values> {
+    let &[heads, len, width] = shape else { return None };
+    fn pick<T: Copy>(d: &[T], heads: usize, len: usize, width: usize, rows: &[std::ops::Range<usize>]) -> Vec<T> {
+        let mut out = Vec::with_capacity(heads * width * rows.iter().map(|r| r.len()).sum::<usize>());
+        for h in 0..heads {
+            for r in rows {
+                out.extend_from_slice(&d[(h * len + r.start) * width..(h * len + r.end) * width]);
+            }
+        }
+        out
+    }
+    match data {
+        Data::F32(d) => Some(Values::F32(pick(d, heads, len, width, rows))),
+        Data::F64(d) => Some(Values::F64(pick(d, heads, len, width, rows))),
+        Data::Sketch(_) => None,
+    }
+}
+
 impl From<Vec<f64>> for Values {
     fn from(v: Vec<f64>) -> Values {
         Values::F64(v)
@@ -110,3 +130,15 @@ pub fn logit_metrics_data(a: Data<'_>, b: Data<'_>) -> LogitMetrics {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_rows_are_each_heads_rows_in_order() {
+        // (2 heads, 4 positions, width 2): value = 100 h + 10 p + w.
+        let d: Vec<f32> = (0..2).flat_map(|h| (0..4).flat_map(move |p| (0..2).map(move |w| (100 * h + 10 * p + w) as f32))).collect();
+        let got = gather_rows(Data::F32(&d), &[2, 4, 2], &[0..1, 3..4]).unwrap();
+        assert_eq!(got, Values::F32(vec![0.0, 1.0, 30.0, 31.0, 100.0, 101.0, 130.0, 131.0]));
+    }
+}

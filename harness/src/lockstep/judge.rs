@@ -24,8 +24,13 @@ use crate::results::run::{OracleDistance, RefStep, SiteRecord};
 pub struct EngineSite {
     pub site: String,
     pub shape: Vec<usize>,
+    /// The values compared: of a cache compared in part, its `rows` only (heads first).
     pub data: Values,
     pub transform: Option<&'static str>,
+    /// A cache compared in part: the rows `data` holds (`shape` is the whole cache's).
+    pub rows: Option<Vec<std::ops::Range<usize>>>,
+    /// A cache compared in part: the cache itself, in the model's layout (a view, not a copy).
+    pub view: Option<candle_core::Tensor>,
 }
 
 /// How the engine is judged against each reference of a run: which arithmetic each pair
@@ -221,7 +226,7 @@ mod tests {
             precision: Precision::F32,
             top_k: 0,
         };
-        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v].into(), transform: None };
+        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v].into(), transform: None, rows: None, view: None };
         let r = [1.0f32, 1.0];
         // rel-L2 2e-2 fails the f32 bound (1e-2) by itself; within 4x a floor of 6e-3 it is
         // drift; 4x a floor of 4e-3 does not cover it.

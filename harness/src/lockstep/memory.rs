@@ -7,9 +7,9 @@
 //!   `--prefill-chunk`), held by every side at once while they are compared: per position,
 //!   the width of each site (hidden, heads x head_dim, kv_heads x head_dim, intermediate,
 //!   vocabulary for the logits) times 4 bytes (8 for a side in f64);
-//! - **the caches**: per position, layers x 2 x kv_heads x head_dim x 4 bytes, in four kinds
-//!   of copies per side: the engine's cache and the whole cache each call carries across to
-//!   be compared, on the engine's side and on each reference's.
+//! - **the caches**: per position, layers x 2 x kv_heads x head_dim x 4 bytes: the engine's
+//!   cache (compared in place: only the rows a call compares are converted), and per
+//!   reference its cache and the whole cache it hands over at each call.
 //!
 //! The captures are counted twice ([`CALL_FACTOR`]: while a call is compared each side holds
 //! them both as its framework's tensors and as the arrays compared), the caches once, plus
@@ -92,8 +92,10 @@ pub fn predict(
     let call = (engine_row + refs_row) * call_positions as u64;
     let cache_row = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
     let compares_caches = engine_sites.iter().any(|s| s.ends_with(".cache_k") || s.ends_with(".cache_v"));
-    // Each side's own cache, and (when caches are compared) the copy each call carries.
-    let copies = (1 + refs.len() as u64) * if compares_caches { 2 } else { 1 };
+    // Each side's own cache; when caches are compared, each reference's whole cache crosses
+    // to the comparison (transformers' grows by concatenation, llama.cpp's is read out): a
+    // second copy per reference. The engine's is compared in place (a view, rows converted).
+    let copies = 1 + refs.len() as u64 * if compares_caches { 2 } else { 1 };
     let caches = cache_row * positions as u64 * copies;
     let peak = loaded + CALL_FACTOR * call + caches + FIXED;
     MemoryPlan { loaded, call, caches, peak, call_positions, positions }
@@ -121,7 +123,7 @@ mod tests {
         let per_position = (c.num_heads * c.head_dim + c.num_kv_heads * c.head_dim + c.intermediate_size + c.vocab_size) as u64 * 4;
         assert_eq!(p.call, 2 * 10 * per_position, "engine and reference hold one call each");
         let row = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as u64;
-        assert_eq!(p.caches, 100 * row * 4, "two sides, each its cache and the copy it compares");
+        assert_eq!(p.caches, 100 * row * 3, "the engine's cache, the reference's and the copy it hands over");
         assert_eq!(p.peak, 1000 + CALL_FACTOR * p.call + p.caches + FIXED);
         let longer = predict(c, &sites, 4, &[(&owned, 8)], 20, 200, 1000);
         assert!(longer.call > p.call && longer.caches == 2 * p.caches, "{longer:?}");

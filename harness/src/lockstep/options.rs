@@ -67,7 +67,7 @@ impl RunOptions {
 }
 
 /// `--prefill-chunk`'s default: a prompt up to this many tokens is one call on every side.
-pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
 /// Loads the engine the options name (model, dtype, weights mode, faults, adapter), and
 /// checks, before anything runs, that the run fits the model's context window and that

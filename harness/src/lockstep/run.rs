@@ -22,7 +22,7 @@ use crate::lockstep::free_running::free_running;
 use crate::lockstep::judge::Judge;
 use crate::lockstep::options::{Prompt, RunOptions};
 use crate::lockstep::prompt::check_prompt;
-use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompare};
+use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompare, Sweep};
 use crate::lockstep::summary::{engine_info, find_first_divergence, quant_run_checks, stopped_before_step0, summarize};
 use crate::reference::{Reference, StepOutput};
 use crate::results::checks::{GenConfig, SamplerCheck};
@@ -276,12 +276,13 @@ impl Lockstep<'_> {
         let (mut steps, mut generated, mut kept) = (Vec::new(), Vec::new(), None);
         let mut feed = prompt.engine_ids.clone();
         let mut total = 0;
+        let mut sweep = Sweep::default();
         // Bisect stops at a token mismatch: nothing after it is comparable.
         let n_steps = if opts.bisect && !prompt.ids_match { 0 } else { opts.steps.max(1) };
         for step in 0..n_steps {
             crate::interrupt::check()?;
             let history: Vec<u32> = prompt.engine_ids.iter().chain(&generated).copied().collect();
-            let (record, kept_now) = self.step(step, &feed, &mut total, &mut cache, &wanted, samplers, &history)?;
+            let (record, kept_now) = self.step(step, &feed, &mut total, &mut sweep, &mut cache, &wanted, samplers, &history)?;
             let engine_token = record.engine_token;
             tell(RunEvent::Step { record: &record, planned: n_steps });
             steps.push(record);
@@ -310,6 +311,7 @@ impl Lockstep<'_> {
         step: usize,
         feed: &[u32],
         total: &mut usize,
+        sweep: &mut Sweep,
         cache: &mut lockstep_engine::KvCache,
         wanted: &HashSet<&str>,
         samplers: &mut Samplers,
@@ -323,12 +325,20 @@ impl Lockstep<'_> {
             if c > 0 {
                 crate::interrupt::check()?;
             }
-            let es = engine_step(model, part, cache, wanted)?;
             let start = *total;
+            let scope = sweep.scope(start, part.len());
+            let mut es = engine_step(model, part, cache, wanted, scope)?;
             *total += part.len();
             engine_seconds += es.seconds;
             let outputs = reference_steps(self.refs, part)?;
-            let (references, pairs, kept) = self.call(step, start, part.len(), &outputs, &es)?;
+            let (mut references, mut pairs, mut kept) = self.call(step, start, part.len(), &outputs, &es)?;
+            // A call that fails or drifts is compared again with every row of every cache: an
+            // old row rewritten by this call is then named at its step, not when the sweep
+            // reaches it.
+            if es.caches_in_part() && references.iter().any(|r| r.verdict != Verdict::Pass) {
+                es.widen_caches(model)?;
+                (references, pairs, kept) = self.call(step, start, part.len(), &outputs, &es)?;
+            }
             merged = Some(match merged {
                 None => (references, pairs),
                 Some((r, p)) => merge_call((r, p), (references, pairs)),

@@ -4,13 +4,14 @@
 //! reference (sites and next-token distribution), and what bisect keeps of a failing step.
 
 use std::collections::HashSet;
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use lockstep_engine::{Capture, Decoder};
 
 use crate::compare::tolerance::Verdict;
-use crate::compare::data::Values;
+use crate::compare::data::{gather_rows, Values};
 use crate::compare::{logit_metrics_data, metrics_data, Data};
 use crate::error::HarnessError;
 use crate::lockstep::judge::{floor, localize, oracle_distance, EngineSite, Judge};
@@ -48,8 +49,81 @@ impl EngineStep {
     }
 }
 
-/// Runs the engine on `feed`, keeping the sites in `wanted`, each in the Hugging Face layout.
-pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engine::KvCache, wanted: &HashSet<&str>) -> Result<EngineStep, HarnessError> {
+/// The earlier cache rows a call compares besides the rows it appended, taken in turn
+/// ([`Sweep`]): a cache of up to this many earlier positions is compared whole at every
+/// call. A constant, so that a decode step's comparison costs the same at any context
+/// (measured by `make bench`: lockstep's own time per step at prompt 16 and 4,096).
+pub const CACHE_SWEEP_ROWS: usize = 64;
+
+/// What a call compares of each cache (`layers.N.cache_k` / `cache_v`, whose shape is the
+/// whole cache's): `None` for every row; else the rows this call appended and
+/// [`CACHE_SWEEP_ROWS`] earlier rows from `from` on (wrapping). A cache that does not hold
+/// every position fed (a window) is compared whole: it is bounded by its window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheScope {
+    /// Positions fed to every side, this call included.
+    pub total: usize,
+    /// Positions this call fed.
+    pub fed: usize,
+    /// The first earlier row of this call's sweep; `None`: every row.
+    pub from: Option<usize>,
+}
+
+impl CacheScope {
+    /// Every row of every cache.
+    pub fn whole(total: usize, fed: usize) -> Self {
+        CacheScope { total, fed, from: None }
+    }
+
+    /// The rows to compare of a cache holding `len` positions, in order: `None` for all.
+    pub fn rows(&self, len: usize) -> Option<Vec<Range<usize>>> {
+        let from = self.from?;
+        if len != self.total || self.fed > len {
+            return None;
+        }
+        let old = len - self.fed;
+        if old <= CACHE_SWEEP_ROWS {
+            return None;
+        }
+        let from = from % old;
+        let end = from + CACHE_SWEEP_ROWS;
+        let sweep = if end > old { [Some(0..end - old), Some(from..old)] } else { [Some(from..end), None] };
+        Some(sweep.into_iter().flatten().chain([old..len]).collect())
+    }
+}
+
+/// The run's cursor over earlier cache rows: each call's [`CacheScope`] takes the next
+/// [`CACHE_SWEEP_ROWS`] of them, so every earlier row is compared at least once every
+/// ⌈earlier / CACHE_SWEEP_ROWS⌉ calls (a rewritten old row that changes nothing else at its
+/// step is caught within that many steps; one that changes what the step computes makes the
+/// call fail or drift, and such a call is compared again whole, so it is caught at its step).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    next: usize,
+}
+
+impl Sweep {
+    /// The scope of a call feeding `fed` positions after `start`; advances the cursor.
+    pub fn scope(&mut self, start: usize, fed: usize) -> CacheScope {
+        let total = start + fed;
+        if start <= CACHE_SWEEP_ROWS {
+            return CacheScope::whole(total, fed);
+        }
+        let from = if self.next >= start { 0 } else { self.next };
+        self.next = (from + CACHE_SWEEP_ROWS) % start;
+        CacheScope { total, fed, from: Some(from) }
+    }
+}
+
+/// Runs the engine on `feed`, keeping the sites in `wanted`, each in the Hugging Face layout;
+/// of each cache, the rows `scope` names.
+pub fn engine_step(
+    model: &dyn Decoder,
+    feed: &[u32],
+    cache: &mut lockstep_engine::KvCache,
+    wanted: &HashSet<&str>,
+    scope: CacheScope,
+) -> Result<EngineStep, HarnessError> {
     let t0 = Instant::now();
     let mut cap = Capture::new();
     let logits = model.forward(feed, cache, Some(&mut cap))?;
@@ -64,9 +138,22 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
         let s = graph
             .get(&site)
             .ok_or_else(|| HarnessError::SiteNotInGraph { site: site.clone() })?;
-        let (t, transform) = model.to_canonical(s, &t)?;
-        let data = values(&t)?;
-        sites.push(EngineSite { site, shape: t.dims().to_vec(), data, transform });
+        let shape = t.dims().to_vec();
+        let rows = match (s.kind, shape.as_slice()) {
+            (lockstep_engine::sites::SiteKind::Cache, [_, len, _]) => scope.rows(*len),
+            _ => None,
+        };
+        let (part, view) = match &rows {
+            // Only the rows compared are converted; the cache itself stays a view (no copy).
+            Some(rows) => {
+                let parts = rows.iter().map(|r| t.narrow(1, r.start, r.len())).collect::<Result<Vec<_>, _>>()?;
+                (Tensor::cat(&parts, 1)?, Some(t))
+            }
+            None => (t, None),
+        };
+        let (part, transform) = model.to_canonical(s, &part)?;
+        let data = values(&part)?;
+        sites.push(EngineSite { site, shape, data, transform, rows, view });
     }
     let seconds = t0.elapsed().as_secs_f64();
     let (rows, vocab) = logits.dims2().map_err(|_| HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() })?;
@@ -79,9 +166,29 @@ pub fn engine_step(model: &dyn Decoder, feed: &[u32], cache: &mut lockstep_engin
     if wanted.contains(lockstep_engine::sites::LOGITS) && rows == feed.len() {
         let data = std::mem::replace(&mut logits_values, Values::F32(vec![]));
         logits_site = Some(sites.len());
-        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None });
+        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None, rows: None, view: None });
     }
     Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_values, logits_site, seconds })
+}
+
+impl EngineStep {
+    /// True when some cache was compared in part ([`CacheScope`]).
+    pub fn caches_in_part(&self) -> bool {
+        self.sites.iter().any(|s| s.rows.is_some())
+    }
+
+    /// Every cache in full: each one compared in part is converted whole from its view.
+    pub fn widen_caches(&mut self, model: &dyn Decoder) -> Result<(), HarnessError> {
+        let graph = model.site_graph();
+        for es in self.sites.iter_mut().filter(|s| s.rows.is_some()) {
+            let view = es.view.take().expect("a cache compared in part keeps its view");
+            let s = graph.get(&es.site).ok_or_else(|| HarnessError::SiteNotInGraph { site: es.site.clone() })?;
+            let (t, _) = model.to_canonical(s, &view)?;
+            es.data = values(&t)?;
+            es.rows = None;
+        }
+        Ok(())
+    }
 }
 
 /// A tensor's values in its own dtype (f32 stays f32: no widened copy; f64 and the half
@@ -91,6 +198,19 @@ fn values(t: &Tensor) -> Result<Values, HarnessError> {
         DType::F32 => Values::F32(t.flatten_all()?.to_vec1::<f32>()?),
         _ => Values::F64(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?),
     })
+}
+
+/// `f` on a reference's data of `es`'s site as the engine's is compared: the rows the engine
+/// kept of a cache compared in part ([`CacheScope`]) when the shapes agree, else all of it
+/// (a shape that differs fails on its shape; a trace's caches are rows, never sketches).
+fn as_compared<R>(es: &EngineSite, shape: &[usize], data: Data<'_>, f: impl FnOnce(Data<'_>) -> R) -> R {
+    match &es.rows {
+        Some(rows) if shape == es.shape.as_slice() => match gather_rows(data, shape, rows) {
+            Some(part) => f(part.data()),
+            None => f(data),
+        },
+        _ => f(data),
+    }
 }
 
 /// Every reference's step on `feed`, with its time.
@@ -182,7 +302,9 @@ impl StepCompare<'_> {
                         continue;
                     }
                     let m = views[a].with_site(&es.site, |sa, da| {
-                        views[b].with_site(&es.site, |sb, db| (sa == sb).then(|| metrics_data(da, db)))
+                        views[b].with_site(&es.site, |sb, db| {
+                            (sa == sb).then(|| as_compared(es, sa, da, |da| as_compared(es, sb, db, |db| metrics_data(da, db))))
+                        })
                     })?;
                     if let Some(inner) = m {
                         if let Some(Some(m)) = inner? {
@@ -230,13 +352,15 @@ impl StepCompare<'_> {
             let oracle = match self.oracle {
                 Some(o) if o != i && self.ref_sites[o].contains(&es.site) => {
                     let to_engine = views[o].with_site(&es.site, |so, dor| {
-                        (so == es.shape.as_slice()).then(|| metrics_data(es.data.data(), dor).rel_l2)
+                        (so == es.shape.as_slice()).then(|| as_compared(es, so, dor, |dor| metrics_data(es.data.data(), dor).rel_l2))
                     })?;
                     oracle_distance(to_engine.flatten(), pair_rel(o))
                 }
                 _ => None,
             };
-            let rec = views[i].with_site(&es.site, |rshape, rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle))?;
+            let rec = views[i].with_site(&es.site, |rshape, rdata| {
+                as_compared(es, rshape, rdata, |rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle))
+            })?;
             sites.push(rec.expect("declared sites checked above"));
         }
         let (n_pos, vocab) = (self.engine.n_pos, self.engine.vocab);
@@ -288,5 +412,40 @@ impl StepCompare<'_> {
             }
         }
         Ok(Some(k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_cache_is_compared_whole_and_a_long_one_in_its_appended_rows_and_a_sweep() {
+        let mut sweep = Sweep::default();
+        // Prefill, and decode steps while the earlier rows fit in one sweep: every row.
+        assert_eq!(sweep.scope(0, 40).rows(40), None);
+        assert_eq!(sweep.scope(CACHE_SWEEP_ROWS, 1).rows(CACHE_SWEEP_ROWS + 1), None);
+        // 200 earlier rows: 64 of them from the cursor, and the row appended.
+        let s = sweep.scope(200, 1);
+        assert_eq!(s.rows(201), Some(vec![0..64, 200..201]));
+        assert_eq!(sweep.scope(201, 1).rows(202), Some(vec![64..128, 201..202]));
+        // A cache that does not hold every position (a window; the stale-cache bug): whole.
+        assert_eq!(sweep.scope(202, 1).rows(150), None);
+    }
+
+    #[test]
+    fn the_sweep_reaches_every_earlier_row_within_its_bound_of_calls() {
+        for start in [65usize, 100, 1000, 4095] {
+            let mut sweep = Sweep::default();
+            let mut seen = vec![false; start + 64];
+            let calls = start.div_ceil(CACHE_SWEEP_ROWS);
+            for c in 0..calls {
+                let total = start + c + 1;
+                for r in sweep.scope(start + c, 1).rows(total).expect("in part") {
+                    r.for_each(|p| seen[p] = true);
+                }
+            }
+            assert!(seen[..start].iter().all(|&s| s), "start {start}: rows left after {calls} calls");
+        }
     }
 }

@@ -615,6 +615,17 @@ fn write_calls_note(o: &mut String, r: &RunResult) {
             s.calls.len()
         );
     }
+    // The positions before the last step: past CACHE_SWEEP_ROWS, steps compared caches in part.
+    let before_last: usize = r.steps.iter().rev().skip(1).map(|s| s.fed.len()).sum();
+    let caches = r.steps.iter().any(|s| s.references.iter().any(|x| x.sites.iter().any(|x| x.kind == crate::compare::tolerance::SiteKind::Cache)));
+    let sweep = crate::lockstep::step::CACHE_SWEEP_ROWS;
+    if caches && before_last > sweep {
+        let _ = writeln!(
+            o,
+            "caches: a step compares the rows it appended and {sweep} earlier rows in turn (each earlier row at least every {} steps); a step that fails or drifts is compared with every row.",
+            before_last.div_ceil(sweep)
+        );
+    }
 }
 
 /// The legend of the per-step table's columns (word-wrapped to the width).
