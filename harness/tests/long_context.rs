@@ -141,6 +141,42 @@ live_test! {
     }
 }
 
+live_test! {
+    /// A trace of a long call keeps its logits as their top entries (`@topk`: each earlier
+    /// row's 64 largest logits and log-sum-exp, the last row in full): SmolLM2's ~110-token
+    /// prefill against llama.cpp keeps its logits in under 1 MB (22 MB in full), and
+    /// replays without Python with every position's distribution judged.
+    fn a_long_calls_logits_are_traced_as_top_entries_and_replayed() {
+        let dir = tmp("topk-trace");
+        let prompt = "The capital of France is Paris. ".repeat(14);
+        let (code, out, err) = run(lockstep().current_dir(repo()).args([
+            "record", "--model", "smollm2", "--reference", "llamacpp", "--prompt", &prompt, "--steps", "2", "--name", "long",
+            "--out", dir.to_str().unwrap(),
+        ]));
+        assert_eq!(code, 0, "{out}\n{err}");
+        let json = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).expect("a trace");
+        let tensors = json.with_extension("safetensors");
+        let bytes = std::fs::read(&tensors).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        assert!(header.get("s000/logits").is_none(), "step 0's logits are not kept in full");
+        let at = header["s000/logits@topk"]["data_offsets"].as_array().expect("step 0's logits kept as top entries");
+        let size = at[1].as_u64().unwrap() - at[0].as_u64().unwrap();
+        assert!(size < 1 << 20, "{size} bytes for step 0's logits");
+        let (code, out, err, report) = json_of(
+            "run",
+            &["--model", "smollm2", "--reference", &format!("trace:{}", json.display()), "--prompt", &prompt, "--steps", "2"],
+            "topk-replay",
+        );
+        assert_eq!(code, 0, "{out}\n{err}");
+        let fed = report["steps"][0]["fed"].as_array().map_or(0, |f| f.len());
+        assert!(fed * 49152 > 1 << 22, "{fed} tokens: the logits must pass the size kept in full");
+        let r = &report["steps"][0]["references"][0];
+        let (kl_max, kl_last) = (r["kl_max_positions"].as_f64().unwrap(), r["logits"]["kl"].as_f64().unwrap());
+        assert!(kl_max > 0.0 && kl_max >= kl_last, "every position judged: max KL {kl_max}, last {kl_last}");
+    }
+}
+
 /// `--context` is checked against the run and the model before any reference loads; a piece
 /// of no tokens is refused. Exit 2 with the numbers.
 #[test]

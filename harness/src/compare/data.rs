@@ -1,7 +1,7 @@
 //! Borrowed tensor data (numpy memory, a trace's arrays, or a trace's sketch of a site) and
 //! the comparators of [`super::metrics`] dispatched over it.
 
-use super::metrics::{logit_metrics, tensor_metrics, LogitMetrics, TensorMetrics};
+use super::metrics::{logit_metrics, logit_metrics_topk, tensor_metrics, LogitMetrics, TensorMetrics};
 use super::sketch::{self, Sketch};
 
 /// A reference tensor's data, borrowed from numpy or a trace: float32, float64 from an f64
@@ -11,6 +11,57 @@ pub enum Data<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
     Sketch(&'a Sketch),
+    /// A trace's logits of a long call ([`TopKLogits`]): compared as a tensor through its
+    /// sketch, row by row through [`Data::slice`].
+    TopK(&'a TopKLogits),
+    /// Row `.1` of such logits, one kept as its top entries.
+    TopKRow(&'a TopKLogits, usize),
+}
+
+/// Logits of a call a trace keeps in part (`golden/trace.rs`, `@topk`): every row but the last
+/// as its [`TopKLogits::K`] largest logits (token ids, values) and the row's log-sum-exp, the
+/// last row (the next-token distribution the verdict reads) in full, and the sketch of the
+/// whole `(rows, vocab)` tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopKLogits {
+    pub rows: usize,
+    pub vocab: usize,
+    /// `(rows - 1) x (2K + 1)`: per row K token ids (as f32: exact below 2^24), their K
+    /// logits in decreasing order, the row's log-sum-exp.
+    pub top: Vec<f32>,
+    pub last: Vec<f64>,
+    pub sketch: Sketch,
+}
+
+impl TopKLogits {
+    /// Entries kept per earlier row.
+    pub const K: usize = 64;
+
+    /// Keeps `data` (`rows x vocab`, row-major) in part.
+    pub fn of<T: Copy + Into<f64>>(data: &[T], rows: usize, vocab: usize) -> TopKLogits {
+        let k = Self::K.min(vocab);
+        let mut top = Vec::with_capacity(rows.saturating_sub(1) * (2 * Self::K + 1));
+        for r in 0..rows.saturating_sub(1) {
+            let row: Vec<f64> = data[r * vocab..(r + 1) * vocab].iter().map(|&x| x.into()).collect();
+            let best = super::metrics::top_k(&row, k);
+            let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+            top.extend(best.iter().map(|&i| i as f32).chain(std::iter::repeat_n(-1.0, Self::K - k)));
+            top.extend(best.iter().map(|&i| row[i] as f32).chain(std::iter::repeat_n(f32::NEG_INFINITY, Self::K - k)));
+            top.push(lse as f32);
+        }
+        let last = data[rows.saturating_sub(1) * vocab..rows * vocab].iter().map(|&x| x.into()).collect();
+        TopKLogits { rows, vocab, top, last, sketch: Sketch::of(data) }
+    }
+
+    /// Row `r` (not the last): its token ids, logits and log-sum-exp.
+    pub fn row(&self, r: usize) -> (Vec<u32>, &[f32], f64) {
+        let w = 2 * Self::K + 1;
+        let v = &self.top[r * w..(r + 1) * w];
+        let ids: Vec<u32> = v[..Self::K].iter().take_while(|&&i| i >= 0.0).map(|&i| i as u32).collect();
+        let n = ids.len();
+        (ids, &v[Self::K..Self::K + n], v[2 * Self::K] as f64)
+    }
 }
 
 impl<'a> Data<'a> {
@@ -20,6 +71,12 @@ impl<'a> Data<'a> {
             Data::F32(x) => Sketch::of(x),
             Data::F64(x) => Sketch::of(x),
             Data::Sketch(s) => (*s).clone(),
+            Data::TopK(t) => t.sketch.clone(),
+            Data::TopKRow(t, r) => {
+                // Not compared as a tensor (a row of logits is compared as a distribution).
+                let (_, v, _) = t.row(*r);
+                Sketch::of(v)
+            }
         }
     }
 
@@ -28,17 +85,21 @@ impl<'a> Data<'a> {
         match self {
             Data::F32(d) => Some(d.to_vec()),
             Data::F64(d) => Some(d.iter().map(|&x| x as f32).collect()),
-            Data::Sketch(_) => None,
+            Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => None,
         }
     }
 
-    /// Rows `range` of a flat buffer. Only full tensors can be sliced (traces keep logits,
-    /// the one sliced site, in full).
+    /// Rows `range` of a flat buffer. Only full tensors and the logits of a trace can be
+    /// sliced, the latter by whole rows (logits are the one sliced site).
     pub fn slice(self, range: std::ops::Range<usize>) -> Data<'a> {
         match self {
             Data::F32(d) => Data::F32(&d[range]),
             Data::F64(d) => Data::F64(&d[range]),
-            Data::Sketch(_) => unreachable!("a sketch cannot be sliced; traces keep logits in full"),
+            Data::TopK(t) => match range.start / t.vocab.max(1) {
+                r if r + 1 == t.rows => Data::F64(&t.last),
+                r => Data::TopKRow(t, r),
+            },
+            Data::Sketch(_) | Data::TopKRow(..) => unreachable!("a sketch cannot be sliced; traces keep logits rows"),
         }
     }
 }
@@ -95,7 +156,7 @@ pub fn gather_rows(data: Data<'_>, shape: &[usize], rows: &[std::ops::Range<usiz
     match data {
         Data::F32(d) => Some(Values::F32(pick(d, heads, len, width, rows))),
         Data::F64(d) => Some(Values::F64(pick(d, heads, len, width, rows))),
-        Data::Sketch(_) => None,
+        Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => None,
     }
 }
 
@@ -126,7 +187,15 @@ pub fn logit_metrics_data(a: Data<'_>, b: Data<'_>) -> LogitMetrics {
         (F32(a), F64(b)) => logit_metrics(a, b),
         (F64(a), F32(b)) => logit_metrics(a, b),
         (F64(a), F64(b)) => logit_metrics(a, b),
-        (Sketch(_), _) | (_, Sketch(_)) => unreachable!("traces keep logits in full (checked when a trace is loaded)"),
+        (F32(a), TopKRow(t, r)) => {
+            let (ids, v, lse) = t.row(r);
+            logit_metrics_topk(a, &ids, v, lse)
+        }
+        (F64(a), TopKRow(t, r)) => {
+            let (ids, v, lse) = t.row(r);
+            logit_metrics_topk(a, &ids, v, lse)
+        }
+        _ => unreachable!("the engine's logits rows are in full; a trace's are rows (checked when a trace is loaded)"),
     }
 }
 

@@ -132,10 +132,70 @@ pub fn logit_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(engine: &[A], ref
     }
 }
 
+/// [`logit_metrics`] against a reference row kept as its top entries only (a trace of a long
+/// prefill, `golden/trace.rs`): `idx`/`logit` the reference's `idx.len()` largest logits, in
+/// order, and `lse` the log-sum-exp of its whole row. KL is taken over those tokens and the
+/// rest of the vocabulary as one outcome: a lower bound of the full KL (grouping outcomes
+/// never raises a KL), equal to it when the rest holds no mass on either side. The top-k
+/// overlap, top-1s, margins and Δp are exact while `idx.len() >= TOP_K`.
+pub fn logit_metrics_topk<A: Copy + Into<f64>>(engine: &[A], idx: &[u32], logit: &[f32], lse: f64) -> LogitMetrics {
+    let le = log_softmax(engine);
+    let lr: Vec<f64> = logit.iter().map(|&x| x as f64 - lse).collect();
+    let (mut kl, mut p_top, mut q_top) = (0.0f64, 0.0f64, 0.0f64);
+    for (&i, &r) in idx.iter().zip(&lr) {
+        let e = le[i as usize];
+        let p = r.exp();
+        if p > 0.0 {
+            kl += p * (r - e);
+        }
+        p_top += p;
+        q_top += e.exp();
+    }
+    let (p_rest, q_rest) = ((1.0 - p_top).max(0.0), (1.0 - q_top).max(f64::MIN_POSITIVE));
+    if p_rest > 0.0 {
+        kl += p_rest * (p_rest.ln() - q_rest.ln());
+    }
+    let te = top_k(&le, TOP_K.max(2));
+    let k = TOP_K.min(le.len()).min(idx.len().max(1));
+    let overlap = te[..k].iter().filter(|&&i| idx[..k].contains(&(i as u32))).count() as f64 / k.max(1) as f64;
+    let r0 = idx.first().copied().unwrap_or(0);
+    LogitMetrics {
+        kl: kl.max(0.0),
+        top_k_overlap: overlap,
+        k,
+        engine_top1: te[0] as u32,
+        reference_top1: r0,
+        top1_agree: te[0] as u32 == r0,
+        engine_margin: if te.len() >= 2 { le[te[0]] - le[te[1]] } else { f64::INFINITY },
+        reference_margin: if lr.len() >= 2 { lr[0] - lr[1] } else { f64::INFINITY },
+        delta_p: le[r0 as usize].exp() - lr.first().map_or(0.0, |r| r.exp()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_top_k_row_gives_the_full_rows_top1_and_a_kl_no_larger(e in vec_f32(64..200), r in vec_f32(64..200)) {
+            let n = e.len().min(r.len());
+            let (e, r) = (&e[..n], &r[..n]);
+            let full = logit_metrics(e, r);
+            let lr = log_softmax(r);
+            let top = top_k(&lr, 32);
+            let lse = r[top[0]] as f64 - lr[top[0]];
+            let idx: Vec<u32> = top.iter().map(|&i| i as u32).collect();
+            let logit: Vec<f32> = top.iter().map(|&i| r[i]).collect();
+            let t = logit_metrics_topk(e, &idx, &logit, lse);
+            prop_assert_eq!(t.reference_top1, full.reference_top1);
+            prop_assert_eq!(t.top1_agree, full.top1_agree);
+            prop_assert!(t.kl <= full.kl + 1e-9, "top-k KL {} above the full {}", t.kl, full.kl);
+            prop_assert!((t.delta_p - full.delta_p).abs() < 1e-9);
+            prop_assert!((t.top_k_overlap - full.top_k_overlap).abs() < 1e-12);
+        }
+    }
 
     fn vec_f32(n: std::ops::Range<usize>) -> impl Strategy<Value = Vec<f32>> {
         prop::collection::vec(-100.0f32..100.0, n)

@@ -243,7 +243,8 @@ fn reference_top_ids(r: &Reference, n: usize) -> Option<Vec<usize>> {
     let row: Vec<f64> = match d {
         Data::F32(x) => x[last].iter().map(|&v| v as f64).collect(),
         Data::F64(x) => x[last].to_vec(),
-        Data::Sketch(_) => return None,
+        Data::TopK(t) => t.last.clone(),
+        Data::Sketch(_) | Data::TopKRow(..) => return None,
     };
     Some(top_logprobs(&row, TOP_K).into_iter().map(|(i, _)| i).collect())
 }

@@ -7,7 +7,8 @@
 //! stores one trace per reference (`trace.rs` has the format).
 //!
 //! What is kept in full and what as a sketch ([`KeepPolicy`]): logits, caches, `embed` and
-//! `final_norm` always in full (caches as the rows each step appends); the sites of the
+//! `final_norm` always in full (caches as the rows each step appends; the logits of a call
+//! past `trace::LOGITS_IN_FULL` values as their top entries, `@topk`); the sites of the
 //! layers in `full_layers` in full, those of every other layer as sketches. The tiny
 //! fixture keeps every layer; SmolLM2 a few (see snapshots/traces/manifest.toml).
 //!
@@ -25,6 +26,7 @@ use crate::results::run::{RunResult};
 use crate::error::HarnessError;
 use crate::compare::Data;
 use crate::reference::{Backend, Reference, StepOutput};
+use crate::compare::data::TopKLogits;
 use crate::compare::sketch::{Sketch, K};
 use crate::compare::tolerance::SiteKind;
 use crate::golden::trace::{self, Form, Stored, TraceMeta};
@@ -92,7 +94,7 @@ fn copy_data(shape: &[usize], d: Data<'_>) -> Stored {
     match d {
         Data::F32(x) => Stored::F32 { shape: shape.to_vec(), data: x.to_vec() },
         Data::F64(x) => Stored::F64 { shape: shape.to_vec(), data: x.to_vec() },
-        Data::Sketch(_) => unreachable!("a live reference returns arrays"),
+        Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => unreachable!("a live reference returns arrays"),
     }
 }
 
@@ -183,7 +185,16 @@ impl Backend for Recorder {
                         "the {label} reference lists site `{site}` in describe() but step() did not return it"
                     )));
                 };
-                match self.policy.form(site) {
+                let long_logits = site == "logits" && shape.len() == 2 && shape[0] > 1 && shape[0] * shape[1] > trace::LOGITS_IN_FULL;
+                match if long_logits { Form::TopK } else { self.policy.form(site) } {
+                    Form::TopK => {
+                        full += 1;
+                        let t = match &data {
+                            Stored::F32 { data, .. } => TopKLogits::of(data, shape[0], shape[1]),
+                            Stored::F64 { data, .. } => TopKLogits::of(data, shape[0], shape[1]),
+                        };
+                        st.tensors.push((trace::tensor_name(step, site, Form::TopK), trace::topk_tensor(&t)));
+                    }
                     Form::Full => {
                         full += 1;
                         st.tensors.push((trace::tensor_name(step, site, Form::Full), data));

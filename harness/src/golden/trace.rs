@@ -16,7 +16,13 @@
 //!     (the recorder checks, bit for bit, that earlier rows did not change; if they did it
 //!     stores the whole cache as `sNNN/SITE`);
 //!   - `sNNN/SITE@sketch`: float64 `[ndim, dim_0.., sum_sq, max_abs, nonfinite, y_0..y_63]`,
-//!     the shape and the [`Sketch`] of a site kept as statistics only.
+//!     the shape and the [`Sketch`] of a site kept as statistics only;
+//!   - `sNNN/logits@topk`: the logits of a call of more than [`LOGITS_IN_FULL`] values (a long
+//!     prefill) as float64 `[rows, vocab, K, the earlier rows' tops, the last row, sketch]`:
+//!     each row but the last as its K = 64 largest logits (ids, values) and its log-sum-exp,
+//!     the last row (the next-token distribution) in full, the sketch of the whole tensor
+//!     ([`TopKLogits`]): every position's distribution is still judged on replay (KL over the
+//!     top 64 and the rest as one outcome, top-1, margins), the `logits` site through its sketch.
 //!
 //! A [`Replay`] answers the reference protocol from a trace: `encode_*` return the recorded
 //! ids for the recorded prompt, `step` returns the recorded tensors of the next step,
@@ -38,6 +44,7 @@ use std::any::Any;
 
 use crate::reference::{Backend, Description, RefSpec, Reference, SiteArrays, StepOutput};
 use crate::paths::{data_dir, venv_dir};
+use crate::compare::data::TopKLogits;
 use crate::compare::sketch::{Sketch, K};
 
 pub const FORMAT: &str = "lockstep-trace/1";
@@ -308,12 +315,13 @@ pub enum SiteData {
     F32 { shape: Vec<usize>, data: Vec<f32> },
     F64 { shape: Vec<usize>, data: Vec<f64> },
     Sketch { shape: Vec<usize>, sketch: Sketch },
+    TopK { shape: Vec<usize>, logits: TopKLogits },
 }
 
 impl SiteData {
     pub fn shape(&self) -> &[usize] {
         match self {
-            SiteData::F32 { shape, .. } | SiteData::F64 { shape, .. } | SiteData::Sketch { shape, .. } => shape,
+            SiteData::F32 { shape, .. } | SiteData::F64 { shape, .. } | SiteData::Sketch { shape, .. } | SiteData::TopK { shape, .. } => shape,
         }
     }
 }
@@ -330,6 +338,7 @@ impl SiteArrays for TraceStep {
             SiteData::F32 { shape, data } => (shape, Data::F32(data)),
             SiteData::F64 { shape, data } => (shape, Data::F64(data)),
             SiteData::Sketch { shape, sketch } => (shape, Data::Sketch(sketch)),
+            SiteData::TopK { shape, logits } => (shape, Data::TopK(logits)),
         })
     }
 
@@ -366,11 +375,41 @@ pub fn sketch_tensor(shape: &[usize], s: &Sketch) -> Stored {
     Stored::F64 { shape: vec![v.len()], data: v }
 }
 
+/// Logits of a call up to this many values are kept in full; more (a long prefill's rows of a
+/// large vocabulary) as [`Form::TopK`]: 4M values, 16 MB in f32.
+pub const LOGITS_IN_FULL: usize = 1 << 22;
+
+/// The stored form of logits kept in part (see the module doc).
+pub fn topk_tensor(t: &TopKLogits) -> Stored {
+    let mut v = vec![t.rows as f64, t.vocab as f64, TopKLogits::K as f64];
+    v.extend(t.top.iter().map(|&x| x as f64));
+    v.extend(&t.last);
+    v.extend(t.sketch.to_vec());
+    Stored::F64 { shape: vec![v.len()], data: v }
+}
+
+fn decode_topk(v: &[f64]) -> Option<SiteData> {
+    let (rows, vocab, k) = (*v.first()? as usize, *v.get(1)? as usize, *v.get(2)? as usize);
+    let w = 2 * TopKLogits::K + 1;
+    if k != TopKLogits::K || rows == 0 || v.len() != 3 + (rows - 1) * w + vocab + 3 + K {
+        return None;
+    }
+    let top: Vec<f32> = v[3..3 + (rows - 1) * w].iter().map(|&x| x as f32).collect();
+    let at = 3 + (rows - 1) * w;
+    let ids_ok = top.chunks(w).all(|r| r[..TopKLogits::K].iter().all(|&i| i == -1.0 || (i >= 0.0 && (i as usize) < vocab && i.fract() == 0.0)));
+    if !ids_ok {
+        return None;
+    }
+    let logits = TopKLogits { rows, vocab, top, last: v[at..at + vocab].to_vec(), sketch: Sketch::from_slice(&v[at + vocab..])? };
+    Some(SiteData::TopK { shape: vec![rows, vocab], logits })
+}
+
 pub fn tensor_name(step: usize, site: &str, form: Form) -> String {
     let suffix = match form {
         Form::Full => "",
         Form::NewRows => "@new",
         Form::Sketch => "@sketch",
+        Form::TopK => "@topk",
     };
     format!("s{step:03}/{site}{suffix}")
 }
@@ -380,6 +419,8 @@ pub enum Form {
     Full,
     NewRows,
     Sketch,
+    /// Logits of a long call: [`TopKLogits`].
+    TopK,
 }
 
 fn parse_name(name: &str) -> Option<(usize, &str, Form)> {
@@ -390,6 +431,8 @@ fn parse_name(name: &str) -> Option<(usize, &str, Form)> {
         (step, s, Form::NewRows)
     } else if let Some(s) = site.strip_suffix("@sketch") {
         (step, s, Form::Sketch)
+    } else if let Some(s) = site.strip_suffix("@topk") {
+        (step, s, Form::TopK)
     } else {
         (step, site, Form::Full)
     })
@@ -529,6 +572,13 @@ impl Trace {
                         }
                         let v = f64s(view.dtype(), view.data()).map_err(|m| bad(format!("{site}@sketch at step {n}: {m}")))?;
                         decode_sketch(&v).ok_or_else(|| bad(format!("{site}@sketch at step {n}: malformed sketch")))?
+                    }
+                    Form::TopK => {
+                        if site != "logits" {
+                            return Err(bad(format!("{site}@topk at step {n}: only logits are kept as their top entries")));
+                        }
+                        let v = f64s(view.dtype(), view.data()).map_err(|m| bad(format!("{site}@topk at step {n}: {m}")))?;
+                        decode_topk(&v).ok_or_else(|| bad(format!("{site}@topk at step {n}: malformed")))?
                     }
                 };
                 step.sites.insert(site.clone(), data);
@@ -907,7 +957,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for form in [Form::Full, Form::NewRows, Form::Sketch] {
+        for form in [Form::Full, Form::NewRows, Form::Sketch, Form::TopK] {
             let n = tensor_name(7, "layers.12.cache_k", form);
             assert_eq!(parse_name(&n), Some((7, "layers.12.cache_k", form)));
         }
@@ -922,6 +972,31 @@ mod tests {
         assert_eq!(shape, vec![2, 2, 2]);
         assert_eq!(out, f(&[1., 2., 5., 6., 3., 4., 7., 8.]));
         assert!(append_rows(&[2, 1, 2], &f(&[1., 2., 3., 4.]), &[3, 1, 2], &f(&[0.; 6]), safetensors::Dtype::F32).is_err());
+    }
+
+    #[test]
+    fn logits_kept_as_top_entries_decode_and_judge_every_row() {
+        // 3 rows of a 100-token vocabulary; the reference's row 0 peaks at token 7.
+        let (rows, vocab) = (3, 100);
+        let reference: Vec<f32> = (0..rows * vocab).map(|i| if i == 7 { 9.0 } else { ((i * 37) % 11) as f32 * 0.1 }).collect();
+        let t = TopKLogits::of(&reference, rows, vocab);
+        let Stored::F64 { data, .. } = topk_tensor(&t) else { panic!() };
+        let Some(SiteData::TopK { shape, logits }) = decode_topk(&data) else { panic!("decodes") };
+        assert_eq!((shape, &logits), (vec![rows, vocab], &t));
+        let d = Data::TopK(&logits);
+        // Row 0 is judged from its top entries: the engine agrees, then moves token 7's mass.
+        let same = crate::compare::logit_metrics_data(Data::F32(&reference[..vocab]), d.slice(0..vocab));
+        assert!(same.top1_agree && same.reference_top1 == 7 && same.kl < 1e-9, "{same:?}");
+        let mut moved = reference[..vocab].to_vec();
+        moved[7] = 0.0;
+        let off = crate::compare::logit_metrics_data(Data::F32(&moved), d.slice(0..vocab));
+        assert!(!off.top1_agree && off.kl > 1.0, "{off:?}");
+        // The last row is kept in full.
+        assert!(matches!(d.slice(2 * vocab..3 * vocab), Data::F64(x) if x.len() == vocab && x[0] == reference[2 * vocab] as f64));
+        // A token id out of the vocabulary is a malformed trace, not a panic later.
+        let mut bad = data.clone();
+        bad[3] = 1e6;
+        assert!(decode_topk(&bad).is_none());
     }
 
     #[test]

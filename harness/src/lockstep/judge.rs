@@ -104,7 +104,7 @@ impl Judge {
         let r: Vec<f64> = match rdata {
             Data::F32(x) => x.iter().map(|&v| v as f64).collect(),
             Data::F64(x) => x.to_vec(),
-            Data::Sketch(_) => return None,
+            Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => return None,
         };
         match leaf {
             "router" if self.top_k > 0 => Some(routing::compare_router(&es.data.to_f64(), &r, n, self.top_k)),

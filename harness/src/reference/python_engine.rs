@@ -73,7 +73,7 @@ impl PyEngine {
                     Ok(match data {
                         Data::F32(d) => Tensor::from_slice(d, shape, &Device::Cpu)?,
                         Data::F64(d) => Tensor::from_slice(d, shape, &Device::Cpu)?,
-                        Data::Sketch(_) => {
+                        Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => {
                             return Err(HarnessError::Python(format!("{}: site `{}` is a sketch, not an array", self.label, site.name)))
                         }
                     })

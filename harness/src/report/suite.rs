@@ -13,7 +13,8 @@
 //! model = "tiny"           # a --model argument: alias or path
 //! references = ["transformers", "mlx"]
 //! weights = "default"      # default | quantized | dequant
-//! chat = "What is the capital of France?"   # or prompt = "..."
+//! chat = "What is the capital of France?"   # or prompt = "...", or prompt_file = "PATH"
+//!                          # (a plain prompt read from PATH, relative to the suite's file)
 //! sampler = "temp=0.8,top_p=0.95,seed=0"     # omitted: greedy
 //! steps = 12
 //! tolerance = "default"    # default | strict (a drift counts as a divergence)
@@ -76,6 +77,10 @@ pub struct CaseDef {
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat: Option<String>,
+    /// A plain prompt read from this file (relative to the suite's file); `prompt` holds its
+    /// text once the suite is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<String>,
     pub steps: usize,
@@ -125,6 +130,7 @@ struct MatrixPrompt {
     name: String,
     prompt: Option<String>,
     chat: Option<String>,
+    prompt_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,9 +171,10 @@ impl CaseDef {
     /// One line of `lockstep report --list`: name, model, weights, references, prompt,
     /// steps, sampler, tolerance, fault and adapter.
     pub fn list_line(&self) -> String {
-        let what = match (&self.chat, &self.prompt) {
-            (Some(ch), _) => format!("chat {ch:?}"),
-            (None, Some(p)) => format!("prompt {p:?}"),
+        let what = match (&self.chat, &self.prompt_file, &self.prompt) {
+            (Some(ch), _, _) => format!("chat {ch:?}"),
+            (None, Some(f), p) => format!("prompt_file {f:?}{}", p.as_ref().map(|p| format!(" ({} characters)", p.chars().count())).unwrap_or_default()),
+            (None, None, Some(p)) => format!("prompt {p:?}"),
             _ => String::new(),
         };
         format!(
@@ -207,6 +214,20 @@ impl CaseDef {
         crate::checks::genconfig::sha12(&format!("{}\n{text}", env!("CARGO_PKG_VERSION")))
     }
 
+    /// Reads `prompt_file` (relative to the suite's file `file`) into `prompt`.
+    fn read_prompt_file(&mut self, file: &Path) -> Result<(), HarnessError> {
+        let Some(f) = &self.prompt_file else { return Ok(()) };
+        let path = file.parent().unwrap_or(Path::new(".")).join(f);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            HarnessError::Usage(format!("{}: case `{}`: prompt_file {}: {e}", file.display(), self.name, path.display()))
+        })?;
+        if text.trim().is_empty() {
+            return Err(HarnessError::Usage(format!("{}: case `{}`: prompt_file {} is empty", file.display(), self.name, path.display())));
+        }
+        self.prompt = Some(text.trim_end().to_string());
+        Ok(())
+    }
+
     fn validate(&self, file: &Path) -> Result<(), HarnessError> {
         let bad = |msg: String| HarnessError::Usage(format!("{}: case `{}`: {msg}", file.display(), self.name));
         let name_ok = !self.name.is_empty()
@@ -214,8 +235,8 @@ impl CaseDef {
         if !name_ok {
             return Err(bad("names are lowercase letters, digits, `-`, `_` and `.` (they name files)".into()));
         }
-        if self.prompt.is_some() == self.chat.is_some() {
-            return Err(bad("give exactly one of `prompt` and `chat`".into()));
+        if [self.prompt.is_some(), self.chat.is_some(), self.prompt_file.is_some()].iter().filter(|&&x| x).count() != 1 {
+            return Err(bad("give exactly one of `prompt`, `chat` and `prompt_file`".into()));
         }
         if self.steps == 0 {
             return Err(bad("`steps` must be at least 1".into()));
@@ -280,6 +301,7 @@ impl MatrixDef {
                                 weights: weights.clone(),
                                 prompt: p.prompt.clone(),
                                 chat: p.chat.clone(),
+                                prompt_file: p.prompt_file.clone(),
                                 sampler: s.spec.clone(),
                                 steps: self.steps,
                                 tolerance: self.tolerance.clone(),
@@ -352,8 +374,9 @@ impl Suite {
             return Err(HarnessError::Suite { path: path.display().to_string(), message: "the suite has no cases".into() });
         }
         let mut seen = BTreeSet::new();
-        for c in &cases {
+        for c in &mut cases {
             c.validate(path)?;
+            c.read_prompt_file(path)?;
             if !seen.insert(c.name.clone()) {
                 return Err(HarnessError::Suite { path: path.display().to_string(), message: format!("two cases are named `{}`", c.name) });
             }
@@ -388,6 +411,24 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prompt_file_is_read_relative_to_the_suite_and_a_missing_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("lockstep-suite-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("prompts")).unwrap();
+        std::fs::write(dir.join("prompts/long.txt"), "a long prompt\n").unwrap();
+        let text = |f: &str| format!("[suite]\nname='t'\n[[matrix]]\nname='m'\nmodels=['tiny']\nreferences=['transformers']\nprompts=[{{ name='long', prompt_file='{f}' }}]\nsteps=2\n");
+        std::fs::write(dir.join("s.toml"), text("prompts/long.txt")).unwrap();
+        let s = Suite::load(&dir.join("s.toml")).unwrap();
+        assert_eq!(s.cases[0].prompt.as_deref(), Some("a long prompt"));
+        assert!(s.cases[0].list_line().contains("prompt_file \"prompts/long.txt\" (13 characters)"), "{}", s.cases[0].list_line());
+        std::fs::write(dir.join("s.toml"), text("prompts/none.txt")).unwrap();
+        let e = Suite::load(&dir.join("s.toml")).unwrap_err().to_string();
+        assert!(e.contains("prompt_file") && e.contains("none.txt"), "{e}");
+        let both = "[suite]\nname='t'\n[[case]]\nname='a'\nmodel='tiny'\nprompt='x'\nprompt_file='y'\nreferences=['transformers']\nsteps=2\n";
+        assert!(Suite::parse(both, Path::new("x.toml")).unwrap_err().to_string().contains("exactly one of"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn matrix_expands_and_names_cases() {
