@@ -225,6 +225,10 @@ fn chunk_rows(nh: usize, total: usize) -> usize {
 /// `k`, `v (nkv, total, hd)`, query row `i` seeing the keys `mask` says; returns
 /// `(nh, seq, hd)`. Query head `h` reads KV head `mapping.kv_head(h)`.
 ///
+/// `k`, `v` may be stored in another dtype than `q` (an f16 cache, [`crate::KvDtype`]): a
+/// one-row f32 step reads them in place, converting each element as it is read; a longer step
+/// converts the key columns a chunk of rows sees.
+///
 /// A one-row step (decode) reads the cache in place ([`fast::attention_one_row`] in f32). A
 /// longer step runs its query rows in chunks: each chunk multiplies only the key columns its
 /// rows can see and masks them with its own block of the mask ([`Mask::block`]), so neither a
@@ -262,6 +266,10 @@ fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64,
         let (first, last) = (mask.visible(r0, total), mask.visible(r0 + c - 1, total));
         let (lo, hi) = (first.start.min(last.start), first.end.max(last.end));
         let (kc, vc) = (k.narrow(1, lo, hi - lo)?, v.narrow(1, lo, hi - lo)?);
+        let (kc, vc) = match kc.dtype() == q.dtype() {
+            true => (kc, vc),
+            false => (kc.to_dtype(q.dtype())?, vc.to_dtype(q.dtype())?),
+        };
         let qc = if c == seq { q.clone() } else { q.narrow(1, r0, c)?.contiguous()? };
         let qg = qc.reshape((nkv, n_rep * c, hd))?;
         let scores = qg.matmul(&kc.t()?)?; // (nkv, n_rep*c, hi-lo), unscaled
@@ -296,7 +304,8 @@ fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Mask, scale: f64,
 pub mod fast {
     use std::ops::Range;
 
-    use candle_core::{Storage, Tensor, D};
+    use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+    use half::f16;
     use rayon::prelude::*;
 
     use crate::error::Result;
@@ -364,26 +373,63 @@ pub mod fast {
     /// as `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`, then the tail: the order in
     /// which `avx2::scores` sums its registers (the two give the same bits).
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
+    fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
         let mut s = [0f32; 8];
         let full = a.len() / 8 * 8;
         for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
             for l in 0..8 {
-                s[l] += x[l] * y[l];
+                s[l] += x[l] * y[l].to_f32();
             }
         }
         let head = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-        head + a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum::<f32>()
+        head + a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y.to_f32()).sum::<f32>()
     }
 
-    /// The f32 elements of `t (a, b, c)` in place: the storage slice, its start and the strides
-    /// of the first two dimensions, when the last one is contiguous (`None` otherwise).
-    fn with_rows<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, usize, usize) -> R) -> Result<Option<R>> {
-        let (storage, layout) = t.storage_and_layout();
-        let stride = layout.stride();
-        match (&*storage, stride) {
-            (Storage::Cpu(cpu), &[s0, s1, 1]) => Ok(Some(f(cpu.as_slice::<f32>()?, layout.start_offset(), s0, s1))),
-            _ => Ok(None),
+    /// An element of a K/V buffer the decode kernels read in place: f32, or f16 (an f16 cache,
+    /// [`crate::KvDtype::F16`]) widened to f32 as it is read, exactly (every f16 is an f32).
+    /// The only thing the kernels do differently for the two.
+    pub trait KvElem: Copy + Send + Sync + 'static {
+        /// Whether the element is an f16 (the AVX2 kernels widen 8 at a time with F16C).
+        const F16: bool;
+        fn to_f32(self) -> f32;
+    }
+
+    impl KvElem for f32 {
+        const F16: bool = false;
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl KvElem for f16 {
+        const F16: bool = true;
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            f16::to_f32(self)
+        }
+    }
+
+    /// A `(heads, rows, hd)` tensor's elements where they are: the storage slice, its start and
+    /// the strides of the first two dimensions (the last one contiguous).
+    struct InPlace<'a, T> {
+        data: &'a [T],
+        start: usize,
+        head_stride: usize,
+        row_stride: usize,
+    }
+
+    impl<'a, T> InPlace<'a, T> {
+        fn of(cpu: &'a [T], layout: &candle_core::Layout) -> Option<Self> {
+            match layout.stride() {
+                &[s0, s1, 1] => Some(Self { data: cpu, start: layout.start_offset(), head_stride: s0, row_stride: s1 }),
+                _ => None,
+            }
+        }
+
+        /// The rows of KV head `g`.
+        fn head(&self, g: usize) -> Rows<'a, T> {
+            Rows { data: self.data, base: self.start + g * self.head_stride, stride: self.row_stride }
         }
     }
 
@@ -410,59 +456,95 @@ pub mod fast {
         let (nh, _, hd) = q.dims3()?;
         let nkv = k.dims3()?.0;
         let qs = data(q)?;
-        let scale = scale as f32;
-        let n = cols.len();
         // The query heads of each KV head.
         let groups: Vec<Vec<usize>> = (0..nkv).map(|g| (0..nh).filter(|&h| kv_head(h) == g).collect()).collect();
-        let blocks = n.div_ceil(KEY_BLOCK).max(1);
-        let mut out = vec![0f32; nh * hd];
-        let done = with_rows(k, |ks, k0, ks0, ks1| {
-            with_rows(v, |vs, v0, vs0, vs1| {
-                let task = |i: usize, p: &mut Vec<f32>| {
-                    let (g, b) = (i / blocks, i % blocks);
-                    let t0 = cols.start + b * KEY_BLOCK;
-                    let t1 = (t0 + KEY_BLOCK).min(cols.end);
-                    let kr = Rows { data: ks, base: k0 + g * ks0, stride: ks1 };
-                    let vr = Rows { data: vs, base: v0 + g * vs0, stride: vs1 };
-                    one_row_block(&groups[g], &qs, hd, kr, vr, t0..t1, scale, p)
-                };
-                let tasks = nkv * blocks;
-                let parts: Vec<Part> = if n * nh * hd >= PARALLEL_WORK && rayon::current_num_threads() > 1 {
-                    (0..tasks).into_par_iter().map_init(|| Vec::with_capacity(KEY_BLOCK.min(n) * nh), |p, i| task(i, p)).collect()
-                } else {
-                    let mut p = Vec::with_capacity(KEY_BLOCK.min(n) * nh);
-                    (0..tasks).map(|i| task(i, &mut p)).collect()
-                };
-                for (g, heads) in groups.iter().enumerate() {
-                    combine(heads, &parts[g * blocks..(g + 1) * blocks], hd, &mut out);
+        let one = OneRow { qs: &qs, nh, hd, groups: &groups, cols: cols.clone(), scale: scale as f32 };
+        let done = {
+            let ((ks, kl), (vs, vl)) = (k.storage_and_layout(), v.storage_and_layout());
+            match (&*ks, &*vs) {
+                (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => {
+                    InPlace::of(kd.as_slice(), kl).zip(InPlace::of(vd.as_slice(), vl)).map(|(k, v)| one.run(k, v))
                 }
-            })
-        })?;
-        if done.transpose()?.flatten().is_none() {
-            // Another layout: the same on a contiguous copy of the visible rows.
-            if k.is_contiguous() && v.is_contiguous() && cols == (0..k.dim(1)?) {
-                return Err(candle_core::Error::Msg("the one-row attention runs on f32 CPU tensors".into()).into());
+                (Storage::Cpu(CpuStorage::F16(kd)), Storage::Cpu(CpuStorage::F16(vd))) => {
+                    InPlace::of(kd.as_slice(), kl).zip(InPlace::of(vd.as_slice(), vl)).map(|(k, v)| one.run(k, v))
+                }
+                _ => None,
             }
-            let (k, v) = (k.narrow(1, cols.start, n)?.contiguous()?, v.narrow(1, cols.start, n)?.contiguous()?);
-            return attention_one_row(q, &k, &v, 0..n, scale as f64, kv_head);
+        };
+        match done {
+            Some(out) => Ok(Tensor::from_vec(out, (nh, 1, hd), q.device())?),
+            None => {
+                // Another layout or dtype: the same on a contiguous f32 copy of the visible rows.
+                let f32_whole = |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous();
+                if f32_whole(k) && f32_whole(v) && cols == (0..k.dim(1)?) {
+                    return Err(candle_core::Error::Msg("the one-row attention runs on f32 or f16 CPU tensors".into()).into());
+                }
+                let n = cols.len();
+                let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, cols.start, n)?.to_dtype(DType::F32)?.contiguous()?) };
+                attention_one_row(q, &copy(k)?, &copy(v)?, 0..n, scale, kv_head)
+            }
         }
-        Ok(Tensor::from_vec(out, (nh, 1, hd), q.device())?)
+    }
+
+    /// [`attention_one_row`]'s arguments, for K and V read in place as `T`.
+    struct OneRow<'a> {
+        qs: &'a [f32],
+        nh: usize,
+        hd: usize,
+        groups: &'a [Vec<usize>],
+        cols: Range<usize>,
+        scale: f32,
+    }
+
+    impl OneRow<'_> {
+        /// `out (nh, hd)`.
+        fn run<T: KvElem>(&self, k: InPlace<T>, v: InPlace<T>) -> Vec<f32> {
+            let (nh, hd, cols) = (self.nh, self.hd, self.cols.clone());
+            let nkv = self.groups.len();
+            let n = cols.len();
+            let blocks = n.div_ceil(KEY_BLOCK).max(1);
+            let task = |i: usize, p: &mut Vec<f32>| {
+                let (g, b) = (i / blocks, i % blocks);
+                let t0 = cols.start + b * KEY_BLOCK;
+                let t1 = (t0 + KEY_BLOCK).min(cols.end);
+                one_row_block(&self.groups[g], self.qs, hd, k.head(g), v.head(g), t0..t1, self.scale, p)
+            };
+            let tasks = nkv * blocks;
+            let parts: Vec<Part> = if n * nh * hd >= PARALLEL_WORK && rayon::current_num_threads() > 1 {
+                (0..tasks).into_par_iter().map_init(|| Vec::with_capacity(KEY_BLOCK.min(n) * nh), |p, i| task(i, p)).collect()
+            } else {
+                let mut p = Vec::with_capacity(KEY_BLOCK.min(n) * nh);
+                (0..tasks).map(|i| task(i, &mut p)).collect()
+            };
+            let mut out = vec![0f32; nh * hd];
+            for (g, heads) in self.groups.iter().enumerate() {
+                combine(heads, &parts[g * blocks..(g + 1) * blocks], hd, &mut out);
+            }
+            out
+        }
     }
 
     /// Keys per block of a decode step's attention.
     pub const KEY_BLOCK: usize = 512;
 
     /// Rows of one KV head in a storage slice: row `t` is `data[base + t * stride..][..hd]`.
-    #[derive(Clone, Copy)]
-    struct Rows<'a> {
-        data: &'a [f32],
+    struct Rows<'a, T> {
+        data: &'a [T],
         base: usize,
         stride: usize,
     }
 
-    impl Rows<'_> {
+    impl<T> Clone for Rows<'_, T> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+
+    impl<T> Copy for Rows<'_, T> {}
+
+    impl<T> Rows<'_, T> {
         #[inline(always)]
-        fn row(&self, t: usize, hd: usize) -> &[f32] {
+        fn row(&self, t: usize, hd: usize) -> &[T] {
             let at = self.base + t * self.stride;
             &self.data[at..at + hd]
         }
@@ -477,21 +559,22 @@ pub mod fast {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn one_row_block(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+    fn one_row_block<T: KvElem>(heads: &[usize], qs: &[f32], hd: usize, k: Rows<T>, v: Rows<T>, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked); the body is the plain Rust below.
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the body is the plain Rust below.
             return unsafe { one_row_block_avx2(heads, qs, hd, k, v, keys, scale, p) };
         }
         one_row_block_impl(heads, qs, hd, k, v, keys, scale, p)
     }
 
     /// [`one_row_block_impl`] with AVX2 registers: the same operations in the same order (a
-    /// multiply then an add, never fused), so the same bits.
+    /// multiply then an add, never fused), so the same bits (an f16 element widened by F16C,
+    /// exactly as `f16::to_f32`).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn one_row_block_avx2(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+    unsafe fn one_row_block_avx2<T: KvElem>(heads: &[usize], qs: &[f32], hd: usize, k: Rows<T>, v: Rows<T>, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
         if hd % 8 != 0 {
             return one_row_block_impl(heads, qs, hd, k, v, keys, scale, p);
         }
@@ -504,9 +587,9 @@ pub mod fast {
             let q = |j: usize| &qs[heads[(i + j).min(r - 1)] * hd..][..hd];
             let [p0, p1, p2] = avx2::split3(&mut p[i * n..], n);
             match r - i {
-                1 => avx2::scores::<1>([q(0), q(0), q(0)], k, keys.clone(), scale, [p0, &mut [], &mut []]),
-                2 => avx2::scores::<2>([q(0), q(1), q(1)], k, keys.clone(), scale, [p0, p1, &mut []]),
-                _ => avx2::scores::<3>([q(0), q(1), q(2)], k, keys.clone(), scale, [p0, p1, p2]),
+                1 => avx2::scores::<1, T>([q(0), q(0), q(0)], k, keys.clone(), scale, [p0, &mut [], &mut []]),
+                2 => avx2::scores::<2, T>([q(0), q(1), q(1)], k, keys.clone(), scale, [p0, p1, &mut []]),
+                _ => avx2::scores::<3, T>([q(0), q(1), q(2)], k, keys.clone(), scale, [p0, p1, p2]),
             }
             i += 3;
         }
@@ -517,9 +600,9 @@ pub mod fast {
             let w = |j: usize| &p[(i + j).min(r - 1) * n..][..n];
             let [o0, o1, o2] = avx2::split3(&mut out[i * hd..], hd);
             match r - i {
-                1 => avx2::weighted_sum::<1>([w(0), w(0), w(0)], v, keys.start, [o0, &mut [], &mut []]),
-                2 => avx2::weighted_sum::<2>([w(0), w(1), w(1)], v, keys.start, [o0, o1, &mut []]),
-                _ => avx2::weighted_sum::<3>([w(0), w(1), w(2)], v, keys.start, [o0, o1, o2]),
+                1 => avx2::weighted_sum::<1, T>([w(0), w(0), w(0)], v, keys.start, [o0, &mut [], &mut []]),
+                2 => avx2::weighted_sum::<2, T>([w(0), w(1), w(1)], v, keys.start, [o0, o1, &mut []]),
+                _ => avx2::weighted_sum::<3, T>([w(0), w(1), w(2)], v, keys.start, [o0, o1, o2]),
             }
             i += 3;
         }
@@ -530,7 +613,16 @@ pub mod fast {
     mod avx2 {
         use std::arch::x86_64::*;
 
-        use super::Rows;
+        use super::{KvElem, Rows};
+
+        /// Eight elements at `p` as f32 (an f16 widened with F16C's `vcvtph2ps`).
+        #[inline(always)]
+        unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
+            match T::F16 {
+                true => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                false => _mm256_loadu_ps(p as *const f32),
+            }
+        }
 
         /// The first three rows of `n` elements of `p` (empty past its end).
         pub fn split3(p: &mut [f32], n: usize) -> [&mut [f32]; 3] {
@@ -544,9 +636,9 @@ pub mod fast {
         /// ([`super::dot`]'s bits; `q[i].len()` a multiple of 8), four keys at a time: each K
         /// chunk loaded once for the `R` heads, the four keys' accumulators reduced together.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::needless_range_loop)]
-        pub unsafe fn scores<const R: usize>(q: [&[f32]; 3], k: Rows, keys: std::ops::Range<usize>, scale: f32, out: [&mut [f32]; 3]) {
+        pub unsafe fn scores<const R: usize, T: KvElem>(q: [&[f32]; 3], k: Rows<T>, keys: std::ops::Range<usize>, scale: f32, out: [&mut [f32]; 3]) {
             let hd = q[0].len();
             let n = keys.len();
             assert!(R <= 3 && hd % 8 == 0 && (n == 0 || k.base + (keys.end - 1) * k.stride + hd <= k.data.len()));
@@ -561,7 +653,7 @@ pub mod fast {
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
                 for c in (0..hd).step_by(8) {
                     for t in 0..4 {
-                        let kc = _mm256_loadu_ps(kp.add((j + t) * k.stride + c));
+                        let kc = load8(kp.add((j + t) * k.stride + c));
                         for i in 0..R {
                             acc[i][t] = _mm256_add_ps(acc[i][t], _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), kc));
                         }
@@ -581,7 +673,7 @@ pub mod fast {
                 for i in 0..R {
                     let mut a = _mm256_setzero_ps();
                     for c in (0..hd).step_by(8) {
-                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), _mm256_loadu_ps(kp.add(j * k.stride + c))));
+                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), load8(kp.add(j * k.stride + c))));
                     }
                     let t = _mm256_hadd_ps(a, a); // s01 s23 . . | s45 s67 . .
                     let u = _mm256_hadd_ps(t, t); // s0123 ... | s4567 ...
@@ -596,8 +688,8 @@ pub mod fast {
         /// multiple of 8), over `j` in order for each element: 32 elements of the `R` heads
         /// at a time, accumulated in registers, each V row chunk read for all of them.
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn weighted_sum<const R: usize>(w: [&[f32]; 3], v: Rows, t0: usize, o: [&mut [f32]; 3]) {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn weighted_sum<const R: usize, T: KvElem>(w: [&[f32]; 3], v: Rows<T>, t0: usize, o: [&mut [f32]; 3]) {
             let hd = o[0].len();
             let n = w[0].len();
             assert!(R <= 3 && hd % 8 == 0 && (n == 0 || v.base + (t0 + n - 1) * v.stride + hd <= v.data.len()));
@@ -620,7 +712,7 @@ pub mod fast {
                         for i in 0..R {
                             let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
                             for (r, a) in acc[i].iter_mut().enumerate() {
-                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, _mm256_loadu_ps(row.add(8 * r))));
+                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, load8(row.add(8 * r))));
                             }
                         }
                     }
@@ -630,7 +722,7 @@ pub mod fast {
                         for i in 0..R {
                             let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
                             for (r, a) in acc[i].iter_mut().enumerate().take(width) {
-                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, _mm256_loadu_ps(row.add(8 * r))));
+                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, load8(row.add(8 * r))));
                             }
                         }
                     }
@@ -649,12 +741,13 @@ pub mod fast {
     fn avx2() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        // Every CPU with AVX2 has F16C (which came before it); checked all the same.
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
     }
 
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn one_row_block_impl(heads: &[usize], qs: &[f32], hd: usize, k: Rows, v: Rows, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
+    fn one_row_block_impl<T: KvElem>(heads: &[usize], qs: &[f32], hd: usize, k: Rows<T>, v: Rows<T>, keys: Range<usize>, scale: f32, p: &mut Vec<f32>) -> Part {
         let (r, n) = (heads.len(), keys.len());
         p.clear();
         p.resize(r * n, 0.0);
@@ -673,7 +766,7 @@ pub mod fast {
             for (i, o) in out.chunks_mut(hd).enumerate() {
                 let w = p[i * n + j];
                 for (od, &vd) in o.iter_mut().zip(vt) {
-                    *od += w * vd;
+                    *od += w * vd.to_f32();
                 }
             }
         }
@@ -757,6 +850,20 @@ pub mod fast {
                 // SAFETY: AVX2 checked above.
                 let b = unsafe { one_row_block_avx2(heads, &qs, hd, k, v, keys.clone(), 0.3, &mut p2) };
                 assert_eq!(p1, p2, "scores, hd {hd}");
+                // An f16 cache: the plain and AVX2 (F16C) blocks over the f16 rows give the bits
+                // of the plain block over f32 rows holding the same (rounded) values.
+                let (k16, v16): (Vec<f16>, Vec<f16>) = (ks.iter().map(|&x| f16::from_f32(x)).collect(), vs.iter().map(|&x| f16::from_f32(x)).collect());
+                let (kr, vr): (Vec<f32>, Vec<f32>) = (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+                let (mut p3, mut p4, mut p5) = (vec![], vec![], vec![]);
+                let rounded = one_row_block_impl(heads, &qs, hd, Rows { data: &kr, ..k }, Rows { data: &vr, ..v }, keys.clone(), 0.3, &mut p3);
+                let plain = one_row_block_impl(heads, &qs, hd, Rows { data: &k16, base: 5, stride }, Rows { data: &v16, base: 3, stride }, keys.clone(), 0.3, &mut p4);
+                // SAFETY: AVX2 (and F16C) checked above.
+                let simd = unsafe { one_row_block_avx2(heads, &qs, hd, Rows { data: &k16, base: 5, stride }, Rows { data: &v16, base: 3, stride }, keys.clone(), 0.3, &mut p5) };
+                assert_eq!((&p3, &p3), (&p4, &p5), "f16 scores, hd {hd}");
+                for c in [&plain, &simd] {
+                    assert_eq!((&rounded.max, &rounded.sum, &rounded.out), (&c.max, &c.sum, &c.out), "f16, hd {hd}, keys {keys:?}");
+                }
+                assert_ne!(rounded.out, a.out, "the rounding shows");
                 assert_eq!((a.max, a.sum, a.out), (b.max, b.sum, b.out), "hd {hd}, keys {keys:?}");
             }
         }
@@ -899,6 +1006,40 @@ mod tests {
                             assert!(rel(&got, &want) < tol, "{what}, {rows} rows a chunk: {}", rel(&got, &want));
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// K/V stored in f16 (an f16 cache) give the attention of f32 K/V holding the same rounded
+    /// values: a decode step reads the f16 rows in place (the same bits), a prefill converts the
+    /// keys each chunk of rows sees (the same values, up to the matmul's order).
+    #[test]
+    fn attention_over_f16_rows_is_attention_over_their_f32_values() {
+        let (nh, nkv, hd) = (6, 2, 16);
+        for (seq, offset) in [(1, 0), (1, 37), (1, 1500), (40, 0), (33, 17), (300, 0), (257, 100)] {
+            let total = offset + seq;
+            let (k, v) = (rand(&[nkv, total, hd], 21), rand(&[nkv, total, hd], 22));
+            let (k16, v16) = (in_buffer(&k.to_dtype(DType::F16).unwrap()), in_buffer(&v.to_dtype(DType::F16).unwrap()));
+            let (kr, vr) = (in_buffer(&k16.to_dtype(DType::F32).unwrap()), in_buffer(&v16.to_dtype(DType::F32).unwrap()));
+            let q = rand(&[nh, seq, hd], 23);
+            for mask in [Mask::None, Mask::Causal { offset }, Mask::Window { offset, w: 7 }, Mask::Window { offset, w: 520 }] {
+                for mapping in [HeadMapping::Grouped, HeadMapping::Tiled] {
+                    let what = format!("seq {seq} offset {offset} {mask:?} {mapping:?}");
+                    let want = attention(&q, &kr, &vr, mask, 0.25, mapping).unwrap();
+                    let got = attention(&q, &k16, &v16, mask, 0.25, mapping).unwrap();
+                    assert_eq!(got.dtype(), DType::F32);
+                    if seq == 1 {
+                        let (a, b) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                        assert_eq!(a, b, "{what}");
+                    } else {
+                        assert!(rel(&got, &want) < 1e-6, "{what}: {}", rel(&got, &want));
+                    }
+                    // An f64 step over an f16 cache converts it too.
+                    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                    let got = attention(&f64_of(&q), &k16, &v16, mask, 0.25, mapping).unwrap();
+                    let want = attention(&f64_of(&q), &f64_of(&kr), &f64_of(&vr), mask, 0.25, mapping).unwrap();
+                    assert!(rel(&got, &want) < 1e-12, "f64 {what}: {}", rel(&got, &want));
                 }
             }
         }

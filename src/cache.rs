@@ -6,8 +6,11 @@
 //! rotating window (the last `n` positions kept). The kind says how many positions a correct
 //! cache holds after a number of positions fed ([`CacheKind::expected_len`]), so that a
 //! window holding fewer positions than were fed is not mistaken for a dropped context.
+//!
+//! A cache stores K and V as they are computed, or in f16 ([`KvDtype`]): each row is rounded
+//! once as it is written, and attention reads the f16 rows in place.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::Result;
@@ -37,6 +40,51 @@ impl CacheKind {
             CacheKind::Window(n) => format!("rotating window of {n}"),
         }
     }
+}
+
+/// How a cache stores K and V (`LoadOptions::kv_cache`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvDtype {
+    /// As computed, in the model's dtype (f32; f64 for an f64 engine): nothing rounded.
+    #[default]
+    F32,
+    /// Rounded to f16 once, as each row is written (llama.cpp's default `type_k`/`type_v`):
+    /// half the bytes a decode step reads. An f32 engine's decode attention reads the f16
+    /// rows in place (`blocks::fast::attention_one_row`); a prefill converts the keys a chunk
+    /// of query rows sees.
+    F16,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 2] = [KvDtype::F32, KvDtype::F16];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KvDtype> {
+        Self::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// The dtype rows are stored in (`None`: as they come).
+    fn storage(&self) -> Option<DType> {
+        match self {
+            KvDtype::F32 => None,
+            KvDtype::F16 => Some(DType::F16),
+        }
+    }
+}
+
+/// `t` in `storage` (itself when that is its dtype or there is none).
+fn stored(t: &Tensor, storage: Option<DType>) -> Result<Tensor> {
+    Ok(match storage {
+        Some(d) if d != t.dtype() => t.to_dtype(d)?,
+        _ => t.clone(),
+    })
 }
 
 /// One layer's keys and values: buffers `(kv_heads, capacity, head_dim)` whose rows
@@ -77,9 +125,11 @@ impl LayerKv {
         Ok((self.k.narrow(1, self.start + from, n)?, self.v.narrow(1, self.start + from, n)?))
     }
 
-    /// Moves the live rows to the start of new buffers of `capacity` rows.
-    fn relocate(&mut self, capacity: usize) -> Result<()> {
+    /// Moves the live rows to the start of new buffers of `capacity` rows, in `storage` (as
+    /// they are when `None`).
+    fn relocate(&mut self, capacity: usize, storage: Option<DType>) -> Result<()> {
         let (k, v) = self.rows(0, self.len)?;
+        let (k, v) = (stored(&k, storage)?, stored(&v, storage)?);
         let nk = zeros_like_rows(&k, capacity)?;
         let nv = zeros_like_rows(&v, capacity)?;
         if self.len > 0 {
@@ -116,6 +166,8 @@ pub struct KvCache {
     tokens: Vec<u32>,
     /// Positions the caller said the sequence will reach ([`KvCache::reserve`]).
     reserved: usize,
+    /// How K and V are stored.
+    dtype: KvDtype,
 }
 
 impl Clone for KvCache {
@@ -133,7 +185,7 @@ impl Clone for KvCache {
                 })
             })
             .collect();
-        Self { kinds: self.kinds.clone(), layers, tokens: self.tokens.clone(), reserved: self.reserved }
+        Self { kinds: self.kinds.clone(), layers, tokens: self.tokens.clone(), reserved: self.reserved, dtype: self.dtype }
     }
 }
 
@@ -151,7 +203,19 @@ impl KvCache {
     /// One layer per kind: each layer as its plan says ([`crate::plan::LayerPlan::cache`];
     /// mlx-lm's `make_cache()`: the model decides which layer keeps what).
     pub fn with_kinds(kinds: Vec<CacheKind>) -> Self {
-        Self { layers: kinds.iter().map(|_| None).collect(), kinds, tokens: vec![], reserved: 0 }
+        Self { layers: kinds.iter().map(|_| None).collect(), kinds, tokens: vec![], reserved: 0, dtype: KvDtype::F32 }
+    }
+
+    /// The same cache storing K and V as `dtype` says (set before the first step: rows already
+    /// held keep their dtype until the layer next moves them).
+    pub fn stored_as(mut self, dtype: KvDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// How this cache stores K and V.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// How layer `layer` keeps positions.
@@ -214,7 +278,7 @@ impl KvCache {
             if let Some(l) = l {
                 let want = Self::rows_for(self.kinds[i], self.reserved);
                 if l.capacity() < want {
-                    l.relocate(want)?;
+                    l.relocate(want, self.dtype.storage())?;
                 }
             }
         }
@@ -222,10 +286,12 @@ impl KvCache {
     }
 
     /// Adds this step's `k`, `v` `(kv_heads, seq, head_dim)` and returns what attention
-    /// reads: the layer's kept positions followed by this step's. A window then keeps only
-    /// its last `n` positions.
+    /// reads: the layer's kept positions followed by this step's (in the cache's storage
+    /// dtype, [`KvCache::dtype`]). A window then keeps only its last `n` positions.
     pub fn update_and_fetch(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let kind = self.kind(layer);
+        let storage = self.dtype.storage();
+        let (k, v) = (&stored(k, storage)?, &stored(v, storage)?);
         let seq = k.dims3()?.1;
         let reserved = Self::rows_for(kind, self.reserved);
         let entry = &mut self.layers[layer];
@@ -235,7 +301,9 @@ impl KvCache {
         }
         let l = entry.as_mut().expect("allocated above");
         let at = l.start + l.len;
-        if at < l.sealed || at + seq > l.capacity() {
+        // Rows held in another dtype (given by `set_layer`) move to buffers of the storage's.
+        let foreign = storage.is_some_and(|d| l.k.dtype() != d || l.v.dtype() != d);
+        if at < l.sealed || at + seq > l.capacity() || foreign {
             // No room, or the rows to write may be seen by a tensor handed out: new buffers.
             // Growth doubles (amortized O(1) copies per position); a window, whose live rows
             // stay under n + seq, moves them to buffers twice that.
@@ -244,7 +312,7 @@ impl KvCache {
                 true => need.max(2 * l.capacity().min(need)).max(reserved),
                 false => l.capacity().max(need),
             };
-            l.relocate(cap)?;
+            l.relocate(cap, storage)?;
         }
         let at = l.start + l.len;
         l.k.slice_set(&k.contiguous()?, 1, at)?;
@@ -386,6 +454,48 @@ mod tests {
         assert_eq!((c.layer_len(0), c.offset()), (0, 0));
         c.update_and_fetch(0, &rows(3, 0), &rows(3, 0)).unwrap();
         assert_eq!(c.layers[0].as_ref().unwrap().capacity(), 64, "the reservation outlives a reset");
+    }
+
+    #[test]
+    fn an_f16_cache_stores_rows_rounded_once_and_moves_given_rows_to_f16() {
+        let round = |t: &Tensor| vals(&t.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap());
+        let f16_vals = |t: &Tensor| {
+            assert_eq!(t.dtype(), DType::F16);
+            vals(&t.to_dtype(DType::F32).unwrap())
+        };
+        // Values within f16's range that it rounds (the positions' values / 1000 + 1/3).
+        let third = |t: Tensor| ((t * 1e-3).unwrap() + 1.0 / 3.0).unwrap();
+        let mut c = KvCache::new(2).stored_as(KvDtype::F16);
+        assert_eq!(c.dtype(), KvDtype::F16);
+        let mut handed = vec![];
+        let mut at = 0;
+        for n in [5, 1, 1, 3, 1, 20, 1] {
+            let (k, v) = c.update_and_fetch(0, &third(rows(n, at)), &rows(n, at).affine(1e-3, 0.0).unwrap()).unwrap();
+            at += n;
+            assert_eq!(f16_vals(&k), round(&third(rows(at, 0))));
+            assert_eq!(f16_vals(&v), round(&rows(at, 0).affine(1e-3, 0.0).unwrap()));
+            handed.push((at, k));
+        }
+        assert_ne!(round(&third(rows(at, 0))), vals(&third(rows(at, 0))), "the rounding shows");
+        for (len, k) in &handed {
+            assert_eq!(f16_vals(k), round(&third(rows(*len, 0))), "a fetched cache of {len} positions changed");
+        }
+        // Rows given in f32 (isolation) stay as given, and move to f16 at the layer's next step.
+        let given = third(rows(4, 0));
+        c.set_layer(1, given.clone(), given.clone());
+        assert_eq!(c.layer(1).unwrap().0.dtype(), DType::F32);
+        let (k, _) = c.update_and_fetch(1, &third(rows(1, 4)), &third(rows(1, 4))).unwrap();
+        assert_eq!(f16_vals(&k), round(&third(rows(5, 0))));
+        assert_eq!(vals(&given), vals(&third(rows(4, 0))));
+        // Clones, trims and reservations keep the dtype.
+        c.trim(3).unwrap();
+        let mut d = c.clone();
+        d.reserve(64).unwrap();
+        let (k, _) = d.update_and_fetch(0, &third(rows(2, 3)), &third(rows(2, 3))).unwrap();
+        assert_eq!(k.dtype(), DType::F16);
+        assert_eq!(d.dtype(), KvDtype::F16);
+        assert_eq!(KvDtype::parse("f16"), Some(KvDtype::F16));
+        assert_eq!(KvDtype::default().name(), "f32");
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
-pub use cache::{CacheKind, KvCache};
+pub use cache::{CacheKind, KvCache, KvDtype};
 pub use decoder::{Capabilities, Decoder, ModelInfo};
 pub use config::Config;
 pub use error::{EngineError, Result};

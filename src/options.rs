@@ -1,8 +1,9 @@
-//! How to load a model: the compute dtype, how GGUF matrices are held, injected faults, and
-//! a LoRA adapter.
+//! How to load a model: the compute dtype, how GGUF matrices are held, how the KV cache stores
+//! K and V, injected faults, and a LoRA adapter.
 
 use candle_core::DType;
 
+use crate::cache::KvDtype;
 use crate::faults::Faults;
 use crate::lora::{LoraAdapter, LoraOptions};
 use crate::quant::WeightsMode;
@@ -18,11 +19,14 @@ pub struct LoadOptions {
     pub faults: Faults,
     /// A LoRA adapter to attach (`--lora DIR`), and how.
     pub lora: Option<LoraOptions>,
+    /// How the caches the model makes ([`crate::Decoder::new_cache`]) store K and V: as
+    /// computed (the default) or in f16, as llama.cpp does by default.
+    pub kv_cache: KvDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, weights: None, faults: Faults::none(), lora: None }
+        Self { dtype: DType::F32, weights: None, faults: Faults::none(), lora: None, kv_cache: KvDtype::default() }
     }
 }
 

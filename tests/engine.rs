@@ -288,3 +288,72 @@ fn a_model_the_engine_does_not_run_is_described_by_its_shape_and_the_generic_sit
         assert_eq!(d.graph, site_graph_at(&fixture(known)).unwrap(), "{known}: the family's own graph");
     }
 }
+
+/// An f16 cache (`LoadOptions::kv_cache`): every K/V row is the step's `k_rope`/`v` rounded to
+/// f16, and each layer's attention over it is the attention over an f32 cache holding the same
+/// rounded values: at a prefill longer than a chunk of query rows (300 rows), at a prefill at an
+/// offset, and at decode steps past a key block (512) and across the cache's growth (no
+/// reservation: its buffers move at 600 positions). The logits stay near the f32 cache's, and
+/// the harness's conversion of a captured cache (a few rows, the canonical layout, f64) works.
+#[test]
+fn an_f16_cache_attends_as_an_f32_cache_of_its_rounded_values() {
+    use lockstep_engine::blocks::{attention, HeadMapping, Mask};
+    use lockstep_engine::KvDtype;
+    for file in ["tiny-llama", "tiny-llama.gguf"] {
+        let m = load(&fixture(file), &LoadOptions { kv_cache: KvDtype::F16, ..Default::default() }).unwrap();
+        let f = load(&fixture(file), &LoadOptions::default()).unwrap();
+        let cfg = m.model.info().config.clone();
+        let (nh, hd) = (cfg.num_heads, cfg.head_dim);
+        let mut x = 99u64;
+        let ids: Vec<u32> = (0..615)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                3 + ((x >> 33) % (cfg.vocab_size as u64 - 3)) as u32
+            })
+            .collect();
+        let (mut cache, mut cache32) = (m.model.new_cache(), f.model.new_cache());
+        assert_eq!((cache.dtype(), cache32.dtype()), (KvDtype::F16, KvDtype::F32));
+        let mut pieces = vec![300, 5];
+        pieces.extend([1; 310]);
+        let mut at = 0;
+        for (call, &n) in pieces.iter().enumerate() {
+            let mut cap = Capture::new();
+            let logits = m.model.forward(&ids[at..at + n], &mut cache, Some(&mut cap)).unwrap();
+            let logits32 = f.model.forward(&ids[at..at + n], &mut cache32, None).unwrap();
+            at += n;
+            let r = rel_l2(&logits, &logits32);
+            assert!(r < 2e-2, "{file} call {call}: logits vs the f32 cache's, rel-L2 {r}");
+            for i in 0..cfg.num_layers {
+                let get = |leaf: &str| cap.get(&format!("layers.{i}.{leaf}")).unwrap().clone();
+                let (q, ck, cv, attn) = (get("q_rope"), get("cache_k"), get("cache_v"), get("attn"));
+                assert_eq!((ck.dtype(), cv.dtype(), ck.dims()[1]), (DType::F16, DType::F16, at));
+                // The step's rows: k_rope and v rounded to f16.
+                let rounded = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+                let k_step = ck.narrow(1, at - n, n).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(max_abs_diff(&k_step, &rounded(&get("k_rope"))), 0.0, "{file} layer {i}");
+                let v_step = cv.narrow(1, at - n, n).unwrap().to_dtype(DType::F32).unwrap();
+                let v = get("v").reshape((n, cfg.num_kv_heads, hd)).unwrap().transpose(0, 1).unwrap();
+                assert_eq!(max_abs_diff(&v_step, &rounded(&v)), 0.0, "{file} layer {i}");
+                // Attention over an f32 cache of the same values.
+                let (k32, v32) = (ck.to_dtype(DType::F32).unwrap(), cv.to_dtype(DType::F32).unwrap());
+                let mask = if n > 1 { Mask::Causal { offset: at - n } } else { Mask::None };
+                let want = attention(&q, &k32, &v32, mask, 1.0 / (hd as f64).sqrt(), HeadMapping::Grouped).unwrap();
+                let got = attn.reshape((n, nh, hd)).unwrap().transpose(0, 1).unwrap();
+                let d = max_abs_diff(&got, &want);
+                match n {
+                    1 => assert_eq!(d, 0.0, "{file} call {call} layer {i}: a decode step reads the f16 rows as their f32 values"),
+                    _ => assert!(d < 1e-6, "{file} call {call} layer {i}: prefill differs by {d}"),
+                }
+            }
+            if call == 0 || at == pieces.iter().sum::<usize>() {
+                // What the harness does with a captured cache: a few rows, canonical, f64.
+                let site = m.model.site_graph().get("layers.0.cache_k").unwrap().clone();
+                let ck = cap.get("layers.0.cache_k").unwrap();
+                let (canon, _) = m.model.to_canonical(&site, &ck.narrow(1, 0, 4).unwrap()).unwrap();
+                let (canon32, _) = f.model.to_canonical(&site, &ck.narrow(1, 0, 4).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+                let (a, b) = (canon.to_dtype(DType::F64).unwrap(), canon32.to_dtype(DType::F64).unwrap());
+                assert_eq!(a.flatten_all().unwrap().to_vec1::<f64>().unwrap(), b.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::IndexOp;
-use lockstep_engine::{LoadOptions, WeightsMode};
+use lockstep_engine::{KvDtype, LoadOptions, WeightsMode};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -149,10 +149,11 @@ pub fn render(rows: &[Speed], threads: usize, model: &Path) -> String {
     s
 }
 
-/// The engine's decode step time with `context` positions in its cache: the cache filled by
-/// a prefill in calls of 256 tokens, then `steps` one-token steps timed (the median step).
-pub fn engine_decode_at(model: &dyn lockstep_engine::Decoder, ids: &[u32], context: usize, steps: usize) -> Result<f64, HarnessError> {
-    let mut cache = model.new_cache();
+/// The engine's decode step time with `context` positions in its cache, which stores K and V
+/// as `kv` says: the cache filled by a prefill in calls of 256 tokens, then `steps` one-token
+/// steps timed (the median step).
+pub fn engine_decode_at(model: &dyn lockstep_engine::Decoder, ids: &[u32], context: usize, steps: usize, kv: KvDtype) -> Result<f64, HarnessError> {
+    let mut cache = model.new_cache().stored_as(kv);
     let fill: Vec<u32> = ids.iter().copied().cycle().take(context).collect();
     let mut logits = None;
     for part in fill.chunks(256) {
@@ -255,15 +256,19 @@ pub fn prompt_text(model: &lockstep_engine::LoadedModel, text: &str, n: usize) -
     Ok(of(hi))
 }
 
-/// The long-context table `make bench` prints after the speed table.
-pub fn render_long(decode: &[(usize, f64)], runs: &[(usize, RunCost)], contexts: &[usize], prompts: &[usize]) -> String {
+/// The long-context table `make bench` prints after the speed table; `decode` holds the
+/// engine's decode step time per context and cache dtype.
+pub fn render_long(decode: &[(usize, KvDtype, f64)], runs: &[(usize, RunCost)], contexts: &[usize], prompts: &[usize]) -> String {
     let mut s = String::from("\nlong contexts (same machine, same run)\n");
-    for (c, t) in decode {
-        s.push_str(&format!("engine (quantized) decode step at context {c:>5}: {:>8.2} ms\n", t * 1e3));
-    }
-    if let (Some(a), Some(b)) = (decode.first(), decode.last()) {
-        if decode.len() > 1 {
-            s.push_str(&format!("engine decode step, context {} / {}: {:.2}x\n", b.0, a.0, b.1 / a.1));
+    for kv in KvDtype::ALL {
+        let times: Vec<(usize, f64)> = decode.iter().filter(|d| d.1 == kv).map(|&(c, _, t)| (c, t)).collect();
+        for (c, t) in &times {
+            s.push_str(&format!("engine (quantized) decode step at context {c:>5}, {} cache: {:>8.2} ms\n", kv.name(), t * 1e3));
+        }
+        if let (Some(a), Some(b)) = (times.first(), times.last()) {
+            if times.len() > 1 {
+                s.push_str(&format!("engine decode step, context {} / {}, {} cache: {:.2}x\n", b.0, a.0, kv.name(), b.1 / a.1));
+            }
         }
     }
     s.push_str("lockstep run --weights dequant --reference transformers, 8 decode steps:\n");
@@ -283,4 +288,19 @@ pub fn render_long(decode: &[(usize, f64)], runs: &[(usize, RunCost)], contexts:
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_long_context_table_gives_each_cache_dtype_its_decode_steps_and_ratio() {
+        let decode = [(16, KvDtype::F32, 0.0088), (16, KvDtype::F16, 0.0087), (4096, KvDtype::F32, 0.0184), (4096, KvDtype::F16, 0.0125)];
+        let s = render_long(&decode, &[], &[16, 4096], &[]);
+        assert!(s.contains("decode step at context  4096, f32 cache:    18.40 ms"), "{s}");
+        assert!(s.contains("decode step at context    16, f16 cache:     8.70 ms"), "{s}");
+        assert!(s.contains("context 4096 / 16, f32 cache: 2.09x"), "{s}");
+        assert!(s.contains("context 4096 / 16, f16 cache: 1.44x"), "{s}");
+    }
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Family;
 use crate::blocks::{attention, linear, rms_norm, rope, rope_tables, silu_mul, HeadMapping, Mask};
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvDtype};
 use crate::config::Config;
 use crate::decoder::{Capabilities, Decoder, ModelInfo};
 use crate::error::{EngineError, Result};
@@ -41,6 +41,8 @@ pub struct Llama {
     pub dtype: DType,
     /// Injected faults (`crate::faults`); empty in normal use.
     pub faults: Faults,
+    /// How the caches of [`Decoder::new_cache`] store K and V (`LoadOptions::kv_cache`).
+    pub kv_cache: KvDtype,
     device: Device,
     /// The registered family this decoder runs as: Llama, or a family that is the Llama
     /// architecture plus what its weights carry (Qwen2: q/k/v biases, `crate::models::qwen2`).
@@ -62,7 +64,7 @@ impl Llama {
     pub fn of_family(family: &'static Family, cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
         let graph = SiteGraph::new(cfg.num_layers, family.layer_sites);
         let plan = plan::uniform(&cfg);
-        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), device: Device::Cpu, family, graph, plan, info: OnceLock::new() }
+        Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), kv_cache: KvDtype::default(), device: Device::Cpu, family, graph, plan, info: OnceLock::new() }
     }
 
     fn build_info(&self) -> ModelInfo {
@@ -285,7 +287,7 @@ impl Decoder for Llama {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::with_kinds(self.plan.iter().map(|p| p.cache).collect())
+        KvCache::with_kinds(self.plan.iter().map(|p| p.cache).collect()).stored_as(self.kv_cache)
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut KvCache, cap: Option<&mut Capture>) -> Result<Tensor> {
@@ -441,6 +443,7 @@ pub(crate) fn load_weights(ckpt: Checkpoint<'_>, opts: &LoadOptions, family: &Fa
 /// it): its faults, and the adapter attached to its layers.
 pub(crate) fn finish(mut model: Llama, layout: QkLayout, opts: &LoadOptions) -> Result<FamilyModel> {
     model.faults = opts.faults.clone();
+    model.kv_cache = opts.kv_cache;
     let lora = match (opts.adapter(&model.cfg)?, &opts.lora) {
         (Some(adapter), Some(l)) => {
             adapter.attach(&mut model.weights, &model.cfg, layout, opts.dtype, l.mode, &opts.faults)?;

@@ -459,10 +459,12 @@ fn bench_long_context(a: &BenchArgs, path: &Path, ids: &[u32], text: &str) -> Re
     // One load: the decode measurements and the prompts' tokenizer.
     let engine = lockstep_engine::load(path, &lockstep_engine::LoadOptions { weights: Some(WeightsMode::Quantized), ..Default::default() })?;
     let mut decode = vec![];
-    for &c in &contexts {
-        let s = bench::engine_decode_at(engine.model.as_ref(), ids, c, 16)?;
-        eprintln!("  engine decode step at context {c}: {:.2} ms", s * 1e3);
-        decode.push((c, s));
+    for kv in lockstep_engine::KvDtype::ALL {
+        for &c in &contexts {
+            let s = bench::engine_decode_at(engine.model.as_ref(), ids, c, 16, kv)?;
+            eprintln!("  engine decode step at context {c}, {} cache: {:.2} ms", kv.name(), s * 1e3);
+            decode.push((c, kv, s));
+        }
     }
     let exe = std::env::current_exe().map_err(|e| HarnessError::Usage(format!("bench: where is this binary? {e}")))?;
     let scratch = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));

@@ -79,7 +79,7 @@ pub fn load_engine(opts: &RunOptions) -> Result<LoadedModel, HarnessError> {
     };
     crate::plugin::set_run_weights(opts.weights);
     let engine =
-        opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone() })?;
+        opts.engine.load(&opts.model, &LoadOptions { dtype, weights: opts.weights, faults: opts.faults.clone(), lora: opts.lora.clone(), ..Default::default() })?;
     let ids = engine_prompt_ids(&engine, &opts.prompt)?;
     check_context(&engine, ids.len(), opts.steps, opts.context)?;
     // Whether a fault can act is judged on the prompt a clean engine feeds (missing-bos
