@@ -24,7 +24,7 @@ own rows right: at each decode step, layer ``BUG_LAYER``'s cache update also wri
 position's keys and values over an old position (``OLD_ROW``: a slot index computed from the
 wrong length, as ring-buffer and compaction slips do). What the step appends is right; the
 cache it keeps, and what later steps attend over, is not. lockstep compares at each step the
-rows it appended and, in turn, 64 earlier ones (every earlier row of a short prompt), and a
+rows it appended and, in turn, 32 earlier ones (every earlier row of a short prompt), and a
 step where anything fails with every row, so the rewritten row is caught at the step that
 rewrote it::
 

@@ -249,7 +249,7 @@ want = np.ascontiguousarray(arr).ravel().astype(np.float64).tolist() if isinstan
                 let values: Vec<f64> = match data {
                     Data::F32(d) => d.iter().map(|&x| x as f64).collect(),
                     Data::F64(d) => d.to_vec(),
-                    Data::Sketch(_) => return None,
+                    Data::Sketch(_) | Data::TopK(_) | Data::TopKRow(..) => return None,
                 };
                 Some((shape.to_vec(), values))
             })

@@ -117,7 +117,7 @@ live_test! {
 
 live_test! {
     /// The same bug at a row past the earlier rows a decode step compares on its own (row 120
-    /// of a 160-token prompt; the step's sweep covers rows 0..64): the step drifts (attention
+    /// of a 160-token prompt; the step's sweep covers rows 0..32): the step drifts (attention
     /// reads the rewritten row: `layers.1.out` 6e-3 from transformers), is compared again with
     /// whole caches, and the cache is named at that step, not at the next (whose sweep holds
     /// row 120).
@@ -133,7 +133,7 @@ live_test! {
         );
         assert_eq!(code, 1, "{out}\n{err}");
         let fed = report["steps"][0]["fed"].as_array().map_or(0, |f| f.len());
-        // Row 120 is past step 1's sweep (rows 0..64) and inside the prompt.
+        // Row 120 is past step 1's sweep (rows 0..32) and inside the prompt.
         assert!(fed > 121 && 120 >= lockstep::lockstep::step::CACHE_SWEEP_ROWS, "a prompt of {fed} tokens");
         let d = &report["first_divergence"];
         assert_eq!((d["step"].as_u64(), d["layer"].as_u64()), (Some(1), Some(1)), "{out}");

@@ -53,7 +53,7 @@ impl EngineStep {
 /// ([`Sweep`]): a cache of up to this many earlier positions is compared whole at every
 /// call. A constant, so that a decode step's comparison costs the same at any context
 /// (measured by `make bench`: lockstep's own time per step at prompt 16 and 4,096).
-pub const CACHE_SWEEP_ROWS: usize = 64;
+pub const CACHE_SWEEP_ROWS: usize = 32;
 
 /// What a call compares of each cache (`layers.N.cache_k` / `cache_v`, whose shape is the
 /// whole cache's): `None` for every row; else the rows this call appended and
@@ -425,10 +425,11 @@ mod tests {
         // Prefill, and decode steps while the earlier rows fit in one sweep: every row.
         assert_eq!(sweep.scope(0, 40).rows(40), None);
         assert_eq!(sweep.scope(CACHE_SWEEP_ROWS, 1).rows(CACHE_SWEEP_ROWS + 1), None);
-        // 200 earlier rows: 64 of them from the cursor, and the row appended.
+        // 200 earlier rows: CACHE_SWEEP_ROWS of them from the cursor, and the row appended.
+        const N: usize = CACHE_SWEEP_ROWS;
         let s = sweep.scope(200, 1);
-        assert_eq!(s.rows(201), Some(vec![0..64, 200..201]));
-        assert_eq!(sweep.scope(201, 1).rows(202), Some(vec![64..128, 201..202]));
+        assert_eq!(s.rows(201), Some(vec![0..N, 200..201]));
+        assert_eq!(sweep.scope(201, 1).rows(202), Some(vec![N..2 * N, 201..202]));
         // A cache that does not hold every position (a window; the stale-cache bug): whole.
         assert_eq!(sweep.scope(202, 1).rows(150), None);
     }
@@ -437,8 +438,8 @@ mod tests {
     fn the_sweep_reaches_every_earlier_row_within_its_bound_of_calls() {
         for start in [65usize, 100, 1000, 4095] {
             let mut sweep = Sweep::default();
-            let mut seen = vec![false; start + 64];
             let calls = start.div_ceil(CACHE_SWEEP_ROWS);
+            let mut seen = vec![false; start + calls];
             for c in 0..calls {
                 let total = start + c + 1;
                 for r in sweep.scope(start + c, 1).rows(total).expect("in part") {
