@@ -227,7 +227,10 @@ impl Lockstep {
         EngineSpec::set_under_test(opts.engine.clone());
         let engine = load_engine(opts)?;
         let lora = opts.lora.as_ref().map(|l| l.dir.as_path());
-        let refs = opts.references.iter().map(|s| Reference::load_with_lora(s, &opts.model, lora)).collect::<Result<Vec<_>, _>>()?;
+        // Every reference holds what the run feeds (llama.cpp's n_ctx), as `lockstep run` sizes it.
+        let context = opts.context_for(crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?.len());
+        let refs =
+            opts.references.iter().map(|s| Reference::load_for_run(s, &opts.model, lora, Some(context))).collect::<Result<Vec<_>, _>>()?;
         Ok((engine, refs))
     }
 }

@@ -406,12 +406,14 @@ use crate::lockstep::options::{RunOptions};
     if req.engine_sites {
         policy.only = Some(engine.model.site_graph().names());
     }
+    // Every reference holds what the run feeds (llama.cpp's n_ctx), as `lockstep run` sizes it.
+    let context = opts.context_for(crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?.len());
     let refs = req
         .references
         .iter()
         .map(|s| {
             let phase = crate::ui::Phase::start(format!("loading the {} reference", s.label()));
-            let r = Reference::load_with_lora(s, &path, req.lora.as_deref()).and_then(|r| recording(r, policy.clone()));
+            let r = Reference::load_for_run(s, &path, req.lora.as_deref(), Some(context)).and_then(|r| recording(r, policy.clone()));
             phase.done();
             r
         })

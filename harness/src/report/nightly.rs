@@ -294,7 +294,10 @@ pub struct RefCache {
 }
 
 impl RefCache {
-    fn take(&mut self, specs: &[RefSpec], model: &Path, lora: Option<&Path>) -> Result<Vec<Reference>, HarnessError> {
+    /// The references of a case feeding `context` positions: those cached for the same model
+    /// and adapter when they can hold the case (a fixed context, llama.cpp's `n_ctx`, at least
+    /// `context`), else loaded for it.
+    fn take(&mut self, specs: &[RefSpec], model: &Path, lora: Option<&Path>, context: usize) -> Result<Vec<Reference>, HarnessError> {
         let key = (model.to_path_buf(), lora.map(Path::to_path_buf));
         if self.key.as_ref() != Some(&key) {
             self.refs.clear();
@@ -303,8 +306,8 @@ impl RefCache {
         specs
             .iter()
             .map(|s| match self.refs.remove(&s.label()) {
-                Some(r) => Ok(r),
-                None => Reference::load_with_lora(s, model, lora),
+                Some(r) if r.description.context.is_none_or(|c| c >= context) => Ok(r),
+                _ => Reference::load_for_run(s, model, lora, Some(context)),
             })
             .collect()
     }
@@ -360,7 +363,9 @@ fn run_case_inner(def: &CaseDef, cache: &mut RefCache, full_json: Option<&Path>)
         max_memory: None,
     };
     let engine = crate::lockstep::options::load_engine(&opts)?;
-    let refs = cache.take(&specs, &path, lora_dir.as_deref())?;
+    // Every reference holds what the case feeds (llama.cpp's n_ctx), as `lockstep run` sizes it.
+    let prompt_len = crate::lockstep::options::engine_prompt_ids(&engine, &opts.prompt)?.len();
+    let refs = cache.take(&specs, &path, lora_dir.as_deref(), opts.context_for(prompt_len))?;
     if let Some(held) = refs.iter().filter_map(|r| r.trace().map(|t| t.meta.steps)).min() {
         opts.steps = opts.steps.min(held);
     }
