@@ -96,10 +96,13 @@ impl CacheScope {
 /// [`CACHE_SWEEP_ROWS`] of them, so every earlier row is compared at least once every
 /// ⌈earlier / CACHE_SWEEP_ROWS⌉ calls (a rewritten old row that changes nothing else at its
 /// step is caught within that many steps; one that changes what the step computes makes the
-/// call fail or drift, and such a call is compared again whole, so it is caught at its step).
+/// call drift or fail, and a call worse than the one before it is compared again whole, so it
+/// is caught at its step).
 #[derive(Debug, Default)]
 pub struct Sweep {
     next: usize,
+    /// The verdict of the last call (over every reference).
+    pub last: Verdict,
 }
 
 impl Sweep {

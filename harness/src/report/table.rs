@@ -622,7 +622,7 @@ fn write_calls_note(o: &mut String, r: &RunResult) {
     if caches && before_last > sweep {
         let _ = writeln!(
             o,
-            "caches: a step compares the rows it appended and {sweep} earlier rows in turn (each earlier row at least every {} steps); a step that fails or drifts is compared with every row.",
+            "caches: a step compares the rows it appended and {sweep} earlier rows in turn (each earlier row at least every {} steps); a call worse than the one before it is compared with every row.",
             before_last.div_ceil(sweep)
         );
     }
