@@ -44,8 +44,7 @@ impl TopKLogits {
         for r in 0..rows.saturating_sub(1) {
             let row: Vec<f64> = data[r * vocab..(r + 1) * vocab].iter().map(|&x| x.into()).collect();
             let best = super::metrics::top_k(&row, k);
-            let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+            let lse = super::metrics::log_sum_exp(&row);
             top.extend(best.iter().map(|&i| i as f32).chain(std::iter::repeat_n(-1.0, Self::K - k)));
             top.extend(best.iter().map(|&i| row[i] as f32).chain(std::iter::repeat_n(f32::NEG_INFINITY, Self::K - k)));
             top.push(lse as f32);

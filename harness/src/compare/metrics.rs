@@ -61,10 +61,15 @@ pub fn tensor_metrics<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]
     TensorMetrics { max_abs, max_abs_index, rel_l2, cosine, nonfinite_engine: nf_a, nonfinite_reference: nf_b, estimated: false }
 }
 
+/// log(sum(exp(x))) in f64, shifted by the largest value.
+pub fn log_sum_exp<T: Copy + Into<f64>>(x: &[T]) -> f64 {
+    let m = x.iter().map(|&v| v.into()).fold(f64::NEG_INFINITY, f64::max);
+    m + x.iter().map(|&v| (v.into() - m).exp()).sum::<f64>().ln()
+}
+
 /// Log-softmax in f64.
 pub fn log_softmax<T: Copy + Into<f64>>(x: &[T]) -> Vec<f64> {
-    let m = x.iter().map(|&v| v.into()).fold(f64::NEG_INFINITY, f64::max);
-    let lse = m + x.iter().map(|&v| (v.into() - m).exp()).sum::<f64>().ln();
+    let lse = log_sum_exp(x);
     x.iter().map(|&v| v.into() - lse).collect()
 }
 
