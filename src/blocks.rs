@@ -339,28 +339,15 @@ pub mod fast {
     }
 
     /// As ggml's `ggml_vec_soft_max_f32`: exp(x - max) summed in f64, then scaled by the
-    /// reciprocal of the sum.
+    /// reciprocal of the sum ([`crate::softmax`]: the same bits on every CPU).
     fn softmax_row(row: &mut [f32]) {
-        softmax_row_stats(row);
+        crate::softmax::softmax_row_stats(row);
     }
 
-    /// [`softmax_row`], returning the row's max and the sum of the exponentials.
-    #[inline(always)]
-    /// [`softmax_row_stats`] of the first `r` rows of `n` scores in `p`.
+    /// The softmax of the first `r` rows of `n` scores in `p`, with each row's max and sum of
+    /// exponentials.
     fn softmax_rows_stats(p: &mut [f32], n: usize, r: usize) -> (Vec<f32>, Vec<f64>) {
-        p.chunks_mut(n.max(1)).take(r).map(softmax_row_stats).unzip()
-    }
-
-    fn softmax_row_stats(row: &mut [f32]) -> (f32, f64) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
-        for e in row.iter_mut() {
-            *e = (*e - m).exp();
-            sum += *e as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        row.iter_mut().for_each(|e| *e *= inv);
-        (m, sum)
+        p.chunks_mut(n.max(1)).take(r).map(crate::softmax::softmax_row_stats).unzip()
     }
 
     pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -371,14 +358,15 @@ pub mod fast {
 
     /// `a · b` in eight lanes (lane `l` sums the products `8c + l` in order), the lanes summed
     /// as `((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`, then the tail: the order in
-    /// which `avx2::scores` sums its registers (the two give the same bits).
+    /// which `avx2::scores` sums its registers (the two give the same bits: each product and
+    /// its sum are one fused multiply-add in both).
     #[inline(always)]
     fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
         let mut s = [0f32; 8];
         let full = a.len() / 8 * 8;
         for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
             for l in 0..8 {
-                s[l] += x[l] * y[l].to_f32();
+                s[l] = x[l].mul_add(y[l].to_f32(), s[l]);
             }
         }
         let head = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
@@ -568,9 +556,9 @@ pub mod fast {
         one_row_block_impl(heads, qs, hd, k, v, keys, scale, p)
     }
 
-    /// [`one_row_block_impl`] with AVX2 registers: the same operations in the same order (a
-    /// multiply then an add, never fused), so the same bits (an f16 element widened by F16C,
-    /// exactly as `f16::to_f32`).
+    /// [`one_row_block_impl`] with AVX2 registers: the same operations in the same order (each
+    /// product and its sum fused, `vfmadd` as `f32::mul_add`: both round once), so the same
+    /// bits (an f16 element widened by F16C, exactly as `f16::to_f32`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -655,7 +643,7 @@ pub mod fast {
                     for t in 0..4 {
                         let kc = load8(kp.add((j + t) * k.stride + c));
                         for i in 0..R {
-                            acc[i][t] = _mm256_add_ps(acc[i][t], _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), kc));
+                            acc[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(qp[i].add(c)), kc, acc[i][t]);
                         }
                     }
                 }
@@ -673,7 +661,7 @@ pub mod fast {
                 for i in 0..R {
                     let mut a = _mm256_setzero_ps();
                     for c in (0..hd).step_by(8) {
-                        a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp[i].add(c)), load8(kp.add(j * k.stride + c))));
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(qp[i].add(c)), load8(kp.add(j * k.stride + c)), a);
                     }
                     let t = _mm256_hadd_ps(a, a); // s01 s23 . . | s45 s67 . .
                     let u = _mm256_hadd_ps(t, t); // s0123 ... | s4567 ...
@@ -712,7 +700,7 @@ pub mod fast {
                         for i in 0..R {
                             let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
                             for (r, a) in acc[i].iter_mut().enumerate() {
-                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, load8(row.add(8 * r))));
+                                *a = _mm256_fmadd_ps(ww, load8(row.add(8 * r)), *a);
                             }
                         }
                     }
@@ -722,7 +710,7 @@ pub mod fast {
                         for i in 0..R {
                             let ww = _mm256_set1_ps(*w[i].get_unchecked(j));
                             for (r, a) in acc[i].iter_mut().enumerate().take(width) {
-                                *a = _mm256_add_ps(*a, _mm256_mul_ps(ww, load8(row.add(8 * r))));
+                                *a = _mm256_fmadd_ps(ww, load8(row.add(8 * r)), *a);
                             }
                         }
                     }
@@ -766,7 +754,7 @@ pub mod fast {
             for (i, o) in out.chunks_mut(hd).enumerate() {
                 let w = p[i * n + j];
                 for (od, &vd) in o.iter_mut().zip(vt) {
-                    *od += w * vd.to_f32();
+                    *od = w.mul_add(vd.to_f32(), *od);
                 }
             }
         }

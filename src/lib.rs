@@ -33,6 +33,7 @@ pub mod quant;
 pub mod rope;
 pub mod sample;
 pub mod sites;
+pub mod softmax;
 pub mod taps;
 pub mod tensors;
 pub mod threads;
