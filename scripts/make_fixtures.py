@@ -1316,6 +1316,72 @@ def self_check_rope() -> bool:
     return ok
 
 
+# Sliding-window variants (issue 37): the weights and tokenizer of tiny-llama and tiny-qwen2
+# (symlinks) with a window of WINDOW positions in config.json. tiny-mistral: model_type mistral,
+# every layer windowed (as Mistral 7B). tiny-qwen2-swa: Qwen2's use_sliding_window with
+# max_window_layers 1, so layer 0 is global and layer 1 windowed (transformers windows the
+# layers from max_window_layers on). The GGUF formats carry no window for these architectures
+# (llama.cpp's converter writes none and its llama/qwen2 graphs run without one): HF only.
+WINDOW = 8
+# The variants run in float32 only (no GGUF, no quantized side): a near tie matters when it is
+# within the engine-vs-transformers noise, measured at 5e-7 relative on the logits (lockstep run
+# on tiny-mistral, 20 steps); 1e-3 nats stays 2,000 times above it.
+WINDOW_MIN_MARGIN = 1e-3
+WINDOW_VARIANTS = {
+    "tiny-mistral": (HF_DIR, {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": WINDOW},
+                     ["mlp_bias", "pretraining_tp"]),
+    "tiny-qwen2-swa": (QWEN2_DIR, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}, []),
+}
+
+
+def write_window_variants() -> list[Path]:
+    paths = []
+    for name, (src, changes, dropped) in WINDOW_VARIANTS.items():
+        d = OUT_DIR / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.iterdir()):
+            if f.name == "config.json":
+                continue
+            link = d / f.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("..") / src.name / f.name)
+        cfg = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k not in dropped}
+        cfg.update(changes)
+        write_json(d / "config.json", cfg)
+        paths.append(d / "config.json")
+    return paths
+
+
+def self_check_windows() -> bool:
+    """transformers builds each variant with its window on the layers it names, and the window
+    matters exactly from the first position past it: the logits equal those of the model
+    without a window up to position WINDOW - 1 and move after; the greedy continuation of a
+    prompt past the window has no near tie."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    ok = True
+    seq = [1] + [(7 * i) % 500 + 3 for i in range(3 * WINDOW)]
+    with torch.no_grad():
+        for name, (src, _, _) in WINDOW_VARIANTS.items():
+            m = AutoModelForCausalLM.from_pretrained(str(OUT_DIR / name), dtype=torch.float32).eval()
+            base = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+            types = getattr(m.config, "layer_types", None) or ["sliding_attention"] * m.config.num_hidden_layers
+            lw, lb = m(torch.tensor([seq])).logits[0], base(torch.tensor([seq])).logits[0]
+            d = (lw - lb).abs().amax(dim=1)
+            first = int(torch.nonzero(d > 1e-4)[0]) if bool((d > 1e-4).any()) else None
+            gen, margins = greedy(m, seq[:2 * WINDOW], CHECK_NEW_TOKENS)
+            print(f"{name}: {type(m).__name__}, sliding_window {m.config.sliding_window}, layer types {types}; "
+                  f"logits leave the unwindowed model's at position {first}; greedy margins min {min(margins):.4f}")
+            if first != WINDOW:
+                ok = False
+                print(f"CHECK FAILED: {name}: the window acts from position {first}, not {WINDOW}", file=sys.stderr)
+            if min(margins) < WINDOW_MIN_MARGIN:
+                ok = False
+                print(f"CHECK FAILED: {name}: minimum greedy margin {min(margins):.4f} < {WINDOW_MIN_MARGIN}", file=sys.stderr)
+    return ok
+
+
 def self_check_qwen3() -> bool:
     """transformers loads the tiny Qwen3 as Qwen3ForCausalLM; its q/k norms matter (set to one,
     the logits move); the greedy continuation of the chat prompt is not degenerate and has no
@@ -1742,6 +1808,7 @@ def main() -> int:
     ap.add_argument("--qwen3-only", action="store_true", help="write (and check) only the tiny Qwen3")
     ap.add_argument("--rope-only", action="store_true", help="write (and check) only the tiny Llama's RoPE-scaling variants")
     ap.add_argument("--spm-only", action="store_true", help="write (and check) only the tiny SentencePiece Llama")
+    ap.add_argument("--windows-only", action="store_true", help="write (and check) only the sliding-window variants")
     args = ap.parse_args()
     if args.adapters_only:
         for p in write_adapters():
@@ -1765,6 +1832,10 @@ def main() -> int:
         for p in write_qwen3(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
         return 0 if args.no_check or self_check_qwen3() else 1
+    if args.windows_only:
+        for p in write_window_variants():
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_windows() else 1
     if args.rope_only:
         for p in write_rope_variants(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
@@ -1781,6 +1852,7 @@ def main() -> int:
     paths += write_mixtral(tok)
     paths += write_qwen3(tok)
     paths += write_rope_variants(tok)
+    paths += write_window_variants()
     paths += write_spm(train_spm())
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
@@ -1801,7 +1873,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_rope() or not self_check_spm():
+        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_rope() or not self_check_windows() or not self_check_spm():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")

@@ -32,6 +32,10 @@ pub struct Config {
     pub num_experts: usize,
     /// Experts each position is routed to (top-k), 0 for a dense MLP.
     pub num_experts_per_tok: usize,
+    /// Sliding-window attention per layer: `Some(w)` where layer `i` attends over the last `w`
+    /// positions, its own included (position `p` sees `p - w + 1 ..= p`, as transformers and
+    /// llama.cpp count), `None` where it attends globally. Empty: every layer global.
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 impl Config {
@@ -77,6 +81,12 @@ impl Config {
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
+        if !self.layer_windows.is_empty() && self.layer_windows.len() != self.num_layers {
+            return bad(format!("{} layer types for {} layers", self.layer_windows.len(), self.num_layers));
+        }
+        if self.layer_windows.contains(&Some(0)) {
+            return bad("sliding_window is 0: a window holds at least the query's own position".into());
+        }
         if self.num_experts > 0 && !(1..=self.num_experts).contains(&self.num_experts_per_tok) {
             return bad(format!(
                 "num_experts_per_tok ({}) must be between 1 and num_local_experts ({})",
@@ -96,6 +106,11 @@ impl Config {
     /// scaling's factor.
     pub fn context_window(&self) -> usize {
         self.rope_scaling.context(self.max_position_embeddings)
+    }
+
+    /// Layer `i`'s attention window ([`Config::layer_windows`]), `None` for global attention.
+    pub fn window(&self, i: usize) -> Option<usize> {
+        self.layer_windows.get(i).copied().flatten()
     }
 
     /// Number of query heads served by each KV head.
@@ -243,7 +258,72 @@ impl HfConfig {
             eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
             num_experts,
             num_experts_per_tok,
+            layer_windows: self.layer_windows(path)?,
         };
         Ok(cfg)
+    }
+
+    /// Which layers attend over a sliding window, as transformers 5 reads the config. The
+    /// window: `sliding_window` (Mistral's default 4,096 where the key is absent; Qwen2's and
+    /// Qwen3's only when `use_sliding_window` is true, 4,096 by default). The layers:
+    /// `layer_types` where the file lists them (`sliding_attention` ones), else every layer
+    /// for Mistral and Mixtral, the layers from `max_window_layers` (default 28) on for Qwen2
+    /// and Qwen3. Llama's config has no window (transformers' Llama ignores both keys).
+    /// Empty: every layer global.
+    pub fn layer_windows(&self, path: &Path) -> Result<Vec<Option<usize>>> {
+        let n = self.num_hidden_layers;
+        let mt = self.model_type.as_deref().unwrap_or("llama");
+        let given = self.key::<usize>("sliding_window", path)?;
+        let absent = !self.extra.contains_key("sliding_window");
+        let window = match mt {
+            "mistral" if absent => Some(4096),
+            "qwen2" | "qwen3" => match self.key::<bool>("use_sliding_window", path)? {
+                Some(true) if absent => Some(4096),
+                Some(true) => given,
+                _ => None,
+            },
+            "llama" => None,
+            _ => given,
+        };
+        let Some(w) = window else { return Ok(vec![]) };
+        if let Some(types) = self.key::<Vec<String>>("layer_types", path)? {
+            if types.len() != n {
+                return Err(EngineError::Config {
+                    path: path.into(),
+                    message: format!("layer_types lists {} layers, num_hidden_layers is {n}", types.len()),
+                });
+            }
+            let mut out = vec![];
+            for (i, t) in types.iter().enumerate() {
+                out.push(match t.as_str() {
+                    "full_attention" => None,
+                    "sliding_attention" => Some(w),
+                    other => {
+                        return Err(EngineError::Unsupported {
+                            path: path.into(),
+                            message: format!("layer_types[{i}] is `{other}` (only full_attention and sliding_attention are run)"),
+                        })
+                    }
+                });
+            }
+            return Ok(all_global_as_empty(out));
+        }
+        Ok(all_global_as_empty(match mt {
+            "mistral" | "mixtral" => vec![Some(w); n],
+            "qwen2" | "qwen3" => {
+                let from = self.key::<usize>("max_window_layers", path)?.unwrap_or(28);
+                (0..n).map(|i| (i >= from).then_some(w)).collect()
+            }
+            _ => vec![],
+        }))
+    }
+}
+
+/// Windows of which none is set as the empty list (every layer global).
+fn all_global_as_empty(windows: Vec<Option<usize>>) -> Vec<Option<usize>> {
+    if windows.iter().all(Option::is_none) {
+        vec![]
+    } else {
+        windows
     }
 }

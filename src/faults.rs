@@ -31,6 +31,9 @@ pub enum Fault {
     ExpertOffByOne,
     // SentencePiece tokenizers (issue 17).
     SpmSpacePrefix,
+    // Sliding-window attention (issue 37).
+    SlidingWindowIgnored,
+    WindowOffByOne,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -109,6 +112,9 @@ pub enum Diagnosis {
     Routing,
     /// The prompt's ids spell the reference's text without SentencePiece's `▁` space prefix.
     SpacePrefix,
+    /// A sliding-window layer attends over another span than its window (the window
+    /// ignored, one position too wide or too narrow), named by the span that reproduces it.
+    SlidingWindow,
     /// No rule names it.
     Unclassified,
 }
@@ -151,6 +157,7 @@ impl Diagnosis {
             Diagnosis::ExpertChoice => "expert-choice",
             Diagnosis::Routing => "routing",
             Diagnosis::SpacePrefix => "space-prefix",
+            Diagnosis::SlidingWindow => "sliding-window",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -190,6 +197,8 @@ pub enum Layer {
     First,
     /// The injected layer (`NAME:LAYER`, default [`DEFAULT_FAULT_LAYER`]).
     Injected,
+    /// The first sliding-window layer (every window layer is affected).
+    FirstWindow,
 }
 
 /// The layer of the one-layer faults when none is given.
@@ -417,6 +426,30 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "tokens",
         diagnosis: Diagnosis::SpacePrefix,
         needs: "a SentencePiece tokenizer (the tiny-spm fixtures, Llama 2 / TinyLlama files)",
+    },
+    // Sliding-window attention (issue 37). Both show from the first position past the window:
+    // at step 0 when the prompt is longer than it, else at the first decode step past it.
+    FaultInfo {
+        fault: Fault::SlidingWindowIgnored,
+        name: "sliding-window-ignored",
+        bug: "the window forgotten on one code path (candle's quantized Gemma 3; litgpt: gibberish after ~800 tokens): window layers attend over every position and keep every position",
+        code_path: "Llama::mask_for and Llama::new_cache: a window layer gets the causal mask and an append-only cache",
+        step: 0,
+        layer: Layer::FirstWindow,
+        site: "attn",
+        diagnosis: Diagnosis::SlidingWindow,
+        needs: "a model with sliding-window layers and a prompt longer than the window",
+    },
+    FaultInfo {
+        fault: Fault::WindowOffByOne,
+        name: "window-off-by-one",
+        bug: "the window one position too wide: `sliding_window` passed as FlashAttention's left size, which does not count the query's own position (mlx-lm PR 390, transformers issue 39408)",
+        code_path: "Llama::mask_for: a window layer's mask sees w + 1 positions",
+        step: 0,
+        layer: Layer::FirstWindow,
+        site: "attn",
+        diagnosis: Diagnosis::SlidingWindow,
+        needs: "a model with sliding-window layers and a prompt longer than the window",
     },
 ];
 

@@ -654,6 +654,7 @@ mod tests {
             eos_token_ids: vec![],
             num_experts: 0,
             num_experts_per_tok: 0,
+            layer_windows: vec![],
         }
     }
 

@@ -10,8 +10,9 @@
 //! (As mlx-lm's `make_cache()` and candle-transformers' Gemma attention, which holds an
 //! optional sliding window and a rotary embedding of its own per layer.)
 //!
-//! Llama, Qwen2 and Mixtral layers are all alike: [`uniform`] gives every layer the global
-//! plan of the config ([`LayerPlan::global`]).
+//! Llama, Mistral, Qwen2 and Mixtral layers share one RoPE and differ at most in their
+//! attention span: [`of_config`] gives each layer the global plan of the config
+//! ([`LayerPlan::global`]) or, where the config sets a sliding window, that window.
 
 use serde::Serialize;
 
@@ -105,9 +106,21 @@ impl LayerPlan {
     }
 }
 
-/// Every layer of `cfg` global ([`LayerPlan::global`]): the plan of Llama, Qwen2, Mixtral.
+/// Every layer of `cfg` global ([`LayerPlan::global`]).
 pub fn uniform(cfg: &Config) -> Vec<LayerPlan> {
     vec![LayerPlan::global(cfg); cfg.num_layers]
+}
+
+/// The plan of a Llama-architecture config (Llama, Mistral, Qwen2, Mixtral): one RoPE for
+/// every layer; a layer with a window ([`Config::layer_windows`]) attends over it and keeps a
+/// rotating cache of that many positions, the others are global.
+pub fn of_config(cfg: &Config) -> Vec<LayerPlan> {
+    (0..cfg.num_layers)
+        .map(|i| match cfg.window(i) {
+            Some(w) => LayerPlan { span: Span::Window(w), cache: CacheKind::Window(w), ..LayerPlan::global(cfg) },
+            None => LayerPlan::global(cfg),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -134,11 +147,17 @@ mod tests {
             eos_token_ids: vec![],
             num_experts: 0,
             num_experts_per_tok: 0,
+            layer_windows: vec![],
         };
         let plan = uniform(&cfg);
         assert_eq!(plan.len(), 3);
         assert!(plan.iter().all(|p| *p == LayerPlan { span: Span::Global, rope: RopePlan::unscaled(1e6, 16), cache: CacheKind::AppendOnly }));
         assert_eq!(plan[0].describe(), "global, RoPE base 1000000 over 16 dims, append-only cache");
         assert_eq!(Span::Window(512).describe(), "window of 512");
+        let windowed = Config { layer_windows: vec![None, Some(8), None], ..cfg };
+        let plan = of_config(&windowed);
+        assert_eq!((plan[0].span, plan[1].span, plan[2].span), (Span::Global, Span::Window(8), Span::Global));
+        assert_eq!(plan[1].cache, CacheKind::Window(8));
+        assert_eq!(plan[1].describe(), "window of 8, RoPE base 1000000 over 16 dims, rotating window of 8 cache");
     }
 }

@@ -579,6 +579,11 @@ impl GgufFile {
             // llama.cpp writes Mixtral as `llama` with these two keys.
             num_experts: opt_u32(&k("expert_count"))?.unwrap_or(0) as usize,
             num_experts_per_tok: opt_u32(&k("expert_used_count"))?.unwrap_or(0) as usize,
+            // llama.cpp runs the architectures of these families without a window (its `llama`
+            // and `qwen2` graphs ignore `{arch}.attention.sliding_window`; its converter writes
+            // none for Mistral): a file that sets one is refused by the key check, not run
+            // with or without it.
+            layer_windows: vec![],
         };
         if strict {
             let infos = &self.content.tensor_infos;

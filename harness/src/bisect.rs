@@ -126,7 +126,7 @@ pub fn bisect(opts: &RunOptions, engine: &LoadedModel, refs: &[Reference], max_c
         let total = k.start + k.fed;
         // Isolation where the engine can run one layer alone (its declared capability).
         let iso = match site.layer {
-            Some(l) if engine.model.info().capabilities.isolate_layer => Some(isolate(engine, k, l, k.fed, k.start, mode)?),
+            Some(l) if engine.model.info().capabilities.isolate_layer => isolate(engine, k, l, k.fed, k.start, mode)?,
             _ => None,
         };
         // The cache kind of the site's own layer (a model's layers may keep positions differently).
@@ -280,6 +280,7 @@ pub fn check_catalog(
                 Layer::None => String::new(),
                 Layer::First => "layer 0, ".into(),
                 Layer::Injected => format!("layer {DEFAULT_FAULT_LAYER}, "),
+                Layer::FirstWindow => "first window layer, ".into(),
             },
             if quant_embed && info.fault == Fault::Q41Min { "embed" } else { info.site },
             info.diagnosis
@@ -291,7 +292,8 @@ pub fn check_catalog(
         }
         let eng = crate::lockstep::options::load_engine(&o)?;
         let (rep, _) = bisect(&o, &eng, refs, 256)?;
-        let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, quant_embed);
+        let first_window = engine.model.info().config.layer_windows.iter().position(Option::is_some);
+        let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, first_window, quant_embed);
         out.push(CheckResult {
             fault: info.name.into(),
             applicable: true,
@@ -310,18 +312,18 @@ pub fn render_check(rows: &[CheckResult], model: &str, reference: &str) -> Strin
     let mut o = String::new();
     let _ = writeln!(o, "lockstep faults --check: {model} vs {reference}\n");
     let mark = |r: &CheckResult| if !r.applicable { "n/a" } else if r.ok { "ok" } else { "MISS" };
-    let wide = rows.iter().map(|r| 20 + 1 + 5 + 1 + 42 + 1 + 42 + 1 + 6 + 2 + r.note.chars().count()).max().unwrap_or(0);
+    let wide = rows.iter().map(|r| 22 + 1 + 5 + 1 + 50 + 1 + 50 + 1 + 6 + 2 + r.note.chars().count()).max().unwrap_or(0);
     match crate::ui::get().width.filter(|&w| w < wide) {
         None => {
-            let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
+            let _ = writeln!(o, "{:<22} {:<5} {:<50} {:<50} {:>6}  diagnosis", "fault", "", "expected", "bisect found", "s");
             for r in rows {
-                let _ = writeln!(o, "{:<20} {:<5} {:<42} {:<42} {:>6.2}  {}", r.fault, mark(r), r.expected, r.found, r.seconds, r.note);
+                let _ = writeln!(o, "{:<22} {:<5} {:<50} {:<50} {:>6.2}  {}", r.fault, mark(r), r.expected, r.found, r.seconds, r.note);
             }
         }
         // Narrow: one block per fault, the long fields on lines of their own.
         Some(w) => {
             for r in rows {
-                let _ = writeln!(o, "{:<20} {:<5} {:>6.2} s", r.fault, mark(r), r.seconds);
+                let _ = writeln!(o, "{:<22} {:<5} {:>6.2} s", r.fault, mark(r), r.seconds);
                 for (label, text) in [("expected", &r.expected), ("found", &r.found), ("note", &r.note)] {
                     if !text.is_empty() {
                         let _ = writeln!(o, "{}", crate::ui::wrap(&format!("  {label:<9}{text}"), w, 11));
@@ -349,9 +351,32 @@ fn site_detail(s: &SiteRecord) -> String {
     }
 }
 
+/// The positions of layer `l`'s cache the reference held before the step, as isolation needs
+/// them: `Ok(None)` for a global layer (the cache after the step minus the positions fed);
+/// for a sliding-window layer of window `w`, `Ok(Some(n))`, the last `n = min(start, w - 1)`
+/// of them (what the step's first position attends over), or `Err` with the reason when the
+/// reference no longer holds them (its window evicted some at this step: the cache before it
+/// is not in what was kept).
+fn window_before(engine: &LoadedModel, k: &KeptStep, l: usize) -> Result<Option<usize>, String> {
+    let Some(w) = crate::lockstep::step::Windows::of_model(&engine.path).0.get(l).copied().flatten() else { return Ok(None) };
+    let needed = k.start.min(w.saturating_sub(1));
+    let held = k.arrays.get(&format!("layers.{l}.cache_k")).map(|(s, _)| s[1].saturating_sub(k.fed)).unwrap_or(0);
+    match held >= needed {
+        true => Ok(Some(needed)),
+        false => Err(format!(
+            "layer {l} attends over a window of {w}: the reference's cache before step {} held {needed} positions this step needs, and it \
+             returned {held} of them after evicting the rest (isolation runs the layer on a complete cache only)",
+            k.step
+        )),
+    }
+}
+
 /// Runs layer `l` of the engine on the reference's input and cache, at the step's positions
-/// (`start..`, `start` the positions fed before it); compares every site.
-fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usize, mode: WeightsMode) -> Result<Isolation, HarnessError> {
+/// (`start..`, `start` the positions fed before it); compares every site. `None` where the
+/// reference's cache before the step is not at hand ([`window_before`]).
+fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usize, mode: WeightsMode) -> Result<Option<Isolation>, HarnessError> {
+    let Ok(window) = window_before(engine, k, l) else { return Ok(None) };
+    let keep = crate::lockstep::step::Windows::of_model(&engine.path).keep(l, start + fed);
     let model = &engine.model;
     let input_name = sites::layer_input(l);
     let tensor = |name: &str| -> Option<Tensor> {
@@ -364,12 +389,14 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usiz
     let kv = match (tensor(&format!("layers.{l}.cache_k")), tensor(&format!("layers.{l}.cache_v"))) {
         (Some(ck), Some(cv)) => {
             let len = ck.dims()[1];
-            let before = len.saturating_sub(fed);
+            let held = len.saturating_sub(fed);
+            // A window layer: the last positions of its window, of those held.
+            let before = window.unwrap_or(held);
             if before == 0 {
                 None
             } else {
-                let ck = ck.narrow(1, 0, before)?;
-                let cv = cv.narrow(1, 0, before)?.contiguous()?;
+                let ck = ck.narrow(1, held - before, before)?;
+                let cv = cv.narrow(1, held - before, before)?.contiguous()?;
                 // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
                 let site = model.site_graph().get(&format!("layers.{l}.cache_k")).ok_or(HarnessError::SiteNotInGraph { site: format!("layers.{l}.cache_k") })?;
                 let ck = model.to_model_layout(site, &ck.contiguous()?)?;
@@ -385,6 +412,16 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usiz
         let Some((rshape, rv)) = k.arrays.get(name) else { continue };
         let Some(site) = model.site_graph().get(name) else { continue };
         let (t, _) = model.to_canonical(site, t)?;
+        // A window layer's caches in their canonical form, on both sides.
+        let (t, rshape, rv) = match (site.kind, keep, rshape.as_slice()) {
+            (lockstep_engine::SiteKind::Cache, Some(n), &[h, len, w]) if len >= n && t.dims().get(1).is_some_and(|&e| e >= n) => {
+                let part = crate::compare::data::gather_rows(crate::compare::data::Data::F32(rv), rshape, &[len - n..len]).expect("f32 rows");
+                let e = t.dims()[1];
+                (t.narrow(1, e - n, n)?, vec![h, n, w], std::borrow::Cow::Owned(part.data().to_f32_vec().expect("f32 rows")))
+            }
+            _ => (t.clone(), rshape.clone(), std::borrow::Cow::Borrowed(rv)),
+        };
+        let (rshape, rv) = (&rshape, rv.as_ref());
         if t.dims() != rshape.as_slice() {
             sites.push(IsolatedSite { site: name.clone(), rel_l2: f64::INFINITY, verdict: Verdict::Fail });
             continue;
@@ -398,7 +435,7 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usiz
         sites.push(IsolatedSite { site: name.clone(), rel_l2: m.rel_l2, verdict: tensor_verdict(&m, &tol) });
     }
     let first = sites.iter().find(|s| s.verdict == Verdict::Fail).map(|s| s.site.clone());
-    Ok(Isolation { layer: l, verdict: if first.is_some() { "local" } else { "inherited" }, first_failing_site: first, sites })
+    Ok(Some(Isolation { layer: l, verdict: if first.is_some() { "local" } else { "inherited" }, first_failing_site: first, sites }))
 }
 
 
@@ -748,9 +785,15 @@ fn cache_before(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize) -> Opt
     if ks[1] <= fed {
         return None;
     }
-    let before = ks[1] - fed;
-    let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous()).ok()?;
-    let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(|t| t.narrow(1, 0, before)).and_then(|t| t.contiguous()).ok()?;
+    let held = ks[1] - fed;
+    // A window layer: the last positions of its window, of those held ([`window_before`]).
+    let before = window_before(engine, k, l).ok()?.unwrap_or(held);
+    if before == 0 {
+        return None;
+    }
+    let rows = |t: Tensor| t.narrow(1, held - before, before).and_then(|t| t.contiguous());
+    let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(rows).ok()?;
+    let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(rows).ok()?;
     let site = engine.model.site_graph().get(&format!("layers.{l}.cache_k"))?;
     Some((engine.model.to_model_layout(site, &kt).ok()?, vt))
 }
@@ -860,6 +903,10 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
+    if let Err(why) = window_before(engine, k, l) {
+        ev.push(why);
+        return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
+    }
     let kv = cache_before(engine, k, l, fed);
     let ok = engine.model.isolate_layer(l, at.total - at.fed, &xt, kv, &mut cap).is_ok();
     let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
@@ -867,6 +914,9 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let cols = *rs.last().unwrap_or(&1);
+    if let Some(f) = window_evidence(engine, k, l, &e, r, ev) {
+        return f;
+    }
     let rows = row_errors(&e, r, cols);
     let n = rows.len();
     if n > 1 && rows[n - 1] < 1e-4 && rows[..n - 1].iter().any(|&x| x > 1e-2) {
@@ -902,6 +952,70 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
     }
     ev.push(format!("per-head rel-L2: {}", per_head.iter().map(|x| format!("{x:.1e}")).collect::<Vec<_>>().join(" ")));
     finding(Diagnosis::Attention, "the attention (scores, softmax or mask) differs", std::mem::take(ev))
+}
+
+/// A sliding-window layer's attention recomputed from the reference's q_rope, k_rope, v and its
+/// cache before the step over other spans than the config's window `w`: `w` itself (which must
+/// give the reference's output: the recomputation is checked), `w + 1`, `w - 1` and every
+/// position. The span that gives the engine's output (on the reference's input, by isolation)
+/// is the finding; none: `None`, and the distances are evidence.
+fn window_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, e: &[f32], r: &[f32], ev: &mut Vec<String>) -> Option<Finding> {
+    use lockstep_engine::blocks::{attention, HeadMapping, Mask};
+    let w = crate::lockstep::step::Windows::of_model(&engine.path).0.get(l).copied().flatten()?;
+    let before = window_before(engine, k, l).ok()??;
+    let tensor = |name: &str| arr(k, name).and_then(|(s, v)| Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).ok());
+    let (q, kr) = (tensor(&format!("layers.{l}.q_rope"))?, tensor(&format!("layers.{l}.k_rope"))?);
+    let (nh, seq, hd) = q.dims3().ok()?;
+    let nkv = kr.dims3().ok()?.0;
+    let v = tensor(&format!("layers.{l}.v"))?.reshape((seq, nkv, hd)).ok()?.transpose(0, 1).ok()?.contiguous().ok()?;
+    let (mut keys, mut values) = (kr, v);
+    if before > 0 {
+        let held = |name: &str| -> Option<Tensor> {
+            let t = tensor(&format!("layers.{l}.{name}"))?;
+            let n = t.dims()[1].checked_sub(k.fed)?;
+            t.narrow(1, n.checked_sub(before)?, before).ok()
+        };
+        keys = Tensor::cat(&[held("cache_k")?, keys], 1).ok()?;
+        values = Tensor::cat(&[held("cache_v")?, values], 1).ok()?;
+    }
+    let scale = 1.0 / (hd as f64).sqrt();
+    let span = |mask: Mask| -> Option<Vec<f32>> {
+        let out = attention(&q, &keys, &values, mask, scale, HeadMapping::Grouped).ok()?;
+        out.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()
+    };
+    let window = |w: usize| span(Mask::Window { offset: before, w });
+    let right = tensor_metrics(&window(w)?, r).rel_l2;
+    if right > 1e-4 {
+        ev.push(format!("attention over the window of {w} recomputed from the reference's q_rope, k_rope and v differs from its output (rel-L2 {right:.1e}): not tested further"));
+        return None;
+    }
+    let mut tried = vec![];
+    for (what, out) in [
+        ("every position (the window ignored)", span(Mask::Causal { offset: before })),
+        ("a window of w + 1 (the query's own position not counted, as FlashAttention's left size)", window(w + 1)),
+        ("a window of w - 1", window(w.saturating_sub(1).max(1))),
+    ] {
+        let d = tensor_metrics(e, &out?).rel_l2;
+        tried.push(format!("{d:.1e}"));
+        if d < 1e-4 {
+            ev.push(format!(
+                "the engine's attention at layer {l} (on the reference's input) is attention over {} (rel-L2 {d:.1e}); over the config's \
+                 window of {w} it is the reference's (rel-L2 {right:.1e})",
+                what.replace("w + 1", &(w + 1).to_string()).replace("w - 1", &(w - 1).to_string())
+            ));
+            let title = match what.chars().next() {
+                Some('e') => format!("sliding window ignored: layer {l} attends over every position, its window is {w}"),
+                _ if what.contains("w + 1") => format!("sliding window off by one: layer {l} attends over {} positions, its window is {w}", w + 1),
+                _ => format!("sliding window off by one: layer {l} attends over {} positions, its window is {w}", w - 1),
+            };
+            return Some(finding(Diagnosis::SlidingWindow, title, std::mem::take(ev)));
+        }
+    }
+    ev.push(format!(
+        "layer {l} has a window of {w}: no other span reproduces the engine (rel-L2 to every position, w + 1, w - 1: {})",
+        tried.join(", ")
+    ));
+    None
 }
 
 fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Finding {
@@ -1015,13 +1129,20 @@ pub fn verdict_line(rep: &BisectReport) -> String {
 }
 
 /// For `lockstep faults --check`: does a bisect report match a catalog entry?
-pub fn matches_catalog(rep: &BisectReport, info: &lockstep_engine::faults::FaultInfo, injected_layer: usize, quant_embed: bool) -> bool {
+pub fn matches_catalog(
+    rep: &BisectReport,
+    info: &lockstep_engine::faults::FaultInfo,
+    injected_layer: usize,
+    first_window: Option<usize>,
+    quant_embed: bool,
+) -> bool {
     use lockstep_engine::faults::Layer;
     let Some(d) = &rep.diagnosis else { return false };
     let want_layer = match info.layer {
         Layer::None => None,
         Layer::First => Some(0),
         Layer::Injected => Some(injected_layer),
+        Layer::FirstWindow => first_window,
     };
     let site_leaf = rep.site.as_deref().map(leaf_of).unwrap_or("");
     // q4_1-min enters at the first Q4_1 matrix: the embedding itself when it is Q4_1.

@@ -108,6 +108,24 @@ pub fn classify(at: &At) -> Finding {
         }
         return finding(Diagnosis::CacheLength, format!("cache length differs: engine {el}, reference {rl}"), ev);
     }
+    // 1b. A window that was not moved (its canonical form has the reference's length).
+    if site.kind == SiteKind::Cache && step >= 1 && site.window_lag == Some(fed) {
+        let layer = site.layer.unwrap_or(0);
+        // Later layers inherit the error through their input; no other layer lags.
+        let others_ok = at.rs.sites.iter().filter(|s| s.kind == SiteKind::Cache && s.layer != site.layer).all(|s| {
+            s.window_lag.is_none() && (s.layer > site.layer || s.verdict != Verdict::Fail)
+        });
+        ev.push(format!(
+            "layer {layer}'s window holds the positions before step {step}: its rows are the reference's {} earlier (the {} this step fed are missing){}",
+            positions(fed),
+            positions(fed),
+            if others_ok { "; no other layer's window lags, the earlier layers' caches pass" } else { "" }
+        ));
+        if others_ok {
+            return finding(Diagnosis::StaleCache, format!("stale cache: layer {layer}'s cache is not updated"), ev);
+        }
+        return finding(Diagnosis::CacheLength, "the windowed caches are not moved by this step", ev);
+    }
     // 2. More positions than fed.
     if site.metrics.is_none() && site.engine_shape.first().copied().unwrap_or(0) > fed && step >= 1 {
         let n = site.engine_shape[0];
@@ -257,6 +275,7 @@ mod tests {
             transform: None,
             note: None,
             routing: None,
+            window_lag: None,
         }
     }
 

@@ -12,12 +12,14 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 20] = [
+const ALL_FAULTS: [&str; 22] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rope-scaling-ignored", "rms-eps", "gqa-mapping", "causal-mask",
     "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
     "qkv-bias-dropped", "tied-head", "router-renorm-skipped", "expert-off-by-one",
     // SentencePiece tokenizers: not applicable on the byte-level BPE fixtures and SmolLM2.
     "spm-space-prefix",
+    // Sliding windows: applicable on the windowed fixtures only.
+    "sliding-window-ignored", "window-off-by-one",
 ];
 
 #[test]
@@ -29,7 +31,7 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
                    "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached", "rope-scaling",
-                   "adapter-scale", "sampler-mismatch", "bias", "output-head", "space-prefix"] {
+                   "adapter-scale", "sampler-mismatch", "bias", "output-head", "space-prefix", "sliding-window"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);
@@ -66,6 +68,29 @@ live_test! {
         let v = check(&["tiny"], "transformers", 13);
         let t = v.as_array().unwrap().iter().find(|r| r["fault"] == "tied-head").unwrap();
         assert_eq!(t["found"], "step 0, logits [output-head]", "{t}");
+    }
+}
+
+live_test! {
+    /// The windowed fixtures: both window faults found at step 0 (the chat prompt is longer than
+    /// the window of 8) at the first window layer (0 on tiny-mistral, 1 on tiny-qwen2-swa,
+    /// whose layer 0 is global); stale-cache named on a window whose length no longer tells
+    /// (its rows lag the reference's by the position fed); causal-mask does not apply where
+    /// every layer is windowed, and does on tiny-qwen2-swa's global layer 0.
+    fn every_fault_on_the_windowed_fixtures_against_transformers() {
+        for (model, applicable, layer) in [("tiny-mistral", 14, 0), ("tiny-qwen2-swa", 15, 1)] {
+            let path = repo().join("snapshots/models").join(model);
+            let v = check(&[path.to_str().unwrap()], "transformers", applicable);
+            let rows = v.as_array().unwrap();
+            for f in ["sliding-window-ignored", "window-off-by-one"] {
+                let r = rows.iter().find(|r| r["fault"] == f).unwrap();
+                assert_eq!(r["found"], format!("step 0, layer {layer}, attn [sliding-window]"), "{model}: {r}");
+            }
+            let stale = rows.iter().find(|r| r["fault"] == "stale-cache").unwrap();
+            assert_eq!(stale["found"], "step 1, layer 1, cache_k [stale-cache]", "{model}: {stale}");
+            let causal = rows.iter().find(|r| r["fault"] == "causal-mask").unwrap();
+            assert_eq!(causal["applicable"], model == "tiny-qwen2-swa", "{model}: {causal}");
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! Prefill and decode are the same code: [`Llama::forward`] takes any number of new
 //! tokens, appends their K/V to the explicit [`KvCache`] and attends over the whole
 //! cache. Each layer reads its own plan ([`crate::plan`]: RoPE base, attention span, cache
-//! kind); the families here build every layer global ([`plan::uniform`]). Every intermediate
+//! kind; [`plan::of_config`]: global, or the config's sliding window). Every intermediate
 //! is offered to the optional [`Capture`] under its site name (the family's [`LAYER_SITES`]
 //! table, from which its [`SiteGraph`] is generated).
 
@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::Family;
 use crate::blocks::{attention, linear, rms_norm, rope, rope_tables, silu_mul, HeadMapping, Mask};
-use crate::cache::{KvCache, KvDtype};
+use crate::cache::{CacheKind, KvCache, KvDtype};
 use crate::config::Config;
 use crate::decoder::{Capabilities, Decoder, ModelInfo};
 use crate::error::{EngineError, Result};
@@ -48,7 +48,7 @@ pub struct Llama {
     /// architecture plus what its weights carry (Qwen2: q/k/v biases, `crate::models::qwen2`).
     family: &'static Family,
     graph: SiteGraph,
-    /// Each layer's plan (all global: [`plan::uniform`] of the config).
+    /// Each layer's plan ([`plan::of_config`]: global, or the config's sliding window).
     plan: Vec<LayerPlan>,
     /// Built on first use, after the loader has set the faults and attached any adapter.
     info: OnceLock<ModelInfo>,
@@ -63,7 +63,7 @@ impl Llama {
     /// graph's); the layers' optional q/k/v biases are added to the projections.
     pub fn of_family(family: &'static Family, cfg: Config, weights: LlamaWeights, qk_layout: QkLayout, dtype: DType) -> Self {
         let graph = SiteGraph::new(cfg.num_layers, family.layer_sites);
-        let plan = plan::uniform(&cfg);
+        let plan = plan::of_config(&cfg);
         Self { cfg, weights, qk_layout, dtype, faults: Faults::none(), kv_cache: KvDtype::default(), device: Device::Cpu, family, graph, plan, info: OnceLock::new() }
     }
 
@@ -170,10 +170,20 @@ impl Llama {
     /// global layer); the `causal-mask` fault drops the causal part of a prefill. A description,
     /// never a `(seq, total)` tensor: attention builds it a chunk of rows at a time.
     fn mask_for(&self, p: &LayerPlan, offset: usize, seq: usize) -> Mask {
-        match p.span {
+        match self.span(p) {
             Span::Global if seq > 1 && !self.faults.has(Fault::CausalMask) => Mask::Causal { offset },
             Span::Global => Mask::None,
+            Span::Window(w) if self.faults.has(Fault::WindowOffByOne) => Mask::Window { offset, w: w + 1 },
             Span::Window(w) => Mask::Window { offset, w },
+        }
+    }
+
+    /// A layer's attention span as it runs: its plan's (the `sliding-window-ignored` fault:
+    /// global).
+    fn span(&self, p: &LayerPlan) -> Span {
+        match p.span {
+            Span::Window(_) if self.faults.has(Fault::SlidingWindowIgnored) => Span::Global,
+            s => s,
         }
     }
 
@@ -287,7 +297,12 @@ impl Decoder for Llama {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::with_kinds(self.plan.iter().map(|p| p.cache).collect()).stored_as(self.kv_cache)
+        // The `sliding-window-ignored` fault keeps every position of a window layer.
+        let kind = |p: &LayerPlan| match self.faults.has(Fault::SlidingWindowIgnored) {
+            true => CacheKind::AppendOnly,
+            false => p.cache,
+        };
+        KvCache::with_kinds(self.plan.iter().map(kind).collect()).stored_as(self.kv_cache)
     }
 
     fn forward(&self, tokens: &[u32], cache: &mut KvCache, cap: Option<&mut Capture>) -> Result<Tensor> {

@@ -63,16 +63,10 @@ pub const LAYER_SITES: &[LayerSite] = &[
     LayerSite::new("out", SiteKind::Residual, &["mlp_out", "attn_out", INPUT]),
 ];
 
-/// Mixtral's `config.json`: the Llama architecture's checks, the experts
-/// (`num_local_experts`, `num_experts_per_tok`, both required), and its sliding window
-/// refused while set.
+/// Mixtral's `config.json`: the Llama architecture's checks and the experts
+/// (`num_local_experts`, `num_experts_per_tok`, both required); a `sliding_window` applies to
+/// every layer ([`HfConfig::layer_windows`]).
 fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
-    if hf.key::<serde_json::Value>("sliding_window", path)?.is_some() {
-        return Err(EngineError::Unsupported {
-            path: path.into(),
-            message: "sliding_window (Mixtral's windowed attention) is not supported: set it to null".into(),
-        });
-    }
     let experts = match (hf.key::<usize>("num_local_experts", path)?, hf.key::<usize>("num_experts_per_tok", path)?) {
         (Some(e), Some(k)) => (e, k),
         _ => {

@@ -20,6 +20,7 @@ use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT, OUT};
 use crate::weights::GgufFile;
 
 pub mod llama;
+pub mod mistral;
 pub mod qwen2;
 // Mixtral-style sparse MoE.
 pub mod mixtral;
@@ -63,6 +64,7 @@ impl std::fmt::Debug for Family {
 /// Every family the engine runs.
 pub const FAMILIES: &[Family] = &[
     llama::FAMILY,
+    mistral::FAMILY,
     qwen2::FAMILY,
     // Mixtral-style sparse MoE.
     mixtral::FAMILY,

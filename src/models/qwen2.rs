@@ -35,12 +35,10 @@ pub const FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], gguf
 /// of the projection sites `q`, `k`, `v`).
 pub const LAYER_SITES: &[LayerSite] = LLAMA_LAYER_SITES;
 
-/// Qwen2's `config.json`: the Llama architecture's checks, q/k/v biases implied by the model
-/// type (its configs usually omit `attention_bias`), and its sliding window refused while on.
+/// Qwen2's `config.json`: the Llama architecture's checks and q/k/v biases implied by the
+/// model type (its configs usually omit `attention_bias`). With `use_sliding_window` the
+/// layers from `max_window_layers` on attend over `sliding_window` ([`HfConfig::layer_windows`]).
 fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
-    if hf.key::<bool>("use_sliding_window", path)? == Some(true) {
-        return Err(EngineError::Unsupported { path: path.into(), message: "use_sliding_window = true is not supported".into() });
-    }
     llama_config(hf, path, true, (0, 0))
 }
 

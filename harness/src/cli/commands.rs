@@ -572,21 +572,22 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
         let narrow = crate::ui::get().width.filter(|&w| w < wide);
         let mut o = String::new();
         use std::fmt::Write as _;
-        let _ = writeln!(o, "{:<20} {:<5} {:<8} {:<10} {:<17} {}", "fault", "step", "layer", "site", "diagnosis", if narrow.is_some() { "" } else { "bug / where injected" });
+        let _ = writeln!(o, "{:<22} {:<5} {:<8} {:<10} {:<17} {}", "fault", "step", "layer", "site", "diagnosis", if narrow.is_some() { "" } else { "bug / where injected" });
         for f in CATALOG {
             let layer = match f.layer {
                 Layer::None => "-".to_string(),
                 Layer::First => "0".to_string(),
                 Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
+                Layer::FirstWindow => "1st win".to_string(),
             };
             let needs = if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) };
             match narrow {
                 None => {
-                    let _ = writeln!(o, "{:<20} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
-                    let _ = writeln!(o, "{:<64} in {}{needs}", "", f.code_path);
+                    let _ = writeln!(o, "{:<22} {:<5} {:<8} {:<10} {:<17} {}", f.name, f.step, layer, f.site, f.diagnosis, f.bug);
+                    let _ = writeln!(o, "{:<66} in {}{needs}", "", f.code_path);
                 }
                 Some(w) => {
-                    let _ = writeln!(o, "{}", format!("{:<20} {:<5} {:<8} {:<10} {}", f.name, f.step, layer, f.site, f.diagnosis).trim_end());
+                    let _ = writeln!(o, "{}", format!("{:<22} {:<5} {:<8} {:<10} {}", f.name, f.step, layer, f.site, f.diagnosis).trim_end());
                     let _ = writeln!(o, "{}", crate::ui::wrap(&format!("    {}", f.bug), w, 4));
                     let _ = writeln!(o, "{}", crate::ui::wrap(&format!("    in {}{needs}", f.code_path), w, 7));
                 }

@@ -31,6 +31,24 @@ pub struct EngineSite {
     pub rows: Option<Vec<std::ops::Range<usize>>>,
     /// A cache compared in part: the cache itself, in the model's layout (a view, not a copy).
     pub view: Option<candle_core::Tensor>,
+    /// The cache of a sliding-window layer, in its canonical form ([`super::step::Windows`]):
+    /// `data` and `shape` hold its last positions only, and every reference's cache is cut to
+    /// as many before it is compared.
+    pub window: Option<usize>,
+}
+
+/// [`SiteRecord::window_lag`]: the engine's rows of a windowed cache `(heads, keep, width)`
+/// from `fed` on against the reference's first `keep - fed`, equal within f32 noise
+/// (rel-L2 < 1e-4, what separates the same K/V rows computed twice from other rows).
+fn window_lag(es: &EngineSite, shape: &[usize], rdata: Data<'_>, fed: usize) -> Option<usize> {
+    use crate::compare::data::gather_rows;
+    let (Some(_), &[_, keep, _]) = (es.window, shape) else { return None };
+    if fed == 0 || fed >= keep || es.rows.is_some() {
+        return None;
+    }
+    let e = gather_rows(es.data.data(), shape, &[fed..keep])?;
+    let r = gather_rows(rdata, shape, &[0..keep - fed])?;
+    (crate::compare::data::metrics_data(e.data(), r.data()).rel_l2 < 1e-4).then_some(fed)
 }
 
 /// How the engine is judged against each reference of a run: which arithmetic each pair
@@ -68,7 +86,17 @@ impl Judge {
 
     /// The record of one site against reference `i`: its shapes, metrics and verdict
     /// (a shape mismatch fails, with a note that says how).
-    pub fn site(&self, i: usize, es: &EngineSite, rshape: &[usize], rdata: Data<'_>, floor: Option<f64>, oracle: Option<OracleDistance>) -> SiteRecord {
+    #[allow(clippy::too_many_arguments)]
+    pub fn site(
+        &self,
+        i: usize,
+        es: &EngineSite,
+        rshape: &[usize],
+        rdata: Data<'_>,
+        floor: Option<f64>,
+        oracle: Option<OracleDistance>,
+        fed: usize,
+    ) -> SiteRecord {
         let kind = SiteKind::of(&es.site);
         let layer = lockstep_engine::sites::layer_of(&es.site);
         let base = SiteRecord {
@@ -84,6 +112,7 @@ impl Judge {
             transform: es.transform,
             note: None,
             routing: None,
+            window_lag: None,
         };
         if rshape != es.shape.as_slice() {
             return SiteRecord { note: Some(shape_note(kind, &es.shape, rshape)), ..base };
@@ -94,7 +123,12 @@ impl Judge {
         let floor = if self.modes[i] == WeightsMode::SameEngine { None } else { floor };
         let routing = self.routing(es, rdata);
         let note = routing.as_ref().and_then(|r| r.note());
-        SiteRecord { verdict: tensor_verdict_with_floor(&m, &tol, floor), metrics: Some(m), note, routing, ..base }
+        let verdict = tensor_verdict_with_floor(&m, &tol, floor);
+        let window_lag = match verdict {
+            Verdict::Fail => window_lag(es, rshape, rdata, fed),
+            _ => None,
+        };
+        SiteRecord { verdict, metrics: Some(m), note, routing, window_lag, ..base }
     }
 
     /// An MoE site's routing comparison (`None` for other sites, or a sketched reference).
@@ -226,19 +260,19 @@ mod tests {
             precision: Precision::F32,
             top_k: 0,
         };
-        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v].into(), transform: None, rows: None, view: None };
+        let es = |v: f64| EngineSite { site: "layers.0.q".into(), shape: vec![1, 2], data: vec![1.0, v].into(), transform: None, rows: None, view: None, window: None };
         let r = [1.0f32, 1.0];
         // rel-L2 2e-2 fails the f32 bound (1e-2) by itself; within 4x a floor of 6e-3 it is
         // drift; 4x a floor of 4e-3 does not cover it.
-        let big = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), None, None);
+        let big = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), None, None, 1);
         assert_eq!(big.verdict, Verdict::Fail, "{big:?}");
-        let within = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(6e-3), None);
+        let within = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(6e-3), None, 1);
         assert_eq!(within.verdict, Verdict::Drift, "{within:?}");
-        let beyond = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(4e-3), None);
+        let beyond = j.site(0, &es(1.0 + 2.828e-2), &[1, 2], Data::F32(&r), Some(4e-3), None, 1);
         assert_eq!(beyond.verdict, Verdict::Fail, "{beyond:?}");
-        let exact = j.site(0, &es(1.0), &[1, 2], Data::F32(&r), None, None);
+        let exact = j.site(0, &es(1.0), &[1, 2], Data::F32(&r), None, None, 1);
         assert_eq!(exact.verdict, Verdict::Pass);
-        let shape = j.site(0, &es(1.0), &[2, 1], Data::F32(&r), None, None);
+        let shape = j.site(0, &es(1.0), &[2, 1], Data::F32(&r), None, None, 1);
         assert_eq!((shape.verdict, shape.metrics.is_none()), (Verdict::Fail, true));
     }
 }

@@ -190,6 +190,17 @@ pub fn fault_inapplicable(
             Some(format!("with {} query heads on {} KV heads every mapping reads the same heads", cfg.num_heads, cfg.num_kv_heads))
         }
         Fault::QkvBiasDropped if !cfg.qkv_bias => Some("the model's q/k/v projections have no biases".into()),
+        Fault::CausalMask if !cfg.layer_windows.is_empty() && cfg.layer_windows.iter().all(Option::is_some) => {
+            Some("every layer attends over a sliding window, whose mask the fault leaves as it is (it drops a global layer's)".into())
+        }
+        Fault::SlidingWindowIgnored | Fault::WindowOffByOne => match cfg.layer_windows.iter().flatten().min() {
+            None => Some("the model has no sliding-window layer".into()),
+            Some(&w) if positions_fed(prompt_ids.len(), steps) <= w => Some(format!(
+                "the run feeds {} positions and the smallest window holds {w}: a window acts only past it",
+                positions_fed(prompt_ids.len(), steps)
+            )),
+            Some(_) => None,
+        },
         Fault::TiedHead if cfg.tie_word_embeddings => Some("the model's head is tied to the embedding already".into()),
         Fault::RouterRenormSkipped | Fault::ExpertOffByOne if cfg.num_experts == 0 => Some("not a mixture-of-experts model".into()),
         Fault::RouterRenormSkipped if cfg.num_experts_per_tok >= cfg.num_experts => {

@@ -22,7 +22,7 @@ use crate::lockstep::free_running::free_running;
 use crate::lockstep::judge::Judge;
 use crate::lockstep::options::{Prompt, RunOptions};
 use crate::lockstep::prompt::check_prompt;
-use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompare, Sweep};
+use crate::lockstep::step::{engine_step, reference_steps, EngineStep, StepCompare, Sweep, Windows};
 use crate::lockstep::summary::{engine_info, find_first_divergence, quant_run_checks, stopped_before_step0, summarize};
 use crate::reference::{Reference, StepOutput};
 use crate::results::checks::{GenConfig, SamplerCheck};
@@ -276,7 +276,7 @@ impl Lockstep<'_> {
         let (mut steps, mut generated, mut kept) = (Vec::new(), Vec::new(), None);
         let mut feed = prompt.engine_ids.clone();
         let mut total = 0;
-        let mut sweep = Sweep::default();
+        let mut sweep = Sweep::new(Windows::of_model(&self.engine.path));
         // Bisect stops at a token mismatch: nothing after it is comparable.
         let n_steps = if opts.bisect && !prompt.ids_match { 0 } else { opts.steps.max(1) };
         for step in 0..n_steps {
@@ -327,7 +327,7 @@ impl Lockstep<'_> {
             }
             let start = *total;
             let scope = sweep.scope(start, part.len());
-            let mut es = engine_step(model, part, cache, wanted, scope)?;
+            let mut es = engine_step(model, part, cache, wanted, scope, &sweep.windows)?;
             *total += part.len();
             engine_seconds += es.seconds;
             let outputs = reference_steps(self.refs, part)?;

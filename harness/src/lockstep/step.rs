@@ -103,9 +103,17 @@ pub struct Sweep {
     next: usize,
     /// The verdict of the last call (over every reference).
     pub last: Verdict,
+    /// The model's sliding windows: a windowed layer's cache is compared in its canonical
+    /// form, whole.
+    pub windows: Windows,
 }
 
 impl Sweep {
+    /// A run's sweep, for a model with these windows.
+    pub fn new(windows: Windows) -> Self {
+        Sweep { windows, ..Sweep::default() }
+    }
+
     /// The scope of a call feeding `fed` positions after `start`; advances the cursor.
     pub fn scope(&mut self, start: usize, fed: usize) -> CacheScope {
         let total = start + fed;
@@ -118,14 +126,39 @@ impl Sweep {
     }
 }
 
+/// The sliding windows of the model's layers, as its config defines them (whatever engine
+/// runs it), and the canonical form of a windowed layer's cache they give: sides store a
+/// window differently (transformers keeps the last W - 1 positions, MLX a ring of W, the
+/// engine W and this call's), but what the next position attends over is the same, the last
+/// W - 1 positions fed. So each side returns its window's positions in position order,
+/// newest last, and the last `min(fed, W - 1)` of them are compared (docs/contract.md).
+#[derive(Debug, Default, Clone)]
+pub struct Windows(pub Vec<Option<usize>>);
+
+impl Windows {
+    /// The windows of the model at `path` ([`lockstep_engine::models::describe_at`]); none
+    /// where it cannot be described (the engine's loader then says why).
+    pub fn of_model(path: &std::path::Path) -> Self {
+        Windows(lockstep_engine::models::describe_at(path).map(|d| d.config.layer_windows).unwrap_or_default())
+    }
+
+    /// The positions compared of layer `layer`'s cache after `total` fed: `None` for a global
+    /// layer (every one), else the last `min(total, W - 1)` (one at least).
+    pub fn keep(&self, layer: usize, total: usize) -> Option<usize> {
+        let w = self.0.get(layer).copied().flatten()?;
+        Some(total.min(w.saturating_sub(1).max(1)))
+    }
+}
+
 /// Runs the engine on `feed`, keeping the sites in `wanted`, each in the Hugging Face layout;
-/// of each cache, the rows `scope` names.
+/// of each cache, the rows `scope` names (of a windowed layer's, its canonical rows).
 pub fn engine_step(
     model: &dyn Decoder,
     feed: &[u32],
     cache: &mut lockstep_engine::KvCache,
     wanted: &HashSet<&str>,
     scope: CacheScope,
+    windows: &Windows,
 ) -> Result<EngineStep, HarnessError> {
     let t0 = Instant::now();
     let mut cap = Capture::new();
@@ -141,6 +174,12 @@ pub fn engine_step(
         let s = graph
             .get(&site)
             .ok_or_else(|| HarnessError::SiteNotInGraph { site: site.clone() })?;
+        // A sliding-window layer's cache in its canonical form: its last positions.
+        let (t, window) = match (s.kind, s.layer.and_then(|l| windows.keep(l, scope.total)), t.dims()) {
+            (lockstep_engine::sites::SiteKind::Cache, Some(keep), &[_, len, _]) if len > keep => (t.narrow(1, len - keep, keep)?, Some(keep)),
+            (lockstep_engine::sites::SiteKind::Cache, Some(keep), _) => (t, Some(keep)),
+            _ => (t, None),
+        };
         let shape = t.dims().to_vec();
         let rows = match (s.kind, shape.as_slice()) {
             (lockstep_engine::sites::SiteKind::Cache, [_, len, _]) => scope.rows(*len),
@@ -156,7 +195,7 @@ pub fn engine_step(
         };
         let (part, transform) = model.to_canonical(s, &part)?;
         let data = values(&part)?;
-        sites.push(EngineSite { site, shape, data, transform, rows, view });
+        sites.push(EngineSite { site, shape, data, transform, rows, view, window });
     }
     let seconds = t0.elapsed().as_secs_f64();
     let (rows, vocab) = logits.dims2().map_err(|_| HarnessError::EngineLogits { fed: feed.len(), shape: logits.dims().to_vec() })?;
@@ -169,7 +208,7 @@ pub fn engine_step(
     if wanted.contains(lockstep_engine::sites::LOGITS) && rows == feed.len() {
         let data = std::mem::replace(&mut logits_values, Values::F32(vec![]));
         logits_site = Some(sites.len());
-        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None, rows: None, view: None });
+        sites.push(EngineSite { site: "logits".into(), shape: vec![rows, vocab], data, transform: None, rows: None, view: None, window: None });
     }
     Ok(EngineStep { sites, logits, n_pos: feed.len(), rows, vocab, logits_values, logits_site, seconds })
 }
@@ -214,6 +253,18 @@ fn as_compared<R>(es: &EngineSite, shape: &[usize], data: Data<'_>, f: impl FnOn
         },
         _ => f(data),
     }
+}
+
+/// `f` on a reference's `es.site` in the form the engine's was taken: a windowed layer's
+/// cache cut to its canonical last positions ([`Windows`]); anything else as returned.
+fn ref_site<R>(view: &StepArrays<'_, '_>, es: &EngineSite, f: impl FnOnce(&[usize], Data<'_>) -> R) -> Result<Option<R>, HarnessError> {
+    view.with_site(&es.site, |shape, data| match (es.window, shape) {
+        (Some(keep), &[h, len, w]) if len > keep => match gather_rows(data, shape, &[len - keep..len]) {
+            Some(part) => f(&[h, keep, w], part.data()),
+            None => f(shape, data),
+        },
+        _ => f(shape, data),
+    })
 }
 
 /// Every reference's step on `feed`, with its time.
@@ -268,7 +319,7 @@ impl StepCompare<'_> {
             if !self.ref_sites[i].contains(&es.site) {
                 continue;
             }
-            let Some(shape) = v.with_site(&es.site, |sh, _| sh.to_vec())? else { continue };
+            let Some(shape) = ref_site(v, es, |sh, _| sh.to_vec())? else { continue };
             let broke = |what: String| HarnessError::Protocol {
                 reference: self.refs[i].name.clone(),
                 message: format!(
@@ -304,8 +355,8 @@ impl StepCompare<'_> {
                     if !(self.ref_sites[a].contains(&es.site) && self.ref_sites[b].contains(&es.site)) {
                         continue;
                     }
-                    let m = views[a].with_site(&es.site, |sa, da| {
-                        views[b].with_site(&es.site, |sb, db| {
+                    let m = ref_site(&views[a], es, |sa, da| {
+                        ref_site(&views[b], es, |sb, db| {
                             (sa == sb).then(|| as_compared(es, sa, da, |da| as_compared(es, sb, db, |db| metrics_data(da, db))))
                         })
                     })?;
@@ -354,15 +405,15 @@ impl StepCompare<'_> {
             let site_floor = floor(others.iter().filter_map(|&j| pair_rel(j)));
             let oracle = match self.oracle {
                 Some(o) if o != i && self.ref_sites[o].contains(&es.site) => {
-                    let to_engine = views[o].with_site(&es.site, |so, dor| {
+                    let to_engine = ref_site(&views[o], es, |so, dor| {
                         (so == es.shape.as_slice()).then(|| as_compared(es, so, dor, |dor| metrics_data(es.data.data(), dor).rel_l2))
                     })?;
                     oracle_distance(to_engine.flatten(), pair_rel(o))
                 }
                 _ => None,
             };
-            let rec = views[i].with_site(&es.site, |rshape, rdata| {
-                as_compared(es, rshape, rdata, |rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle))
+            let rec = ref_site(&views[i], es, |rshape, rdata| {
+                as_compared(es, rshape, rdata, |rdata| self.judge.site(i, es, rshape, rdata, site_floor, oracle, self.engine.n_pos))
             })?;
             sites.push(rec.expect("declared sites checked above"));
         }

@@ -293,6 +293,9 @@ fn write_header(o: &mut String, engine: &crate::results::run::EngineInfo, model:
     if let Some(r) = &engine.rope {
         let _ = writeln!(o, "  rope       {r}");
     }
+    if let Some(w) = &engine.windows {
+        let _ = writeln!(o, "  attention  {w}");
+    }
     if !engine.faults.is_empty() {
         let _ = writeln!(o, "  FAULTS     injected into the engine: {}", engine.faults.join(", "));
     }

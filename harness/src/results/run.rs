@@ -49,6 +49,13 @@ pub struct SiteRecord {
     /// MoE sites (`router`, `expert_weights`): the chosen experts compared per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<crate::compare::routing::RoutingRecord>,
+    /// A sliding-window layer's cache that fails: `Some(n)` when the engine's rows are the
+    /// reference's `n` positions earlier (its row `j + n` equals the reference's row `j`, `n`
+    /// the positions this call fed): the window was not moved by this call. A window's
+    /// canonical form has the same length on both sides, so a stale window shows here, not in
+    /// its length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_lag: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -163,6 +170,11 @@ pub struct RefSummary {
     pub mean_kl: f64,
     pub max_kl: f64,
     pub same_top1_share: f64,
+    /// The share of steps where the engine's top-1 is this reference's or another reference's
+    /// of the run: a flip the references make among themselves (llama.cpp, on the quantized
+    /// weights, choosing the engine's token where transformers, dense, does not) is within
+    /// their own spread. The quantized modes' top-1 bound reads this one.
+    pub top1_share_within_refs: f64,
     /// Largest |Δp| of the reference's top token over the steps.
     pub max_abs_delta_p: f64,
     pub worst_rel_l2: Vec<WorstSite>,
@@ -305,6 +317,10 @@ pub struct EngineInfo {
     /// The RoPE scaling the engine applies and on which layers (`None`: unscaled).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope: Option<String>,
+    /// The sliding windows the engine's layers attend over, and which layers (`None`: every
+    /// layer global).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<String>,
     pub dtype: Precision,
     pub qk_layout: &'static str,
     pub transforms: Vec<&'static str>,

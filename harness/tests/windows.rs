@@ -1,0 +1,106 @@
+//! Sliding-window attention (issue 37): windowed models pass against transformers with prompts
+//! shorter than, as long as and longer than the window, for 32 steps and more past it; the two
+//! window faults are found at the first step where the window matters, at the first window
+//! layer, and named by the span that reproduces them.
+//!
+//! Fixtures (scripts/make_fixtures.py, `--windows-only`): `snapshots/models/tiny-mistral/`
+//! (tiny-llama's weights, model_type mistral, a window of 8 on every layer) and
+//! `snapshots/models/tiny-qwen2-swa/` (tiny-qwen2's, use_sliding_window with max_window_layers
+//! 1: layer 0 global, layer 1 a window of 8).
+
+use std::path::PathBuf;
+
+mod common;
+use common::*;
+
+const WINDOW: usize = 8;
+
+/// Prompts of 5, 8 and 29 tokens of the tiny tokenizer (shorter than, as long as and longer
+/// than the window).
+const PROMPTS: [(&str, usize); 3] = [
+    ("hello world you", 5),
+    ("the quick brown fox jumps over", 8),
+    ("the quick brown fox jumps over the lazy dog and the cat sleeps by the warm fire", 29),
+];
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("snapshots/models").join(name)
+}
+
+live_test! {
+    /// Both fixtures, each prompt, 41 steps (every run ends 32 positions or more past the
+    /// window): the engine passes against transformers, whose cache keeps the last 7 positions
+    /// where the engine's keeps 8 and the step's (the canonical form compares the last 7), and
+    /// the run states each layer's window.
+    fn both_window_fixtures_pass_against_transformers_past_the_window() {
+        for (name, says) in [
+            ("tiny-mistral", "  attention  sliding window of 8 on every layer"),
+            ("tiny-qwen2-swa", "  attention  sliding window of 8 on layers [1] (the others global)"),
+        ] {
+            for (prompt, len) in PROMPTS {
+                let json = tmp(&format!("win-{name}-{len}")).join("run.json");
+                let (code, out, err) = run(lockstep().args([
+                    "run", "--model", fixture(name).to_str().unwrap(), "--reference", "transformers", "--prompt", prompt, "--steps", "41",
+                    "--json", json.to_str().unwrap(),
+                ]));
+                assert_eq!(code, 0, "{name}, {len}-token prompt: {out}\n{err}");
+                assert!(out.contains(says), "{name}: the windows are not stated:\n{out}");
+                let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+                assert_eq!(report["verdict"], "pass", "{name}, {len}: {out}");
+                let ids = report["tokens"]["prompt"]["engine_ids"].as_array().map(|a| a.len()).unwrap_or(0);
+                assert_eq!(ids, len, "{name}: the prompt is not {len} tokens");
+                let steps = report["steps"].as_array().map(|s| s.len()).unwrap_or(0);
+                assert!(len + steps >= WINDOW + 32, "{name}, {len}: the run stopped after {steps} steps, before 32 past the window");
+            }
+        }
+    }
+}
+
+/// `lockstep bisect` of `model` with `fault` on `prompt`: (exit code, stdout).
+fn bisect(model: &str, prompt: &str, fault: &str) -> (i32, String) {
+    let (code, out, err) = run(lockstep().args([
+        "bisect", "--model", fixture(model).to_str().unwrap(), "--reference", "transformers", "--prompt", prompt, "--steps", "12",
+        "--inject", fault, "--wide",
+    ]));
+    (code, format!("{out}\n{err}"))
+}
+
+live_test! {
+    /// A prompt longer than the window: both faults at step 0, at the first window layer's
+    /// `attn`, named with the span the engine attended over (attention recomputed from the
+    /// reference's q/k/v over every position and over 9 gives the engine's output, over 8 the
+    /// reference's). On tiny-qwen2-swa the first window layer is 1: layer 0 is global and passes.
+    fn both_window_faults_are_found_where_the_window_first_matters_and_named() {
+        let long = PROMPTS[2].0;
+        for (model, layer) in [("tiny-mistral", 0), ("tiny-qwen2-swa", 1)] {
+            for (fault, title) in [
+                ("sliding-window-ignored", format!("sliding window ignored: layer {layer} attends over every position, its window is 8")),
+                ("window-off-by-one", format!("sliding window off by one: layer {layer} attends over 9 positions, its window is 8")),
+            ] {
+                let (code, out) = bisect(model, long, fault);
+                assert_eq!(code, 1, "{model} {fault}: {out}");
+                assert!(out.contains("first divergent step  0"), "{model} {fault}: {out}");
+                assert!(out.contains(&format!("first failing site    layers.{layer}.attn, layer {layer}")), "{model} {fault}: {out}");
+                assert!(out.contains(&format!("diagnosis: {title} [sliding-window]")), "{model} {fault}: {out}");
+            }
+        }
+        // A 5-token prompt: the window first matters at position 8, fed at step 4 (positions
+        // 0-4 at step 0, one per step after). There the reference's cache has evicted a position
+        // the step needed, so the cause is localized and the evidence says why it is not named.
+        for fault in ["sliding-window-ignored", "window-off-by-one"] {
+            let (code, out) = bisect("tiny-mistral", PROMPTS[0].0, fault);
+            assert_eq!(code, 1, "{fault}: {out}");
+            assert!(out.contains("first divergent step  4"), "{fault}: {out}");
+            assert!(out.contains("first failing site    layers.0.attn, layer 0"), "{fault}: {out}");
+            assert!(out.contains("layer 0 attends over a window of 8: the reference's cache before step 4 held 7 positions"), "{fault}: {out}");
+        }
+        // A run that never passes the window: refused, not run.
+        assert_exit_2(
+            &["run", "--model", fixture("tiny-mistral").to_str().unwrap(), "--prompt", PROMPTS[0].0, "--steps", "3", "--inject", "window-off-by-one"],
+            &[],
+            &["the run feeds 7 positions and the smallest window holds 8"],
+        );
+        // A model without windows: refused by name.
+        assert_exit_2(&["run", "--model", "tiny", "--prompt", PROMPTS[2].0, "--inject", "sliding-window-ignored"], &[], &["the model has no sliding-window layer"]);
+    }
+}
