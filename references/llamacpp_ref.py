@@ -282,7 +282,12 @@ class LlamaCppTokenizerSide:
 class LlamaCppReference:
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
                  n_ctx: int | None = None, n_batch: int = 512, kv_type: str = "f32", sites: list[str] | None = None,
-                 context: int | None = None):
+                 context: int | None = None, windows: list | None = None):
+        # `windows`: a GGUF of the architectures lockstep runs never has one (the engine refuses
+        # a file that sets `{arch}.attention.sliding_window`, which llama.cpp's llama and qwen2
+        # graphs ignore).
+        if windows and any(w is not None for w in windows):
+            raise ValueError("llama.cpp: this file's architecture runs no sliding window in llama.cpp's graph")
         p = Path(model)
         if p.is_dir():
             raise ValueError(f"llama.cpp needs a .gguf file, got a directory: {model}")

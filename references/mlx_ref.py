@@ -470,7 +470,7 @@ def _capture(m: nn.Module, rec: _Recorder, out=None, inp=None, alt=None):
 
 class MlxReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None, lora: str | None = None,
-                 sites: list[str] | None = None, context: int | None = None):
+                 sites: list[str] | None = None, context: int | None = None, windows: list | None = None):
         # `context`: mlx-lm's KVCache grows in steps of 256; no fixed context to size.
         if dtype != "float32":
             raise ValueError(f"the mlx reference runs float32 only (MLX's CPU backend here), "
@@ -517,6 +517,7 @@ class MlxReference(HfSideMixin):
             if type(rope).__name__ != "RoPE" or (scale not in (None, 1.0)):
                 self.notes.append(f"RoPE: mlx-lm's {type(rope).__name__}" + (f" (scale {scale})" if scale not in (None, 1.0) else ""))
         self.num_layers = args.num_hidden_layers
+        self._check_windows(windows)
         self.head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         self.transforms = [TRANSFORM_QK] if self.qk_permuted else []
         self.lora_path = lora
@@ -660,6 +661,22 @@ class MlxReference(HfSideMixin):
             "notes": list(self.notes),
         }
 
+    def _check_windows(self, windows: list | None) -> None:
+        """The windows mlx-lm runs the model with (its caches: a RotatingKVCache of max_size W
+        where a layer attends over a window) must be the config's, as lockstep reads it
+        (`windows`, one per layer): mlx-lm's `llama` model, which runs Mistral, windows only the
+        layers `layer_types` names and needs a global one; its `qwen2` model none."""
+        caches = make_prompt_cache(self.model)
+        ours = [getattr(c, "max_size", None) if type(c).__name__ == "RotatingKVCache" else None for c in caches]
+        want = list(windows) if windows else [None] * len(ours)
+        if ours != want:
+            show = lambda ws: ", ".join("global" if w is None else f"window {w}" for w in ws)
+            raise ValueError(
+                f"the mlx reference: mlx-lm {md.version('mlx-lm')} runs this model ({type(self.model).__module__}) with "
+                f"layers [{show(ours)}] where its config defines [{show(want)}]; it would compute another model "
+                "(mlx-lm windows a Llama-architecture model only on the layers `layer_types` names, and needs one global "
+                "layer among them): compare against transformers instead")
+
     def _rope_module(self):
         """The first layer's rotary embedding, where the model has the Llama module names."""
         try:
@@ -692,7 +709,11 @@ class MlxReference(HfSideMixin):
         for i, c in enumerate(self.cache):
             if i not in self._cache_sites:
                 continue
-            k, v = c.keys_and_values() if hasattr(c, "keys_and_values") else (c.keys, c.values)
+            if type(c).__name__ == "RotatingKVCache":
+                # A ring: rotated into position order, newest last (the canonical form's order).
+                k, v = c._temporal_order(c.keys), c._temporal_order(c.values)
+            else:
+                k, v = c.keys_and_values() if hasattr(c, "keys_and_values") else (c.keys, c.values)
             for site, a in zip(self._cache_sites[i], (k, v)):
                 if site:
                     out[site] = a[0]

@@ -77,7 +77,13 @@ class ModuleFunctions:
         reference of ``references/`` (not to a Python engine under test): one with a fixed
         context sizes it from this (llama.cpp's ``n_ctx``) and says how many positions it holds
         in ``describe()["context"]``, which the harness checks before any step; one whose cache
-        grows ignores it. Other options (``threads``, ...) are the reference's own."""
+        grows ignores it. ``windows``: given to the references of ``references/`` when some layer
+        of the model attends over a sliding window, one entry per layer (its window, or None for
+        a global layer), as the config defines them: a reference whose library would run the
+        model with other windows raises ValueError (it would compute another model); one that
+        stores a window as a ring returns its cache rotated into position order, newest last
+        (docs/contract.md, "Windowed caches"). Other options (``threads``, ...) are the
+        reference's own."""
 
     @staticmethod
     def load_tokenizer(model_path: str, **options) -> "TokenizerSide":

@@ -101,8 +101,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class TransformersReference(HfSideMixin):
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = None,
                  attn_implementation: str = "eager", lora: str | None = None, sites: list[str] | None = None,
-                 context: int | None = None):
+                 context: int | None = None, windows: list | None = None):
         # `context`: transformers' DynamicCache grows with the sequence; no fixed context to size.
+        # `windows`: transformers reads them from the config itself (lockstep reads them as it
+        # does); its sliding layers keep the last W - 1 positions, the canonical form.
         if threads:
             torch.set_num_threads(int(threads))
         self.model_path = model

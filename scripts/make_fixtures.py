@@ -1322,6 +1322,9 @@ def self_check_rope() -> bool:
 # max_window_layers 1, so layer 0 is global and layer 1 windowed (transformers windows the
 # layers from max_window_layers on). The GGUF formats carry no window for these architectures
 # (llama.cpp's converter writes none and its llama/qwen2 graphs run without one): HF only.
+# tiny-mistral-mixed: tiny-mistral with `layer_types` windowing layers 0 and 2 (layer 1 global,
+# Ministral's form): the one form mlx-lm 0.32.2 windows (its llama model, which runs Mistral,
+# windows only the layers layer_types names and needs a global one), so MLX is checked too.
 WINDOW = 8
 # The variants run in float32 only (no GGUF, no quantized side): a near tie matters when it is
 # within the engine-vs-transformers noise, measured at 5e-7 relative on the logits (lockstep run
@@ -1331,6 +1334,9 @@ WINDOW_VARIANTS = {
     "tiny-mistral": (HF_DIR, {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": WINDOW},
                      ["mlp_bias", "pretraining_tp"]),
     "tiny-qwen2-swa": (QWEN2_DIR, {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}, []),
+    "tiny-mistral-mixed": (HF_DIR, {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": WINDOW,
+                                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+                           ["mlp_bias", "pretraining_tp"]),
 }
 
 

@@ -6,7 +6,8 @@
 //! Fixtures (scripts/make_fixtures.py, `--windows-only`): `snapshots/models/tiny-mistral/`
 //! (tiny-llama's weights, model_type mistral, a window of 8 on every layer) and
 //! `snapshots/models/tiny-qwen2-swa/` (tiny-qwen2's, use_sliding_window with max_window_layers
-//! 1: layer 0 global, layer 1 a window of 8).
+//! 1: layer 0 global, layer 1 a window of 8), and `snapshots/models/tiny-mistral-mixed/`
+//! (tiny-mistral with `layer_types` windowing layers 0 and 2: the form mlx-lm windows too).
 
 use std::path::PathBuf;
 
@@ -28,19 +29,21 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 live_test! {
-    /// Both fixtures, each prompt, 41 steps (every run ends 32 positions or more past the
+    /// Every fixture, each prompt, 41 steps (every run ends 32 positions or more past the
     /// window): the engine passes against transformers, whose cache keeps the last 7 positions
     /// where the engine's keeps 8 and the step's (the canonical form compares the last 7), and
+    /// against MLX on the fixture mlx-lm windows (a ring of 8, rotated into position order);
     /// the run states each layer's window.
-    fn both_window_fixtures_pass_against_transformers_past_the_window() {
-        for (name, says) in [
-            ("tiny-mistral", "  attention  sliding window of 8 on every layer"),
-            ("tiny-qwen2-swa", "  attention  sliding window of 8 on layers [1] (the others global)"),
+    fn every_window_fixture_passes_past_the_window() {
+        for (name, references, says) in [
+            ("tiny-mistral", "transformers", "  attention  sliding window of 8 on every layer"),
+            ("tiny-qwen2-swa", "transformers", "  attention  sliding window of 8 on layers [1] (the others global)"),
+            ("tiny-mistral-mixed", "transformers,mlx", "  attention  sliding window of 8 on layers [0, 2] (the others global)"),
         ] {
             for (prompt, len) in PROMPTS {
                 let json = tmp(&format!("win-{name}-{len}")).join("run.json");
                 let (code, out, err) = run(lockstep().args([
-                    "run", "--model", fixture(name).to_str().unwrap(), "--reference", "transformers", "--prompt", prompt, "--steps", "41",
+                    "run", "--model", fixture(name).to_str().unwrap(), "--reference", references, "--prompt", prompt, "--steps", "41",
                     "--json", json.to_str().unwrap(),
                 ]));
                 assert_eq!(code, 0, "{name}, {len}-token prompt: {out}\n{err}");
@@ -52,6 +55,47 @@ live_test! {
                 let steps = report["steps"].as_array().map(|s| s.len()).unwrap_or(0);
                 assert!(len + steps >= WINDOW + 32, "{name}, {len}: the run stopped after {steps} steps, before 32 past the window");
             }
+        }
+    }
+}
+
+#[test]
+fn the_windows_are_read_as_transformers_reads_them() {
+    // A Mistral config without `sliding_window` has MistralConfig's 4,096 on every layer; with
+    // `null`, none; Qwen2's window only with use_sliding_window, from max_window_layers on.
+    let cfg = |json: &str| -> Vec<Option<usize>> {
+        let hf = lockstep_engine::config::HfConfig::parse(json, std::path::Path::new("config.json")).unwrap();
+        hf.layer_windows(std::path::Path::new("config.json")).unwrap()
+    };
+    let base = r#""hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 10, "rms_norm_eps": 1e-5"#;
+    assert_eq!(cfg(&format!(r#"{{"model_type": "mistral", {base}}}"#)), vec![Some(4096); 3]);
+    assert_eq!(cfg(&format!(r#"{{"model_type": "mistral", "sliding_window": null, {base}}}"#)), vec![]);
+    assert_eq!(cfg(&format!(r#"{{"model_type": "qwen2", "sliding_window": 8, "max_window_layers": 1, {base}}}"#)), vec![]);
+    assert_eq!(
+        cfg(&format!(r#"{{"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 8, "max_window_layers": 1, {base}}}"#)),
+        vec![None, Some(8), Some(8)]
+    );
+    assert_eq!(
+        cfg(&format!(r#"{{"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention", "sliding_attention", "full_attention"], {base}}}"#)),
+        vec![None, Some(8), None]
+    );
+    assert_eq!(cfg(&format!(r#"{{"model_type": "llama", "sliding_window": 8, {base}}}"#)), vec![]);
+    assert_eq!(cfg(&format!(r#"{{"model_type": "mixtral", "sliding_window": 8, {base}}}"#)), vec![Some(8); 3]);
+}
+
+live_test! {
+    /// mlx-lm 0.32.2 would run tiny-mistral (every layer windowed) and tiny-qwen2-swa without
+    /// their windows: the MLX reference refuses them with what it would run instead.
+    fn mlx_refuses_a_model_it_would_run_without_its_windows() {
+        for (name, theirs, ours) in [
+            ("tiny-mistral", "[global, global, global]", "[window 8, window 8, window 8]"),
+            ("tiny-qwen2-swa", "[global, global]", "[global, window 8]"),
+        ] {
+            assert_exit_2(
+                &["run", "--model", fixture(name).to_str().unwrap(), "--reference", "mlx", "--prompt", PROMPTS[0].0, "--steps", "2"],
+                &[],
+                &[&format!("with layers {theirs} where its config defines {ours}"), "compare against transformers instead"],
+            );
         }
     }
 }

@@ -174,7 +174,11 @@ impl PyReference {
     ) -> Result<(PyReference, Description), HarnessError> {
         // The sites of the model as any engine under test may run it: its family's where the
         // bundled engine knows the model type, the generic sites of any decoder where not.
-        let sites = lockstep_engine::models::describe_at(model)?.graph.names();
+        let described = lockstep_engine::models::describe_at(model)?;
+        let sites = described.graph.names();
+        // The model's sliding windows, per layer (`None`: global), for the references of
+        // references/ (docs/contract.md, "Windowed caches"): given only when some layer has one.
+        let windows = &described.config.layer_windows;
         ensure_python()?;
         Python::attach(|py| {
             let (m, what) = match source {
@@ -194,6 +198,9 @@ impl PyReference {
             }
             if let Some(c) = context {
                 kwargs.set_item("context", c).map_err(|e| py_err(py, e, "building arguments"))?;
+            }
+            if matches!(source, Source::Module(_)) && !windows.is_empty() {
+                kwargs.set_item("windows", windows.clone()).map_err(|e| py_err(py, e, "building arguments"))?;
             }
             if !m.hasattr(factory).unwrap_or(false) {
                 return Err(HarnessError::Usage(format!(
