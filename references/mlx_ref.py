@@ -54,7 +54,7 @@ import numpy as np
 import transformers
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from mlx_lm.models.llama import Model as LlamaModel, ModelArgs as LlamaArgs
 from mlx_lm.models.qwen2 import Model as Qwen2Model, ModelArgs as Qwen2Args
 from mlx_lm.models.mixtral import Model as MixtralModel, ModelArgs as MixtralArgs
@@ -666,9 +666,12 @@ class MlxReference(HfSideMixin):
         where a layer attends over a window) must be the config's, as lockstep reads it
         (`windows`, one per layer): mlx-lm's `llama` model, which runs Mistral, windows only the
         layers `layer_types` names and needs a global one; its `qwen2` model none."""
+        if windows is None:
+            # Not told (a Python engine built on this reference; a model without windows).
+            return
         caches = make_prompt_cache(self.model)
-        ours = [getattr(c, "max_size", None) if type(c).__name__ == "RotatingKVCache" else None for c in caches]
-        want = list(windows) if windows else [None] * len(ours)
+        ours = [c.max_size if isinstance(c, RotatingKVCache) else None for c in caches]
+        want = list(windows)
         if ours != want:
             show = lambda ws: ", ".join("global" if w is None else f"window {w}" for w in ws)
             raise ValueError(
@@ -709,7 +712,7 @@ class MlxReference(HfSideMixin):
         for i, c in enumerate(self.cache):
             if i not in self._cache_sites:
                 continue
-            if type(c).__name__ == "RotatingKVCache":
+            if isinstance(c, RotatingKVCache):
                 # A ring: rotated into position order, newest last (the canonical form's order).
                 k, v = c._temporal_order(c.keys), c._temporal_order(c.values)
             else:

@@ -351,31 +351,54 @@ fn site_detail(s: &SiteRecord) -> String {
     }
 }
 
-/// The positions of layer `l`'s cache the reference held before the step, as isolation needs
-/// them: `Ok(None)` for a global layer (the cache after the step minus the positions fed);
-/// for a sliding-window layer of window `w`, `Ok(Some(n))`, the last `n = min(start, w - 1)`
-/// of them (what the step's first position attends over), or `Err` with the reason when the
-/// reference no longer holds them (its window evicted some at this step: the cache before it
-/// is not in what was kept).
-fn window_before(engine: &LoadedModel, k: &KeptStep, l: usize) -> Result<Option<usize>, String> {
-    let Some(w) = crate::lockstep::step::Windows::of_model(&engine.path).0.get(l).copied().flatten() else { return Ok(None) };
-    let needed = k.start.min(w.saturating_sub(1));
-    let held = k.arrays.get(&format!("layers.{l}.cache_k")).map(|(s, _)| s[1].saturating_sub(k.fed)).unwrap_or(0);
-    match held >= needed {
-        true => Ok(Some(needed)),
-        false => Err(format!(
-            "layer {l} attends over a window of {w}: the reference's cache before step {} held {needed} positions this step needs, and it \
-             returned {held} of them after evicting the rest (isolation runs the layer on a complete cache only)",
-            k.step
-        )),
+/// The reference's cache of layer `l` before the step, `(kv_heads, n, head_dim)` each in the
+/// Hugging Face layout: its cache after the step minus the positions fed; for a sliding-window
+/// layer, every earlier position kept ([`KeptStep::window_before`]: the rows its window
+/// evicted), at least the last `min(start, w - 1)` (what the step's first position attends
+/// over besides itself). `Ok(None)`: nothing was cached (or kept); `Err`: the rows are not at
+/// hand, with the reason.
+fn before_cache(engine: &LoadedModel, k: &KeptStep, l: usize) -> Result<Option<(Tensor, Tensor)>, String> {
+    let names = [format!("layers.{l}.cache_k"), format!("layers.{l}.cache_v")];
+    let (Some((ks, _)), Some(_)) = (arr(k, &names[0]), arr(k, &names[1])) else { return Ok(None) };
+    let err = |e: candle_core::Error| e.to_string();
+    let start = k.start;
+    let Some(w) = crate::lockstep::step::Windows::of_model(&engine.path).0.get(l).copied().flatten() else {
+        // A global layer: the cache after the step, less the step's own positions.
+        let held = ks[1].saturating_sub(k.fed);
+        if held == 0 {
+            return Ok(None);
+        }
+        let rows = |(s, v): &(Vec<usize>, Vec<f32>)| Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu)?.narrow(1, 0, held)?.contiguous();
+        return Ok(Some((rows(arr(k, &names[0]).expect("checked")).map_err(err)?, rows(arr(k, &names[1]).expect("checked")).map_err(err)?)));
+    };
+    let needed = start - start.min(w.saturating_sub(1));
+    if needed >= start {
+        return Ok(None);
     }
+    let mut out = vec![];
+    for name in &names {
+        let (first, shape, vals) = match k.window_before.get(name) {
+            Some((first, shape, vals)) if *first <= needed && first + shape[1] >= start => (first, shape, vals),
+            _ => {
+                return Err(format!(
+                    "layer {l} attends over a window of {w}: the reference's cache before step {} (positions {needed}..{start}) \
+                     was not kept, and this step evicted part of it",
+                    k.step
+                ))
+            }
+        };
+        let t = Tensor::from_vec(vals.clone(), shape.as_slice(), &Device::Cpu).map_err(err)?;
+        out.push(t.narrow(1, 0, start - first).and_then(|t| t.contiguous()).map_err(err)?);
+    }
+    let v = out.pop().expect("two");
+    Ok(Some((out.pop().expect("two"), v)))
 }
 
 /// Runs layer `l` of the engine on the reference's input and cache, at the step's positions
 /// (`start..`, `start` the positions fed before it); compares every site. `None` where the
-/// reference's cache before the step is not at hand ([`window_before`]).
+/// reference's cache before the step is not at hand ([`before_cache`]).
 fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usize, mode: WeightsMode) -> Result<Option<Isolation>, HarnessError> {
-    let Ok(window) = window_before(engine, k, l) else { return Ok(None) };
+    let Ok(before) = before_cache(engine, k, l) else { return Ok(None) };
     let keep = crate::lockstep::step::Windows::of_model(&engine.path).keep(l, start + fed);
     let model = &engine.model;
     let input_name = sites::layer_input(l);
@@ -384,26 +407,14 @@ fn isolate(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize, start: usiz
     };
     let missing = |what: &str| HarnessError::IsolationInput { site: what.to_string() };
     let x = tensor(&input_name).ok_or_else(|| missing(&input_name))?;
-    // The reference's cache of this layer before the step: its cache after the step minus
-    // the positions fed at this step; in the engine's Q/K layout.
-    let kv = match (tensor(&format!("layers.{l}.cache_k")), tensor(&format!("layers.{l}.cache_v"))) {
-        (Some(ck), Some(cv)) => {
-            let len = ck.dims()[1];
-            let held = len.saturating_sub(fed);
-            // A window layer: the last positions of its window, of those held.
-            let before = window.unwrap_or(held);
-            if before == 0 {
-                None
-            } else {
-                let ck = ck.narrow(1, held - before, before)?;
-                let cv = cv.narrow(1, held - before, before)?.contiguous()?;
-                // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
-                let site = model.site_graph().get(&format!("layers.{l}.cache_k")).ok_or(HarnessError::SiteNotInGraph { site: format!("layers.{l}.cache_k") })?;
-                let ck = model.to_model_layout(site, &ck.contiguous()?)?;
-                Some((ck, cv))
-            }
+    // The reference's cache of this layer before the step, in the engine's Q/K layout.
+    let kv = match before {
+        Some((ck, cv)) => {
+            // cache_k is (kv_heads, len, hd): the layout transform works on the last dim.
+            let site = model.site_graph().get(&format!("layers.{l}.cache_k")).ok_or(HarnessError::SiteNotInGraph { site: format!("layers.{l}.cache_k") })?;
+            Some((model.to_model_layout(site, &ck)?, cv))
         }
-        _ => None,
+        None => None,
     };
     let mut cap = Capture::new();
     model.isolate_layer(l, start, &x, kv, &mut cap)?;
@@ -776,24 +787,11 @@ fn apply_rope(x: &[f32], cols: usize, hd: usize, offset: usize, inv: &[f64], att
     out
 }
 
-/// The layer's cache before the step, from the reference's (kept) cache of the step: what
-/// isolation at the step's own positions needs. `None` at a prefill from position 0.
-fn cache_before(engine: &LoadedModel, k: &KeptStep, l: usize, fed: usize) -> Option<(Tensor, Tensor)> {
-    let (Some((ks, kvv)), Some((vs, vv))) = (arr(k, &format!("layers.{l}.cache_k")), arr(k, &format!("layers.{l}.cache_v"))) else {
-        return None;
-    };
-    if ks[1] <= fed {
-        return None;
-    }
-    let held = ks[1] - fed;
-    // A window layer: the last positions of its window, of those held ([`window_before`]).
-    let before = window_before(engine, k, l).ok()?.unwrap_or(held);
-    if before == 0 {
-        return None;
-    }
-    let rows = |t: Tensor| t.narrow(1, held - before, before).and_then(|t| t.contiguous());
-    let kt = Tensor::from_vec(kvv.clone(), ks.as_slice(), &Device::Cpu).and_then(rows).ok()?;
-    let vt = Tensor::from_vec(vv.clone(), vs.as_slice(), &Device::Cpu).and_then(rows).ok()?;
+/// The layer's cache before the step ([`before_cache`]) in the engine's Q/K layout: what
+/// isolation at the step's own positions needs. `None` at a prefill from position 0, or where
+/// the rows are not at hand.
+fn cache_before(engine: &LoadedModel, k: &KeptStep, l: usize) -> Option<(Tensor, Tensor)> {
+    let (kt, vt) = before_cache(engine, k, l).ok()??;
     let site = engine.model.site_graph().get(&format!("layers.{l}.cache_k"))?;
     Some((engine.model.to_model_layout(site, &kt).ok()?, vt))
 }
@@ -813,7 +811,7 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
     let mut cap = Capture::new();
     let x = arr(k, &sites::layer_input(l))?;
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).ok()?;
-    let kv = cache_before(engine, k, l, at.fed);
+    let kv = cache_before(engine, k, l);
     let start = if kv.is_some() { start } else { 0 };
     engine.model.isolate_layer(l, start, &xt, kv, &mut cap).ok()?;
     let eq = cap.entries.iter().find(|(n, _)| *n == format!("layers.{l}.q_rope"))?.1.clone();
@@ -892,7 +890,6 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
 }
 
 fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Finding {
-    let fed = at.fed;
     let cfg = &engine.model.info().config;
     let name = format!("layers.{l}.attn");
     let reference = arr(k, &name);
@@ -903,13 +900,23 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
     let xt = Tensor::from_vec(x.1.clone(), x.0.as_slice(), &Device::Cpu).expect("kept shape");
-    if let Err(why) = window_before(engine, k, l) {
+    if let Err(why) = before_cache(engine, k, l) {
         ev.push(why);
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     }
-    let kv = cache_before(engine, k, l, fed);
+    let kv = cache_before(engine, k, l);
     let ok = engine.model.isolate_layer(l, at.total - at.fed, &xt, kv, &mut cap).is_ok();
     let e = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok());
+    // An engine that cannot run one layer alone: its own output of the step, computed from
+    // inputs that pass (the dataflow rule that led here).
+    let (e, ok) = match (e, ok, &k.engine_site) {
+        (Some(e), true, _) => (Some(e), true),
+        (_, _, Some((shape, v))) if at.inputs_pass() && shape == rs => {
+            ev.push(format!("the engine cannot run layer {l} alone: its own `attn` of this step is used, computed from inputs that pass"));
+            (Some(v.clone()), true)
+        }
+        _ => (None, false),
+    };
     let (Some(e), true) = (e, ok) else {
         return finding(Diagnosis::Attention, "the attention output differs", std::mem::take(ev));
     };
@@ -962,22 +969,19 @@ fn attention_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev:
 fn window_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, e: &[f32], r: &[f32], ev: &mut Vec<String>) -> Option<Finding> {
     use lockstep_engine::blocks::{attention, HeadMapping, Mask};
     let w = crate::lockstep::step::Windows::of_model(&engine.path).0.get(l).copied().flatten()?;
-    let before = window_before(engine, k, l).ok()??;
+    let before = before_cache(engine, k, l).ok()?;
     let tensor = |name: &str| arr(k, name).and_then(|(s, v)| Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).ok());
     let (q, kr) = (tensor(&format!("layers.{l}.q_rope"))?, tensor(&format!("layers.{l}.k_rope"))?);
     let (nh, seq, hd) = q.dims3().ok()?;
     let nkv = kr.dims3().ok()?.0;
     let v = tensor(&format!("layers.{l}.v"))?.reshape((seq, nkv, hd)).ok()?.transpose(0, 1).ok()?.contiguous().ok()?;
-    let (mut keys, mut values) = (kr, v);
-    if before > 0 {
-        let held = |name: &str| -> Option<Tensor> {
-            let t = tensor(&format!("layers.{l}.{name}"))?;
-            let n = t.dims()[1].checked_sub(k.fed)?;
-            t.narrow(1, n.checked_sub(before)?, before).ok()
-        };
-        keys = Tensor::cat(&[held("cache_k")?, keys], 1).ok()?;
-        values = Tensor::cat(&[held("cache_v")?, values], 1).ok()?;
+    let (mut keys, mut values, mut n_before) = (kr, v, 0);
+    if let Some((bk, bv)) = before {
+        n_before = bk.dims()[1];
+        keys = Tensor::cat(&[bk, keys], 1).ok()?;
+        values = Tensor::cat(&[bv, values], 1).ok()?;
     }
+    let before = n_before;
     let scale = 1.0 / (hd as f64).sqrt();
     let span = |mask: Mask| -> Option<Vec<f32>> {
         let out = attention(&q, &keys, &values, mask, scale, HeadMapping::Grouped).ok()?;
@@ -989,33 +993,57 @@ fn window_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, e: &[f32], r: &
         ev.push(format!("attention over the window of {w} recomputed from the reference's q_rope, k_rope and v differs from its output (rel-L2 {right:.1e}): not tested further"));
         return None;
     }
-    let mut tried = vec![];
-    for (what, out) in [
-        ("every position (the window ignored)", span(Mask::Causal { offset: before })),
-        ("a window of w + 1 (the query's own position not counted, as FlashAttention's left size)", window(w + 1)),
-        ("a window of w - 1", window(w.saturating_sub(1).max(1))),
-    ] {
-        let d = tensor_metrics(e, &out?).rel_l2;
-        tried.push(format!("{d:.1e}"));
-        if d < 1e-4 {
+    // The spans tried: (what, positions seen by the step's last query).
+    let last = before + seq; // keys the last query may see
+    let cands = [
+        ("every position (the window ignored)", span(Mask::Causal { offset: before })?, last),
+        ("a window of w + 1 (the query's own position not counted, as FlashAttention's left size)", window(w + 1)?, (w + 1).min(last)),
+        ("a window of w - 1", window(w.saturating_sub(1).max(1))?, w.saturating_sub(1).max(1).min(last)),
+    ];
+    let d: Vec<f64> = cands.iter().map(|(_, out, _)| tensor_metrics(e, out).rel_l2).collect();
+    let hits: Vec<usize> = (0..cands.len()).filter(|&i| d[i] < 1e-4).collect();
+    let show = |what: &str| what.replace("w + 1", &(w + 1).to_string()).replace("w - 1", &(w - 1).to_string());
+    match hits.as_slice() {
+        [] => {
             ev.push(format!(
-                "the engine's attention at layer {l} (on the reference's input) is attention over {} (rel-L2 {d:.1e}); over the config's \
-                 window of {w} it is the reference's (rel-L2 {right:.1e})",
-                what.replace("w + 1", &(w + 1).to_string()).replace("w - 1", &(w - 1).to_string())
+                "layer {l} has a window of {w}: no other span reproduces the engine (rel-L2 to every position, {}, {}: {:.1e}, {:.1e}, {:.1e})",
+                w + 1,
+                w - 1,
+                d[0],
+                d[1],
+                d[2]
             ));
-            let title = match what.chars().next() {
-                Some('e') => format!("sliding window ignored: layer {l} attends over every position, its window is {w}"),
-                _ if what.contains("w + 1") => format!("sliding window off by one: layer {l} attends over {} positions, its window is {w}", w + 1),
-                _ => format!("sliding window off by one: layer {l} attends over {} positions, its window is {w}", w - 1),
+            None
+        }
+        [i] => {
+            ev.push(format!(
+                "the engine's attention at layer {l} is attention over {} (rel-L2 {:.1e}); over the config's \
+                 window of {w} it is the reference's (rel-L2 {right:.1e})",
+                show(cands[*i].0),
+                d[*i]
+            ));
+            let title = match i {
+                0 => format!("sliding window ignored: layer {l} attends over every position, its window is {w}"),
+                _ => format!("sliding window off by one: layer {l} attends over {} positions, its window is {w}", cands[*i].2),
             };
-            return Some(finding(Diagnosis::SlidingWindow, title, std::mem::take(ev)));
+            Some(finding(Diagnosis::SlidingWindow, title, std::mem::take(ev)))
+        }
+        many => {
+            // At the first position past the window, every position and w + 1 are the same span.
+            let n = cands[many[0]].2;
+            ev.push(format!(
+                "the engine's attention at layer {l} is attention over {} (rel-L2 {}): here they are the same \
+                 {n} positions; over the config's window of {w} it is the reference's (rel-L2 {right:.1e})",
+                many.iter().map(|&i| show(cands[i].0)).collect::<Vec<_>>().join(" and over "),
+                many.iter().map(|&i| format!("{:.1e}", d[i])).collect::<Vec<_>>().join(", ")
+            ));
+            Some(finding(
+                Diagnosis::SlidingWindow,
+                format!("sliding window ignored or one too wide: layer {l} attends over {n} positions, its window is {w}"),
+                std::mem::take(ev),
+            ))
         }
     }
-    ev.push(format!(
-        "layer {l} has a window of {w}: no other span reproduces the engine (rel-L2 to every position, w + 1, w - 1: {})",
-        tried.join(", ")
-    ));
-    None
 }
 
 fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut Vec<String>) -> Finding {

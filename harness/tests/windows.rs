@@ -129,14 +129,19 @@ live_test! {
             }
         }
         // A 5-token prompt: the window first matters at position 8, fed at step 4 (positions
-        // 0-4 at step 0, one per step after). There the reference's cache has evicted a position
-        // the step needed, so the cause is localized and the evidence says why it is not named.
+        // 0-4 at step 0, one per step after). Isolation runs the layer on the positions the
+        // reference's window evicted too (kept by bisect), and at position 8 every position and
+        // a window of 9 are the same 9 positions: both faults are named as what they are there.
         for fault in ["sliding-window-ignored", "window-off-by-one"] {
             let (code, out) = bisect("tiny-mistral", PROMPTS[0].0, fault);
             assert_eq!(code, 1, "{fault}: {out}");
             assert!(out.contains("first divergent step  4"), "{fault}: {out}");
             assert!(out.contains("first failing site    layers.0.attn, layer 0"), "{fault}: {out}");
-            assert!(out.contains("layer 0 attends over a window of 8: the reference's cache before step 4 held 7 positions"), "{fault}: {out}");
+            assert!(out.contains("isolation             layer 0 on the reference's input and cache: FAILS"), "{fault}: {out}");
+            assert!(
+                out.contains("diagnosis: sliding window ignored or one too wide: layer 0 attends over 9 positions, its window is 8 [sliding-window]"),
+                "{fault}: {out}"
+            );
         }
         // A run that never passes the window: refused, not run.
         assert_exit_2(
@@ -146,5 +151,33 @@ live_test! {
         );
         // A model without windows: refused by name.
         assert_exit_2(&["run", "--model", "tiny", "--prompt", PROMPTS[2].0, "--inject", "sliding-window-ignored"], &[], &["the model has no sliding-window layer"]);
+    }
+}
+
+live_test! {
+    /// A Python engine whose window ring never evicts on a multi-token update (the bug class
+    /// of mlx-lm issue 1914; examples/python/mlx_ring_bug.py): right one token at a time and
+    /// until the window fills, wrong from the first piece of the prompt past it. Fed in pieces
+    /// of 4, the third (positions 8-11) fails at layer 0's attention, and bisect names the span:
+    /// the engine cannot run one layer alone, so its own attention of the step (from inputs that
+    /// pass) is compared with attention recomputed over each span.
+    fn a_ring_that_never_evicts_on_multi_token_calls_is_caught_with_its_window_named() {
+        let engine = format!("python:{}", repo().join("examples/python/mlx_ring_bug.py").display());
+        let args = |chunk: &str| -> (i32, String, String) {
+            run(lockstep().args([
+                "bisect", "--engine", &engine, "--model", fixture("tiny-mistral-mixed").to_str().unwrap(), "--reference", "transformers",
+                "--prompt", PROMPTS[2].0, "--prefill-chunk", chunk, "--steps", "4", "--wide",
+            ]))
+        };
+        let (code, out, err) = args("4");
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("first divergent step  0"), "{out}");
+        assert!(out.contains("first failing site    layers.0.attn, layer 0"), "{out}");
+        assert!(out.contains("diagnosis: sliding window ignored: layer 0 attends over every position, its window is 8 [sliding-window]"), "{out}");
+        assert!(out.contains("its own `attn` of this step is used"), "{out}");
+        // One token per call after a whole-prompt prefill: the ring is right, nothing found.
+        let (code, out, err) = args("128");
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("nothing found"), "{out}");
     }
 }

@@ -323,8 +323,13 @@ impl Decoder for Llama {
             let mut cache = self.new_cache();
             let p = &self.plan[i];
             let cached = kv.as_ref().map(|(k, _)| k.dims()[1]).unwrap_or(0);
-            // An append-only cache holds every position before the step.
-            if cached != p.cache.expected_len(start) {
+            // An append-only cache holds every position before the step; a window at least the
+            // `w - 1` before it that the step's first position attends over (more are masked).
+            let least = match p.cache {
+                CacheKind::AppendOnly => start,
+                CacheKind::Window(w) => start.min(w.saturating_sub(1)),
+            };
+            if cached < least || cached > start {
                 return Err(EngineError::Input(format!(
                     "isolating layer {i} at position {start}: its {} cache should hold {} positions, it was given {cached}",
                     p.cache.describe(),

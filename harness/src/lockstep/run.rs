@@ -343,6 +343,15 @@ impl Lockstep<'_> {
                 (references, pairs, kept) = self.call(step, start, part.len(), &outputs, &es)?;
             }
             sweep.last = verdict(&references);
+            // Bisect on a windowed model: the rows the windows evicted, for isolation.
+            if self.opts.bisect && sweep.windows.0.iter().any(Option::is_some) {
+                if let Some(k) = kept.as_mut() {
+                    k.window_before = sweep.history.get(k.reference).cloned().unwrap_or_default();
+                }
+                sweep.history = StepOutput::with_views(outputs.iter().map(|(o, _)| o), |views| {
+                    crate::lockstep::step::window_history(&sweep.history, views, &sweep.windows, start + part.len())
+                })?;
+            }
             merged = Some(match merged {
                 None => (references, pairs),
                 Some((r, p)) => merge_call((r, p), (references, pairs)),

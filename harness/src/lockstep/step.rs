@@ -106,6 +106,9 @@ pub struct Sweep {
     /// The model's sliding windows: a windowed layer's cache is compared in its canonical
     /// form, whole.
     pub windows: Windows,
+    /// Bisect on a windowed model: per reference, each window layer's cache rows over the run
+    /// so far ([`window_history`]).
+    pub history: Vec<std::collections::BTreeMap<String, (usize, Vec<usize>, Vec<f32>)>>,
 }
 
 impl Sweep {
@@ -265,6 +268,57 @@ fn ref_site<R>(view: &StepArrays<'_, '_>, es: &EngineSite, f: impl FnOnce(&[usiz
         },
         _ => f(shape, data),
     })
+}
+
+/// Rows of history [`window_history`] keeps per window layer (the newest).
+pub const WINDOW_HISTORY_ROWS: usize = 4096;
+
+/// Bisect on a windowed model: per reference, each window layer's cache rows over the run so
+/// far (site -> (position of the first row, shape, values)): `previous`'s rows of the
+/// positions this call's cache no longer holds, then the cache as the reference returned it
+/// after a call that fed positions up to `total`; at most [`WINDOW_HISTORY_ROWS`], the newest.
+/// Isolation and the window evidence read the positions a window evicted from it
+/// ([`KeptStep::window_before`]): what the engine's layer attends over at a step, whatever
+/// span it uses, on the reference's values.
+///
+/// [`KeptStep::window_before`]: crate::results::run::KeptStep::window_before
+pub fn window_history(
+    previous: &[std::collections::BTreeMap<String, (usize, Vec<usize>, Vec<f32>)>],
+    views: &[StepArrays<'_, '_>],
+    windows: &Windows,
+    total: usize,
+) -> Result<Vec<std::collections::BTreeMap<String, (usize, Vec<usize>, Vec<f32>)>>, HarnessError> {
+    let mut out = vec![];
+    for (i, v) in views.iter().enumerate() {
+        let mut m = std::collections::BTreeMap::new();
+        for (l, _) in windows.0.iter().enumerate().filter(|(_, w)| w.is_some()) {
+            for name in [format!("layers.{l}.cache_k"), format!("layers.{l}.cache_v")] {
+                let got = v.with_site(&name, |shape, data| -> Option<Tensor> {
+                    Tensor::from_vec(data.to_f32_vec()?, shape, &candle_core::Device::Cpu).ok()
+                })?;
+                let Some(Some(after)) = got else { continue };
+                let len = after.dims()[1];
+                let a0 = total.saturating_sub(len);
+                let mut parts = vec![];
+                if let Some((first, shape, vals)) = previous.get(i).and_then(|p| p.get(&name)) {
+                    let n = a0.saturating_sub(*first).min(shape[1]);
+                    if n > 0 && *first <= a0 {
+                        let t = Tensor::from_vec(vals.clone(), shape.as_slice(), &candle_core::Device::Cpu)?;
+                        parts.push(t.narrow(1, 0, n)?);
+                    }
+                }
+                let first = a0 - parts.first().map(|t| t.dims()[1]).unwrap_or(0);
+                parts.push(after);
+                let all = Tensor::cat(&parts, 1)?;
+                let n = all.dims()[1];
+                let keep = n.min(WINDOW_HISTORY_ROWS);
+                let all = all.narrow(1, n - keep, keep)?.contiguous()?;
+                m.insert(name, (first + (n - keep), all.dims().to_vec(), all.flatten_all()?.to_vec1::<f32>()?));
+            }
+        }
+        out.push(m);
+    }
+    Ok(out)
 }
 
 /// Every reference's step on `feed`, with its time.
@@ -456,6 +510,13 @@ impl StepCompare<'_> {
     pub fn keep(&self, step: usize, start: usize, fed: usize, views: &[StepArrays<'_, '_>], ref_steps: &[RefStep]) -> Result<Option<KeptStep>, HarnessError> {
         let Some((ri, si)) = localize(ref_steps) else { return Ok(None) };
         let mut k = KeptStep { reference: ri, step, start, fed, site_index: si, ..Default::default() };
+        let failing = &ref_steps[ri].sites[si].site;
+        k.engine_site = self
+            .engine
+            .sites
+            .iter()
+            .find(|e| &e.site == failing && e.rows.is_none())
+            .and_then(|e| Some((e.shape.clone(), e.data.data().to_f32_vec()?)));
         if let Some(l) = ref_steps[ri].sites[si].layer {
             let input = lockstep_engine::sites::layer_input(l);
             let prefix = format!("layers.{l}.");

@@ -21,6 +21,14 @@ pub struct KeptStep {
     pub site_index: usize,
     /// site -> (shape, values), HF layout.
     pub arrays: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Sliding-window layers: the reference's `cache_k` / `cache_v` rows over the run up to the
+    /// call before this one (site -> (position of the first row, shape, values); at most
+    /// `WINDOW_HISTORY_ROWS`): the positions its window evicted, which isolation gives the
+    /// engine's layer (it attends over what its span says) and the window evidence reads.
+    pub window_before: std::collections::BTreeMap<String, (usize, Vec<usize>, Vec<f32>)>,
+    /// The engine's own values of the localized site at this step (shape, values; compared
+    /// form): what the evidence reads where the engine cannot run one layer alone.
+    pub engine_site: Option<(Vec<usize>, Vec<f32>)>,
 }
 
 /// One site of one step, engine vs one reference.
