@@ -172,12 +172,24 @@ fn replay_tiny_rope_llama3() {
     replay("tiny-rope-llama3");
 }
 
+// Sliding windows (issue 37): past the window, the caches in their canonical form.
+#[test]
+fn replay_tiny_mistral() {
+    replay("tiny-mistral");
+}
+
+#[test]
+fn replay_tiny_qwen2_swa() {
+    replay("tiny-qwen2-swa");
+}
+
 /// The cases above are the manifest's cases, every trace on disk belongs to one, and every
 /// parity snapshot to a case: nothing recorded is left unreplayed.
 #[test]
 fn every_case_is_replayed_and_every_trace_belongs_to_a_case() {
     let tested = ["tiny-hf", "tiny-hf-lora", "tiny-gguf", "smollm2", "tiny-q4-0", "tiny-q4-1", "tiny-q8-0", "tiny-k-q4-k-m", "tiny-k-q6-k", "tiny-qwen2-gguf",
-                  "tiny-qwen2-q8-0", "tiny-mixtral-hf", "tiny-mixtral-q8-0", "tiny-spm-bos", "tiny-rope-llama3"];
+                  "tiny-qwen2-q8-0", "tiny-mixtral-hf", "tiny-mixtral-q8-0", "tiny-spm-bos", "tiny-rope-llama3", "tiny-mistral",
+                  "tiny-qwen2-swa"];
     let m = Manifest::load_default().unwrap();
     let cases: Vec<&str> = m.cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(cases, tested, "add a #[test] fn replay_... to harness/tests/replay.rs for each case");
