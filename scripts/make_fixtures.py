@@ -1238,6 +1238,19 @@ ROPE_VARIANTS = {
 ROPE_GGUF = OUT_DIR / "tiny-llama-rope-llama3.gguf"
 
 
+def link_model_files(src: Path, d: Path, rel: Path) -> None:
+    """Every file of the model directory `src` but its config.json, linked into `d` (created)
+    as `rel / NAME` (relative links: the checkout may move)."""
+    d.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.name == "config.json":
+            continue
+        link = d / f.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(rel / f.name)
+
+
 def llama3_rope_freqs(scaling: dict, head_dim: int, base: float) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: the divisor of each frequency."""
     import math
@@ -1262,14 +1275,7 @@ def write_rope_variants(tok) -> list[Path]:
     paths = []
     for name, scaling in ROPE_VARIANTS.items():
         d = ROPE_DIR / name
-        d.mkdir(parents=True, exist_ok=True)
-        for f in sorted(HF_DIR.iterdir()):
-            if f.name == "config.json":
-                continue
-            link = d / f.name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(Path("..") / ".." / HF_DIR.name / f.name)
+        link_model_files(HF_DIR, d, Path("..") / ".." / HF_DIR.name)
         cfg = dict(base)
         if name == "yarn":
             del cfg["rope_theta"]
@@ -1344,14 +1350,7 @@ def write_window_variants() -> list[Path]:
     paths = []
     for name, (src, changes, dropped) in WINDOW_VARIANTS.items():
         d = OUT_DIR / name
-        d.mkdir(parents=True, exist_ok=True)
-        for f in sorted(src.iterdir()):
-            if f.name == "config.json":
-                continue
-            link = d / f.name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(Path("..") / src.name / f.name)
+        link_model_files(src, d, Path("..") / src.name)
         cfg = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k not in dropped}
         cfg.update(changes)
         write_json(d / "config.json", cfg)

@@ -35,6 +35,10 @@ pub const ALIASES: &[(&str, &str)] = &[
     // SentencePiece tokenizers (issue 17).
     ("tiny-spm", "a tiny random llama-family model with a SentencePiece tokenizer (the TinyLlama style), Hugging Face directory with tokenizer.model (snapshots/models/tiny-spm)"),
     ("tiny-spm-gguf", "the same tiny SentencePiece model as an F32 GGUF, tokenizer.ggml.model = llama (snapshots/models/tiny-spm.gguf)"),
+    // Sliding windows (issue 37): tiny-llama's / tiny-qwen2's weights under windowed configs.
+    ("tiny-mistral", "the tiny llama weights as a mistral-family model, a sliding window of 8 on every layer, Hugging Face directory (snapshots/models/tiny-mistral)"),
+    ("tiny-mistral-mixed", "the same with layer_types: windows on layers 0 and 2, layer 1 global (snapshots/models/tiny-mistral-mixed)"),
+    ("tiny-qwen2-swa", "the tiny qwen2 with use_sliding_window: layer 0 global, layer 1 a window of 8 (snapshots/models/tiny-qwen2-swa)"),
     // RoPE scaling (issue 34): real weights under a scaled config, made in the model store.
     ("smollm2-llama3", "SmolLM2-135M's dequantized weights with a llama3 RoPE scaling (factor 8, original context 512), Hugging Face directory in the model store (`make rope-variants`)"),
     ("smollm2-dynamic", "SmolLM2-135M's dequantized weights with a dynamic NTK RoPE scaling (factor 8 past 512 positions), Hugging Face directory in the model store (`make rope-variants`)"),
@@ -56,6 +60,10 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-mixtral", "tiny-mixtral"),
     ("tiny-mixtral-gguf", "tiny-mixtral.gguf"),
     ("tiny-mixtral-q8_0", "tiny-mixtral.Q8_0.gguf"),
+    // Sliding windows (issue 37).
+    ("tiny-mistral", "tiny-mistral"),
+    ("tiny-mistral-mixed", "tiny-mistral-mixed"),
+    ("tiny-qwen2-swa", "tiny-qwen2-swa"),
     // SentencePiece tokenizers (issue 17).
     ("tiny-spm", "tiny-spm"),
     ("tiny-spm-gguf", "tiny-spm.gguf"),

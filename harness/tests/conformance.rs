@@ -27,6 +27,9 @@ const FIXTURES: &[(&str, &[(&str, &str)])] =
                     // dense references an 8-bit rounding flips a near-tie of this random model within
                     // 4 steps (top-1 75% < 80%); both modes vs transformers: tests/quant.rs.
                     ("tiny-qwen2-q8_0", "llamacpp")]),
+        // Sliding windows (issue 37): HF only (llama.cpp's converter writes Mistral as llama,
+        // without a window); MLX windows the layer_types form only.
+        ("mistral", &[("tiny-mistral", "transformers"), ("tiny-mistral-mixed", "transformers,mlx")]),
         // Mixtral-style sparse MoE: transformers' GGUF loader has no Mixtral mapping, so the
         // GGUF files run against MLX (lockstep's own GGUF loader for it) and llama.cpp.
         (

@@ -379,14 +379,11 @@ pub fn stopped_before_step0(
     }
 }
 
-/// The RoPE scalings of a plan and the layers each applies to (`None` when no layer scales).
-fn rope_scaling(plan: &[lockstep_engine::LayerPlan]) -> Option<String> {
+/// What `describe` says of each layer of a plan (`None`: nothing to say), grouped: `X on every
+/// layer`, `X on layers [..]` plus `rest` when not every layer; `None` when no layer says anything.
+fn per_layer(plan: &[lockstep_engine::LayerPlan], describe: impl Fn(&lockstep_engine::LayerPlan) -> Option<String>, rest: &str) -> Option<String> {
     let mut groups: Vec<(String, Vec<usize>)> = vec![];
-    for (l, p) in plan.iter().enumerate() {
-        if p.rope.scaling.is_default() {
-            continue;
-        }
-        let d = p.rope.scaling.describe();
+    for (l, d) in plan.iter().enumerate().filter_map(|(l, p)| Some((l, describe(p)?))) {
         match groups.iter_mut().find(|(g, _)| *g == d) {
             Some((_, layers)) => layers.push(l),
             None => groups.push((d, vec![l])),
@@ -396,32 +393,25 @@ fn rope_scaling(plan: &[lockstep_engine::LayerPlan]) -> Option<String> {
         .into_iter()
         .map(|(d, layers)| match layers.len() == plan.len() {
             true => format!("{d} on every layer"),
-            false => format!("{d} on layers {layers:?}"),
+            false => format!("{d} on layers {layers:?}{rest}"),
         })
         .collect();
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
-/// The sliding windows of the plan: `sliding window of 8 on every layer`, `... on layers [1]`
-/// (the others global); `None` when every layer is global.
+/// The RoPE scalings of a plan and the layers each applies to (`None` when no layer scales).
+fn rope_scaling(plan: &[lockstep_engine::LayerPlan]) -> Option<String> {
+    per_layer(plan, |p| (!p.rope.scaling.is_default()).then(|| p.rope.scaling.describe()), "")
+}
+
+/// The sliding windows of the plan: `sliding window of 8 on every layer`, `... on layers [1]
+/// (the others global)`; `None` when every layer is global.
 fn windows(plan: &[lockstep_engine::LayerPlan]) -> Option<String> {
-    let mut groups: Vec<(usize, Vec<usize>)> = vec![];
-    for (l, p) in plan.iter().enumerate() {
-        if let lockstep_engine::plan::Span::Window(w) = p.span {
-            match groups.iter_mut().find(|(g, _)| *g == w) {
-                Some((_, layers)) => layers.push(l),
-                None => groups.push((w, vec![l])),
-            }
-        }
-    }
-    let parts: Vec<String> = groups
-        .into_iter()
-        .map(|(w, layers)| match layers.len() == plan.len() {
-            true => format!("sliding window of {w} on every layer"),
-            false => format!("sliding window of {w} on layers {layers:?} (the others global)"),
-        })
-        .collect();
-    (!parts.is_empty()).then(|| parts.join("; "))
+    let window = |p: &lockstep_engine::LayerPlan| match p.span {
+        lockstep_engine::plan::Span::Window(w) => Some(format!("sliding window of {w}")),
+        lockstep_engine::plan::Span::Global => None,
+    };
+    per_layer(plan, window, " (the others global)")
 }
 
 /// The engine's side of the report header: weights, kernels, faults, dtype, Q/K layout.
