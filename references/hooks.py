@@ -20,11 +20,19 @@ LAYER_HOOKS: dict[str, tuple[str, str]] = {
     "v": ("self_attn.v_proj", OUTPUT),
     "attn": ("self_attn.o_proj", INPUT),
     "attn_out": ("self_attn.o_proj", OUTPUT),
-    "mlp_norm": ("post_attention_layernorm", OUTPUT),
+    # Gemma 3: q and k normed per head before RoPE, and each branch's output normed before it
+    # joins the residual stream; its norm before the MLP is ``pre_feedforward_layernorm`` (its
+    # ``post_attention_layernorm`` is the attention branch's output norm, Llama's is the norm
+    # before the MLP).
+    "q_norm": ("self_attn.q_norm", OUTPUT),
+    "k_norm": ("self_attn.k_norm", OUTPUT),
+    "attn_post_norm": ("post_attention_layernorm", OUTPUT),
+    "mlp_norm": [("pre_feedforward_layernorm", OUTPUT), ("post_attention_layernorm", OUTPUT)],
     "mlp_gate": ("mlp.gate_proj", OUTPUT),
     "mlp_up": ("mlp.up_proj", OUTPUT),
     "mlp_act": ("mlp.down_proj", INPUT),
     "mlp_out": [("mlp.down_proj", OUTPUT), ("mlp", OUTPUT), ("block_sparse_moe", OUTPUT)],
+    "mlp_post_norm": ("post_feedforward_layernorm", OUTPUT),
     "out": ("", OUTPUT),
     # Sparse MoE (Mixtral): the router's logits. transformers 5 names the mixture ``mlp`` and its
     # router ``mlp.gate`` (a MixtralTopKRouter returning (logits, top-k weights, top-k indices));

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata as md
 import json
+import os
 import re
 import weakref
 from collections import deque
@@ -137,6 +138,13 @@ _BY_NAME = {
     "ffn_gate": "mlp_gate",
     "ffn_up": "mlp_up",
     "ffn_swiglu": "mlp_act",
+    "ffn_geglu": "mlp_act",
+    # Gemma 3: q and k normed per head before RoPE, each branch's output normed before the
+    # residual add (the un-suffixed `norm` nodes before them are the plain RMS norms).
+    "Qcur_normed": "q_norm",
+    "Kcur_normed": "k_norm",
+    "attn_post_norm": "attn_post_norm",
+    "ffn_post_norm": "mlp_post_norm",
     "ffn_gate_par": "mlp_act",
     "ffn_out": "mlp_out",
     "l_out": "out",
@@ -149,7 +157,8 @@ _BY_NAME = {
     "ffn_moe_topk": "expert_weights#topk",
     "ffn_moe_weights_norm": "expert_weights#w",
 }
-_GLOBAL = {"embd": "embed", "result_norm": "final_norm"}
+# `inp_scaled` (Gemma: the embedding times sqrt(hidden)) follows `embd` and wins.
+_GLOBAL = {"embd": "embed", "inp_scaled": "embed", "result_norm": "final_norm"}
 # The leaves _site_of can name (and logits, read with llama_get_logits).
 _LAYER_LEAVES = {v for v in _BY_NAME.values() if "#" not in v} | {"q", "k", "q_rope", "k_rope", "cache_k", "cache_v",
                                                                   "expert_weights"}
@@ -200,13 +209,28 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+_READERS: dict = {}
+
+
+def gguf_reader(path):
+    """The gguf package's reader of `path`, parsed once per file version (size, mtime): it
+    parses every metadata array, 9 s for a 262,144-token vocabulary (Gemma 3)."""
+    import gguf
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _READERS:
+        _READERS.clear()
+        _READERS[key] = gguf.GGUFReader(str(path))
+    return _READERS[key]
+
+
 def check_runnable(path: Path) -> None:
     """Refuses a file llama.cpp would abort the whole process on, before handing it over: a
     SentencePiece vocabulary (``tokenizer.ggml.model = llama``) without the 256 byte tokens
     ``<0x00>``..``<0xFF>`` that its byte fallback indexes (llama.cpp: SIGABRT in tokcheck,
     SIGSEGV in a run)."""
     import gguf
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_reader(path)
     model = reader.fields.get("tokenizer.ggml.model")
     if model is None or bytes(model.parts[-1]).decode("utf-8", "replace") != "llama":
         return
@@ -218,6 +242,35 @@ def check_runnable(path: Path) -> None:
                          f"<0x00>..<0xFF> (first {missing[0]}), which llama.cpp's byte fallback needs: llama.cpp "
                          "would abort the process on this file, so the llamacpp reference refuses it (re-convert "
                          "the model with its byte tokens)")
+
+
+# Architectures whose llama.cpp graph runs sliding-window layers, and the default of
+# `{arch}.attention.sliding_window_pattern` (llama.cpp's load_swa_pattern: every n-th layer global).
+_SWA_ARCHS = {"gemma3": 6}
+
+
+def llamacpp_windows(path: Path) -> list:
+    """The window of each layer as llama.cpp runs the GGUF at `path` (None: global): for an
+    architecture of _SWA_ARCHS with `{arch}.attention.sliding_window`, the layers its pattern
+    (`{arch}.attention.sliding_window_pattern`, a count or a list of booleans) makes local."""
+    import gguf
+    r = gguf_reader(path)
+
+    def field(key):
+        f = r.fields.get(key)
+        return None if f is None else [f.parts[i].tolist()[0] for i in f.data]
+
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    n = int(field(f"{arch}.block_count")[0])
+    window = field(f"{arch}.attention.sliding_window")
+    if arch not in _SWA_ARCHS or not window or int(window[0]) == 0:
+        return [None] * n
+    w = int(window[0])
+    pattern = field(f"{arch}.attention.sliding_window_pattern")
+    if pattern is not None and len(pattern) == n and n > 1:
+        return [w if bool(x) else None for x in pattern]
+    every = int(pattern[0]) if pattern else _SWA_ARCHS[arch]
+    return [w if i % every < every - 1 else None for i in range(n)]
 
 
 class LlamaCppTokenizerSide:
@@ -283,11 +336,6 @@ class LlamaCppReference:
     def __init__(self, model: str, dtype: str = "float32", threads: int | None = 2,
                  n_ctx: int | None = None, n_batch: int = 512, kv_type: str = "f32", sites: list[str] | None = None,
                  context: int | None = None, windows: list | None = None):
-        # `windows`: a GGUF of the architectures lockstep runs never has one (the engine refuses
-        # a file that sets `{arch}.attention.sliding_window`, which llama.cpp's llama and qwen2
-        # graphs ignore).
-        if windows and any(w is not None for w in windows):
-            raise ValueError("llama.cpp: this file's architecture runs no sliding window in llama.cpp's graph")
         p = Path(model)
         if p.is_dir():
             raise ValueError(f"llama.cpp needs a .gguf file, got a directory: {model}")
@@ -300,6 +348,15 @@ class LlamaCppReference:
         if kv_type not in kv_types:
             raise ValueError(f"llama.cpp reference: kv_type must be one of {sorted(kv_types)}")
         check_runnable(p)
+        # `windows` (the config's, as lockstep reads it): llama.cpp must run the same ones. Its
+        # graph windows only the architectures that declare it (gemma3); its cache cells stay
+        # indexed by position (a full-size SWA cache), the harness keeps a window's last rows.
+        if windows is not None:
+            ours = llamacpp_windows(p)
+            if list(windows) != ours and any(w is not None for w in list(windows) + ours):
+                show = lambda ws: ", ".join("global" if w is None else f"window {w}" for w in ws)
+                raise ValueError(f"llama.cpp runs this file with layers [{show(ours)}] where lockstep reads "
+                                 f"[{show(windows)}]: it would compute another model")
         self.model_path = str(model)
         self.dtype_name = dtype
         self.threads = int(threads or 2)
@@ -340,7 +397,7 @@ class LlamaCppReference:
                        gguf.GGMLQuantizationType.BF16}
         self.quantized_activations = any(
             len(t.shape) == 2 and t.tensor_type not in float_types
-            for t in gguf.GGUFReader(self.model_path).tensors)
+            for t in gguf_reader(self.model_path).tensors)
         buf = ctypes.create_string_buffer(256)
         C.llama_model_desc(self._model, buf, 256)
         self.model_desc = buf.value.decode("utf-8", "replace")
@@ -409,7 +466,7 @@ class LlamaCppReference:
             factor = self.metadata.get(f"{arch}.rope.scaling.factor")
             out.append(f"RoPE scaling {stype} x{factor} from the GGUF metadata, as llama.cpp computes it")
         import gguf
-        names = {t.name for t in gguf.GGUFReader(self.model_path).tensors}
+        names = {t.name for t in gguf_reader(self.model_path).tensors}
         for t in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             if t in names:
                 out.append(f"RoPE per-frequency factors {t}, as llama.cpp applies them")
@@ -594,6 +651,8 @@ class LlamaCppReference:
                     a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1])[: self.pos].transpose(1, 0, 2)
                 else:  # transposed (the layout without flash attention): ne [n_kv, kv_heads, hd, 1]
                     a = a.reshape(a.shape[-3], a.shape[-2], a.shape[-1]).transpose(1, 2, 0)[:, : self.pos]
+            elif kind in ("q_norm", "k_norm"):
+                a = a.reshape(n, -1, hd).transpose(1, 0, 2)  # ne [hd, heads, seq] -> (heads, seq, hd), as q_rope
             else:
                 a = a.reshape(n, -1)
                 if kind in ("q", "k") and self.qk_permuted:

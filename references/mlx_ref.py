@@ -518,6 +518,7 @@ class MlxReference(HfSideMixin):
                 self.notes.append(f"RoPE: mlx-lm's {type(rope).__name__}" + (f" (scale {scale})" if scale not in (None, 1.0) else ""))
         self.num_layers = args.num_hidden_layers
         self._check_windows(windows)
+        self._check_config(p)
         self.head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         self.transforms = [TRANSFORM_QK] if self.qk_permuted else []
         self.lora_path = lora
@@ -602,7 +603,11 @@ class MlxReference(HfSideMixin):
         glob: dict[str, str] = {}
         for name, layer, leaf in requested:
             (glob if layer is None else by_layer.setdefault(layer, {}))[leaf] = name
-        attach(m, hooks.GLOBAL_HOOKS, glob)  # embed: __call__ only; as_linear (tied head) is not
+        # embed: the first layer's input, i.e. after any scale the model applies to the embedding
+        # (Gemma's sqrt(hidden), which mlx-lm multiplies outside embed_tokens; transformers' scaled
+        # embedding module returns it, llama.cpp's inp_scaled holds it).
+        embed = glob.pop("embed", None)
+        attach(m, hooks.GLOBAL_HOOKS, glob)
         self._logits = "logits" in glob
         got.update(["logits"] if self._logits else [])
         self._cache_sites = {}
@@ -640,6 +645,13 @@ class MlxReference(HfSideMixin):
             if any(kv):
                 self._cache_sites[i] = kv
                 got.update(x for x in kv if x)
+        if embed and m.layers:
+            first = m.layers[0]
+            if getattr(first, "_ls_rec", None) is None:
+                _capture(first, rec, inp=embed)
+            else:
+                object.__setattr__(first, "_ls_in", embed)
+            got.add(embed)
         self.sites = [name for name, _, _ in requested if name in got]
 
     # -- protocol --------------------------------------------------------------------------
@@ -660,6 +672,29 @@ class MlxReference(HfSideMixin):
             "transforms": list(self.transforms),
             "notes": list(self.notes),
         }
+
+    def _check_config(self, p: Path) -> None:
+        """Keys of a Hugging Face config.json that mlx-lm's model of it does not read, where
+        they would make it compute another model: a final logit soft-cap (its gemma3_text has
+        no `final_logit_softcapping`), and transformers 5's per-layer-type `rope_parameters`
+        (gemma3_text reads `rope_theta` / `rope_local_base_freq` only, defaults 1e6 / 1e4)."""
+        if not p.is_dir() or not (p / "config.json").is_file():
+            return
+        cfg = json.loads((p / "config.json").read_text())
+        args = self.model.args
+        where = f"mlx-lm {md.version('mlx-lm')}'s {type(self.model).__module__}"
+        cap = cfg.get("final_logit_softcapping")
+        if cap and getattr(args, "final_logit_softcapping", None) is None:
+            raise ValueError(f"the mlx reference: {where} does not apply this config's final_logit_softcapping "
+                             f"({cap}); it would compute another model (use --reference transformers for it)")
+        rp = cfg.get("rope_parameters") or {}
+        for layer_type, attr in (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq")):
+            want = (rp.get(layer_type) or {}).get("rope_theta") if isinstance(rp.get(layer_type), dict) else None
+            have = getattr(args, attr, None)
+            if want is not None and have is not None and float(want) != float(have):
+                raise ValueError(f"the mlx reference: {where} runs {layer_type} layers with RoPE base {have} ({attr}; "
+                                 f"it does not read rope_parameters) where the config says {want}: it would compute "
+                                 "another model")
 
     def _check_windows(self, windows: list | None) -> None:
         """The windows mlx-lm runs the model with (its caches: a RotatingKVCache of max_size W

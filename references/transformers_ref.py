@@ -168,6 +168,8 @@ class TransformersReference(HfSideMixin):
             raise ValueError(f"{p}: the file scales its RoPE ({', '.join(scaled)}), which transformers' GGUF loader "
                              "does not read (it would run the model unscaled): use the Hugging Face checkpoint with "
                              "the transformers reference, or --reference llamacpp for this file")
+        if arch == "gemma3":
+            self._gemma3_as_llamacpp(cfg, reader)
         key = reader.fields.get(f"{arch}.attention.key_length")
         if key is not None and hasattr(cfg, "head_dim"):
             width = int(key.parts[-1][0])
@@ -176,6 +178,46 @@ class TransformersReference(HfSideMixin):
                                        f"head_dim set to the file's {width} (the loader left {cfg.head_dim})")
                 cfg.head_dim = width
         return cfg
+
+    def _gemma3_as_llamacpp(self, cfg, reader) -> None:
+        """A gemma3 GGUF holds no query_pre_attn_scalar and may hold keys transformers' GGUF
+        loader does not read (its pattern of local layers, the local RoPE base, a final
+        soft-cap): the config is set as llama.cpp reads the file (its defaults where the file is
+        silent), so that both references compute the model the file defines."""
+        import numpy as np
+
+        def value(key):
+            f = reader.fields.get(key)
+            return None if f is None else [np.asarray(f.parts[i]).tolist()[0] for i in f.data]
+
+        n, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        head_dim = (value("gemma3.attention.key_length") or [cfg.head_dim])[0]
+        # llama.cpp: 1/sqrt(head_dim), except the 62-layer 27B's 1/sqrt(hidden / heads).
+        qpas = cfg.hidden_size / heads if n == 62 else head_dim
+        changed = []
+        if cfg.query_pre_attn_scalar != qpas:
+            changed.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} -> {qpas:g}")
+            cfg.query_pre_attn_scalar = qpas
+        pattern = value("gemma3.attention.sliding_window_pattern")
+        if pattern is not None:
+            swa = [bool(x) for x in pattern] if len(pattern) == n and n > 1 else \
+                  [i % int(pattern[0]) < int(pattern[0]) - 1 for i in range(n)]
+            types = ["sliding_attention" if x else "full_attention" for x in swa]
+            if types != list(cfg.layer_types):
+                changed.append("layer_types from gemma3.attention.sliding_window_pattern")
+                cfg.layer_types = types
+        local = value("gemma3.rope.freq_base_swa")
+        rp = getattr(cfg, "rope_parameters", None)
+        if local is not None and isinstance(rp, dict) and "sliding_attention" in rp:
+            if rp["sliding_attention"].get("rope_theta") != float(local[0]):
+                changed.append(f"local RoPE base -> {local[0]:g} (gemma3.rope.freq_base_swa)")
+                rp["sliding_attention"]["rope_theta"] = float(local[0])
+        cap = value("gemma3.final_logit_softcapping")
+        if cap is not None and cap[0] and cfg.final_logit_softcapping != cap[0]:
+            changed.append(f"final_logit_softcapping -> {cap[0]:g}")
+            cfg.final_logit_softcapping = float(cap[0])
+        if changed:
+            self.load_notes.append("gemma3 GGUF read as llama.cpp reads it: " + "; ".join(changed))
 
     def _attach_lora(self, path: str, torch_dtype):
         from peft import PeftModel
@@ -338,9 +380,13 @@ class TransformersReference(HfSideMixin):
         _ACTIVE = self
         try:
             with torch.no_grad():
-                self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                           position_ids=torch.arange(self.pos, self.pos + n).unsqueeze(0),
-                           cache_position=torch.arange(self.pos, self.pos + n))
+                result = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                    position_ids=torch.arange(self.pos, self.pos + n).unsqueeze(0),
+                                    cache_position=torch.arange(self.pos, self.pos + n))
+            if "logits" in self._out and getattr(self.model.config, "final_logit_softcapping", None):
+                # `logits` is what the model returns: after the soft-cap its forward applies to
+                # lm_head's output (Gemma), which the lm_head hook saw before it.
+                self._out["logits"] = result.logits[0]
         finally:
             self._capturing = False
             self._current_layer = None

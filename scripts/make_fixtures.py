@@ -1804,6 +1804,289 @@ def self_check_spm() -> bool:
     return ok
 
 
+
+# The tiny Gemma 3 (tiny-gemma3/, tiny-gemma3.gguf, tiny-gemma3.Q8_0.gguf): Gemma3ForCausalLM's
+# architecture (issue 38) at a size that keeps the three files near 1 MB: 6 layers, the sixth
+# global and the others local (Gemma 3's pattern, which llama.cpp assumes for every gemma3 file),
+# a window of GEMMA3_WINDOW, the local and global RoPE bases apart, query_pre_attn_scalar !=
+# head_dim, a tied head; hidden 64, whose square root (the embedding scale) every dtype holds
+# exactly (mlx-lm rounds it to bfloat16). The tokenizer is tiny-llama's (linked).
+# A GGUF file holds neither query_pre_attn_scalar nor final_logit_softcapping, and llama.cpp reads
+# a gemma3 file with 1/sqrt(head_dim) and no soft-cap: tiny-gemma3.gguf is that model (the
+# engine reads it as llama.cpp does), checked against transformers on the HF weights with those two
+# settings (self_check_gemma3).
+GEMMA3 = ModelSpec("tiny-gemma3", hidden_size=64, intermediate_size=32, num_layers=6,
+                   num_heads=2, num_kv_heads=1, head_dim=16, weight_seed=41, arch="gemma3")
+GEMMA3_DIR = OUT_DIR / "tiny-gemma3"
+GEMMA3_GGUF = OUT_DIR / "tiny-gemma3.gguf"
+GEMMA3_QUANT = "Q8_0"
+GEMMA3_WINDOW = 8
+GEMMA3_ROPE_GLOBAL = 1_000_000.0
+GEMMA3_ROPE_LOCAL = 10_000.0
+GEMMA3_QPAS = 24  # query_pre_attn_scalar, head_dim 16
+# tiny-gemma3-softcap/: the same model with a final logit soft-cap (config.json only, the other files
+# linked). mlx-lm's gemma3_text computes no soft-cap, so the soft-cap is a variant of its own.
+GEMMA3_SOFTCAP = 10.0
+GEMMA3_SOFTCAP_DIR = OUT_DIR / "tiny-gemma3-softcap"
+GEMMA3_RMS_NORM_EPS = 1e-6
+# Norm weights are Gemma's offsets from one: the norm multiplies by 1 + w.
+GEMMA3_NORM_STD = 0.1
+# A random model with a tied head repeats its last input token (the token's own embedding decides
+# the logits): small embeddings and large post-norm (1 + 8) and final-norm (1 + 6) multipliers let
+# the layers decide. Seeds 38-47 searched at these settings; 41 gives 10 distinct greedy tokens of
+# 20 and a minimum margin of 0.10 on the check prompt.
+GEMMA3_EMBED_STD = 0.1
+GEMMA3_POST_NORM = 8.0
+GEMMA3_FINAL_NORM = 6.0
+
+
+def gemma3_weights(spec: ModelSpec, vocab_size: int) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors of a Gemma3ForCausalLM (tied head: no lm_head.weight)."""
+    rng = np.random.Generator(np.random.PCG64(spec.weight_seed))
+    h, f, hd, nh, nkv = spec.hidden_size, spec.intermediate_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": normal((vocab_size, h), GEMMA3_EMBED_STD)}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = normal((h,), GEMMA3_NORM_STD)
+        w[p + "self_attn.q_proj.weight"] = normal((nh * hd, h), h**-0.5)
+        w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, h), h**-0.5)
+        w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, h), h**-0.5)
+        w[p + "self_attn.o_proj.weight"] = normal((h, nh * hd), (nh * hd) ** -0.5)
+        w[p + "self_attn.q_norm.weight"] = normal((hd,), GEMMA3_NORM_STD)
+        w[p + "self_attn.k_norm.weight"] = normal((hd,), GEMMA3_NORM_STD)
+        w[p + "post_attention_layernorm.weight"] = GEMMA3_POST_NORM + normal((h,), GEMMA3_NORM_STD)
+        w[p + "pre_feedforward_layernorm.weight"] = normal((h,), GEMMA3_NORM_STD)
+        w[p + "mlp.gate_proj.weight"] = normal((f, h), h**-0.5)
+        w[p + "mlp.up_proj.weight"] = normal((f, h), h**-0.5)
+        w[p + "mlp.down_proj.weight"] = normal((h, f), f**-0.5)
+        w[p + "post_feedforward_layernorm.weight"] = GEMMA3_POST_NORM + normal((h,), GEMMA3_NORM_STD)
+    w["model.norm.weight"] = GEMMA3_FINAL_NORM + normal((h,), GEMMA3_NORM_STD)
+    return w
+
+
+def gemma3_config(spec: ModelSpec, vocab_size: int, bos: int, eos: int, pad: int, **changes) -> dict:
+    """The config.json of Gemma 3 270M's form (transformers 5's keys), at the tiny sizes."""
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(spec.num_layers)]
+    cfg = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "final_logit_softcapping": None,
+        "head_dim": spec.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": spec.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": spec.intermediate_size,
+        "layer_types": types,
+        "max_position_embeddings": MAX_POSITIONS,
+        "num_attention_heads": spec.num_heads,
+        "num_hidden_layers": spec.num_layers,
+        "num_key_value_heads": spec.num_kv_heads,
+        "query_pre_attn_scalar": GEMMA3_QPAS,
+        "rms_norm_eps": GEMMA3_RMS_NORM_EPS,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": GEMMA3_ROPE_GLOBAL},
+            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_ROPE_LOCAL},
+        },
+        "sliding_window": GEMMA3_WINDOW,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "use_bidirectional_attention": False,
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+# HF name (after model.layers.N.) -> GGUF name (after blk.N.), in convert_hf_to_gguf.py's order.
+GEMMA3_HF_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
+def write_gemma3_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray], qtype: str = "F32") -> Path:
+    """The tiny Gemma 3 as convert_hf_to_gguf.py's Gemma3Model writes it: norm weights + 1 (every
+    `*norm.weight`), Q/K rows unpermuted, no output.weight (tied), gemma3.* metadata (no
+    query_pre_attn_scalar, no soft-cap); quantized as write_gguf quantizes (`--pure`)."""
+    import gguf
+
+    quantized = qtype != "F32"
+    qt = gguf.GGMLQuantizationType[qtype]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    model = json.loads(tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    special = set(SPECIAL_TOKENS)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(spec.name)
+    w.add_context_length(MAX_POSITIONS)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_block_count(spec.num_layers)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.num_heads)
+    w.add_layer_norm_rms_eps(GEMMA3_RMS_NORM_EPS)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_freq_base(GEMMA3_ROPE_GLOBAL)
+    w.add_sliding_window(GEMMA3_WINDOW)
+    w.add_head_count_kv(spec.num_kv_heads)
+    file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}"] if quantized else gguf.LlamaFileType.ALL_F32
+    if not quantized:
+        w.add_file_type(file_type)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab[BOS_TOKEN])
+    w.add_eos_token_id(vocab[EOS_TOKEN])
+    w.add_pad_token_id(vocab[PAD_TOKEN])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if quantized:
+        w.add_file_type(file_type)
+
+    def norm(x):
+        return np.ascontiguousarray(x + 1.0, dtype=np.float32)
+
+    tensors = [("token_embd.weight", weights["model.embed_tokens.weight"])]
+    for i in range(spec.num_layers):
+        for hf, gg in GEMMA3_HF_TO_GGUF.items():
+            t = weights[f"model.layers.{i}.{hf}"]
+            tensors.append((f"blk.{i}.{gg}", norm(t) if hf.endswith("norm.weight") else np.ascontiguousarray(t, dtype=np.float32)))
+    tensors.append(("output_norm.weight", norm(weights["model.norm.weight"])))
+    for name, t in llama_quantize_order(tensors) if quantized else tensors:
+        if quantized and t.ndim >= 2:
+            w.add_tensor(name, gguf.quants.quantize(t, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, t, raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_gemma3(tok) -> list[Path]:
+    """The tiny Gemma 3: its HF directory (tiny-llama's tokenizer files linked), the F32 GGUF and
+    its Q8_0 quantization."""
+    import torch
+    from safetensors.torch import save_file
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    weights = gemma3_weights(GEMMA3, len(vocab))
+    link_model_files(HF_DIR, GEMMA3_DIR, Path("..") / HF_DIR.name)
+    (GEMMA3_DIR / "model.safetensors").unlink()
+    write_json(GEMMA3_DIR / "config.json", gemma3_config(GEMMA3, len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[PAD_TOKEN]))
+    tensors = {k: torch.from_numpy(v).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(GEMMA3_DIR / "model.safetensors"), metadata={"format": "pt"})
+    link_model_files(GEMMA3_DIR, GEMMA3_SOFTCAP_DIR, Path("..") / GEMMA3_DIR.name)
+    capped = gemma3_config(GEMMA3, len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[PAD_TOKEN], final_logit_softcapping=GEMMA3_SOFTCAP)
+    write_json(GEMMA3_SOFTCAP_DIR / "config.json", capped)
+    return [GEMMA3_DIR / "config.json", GEMMA3_DIR / "model.safetensors", GEMMA3_SOFTCAP_DIR / "config.json",
+            write_gemma3_gguf(GEMMA3_GGUF, GEMMA3, tok, weights),
+            write_gemma3_gguf(quant_path(GEMMA3, GEMMA3_QUANT), GEMMA3, tok, weights, GEMMA3_QUANT)]
+
+
+# transformers (HF directory, read with llama.cpp's settings) vs llama.cpp (F32 GGUF), max abs logit
+# difference: float32 noise of two implementations plus llama.cpp's GELU (an f16 table).
+GEMMA3_LLAMACPP_DIFF = 1e-2
+
+
+def self_check_gemma3() -> bool:
+    """transformers loads the tiny Gemma 3 as Gemma3ForCausalLM with local and global layers; the
+    window acts from position GEMMA3_WINDOW on; the greedy continuation has no near tie; mlx-lm
+    gives transformers' logits; llama.cpp on the F32 GGUF gives the logits of transformers on the
+    HF weights read as llama.cpp reads a gemma3 file (scale 1/sqrt(head_dim), no soft-cap)."""
+    import tempfile as _tf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ok = True
+
+    def fail(msg):
+        nonlocal ok
+        ok = False
+        print(f"CHECK FAILED: tiny-gemma3: {msg}", file=sys.stderr)
+
+    seq = [1] + [(7 * i) % 500 + 3 for i in range(3 * GEMMA3_WINDOW)]
+    cfg = json.loads((GEMMA3_DIR / "config.json").read_text())
+
+    def variant_logits(**changes) -> np.ndarray:
+        with _tf.TemporaryDirectory() as d:
+            link_model_files(GEMMA3_DIR, Path(d), GEMMA3_DIR.resolve())
+            write_json(Path(d) / "config.json", {**cfg, **changes})
+            m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            with torch.no_grad():
+                return m(torch.tensor([seq])).logits[0].numpy()
+
+    m = AutoModelForCausalLM.from_pretrained(str(GEMMA3_DIR), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = m(torch.tensor([seq])).logits[0].numpy()
+    print(f"tiny-gemma3: {type(m).__name__}, layer types {m.config.layer_types}, window {m.config.sliding_window}")
+    wide = variant_logits(sliding_window=4096)
+    d = np.abs(ref - wide).max(axis=1)
+    first = int(np.nonzero(d > 1e-4)[0][0]) if (d > 1e-4).any() else None
+    print(f"tiny-gemma3: logits leave the unwindowed model's at position {first}")
+    if first != GEMMA3_WINDOW:
+        fail(f"the window acts from position {first}, not {GEMMA3_WINDOW}")
+    gen, margins = greedy(m, seq[: 2 * GEMMA3_WINDOW], CHECK_NEW_TOKENS)
+    print(f"tiny-gemma3: greedy {gen}, min margin {min(margins):.4f}")
+    if min(margins) < WINDOW_MIN_MARGIN or len(set(gen)) < MIN_DISTINCT:
+        fail(f"greedy continuation degenerate or near a tie (min margin {min(margins):.4f}, {len(set(gen))} distinct)")
+    try:
+        from mlx_lm import load as mlx_load
+        import mlx.core as mx
+        mm, _ = mlx_load(str(GEMMA3_DIR))
+        ml = np.array(mm(mx.array([seq]))[0].astype(mx.float32))
+        diff = float(np.abs(ml - ref).max())
+        print(f"tiny-gemma3: mlx-lm vs transformers max |logit diff| {diff:.2e}")
+        if diff > GEMMA3_LLAMACPP_DIFF:
+            fail(f"mlx-lm differs from transformers by {diff:.2e}")
+    except ImportError as e:
+        print(f"tiny-gemma3: mlx-lm not checked ({e})")
+    capped = variant_logits(final_logit_softcapping=GEMMA3_SOFTCAP)
+    moved = float(np.abs(capped - ref).max())
+    print(f"tiny-gemma3-softcap: the soft-cap moves the logits by up to {moved:.2f}, every |logit| < {GEMMA3_SOFTCAP}: "
+          f"{bool(np.abs(capped).max() < GEMMA3_SOFTCAP)}")
+    if moved < 0.1:
+        fail(f"the soft-cap moves the logits by {moved:.2e} only")
+    as_llamacpp = variant_logits(query_pre_attn_scalar=GEMMA3.head_dim)
+    lc = llamacpp_f32_logits(GEMMA3_GGUF, seq)
+    diff = float(np.abs(lc - as_llamacpp).max())
+    print(f"tiny-gemma3: llama.cpp (F32 GGUF) vs transformers read as llama.cpp reads it, max |logit diff| {diff:.2e}; "
+          f"vs the HF model itself {float(np.abs(lc - ref).max()):.2e}")
+    if diff > GEMMA3_LLAMACPP_DIFF:
+        fail(f"llama.cpp differs from transformers by {diff:.2e}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-check", action="store_true", help="write the files, skip the transformers self-check")
@@ -1814,6 +2097,7 @@ def main() -> int:
     ap.add_argument("--rope-only", action="store_true", help="write (and check) only the tiny Llama's RoPE-scaling variants")
     ap.add_argument("--spm-only", action="store_true", help="write (and check) only the tiny SentencePiece Llama")
     ap.add_argument("--windows-only", action="store_true", help="write (and check) only the sliding-window variants")
+    ap.add_argument("--gemma3-only", action="store_true", help="write (and check) only the tiny Gemma 3")
     args = ap.parse_args()
     if args.adapters_only:
         for p in write_adapters():
@@ -1841,6 +2125,10 @@ def main() -> int:
         for p in write_window_variants():
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
         return 0 if args.no_check or self_check_windows() else 1
+    if args.gemma3_only:
+        for p in write_gemma3(tok):
+            print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
+        return 0 if args.no_check or self_check_gemma3() else 1
     if args.rope_only:
         for p in write_rope_variants(tok):
             print(f"{sha256(p)}  {p.relative_to(REPO)}  ({p.stat().st_size} bytes)")
@@ -1858,6 +2146,7 @@ def main() -> int:
     paths += write_qwen3(tok)
     paths += write_rope_variants(tok)
     paths += write_window_variants()
+    paths += write_gemma3(tok)
     paths += write_spm(train_spm())
     paths += write_adapters()
     with tempfile.TemporaryDirectory(prefix="lockstep-fixtures-") as tmp:
@@ -1878,7 +2167,7 @@ def main() -> int:
 
         if args.no_check:
             return 0
-        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_rope() or not self_check_windows() or not self_check_spm():
+        if not self_check(k_f32) or not self_check_qwen2() or not self_check_mixtral() or not self_check_qwen3() or not self_check_rope() or not self_check_windows() or not self_check_gemma3() or not self_check_spm():
             print("self-check FAILED", file=sys.stderr)
             return 1
     print("self-check passed")

@@ -36,6 +36,48 @@ pub struct Config {
     /// positions, its own included (position `p` sees `p - w + 1 ..= p`, as transformers and
     /// llama.cpp count), `None` where it attends globally. Empty: every layer global.
     pub layer_windows: Vec<Option<usize>>,
+    /// What the decoder computes where a family departs from Llama's choices (Gemma 3's); the
+    /// default is Llama's.
+    pub variant: Variant,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `silu(gate) * up` (SwiGLU: Llama, Mistral, Qwen2).
+    #[default]
+    Silu,
+    /// `gelu_tanh(gate) * up` (GeGLU with the tanh approximation: Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+/// What a decoder of the shared architecture ([`crate::models::llama`]) computes differently
+/// per family. `Variant::default()` is Llama's: no embedding scale, SiLU, attention scaled by
+/// `1/sqrt(head_dim)`, raw logits, one RoPE for every layer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Variant {
+    /// The embedding rows are multiplied by this, rounded to the model's dtype first (Gemma:
+    /// `sqrt(hidden_size)`).
+    pub embed_scale: Option<f64>,
+    pub activation: Activation,
+    /// The attention scores' factor when it is not `1/sqrt(head_dim)` (Gemma 3:
+    /// `query_pre_attn_scalar ** -0.5`).
+    pub attn_scale: Option<f64>,
+    /// Final logits soft-capped as `cap * tanh(logits / cap)` (Gemma 2's
+    /// `final_logit_softcapping`).
+    pub final_logit_softcap: Option<f64>,
+    /// The RoPE of the sliding-window layers where it differs from the global layers' (Gemma
+    /// 3's `rope_local_base_freq`, unscaled).
+    pub local_rope: Option<crate::rope::RopeParams>,
 }
 
 impl Config {
@@ -93,6 +135,17 @@ impl Config {
                 self.num_experts_per_tok, self.num_experts
             ));
         }
+        let v = &self.variant;
+        for (name, x) in [("embedding scale", v.embed_scale), ("attention scale", v.attn_scale), ("final_logit_softcapping", v.final_logit_softcap)] {
+            if let Some(x) = x {
+                if !(x > 0.0 && x.is_finite()) {
+                    return bad(format!("{name} is {x}: it must be a positive number"));
+                }
+            }
+        }
+        if let Some(r) = &v.local_rope {
+            r.check(self.head_dim, path)?;
+        }
         if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
             return bad(format!(
                 "rms_norm_eps ({}) and rope_theta ({}) must be positive",
@@ -111,6 +164,12 @@ impl Config {
     /// Layer `i`'s attention window ([`Config::layer_windows`]), `None` for global attention.
     pub fn window(&self, i: usize) -> Option<usize> {
         self.layer_windows.get(i).copied().flatten()
+    }
+
+    /// The factor of the attention scores: the variant's (Gemma 3's `query_pre_attn_scalar`),
+    /// else `1/sqrt(head_dim)`.
+    pub fn attn_scale(&self) -> f64 {
+        self.variant.attn_scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// Number of query heads served by each KV head.
@@ -155,8 +214,8 @@ pub struct HfConfig {
     /// use `rope_theta` + `rope_scaling`. Both are read by [`crate::rope::from_hf`].
     pub rope_parameters: Option<serde_json::Value>,
     pub max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
+    /// Absent: the family's default (false for Llama, true for Gemma 3).
+    pub tie_word_embeddings: Option<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<OneOrMany>,
     #[serde(default)]
@@ -252,13 +311,14 @@ impl HfConfig {
             rope_theta: self.rope_theta.or_else(|| self.loose_rope_theta()).unwrap_or(10_000.0),
             rope_scaling: crate::rope::RopeScaling::Default,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: self.tie_word_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
             num_experts,
             num_experts_per_tok,
             layer_windows: self.layer_windows(path)?,
+            variant: Variant::default(),
         };
         Ok(cfg)
     }
@@ -268,7 +328,8 @@ impl HfConfig {
     /// Qwen3's only when `use_sliding_window` is true, 4,096 by default). The layers:
     /// `layer_types` where the file lists them (`sliding_attention` ones), else every layer
     /// for Mistral and Mixtral, the layers from `max_window_layers` (default 28) on for Qwen2
-    /// and Qwen3. Llama's config has no window (transformers' Llama ignores both keys).
+    /// and Qwen3, all but every `sliding_window_pattern`-th (default 6) for Gemma 3 (whose window
+    /// defaults to 4,096 too). Llama's config has no window (transformers' Llama ignores both keys).
     /// Empty: every layer global.
     pub fn layer_windows(&self, path: &Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
@@ -276,7 +337,7 @@ impl HfConfig {
         let given = self.key::<usize>("sliding_window", path)?;
         let absent = !self.extra.contains_key("sliding_window");
         let window = match mt {
-            "mistral" if absent => Some(4096),
+            "mistral" | "gemma3_text" if absent => Some(4096),
             "qwen2" | "qwen3" => match self.key::<bool>("use_sliding_window", path)? {
                 Some(true) if absent => Some(4096),
                 Some(true) => given,
@@ -313,6 +374,11 @@ impl HfConfig {
             "qwen2" | "qwen3" => {
                 let from = self.key::<usize>("max_window_layers", path)?.unwrap_or(28);
                 (0..n).map(|i| (i >= from).then_some(w)).collect()
+            }
+            // Gemma 3: every `sliding_window_pattern`-th layer (default 6) global, the others local.
+            "gemma3_text" => {
+                let every = self.key::<usize>("sliding_window_pattern", path)?.unwrap_or(6).max(1);
+                (0..n).map(|i| ((i + 1) % every != 0).then_some(w)).collect()
             }
             _ => vec![],
         }))

@@ -199,6 +199,9 @@ pub enum Layer {
     Injected,
     /// The first sliding-window layer (every window layer is affected).
     FirstWindow,
+    /// The first global-attention layer (every global layer is affected; layer 0 in a model
+    /// without windows).
+    FirstGlobal,
 }
 
 /// The layer of the one-layer faults when none is given.
@@ -286,9 +289,9 @@ pub const CATALOG: &[FaultInfo] = &[
         fault: Fault::CausalMask,
         name: "causal-mask",
         bug: "no causal mask in the prefill: prompt positions attend to later ones",
-        code_path: "Llama::forward: the prefill runs without its mask",
+        code_path: "Llama::mask_for: a global layer's prefill runs without its mask",
         step: 0,
-        layer: Layer::First,
+        layer: Layer::FirstGlobal,
         site: "attn",
         diagnosis: Diagnosis::AttentionMask,
         needs: "a prompt of 2+ tokens",

@@ -226,7 +226,7 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let family = models::for_gguf(&g)?;
     // The hyper-parameters against the tensor table and the vocabulary against the
     // embedding, before the tokenizer is built from that vocabulary or any weight is read.
-    g.config()?;
+    (family.gguf_config)(&g)?;
     let tokenizer = Tokenizer::from_gguf_with(&g, tokenizer_options(&opts.faults))?;
     let (model, lora) = (family.load)(Checkpoint::Gguf { file: &mut g, mode }, opts)?;
     Ok(LoadedModel { model, tokenizer, origin: WeightsOrigin::Gguf, weights: mode, path: path.into(), lora, faults: opts.faults.clone() })

@@ -655,6 +655,7 @@ mod tests {
             num_experts: 0,
             num_experts_per_tok: 0,
             layer_windows: vec![],
+            variant: Default::default(),
         }
     }
 

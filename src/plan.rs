@@ -111,13 +111,22 @@ pub fn uniform(cfg: &Config) -> Vec<LayerPlan> {
     vec![LayerPlan::global(cfg); cfg.num_layers]
 }
 
-/// The plan of a Llama-architecture config (Llama, Mistral, Qwen2, Mixtral): one RoPE for
-/// every layer; a layer with a window ([`Config::layer_windows`]) attends over it and keeps a
-/// rotating cache of that many positions, the others are global.
+/// The plan of a config of the shared architecture (Llama, Mistral, Qwen2, Mixtral, Gemma 3):
+/// a layer with a window ([`Config::layer_windows`]) attends over it and keeps a rotating cache
+/// of that many positions, with the local RoPE where the model has one (Gemma 3's
+/// `rope_local_base_freq`, [`crate::config::Variant::local_rope`]); the others are global, with
+/// the config's RoPE.
 pub fn of_config(cfg: &Config) -> Vec<LayerPlan> {
+    let local = |global: RopePlan| match &cfg.variant.local_rope {
+        Some(r) => RopePlan { base: r.theta, scaling: r.scaling.clone(), ..global },
+        None => global,
+    };
     (0..cfg.num_layers)
         .map(|i| match cfg.window(i) {
-            Some(w) => LayerPlan { span: Span::Window(w), cache: CacheKind::Window(w), ..LayerPlan::global(cfg) },
+            Some(w) => {
+                let g = LayerPlan::global(cfg);
+                LayerPlan { span: Span::Window(w), cache: CacheKind::Window(w), rope: local(g.rope) }
+            }
             None => LayerPlan::global(cfg),
         })
         .collect()
@@ -148,6 +157,7 @@ mod tests {
             num_experts: 0,
             num_experts_per_tok: 0,
             layer_windows: vec![],
+            variant: Default::default(),
         };
         let plan = uniform(&cfg);
         assert_eq!(plan.len(), 3);
@@ -159,5 +169,10 @@ mod tests {
         assert_eq!((plan[0].span, plan[1].span, plan[2].span), (Span::Global, Span::Window(8), Span::Global));
         assert_eq!(plan[1].cache, CacheKind::Window(8));
         assert_eq!(plan[1].describe(), "window of 8, RoPE base 1000000 over 16 dims, rotating window of 8 cache");
+        // Gemma 3: the windowed layers with their own RoPE, the global ones with the config's.
+        let local = crate::rope::RopeParams { theta: 1e4, scaling: RopeScaling::Default };
+        let gemma = Config { variant: crate::config::Variant { local_rope: Some(local), ..Default::default() }, ..windowed };
+        let plan = of_config(&gemma);
+        assert_eq!((plan[0].rope.base, plan[1].rope.base, plan[2].rope.base), (1e6, 1e4, 1e6));
     }
 }

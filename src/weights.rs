@@ -46,6 +46,20 @@ pub struct LayerWeights {
     pub bv: Option<Tensor>,
     pub mlp_norm: Tensor,  // (hidden)
     pub ffn: Ffn,
+    /// Gemma 3's extra norms ([`Arch::gemma_norms`]), `None` for the other families.
+    pub extra: Option<ExtraNorms>,
+}
+
+/// The norms Gemma 3 adds to a block: an RMSNorm over each head of q and of k before RoPE
+/// (`(head_dim)` weights), and one on each branch's output before it joins the residual stream
+/// (`(hidden)`). Held as the multiplier the norm applies (`1 + w` of the Hugging Face
+/// checkpoint, which llama.cpp's converter stores).
+#[derive(Debug, Clone)]
+pub struct ExtraNorms {
+    pub q_norm: Tensor,
+    pub k_norm: Tensor,
+    pub attn_post_norm: Tensor,
+    pub mlp_post_norm: Tensor,
 }
 
 /// The feed-forward part of a block.
@@ -205,6 +219,13 @@ enum Part {
     Gate,
     Up,
     Down,
+    // Gemma 3: its norm before the MLP (Llama's `MlpNorm` is `post_attention_layernorm` in a
+    // Hugging Face checkpoint, Gemma's `post_attention_layernorm` is its `AttnPostNorm`).
+    QNorm,
+    KNorm,
+    AttnPostNorm,
+    PreFfnNorm,
+    MlpPostNorm,
 }
 
 const HF: Naming = Naming {
@@ -222,6 +243,11 @@ const HF: Naming = Naming {
             Part::Gate => "mlp.gate_proj",
             Part::Up => "mlp.up_proj",
             Part::Down => "mlp.down_proj",
+            Part::QNorm => "self_attn.q_norm",
+            Part::KNorm => "self_attn.k_norm",
+            Part::AttnPostNorm => "post_attention_layernorm",
+            Part::PreFfnNorm => "pre_feedforward_layernorm",
+            Part::MlpPostNorm => "post_feedforward_layernorm",
         };
         format!("model.layers.{i}.{s}.weight")
     },
@@ -256,6 +282,11 @@ const GGUF: Naming = Naming {
             Part::Gate => "ffn_gate",
             Part::Up => "ffn_up",
             Part::Down => "ffn_down",
+            Part::QNorm => "attn_q_norm",
+            Part::KNorm => "attn_k_norm",
+            Part::AttnPostNorm => "post_attention_norm",
+            Part::PreFfnNorm => "ffn_norm",
+            Part::MlpPostNorm => "post_ffw_norm",
         };
         format!("blk.{i}.{s}.weight")
     },
@@ -376,7 +407,7 @@ impl GgufFile {
     /// engine under test other than the bundled one runs (Gemma 3, Phi-3, ...). Checked by
     /// [`Config::validate`] only.
     pub fn shape_config(&self) -> Result<Config> {
-        self.read_config(false)
+        self.read_config(false, &[])
     }
 
     /// Resolves hyper-parameters from the architecture's metadata (`{arch}.*`: `llama.*`,
@@ -385,13 +416,20 @@ impl GgufFile {
     /// epsilon given). Which architectures the engine runs is the registry's to say
     /// ([`crate::models::for_gguf`]), not this reader's.
     pub fn config(&self) -> Result<Config> {
-        self.read_config(true)
+        self.read_config(true, &[])
+    }
+
+    /// [`GgufFile::config`] for a family that reads `family_keys` (`{arch}.` and what
+    /// follows) itself: those keys are not refused as unread (Gemma 3's
+    /// `attention.sliding_window`).
+    pub fn config_reading(&self, family_keys: &[&str]) -> Result<Config> {
+        self.read_config(true, family_keys)
     }
 
     /// Every `{arch}.*` key outside RoPE's (checked by [`GgufFile::rope_scaling`]) is one the
     /// engine reads, or the file states something the engine would not compute (a sliding
     /// window, logit soft-capping, another value width) and is refused, naming the key.
-    fn check_keys_read(&self, arch: &str, head_dim: usize) -> Result<()> {
+    fn check_keys_read(&self, arch: &str, head_dim: usize, family_keys: &[&str]) -> Result<()> {
         const READ: &[&str] = &[
             "block_count",
             "context_length",
@@ -412,7 +450,7 @@ impl GgufFile {
             .metadata
             .keys()
             .filter_map(|key| key.strip_prefix(&prefix))
-            .filter(|rest| !rest.starts_with("rope.") && !READ.contains(rest))
+            .filter(|rest| !rest.starts_with("rope.") && !READ.contains(rest) && !family_keys.contains(rest))
             .collect();
         unread.sort();
         if let Some(first) = unread.first() {
@@ -438,7 +476,7 @@ impl GgufFile {
     /// llama.cpp computes them; every other `{arch}.rope.*` key this engine does not compute is
     /// refused by name. (`rope_freqs.weight`, Llama 3's per-frequency divisors, is a tensor:
     /// the weights' loader takes it.)
-    fn rope_scaling(&self, arch: &str) -> Result<crate::rope::RopeScaling> {
+    fn rope_scaling(&self, arch: &str, family_keys: &[&str]) -> Result<crate::rope::RopeScaling> {
         use crate::rope::RopeScaling;
         let k = |key: &str| format!("{arch}.rope.{key}");
         let unsupported = |message: String| EngineError::Unsupported { path: self.path.clone(), message };
@@ -454,7 +492,7 @@ impl GgufFile {
             "scaling.yarn_beta_slow",
         ];
         let prefix = k("");
-        let mut unread: Vec<&str> = self.content.metadata.keys().filter_map(|key| key.strip_prefix(&prefix)).filter(|rest| !READ.contains(rest)).collect();
+        let mut unread: Vec<&str> = self.content.metadata.keys().filter_map(|key| key.strip_prefix(&prefix)).filter(|rest| !READ.contains(rest) && !family_keys.contains(&format!("rope.{rest}").as_str())).collect();
         unread.sort();
         if let Some(first) = unread.first() {
             return Err(unsupported(format!("{prefix}{first} is not computed by this engine's RoPE: refused rather than ignored")));
@@ -504,7 +542,7 @@ impl GgufFile {
     }
 
     /// [`GgufFile::config`] (`strict`) or [`GgufFile::shape_config`].
-    fn read_config(&self, strict: bool) -> Result<Config> {
+    fn read_config(&self, strict: bool, family_keys: &[&str]) -> Result<Config> {
         let arch = self.md_str("general.architecture")?;
         let k = |key: &str| format!("{arch}.{key}");
         let bad = |message: String| EngineError::Config { path: self.path.clone(), message };
@@ -536,7 +574,7 @@ impl GgufFile {
             None => hidden / heads,
         };
         if strict {
-            self.check_keys_read(arch, head_dim)?;
+            self.check_keys_read(arch, head_dim, family_keys)?;
             if let Some(rd) = opt_u32(&k("rope.dimension_count"))? {
                 if rd as usize != head_dim {
                     return Err(EngineError::Unsupported {
@@ -568,7 +606,7 @@ impl GgufFile {
             },
             rope_theta: if self.has(&k("rope.freq_base")) { self.md_f32(&k("rope.freq_base"))? as f64 } else { 10_000.0 },
             rope_scaling: match strict {
-                true => self.rope_scaling(arch)?,
+                true => self.rope_scaling(arch, family_keys)?,
                 false => crate::rope::RopeScaling::Default,
             },
             max_position_embeddings: opt_u32(&k("context_length"))?.unwrap_or(2048) as usize,
@@ -584,6 +622,7 @@ impl GgufFile {
             // none for Mistral): a file that sets one is refused by the key check, not run
             // with or without it.
             layer_windows: vec![],
+            variant: Default::default(),
         };
         if strict {
             let infos = &self.content.tensor_infos;
@@ -753,10 +792,16 @@ pub struct Arch {
     pub name: &'static str,
     /// q/k/v projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// Gemma 3's norms ([`ExtraNorms`], its `pre_feedforward_layernorm` before the MLP), each
+    /// applying `1 + w`: a Hugging Face checkpoint holds `w` (one is added at load), a GGUF
+    /// file `w + 1` (llama.cpp's converter adds it).
+    pub gemma_norms: bool,
+    /// The `norm-offset-doubled` fault: the one added to a GGUF file's norms too.
+    pub offset_gguf_norms: bool,
 }
 
 impl Arch {
-    pub const LLAMA: Arch = Arch { name: "llama", qkv_bias: false };
+    pub const LLAMA: Arch = Arch { name: "llama", qkv_bias: false, gemma_norms: false, offset_gguf_norms: false };
 }
 
 /// The tensor names of a checkpoint format a Llama-shaped family reads.
@@ -793,16 +838,31 @@ pub fn llama_weights(mut t: TensorTable<'_>, format: Format, cfg: &Config, arch:
             false => Ok(None),
         };
         let (bq, bk, bv) = (bias(Part::Q, q_rows)?, bias(Part::K, kv_rows)?, bias(Part::V, kv_rows)?);
+        let mut norm = |p: Part, len: usize| -> Result<Tensor> { offset_norm(t.tensor(&l(p), &[len])?, format, arch) };
+        let (extra, mlp_norm) = match arch.gemma_norms {
+            false => (None, norm(Part::MlpNorm, h)?),
+            true => {
+                let extra = ExtraNorms {
+                    q_norm: norm(Part::QNorm, hd)?,
+                    k_norm: norm(Part::KNorm, hd)?,
+                    attn_post_norm: norm(Part::AttnPostNorm, h)?,
+                    mlp_post_norm: norm(Part::MlpPostNorm, h)?,
+                };
+                (Some(extra), norm(Part::PreFfnNorm, h)?)
+            }
+        };
+        let attn_norm = norm(Part::AttnNorm, h)?;
         layers.push(LayerWeights {
+            extra,
             bq,
             bk,
             bv,
-            attn_norm: t.tensor(&l(Part::AttnNorm), &[h])?,
+            attn_norm,
             wq: t.matrix(&l(Part::Q), &[q_rows, h])?,
             wk: t.matrix(&l(Part::K), &[kv_rows, h])?,
             wv: t.matrix(&l(Part::V), &[kv_rows, h])?,
             wo: t.matrix(&l(Part::O), &[h, q_rows])?,
-            mlp_norm: t.tensor(&l(Part::MlpNorm), &[h])?,
+            mlp_norm,
             // A config with experts (Mixtral) has a mixture of experts in every layer.
             ffn: match cfg.num_experts > 0 {
                 false => Ffn::Dense(SwiGlu {
@@ -844,7 +904,7 @@ pub fn llama_weights(mut t: TensorTable<'_>, format: Format, cfg: &Config, arch:
             },
         });
     }
-    let norm = t.tensor(n.norm, &[h])?;
+    let norm = offset_norm(t.tensor(n.norm, &[h])?, format, arch)?;
     let lm_head = if cfg.tie_word_embeddings {
         // A checkpoint may still carry a copy of the tied head; it is checked, then unused.
         if t.has(n.lm_head) {
@@ -864,6 +924,20 @@ pub fn llama_weights(mut t: TensorTable<'_>, format: Format, cfg: &Config, arch:
     };
     let stored_types = t.finish(arch.name, n.ignorable)?;
     Ok(LlamaWeights { embed, layers, norm, lm_head, rope_freqs, stored_types })
+}
+
+/// A norm's weight as the norm multiplies by it: Gemma's `1 + w` where the checkpoint holds `w`
+/// (Hugging Face; computed in f32 as transformers' `Gemma3RMSNorm` does, or f64), the stored
+/// weight otherwise. The `norm-offset-doubled` fault ([`Arch::offset_gguf_norms`]) adds the one to a
+/// GGUF weight that already holds it, as a port that reads llama.cpp's files the way it reads
+/// Hugging Face's does.
+fn offset_norm(w: Tensor, format: Format, arch: &Arch) -> Result<Tensor> {
+    if !arch.gemma_norms || (format == Format::Gguf && !arch.offset_gguf_norms) {
+        return Ok(w);
+    }
+    let dtype = w.dtype();
+    let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    Ok((w.to_dtype(wide)? + 1.0)?.to_dtype(dtype)?)
 }
 
 /// [`llama_weights`] from tensors already read, by Hugging Face names (the fuzz target's

@@ -281,6 +281,7 @@ pub fn check_catalog(
                 Layer::First => "layer 0, ".into(),
                 Layer::Injected => format!("layer {DEFAULT_FAULT_LAYER}, "),
                 Layer::FirstWindow => "first window layer, ".into(),
+                Layer::FirstGlobal => "first global layer, ".into(),
             },
             if quant_embed && info.fault == Fault::Q41Min { "embed" } else { info.site },
             info.diagnosis
@@ -292,8 +293,10 @@ pub fn check_catalog(
         }
         let eng = crate::lockstep::options::load_engine(&o)?;
         let (rep, _) = bisect(&o, &eng, refs, 256)?;
-        let first_window = engine.model.info().config.layer_windows.iter().position(Option::is_some);
-        let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, first_window, quant_embed);
+        let windows = &engine.model.info().config.layer_windows;
+        let first_window = windows.iter().position(Option::is_some);
+        let first_global = if windows.is_empty() { Some(0) } else { windows.iter().position(Option::is_none) };
+        let ok = matches_catalog(&rep, info, DEFAULT_FAULT_LAYER, (first_window, first_global), quant_embed);
         out.push(CheckResult {
             fault: info.name.into(),
             applicable: true,
@@ -766,6 +769,18 @@ fn arr<'a>(k: &'a KeptStep, name: &str) -> Option<&'a (Vec<usize>, Vec<f32>)> {
     k.arrays.get(name)
 }
 
+/// A per-head array `(heads, seq, hd)` as `(seq, heads * hd)` rows; a 2-D one as it is.
+fn rows_of((shape, v): &(Vec<usize>, Vec<f32>)) -> Option<(Vec<usize>, Vec<f32>)> {
+    match shape.as_slice() {
+        &[h, seq, hd] => {
+            let t = Tensor::from_vec(v.clone(), (h, seq, hd), &Device::Cpu).ok()?;
+            let rows = t.transpose(0, 1).ok()?.contiguous().ok()?.flatten_all().ok()?.to_vec1().ok()?;
+            Some((vec![seq, h * hd], rows))
+        }
+        _ => Some((shape.clone(), v.clone())),
+    }
+}
+
 /// RoPE in the HF convention (rotate-half) or the interleaved one, on `(rows, heads*hd)`
 /// rows at positions `offset..`, with the frequencies `inv` (`hd / 2` of them) and cos/sin
 /// multiplied by `attn` (a scaling's attention factor).
@@ -803,7 +818,11 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
     // The layer's own RoPE (its plan: layers of one model may differ).
     let plan = engine.model.info().layer_plan(l);
     let base = plan.rope.base;
-    let (qs, q) = arr(k, &format!("layers.{l}.q"))?;
+    // RoPE's input: the projection `q`, or what the site graph says q_rope reads (Gemma 3's
+    // per-head `q_norm`, `(heads, seq, hd)`, taken here as `(seq, heads * hd)` rows like q).
+    let input = engine.model.site_graph().get(&format!("layers.{l}.q_rope"))?.reads.first()?.clone();
+    let (qs, q) = rows_of(arr(k, &input)?)?;
+    let (qs, q) = (&qs, &q);
     let cols = *qs.last()?;
     // The engine's own q_rope, recomputed from the reference's q by isolation at the step's
     // positions (on the reference's cache before the step).
@@ -982,7 +1001,7 @@ fn window_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, e: &[f32], r: &
         values = Tensor::cat(&[bv, values], 1).ok()?;
     }
     let before = n_before;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = engine.model.info().config.attn_scale();
     let span = |mask: Mask| -> Option<Vec<f32>> {
         let out = attention(&q, &keys, &values, mask, scale, HeadMapping::Grouped).ok()?;
         out.transpose(0, 1).ok()?.contiguous().ok()?.reshape((seq, nh * hd)).ok()?.flatten_all().ok()?.to_vec1().ok()
@@ -1161,7 +1180,7 @@ pub fn matches_catalog(
     rep: &BisectReport,
     info: &lockstep_engine::faults::FaultInfo,
     injected_layer: usize,
-    first_window: Option<usize>,
+    (first_window, first_global): (Option<usize>, Option<usize>),
     quant_embed: bool,
 ) -> bool {
     use lockstep_engine::faults::Layer;
@@ -1171,6 +1190,7 @@ pub fn matches_catalog(
         Layer::First => Some(0),
         Layer::Injected => Some(injected_layer),
         Layer::FirstWindow => first_window,
+        Layer::FirstGlobal => first_global,
     };
     let site_leaf = rep.site.as_deref().map(leaf_of).unwrap_or("");
     // q4_1-min enters at the first Q4_1 matrix: the embedding itself when it is Q4_1.

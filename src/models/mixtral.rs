@@ -38,11 +38,11 @@ use crate::weights::Arch;
 pub use crate::moe::{route, sparse_moe, Route};
 
 /// What Mixtral checkpoints hold beyond the Llama attention (the experts follow the config).
-const ARCH: Arch = Arch { name: "mixtral", qkv_bias: false };
+const ARCH: Arch = Arch { name: "mixtral", ..Arch::LLAMA };
 
 /// The family's registration. Its GGUF files say `general.architecture = llama`: they are
 /// told from Llama by their expert count ([`crate::models::for_gguf`]).
-pub const FAMILY: Family = Family { name: "mixtral", model_types: &["mixtral"], gguf_archs: &[], layer_sites: LAYER_SITES, hf_config, load };
+pub const FAMILY: Family = Family { name: "mixtral", model_types: &["mixtral"], gguf_archs: &[], layer_sites: LAYER_SITES, hf_config, gguf_config: crate::weights::GgufFile::config, load };
 
 /// Per-layer sites: Llama's attention, then the mixture (router, expert weights, their sum).
 pub const LAYER_SITES: &[LayerSite] = &[

@@ -19,6 +19,7 @@ use crate::quant::WeightsMode;
 use crate::sites::{LayerSite, SiteGraph, SiteKind, INPUT, OUT};
 use crate::weights::GgufFile;
 
+pub mod gemma3;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
@@ -51,6 +52,9 @@ pub struct Family {
     /// the checks of what its forward pass computes, not yet against the weights
     /// ([`resolve_hf`] adds that).
     pub hf_config: fn(&HfConfig, &Path) -> Result<Config>,
+    /// Resolves a GGUF file's metadata of this family ([`GgufFile::config`], or the family's
+    /// own keys read too).
+    pub gguf_config: fn(&GgufFile) -> Result<Config>,
     /// Builds the decoder from a checkpoint (faults set, the adapter of `opts.lora` attached).
     pub load: fn(Checkpoint<'_>, &LoadOptions) -> Result<FamilyModel>,
 }
@@ -65,6 +69,7 @@ impl std::fmt::Debug for Family {
 pub const FAMILIES: &[Family] = &[
     llama::FAMILY,
     mistral::FAMILY,
+    gemma3::FAMILY,
     qwen2::FAMILY,
     // Mixtral-style sparse MoE.
     mixtral::FAMILY,
@@ -138,7 +143,7 @@ pub fn family_at(path: &Path) -> Result<(&'static Family, usize)> {
     }
     let g = GgufFile::open(path)?;
     let family = for_gguf(&g)?;
-    Ok((family, g.config()?.num_layers))
+    Ok((family, (family.gguf_config)(&g)?.num_layers))
 }
 
 /// The site graph of the model at `path` (a Hugging Face directory or a GGUF file), read
@@ -195,7 +200,7 @@ pub fn describe_at(path: &Path) -> Result<ModelDescription> {
         let g = GgufFile::open(path)?;
         let arch = g.md_str("general.architecture")?.to_string();
         let family = for_gguf(&g).ok();
-        let config = match family.map(|_| g.config()) {
+        let config = match family.map(|f| (f.gguf_config)(&g)) {
             Some(Ok(c)) => c,
             None | Some(Err(EngineError::Unsupported { .. })) => g.shape_config()?,
             Some(Err(e)) => return Err(e),

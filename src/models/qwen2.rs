@@ -26,10 +26,10 @@ use crate::sites::LayerSite;
 use crate::weights::Arch;
 
 /// What Qwen2 checkpoints hold beyond the Llama tensors.
-const ARCH: Arch = Arch { name: "qwen2", qkv_bias: true };
+const ARCH: Arch = Arch { name: "qwen2", qkv_bias: true, ..Arch::LLAMA };
 
 /// The family's registration.
-pub const FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], gguf_archs: &["qwen2"], layer_sites: LAYER_SITES, hf_config, load };
+pub const FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], gguf_archs: &["qwen2"], layer_sites: LAYER_SITES, hf_config, gguf_config: crate::weights::GgufFile::config, load };
 
 /// Per-layer sites: Llama's, in the same order and with the same dataflow (the bias is part
 /// of the projection sites `q`, `k`, `v`).

@@ -579,6 +579,7 @@ fn faults(a: FaultsArgs) -> Result<Outcome, HarnessError> {
                 Layer::First => "0".to_string(),
                 Layer::Injected => format!("{DEFAULT_FAULT_LAYER} (:N)"),
                 Layer::FirstWindow => "1st win".to_string(),
+                Layer::FirstGlobal => "1st glob".to_string(),
             };
             let needs = if f.needs.is_empty() { String::new() } else { format!("; needs {}", f.needs) };
             match narrow {

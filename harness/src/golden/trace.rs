@@ -471,7 +471,7 @@ pub fn write(meta: &mut TraceMeta, tensors: &[(String, Stored)], dir: &Path, bud
             return Err(HarnessError::Usage(format!(
                 "trace {} would be {:.2} MB, over its budget of {:.2} MB: keep fewer layers in full (`full_layers`), \
                  fewer steps or a shorter prompt in snapshots/traces/manifest.toml, or raise `budget_mb` \
-                 (the whole snapshots/ directory must stay under 31 MB)",
+                 (the whole snapshots/ directory must stay under 33 MB)",
                 meta.name,
                 size as f64 / 1e6,
                 b as f64 / 1e6
