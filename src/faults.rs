@@ -34,6 +34,11 @@ pub enum Fault {
     // Sliding-window attention (issue 37).
     SlidingWindowIgnored,
     WindowOffByOne,
+    // Gemma 3 (issue 38).
+    NormOffsetDoubled,
+    EmbedScaleMissing,
+    GeluAsSilu,
+    LocalRopeBaseGlobal,
 }
 
 /// What a divergence is diagnosed as: the one vocabulary that bisect's diagnosis table
@@ -115,6 +120,12 @@ pub enum Diagnosis {
     /// A sliding-window layer attends over another span than its window (the window
     /// ignored, one position too wide or too narrow), named by the span that reproduces it.
     SlidingWindow,
+    /// A norm multiplies by its weight plus or minus one: Gemma's `1 + w` applied to a weight
+    /// that holds it already (llama.cpp's converter stores `w + 1`), or not applied.
+    NormOffset,
+    /// The embedding is scaled by another factor than the model's (Gemma's `sqrt(hidden)`
+    /// missing, or applied to a model without one).
+    EmbedScale,
     /// No rule names it.
     Unclassified,
 }
@@ -158,6 +169,8 @@ impl Diagnosis {
             Diagnosis::Routing => "routing",
             Diagnosis::SpacePrefix => "space-prefix",
             Diagnosis::SlidingWindow => "sliding-window",
+            Diagnosis::NormOffset => "norm-offset",
+            Diagnosis::EmbedScale => "embedding-scale",
             Diagnosis::Unclassified => "unclassified",
         }
     }
@@ -453,6 +466,50 @@ pub const CATALOG: &[FaultInfo] = &[
         site: "attn",
         diagnosis: Diagnosis::SlidingWindow,
         needs: "a model with sliding-window layers and a prompt longer than the window",
+    },
+    FaultInfo {
+        fault: Fault::NormOffsetDoubled,
+        name: "norm-offset-doubled",
+        bug: "Gemma's norm offset applied twice: 1 + w computed on a GGUF weight that llama.cpp's converter stored as w + 1 (\"token salad\"; embedding cosine 0.19)",
+        code_path: "weights::offset_norm: the one added to a GGUF file's norm weights too",
+        step: 0,
+        layer: Layer::First,
+        site: "attn_norm",
+        diagnosis: Diagnosis::NormOffset,
+        needs: "a Gemma 3 GGUF (its norm weights hold w + 1)",
+    },
+    FaultInfo {
+        fault: Fault::EmbedScaleMissing,
+        name: "embed-scale-missing",
+        bug: "the embedding not multiplied by sqrt(hidden_size) (Gemma's normalizer; ports that reuse a Llama embedding)",
+        code_path: "Llama::forward: the variant's embedding scale skipped",
+        step: 0,
+        layer: Layer::None,
+        site: "embed",
+        diagnosis: Diagnosis::EmbedScale,
+        needs: "a model that scales its embedding (Gemma 3)",
+    },
+    FaultInfo {
+        fault: Fault::GeluAsSilu,
+        name: "gelu-as-silu",
+        bug: "SiLU instead of GELU-tanh in the gated MLP (one code path of a Gemma port: \"nothing overflows and per-layer norms look healthy\")",
+        code_path: "Llama::block: the MLP's activation",
+        step: 0,
+        layer: Layer::First,
+        site: "mlp_act",
+        diagnosis: Diagnosis::Activation,
+        needs: "a GELU-gated model (Gemma 3)",
+    },
+    FaultInfo {
+        fault: Fault::LocalRopeBaseGlobal,
+        name: "local-rope-base-global",
+        bug: "the local (sliding-window) layers rotated with the global layers' RoPE base (Gemma 3 ports after a context shift)",
+        code_path: "Llama::rope_for: a window layer's RoPE from the config's global base and scaling",
+        step: 0,
+        layer: Layer::FirstWindow,
+        site: "q_rope",
+        diagnosis: Diagnosis::RopeBase,
+        needs: "local layers with a RoPE base of their own (Gemma 3) and a prompt of 2+ tokens",
     },
 ];
 

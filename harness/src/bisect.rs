@@ -292,7 +292,16 @@ pub fn check_catalog(
             continue;
         }
         let eng = crate::lockstep::options::load_engine(&o)?;
-        let (rep, _) = bisect(&o, &eng, refs, 256)?;
+        let (rep, run) = bisect(&o, &eng, refs, 256)?;
+        // A sampler fault that no draw can show: the distributions this check runs on are so
+        // peaked that every reference's sampler and the engine's keep one token at every step
+        // (top_p 0.95 on the model's own logits), and a temperature changes nothing.
+        let single = |r: &RunResult| r.steps.iter().all(|s| s.sampler.iter().all(|c| c.kept_engine == 1 && c.kept_reference == 1));
+        if info.fault == Fault::SamplerTemperature && rep.diagnosis.is_none() && !run.steps.is_empty() && single(&run) {
+            let note = format!("the sampler keeps one token at every step on both sides ({CHECK_SAMPLER}): no temperature changes a draw");
+            out.push(CheckResult { fault: info.name.into(), applicable: false, note, expected, found: show(&rep), ok: true, seconds: rep.seconds });
+            continue;
+        }
         let windows = &engine.model.info().config.layer_windows;
         let first_window = windows.iter().position(Option::is_some);
         let first_global = if windows.is_empty() { Some(0) } else { windows.iter().position(Option::is_none) };
@@ -642,7 +651,13 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
             }
             finding(f.kind, f.title, ev)
         }
+        Diagnosis::Activation if leaf == "mlp_act" => activation_evidence(engine, k, l, &mut ev).unwrap_or_else(|| finding(f.kind, f.title, ev)),
         Diagnosis::Weights | Diagnosis::QkLayout | Diagnosis::Embedding => {
+            if leaf == "embed" {
+                if let Some(d) = embed_scale_evidence(engine, k, &mut ev) {
+                    return d;
+                }
+            }
             if let Some(d) = lora_evidence(engine, k, l, leaf, &mut ev) {
                 return d;
             }
@@ -665,6 +680,70 @@ fn diagnose(engine: &LoadedModel, k: &KeptStep, at: &At, iso: Option<&Isolation>
         Diagnosis::Unclassified if isolated_fails => finding(f.kind, format!("first failure at {}", site.site), ev),
         _ => finding(f.kind, f.title, ev),
     }
+}
+
+/// The embedding off by a constant factor: the engine's rows times one number give the
+/// reference's (least squares, to 1e-5). Named for the model's own scale where it has one
+/// (Gemma's `sqrt(hidden)`): multiplied by it, the engine's embedding is the reference's.
+fn embed_scale_evidence(engine: &LoadedModel, k: &KeptStep, ev: &mut Vec<String>) -> Option<Finding> {
+    let (_, e) = k.engine_site.as_ref()?;
+    let (_, r) = arr(k, "embed")?;
+    if e.len() != r.len() || e.is_empty() {
+        return None;
+    }
+    let (er, ee) = e.iter().zip(r).fold((0f64, 0f64), |(er, ee), (a, b)| (er + *a as f64 * *b as f64, ee + (*a as f64).powi(2)));
+    let c = er / ee.max(1e-300);
+    let scaled: Vec<f32> = e.iter().map(|a| (*a as f64 * c) as f32).collect();
+    let rel = tensor_metrics(&scaled, r).rel_l2;
+    if !(rel < 1e-5 && (c - 1.0).abs() > 1e-4) {
+        return None;
+    }
+    let model = engine.model.info().config.variant.embed_scale;
+    ev.push(format!("the reference's embedding is the engine's times {c:.6} at every position (rel-L2 {rel:.1e} after that one factor)"));
+    let title = match model {
+        Some(s) if (c - s).abs() < 1e-3 * s => {
+            format!("embedding scale missing: the engine does not multiply its embedding by sqrt(hidden_size) = {s:.6}, as the model does")
+        }
+        Some(s) if (c * s - 1.0).abs() < 1e-3 => format!("embedding scale applied twice: the engine's embedding is {s:.6} times the model's"),
+        Some(s) => format!("embedding scaled by another factor: {c:.6} apart from the reference, the model's scale is {s:.6}"),
+        None => format!("embedding scaled: the reference's is {c:.6} times the engine's, and this model scales none"),
+    };
+    Some(finding(Diagnosis::EmbedScale, title, std::mem::take(ev)))
+}
+
+/// The MLP activation the engine computes, found by recomputing `act(gate) * up` from the
+/// reference's own gate and up with each gated activation: the one that gives the engine's
+/// `mlp_act` (to 1e-4) is named, beside the model's.
+fn activation_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, ev: &mut Vec<String>) -> Option<Finding> {
+    let (_, g) = arr(k, &format!("layers.{l}.mlp_gate"))?;
+    let (_, u) = arr(k, &format!("layers.{l}.mlp_up"))?;
+    let (_, e) = k.engine_site.as_ref()?;
+    if g.len() != e.len() || u.len() != e.len() {
+        return None;
+    }
+    let gelu_tanh = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+    let silu = |x: f64| x / (1.0 + (-x).exp());
+    let relu = |x: f64| x.max(0.0);
+    let candidates: [(&str, &dyn Fn(f64) -> f64); 3] = [("silu", &silu), ("gelu_pytorch_tanh", &gelu_tanh), ("relu", &relu)];
+    let model = engine.model.info().config.variant.activation;
+    let dist: Vec<(&str, f64)> = candidates
+        .iter()
+        .map(|(n, f)| {
+            let y: Vec<f32> = g.iter().zip(u).map(|(a, b)| (f(*a as f64) * *b as f64) as f32).collect();
+            (*n, tensor_metrics(e, &y).rel_l2)
+        })
+        .collect();
+    ev.push(format!(
+        "act(gate) * up on the reference's gate and up, rel-L2 to the engine's mlp_act: {}",
+        dist.iter().map(|(n, d)| format!("{n} {d:.1e}")).collect::<Vec<_>>().join(", ")
+    ));
+    let (used, d) = dist.iter().copied().find(|(_, d)| *d < 1e-4)?;
+    if used == model.name() {
+        return None;
+    }
+    let (_, right) = dist.iter().copied().find(|(n, _)| *n == model.name()).unwrap_or(("", f64::NAN));
+    ev.push(format!("the engine computes {used} (rel-L2 {d:.1e}); the model's activation, {}, is {right:.1e} away", model.name()));
+    Some(finding(Diagnosis::Activation, format!("the MLP activation is {used} where the model uses {}", model.name()), std::mem::take(ev)))
 }
 
 /// A projection site's engine output on the reference's own input, against the reference's
@@ -891,9 +970,34 @@ fn rope_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
             ));
         }
     }
-    for theta in [10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0] {
-        if theta == base {
+    // The other layers' bases first (Gemma 3's local and global layers), then common ones.
+    let plans = &engine.model.info().plan;
+    let mut thetas: Vec<f64> = plans.iter().map(|p| p.rope.base).collect();
+    thetas.extend([10_000.0, 100_000.0, 500_000.0, 1_000_000.0, 10_000_000.0]);
+    let mut seen = vec![];
+    for theta in thetas {
+        if theta == base || seen.contains(&theta) {
             continue;
+        }
+        seen.push(theta);
+        if let Some(other) = plans.iter().position(|p| p.rope.base == theta && p.span != plan.span) {
+            let (inv, attn) = plans[other].rope.frequencies(start + seq, false);
+            if close(&apply_rope(q, cols, cfg.head_dim, start, &inv, attn, false)) {
+                let kind = |s: &lockstep_engine::plan::Span| match s {
+                    lockstep_engine::plan::Span::Window(_) => "local (sliding-window)",
+                    lockstep_engine::plan::Span::Global => "global",
+                };
+                let (this, that) = (kind(&plan.span), kind(&plans[other].span));
+                ev.push(format!(
+                    "the engine's q_rope equals the reference's q rotated with layer {other}'s RoPE (base {theta}, a {that} layer); \
+                     this {this} layer's base is {base}"
+                ));
+                return Some(finding(
+                    Diagnosis::RopeBase,
+                    format!("RoPE base: a {this} layer rotates with the {that} layers' base {theta} instead of its own {base}"),
+                    std::mem::take(ev),
+                ));
+            }
         }
         let (inv, attn) = lockstep_engine::RopePlan { base: theta, ..plan.rope.clone() }.frequencies(start + seq, false);
         if close(&apply_rope(q, cols, cfg.head_dim, start, &inv, attn, false)) {
@@ -1080,6 +1184,9 @@ fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
         // A norm reads no cache and no position: the layer alone, at position 0.
         if engine.model.isolate_layer(l, 0, &xt, None, &mut cap).is_ok() {
             if let Some(e) = cap.entries.iter().find(|(n, _)| *n == name).and_then(|(_, t)| t.flatten_all().ok()?.to_vec1::<f32>().ok()) {
+                if let Some(d) = norm_offset_evidence(engine, &e, r, x, rs, ev) {
+                    return d;
+                }
                 let cols = *rs.last().unwrap_or(&1);
                 let (mut lo, mut hi, mut cos_min) = (f64::INFINITY, 0f64, 1f64);
                 for (a, b) in e.chunks(cols).zip(r.chunks(cols)) {
@@ -1109,6 +1216,44 @@ fn norm_evidence(engine: &LoadedModel, k: &KeptStep, l: usize, at: &At, ev: &mut
         }
         None => finding(Diagnosis::Norm, "the normalisation differs", std::mem::take(ev)),
     }
+}
+
+/// A norm whose weight is off by exactly one (Gemma's `1 + w` applied to a weight that holds
+/// it, or not applied): the engine's output minus the reference's is the input RMS-normalized
+/// with a unit weight, `x / sqrt(mean(x^2) + eps)`, row by row (to 1e-3): take that one unit
+/// of weight away and the computation matches.
+fn norm_offset_evidence(engine: &LoadedModel, e: &[f32], r: &[f32], x: &(Vec<usize>, Vec<f32>), rs: &[usize], ev: &mut Vec<String>) -> Option<Finding> {
+    let cols = *rs.last()?;
+    if x.0 != rs || e.len() != r.len() || x.1.len() != r.len() || cols == 0 {
+        return None;
+    }
+    let eps = engine.model.info().config.rms_norm_eps;
+    let unit: Vec<f32> = x
+        .1
+        .chunks(cols)
+        .flat_map(|row| {
+            let inv = 1.0 / (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cols as f64 + eps).sqrt();
+            row.iter().map(move |v| (*v as f64 * inv) as f32)
+        })
+        .collect();
+    let diff: Vec<f32> = e.iter().zip(r).map(|(a, b)| a - b).collect();
+    let neg: Vec<f32> = unit.iter().map(|v| -v).collect();
+    for (plus, cand) in [(true, &unit), (false, &neg)] {
+        let rel = tensor_metrics(&diff, cand).rel_l2;
+        if rel < 1e-3 {
+            ev.push(format!(
+                "the engine's output minus the reference's is the input normalized with a unit weight (rel-L2 {rel:.1e}): the engine's \
+                 norm weight is the reference's {} one",
+                if plus { "plus" } else { "minus" }
+            ));
+            let title = match plus {
+                true => "norm weight off by one: 1 + w applied to a weight that already holds the one (a GGUF stores w + 1)",
+                false => "norm weight off by one: the weight used as stored where the model multiplies by 1 + w",
+            };
+            return Some(finding(Diagnosis::NormOffset, title, std::mem::take(ev)));
+        }
+    }
+    None
 }
 
 /// One screen for a person.

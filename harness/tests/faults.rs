@@ -12,7 +12,7 @@ use serde_json::Value;
 mod common;
 use common::*;
 
-const ALL_FAULTS: [&str; 22] = [
+const ALL_FAULTS: [&str; 26] = [
     "drop-context", "refeed-history", "rope-convention", "rope-theta", "rope-scaling-ignored", "rms-eps", "gqa-mapping", "causal-mask",
     "stale-cache", "missing-bos", "raw-prompt", "q4_1-min", "lora-not-attached", "lora-scale", "sampler-temperature",
     "qkv-bias-dropped", "tied-head", "router-renorm-skipped", "expert-off-by-one",
@@ -20,6 +20,8 @@ const ALL_FAULTS: [&str; 22] = [
     "spm-space-prefix",
     // Sliding windows: applicable on the windowed fixtures only.
     "sliding-window-ignored", "window-off-by-one",
+    // Gemma 3: applicable on its fixtures only (norm-offset-doubled on its GGUF only).
+    "norm-offset-doubled", "embed-scale-missing", "gelu-as-silu", "local-rope-base-global",
 ];
 
 #[test]
@@ -31,7 +33,8 @@ fn the_catalog_lists_every_fault_with_where_it_must_be_found() {
     }
     for needle in ["context-dropped", "history-refed", "rope-convention", "rope-base", "norm-epsilon", "gqa-mapping",
                    "attention-mask", "stale-cache", "missing-bos", "template-skipped", "dequantization", "adapter-not-attached", "rope-scaling",
-                   "adapter-scale", "sampler-mismatch", "bias", "output-head", "space-prefix", "sliding-window"] {
+                   "adapter-scale", "sampler-mismatch", "bias", "output-head", "space-prefix", "sliding-window", "norm-offset",
+                   "embedding-scale"] {
         assert!(out.contains(needle), "diagnosis {needle} missing:\n{out}");
     }
     assert_exit_2(&["run", "--model", "tiny", "--chat", "hi", "--inject", "no-such-fault"], &[], &["unknown fault `no-such-fault`", "drop-context"]);
@@ -90,6 +93,35 @@ live_test! {
             assert_eq!(stale["found"], "step 1, layer 1, cache_k [stale-cache]", "{model}: {stale}");
             let causal = rows.iter().find(|r| r["fault"] == "causal-mask").unwrap();
             assert_eq!(causal["applicable"], model == "tiny-qwen2-swa", "{model}: {causal}");
+        }
+    }
+}
+
+live_test! {
+    /// The tiny Gemma 3: its four faults found where they enter and named by evidence that
+    /// undoes them (the norm with one unit of weight taken away, the embedding times
+    /// sqrt(hidden), gelu(gate) * up recomputed from the reference's gate and up, the local
+    /// layer's q rotated with the global layers' base); causal-mask at its global layer 5.
+    /// norm-offset-doubled acts on the GGUF only, whose norms hold w + 1. Against MLX, whose
+    /// sampler applies top_p before the temperature, this peaked model keeps one token at every
+    /// step on both sides: sampler-temperature cannot show, and says so (n/a).
+    fn every_fault_on_the_tiny_gemma3_against_transformers_and_mlx() {
+        for (model, reference, applicable) in [("tiny-gemma3", "transformers", 16), ("tiny-gemma3", "mlx", 15), ("tiny-gemma3-gguf", "transformers", 17)] {
+            let v = check(&[model], reference, applicable);
+            let row = |f: &str| v.as_array().unwrap().iter().find(|r| r["fault"] == f).unwrap().clone();
+            assert_eq!(row("embed-scale-missing")["found"], "step 0, embed [embedding-scale]", "{model} vs {reference}");
+            assert!(row("embed-scale-missing")["note"].as_str().unwrap().contains("sqrt(hidden_size) = 8"), "{model}");
+            assert_eq!(row("gelu-as-silu")["found"], "step 0, layer 0, mlp_act [activation]", "{model} vs {reference}");
+            assert!(row("gelu-as-silu")["note"].as_str().unwrap().contains("silu where the model uses gelu_pytorch_tanh"), "{model}");
+            assert_eq!(row("local-rope-base-global")["found"], "step 0, layer 0, q_rope [rope-base]", "{model} vs {reference}");
+            assert_eq!(row("causal-mask")["found"], "step 0, layer 5, attn [attention-mask]", "{model} vs {reference}");
+            let sampler = row("sampler-temperature");
+            assert_eq!(sampler["applicable"], reference == "transformers", "{model} vs {reference}: {sampler}");
+            let offset = row("norm-offset-doubled");
+            assert_eq!(offset["applicable"], model == "tiny-gemma3-gguf", "{model}: {offset}");
+            if model == "tiny-gemma3-gguf" {
+                assert_eq!(offset["found"], "step 0, layer 0, attn_norm [norm-offset]", "{offset}");
+            }
         }
     }
 }

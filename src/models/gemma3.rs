@@ -29,6 +29,7 @@ use super::llama::{finish, load_weights, Llama};
 use super::{Checkpoint, Family, FamilyModel};
 use crate::config::{Activation, Config, HfConfig, Variant};
 use crate::error::{EngineError, Result};
+use crate::faults::Fault;
 use crate::layout::QkLayout;
 use crate::options::LoadOptions;
 use crate::rope::{HfRope, RopeParams, RopeScaling};
@@ -187,7 +188,8 @@ fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
             return Err(EngineError::Unsupported { path, message: "the gemma3 family needs model_type gemma3_text".into() });
         }
     }
-    let (cfg, weights, _) = load_weights(ckpt, opts, &FAMILY, &ARCH)?;
+    let arch = Arch { offset_gguf_norms: opts.faults.has(Fault::NormOffsetDoubled), ..ARCH };
+    let (cfg, weights, _) = load_weights(ckpt, opts, &FAMILY, &arch)?;
     let layout = QkLayout::HalfSplit;
     finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
 }

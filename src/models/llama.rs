@@ -116,7 +116,7 @@ impl Llama {
         cache.push_tokens(tokens);
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.weights.embed.index_select(&ids, 0)?; // (seq, hidden)
-        if let Some(s) = self.cfg.variant.embed_scale {
+        if let Some(s) = self.cfg.variant.embed_scale.filter(|_| !self.faults.has(Fault::EmbedScaleMissing)) {
             x = (x * self.embed_scale(s))?;
         }
         tap(&mut cap, || "embed".into(), &x);
@@ -180,6 +180,13 @@ impl Llama {
             false => p.rope.scaling.clone(),
         };
         let rope = RopePlan { base: self.theta(p), scaling, ..p.rope.clone() };
+        // The `local-rope-base-global` fault: a window layer rotates as the global ones do.
+        let rope = match p.span {
+            Span::Window(_) if self.faults.has(Fault::LocalRopeBaseGlobal) => {
+                RopePlan { base: self.cfg.rope_theta, scaling: self.cfg.rope_scaling.clone(), ..rope }
+            }
+            _ => rope,
+        };
         rope_tables(&rope, offset, seq, self.dtype, &self.device)
     }
 
@@ -307,6 +314,7 @@ impl Llama {
                 tap(cap, || format!("layers.{i}.mlp_up"), up);
                 let act = match cfg.variant.activation {
                     Activation::Silu => silu_mul(gate, up)?,
+                    Activation::GeluTanh if self.faults.has(Fault::GeluAsSilu) => silu_mul(gate, up)?,
                     Activation::GeluTanh => (gate.gelu()? * up)?,
                 };
                 tap(cap, || format!("layers.{i}.mlp_act"), &act);

@@ -201,6 +201,22 @@ pub fn fault_inapplicable(
             )),
             Some(_) => None,
         },
+        Fault::NormOffsetDoubled if !(engine.origin == lockstep_engine::loader::WeightsOrigin::Gguf && engine.model.info().family == "gemma3") => {
+            Some("it acts on a Gemma 3 GGUF only (whose norm weights hold w + 1)".into())
+        }
+        Fault::EmbedScaleMissing if cfg.variant.embed_scale.is_none() => Some("the model does not scale its embedding".into()),
+        Fault::GeluAsSilu if cfg.variant.activation != lockstep_engine::config::Activation::GeluTanh => {
+            Some("the model's MLP is not GELU-gated".into())
+        }
+        Fault::LocalRopeBaseGlobal
+            if cfg.layer_windows.iter().all(Option::is_none)
+                || cfg.variant.local_rope.as_ref().is_none_or(|r| r.theta == cfg.rope_theta && r.scaling == cfg.rope_scaling) =>
+        {
+            Some("the model has no local layers with a RoPE of their own".into())
+        }
+        Fault::LocalRopeBaseGlobal if prompt_ids.len() < 2 => {
+            Some(format!("the prompt has {} token: at one position it changes nothing", prompt_ids.len()))
+        }
         Fault::TiedHead if cfg.tie_word_embeddings => Some("the model's head is tied to the embedding already".into()),
         Fault::RouterRenormSkipped | Fault::ExpertOffByOne if cfg.num_experts == 0 => Some("not a mixture-of-experts model".into()),
         Fault::RouterRenormSkipped if cfg.num_experts_per_tok >= cfg.num_experts => {

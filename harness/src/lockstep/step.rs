@@ -525,6 +525,9 @@ impl StepCompare<'_> {
                     k.arrays.insert(name.clone(), a);
                 }
             }
+        } else if let Some(Some(a)) = views[ri].with_site(failing, |sh, d| d.to_f32_vec().map(|v| (sh.to_vec(), v)))? {
+            // A site outside the layers (embed): the reference's value, beside the engine's.
+            k.arrays.insert(failing.clone(), a);
         }
         Ok(Some(k))
     }
