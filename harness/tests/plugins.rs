@@ -300,7 +300,7 @@ live_test! {
         let model = "snapshots/models/tiny-qwen3.gguf";
         let (code, out, err) = run(lockstep().current_dir(repo()).args(["run", "--model", model, "--reference", "llamacpp", "--prompt", "x", "--steps", "2"]));
         assert_eq!(code, 2, "the bundled engine does not run qwen3: {out}\n{err}");
-        assert!(err.contains("general.architecture \"qwen3\" is not supported (only llama, qwen2)"), "{err}");
+        assert!(err.contains("general.architecture \"qwen3\" is not supported (only llama, gemma3, qwen2)"), "{err}");
 
         let json = tmp("qwen3-gguf-generic").join("run.json");
         let (code, out, err) = run(lockstep().current_dir(repo()).args([

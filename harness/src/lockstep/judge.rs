@@ -3,8 +3,9 @@
 //! distribution's verdict; which site of a failing step is to blame.
 //!
 //! The noise-floor rule: at each site and step, the smallest rel-L2 between this reference
-//! and any other reference is the floor; an engine error within `FLOOR_MULTIPLE` times the
-//! floor is drift, not failure (`compare::tolerance`).
+//! and any other reference of the same arithmetic class (the same [`WeightsMode`] against the
+//! engine) is the floor; an engine error within `FLOOR_MULTIPLE` times the floor is drift, not
+//! failure (`compare::tolerance`).
 
 use lockstep_engine::ModelInfo;
 

@@ -446,7 +446,11 @@ impl StepCompare<'_> {
     /// The engine against reference `i`: every site it provides, then the logits of every
     /// position fed (the verdict at the last, the largest KL over all).
     pub fn reference(&self, i: usize, views: &[StepArrays<'_, '_>], pairs: &[PairStep], seconds: f64) -> Result<RefStep, HarnessError> {
-        let others: Vec<usize> = (0..self.refs.len()).filter(|&j| j != i).collect();
+        // The noise floor excuses a comparison only with the disagreement of references that
+        // compute in its own arithmetic class (the same weights mode against the engine): the
+        // distance between a dense reference and llama.cpp's 8-bit activations is no excuse
+        // for the engine against the dense one.
+        let others: Vec<usize> = (0..self.refs.len()).filter(|&j| j != i && self.judge.modes[j] == self.judge.modes[i]).collect();
         let mut sites = Vec::new();
         // A reference that returns the last row of the logits only is compared row-wise below,
         // not as a site.
