@@ -677,6 +677,31 @@ def quant_path(spec: ModelSpec, qtype: str) -> Path:
     return OUT_DIR / f"{spec.name}.{qtype}.gguf"
 
 
+def add_bpe_tokenizer(w, tok, bos: int, chat_template: str) -> None:
+    """tokenizer.* of the tiny byte-level BPE tokenizer `tok`, as _set_vocab_gpt2 + SpecialVocab
+    write them ("gpt-2" is llama.cpp's name for the plain GPT-2 split regex, the one tokenizers'
+    ByteLevel(use_regex=True) uses), with `bos` as BOS and no BOS added."""
+    import gguf
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    assert all(t is not None for t in tokens)
+    special = set(SPECIAL_TOKENS)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(vocab[EOS_TOKEN])
+    w.add_pad_token_id(vocab[PAD_TOKEN])
+    w.add_add_bos_token(False)
+    w.add_chat_template(chat_template)
+
+
 def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray], qtype: str = "F32",
                rope_freqs: np.ndarray | None = None) -> Path:
     """Writes `spec`'s model and the tokenizer `tok` as a GGUF file.
@@ -692,15 +717,7 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     qt = gguf.GGMLQuantizationType[qtype]
     file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}"] if quantized else gguf.LlamaFileType.ALL_F32
 
-    model = json.loads(tok.to_str())["model"]
     vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    assert all(t is not None for t in tokens)
-    special = set(SPECIAL_TOKENS)
-    token_types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
 
     # llama.cpp writes Mixtral as the llama architecture with expert counts.
     w = gguf.GGUFWriter(str(path), "llama" if spec.arch == "mixtral" else spec.arch)
@@ -708,7 +725,7 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(spec.name)
     # llama.* (qwen2.*), as LlamaModel.set_gguf_parameters writes them
-    w.add_vocab_size(len(tokens))
+    w.add_vocab_size(len(vocab))
     w.add_context_length(MAX_POSITIONS)
     w.add_embedding_length(spec.hidden_size)
     w.add_block_count(spec.num_layers)
@@ -727,18 +744,7 @@ def write_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.ndarray],
         w.add_expert_used_count(spec.top_k)
     if not quantized:
         w.add_file_type(file_type)
-    # tokenizer.*, as _set_vocab_gpt2 + SpecialVocab write them. "gpt-2" is llama.cpp's name for
-    # the plain GPT-2 split regex, the one tokenizers' ByteLevel(use_regex=True) uses.
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab[PAD_TOKEN] if qwen else vocab[BOS_TOKEN])
-    w.add_eos_token_id(vocab[EOS_TOKEN])
-    w.add_pad_token_id(vocab[PAD_TOKEN])
-    w.add_add_bos_token(False)
-    w.add_chat_template(QWEN2_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE)
+    add_bpe_tokenizer(w, tok, vocab[PAD_TOKEN] if qwen else vocab[BOS_TOKEN], QWEN2_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if quantized:
         w.add_file_type(file_type)  # where llama-quantize puts it
@@ -1935,12 +1941,6 @@ def write_gemma3_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.nd
     quantized = qtype != "F32"
     qt = gguf.GGMLQuantizationType[qtype]
     vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    model = json.loads(tok.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    special = set(SPECIAL_TOKENS)
     w = gguf.GGUFWriter(str(path), "gemma3")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(spec.name)
@@ -1958,16 +1958,7 @@ def write_gemma3_gguf(path: Path, spec: ModelSpec, tok, weights: dict[str, np.nd
     file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}"] if quantized else gguf.LlamaFileType.ALL_F32
     if not quantized:
         w.add_file_type(file_type)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(vocab[BOS_TOKEN])
-    w.add_eos_token_id(vocab[EOS_TOKEN])
-    w.add_pad_token_id(vocab[PAD_TOKEN])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_bpe_tokenizer(w, tok, vocab[BOS_TOKEN], CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if quantized:
         w.add_file_type(file_type)

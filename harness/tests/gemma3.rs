@@ -8,25 +8,16 @@
 //! ~1,500 tokens (past the window, every local cache wrapped) are in the nightly suite
 //! (scripts/suites/nightly.toml).
 
-use serde_json::Value;
-
 mod common;
 use common::*;
 
 const PROMPT: &str = "The capital of France is";
 
-fn run_json(name: &str, args: &[&str]) -> (i32, String, Value) {
-    let json = tmp(name).join("r.json");
-    let (code, out, err) = run(lockstep().args(args).arg("--json").arg(&json));
-    let v = std::fs::read_to_string(&json).map(|t| serde_json::from_str(&t).unwrap()).unwrap_or(Value::Null);
-    (code, format!("{out}{err}"), v)
-}
-
 live_test! {
     /// Quantized, against llama.cpp on the same file: the same quantized arithmetic but for
     /// llama.cpp's GELU (an f16 table, docs/models.md), judged on the next token.
     fn gemma3_270m_quantized_passes_against_llamacpp() {
-        let (code, out, r) = run_json("gemma3-llamacpp", &["run", "--model", "gemma3-270m", "--reference", "llamacpp", "--prompt", PROMPT, "--steps", "8"]);
+        let (code, out, r) = run_with_json("gemma3-llamacpp", &["run", "--model", "gemma3-270m", "--reference", "llamacpp", "--prompt", PROMPT, "--steps", "8"]);
         assert_eq!(code, 0, "{out}");
         assert_eq!(r["verdict"], "pass", "{out}");
         assert_eq!(r["engine"]["family"], "gemma3");
@@ -47,7 +38,7 @@ live_test! {
     /// Dequantized, against transformers on the same weights (its GGUF loader takes the one
     /// back off every norm): every site to float32 noise, the greedy text identical.
     fn gemma3_270m_dequantized_passes_against_transformers() {
-        let (code, out, r) = run_json("gemma3-transformers", &[
+        let (code, out, r) = run_with_json("gemma3-transformers", &[
             "run", "--model", "gemma3-270m", "--weights", "dequant", "--reference", "transformers", "--prompt", PROMPT, "--steps", "4",
         ]);
         assert_eq!(code, 0, "{out}");
@@ -62,7 +53,7 @@ live_test! {
 
 live_test! {
     fn gemma3_270m_tokenizer_agrees_with_transformers_and_llamacpp() {
-        let (code, out, v) = run_json("gemma3-tokcheck", &["tokcheck", "--model", "gemma3-270m", "--reference", "transformers,llamacpp"]);
+        let (code, out, v) = run_with_json("gemma3-tokcheck", &["tokcheck", "--model", "gemma3-270m", "--reference", "transformers,llamacpp"]);
         assert_eq!(code, 0, "{out}");
         assert_eq!(v["mismatches"], 0, "{out}");
         assert!(v["strings"].as_array().unwrap().len() >= 20, "{out}");
@@ -71,7 +62,7 @@ live_test! {
 
 live_test! {
     fn gemma3_270m_engine_dequantizes_every_tensor_exactly() {
-        let (code, out, v) = run_json("gemma3-qc", &["quant-check", "gemma3-270m"]);
+        let (code, out, v) = run_with_json("gemma3-qc", &["quant-check", "gemma3-270m"]);
         assert_eq!(code, 0, "{out}");
         // 18 layers x 13 (7 matrices, 6 norms) + the embedding and the output norm.
         assert_eq!(v["tensors"].as_array().unwrap().len(), 236, "{out}");

@@ -8,23 +8,14 @@
 //! and llama.cpp (same quantization), and MLX on its dequantized directory, are in the
 //! nightly suite (scripts/suites/nightly.toml).
 
-use serde_json::Value;
-
 mod common;
 use common::*;
 
 const CHAT: &str = "Write a Python function that reverses a string.";
 
-fn run_json(name: &str, args: &[&str]) -> (i32, String, Value) {
-    let json = tmp(name).join("r.json");
-    let (code, out, err) = run(lockstep().args(args).arg("--json").arg(&json));
-    let v = std::fs::read_to_string(&json).map(|t| serde_json::from_str(&t).unwrap()).unwrap_or(Value::Null);
-    (code, format!("{out}{err}"), v)
-}
-
 live_test! {
     fn qwen25_quantized_passes_against_llamacpp_with_its_greedy_text() {
-        let (code, out, r) = run_json("qwen25-llamacpp", &[
+        let (code, out, r) = run_with_json("qwen25-llamacpp", &[
             "run", "--model", "qwen2.5", "--reference", "llamacpp", "--chat", CHAT, "--steps", "8",
         ]);
         assert_eq!(code, 0, "{out}");
@@ -47,7 +38,7 @@ live_test! {
 
 live_test! {
     fn qwen25_tokenizer_agrees_with_transformers_and_llamacpp() {
-        let (code, out, v) = run_json("qwen25-tokcheck", &["tokcheck", "--model", "qwen2.5", "--reference", "transformers,llamacpp"]);
+        let (code, out, v) = run_with_json("qwen25-tokcheck", &["tokcheck", "--model", "qwen2.5", "--reference", "transformers,llamacpp"]);
         assert_eq!(code, 0, "{out}");
         assert_eq!(v["mismatches"], 0, "{out}");
         assert!(v["strings"].as_array().unwrap().len() >= 20, "{out}");
@@ -57,7 +48,7 @@ live_test! {
 
 live_test! {
     fn qwen25_engine_dequantizes_every_tensor_exactly() {
-        let (code, out, v) = run_json("qwen25-qc", &["quant-check", "qwen2.5"]);
+        let (code, out, v) = run_with_json("qwen25-qc", &["quant-check", "qwen2.5"]);
         assert_eq!(code, 0, "{out}");
         let tensors = v["tensors"].as_array().unwrap();
         // 24 layers x 12 (7 matrices, 2 norms, 3 biases) + embedding, output norm, output head.

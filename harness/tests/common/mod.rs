@@ -59,6 +59,14 @@ pub fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// `lockstep ARGS --json FILE` in a temp dir of its own (`name`): the exit code, stdout and
+/// stderr together, and the JSON (`Null` when none was written).
+pub fn run_with_json(name: &str, args: &[&str]) -> (i32, String, serde_json::Value) {
+    let json = tmp(name).join("r.json");
+    let (code, out, err) = run(lockstep().args(args).arg("--json").arg(&json));
+    let v = std::fs::read_to_string(&json).map(|t| serde_json::from_str(&t).unwrap()).unwrap_or(serde_json::Value::Null);
+    (code, format!("{out}{err}"), v)
+}
 
 /// Runs the binary and asserts exit code 2, no panic, and every needle in stderr.
 pub fn assert_exit_2(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
