@@ -182,12 +182,7 @@ fn gguf_config(g: &GgufFile) -> Result<Config> {
 /// Loads the weights (Gemma's norms, every shape checked), sets the faults and attaches the
 /// adapter. Q/K rows are half-split in both formats.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    if let Checkpoint::Hf { dir, config } = &ckpt {
-        if config.model_type.as_deref() != Some("gemma3_text") {
-            let path = dir.join("config.json");
-            return Err(EngineError::Unsupported { path, message: "the gemma3 family needs model_type gemma3_text".into() });
-        }
-    }
+    ckpt.require_model_type(&FAMILY)?;
     let arch = Arch { offset_gguf_norms: opts.faults.has(Fault::NormOffsetDoubled), ..ARCH };
     let (cfg, weights, _) = load_weights(ckpt, opts, &FAMILY, &arch)?;
     let layout = QkLayout::HalfSplit;

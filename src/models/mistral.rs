@@ -13,7 +13,7 @@ use std::path::Path;
 use super::llama::{finish, llama_config, load_weights, Llama, LAYER_SITES};
 use super::{Checkpoint, Family, FamilyModel};
 use crate::config::{Config, HfConfig};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::options::LoadOptions;
 use crate::weights::Arch;
 
@@ -28,12 +28,7 @@ fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
 
 /// Loads the weights (Llama's names), sets the faults and attaches the adapter.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    if let Checkpoint::Hf { dir, config } = &ckpt {
-        if config.model_type.as_deref() != Some("mistral") {
-            let path = dir.join("config.json");
-            return Err(EngineError::Unsupported { path, message: "the mistral family needs model_type mistral".into() });
-        }
-    }
+    ckpt.require_model_type(&FAMILY)?;
     let (cfg, weights, layout) = load_weights(ckpt, opts, &FAMILY, &Arch::LLAMA)?;
     finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
 }

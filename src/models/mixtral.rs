@@ -82,11 +82,8 @@ fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
 /// Loads the weights (router and experts included, every shape checked), sets the faults and
 /// attaches the adapter.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
+    ckpt.require_model_type(&FAMILY)?;
     match &ckpt {
-        Checkpoint::Hf { dir, config } if config.model_type.as_deref() != Some("mixtral") => {
-            let path = dir.join("config.json");
-            return Err(EngineError::Unsupported { path, message: "the mixtral family needs model_type mixtral".into() });
-        }
         Checkpoint::Gguf { file, .. } if file.config()?.num_experts == 0 => {
             return Err(EngineError::Unsupported { path: file.path.clone(), message: "the mixtral family needs {arch}.expert_count > 0".into() });
         }

@@ -34,6 +34,22 @@ pub enum Checkpoint<'a> {
     Gguf { file: &'a mut GgufFile, mode: WeightsMode },
 }
 
+impl Checkpoint<'_> {
+    /// A Hugging Face checkpoint of `family` must say its model type (its loader may be called
+    /// directly, not through the registry that picked it by that type).
+    pub fn require_model_type(&self, family: &Family) -> Result<()> {
+        match self {
+            Checkpoint::Hf { dir, config } if !config.model_type.as_deref().is_some_and(|t| family.model_types.contains(&t)) => {
+                Err(EngineError::Unsupported {
+                    path: dir.join("config.json"),
+                    message: format!("the {} family needs model_type {}", family.name, family.model_types.join(" or ")),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What a family's loader returns: the decoder and the adapter it attached.
 pub type FamilyModel = (Box<dyn Decoder>, Option<(LoraAdapter, LoraMode)>);
 

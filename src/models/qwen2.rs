@@ -19,7 +19,7 @@ use std::path::Path;
 use super::llama::{finish, llama_config, load_weights, Llama, LAYER_SITES as LLAMA_LAYER_SITES};
 use super::{Checkpoint, Family, FamilyModel};
 use crate::config::{Config, HfConfig};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::layout::QkLayout;
 use crate::options::LoadOptions;
 use crate::sites::LayerSite;
@@ -45,12 +45,7 @@ fn hf_config(hf: &HfConfig, path: &Path) -> Result<Config> {
 /// Loads the weights (biases included, every shape checked), sets the faults and attaches the
 /// adapter. Q/K rows are half-split in both formats.
 fn load(ckpt: Checkpoint<'_>, opts: &LoadOptions) -> Result<FamilyModel> {
-    if let Checkpoint::Hf { dir, config } = &ckpt {
-        if config.model_type.as_deref() != Some("qwen2") {
-            let path = dir.join("config.json");
-            return Err(EngineError::Unsupported { path, message: "the qwen2 family needs model_type qwen2".into() });
-        }
-    }
+    ckpt.require_model_type(&FAMILY)?;
     let (cfg, weights, _) = load_weights(ckpt, opts, &FAMILY, &ARCH)?;
     let layout = QkLayout::HalfSplit;
     finish(Llama::of_family(&FAMILY, cfg, weights, layout, opts.dtype), layout, opts)
